@@ -192,14 +192,23 @@ mod tests {
         let good = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         check(good, true);
         check(&format!("sha512:{}", "a".repeat(128)), true);
-        check("sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855", false);
+        check(
+            "sha256:E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855",
+            false,
+        );
         check("sha256:abc", false);
         check("sha256", false);
         check(":abc", false);
         check(&format!("md5:{}", "a".repeat(32)), false);
         check(&format!("sha256:{}/../x", "a".repeat(60)), false);
         check(&format!("sha256:{}", "a".repeat(65)), false);
-        assert_eq!(good.parse::<Digest>().map(|d| d.to_string()).ok().as_deref(), Some(good));
+        assert_eq!(
+            good.parse::<Digest>()
+                .map(|d| d.to_string())
+                .ok()
+                .as_deref(),
+            Some(good)
+        );
     }
 
     #[test]

@@ -186,7 +186,11 @@ mod tests {
         assert!(Manifest::parse(bad.as_bytes(), None).is_err());
         // Index without manifests.
         assert!(Manifest::parse(
-            format!(r#"{{"schemaVersion":2,"mediaType":"{}"}}"#, media::OCI_INDEX).as_bytes(),
+            format!(
+                r#"{{"schemaVersion":2,"mediaType":"{}"}}"#,
+                media::OCI_INDEX
+            )
+            .as_bytes(),
             None
         )
         .is_err());

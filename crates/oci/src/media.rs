@@ -19,4 +19,9 @@ pub fn is_index(media_type: &str) -> bool {
 }
 
 /// The manifest media types a client may name in `Accept` that pier stores.
-pub const MANIFEST_TYPES: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
+pub const MANIFEST_TYPES: &[&str] = &[
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+];

@@ -168,7 +168,9 @@ impl FromStr for Reference {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.contains(':') {
-            s.parse().map(Reference::Digest).map_err(NameError::BadReference)
+            s.parse()
+                .map(Reference::Digest)
+                .map_err(NameError::BadReference)
         } else {
             s.parse().map(Reference::Tag)
         }
@@ -248,7 +250,10 @@ mod tests {
 
     #[test]
     fn references() {
-        assert!(matches!("latest".parse::<Reference>(), Ok(Reference::Tag(_))));
+        assert!(matches!(
+            "latest".parse::<Reference>(),
+            Ok(Reference::Tag(_))
+        ));
         assert!(matches!(
             format!("sha256:{}", "0".repeat(64)).parse::<Reference>(),
             Ok(Reference::Digest(_))

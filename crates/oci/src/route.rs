@@ -14,7 +14,10 @@ pub enum Route {
     /// `/v2/<name>/tags/list`
     Tags { name: RepoName },
     /// `/v2/<name>/manifests/<reference>`
-    Manifest { name: RepoName, reference: Reference },
+    Manifest {
+        name: RepoName,
+        reference: Reference,
+    },
     /// `/v2/<name>/blobs/<digest>`
     Blob { name: RepoName, digest: Digest },
     /// `/v2/<name>/blobs/uploads/`
@@ -149,8 +152,16 @@ mod tests {
 
     fn check(path: &str, expect: &str) {
         let got = match parse(path) {
-            Ok(r) => format!("{} {}", r.kind(), r.name().map(|n| n.as_str()).unwrap_or("-")),
-            Err(e) => format!("error {e:?}").split('(').next().unwrap_or("").to_string(),
+            Ok(r) => format!(
+                "{} {}",
+                r.kind(),
+                r.name().map(|n| n.as_str()).unwrap_or("-")
+            ),
+            Err(e) => format!("error {e:?}")
+                .split('(')
+                .next()
+                .unwrap_or("")
+                .to_string(),
         };
         assert_eq!(got, expect, "{path}");
     }
@@ -173,7 +184,10 @@ mod tests {
         );
         check(&format!("/v2/a/referrers/{D}"), "referrers a");
         // Keywords are valid name components too.
-        check("/v2/blobs/manifests/manifests/x", "manifest blobs/manifests");
+        check(
+            "/v2/blobs/manifests/manifests/x",
+            "manifest blobs/manifests",
+        );
         check("/v2/tags/tags/list", "tags tags");
         check(&format!("/v2/x/blobs/blobs/{D}"), "blob x/blobs");
         // Errors.

@@ -1,0 +1,80 @@
+//! The blob store trait: content-addressed bytes, plus the upload sessions that produce them.
+
+use std::pin::Pin;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::Stream;
+use pier_oci::{Digest, Hasher};
+
+use crate::Result;
+
+/// A stream of bytes moving into or out of the store. Errors are I/O errors: for a request body
+/// they mean the client's stream broke; for a read they mean the store failed mid-blob.
+pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>;
+
+/// Counters the store keeps about itself, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    pub blobs: u64,
+    pub bytes: u64,
+}
+
+/// Content-addressed blob storage. A blob exists here once, whatever repositories link it;
+/// which repository may see it is the metadata's business.
+///
+/// Upload sessions are byte buffers keyed by an id. Their durable offset lives in the metadata
+/// store; a session buffer may hold bytes past that offset after a crash, and every append first
+/// cuts the buffer back to the offset the caller says was acknowledged.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The size of a blob, or `None` if it is not stored.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>>;
+
+    /// Stream bytes `start..end` of a blob. The caller has checked the range against `stat`.
+    async fn read(&self, digest: &Digest, start: u64, end: u64) -> Result<ByteStream>;
+
+    /// Store a whole blob from a stream, verifying it against `expected` if given (else computing
+    /// its sha256). Returns the digest and size. Nothing is visible unless verification passes.
+    async fn put(
+        &self,
+        expected: Option<&Digest>,
+        body: ByteStream,
+        limit: Option<u64>,
+    ) -> Result<(Digest, u64)>;
+
+    /// Remove a blob's bytes. Returns whether it existed.
+    async fn delete(&self, digest: &Digest) -> Result<bool>;
+
+    /// Create an empty upload session buffer.
+    async fn upload_create(&self, id: &str) -> Result<()>;
+
+    /// Append `body` to a session at `offset` (the acknowledged length). `hasher`, when given, is
+    /// the sha256 state of bytes `0..offset`; the updated state is returned with the new length.
+    async fn upload_append(
+        &self,
+        id: &str,
+        offset: u64,
+        hasher: Option<Hasher>,
+        body: ByteStream,
+        limit: Option<u64>,
+    ) -> Result<(u64, Option<Hasher>)>;
+
+    /// Verify a session's first `len` bytes against `expected` and make them a blob. On a
+    /// mismatch the session buffer is removed and `DigestMismatch` returned.
+    async fn upload_commit(
+        &self,
+        id: &str,
+        len: u64,
+        expected: &Digest,
+        hasher: Option<Hasher>,
+    ) -> Result<()>;
+
+    /// Remove a session buffer (no error if it is gone).
+    async fn upload_delete(&self, id: &str) -> Result<()>;
+
+    /// Ids of every session buffer present (to reconcile with metadata after a restart).
+    async fn upload_ids(&self) -> Result<Vec<String>>;
+
+    fn stats(&self) -> StoreStats;
+}

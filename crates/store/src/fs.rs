@@ -1,0 +1,435 @@
+//! Blobs on the local filesystem.
+//!
+//! Layout under the root: `blobs/<alg>/<hh>/<hex>` for committed blobs, `uploads/<id>` for
+//! upload session buffers, `tmp/` for blobs being written. A blob becomes visible only by the
+//! rename of a fully written, fsynced temporary file, followed by an fsync of its directory;
+//! `tmp/` is emptied at start-up, so a crash leaves nothing half-written in sight.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use pier_oci::{Algorithm, Digest, Hasher};
+use tokio::sync::mpsc;
+
+use crate::blob::{BlobStore, ByteStream, StoreStats};
+use crate::{Result, StoreError};
+
+/// Size of each read from disk when serving a blob, and of each write batch when storing one.
+const CHUNK: usize = 256 * 1024;
+/// Reads in flight ahead of the client per blob stream.
+const READ_AHEAD: usize = 2;
+
+/// The filesystem blob store. Cheap to clone; clones share one root and one set of counters.
+#[derive(Clone)]
+pub struct FsBlobStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    blobs: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl FsBlobStore {
+    /// Open (creating if needed) a store rooted at `root`. Removes leftovers in `tmp/` and counts
+    /// what is stored.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<Arc<FsBlobStore>> {
+        let root = root.into();
+        let r = root.clone();
+        let (blobs, bytes) = blocking(move || {
+            for d in ["blobs", "uploads", "tmp"] {
+                std::fs::create_dir_all(r.join(d))?;
+            }
+            for entry in std::fs::read_dir(r.join("tmp"))? {
+                let _ = std::fs::remove_file(entry?.path());
+            }
+            let mut blobs = 0u64;
+            let mut bytes = 0u64;
+            for alg in std::fs::read_dir(r.join("blobs"))? {
+                for prefix in std::fs::read_dir(alg?.path())? {
+                    for blob in std::fs::read_dir(prefix?.path())? {
+                        blobs += 1;
+                        bytes += blob?.metadata()?.len();
+                    }
+                }
+            }
+            Ok((blobs, bytes))
+        })
+        .await?;
+        Ok(Arc::new(FsBlobStore {
+            inner: Arc::new(Inner {
+                root,
+                blobs: AtomicU64::new(blobs),
+                bytes: AtomicU64::new(bytes),
+            }),
+        }))
+    }
+
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.inner.blob_path(d)
+    }
+
+    fn upload_path(&self, id: &str) -> PathBuf {
+        // Ids come from the route parser (UUID shape), never from raw user input.
+        self.inner.root.join("uploads").join(id)
+    }
+
+    fn tmp_path(&self) -> PathBuf {
+        self.inner
+            .root
+            .join("tmp")
+            .join(uuid::Uuid::new_v4().to_string())
+    }
+}
+
+impl Inner {
+    fn blob_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("blobs")
+            .join(d.algorithm().as_str())
+            .join(&d.hex()[..2])
+            .join(d.hex())
+    }
+
+    /// Move a complete, fsynced file into its content address. If the blob is already there the
+    /// file is dropped instead (same digest, same bytes).
+    fn commit_file(&self, from: &Path, d: &Digest, size: u64) -> Result<()> {
+        let to = self.blob_path(d);
+        if to.exists() {
+            std::fs::remove_file(from)?;
+            return Ok(());
+        }
+        let dir = to
+            .parent()
+            .ok_or_else(|| StoreError::Corrupt("blob path".into()))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir)?;
+            if let Some(alg_dir) = dir.parent() {
+                fsync_dir(alg_dir)?;
+            }
+        }
+        std::fs::rename(from, &to)?;
+        fsync_dir(dir)?;
+        self.blobs.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(size, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Hash a file's first `len` bytes.
+fn hash_file(path: &Path, len: u64, algorithm: Algorithm) -> Result<Digest> {
+    let mut f = File::open(path)?.take(len);
+    let mut h = Hasher::new(algorithm);
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finish())
+}
+
+/// Write `body` to `file` from its current position, hashing on the way, then fsync. Disk work
+/// and hashing run on a blocking thread while this task keeps receiving, so the network and the
+/// disk overlap. Returns the bytes written and the hasher.
+async fn write_stream(
+    file: File,
+    hasher: Option<Hasher>,
+    mut body: ByteStream,
+    already: u64,
+    limit: Option<u64>,
+) -> Result<(u64, Option<Hasher>)> {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(4);
+    let worker = tokio::task::spawn_blocking(move || -> Result<Option<Hasher>> {
+        let mut file = file;
+        let mut hasher = hasher;
+        while let Some(buf) = rx.blocking_recv() {
+            if let Some(h) = hasher.as_mut() {
+                h.update(&buf);
+            }
+            file.write_all(&buf)?;
+        }
+        file.sync_all()?;
+        Ok(hasher)
+    });
+    let mut written = 0u64;
+    let mut pending = BytesMut::with_capacity(CHUNK);
+    let outcome: Result<()> = async {
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(StoreError::Body)?;
+            written += chunk.len() as u64;
+            if let Some(limit) = limit {
+                if already + written > limit {
+                    return Err(StoreError::TooLarge { limit });
+                }
+            }
+            if pending.is_empty() && chunk.len() >= CHUNK {
+                tx.send(chunk).await.map_err(|_| closed())?;
+                continue;
+            }
+            pending.extend_from_slice(&chunk);
+            if pending.len() >= CHUNK {
+                tx.send(pending.split().freeze())
+                    .await
+                    .map_err(|_| closed())?;
+            }
+        }
+        if !pending.is_empty() {
+            tx.send(pending.split().freeze())
+                .await
+                .map_err(|_| closed())?;
+        }
+        Ok(())
+    }
+    .await;
+    drop(tx);
+    let worked = worker
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    outcome?;
+    Ok((written, worked?))
+}
+
+fn closed() -> StoreError {
+    StoreError::Io(std::io::Error::other("blob writer stopped"))
+}
+
+#[async_trait]
+impl BlobStore for FsBlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>> {
+        match tokio::fs::metadata(self.blob_path(digest)).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn read(&self, digest: &Digest, start: u64, end: u64) -> Result<ByteStream> {
+        let path = self.blob_path(digest);
+        let file = Arc::new(blocking(move || Ok(File::open(path)?)).await?);
+        let offsets = (start..end).step_by(CHUNK);
+        let stream = futures::stream::iter(offsets)
+            .map(move |off| {
+                let file = file.clone();
+                let len = (end - off).min(CHUNK as u64) as usize;
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let mut buf = BytesMut::zeroed(len);
+                        let mut filled = 0;
+                        while filled < len {
+                            let n = file.read_at(&mut buf[filled..], off + filled as u64)?;
+                            if n == 0 {
+                                return Err(std::io::Error::new(
+                                    std::io::ErrorKind::UnexpectedEof,
+                                    "blob shorter than expected",
+                                ));
+                            }
+                            filled += n;
+                        }
+                        Ok(buf.freeze())
+                    })
+                    .await
+                    .map_err(std::io::Error::other)?
+                }
+            })
+            .buffered(READ_AHEAD);
+        Ok(Box::pin(stream))
+    }
+
+    async fn put(
+        &self,
+        expected: Option<&Digest>,
+        body: ByteStream,
+        limit: Option<u64>,
+    ) -> Result<(Digest, u64)> {
+        let tmp = self.tmp_path();
+        let t = tmp.clone();
+        let file = blocking(move || Ok(File::create_new(t)?)).await?;
+        let algorithm = expected.map_or(Algorithm::Sha256, |d| d.algorithm());
+        let written = write_stream(file, Some(Hasher::new(algorithm)), body, 0, limit).await;
+        let result = async {
+            let (size, hasher) = written?;
+            let actual = hasher
+                .ok_or_else(|| StoreError::Corrupt("hasher lost".into()))?
+                .finish();
+            if let Some(expected) = expected {
+                if *expected != actual {
+                    return Err(StoreError::DigestMismatch {
+                        expected: expected.clone(),
+                        actual,
+                    });
+                }
+            }
+            Ok((actual, size))
+        }
+        .await;
+        match result {
+            Ok((digest, size)) => {
+                let this = self.inner.clone();
+                let d = digest.clone();
+                blocking(move || this.commit_file(&tmp, &d, size)).await?;
+                Ok((digest, size))
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<bool> {
+        let path = self.blob_path(digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => {
+                tokio::fs::remove_file(&path).await?;
+                self.inner.blobs.fetch_sub(1, Ordering::Relaxed);
+                self.inner.bytes.fetch_sub(m.len(), Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn upload_create(&self, id: &str) -> Result<()> {
+        let path = self.upload_path(id);
+        blocking(move || {
+            File::create_new(&path)?.sync_all()?;
+            if let Some(dir) = path.parent() {
+                fsync_dir(dir)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload_append(
+        &self,
+        id: &str,
+        offset: u64,
+        hasher: Option<Hasher>,
+        body: ByteStream,
+        limit: Option<u64>,
+    ) -> Result<(u64, Option<Hasher>)> {
+        let path = self.upload_path(id);
+        let file = blocking(move || {
+            let file = match OpenOptions::new().write(true).open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::UploadUnknown)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let len = file.metadata()?.len();
+            if len < offset {
+                return Err(StoreError::UploadDamaged(format!(
+                    "buffer holds {len} bytes, {offset} were acknowledged"
+                )));
+            }
+            if len > offset {
+                // Bytes of a chunk that was never acknowledged (a broken request or a crash).
+                file.set_len(offset)?;
+            }
+            let mut file = file;
+            std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(offset))?;
+            Ok(file)
+        })
+        .await?;
+        let (written, hasher) = write_stream(file, hasher, body, offset, limit).await?;
+        Ok((offset + written, hasher))
+    }
+
+    async fn upload_commit(
+        &self,
+        id: &str,
+        len: u64,
+        expected: &Digest,
+        hasher: Option<Hasher>,
+    ) -> Result<()> {
+        let path = self.upload_path(id);
+        let this = self.inner.clone();
+        let expected = expected.clone();
+        blocking(move || {
+            let file_len = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(StoreError::UploadUnknown)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if file_len < len {
+                return Err(StoreError::UploadDamaged(format!(
+                    "buffer holds {file_len} bytes, {len} were acknowledged"
+                )));
+            }
+            if file_len > len {
+                let f = OpenOptions::new().write(true).open(&path)?;
+                f.set_len(len)?;
+                f.sync_all()?;
+            }
+            let actual = match hasher {
+                Some(h) if h.algorithm() == expected.algorithm() => h.finish(),
+                _ => hash_file(&path, len, expected.algorithm())?,
+            };
+            if actual != expected {
+                let _ = std::fs::remove_file(&path);
+                return Err(StoreError::DigestMismatch { expected, actual });
+            }
+            this.commit_file(&path, &expected, len)
+        })
+        .await
+    }
+
+    async fn upload_delete(&self, id: &str) -> Result<()> {
+        match tokio::fs::remove_file(self.upload_path(id)).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn upload_ids(&self) -> Result<Vec<String>> {
+        let dir = self.inner.root.join("uploads");
+        blocking(move || {
+            let mut ids = Vec::new();
+            for e in std::fs::read_dir(dir)? {
+                if let Some(name) = e?.file_name().to_str() {
+                    ids.push(name.to_string());
+                }
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            blobs: self.inner.blobs.load(Ordering::Relaxed),
+            bytes: self.inner.bytes.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Storage for pier: content-addressed blobs ([`BlobStore`]) and the metadata database
+//! ([`MetaStore`]: repositories, tags, manifests, blob links, referrers, upload sessions).
+//!
+//! Architecture invariant: this crate knows nothing of HTTP, routing or upstreams. It stores
+//! bytes and facts; deciding what a request may see is the registry's job.
+//!
+//! Architecture invariant: nothing unverified becomes visible. Blob bytes are hashed while they
+//! stream in, written to a temporary file, fsynced and renamed into place only when their digest
+//! matches.
+
+pub mod blob;
+pub mod error;
+pub mod fs;
+pub mod meta;
+pub mod redb_meta;
+
+pub use blob::{BlobStore, ByteStream, StoreStats};
+pub use error::{Blame, StoreError};
+pub use fs::FsBlobStore;
+pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+pub use redb_meta::RedbMetaStore;
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -1,0 +1,103 @@
+//! The metadata store trait and the records it keeps.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pier_oci::{Descriptor, Digest};
+use serde::{Deserialize, Serialize};
+
+use crate::Result;
+
+/// What pier remembers about a manifest in a repository. The bytes are kept separately, exactly
+/// as received.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    pub digest: Digest,
+    pub media_type: String,
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Digest>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub annotations: Option<BTreeMap<String, String>>,
+    /// Blobs and manifests this manifest references (for garbage collection).
+    #[serde(default)]
+    pub references: Vec<Digest>,
+}
+
+impl ManifestRecord {
+    /// The descriptor of this manifest in a referrers index.
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+            artifact_type: self.artifact_type.clone(),
+            annotations: self.annotations.clone(),
+            urls: None,
+            platform: None,
+        }
+    }
+}
+
+/// An upload session. `offset` is the number of bytes acknowledged to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadRecord {
+    pub id: String,
+    pub repo: String,
+    pub offset: u64,
+    /// Seconds since the Unix epoch when the session started.
+    pub started: u64,
+}
+
+/// One page of a sorted listing.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Page {
+    pub items: Vec<String>,
+    /// Whether more items follow the last one returned.
+    pub more: bool,
+}
+
+/// Repositories, tags, manifests, blob links, referrers and upload sessions.
+///
+/// Each mutating call is one transaction: when it returns `Ok`, the change is durable.
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    /// Repositories in order, after `last`, at most `n`.
+    async fn repos(&self, last: Option<&str>, n: usize) -> Result<Page>;
+    async fn repo_exists(&self, repo: &str) -> Result<bool>;
+
+    /// Record that `repo` holds blob `digest` of `size` bytes.
+    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()>;
+    /// The size of a blob linked in `repo`.
+    async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>>;
+    async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool>;
+
+    /// Store a manifest's bytes and record, optionally pointing `tag` at it, and index it as a
+    /// referrer of its subject. One transaction.
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        record: &ManifestRecord,
+        bytes: Bytes,
+        tag: Option<&str>,
+    ) -> Result<()>;
+    async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>>;
+    async fn manifest_bytes(&self, digest: &Digest) -> Result<Option<Bytes>>;
+    async fn resolve_tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>>;
+    /// Remove a manifest from a repository with every tag that points at it and its referrer
+    /// entry. Returns whether it existed.
+    async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool>;
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool>;
+    /// Tags of `repo` in order, after `last`, at most `n`.
+    async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> Result<Page>;
+    /// Manifests in `repo` whose subject is `subject`.
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>>;
+
+    async fn put_upload(&self, upload: &UploadRecord) -> Result<()>;
+    async fn upload(&self, id: &str) -> Result<Option<UploadRecord>>;
+    async fn delete_upload(&self, id: &str) -> Result<()>;
+    async fn uploads(&self) -> Result<Vec<UploadRecord>>;
+}

@@ -1,0 +1,337 @@
+//! [`MetaStore`] on redb, an embedded transactional key-value database. Every write is one
+//! fsynced transaction; reads see a consistent snapshot and do not block writers.
+//!
+//! Tables (keys are tuples so one repository's entries are contiguous and sorted):
+//! `repos` name → (), `blob_links` (repo, digest) → size, `manifests` (repo, digest) → record
+//! JSON, `manifest_bytes` digest → exact bytes, `tags` (repo, tag) → digest,
+//! `referrers` (repo, subject, referrer) → (), `uploads` id → record JSON.
+
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pier_oci::Digest;
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+use crate::{Result, StoreError};
+
+const REPOS: TableDefinition<'_, &str, ()> = TableDefinition::new("repos");
+const BLOB_LINKS: TableDefinition<'_, (&str, &str), u64> = TableDefinition::new("blob_links");
+const MANIFESTS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("manifests");
+const MANIFEST_BYTES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("manifest_bytes");
+const TAGS: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("tags");
+const REFERRERS: TableDefinition<'_, (&str, &str, &str), ()> = TableDefinition::new("referrers");
+const UPLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("uploads");
+
+/// The redb metadata store. Cheap to clone.
+#[derive(Clone)]
+pub struct RedbMetaStore {
+    db: Arc<Database>,
+}
+
+fn corrupt(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(corrupt)
+}
+
+fn unjson<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(corrupt)
+}
+
+impl RedbMetaStore {
+    /// Open or create the database file at `path`. Fails if another process holds it.
+    pub fn open(path: &Path) -> Result<RedbMetaStore> {
+        let db = Database::create(path)?;
+        Self::init(db)
+    }
+
+    /// A database that lives in memory only, for tests.
+    pub fn in_memory() -> Result<RedbMetaStore> {
+        let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
+        Self::init(db)
+    }
+
+    fn init(db: Database) -> Result<RedbMetaStore> {
+        let tx = db.begin_write()?;
+        tx.open_table(REPOS)?;
+        tx.open_table(BLOB_LINKS)?;
+        tx.open_table(MANIFESTS)?;
+        tx.open_table(MANIFEST_BYTES)?;
+        tx.open_table(TAGS)?;
+        tx.open_table(REFERRERS)?;
+        tx.open_table(UPLOADS)?;
+        tx.commit()?;
+        Ok(RedbMetaStore { db: Arc::new(db) })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let tx = db.begin_write()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Db(e.to_string()))?
+    }
+}
+
+/// Page through keys `(prefix, x)` of a two-part-key table, returning the `x` parts.
+fn page2<V: redb::Value + 'static>(
+    table: &impl ReadableTable<(&'static str, &'static str), V>,
+    prefix: &str,
+    last: Option<&str>,
+    n: usize,
+) -> Result<Page> {
+    let start = match last {
+        Some(l) => Bound::Excluded((prefix, l)),
+        None => Bound::Included((prefix, "")),
+    };
+    let mut page = Page::default();
+    for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
+        let (k, _) = item?;
+        let (p, x) = k.value();
+        if p != prefix {
+            break;
+        }
+        if page.items.len() == n {
+            page.more = true;
+            break;
+        }
+        page.items.push(x.to_string());
+    }
+    Ok(page)
+}
+
+#[async_trait]
+impl MetaStore for RedbMetaStore {
+    async fn repos(&self, last: Option<&str>, n: usize) -> Result<Page> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(REPOS)?;
+        let start = match last {
+            Some(l) => Bound::Excluded(l),
+            None => Bound::Unbounded,
+        };
+        let mut page = Page::default();
+        for item in table.range::<&str>((start, Bound::Unbounded))? {
+            let (k, _) = item?;
+            if page.items.len() == n {
+                page.more = true;
+                break;
+            }
+            page.items.push(k.value().to_string());
+        }
+        Ok(page)
+    }
+
+    async fn repo_exists(&self, repo: &str) -> Result<bool> {
+        let tx = self.db.begin_read()?;
+        Ok(tx.open_table(REPOS)?.get(repo)?.is_some())
+    }
+
+    async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| {
+            tx.open_table(REPOS)?.insert(repo.as_str(), ())?;
+            tx.open_table(BLOB_LINKS)?
+                .insert((repo.as_str(), digest.as_str()), size)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(BLOB_LINKS)?;
+        let d = digest.to_string();
+        Ok(table.get((repo, d.as_str()))?.map(|v| v.value()))
+    }
+
+    async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| {
+            let mut t = tx.open_table(BLOB_LINKS)?;
+            let existed = t.remove((repo.as_str(), digest.as_str()))?.is_some();
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        record: &ManifestRecord,
+        bytes: Bytes,
+        tag: Option<&str>,
+    ) -> Result<()> {
+        let repo = repo.to_string();
+        let tag = tag.map(str::to_string);
+        let digest = record.digest.to_string();
+        let subject = record.subject.as_ref().map(|s| s.to_string());
+        let rec = json(record)?;
+        self.write(move |tx| {
+            tx.open_table(REPOS)?.insert(repo.as_str(), ())?;
+            tx.open_table(MANIFEST_BYTES)?
+                .insert(digest.as_str(), bytes.as_ref())?;
+            tx.open_table(MANIFESTS)?
+                .insert((repo.as_str(), digest.as_str()), rec.as_slice())?;
+            if let Some(tag) = &tag {
+                tx.open_table(TAGS)?
+                    .insert((repo.as_str(), tag.as_str()), digest.as_str())?;
+            }
+            if let Some(subject) = &subject {
+                tx.open_table(REFERRERS)?
+                    .insert((repo.as_str(), subject.as_str(), digest.as_str()), ())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MANIFESTS)?;
+        let d = digest.to_string();
+        let v = table.get((repo, d.as_str()))?;
+        v.map(|v| unjson(v.value())).transpose()
+    }
+
+    async fn manifest_bytes(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(MANIFEST_BYTES)?;
+        let d = digest.to_string();
+        let v = table.get(d.as_str())?;
+        Ok(v.map(|v| Bytes::copy_from_slice(v.value())))
+    }
+
+    async fn resolve_tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(TAGS)?;
+        let v = table.get((repo, tag))?;
+        v.map(|v| v.value().parse().map_err(corrupt)).transpose()
+    }
+
+    async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| {
+            let rec = {
+                let mut manifests = tx.open_table(MANIFESTS)?;
+                let removed = manifests.remove((repo.as_str(), digest.as_str()))?;
+                match removed {
+                    Some(v) => unjson::<ManifestRecord>(v.value())?,
+                    None => return Ok(false),
+                }
+            };
+            let mut tags = tx.open_table(TAGS)?;
+            let doomed: Vec<String> = {
+                let mut doomed = Vec::new();
+                for item in tags.range::<(&str, &str)>((repo.as_str(), "")..)? {
+                    let (k, v) = item?;
+                    let (r, t) = k.value();
+                    if r != repo {
+                        break;
+                    }
+                    if v.value() == digest {
+                        doomed.push(t.to_string());
+                    }
+                }
+                doomed
+            };
+            for t in doomed {
+                tags.remove((repo.as_str(), t.as_str()))?;
+            }
+            if let Some(subject) = rec.subject {
+                let s = subject.to_string();
+                tx.open_table(REFERRERS)?
+                    .remove((repo.as_str(), s.as_str(), digest.as_str()))?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        let (repo, tag) = (repo.to_string(), tag.to_string());
+        self.write(move |tx| {
+            let existed = tx
+                .open_table(TAGS)?
+                .remove((repo.as_str(), tag.as_str()))?
+                .is_some();
+            Ok(existed)
+        })
+        .await
+    }
+
+    async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> Result<Page> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(TAGS)?;
+        page2(&table, repo, last, n)
+    }
+
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>> {
+        let tx = self.db.begin_read()?;
+        let refs = tx.open_table(REFERRERS)?;
+        let manifests = tx.open_table(MANIFESTS)?;
+        let s = subject.to_string();
+        let mut out = Vec::new();
+        for item in refs.range::<(&str, &str, &str)>((repo, s.as_str(), "")..)? {
+            let (k, _) = item?;
+            let (r, sub, d) = k.value();
+            if r != repo || sub != s {
+                break;
+            }
+            if let Some(v) = manifests.get((repo, d))? {
+                out.push(unjson(v.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn put_upload(&self, upload: &UploadRecord) -> Result<()> {
+        let id = upload.id.clone();
+        let rec = json(upload)?;
+        self.write(move |tx| {
+            tx.open_table(UPLOADS)?
+                .insert(id.as_str(), rec.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<UploadRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(UPLOADS)?;
+        let v = table.get(id)?;
+        v.map(|v| unjson(v.value())).transpose()
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<()> {
+        let id = id.to_string();
+        self.write(move |tx| {
+            tx.open_table(UPLOADS)?.remove(id.as_str())?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn uploads(&self) -> Result<Vec<UploadRecord>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(UPLOADS)?;
+        let mut out = Vec::new();
+        for item in table.iter()? {
+            let (_, v) = item?;
+            out.push(unjson(v.value())?);
+        }
+        Ok(out)
+    }
+}
