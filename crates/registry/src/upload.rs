@@ -1,0 +1,241 @@
+//! Upload sessions: from `POST /blobs/uploads/` to a verified blob.
+//!
+//! The acknowledged offset of each session is durable in the metadata store and is only moved
+//! after the chunk's bytes are fsynced, so after a crash a session resumes from the last
+//! acknowledged byte. The running sha256 state is kept in memory between chunks; after a restart
+//! (or a broken chunk) it is gone and the commit re-reads the buffer instead.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pier_oci::{Algorithm, Digest, Hasher, RepoName};
+use pier_store::{BlobStore, ByteStream, MetaStore, StoreError, UploadRecord};
+
+use crate::{RegistryError, Result};
+
+type Session = Arc<tokio::sync::Mutex<Option<Hasher>>>;
+
+pub struct Uploads {
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    limit: Option<u64>,
+    live: Mutex<HashMap<String, Session>>,
+    open: AtomicU64,
+}
+
+/// What start-up reconciliation found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Recovery {
+    /// Sessions that can resume.
+    pub resumable: u64,
+    /// Session records whose buffer was missing, removed.
+    pub dropped_records: u64,
+    /// Buffers with no session record, removed.
+    pub dropped_buffers: u64,
+}
+
+/// A chunk to append: where the client says it starts and how long it says it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChunkInfo {
+    pub start: Option<u64>,
+    /// Inclusive end from `Content-Range`, if given.
+    pub end: Option<u64>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Uploads {
+    pub(crate) fn new(
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        limit: Option<u64>,
+    ) -> Uploads {
+        Uploads {
+            blobs,
+            meta,
+            limit,
+            live: Mutex::new(HashMap::new()),
+            open: AtomicU64::new(0),
+        }
+    }
+
+    /// Reconcile session records with session buffers after a start. Call once before serving.
+    pub async fn recover(&self) -> Result<Recovery> {
+        let records = self.meta.uploads().await?;
+        let buffers: std::collections::HashSet<String> =
+            self.blobs.upload_ids().await?.into_iter().collect();
+        let mut report = Recovery::default();
+        let mut known = std::collections::HashSet::new();
+        for r in records {
+            if buffers.contains(&r.id) {
+                report.resumable += 1;
+                known.insert(r.id);
+            } else {
+                self.meta.delete_upload(&r.id).await?;
+                report.dropped_records += 1;
+            }
+        }
+        for b in buffers.difference(&known) {
+            self.blobs.upload_delete(b).await?;
+            report.dropped_buffers += 1;
+        }
+        self.open.store(report.resumable, Ordering::Relaxed);
+        Ok(report)
+    }
+
+    /// Sessions currently open.
+    pub fn open_sessions(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    fn session(&self, id: &str) -> Session {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.entry(id.to_string()).or_default().clone()
+    }
+
+    /// Forget the in-memory state of a session; `closed` when the session itself ended.
+    fn forget(&self, id: &str, closed: bool) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.remove(id);
+        if closed {
+            let _ = self
+                .open
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// The session's record, or forget the in-memory entry made while looking it up.
+    async fn lookup(&self, repo: &RepoName, id: &str) -> Result<UploadRecord> {
+        let found = self.status(repo, id).await;
+        if found.is_err() {
+            self.forget(id, false);
+        }
+        found
+    }
+
+    pub async fn start(&self, repo: &RepoName) -> Result<UploadRecord> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.blobs.upload_create(&id).await?;
+        let record = UploadRecord {
+            id: id.clone(),
+            repo: repo.to_string(),
+            offset: 0,
+            started: now(),
+        };
+        self.meta.put_upload(&record).await?;
+        *self.session(&id).lock().await = Some(Hasher::new(Algorithm::Sha256));
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(record)
+    }
+
+    /// A session of `repo`.
+    pub async fn status(&self, repo: &RepoName, id: &str) -> Result<UploadRecord> {
+        match self.meta.upload(id).await? {
+            Some(r) if r.repo == repo.as_str() => Ok(r),
+            _ => Err(RegistryError::UploadUnknown),
+        }
+    }
+
+    async fn append_locked(
+        &self,
+        hasher: &mut Option<Hasher>,
+        mut record: UploadRecord,
+        chunk: ChunkInfo,
+        body: ByteStream,
+    ) -> Result<UploadRecord> {
+        if let Some(start) = chunk.start {
+            if start != record.offset {
+                return Err(RegistryError::ChunkOutOfOrder {
+                    current: record.offset,
+                });
+            }
+        }
+        let state = hasher.take();
+        let (len, state) = self
+            .blobs
+            .upload_append(&record.id, record.offset, state, body, self.limit)
+            .await?;
+        if let (Some(start), Some(end)) = (chunk.start, chunk.end) {
+            if len != end + 1 {
+                // The bytes stay unacknowledged; the next append cuts them off.
+                return Err(RegistryError::UploadInvalid(format!(
+                    "Content-Range {start}-{end} announced {} bytes, the body had {}",
+                    end + 1 - start,
+                    len - start
+                )));
+            }
+        }
+        record.offset = len;
+        self.meta.put_upload(&record).await?;
+        *hasher = state;
+        Ok(record)
+    }
+
+    /// Append a chunk (`PATCH`).
+    pub async fn append(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        chunk: ChunkInfo,
+        body: ByteStream,
+    ) -> Result<UploadRecord> {
+        let session = self.session(id);
+        let mut hasher = session.lock().await;
+        let record = self.lookup(repo, id).await?;
+        self.append_locked(&mut hasher, record, chunk, body).await
+    }
+
+    /// Close a session (`PUT ?digest=`), with an optional last chunk: verify and link the blob.
+    /// Returns the blob's size.
+    pub async fn finish(
+        &self,
+        repo: &RepoName,
+        id: &str,
+        digest: &Digest,
+        last: Option<(ChunkInfo, ByteStream)>,
+    ) -> Result<u64> {
+        let session = self.session(id);
+        let mut hasher = session.lock().await;
+        let mut record = self.lookup(repo, id).await?;
+        if let Some((chunk, body)) = last {
+            record = self.append_locked(&mut hasher, record, chunk, body).await?;
+        }
+        let size = record.offset;
+        match self
+            .blobs
+            .upload_commit(id, size, digest, hasher.take())
+            .await
+        {
+            Ok(()) => {}
+            Err(e @ StoreError::DigestMismatch { .. }) => {
+                // The store removed the buffer; the session is over.
+                self.meta.delete_upload(id).await?;
+                self.forget(id, true);
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.meta.link_blob(repo.as_str(), digest, size).await?;
+        self.meta.delete_upload(id).await?;
+        self.forget(id, true);
+        Ok(size)
+    }
+
+    /// Abandon a session (`DELETE`).
+    pub async fn cancel(&self, repo: &RepoName, id: &str) -> Result<()> {
+        let session = self.session(id);
+        let _guard = session.lock().await;
+        self.lookup(repo, id).await?;
+        self.blobs.upload_delete(id).await?;
+        self.meta.delete_upload(id).await?;
+        self.forget(id, true);
+        Ok(())
+    }
+}
