@@ -79,7 +79,7 @@ impl Manifest {
         let header = content_type.map(bare).filter(|h| !h.is_empty());
         let media_type = match (&raw.media_type, header) {
             (Some(field), Some(h))
-                if field != h && media::MANIFEST_TYPES.contains(&h) && field != "" =>
+                if field != h && media::MANIFEST_TYPES.contains(&h) && !field.is_empty() =>
             {
                 return Err(ManifestError::MediaTypeMismatch {
                     field: field.clone(),

@@ -68,9 +68,9 @@ impl From<StoreError> for RegistryError {
         match e {
             StoreError::UploadUnknown => RegistryError::UploadUnknown,
             StoreError::UploadDamaged(why) => RegistryError::UploadInvalid(why),
-            StoreError::DigestMismatch { expected, actual } => RegistryError::DigestInvalid(
-                format!("content has digest {actual}, not {expected}"),
-            ),
+            StoreError::DigestMismatch { expected, actual } => {
+                RegistryError::DigestInvalid(format!("content has digest {actual}, not {expected}"))
+            }
             StoreError::OffsetMismatch { current, .. } => {
                 RegistryError::ChunkOutOfOrder { current }
             }

@@ -101,7 +101,12 @@ impl Registry {
     }
 
     /// Store a whole blob pushed in one request and link it into `repo`.
-    pub async fn put_blob(&self, repo: &RepoName, digest: &Digest, body: ByteStream) -> Result<u64> {
+    pub async fn put_blob(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        body: ByteStream,
+    ) -> Result<u64> {
         let (_, size) = self
             .blobs
             .put(Some(digest), body, self.limits.max_blob_bytes)
@@ -202,12 +207,22 @@ impl Registry {
             if blob.urls.as_ref().is_some_and(|u| !u.is_empty()) {
                 continue;
             }
-            if self.meta.blob_link(repo.as_str(), &blob.digest).await?.is_none() {
+            if self
+                .meta
+                .blob_link(repo.as_str(), &blob.digest)
+                .await?
+                .is_none()
+            {
                 return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
             }
         }
         for child in &manifest.manifests {
-            if self.meta.manifest(repo.as_str(), &child.digest).await?.is_none() {
+            if self
+                .meta
+                .manifest(repo.as_str(), &child.digest)
+                .await?
+                .is_none()
+            {
                 return Err(RegistryError::ManifestBlobUnknown(child.digest.clone()));
             }
         }

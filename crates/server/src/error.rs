@@ -1,0 +1,140 @@
+//! The one place where failures become HTTP responses: an OCI error body with the status the
+//! specification gives. docs/errors.md lists the mapping.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use pier_oci::{ErrorCode, RouteError};
+use pier_registry::RegistryError;
+use pier_store::Blame;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+    /// Extra headers (`Range` for an out-of-order chunk, `Content-Range` for a bad range).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: String) -> ApiError {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn digest_invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, message)
+    }
+
+    pub fn upload_invalid(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BlobUploadInvalid,
+            message,
+        )
+    }
+
+    pub fn unsupported_method() -> ApiError {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "method not allowed on this route",
+        )
+    }
+
+    pub fn range(size: u64, message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::RangeInvalid,
+            message,
+        )
+        .with_header("content-range", format!("bytes */{size}"))
+    }
+
+    pub fn pagination(message: impl Into<String>) -> ApiError {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::PaginationNumberInvalid,
+            message,
+        )
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let msg = e.to_string();
+        match e {
+            RouteError::NotFound | RouteError::UploadId => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
+            }
+            RouteError::Name(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, msg)
+            }
+            RouteError::Reference(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid, msg)
+            }
+            RouteError::Digest(_) => ApiError::digest_invalid(msg),
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let code = e.code();
+        let msg = e.to_string();
+        let status = match &e {
+            RegistryError::BlobUnknown
+            | RegistryError::ManifestUnknown
+            | RegistryError::NameUnknown
+            | RegistryError::UploadUnknown => StatusCode::NOT_FOUND,
+            RegistryError::ChunkOutOfOrder { current } => {
+                let range = if *current == 0 {
+                    "0-0".to_string()
+                } else {
+                    format!("0-{}", current - 1)
+                };
+                return ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, code, msg)
+                    .with_header("range", range);
+            }
+            RegistryError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RegistryError::UploadInvalid(_)
+            | RegistryError::DigestInvalid(_)
+            | RegistryError::ManifestInvalid(_)
+            | RegistryError::ManifestBlobUnknown(_) => StatusCode::BAD_REQUEST,
+            RegistryError::Store(_) => match e.blame() {
+                Blame::Client => StatusCode::BAD_REQUEST,
+                Blame::Internal if e.retryable() => StatusCode::SERVICE_UNAVAILABLE,
+                Blame::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed inside pier");
+        }
+        ApiError::new(status, code, msg)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "errors": [{ "code": self.code.as_str(), "message": self.message }]
+        });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        resp
+    }
+}

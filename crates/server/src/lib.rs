@@ -1,0 +1,162 @@
+//! pier's HTTP front. `/v2/` is routed once, by [`pier_oci::route::parse`], and dispatched in
+//! [`v2`]; `/healthz`, `/readyz` and `/metrics` sit beside it. Every request gets a tracing span
+//! and is counted.
+//!
+//! Architecture invariant: this crate turns HTTP into registry calls and registry results into
+//! HTTP. It holds no storage logic, and failures become responses only in [`error`].
+
+pub mod error;
+pub mod metrics;
+pub mod ranges;
+pub mod v2;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderValue, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use pier_registry::Registry;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+
+use crate::error::ApiError;
+use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    /// False once shutdown has begun: `/readyz` then answers 503 so load balancers drain us.
+    pub ready: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(registry: Arc<Registry>) -> AppState {
+        AppState {
+            registry,
+            metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(registry_api)
+        .with_state(state)
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ready\n".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let stats = state.registry.blob_store().stats();
+    let m = &state.metrics;
+    m.store_blobs.set(stats.blobs as i64);
+    m.store_bytes.set(stats.bytes as i64);
+    m.upload_sessions
+        .set(state.registry.uploads().open_sessions() as i64);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.encode(),
+    )
+        .into_response()
+}
+
+/// Every path that is not a fixed endpoint: parse it as a `/v2/` route and dispatch.
+async fn registry_api(State(state): State<AppState>, req: Request<Body>) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let route = pier_oci::route::parse(req.uri().path());
+    let kind = route.as_ref().map_or("unknown", |r| r.kind());
+    let span = tracing::info_span!(
+        "request",
+        method = %method,
+        path = %req.uri().path(),
+        route = kind,
+        status = tracing::field::Empty,
+    );
+    let metrics = state.metrics.clone();
+    let mut resp = async {
+        let resp = match route {
+            Ok(route) => match v2::dispatch(state, route, req).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            },
+            Err(e) => ApiError::from(e).into_response(),
+        };
+        let status = resp.status();
+        tracing::Span::current().record("status", status.as_u16());
+        if status.is_server_error() {
+            tracing::warn!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "answered"
+            );
+        } else {
+            tracing::debug!(
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "answered"
+            );
+        }
+        resp
+    }
+    .instrument(span)
+    .await;
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let method = method.as_str().to_string();
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route: kind,
+            method: method.clone(),
+            status: resp.status().as_u16(),
+        })
+        .inc();
+    metrics
+        .duration
+        .get_or_create(&RouteLabels {
+            route: kind,
+            method,
+        })
+        .observe(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// Serve `app` on an already bound listener until `shutdown` completes, then let in-flight
+/// requests finish. `ready` flips to false as soon as shutdown begins.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let ready = state.ready.clone();
+    let app = router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            ready.store(false, Ordering::Relaxed);
+        })
+        .await
+}

@@ -1,0 +1,112 @@
+//! Prometheus metrics. Every name starts with `pier_`; docs/metrics.md lists them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub route: &'static str,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: &'static str,
+    pub method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
+}
+
+/// The metrics the HTTP layer records, and the registry they are exposed from.
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub duration: Family<RouteLabels, Histogram>,
+    pub served_bytes: Family<KindLabels, Counter>,
+    pub received_bytes: Family<KindLabels, Counter>,
+    pub store_blobs: Gauge,
+    pub store_bytes: Gauge,
+    pub upload_sessions: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pier");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status",
+            requests.clone(),
+        );
+        let duration = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+        });
+        registry.register(
+            "http_request_duration_seconds",
+            "Time from request to response headers, by route and method",
+            duration.clone(),
+        );
+        let served_bytes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "served_bytes",
+            "Content bytes sent to clients, by kind (blob, manifest)",
+            served_bytes.clone(),
+        );
+        let received_bytes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "received_bytes",
+            "Content bytes accepted from clients, by kind (blob, manifest)",
+            received_bytes.clone(),
+        );
+        let store_blobs = Gauge::default();
+        registry.register(
+            "store_blobs",
+            "Blobs in the blob store",
+            store_blobs.clone(),
+        );
+        let store_bytes = Gauge::default();
+        registry.register(
+            "store_size_bytes",
+            "Bytes of blobs in the blob store",
+            store_bytes.clone(),
+        );
+        let upload_sessions = Gauge::default();
+        registry.register(
+            "upload_sessions_open",
+            "Blob upload sessions started and not yet finished or cancelled",
+            upload_sessions.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            duration,
+            served_bytes,
+            received_bytes,
+            store_blobs,
+            store_bytes,
+            upload_sessions,
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

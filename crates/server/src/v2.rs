@@ -1,0 +1,461 @@
+//! Handlers for every `/v2/` route. The path was parsed once into a [`Route`]; here the method
+//! picks the operation, headers and query are read, and the registry does the work.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use pier_oci::{media, Digest, Reference, RepoName, Route};
+use pier_registry::upload::ChunkInfo;
+use pier_store::ByteStream;
+
+use crate::error::ApiError;
+use crate::metrics::KindLabels;
+use crate::ranges::{parse_content_range, parse_range, RangeError};
+use crate::AppState;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// Largest page of tags or repositories returned when the client gives no `n`.
+const DEFAULT_PAGE: usize = 10_000;
+
+/// Decoded query parameters.
+struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn of(req: &Request<Body>) -> Query {
+        let q = req.uri().query().unwrap_or("");
+        Query(form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+    }
+
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Result<Response> {
+    let method = req.method().clone();
+    let q = Query::of(&req);
+    match (route, &method) {
+        (Route::Base, &Method::GET | &Method::HEAD) => Ok(json(StatusCode::OK, "{}".into())),
+        (Route::Catalog, &Method::GET) => catalog(&state, &q).await,
+        (Route::Tags { name }, &Method::GET) => tags(&state, &name, &q).await,
+        (Route::Manifest { name, reference }, &Method::GET | &Method::HEAD) => {
+            get_manifest(&state, &name, &reference, method == Method::HEAD).await
+        }
+        (Route::Manifest { name, reference }, &Method::PUT) => {
+            put_manifest(&state, &name, &reference, req).await
+        }
+        (Route::Manifest { name, reference }, &Method::DELETE) => {
+            state.registry.delete_manifest(&name, &reference).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
+            get_blob(
+                &state,
+                &name,
+                &digest,
+                req.headers(),
+                method == Method::HEAD,
+            )
+            .await
+        }
+        (Route::Blob { name, digest }, &Method::DELETE) => {
+            state.registry.delete_blob(&name, &digest).await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        (Route::UploadStart { name }, &Method::POST) => start_upload(&state, &name, &q, req).await,
+        (Route::Upload { name, id }, &Method::GET) => {
+            let rec = state.registry.uploads().status(&name, &id).await?;
+            Ok(upload_response(
+                StatusCode::NO_CONTENT,
+                &name,
+                &id,
+                rec.offset,
+            ))
+        }
+        (Route::Upload { name, id }, &Method::PATCH) => patch_upload(&state, &name, &id, req).await,
+        (Route::Upload { name, id }, &Method::PUT) => put_upload(&state, &name, &id, &q, req).await,
+        (Route::Upload { name, id }, &Method::DELETE) => {
+            state.registry.uploads().cancel(&name, &id).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        (Route::Referrers { name, digest }, &Method::GET) => {
+            referrers(&state, &name, &digest, &q).await
+        }
+        _ => Err(ApiError::unsupported_method()),
+    }
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// `n` and `last` of a paginated listing.
+fn pagination(q: &Query) -> Result<(usize, Option<String>)> {
+    let n = match q.get("n") {
+        None | Some("") => DEFAULT_PAGE,
+        Some(s) => s
+            .parse::<usize>()
+            .map_err(|_| ApiError::pagination(format!("n={s:?} is not a count")))?
+            .min(DEFAULT_PAGE),
+    };
+    Ok((n, q.get("last").filter(|l| !l.is_empty()).map(String::from)))
+}
+
+fn link_next(path: &str, n: usize, last: &str) -> HeaderValue {
+    let q: String = form_urlencoded::Serializer::new(String::new())
+        .append_pair("n", &n.to_string())
+        .append_pair("last", last)
+        .finish();
+    hv(&format!("<{path}?{q}>; rel=\"next\""))
+}
+
+async fn catalog(state: &AppState, q: &Query) -> Result<Response> {
+    let (n, last) = pagination(q)?;
+    let page = state.registry.catalog(last.as_deref(), n).await?;
+    let body = serde_json::json!({ "repositories": page.items }).to_string();
+    let mut resp = json(StatusCode::OK, body);
+    if let (true, Some(l)) = (page.more, page.items.last()) {
+        resp.headers_mut()
+            .insert(header::LINK, link_next("/v2/_catalog", n, l));
+    }
+    Ok(resp)
+}
+
+async fn tags(state: &AppState, name: &RepoName, q: &Query) -> Result<Response> {
+    let (n, last) = pagination(q)?;
+    let page = state.registry.tags(name, last.as_deref(), n).await?;
+    let body = serde_json::json!({ "name": name.as_str(), "tags": page.items }).to_string();
+    let mut resp = json(StatusCode::OK, body);
+    if let (true, Some(l)) = (page.more, page.items.last()) {
+        let path = format!("/v2/{name}/tags/list");
+        resp.headers_mut()
+            .insert(header::LINK, link_next(&path, n, l));
+    }
+    Ok(resp)
+}
+
+async fn get_manifest(
+    state: &AppState,
+    name: &RepoName,
+    reference: &Reference,
+    head: bool,
+) -> Result<Response> {
+    let (record, bytes) = state.registry.manifest(name, reference).await?;
+    let digest = record.digest.to_string();
+    let mut resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, hv(&record.media_type))
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .header("docker-content-digest", hv(&digest))
+        .header(header::ETAG, hv(&format!("\"{digest}\"")));
+    if head {
+        resp = resp.header(header::CONTENT_LENGTH, bytes.len());
+        return Ok(resp.body(Body::empty()).unwrap_or_default());
+    }
+    state
+        .metrics
+        .served_bytes
+        .get_or_create(&KindLabels { kind: "manifest" })
+        .inc_by(bytes.len() as u64);
+    Ok(resp.body(Body::from(bytes)).unwrap_or_default())
+}
+
+async fn put_manifest(
+    state: &AppState,
+    name: &RepoName,
+    reference: &Reference,
+    req: Request<Body>,
+) -> Result<Response> {
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let limit = state.registry.limits().max_manifest_bytes;
+    let bytes: Bytes = axum::body::to_bytes(req.into_body(), limit as usize)
+        .await
+        .map_err(|e| {
+            if std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+            {
+                ApiError::from(pier_registry::RegistryError::TooLarge { limit })
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    pier_oci::ErrorCode::ManifestInvalid,
+                    format!("reading the manifest failed: {e}"),
+                )
+            }
+        })?;
+    let size = bytes.len() as u64;
+    let pushed = state
+        .registry
+        .put_manifest(name, reference, content_type.as_deref(), bytes)
+        .await?;
+    state
+        .metrics
+        .received_bytes
+        .get_or_create(&KindLabels { kind: "manifest" })
+        .inc_by(size);
+    let digest = pushed.digest.to_string();
+    let mut resp = Response::builder()
+        .status(StatusCode::CREATED)
+        .header(
+            header::LOCATION,
+            hv(&format!("/v2/{name}/manifests/{digest}")),
+        )
+        .header("docker-content-digest", hv(&digest));
+    if let Some(subject) = pushed.subject {
+        resp = resp.header("oci-subject", hv(&subject.to_string()));
+    }
+    Ok(resp.body(Body::empty()).unwrap_or_default())
+}
+
+async fn get_blob(
+    state: &AppState,
+    name: &RepoName,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response> {
+    let size = state.registry.blob_size(name, digest).await?;
+    let range = match headers.get(header::RANGE) {
+        None => None,
+        Some(h) => {
+            let h = h
+                .to_str()
+                .map_err(|_| ApiError::range(size, "Range header is not text"))?;
+            match parse_range(h, size) {
+                Ok(r) => r,
+                Err(RangeError::Malformed) => {
+                    return Err(ApiError::range(size, format!("malformed Range {h:?}")))
+                }
+                Err(RangeError::Unsatisfiable) => {
+                    return Err(ApiError::range(
+                        size,
+                        format!("Range {h:?} is outside the blob of {size} bytes"),
+                    ))
+                }
+            }
+        }
+    };
+    let (status, start, end) = match range {
+        Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end),
+        None => (StatusCode::OK, 0, size),
+    };
+    let mut resp = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header("docker-content-digest", hv(&digest.to_string()))
+        .header(header::ETAG, hv(&format!("\"{digest}\"")));
+    if status == StatusCode::PARTIAL_CONTENT {
+        resp = resp.header(
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{}", start, end - 1, size),
+        );
+    }
+    if head || start == end {
+        return Ok(resp.body(Body::empty()).unwrap_or_default());
+    }
+    let stream = state.registry.read_blob(digest, start, end).await?;
+    let counter = state
+        .metrics
+        .served_bytes
+        .get_or_create(&KindLabels { kind: "blob" })
+        .clone();
+    let stream = stream.inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            counter.inc_by(c.len() as u64);
+        }
+    });
+    Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
+}
+
+/// The request body as a stream of bytes, counted as received blob bytes.
+fn body_stream(state: &AppState, body: Body) -> ByteStream {
+    let counter = state
+        .metrics
+        .received_bytes
+        .get_or_create(&KindLabels { kind: "blob" })
+        .clone();
+    Box::pin(body.into_data_stream().map(move |r| {
+        r.inspect(|b| {
+            counter.inc_by(b.len() as u64);
+        })
+        .map_err(std::io::Error::other)
+    }))
+}
+
+fn upload_response(status: StatusCode, name: &RepoName, id: &str, offset: u64) -> Response {
+    let range = if offset == 0 {
+        "0-0".to_string()
+    } else {
+        format!("0-{}", offset - 1)
+    };
+    Response::builder()
+        .status(status)
+        .header(
+            header::LOCATION,
+            hv(&format!("/v2/{name}/blobs/uploads/{id}")),
+        )
+        .header(header::RANGE, hv(&range))
+        .header("docker-upload-uuid", hv(id))
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+fn blob_created(name: &RepoName, digest: &Digest) -> Response {
+    let d = digest.to_string();
+    Response::builder()
+        .status(StatusCode::CREATED)
+        .header(header::LOCATION, hv(&format!("/v2/{name}/blobs/{d}")))
+        .header("docker-content-digest", hv(&d))
+        .header(header::CONTENT_LENGTH, 0)
+        .body(Body::empty())
+        .unwrap_or_default()
+}
+
+fn parse_digest(s: &str) -> Result<Digest> {
+    s.parse()
+        .map_err(|e| ApiError::digest_invalid(format!("{s:?}: {e}")))
+}
+
+async fn start_upload(
+    state: &AppState,
+    name: &RepoName,
+    q: &Query,
+    req: Request<Body>,
+) -> Result<Response> {
+    if let Some(mount) = q.get("mount") {
+        let digest = parse_digest(mount)?;
+        // A `from` that is not a valid name cannot hold the blob: fall back to an upload.
+        if let Some(from) = q.get("from").and_then(|f| f.parse::<RepoName>().ok()) {
+            if state
+                .registry
+                .mount_blob(name, &from, &digest)
+                .await?
+                .is_some()
+            {
+                return Ok(blob_created(name, &digest));
+            }
+        }
+    } else if let Some(d) = q.get("digest") {
+        let digest = parse_digest(d)?;
+        let body = body_stream(state, req.into_body());
+        state.registry.put_blob(name, &digest, body).await?;
+        return Ok(blob_created(name, &digest));
+    }
+    let rec = state.registry.uploads().start(name).await?;
+    Ok(upload_response(StatusCode::ACCEPTED, name, &rec.id, 0))
+}
+
+fn chunk_info(headers: &HeaderMap) -> Result<ChunkInfo> {
+    match headers.get(header::CONTENT_RANGE) {
+        None => Ok(ChunkInfo::default()),
+        Some(v) => {
+            let text = v.to_str().unwrap_or("");
+            let (start, end) = parse_content_range(text).ok_or_else(|| {
+                ApiError::upload_invalid(format!("malformed Content-Range {text:?}"))
+            })?;
+            Ok(ChunkInfo {
+                start: Some(start),
+                end: Some(end),
+            })
+        }
+    }
+}
+
+async fn patch_upload(
+    state: &AppState,
+    name: &RepoName,
+    id: &str,
+    req: Request<Body>,
+) -> Result<Response> {
+    let chunk = chunk_info(req.headers())?;
+    let body = body_stream(state, req.into_body());
+    let rec = state
+        .registry
+        .uploads()
+        .append(name, id, chunk, body)
+        .await?;
+    Ok(upload_response(StatusCode::ACCEPTED, name, id, rec.offset))
+}
+
+fn has_body(headers: &HeaderMap) -> bool {
+    match headers.get(header::CONTENT_LENGTH) {
+        Some(v) => v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) != Some(0),
+        None => headers.contains_key(header::TRANSFER_ENCODING),
+    }
+}
+
+async fn put_upload(
+    state: &AppState,
+    name: &RepoName,
+    id: &str,
+    q: &Query,
+    req: Request<Body>,
+) -> Result<Response> {
+    let digest = parse_digest(
+        q.get("digest")
+            .ok_or_else(|| ApiError::digest_invalid("the digest query parameter is required"))?,
+    )?;
+    let last = if has_body(req.headers()) {
+        let chunk = chunk_info(req.headers())?;
+        Some((chunk, body_stream(state, req.into_body())))
+    } else {
+        None
+    };
+    state
+        .registry
+        .uploads()
+        .finish(name, id, &digest, last)
+        .await?;
+    Ok(blob_created(name, &digest))
+}
+
+async fn referrers(
+    state: &AppState,
+    name: &RepoName,
+    digest: &Digest,
+    q: &Query,
+) -> Result<Response> {
+    let artifact_type = q.get("artifactType").filter(|t| !t.is_empty());
+    let manifests = state
+        .registry
+        .referrers(name, digest, artifact_type)
+        .await?;
+    let body = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_INDEX,
+        "manifests": manifests,
+    })
+    .to_string();
+    let mut resp = Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, media::OCI_INDEX);
+    if artifact_type.is_some() {
+        resp = resp.header("oci-filters-applied", "artifactType");
+    }
+    Ok(resp.body(Body::from(body)).unwrap_or_default())
+}
