@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# pier's whole test suite, as CI runs it: install the real clients the interop tier drives,
+# then the gate (format, lints) and every test, interop tier included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the interop tier needs, by the command each provides.
+declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd)
+missing=()
+for cmd in "${!packages[@]}"; do
+    command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
+done
+if ((${#missing[@]})); then
+    echo "installing: ${missing[*]}"
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "error: need root (or sudo) to apt-get install ${missing[*]}" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test (interop tier on)"
+PIER_INTEROP=1 cargo test --workspace
