@@ -67,6 +67,19 @@ fn valid_component(c: &str) -> bool {
     }
 }
 
+/// A name component, or a registry host with a port: `<component>:<digits>`.
+fn valid_host_port(c: &str) -> bool {
+    match c.split_once(':') {
+        None => valid_component(c),
+        Some((host, port)) => {
+            valid_component(host)
+                && !port.is_empty()
+                && port.len() <= 5
+                && port.bytes().all(|b| b.is_ascii_digit())
+        }
+    }
+}
+
 impl RepoName {
     pub fn as_str(&self) -> &str {
         &self.0
@@ -93,8 +106,16 @@ impl FromStr for RepoName {
         if s.len() > MAX_NAME_LEN {
             return Err(NameError::TooLong);
         }
-        for c in s.split('/') {
-            if !valid_component(c) {
+        let many = s.contains('/');
+        for (i, c) in s.split('/').enumerate() {
+            // The first of several components may name a registry with a port
+            // (`localhost:5001/team/app`), as mirror path prefixes do.
+            let ok = if i == 0 && many {
+                valid_host_port(c)
+            } else {
+                valid_component(c)
+            };
+            if !ok {
                 return Err(NameError::BadComponent(c.chars().take(64).collect()));
             }
         }
@@ -209,6 +230,8 @@ mod tests {
             "a.b",
             "0",
             "localhost/x",
+            "localhost:5000/x",
+            "registry.example.com:443/team/app",
         ] {
             check_name(good, true);
         }
@@ -228,7 +251,11 @@ mod tests {
             "a_",
             "a%2fb",
             "a b",
-            "localhost:5000/x",
+            "localhost:5000",
+            "a/localhost:5000/x",
+            "localhost:/x",
+            "localhost:5000:1/x",
+            "localhost:123456/x",
             &"a".repeat(256),
         ] {
             check_name(bad, false);

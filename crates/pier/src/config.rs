@@ -29,6 +29,145 @@ pub struct Config {
     #[serde(with = "seconds")]
     pub shutdown_grace: Duration,
     pub registry: RegistryConfig,
+    pub mirror: MirrorConfig,
+    /// Upstream registries, added to (or replacing, by name) the built-in ones.
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorConfig {
+    /// Upstream for requests that name no registry (Docker's `registry-mirrors`); "" for none.
+    pub default_upstream: String,
+    /// Whether docker.io, ghcr.io, quay.io, gcr.io, registry.k8s.io, mcr.microsoft.com and
+    /// public.ecr.aws are configured without being listed.
+    pub builtin_upstreams: bool,
+    /// Seconds a tag's manifest is served before asking the upstream again, for upstreams that
+    /// set no `tag_ttl` of their own.
+    pub tag_ttl: u64,
+}
+
+impl Default for MirrorConfig {
+    fn default() -> Self {
+        MirrorConfig {
+            default_upstream: "docker.io".into(),
+            builtin_upstreams: true,
+            tag_ttl: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry as clients name it: `docker.io`, `ghcr.io`, `registry.example.com:5000`.
+    pub name: String,
+    /// Base URLs tried in order (failover).
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Overrides `[mirror] tag_ttl` for this upstream.
+    #[serde(default)]
+    pub tag_ttl: Option<u64>,
+    /// Repository globs that may be mirrored (all when empty). `*` stays within one path
+    /// component, `**` crosses them.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Repository globs that may not be mirrored; wins over `allow`.
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl UpstreamConfig {
+    pub fn new(name: &str, endpoints: Vec<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.to_string(),
+            endpoints,
+            username: None,
+            password: None,
+            tag_ttl: None,
+            allow: Vec::new(),
+            deny: Vec::new(),
+        }
+    }
+
+    /// Parse `REGISTRY=URL[,URL...]` as given to `--upstream`.
+    pub fn from_flag(flag: &str) -> anyhow::Result<UpstreamConfig> {
+        let (name, urls) = flag.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--upstream {flag:?}: expected REGISTRY=URL[,URL...]")
+        })?;
+        let endpoints: Vec<String> = urls
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        let up = UpstreamConfig::new(name.trim(), endpoints);
+        up.validate()?;
+        Ok(up)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let n = &self.name;
+        let name_ok = !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-:".contains(&b));
+        anyhow::ensure!(
+            name_ok,
+            "upstream name {n:?} is not a registry host such as docker.io"
+        );
+        anyhow::ensure!(!self.endpoints.is_empty(), "upstream {n} has no endpoints");
+        for e in &self.endpoints {
+            anyhow::ensure!(
+                e.starts_with("http://") || e.starts_with("https://"),
+                "upstream {n}: endpoint {e:?} must start with http:// or https://"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The upstreams pier knows without configuration, with their registry endpoints.
+pub const BUILTIN_UPSTREAMS: &[(&str, &str)] = &[
+    ("docker.io", "https://registry-1.docker.io"),
+    ("ghcr.io", "https://ghcr.io"),
+    ("quay.io", "https://quay.io"),
+    ("gcr.io", "https://gcr.io"),
+    ("registry.k8s.io", "https://registry.k8s.io"),
+    ("mcr.microsoft.com", "https://mcr.microsoft.com"),
+    ("public.ecr.aws", "https://public.ecr.aws"),
+];
+
+impl Config {
+    /// Every upstream in effect: the built-ins (if enabled), then the file's, then the flags',
+    /// a later one with the same name replacing an earlier one.
+    pub fn effective_upstreams(
+        &self,
+        flags: &[UpstreamConfig],
+    ) -> anyhow::Result<Vec<UpstreamConfig>> {
+        let mut out: Vec<UpstreamConfig> = Vec::new();
+        let mut put = |u: UpstreamConfig| match out.iter_mut().find(|o| o.name == u.name) {
+            Some(existing) => *existing = u,
+            None => out.push(u),
+        };
+        if self.mirror.builtin_upstreams {
+            for (name, url) in BUILTIN_UPSTREAMS {
+                put(UpstreamConfig::new(name, vec![url.to_string()]));
+            }
+        }
+        for u in self.upstreams.iter().chain(flags) {
+            u.validate()?;
+            put(u.clone());
+        }
+        let d = &self.mirror.default_upstream;
+        anyhow::ensure!(
+            d.is_empty() || out.iter().any(|u| &u.name == d),
+            "[mirror] default_upstream {d:?} is not a configured upstream"
+        );
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -49,6 +188,8 @@ impl Default for Config {
             log_level: "info".into(),
             shutdown_grace: Duration::from_secs(30),
             registry: RegistryConfig::default(),
+            mirror: MirrorConfig::default(),
+            upstreams: Vec::new(),
         }
     }
 }
@@ -160,5 +301,33 @@ mod tests {
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
         let err = Config::parse("[registry]\nmax_manifest_size = \"lots\"").expect_err("bad size");
         assert!(format!("{err:#}").contains("lots"), "{err:#}");
+    }
+
+    #[test]
+    fn upstreams_merge_by_name() {
+        let c = Config::parse(
+            "[[upstream]]\nname = \"docker.io\"\nendpoints = [\"http://a\", \"http://b\"]\n",
+        )
+        .expect("parses");
+        let flag = UpstreamConfig::from_flag("localhost:5001=http://127.0.0.1:5001").expect("flag");
+        let ups = c.effective_upstreams(&[flag]).expect("valid");
+        let docker = ups
+            .iter()
+            .find(|u| u.name == "docker.io")
+            .expect("docker.io");
+        assert_eq!(docker.endpoints, vec!["http://a", "http://b"]);
+        assert!(ups.iter().any(|u| u.name == "ghcr.io"));
+        assert!(ups.iter().any(|u| u.name == "localhost:5001"));
+        assert!(UpstreamConfig::from_flag("nourl").is_err());
+        assert!(UpstreamConfig::from_flag("x.io=ftp://x").is_err());
+        assert!(UpstreamConfig::from_flag("X.io=http://x").is_err());
+        let mut none = Config::default();
+        none.mirror.builtin_upstreams = false;
+        assert!(
+            none.effective_upstreams(&[]).is_err(),
+            "default docker.io missing"
+        );
+        none.mirror.default_upstream.clear();
+        assert!(none.effective_upstreams(&[]).expect("valid").is_empty());
     }
 }

@@ -1,6 +1,7 @@
 //! The `pier` command: `pier serve` runs a node. Later subcommands (status, check, import, sync,
 //! warm, gc, bench, config) join here.
 
+mod clientconf;
 mod config;
 mod serve;
 
@@ -25,6 +26,47 @@ struct Cli {
 enum Command {
     /// Run a pier node (the default when no command is given).
     Serve(ServeArgs),
+    /// Write or print client configuration that pulls through this pier.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Write certs.d/<registry>/hosts.toml for every upstream (pier first, the registry as fallback).
+    Containerd {
+        #[command(flatten)]
+        common: ClientArgs,
+        /// containerd's registry config directory.
+        #[arg(long, default_value = "/etc/containerd/certs.d", value_name = "DIR")]
+        certs_dir: PathBuf,
+        /// Print the files instead of writing them.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the daemon.json snippet for Docker (Docker mirrors Docker Hub only).
+    Docker {
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+    /// Print registries.conf mirror entries for podman, CRI-O and skopeo.
+    Podman {
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// pier as clients reach it, e.g. http://pier.lan:5000 [default: from the listen address].
+    #[arg(long, value_name = "URL")]
+    pier: Option<String>,
+    /// The pier configuration file, to learn its upstreams and listen address.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Extra upstreams, as for `pier serve`.
+    #[arg(long, value_name = "REGISTRY=URL[,URL...]")]
+    upstream: Vec<String>,
 }
 
 #[derive(clap::Args, Default)]
@@ -41,18 +83,55 @@ pub struct ServeArgs {
     /// Log format [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// An upstream registry and its endpoints in failover order; repeatable. Adds to or
+    /// replaces (by name) the configured ones.
+    #[arg(long, value_name = "REGISTRY=URL[,URL...]")]
+    pub upstream: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve::run(args),
+        Command::Config(cmd) => client_config(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("pier: {e:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn client_config(cmd: ConfigCommand) -> anyhow::Result<()> {
+    let common = match &cmd {
+        ConfigCommand::Containerd { common, .. }
+        | ConfigCommand::Docker { common }
+        | ConfigCommand::Podman { common } => common,
+    };
+    let config = match &common.config {
+        Some(path) => config::Config::load(path)?,
+        None => config::Config::default(),
+    };
+    let flags = common
+        .upstream
+        .iter()
+        .map(|f| config::UpstreamConfig::from_flag(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let upstreams = config.effective_upstreams(&flags)?;
+    let pier = clientconf::pier_url(common.pier.as_deref(), config.listen);
+    match cmd {
+        ConfigCommand::Containerd {
+            certs_dir, dry_run, ..
+        } => clientconf::containerd(&upstreams, &pier, &certs_dir, dry_run),
+        ConfigCommand::Docker { .. } => {
+            print!("{}", clientconf::docker(&pier));
+            Ok(())
+        }
+        ConfigCommand::Podman { .. } => {
+            print!("{}", clientconf::podman(&upstreams, &pier));
+            Ok(())
         }
     }
 }

@@ -111,13 +111,18 @@ impl Uploads {
         }
     }
 
-    /// The session's record, or forget the in-memory entry made while looking it up.
+    /// The session's record, or forget the in-memory entry made while looking it up. A live
+    /// session of another repository keeps its entry: requests of its owner may be queued on
+    /// that entry's lock, and a fresh entry would let a newcomer append beside them.
     async fn lookup(&self, repo: &RepoName, id: &str) -> Result<UploadRecord> {
-        let found = self.status(repo, id).await;
-        if found.is_err() {
-            self.forget(id, false);
+        match self.meta.upload(id).await? {
+            Some(r) if r.repo == repo.as_str() => Ok(r),
+            Some(_) => Err(RegistryError::UploadUnknown),
+            None => {
+                self.forget(id, false);
+                Err(RegistryError::UploadUnknown)
+            }
         }
-        found
     }
 
     pub async fn start(&self, repo: &RepoName) -> Result<UploadRecord> {

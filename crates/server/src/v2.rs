@@ -160,14 +160,14 @@ async fn get_manifest(
 ) -> Result<Response> {
     let (record, bytes) = state.registry.manifest(name, reference).await?;
     let digest = record.digest.to_string();
-    let mut resp = Response::builder()
+    let resp = Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, hv(&record.media_type))
         .header(header::CONTENT_LENGTH, bytes.len())
         .header("docker-content-digest", hv(&digest))
         .header(header::ETAG, hv(&format!("\"{digest}\"")));
     if head {
-        resp = resp.header(header::CONTENT_LENGTH, bytes.len());
+        // Content-Length is already set above; a second copy would be a duplicate header.
         return Ok(resp.body(Body::empty()).unwrap_or_default());
     }
     state
@@ -402,11 +402,11 @@ async fn patch_upload(
     Ok(upload_response(StatusCode::ACCEPTED, name, id, rec.offset))
 }
 
-fn has_body(headers: &HeaderMap) -> bool {
-    match headers.get(header::CONTENT_LENGTH) {
-        Some(v) => v.to_str().ok().and_then(|s| s.parse::<u64>().ok()) != Some(0),
-        None => headers.contains_key(header::TRANSFER_ENCODING),
-    }
+/// Whether a request carries body bytes. Asked of the body, not the headers: an HTTP/2 request
+/// may carry a body with neither Content-Length nor Transfer-Encoding.
+fn has_body(body: &Body) -> bool {
+    use axum::body::HttpBody;
+    !body.is_end_stream() && body.size_hint().exact() != Some(0)
 }
 
 async fn put_upload(
@@ -420,9 +420,10 @@ async fn put_upload(
         q.get("digest")
             .ok_or_else(|| ApiError::digest_invalid("the digest query parameter is required"))?,
     )?;
-    let last = if has_body(req.headers()) {
-        let chunk = chunk_info(req.headers())?;
-        Some((chunk, body_stream(state, req.into_body())))
+    let (parts, body) = req.into_parts();
+    let last = if has_body(&body) {
+        let chunk = chunk_info(&parts.headers)?;
+        Some((chunk, body_stream(state, body)))
     } else {
         None
     };

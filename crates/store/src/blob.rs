@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::Stream;
 use pier_oci::{Digest, Hasher};
 
-use crate::Result;
+use crate::{Result, Spool};
 
 /// A stream of bytes moving into or out of the store. Errors are I/O errors: for a request body
 /// they mean the client's stream broke; for a read they mean the store failed mid-blob.
@@ -75,6 +75,13 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Ids of every session buffer present (to reconcile with metadata after a restart).
     async fn upload_ids(&self) -> Result<Vec<String>>;
+
+    /// A new empty spool for a blob that will be written while others read it.
+    async fn spool(&self) -> Result<Spool>;
+
+    /// Make a complete, fsynced spool the blob `digest` of `size` bytes. The caller has verified
+    /// the digest. Readers of the spool keep reading.
+    async fn commit_spool(&self, spool: Spool, digest: &Digest, size: u64) -> Result<()>;
 
     fn stats(&self) -> StoreStats;
 }

@@ -19,7 +19,7 @@ use pier_oci::{Algorithm, Digest, Hasher};
 use tokio::sync::mpsc;
 
 use crate::blob::{BlobStore, ByteStream, StoreStats};
-use crate::{Result, StoreError};
+use crate::{Result, Spool, StoreError};
 
 /// Size of each read from disk when serving a blob, and of each write batch when storing one.
 const CHUNK: usize = 256 * 1024;
@@ -420,6 +420,17 @@ impl BlobStore for FsBlobStore {
             Ok(ids)
         })
         .await
+    }
+
+    async fn spool(&self) -> Result<Spool> {
+        let path = self.tmp_path();
+        blocking(move || Spool::create(path)).await
+    }
+
+    async fn commit_spool(&self, spool: Spool, digest: &Digest, size: u64) -> Result<()> {
+        let this = self.inner.clone();
+        let digest = digest.clone();
+        blocking(move || this.commit_file(spool.path(), &digest, size)).await
     }
 
     fn stats(&self) -> StoreStats {

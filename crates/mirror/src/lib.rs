@@ -1,0 +1,614 @@
+//! The pull-through mirror. For a repository that comes from an upstream it answers manifests
+//! and blobs from the local stores when it can and from the upstream when it must, storing what
+//! it fetches through the same stores the registry uses.
+//!
+//! - Routing ([`Mirror::route`]): containerd's `?ns=`, a path prefix naming an upstream, or the
+//!   default upstream; see docs/mirror.md for the precedence.
+//! - Blobs: one [`fill::Fill`] per missing blob, shared by every client that asks meanwhile.
+//! - Manifests by digest are immutable and cached; by tag they are cached for the upstream's
+//!   TTL, revalidated with HEAD, and served stale when the upstream fails.
+//!
+//! Architecture invariant: this crate knows nothing of HTTP servers. It knows upstreams only
+//! through `pier-upstream` and storage only through `pier-store`'s traits.
+
+pub mod fill;
+pub mod glob;
+pub mod metrics;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use pier_oci::{Digest, Hasher, Manifest, Reference, RepoName};
+use pier_store::{BlobStore, ManifestRecord, MetaStore};
+use pier_upstream::{Upstream, UpstreamError};
+use tokio::sync::mpsc;
+
+use crate::fill::{Fill, FillError};
+use crate::metrics::MirrorMetrics;
+
+/// An upstream and the policy pier applies to it.
+pub struct UpstreamEntry {
+    pub client: Arc<Upstream>,
+    /// How long a tag's manifest is served without asking the upstream again.
+    pub tag_ttl: Duration,
+    /// Repository globs that may be mirrored (all when empty).
+    pub allow: Vec<String>,
+    /// Repository globs that may not be mirrored; wins over `allow`.
+    pub deny: Vec<String>,
+}
+
+impl UpstreamEntry {
+    pub fn name(&self) -> &str {
+        self.client.name()
+    }
+
+    fn permits(&self, repo: &str) -> bool {
+        let allowed = self.allow.is_empty() || self.allow.iter().any(|g| glob::matches(g, repo));
+        allowed && !self.deny.iter().any(|g| glob::matches(g, repo))
+    }
+}
+
+/// A request's repository resolved to an upstream.
+#[derive(Clone)]
+pub struct MirrorRef {
+    pub upstream: Arc<UpstreamEntry>,
+    /// The repository as the upstream names it (`library/nginx`).
+    pub repo: String,
+    /// Where pier keeps what it cached (`docker.io/library/nginx`).
+    pub cache_repo: String,
+}
+
+impl MirrorRef {
+    pub fn upstream_name(&self) -> &str {
+        self.upstream.name()
+    }
+}
+
+/// Why the mirror could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    #[error("repository {0} is not mirrored by policy")]
+    NotAllowed(String),
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream sent content that does not match {0}")]
+    Corrupt(String),
+    #[error("storage failed: {0}")]
+    Store(#[from] pier_store::StoreError),
+    #[error("{0}")]
+    Fill(FillError),
+}
+
+pub type Result<T, E = MirrorError> = std::result::Result<T, E>;
+
+/// Where a manifest answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// From the cache, within its TTL or immutable.
+    Hit,
+    /// Fetched or revalidated from the upstream now.
+    Miss,
+    /// From the cache, because the upstream failed.
+    Stale,
+}
+
+/// A blob as the mirror can serve it.
+pub enum BlobSource {
+    /// In the local store.
+    Local { size: u64 },
+    /// Being fetched; read it from the fill.
+    Filling { fill: Arc<Fill>, size: Option<u64> },
+}
+
+/// The mirror.
+pub struct Mirror {
+    upstreams: HashMap<String, Arc<UpstreamEntry>>,
+    default_upstream: Option<String>,
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    max_manifest_bytes: u64,
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+    /// When each cached tag was last confirmed with its upstream.
+    validated: Mutex<HashMap<(String, String), Instant>>,
+    metrics: Arc<MirrorMetrics>,
+}
+
+/// Docker Hub's names without a namespace live under `library/`.
+fn normalise(upstream: &str, repo: &str) -> String {
+    if upstream == "docker.io" && !repo.contains('/') {
+        format!("library/{repo}")
+    } else {
+        repo.to_string()
+    }
+}
+
+impl Mirror {
+    pub fn new(
+        upstreams: Vec<UpstreamEntry>,
+        default_upstream: Option<String>,
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        max_manifest_bytes: u64,
+        metrics: Arc<MirrorMetrics>,
+    ) -> Arc<Mirror> {
+        let upstreams = upstreams
+            .into_iter()
+            .map(|u| (u.name().to_string(), Arc::new(u)))
+            .collect();
+        Arc::new(Mirror {
+            upstreams,
+            default_upstream,
+            blobs,
+            meta,
+            max_manifest_bytes,
+            fills: Mutex::new(HashMap::new()),
+            validated: Mutex::new(HashMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<UpstreamEntry>> {
+        self.upstreams.values()
+    }
+
+    pub fn metrics(&self) -> &Arc<MirrorMetrics> {
+        &self.metrics
+    }
+
+    fn make_ref(&self, upstream: &Arc<UpstreamEntry>, repo: &str) -> Result<MirrorRef> {
+        let repo = normalise(upstream.name(), repo);
+        if !upstream.permits(&repo) {
+            return Err(MirrorError::NotAllowed(format!(
+                "{}/{}",
+                upstream.name(),
+                repo
+            )));
+        }
+        Ok(MirrorRef {
+            cache_repo: format!("{}/{}", upstream.name(), repo),
+            upstream: upstream.clone(),
+            repo,
+        })
+    }
+
+    /// Resolve a request's repository by `?ns=` or by path prefix. `Ok(None)`: not mirrored by
+    /// either (the caller then considers hosted repositories and the default upstream).
+    pub fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Option<MirrorRef>> {
+        if let Some(up) = ns.and_then(|ns| self.upstreams.get(ns)) {
+            // containerd sends the name without the registry; a name that still carries it
+            // (through a path-prefixed mirror) is accepted too.
+            let prefix = format!("{}/", up.name());
+            let repo = name.as_str().strip_prefix(&prefix).unwrap_or(name.as_str());
+            return self.make_ref(up, repo).map(Some);
+        }
+        let first = name.first();
+        let looks_like_host = first.contains('.') || first.contains(':') || first == "localhost";
+        if looks_like_host {
+            if let Some(up) = self.upstreams.get(first) {
+                if let Some((_, rest)) = name.as_str().split_once('/') {
+                    return self.make_ref(up, rest).map(Some);
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// The default upstream's view of `name`, if a default is configured.
+    pub fn default_route(&self, name: &RepoName) -> Result<Option<MirrorRef>> {
+        match self
+            .default_upstream
+            .as_ref()
+            .and_then(|d| self.upstreams.get(d))
+        {
+            Some(up) => self.make_ref(up, name.as_str()).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn fresh(&self, r: &MirrorRef, tag: &str) -> bool {
+        let validated = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        validated
+            .get(&(r.cache_repo.clone(), tag.to_string()))
+            .is_some_and(|t| t.elapsed() < r.upstream.tag_ttl)
+    }
+
+    fn mark_fresh(&self, r: &MirrorRef, tag: &str) {
+        let mut validated = self.validated.lock().unwrap_or_else(|e| e.into_inner());
+        validated.insert((r.cache_repo.clone(), tag.to_string()), Instant::now());
+    }
+
+    async fn cached_manifest(
+        &self,
+        r: &MirrorRef,
+        digest: &Digest,
+    ) -> Result<Option<(ManifestRecord, Bytes)>> {
+        let Some(record) = self.meta.manifest(&r.cache_repo, digest).await? else {
+            return Ok(None);
+        };
+        Ok(self
+            .meta
+            .manifest_bytes(digest)
+            .await?
+            .map(|bytes| (record, bytes)))
+    }
+
+    /// Fetch a manifest from the upstream, verify it against `expected` (or the digest the
+    /// upstream announced), and store it under the cache repository (with `tag`).
+    async fn fetch_manifest(
+        &self,
+        r: &MirrorRef,
+        reference: &str,
+        expected: Option<&Digest>,
+        tag: Option<&str>,
+    ) -> Result<(ManifestRecord, Bytes)> {
+        let fetched = r
+            .upstream
+            .client
+            .get_manifest(&r.repo, reference, self.max_manifest_bytes)
+            .await?;
+        let check = expected.or(fetched.announced.as_ref());
+        let digest = match check {
+            Some(d) => {
+                let actual = Digest::compute(d.algorithm(), &fetched.bytes);
+                if actual != *d {
+                    self.metrics.corrupt(r.upstream_name());
+                    return Err(MirrorError::Corrupt(format!(
+                        "manifest {reference}: expected {d}, got {actual}"
+                    )));
+                }
+                actual
+            }
+            None => Digest::sha256(&fetched.bytes),
+        };
+        // Exact bytes are kept whatever they parse to; what parses gives referrers and GC data.
+        let parsed = Manifest::parse(&fetched.bytes, Some(&fetched.media_type)).ok();
+        let record = ManifestRecord {
+            digest: digest.clone(),
+            media_type: parsed
+                .as_ref()
+                .map_or(fetched.media_type.clone(), |m| m.media_type.clone()),
+            size: fetched.bytes.len() as u64,
+            artifact_type: parsed.as_ref().and_then(|m| m.artifact_type.clone()),
+            subject: parsed
+                .as_ref()
+                .and_then(|m| m.subject.as_ref().map(|s| s.digest.clone())),
+            annotations: parsed.as_ref().and_then(|m| m.annotations.clone()),
+            references: parsed
+                .as_ref()
+                .map(|m| {
+                    m.blobs
+                        .iter()
+                        .chain(m.manifests.iter())
+                        .map(|d| d.digest.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+        };
+        self.meta
+            .put_manifest(&r.cache_repo, &record, fetched.bytes.clone(), tag)
+            .await?;
+        Ok((record, fetched.bytes))
+    }
+
+    /// A manifest by tag or digest.
+    pub async fn manifest(
+        &self,
+        r: &MirrorRef,
+        reference: &Reference,
+    ) -> Result<(ManifestRecord, Bytes, Freshness)> {
+        let up = r.upstream_name();
+        let result = self.manifest_inner(r, reference).await;
+        match &result {
+            Ok((_, _, f)) => self.metrics.request(up, "manifest", freshness_label(*f)),
+            Err(MirrorError::Upstream(UpstreamError::NotFound)) => {
+                self.metrics.request(up, "manifest", "not_found")
+            }
+            Err(_) => self.metrics.request(up, "manifest", "error"),
+        }
+        result
+    }
+
+    async fn manifest_inner(
+        &self,
+        r: &MirrorRef,
+        reference: &Reference,
+    ) -> Result<(ManifestRecord, Bytes, Freshness)> {
+        match reference {
+            Reference::Digest(d) => {
+                if let Some((rec, bytes)) = self.cached_manifest(r, d).await? {
+                    return Ok((rec, bytes, Freshness::Hit));
+                }
+                let (rec, bytes) = self
+                    .fetch_manifest(r, &d.to_string(), Some(d), None)
+                    .await?;
+                Ok((rec, bytes, Freshness::Miss))
+            }
+            Reference::Tag(tag) => {
+                let tag = tag.as_str();
+                let cached = match self.meta.resolve_tag(&r.cache_repo, tag).await? {
+                    Some(d) => self.cached_manifest(r, &d).await?,
+                    None => None,
+                };
+                if let Some((rec, bytes)) = &cached {
+                    if self.fresh(r, tag) {
+                        return Ok((rec.clone(), bytes.clone(), Freshness::Hit));
+                    }
+                }
+                let head = r.upstream.client.head_manifest(&r.repo, tag).await;
+                let outcome = match head {
+                    Ok(head) => match (&cached, head.digest) {
+                        (Some((rec, bytes)), Some(d)) if rec.digest == d => {
+                            Ok((rec.clone(), bytes.clone()))
+                        }
+                        (_, Some(d)) => match self.cached_manifest(r, &d).await? {
+                            Some((rec, bytes)) => {
+                                // Known content under a moved tag: only the tag changes.
+                                self.meta
+                                    .put_manifest(&r.cache_repo, &rec, bytes.clone(), Some(tag))
+                                    .await?;
+                                Ok((rec, bytes))
+                            }
+                            None => {
+                                self.fetch_manifest(r, &d.to_string(), Some(&d), Some(tag))
+                                    .await
+                            }
+                        },
+                        (_, None) => self.fetch_manifest(r, tag, None, Some(tag)).await,
+                    },
+                    Err(e) => Err(MirrorError::Upstream(e)),
+                };
+                match outcome {
+                    Ok((rec, bytes)) => {
+                        self.mark_fresh(r, tag);
+                        Ok((rec, bytes, Freshness::Miss))
+                    }
+                    Err(MirrorError::Upstream(e)) if e.is_outage() => match cached {
+                        Some((rec, bytes)) => {
+                            tracing::warn!(
+                                upstream = r.upstream_name(),
+                                repo = %r.repo,
+                                tag,
+                                error = %e,
+                                "upstream failing; serving the cached manifest"
+                            );
+                            Ok((rec, bytes, Freshness::Stale))
+                        }
+                        None => Err(MirrorError::Upstream(e)),
+                    },
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// The size of a blob, asking the upstream with HEAD if it is not cached (no download).
+    pub async fn blob_size(&self, r: &MirrorRef, digest: &Digest) -> Result<u64> {
+        if self.meta.blob_link(&r.cache_repo, digest).await?.is_some() {
+            if let Some(size) = self.blobs.stat(digest).await? {
+                return Ok(size);
+            }
+        }
+        let fill = {
+            let fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
+            fills.get(digest).cloned()
+        };
+        if let Some(fill) = fill {
+            if let Ok(Some(size)) = fill.started().await {
+                return Ok(size);
+            }
+        }
+        match r.upstream.client.head_blob(&r.repo, digest).await? {
+            Some(size) => Ok(size),
+            None => Err(MirrorError::Upstream(UpstreamError::Protocol(
+                "HEAD without Content-Length".into(),
+            ))),
+        }
+    }
+
+    /// A blob: local if cached, otherwise the (possibly shared) fill bringing it in.
+    pub async fn blob(self: &Arc<Self>, r: &MirrorRef, digest: &Digest) -> Result<BlobSource> {
+        let up = r.upstream_name();
+        if let Some(size) = self.local_blob(r, digest).await? {
+            self.metrics.request(up, "blob", "hit");
+            return Ok(BlobSource::Local { size });
+        }
+        let (fill, leader) = {
+            let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
+            match fills.get(digest) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Fill::new();
+                    fills.insert(digest.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if leader {
+            self.metrics.fills_in_flight.inc();
+            let this = self.clone();
+            let (r2, d2, f2) = (r.clone(), digest.clone(), fill.clone());
+            tokio::spawn(async move {
+                let outcome = this.run_fill(&r2, &d2, &f2).await;
+                if let Err(e) = &outcome {
+                    tracing::warn!(upstream = r2.upstream_name(), repo = %r2.repo, digest = %d2, error = %e, "fill failed");
+                }
+                f2.progress.send_modify(|p| p.outcome = Some(outcome));
+                this.fills
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&d2);
+                this.metrics.fills_in_flight.dec();
+            });
+        }
+        match fill.started().await {
+            Ok(size) => {
+                self.metrics
+                    .request(up, "blob", if leader { "miss" } else { "shared" });
+                Ok(BlobSource::Filling { fill, size })
+            }
+            Err(FillError::NotFound) => {
+                self.metrics.request(up, "blob", "not_found");
+                Err(MirrorError::Upstream(UpstreamError::NotFound))
+            }
+            Err(e) => {
+                self.metrics.request(up, "blob", "error");
+                Err(MirrorError::Fill(e))
+            }
+        }
+    }
+
+    /// A cached blob's size, linking a blob the store already holds (from another repository)
+    /// once the upstream confirms this repository has it.
+    async fn local_blob(&self, r: &MirrorRef, digest: &Digest) -> Result<Option<u64>> {
+        let Some(size) = self.blobs.stat(digest).await? else {
+            return Ok(None);
+        };
+        if self.meta.blob_link(&r.cache_repo, digest).await?.is_some() {
+            return Ok(Some(size));
+        }
+        match r.upstream.client.head_blob(&r.repo, digest).await {
+            Ok(_) => {}
+            Err(e) if e.is_outage() => {}
+            Err(_) => return Ok(None),
+        }
+        self.meta.link_blob(&r.cache_repo, digest, size).await?;
+        Ok(Some(size))
+    }
+
+    async fn run_fill(
+        &self,
+        r: &MirrorRef,
+        digest: &Digest,
+        fill: &Arc<Fill>,
+    ) -> Result<(), FillError> {
+        let up_err = |e: UpstreamError| match e {
+            UpstreamError::NotFound => FillError::NotFound,
+            other => FillError::Upstream(other.to_string()),
+        };
+        let (size, mut body) = r
+            .upstream
+            .client
+            .get_blob(&r.repo, digest, 0)
+            .await
+            .map_err(up_err)?;
+        let spool = self
+            .blobs
+            .spool()
+            .await
+            .map_err(|e| FillError::Store(e.to_string()))?;
+        let _ = fill.spool.set(spool.clone());
+        fill.progress.send_modify(|p| {
+            p.started = true;
+            p.size = size;
+        });
+        // Disk writes and hashing on a blocking thread; this task keeps receiving.
+        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+        let writer_spool = spool.clone();
+        let progress = fill.clone();
+        let algorithm = digest.algorithm();
+        let writer = tokio::task::spawn_blocking(move || -> Result<(u64, Digest), FillError> {
+            let mut hasher = Hasher::new(algorithm);
+            let mut pos = 0u64;
+            while let Some(chunk) = rx.blocking_recv() {
+                hasher.update(&chunk);
+                writer_spool
+                    .write_at(&chunk, pos)
+                    .map_err(|e| FillError::Store(e.to_string()))?;
+                pos += chunk.len() as u64;
+                progress.progress.send_modify(|p| p.written = pos);
+            }
+            writer_spool
+                .sync()
+                .map_err(|e| FillError::Store(e.to_string()))?;
+            Ok((pos, hasher.finish()))
+        });
+        let mut streamed: Result<(), FillError> = Ok(());
+        while let Some(chunk) = body.next().await {
+            match chunk {
+                Ok(c) => {
+                    self.metrics
+                        .upstream_bytes(r.upstream_name(), c.len() as u64);
+                    if tx.send(c).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    streamed = Err(up_err(e));
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        let written = writer.await.map_err(|e| FillError::Store(e.to_string()))?;
+        let verified = streamed.and_then(|()| {
+            let (n, actual) = written?;
+            if actual != *digest {
+                return Err(FillError::Corrupt(format!(
+                    "expected {digest}, got {actual}"
+                )));
+            }
+            if size.is_some_and(|s| s != n) {
+                return Err(FillError::Corrupt(format!(
+                    "announced {} bytes, got {n}",
+                    size.unwrap_or(0)
+                )));
+            }
+            Ok(n)
+        });
+        let n = match verified {
+            Ok(n) => n,
+            Err(e) => {
+                if matches!(e, FillError::Corrupt(_)) {
+                    self.metrics.corrupt(r.upstream_name());
+                }
+                spool.discard();
+                return Err(e);
+            }
+        };
+        self.blobs
+            .commit_spool(spool, digest, n)
+            .await
+            .map_err(|e| FillError::Store(e.to_string()))?;
+        self.meta
+            .link_blob(&r.cache_repo, digest, n)
+            .await
+            .map_err(|e| FillError::Store(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The tags list of a mirrored repository: the upstream's, or the cached tags when the
+    /// upstream fails.
+    pub async fn tags(&self, r: &MirrorRef, query: &str) -> Result<(Bytes, Option<String>)> {
+        match r.upstream.client.tags(&r.repo, query).await {
+            Ok(answer) => Ok(answer),
+            Err(e) if e.is_outage() => {
+                let page = self.meta.tags(&r.cache_repo, None, 10_000).await?;
+                if page.items.is_empty() {
+                    return Err(MirrorError::Upstream(e));
+                }
+                let body = format!(
+                    "{{\"name\":{:?},\"tags\":[{}]}}",
+                    r.repo,
+                    page.items
+                        .iter()
+                        .map(|t| format!("{t:?}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                Ok((Bytes::from(body), None))
+            }
+            Err(e) => Err(MirrorError::Upstream(e)),
+        }
+    }
+}
+
+fn freshness_label(f: Freshness) -> &'static str {
+    match f {
+        Freshness::Hit => "hit",
+        Freshness::Miss => "miss",
+        Freshness::Stale => "stale",
+    }
+}

@@ -1,0 +1,163 @@
+//! The mirror's metrics, and the observer that records upstream traffic. Registered into the
+//! process's one Prometheus registry; docs/metrics.md lists them.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub upstream: String,
+    pub kind: &'static str,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub upstream: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointResultLabels {
+    pub upstream: String,
+    pub endpoint: String,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+pub struct MirrorMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub fills_in_flight: Gauge,
+    pub upstream_bytes: Family<UpstreamLabels, Counter>,
+    pub corrupt: Family<UpstreamLabels, Counter>,
+    pub upstream_requests: Family<EndpointResultLabels, Counter>,
+    pub upstream_duration: Family<EndpointLabels, Histogram>,
+    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+}
+
+impl MirrorMetrics {
+    pub fn new(registry: &mut Registry) -> MirrorMetrics {
+        let m = MirrorMetrics {
+            requests: Family::default(),
+            fills_in_flight: Gauge::default(),
+            upstream_bytes: Family::default(),
+            corrupt: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 4.0, 9))
+            }),
+            endpoint_healthy: Family::default(),
+        };
+        registry.register(
+            "mirror_requests",
+            "Mirrored manifest and blob requests by upstream, kind and result (hit, miss, shared, stale, not_found, error)",
+            m.requests.clone(),
+        );
+        registry.register(
+            "mirror_fills_in_flight",
+            "Blobs being fetched from upstreams now",
+            m.fills_in_flight.clone(),
+        );
+        registry.register(
+            "mirror_upstream_bytes",
+            "Blob bytes received from each upstream",
+            m.upstream_bytes.clone(),
+        );
+        registry.register(
+            "mirror_corrupt",
+            "Upstream answers discarded because their digest did not match",
+            m.corrupt.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests to upstream endpoints by result (2xx, 404, 429, 4xx, 5xx, error, timeout)",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time to response headers from upstream endpoints",
+            m.upstream_duration.clone(),
+        );
+        registry.register(
+            "upstream_endpoint_healthy",
+            "1 while an upstream endpoint is in use, 0 while it is benched after failures",
+            m.endpoint_healthy.clone(),
+        );
+        m
+    }
+
+    pub fn request(&self, upstream: &str, kind: &'static str, result: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                upstream: upstream.to_string(),
+                kind,
+                result,
+            })
+            .inc();
+    }
+
+    pub fn upstream_bytes(&self, upstream: &str, n: u64) {
+        self.upstream_bytes
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn corrupt(&self, upstream: &str) {
+        self.corrupt
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_string(),
+            })
+            .inc();
+    }
+
+    /// Mark every configured endpoint healthy at start.
+    pub fn endpoint_known(&self, upstream: &str, endpoint: &str) {
+        self.endpoint_healthy
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .set(1);
+    }
+}
+
+impl pier_upstream::Observer for MirrorMetrics {
+    fn request(&self, upstream: &str, endpoint: &str, result: &'static str, elapsed: Duration) {
+        self.upstream_requests
+            .get_or_create(&EndpointResultLabels {
+                upstream: upstream.to_string(),
+                endpoint: endpoint.to_string(),
+                result,
+            })
+            .inc();
+        self.upstream_duration
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    fn bytes(&self, _upstream: &str, _endpoint: &str, _n: u64) {}
+
+    fn health(&self, upstream: &str, endpoint: &str, healthy: bool) {
+        self.endpoint_healthy
+            .get_or_create(&EndpointLabels {
+                upstream: upstream.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .set(i64::from(healthy));
+    }
+}

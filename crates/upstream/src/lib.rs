@@ -1,0 +1,762 @@
+//! A client for upstream OCI registries, built for a mirror that must keep serving when
+//! upstreams misbehave.
+//!
+//! An [`Upstream`] is one registry (say `docker.io`) reached through one or more endpoints tried
+//! in order. Each endpoint's health is tracked passively: a connection failure, timeout or 5xx
+//! benches it for a cool-down, after which it is tried again. Requests carry cached bearer
+//! tokens (fetched on a `401` challenge, anonymously or with credentials) or Basic credentials.
+//! Idempotent requests are retried with exponential backoff and jitter; a `429` waits for
+//! `Retry-After`. A blob stream that breaks is resumed with `Range` from the same or the next
+//! endpoint.
+//!
+//! Architecture invariant: this crate knows nothing of pier's storage or its HTTP server. Every
+//! error says whose fault it is and whether retrying may help ([`UpstreamError`]).
+
+pub mod auth;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use pier_oci::{media, Digest};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+
+use crate::auth::{parse_challenge, Challenge, TokenCache, TokenResponse};
+
+/// Everything about how to reach one upstream registry.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// The registry's name as clients write it (`docker.io`, `ghcr.io`, `localhost:5001`).
+    pub name: String,
+    /// Base URLs (`https://registry-1.docker.io`), tried in order.
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub timeouts: Timeouts,
+    /// Attempts per request across all endpoints before giving up (at least 1).
+    pub attempts: u32,
+    /// How long a failing endpoint is skipped before it is tried again.
+    pub cooldown: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// From sending a request to its response headers.
+    pub first_byte: Duration,
+    /// Longest silence while reading a body.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(30),
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    pub fn new(name: impl Into<String>, endpoints: Vec<String>) -> UpstreamConfig {
+        UpstreamConfig {
+            name: name.into(),
+            endpoints,
+            username: None,
+            password: None,
+            timeouts: Timeouts::default(),
+            attempts: 3,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why an upstream request failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    /// The upstream answered that the thing does not exist. Authoritative; not retried.
+    #[error("not found upstream")]
+    NotFound,
+    /// The upstream refused our credentials (or lack of them).
+    #[error("upstream refused access: {0}")]
+    Denied(String),
+    /// The upstream asked us to slow down and we gave up waiting.
+    #[error("upstream is rate limiting (429)")]
+    TooManyRequests,
+    /// No endpoint could answer: connection failures, timeouts, 5xx.
+    #[error("upstream unavailable: {0}")]
+    Unavailable(String),
+    /// The upstream answered something a registry should not.
+    #[error("upstream protocol error: {0}")]
+    Protocol(String),
+}
+
+impl UpstreamError {
+    /// Whether a stale cached answer may stand in for this failure.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Unavailable(_) | UpstreamError::TooManyRequests
+        )
+    }
+}
+
+pub type Result<T, E = UpstreamError> = std::result::Result<T, E>;
+
+/// A body streaming from an upstream.
+pub type BodyStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
+
+/// What an upstream said about a manifest.
+#[derive(Debug, Clone)]
+pub struct ManifestHead {
+    pub media_type: String,
+    pub digest: Option<Digest>,
+    pub size: Option<u64>,
+}
+
+/// A manifest fetched from an upstream.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+    /// The digest the upstream announced, if it did.
+    pub announced: Option<Digest>,
+}
+
+/// The manifest media types pier asks upstreams for.
+pub fn manifest_accept() -> HeaderValue {
+    HeaderValue::from_static(concat!(
+        "application/vnd.oci.image.index.v1+json, ",
+        "application/vnd.oci.image.manifest.v1+json, ",
+        "application/vnd.docker.distribution.manifest.list.v2+json, ",
+        "application/vnd.docker.distribution.manifest.v2+json"
+    ))
+}
+
+/// Receives what happens on the wire, for metrics. pier's metrics layer implements it; the
+/// client itself stays free of any metrics library.
+pub trait Observer: Send + Sync {
+    /// A request got response headers (`result` is the status class or `error`).
+    fn request(&self, upstream: &str, endpoint: &str, result: &'static str, elapsed: Duration);
+    /// Body bytes received from an endpoint.
+    fn bytes(&self, upstream: &str, endpoint: &str, n: u64);
+    /// An endpoint was benched (`false`) or is answering again (`true`).
+    fn health(&self, upstream: &str, endpoint: &str, healthy: bool);
+}
+
+/// An observer that ignores everything.
+pub struct NoObserver;
+
+impl Observer for NoObserver {
+    fn request(&self, _: &str, _: &str, _: &'static str, _: Duration) {}
+    fn bytes(&self, _: &str, _: &str, _: u64) {}
+    fn health(&self, _: &str, _: &str, _: bool) {}
+}
+
+/// Counters of one endpoint.
+#[derive(Debug, Default)]
+pub struct EndpointStats {
+    pub requests: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
+struct Endpoint {
+    base: String,
+    benched_until: Mutex<Option<Instant>>,
+    stats: EndpointStats,
+}
+
+impl Endpoint {
+    fn healthy(&self) -> bool {
+        let until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_none_or(|t| t <= Instant::now())
+    }
+
+    /// Bench the endpoint for `cooldown`. Returns whether it was healthy until now.
+    fn bench(&self, cooldown: Duration, why: &str) -> bool {
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let mut until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
+        let was_healthy = until.is_none_or(|t| t <= Instant::now());
+        if was_healthy {
+            tracing::warn!(endpoint = %self.base, cooldown_s = cooldown.as_secs(), why, "upstream endpoint benched");
+        }
+        *until = Some(Instant::now() + cooldown);
+        was_healthy
+    }
+
+    /// Mark the endpoint answering. Returns whether it was benched until now.
+    fn restore(&self) -> bool {
+        let mut until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.take().is_some()
+    }
+}
+
+/// A snapshot of one endpoint, for metrics and status.
+#[derive(Debug, Clone)]
+pub struct EndpointStatus {
+    pub url: String,
+    pub healthy: bool,
+    pub requests: u64,
+    pub errors: u64,
+    pub bytes: u64,
+}
+
+/// One upstream registry.
+pub struct Upstream {
+    config: UpstreamConfig,
+    endpoints: Vec<Endpoint>,
+    client: reqwest::Client,
+    tokens: TokenCache,
+    observer: Arc<dyn Observer>,
+}
+
+/// One attempt's outcome, to decide what to do next.
+enum Attempt {
+    Done(reqwest::Response, usize),
+    Fail(UpstreamError),
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig, observer: Arc<dyn Observer>) -> Result<Arc<Upstream>> {
+        if config.endpoints.is_empty() {
+            return Err(UpstreamError::Protocol(format!(
+                "upstream {} has no endpoints",
+                config.name
+            )));
+        }
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.timeouts.connect)
+            .read_timeout(config.timeouts.idle)
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| UpstreamError::Protocol(format!("http client: {e}")))?;
+        let endpoints = config
+            .endpoints
+            .iter()
+            .map(|b| Endpoint {
+                base: b.trim_end_matches('/').to_string(),
+                benched_until: Mutex::new(None),
+                stats: EndpointStats::default(),
+            })
+            .collect();
+        Ok(Arc::new(Upstream {
+            config,
+            endpoints,
+            client,
+            tokens: TokenCache::default(),
+            observer,
+        }))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn config(&self) -> &UpstreamConfig {
+        &self.config
+    }
+
+    pub fn endpoint_status(&self) -> Vec<EndpointStatus> {
+        self.endpoints
+            .iter()
+            .map(|e| EndpointStatus {
+                url: e.base.clone(),
+                healthy: e.healthy(),
+                requests: e.stats.requests.load(Ordering::Relaxed),
+                errors: e.stats.errors.load(Ordering::Relaxed),
+                bytes: e.stats.bytes.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Endpoint indexes in the order to try: healthy ones first, in configured order, then the
+    /// benched ones (better a benched endpoint than none).
+    fn order(&self, after: Option<usize>) -> Vec<usize> {
+        let n = self.endpoints.len();
+        let start = after.map_or(0, |a| (a + 1) % n);
+        let rotated: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
+        let (mut healthy, benched): (Vec<usize>, Vec<usize>) = rotated
+            .into_iter()
+            .partition(|&i| self.endpoints[i].healthy());
+        if after.is_none() {
+            healthy.sort_unstable();
+        }
+        healthy.extend(benched);
+        healthy
+    }
+
+    fn bench(&self, endpoint: usize, why: &str) {
+        let ep = &self.endpoints[endpoint];
+        if ep.bench(self.config.cooldown, why) {
+            self.observer.health(&self.config.name, &ep.base, false);
+        }
+    }
+
+    fn count_bytes(&self, endpoint: usize, n: u64) {
+        let ep = &self.endpoints[endpoint];
+        ep.stats.bytes.fetch_add(n, Ordering::Relaxed);
+        self.observer.bytes(&self.config.name, &ep.base, n);
+    }
+
+    async fn send_once(
+        &self,
+        endpoint: usize,
+        method: &Method,
+        path: &str,
+        repo: &str,
+        headers: &HeaderMap,
+    ) -> Attempt {
+        let ep = &self.endpoints[endpoint];
+        let url = format!("{}{}", ep.base, path);
+        let mut authorized_with: Option<String> = None;
+        for round in 0..2 {
+            ep.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let mut req = self
+                .client
+                .request(method.clone(), &url)
+                .headers(headers.clone());
+            if let Some(token) = self.tokens.get(repo) {
+                req = req.bearer_auth(token);
+                authorized_with = Some("bearer".into());
+            } else if let (Some(u), true) = (&self.config.username, authorized_with.is_some()) {
+                req = req.basic_auth(u, self.config.password.as_ref());
+            }
+            let began = Instant::now();
+            let sent = tokio::time::timeout(self.config.timeouts.first_byte, req.send()).await;
+            let result = match &sent {
+                Ok(Ok(r)) if r.status().is_success() => "2xx",
+                Ok(Ok(r)) if r.status() == StatusCode::NOT_FOUND => "404",
+                Ok(Ok(r)) if r.status() == StatusCode::TOO_MANY_REQUESTS => "429",
+                Ok(Ok(r)) if r.status().is_client_error() => "4xx",
+                Ok(Ok(_)) => "5xx",
+                Ok(Err(_)) => "error",
+                Err(_) => "timeout",
+            };
+            self.observer
+                .request(&self.config.name, &ep.base, result, began.elapsed());
+            let resp = match sent {
+                Err(_) => {
+                    self.bench(endpoint, "no response headers in time");
+                    return Attempt::Fail(UpstreamError::Unavailable(format!(
+                        "{url}: no response within {:?}",
+                        self.config.timeouts.first_byte
+                    )));
+                }
+                Ok(Err(e)) => {
+                    self.bench(endpoint, "request failed");
+                    return Attempt::Fail(UpstreamError::Unavailable(format!("{url}: {e}")));
+                }
+                Ok(Ok(r)) => r,
+            };
+            let status = resp.status();
+            if status == StatusCode::UNAUTHORIZED && round == 0 {
+                let challenge = resp
+                    .headers()
+                    .get(header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_challenge);
+                match challenge {
+                    Some(Challenge::Bearer {
+                        realm,
+                        service,
+                        scope,
+                    }) => {
+                        self.tokens.forget(repo);
+                        let scope = scope.unwrap_or_else(|| format!("repository:{repo}:pull"));
+                        match self.fetch_token(&realm, service.as_deref(), &scope).await {
+                            Ok((token, lifetime)) => {
+                                self.tokens.put(repo.to_string(), token, lifetime);
+                                continue;
+                            }
+                            Err(e) => return Attempt::Fail(e),
+                        }
+                    }
+                    Some(Challenge::Basic) if self.config.username.is_some() => {
+                        authorized_with = Some("basic".into());
+                        continue;
+                    }
+                    _ => {
+                        return Attempt::Fail(UpstreamError::Denied(format!(
+                            "{url}: 401 without a usable challenge"
+                        )))
+                    }
+                }
+            }
+            return Attempt::Done(resp, endpoint);
+        }
+        Attempt::Fail(UpstreamError::Denied(format!(
+            "{url}: still 401 after authenticating"
+        )))
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Duration)> {
+        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = self.client.get(realm).query(&query);
+        if let Some(u) = &self.config.username {
+            req = req.basic_auth(u, self.config.password.as_ref());
+        }
+        let resp = tokio::time::timeout(self.config.timeouts.first_byte, req.send())
+            .await
+            .map_err(|_| UpstreamError::Unavailable(format!("token endpoint {realm}: timeout")))?
+            .map_err(|e| UpstreamError::Unavailable(format!("token endpoint {realm}: {e}")))?;
+        let status = resp.status();
+        if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            return Err(UpstreamError::Denied(format!(
+                "token endpoint {realm} refused: {status}"
+            )));
+        }
+        if !status.is_success() {
+            return Err(UpstreamError::Unavailable(format!(
+                "token endpoint {realm} answered {status}"
+            )));
+        }
+        let body: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|e| UpstreamError::Protocol(format!("token endpoint {realm}: {e}")))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .ok_or_else(|| UpstreamError::Protocol(format!("token endpoint {realm}: no token")))?;
+        let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        Ok((token, lifetime))
+    }
+
+    /// Send an idempotent request, failing over between endpoints and retrying with backoff.
+    /// Returns a 2xx (or 206) response. `after` starts with the endpoint after that one.
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        repo: &str,
+        headers: HeaderMap,
+        after: Option<usize>,
+    ) -> Result<(reqwest::Response, usize)> {
+        let mut last = UpstreamError::Unavailable("no attempt made".into());
+        for attempt in 0..self.config.attempts.max(1) {
+            let mut wait = backoff(attempt);
+            for ep in self.order(if attempt == 0 { after } else { None }) {
+                match self.send_once(ep, &method, path, repo, &headers).await {
+                    Attempt::Fail(e @ UpstreamError::Denied(_)) => return Err(e),
+                    Attempt::Fail(e) => last = e,
+                    Attempt::Done(resp, ep) => {
+                        let status = resp.status();
+                        let endpoint = &self.endpoints[ep];
+                        if status.is_success() {
+                            if endpoint.restore() {
+                                self.observer
+                                    .health(&self.config.name, &endpoint.base, true);
+                            }
+                            return Ok((resp, ep));
+                        }
+                        match status {
+                            StatusCode::NOT_FOUND => return Err(UpstreamError::NotFound),
+                            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => {
+                                return Err(UpstreamError::Denied(format!(
+                                    "{} answered {status}",
+                                    endpoint.base
+                                )))
+                            }
+                            StatusCode::TOO_MANY_REQUESTS => {
+                                let after = retry_after(resp.headers());
+                                tracing::warn!(endpoint = %endpoint.base, retry_after_s = after.as_secs(), "upstream rate limit");
+                                wait = wait.max(after);
+                                last = UpstreamError::TooManyRequests;
+                                // Another endpoint of the same registry shares the limit.
+                                break;
+                            }
+                            s if s.is_server_error() => {
+                                self.bench(ep, "5xx");
+                                last = UpstreamError::Unavailable(format!(
+                                    "{} answered {s}",
+                                    endpoint.base
+                                ));
+                            }
+                            s => {
+                                return Err(UpstreamError::Protocol(format!(
+                                    "{} answered {s}",
+                                    endpoint.base
+                                )))
+                            }
+                        }
+                    }
+                }
+            }
+            if attempt + 1 < self.config.attempts.max(1) {
+                if wait > MAX_WAIT {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Err(last)
+    }
+
+    /// HEAD a manifest: its media type and digest, without downloading it (Docker Hub does not
+    /// count HEADs against its pull limit).
+    pub async fn head_manifest(&self, repo: &str, reference: &str) -> Result<ManifestHead> {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, manifest_accept());
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let (resp, _) = self.request(Method::HEAD, &path, repo, h, None).await?;
+        let headers = resp.headers();
+        Ok(ManifestHead {
+            media_type: content_type(headers),
+            digest: header_digest(headers),
+            size: headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|s| s.parse().ok()),
+        })
+    }
+
+    /// GET a manifest's exact bytes (at most `limit`).
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        limit: u64,
+    ) -> Result<FetchedManifest> {
+        let mut h = HeaderMap::new();
+        h.insert(header::ACCEPT, manifest_accept());
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let (resp, ep) = self.request(Method::GET, &path, repo, h, None).await?;
+        let media_type = content_type(resp.headers());
+        let announced = header_digest(resp.headers());
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(UpstreamError::Protocol(format!(
+                "manifest larger than {limit} bytes"
+            )));
+        }
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| UpstreamError::Unavailable(format!("manifest body: {e}")))?;
+            buf.extend_from_slice(&chunk);
+            if buf.len() as u64 > limit {
+                return Err(UpstreamError::Protocol(format!(
+                    "manifest larger than {limit} bytes"
+                )));
+            }
+        }
+        self.count_bytes(ep, buf.len() as u64);
+        Ok(FetchedManifest {
+            media_type,
+            bytes: Bytes::from(buf),
+            announced,
+        })
+    }
+
+    /// HEAD a blob: its size.
+    pub async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let (resp, _) = self
+            .request(Method::HEAD, &path, repo, HeaderMap::new(), None)
+            .await?;
+        Ok(resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.parse().ok()))
+    }
+
+    /// Open a blob's bytes from `offset` on. Returns the blob's total size if the upstream said
+    /// it, and the stream. The stream resumes by itself with `Range` when a connection breaks,
+    /// moving to the next endpoint, up to the configured attempts.
+    pub async fn get_blob(
+        self: &Arc<Self>,
+        repo: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<(Option<u64>, BodyStream)> {
+        let (total, resp, ep) = self.open_blob(repo, digest, offset, None).await?;
+        let this = self.clone();
+        let repo = repo.to_string();
+        let digest = digest.clone();
+        let state = Resume {
+            upstream: this,
+            repo,
+            digest,
+            pos: offset,
+            total,
+            endpoint: ep,
+            body: Some(Box::pin(resp.bytes_stream())),
+            failures: 0,
+        };
+        let stream = futures::stream::unfold(state, |mut s| async move {
+            loop {
+                if let Some(body) = s.body.as_mut() {
+                    match body.next().await {
+                        Some(Ok(chunk)) => {
+                            s.pos += chunk.len() as u64;
+                            s.upstream.count_bytes(s.endpoint, chunk.len() as u64);
+                            return Some((Ok(chunk), s));
+                        }
+                        None if s.total.is_none_or(|t| s.pos >= t) => return None,
+                        None => {
+                            tracing::warn!(pos = s.pos, "upstream blob body ended early; resuming");
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(pos = s.pos, error = %e, "upstream blob stream broke; resuming");
+                        }
+                    }
+                    s.upstream.bench(s.endpoint, "blob stream broke");
+                    s.body = None;
+                }
+                s.failures += 1;
+                if s.failures > s.upstream.config.attempts.max(1) {
+                    return Some((
+                        Err(UpstreamError::Unavailable(format!(
+                            "blob {} broke at byte {} too many times",
+                            s.digest, s.pos
+                        ))),
+                        s.finished(),
+                    ));
+                }
+                match s
+                    .upstream
+                    .open_blob(&s.repo, &s.digest, s.pos, Some(s.endpoint))
+                    .await
+                {
+                    Ok((_, resp, ep)) => {
+                        s.endpoint = ep;
+                        s.body = Some(Box::pin(resp.bytes_stream()));
+                    }
+                    Err(e) => return Some((Err(e), s.finished())),
+                }
+            }
+        });
+        Ok((total, Box::pin(stream)))
+    }
+
+    async fn open_blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        offset: u64,
+        after: Option<usize>,
+    ) -> Result<(Option<u64>, reqwest::Response, usize)> {
+        let mut h = HeaderMap::new();
+        if offset > 0 {
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes={offset}-")) {
+                h.insert(header::RANGE, v);
+            }
+        }
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let (resp, ep) = self.request(Method::GET, &path, repo, h, after).await?;
+        let total = if offset == 0 {
+            if resp.status() == StatusCode::PARTIAL_CONTENT {
+                return Err(UpstreamError::Protocol(
+                    "206 to a request without Range".into(),
+                ));
+            }
+            resp.content_length()
+        } else {
+            if resp.status() != StatusCode::PARTIAL_CONTENT {
+                return Err(UpstreamError::Protocol(format!(
+                    "asked for bytes from {offset}, got {}",
+                    resp.status()
+                )));
+            }
+            content_range_total(resp.headers())
+        };
+        Ok((total, resp, ep))
+    }
+
+    /// GET a tags list page, passing the query through. Returns the body and any `Link`.
+    pub async fn tags(&self, repo: &str, query: &str) -> Result<(Bytes, Option<String>)> {
+        let path = if query.is_empty() {
+            format!("/v2/{repo}/tags/list")
+        } else {
+            format!("/v2/{repo}/tags/list?{query}")
+        };
+        let (resp, _) = self
+            .request(Method::GET, &path, repo, HeaderMap::new(), None)
+            .await?;
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::Unavailable(format!("tags body: {e}")))?;
+        Ok((body, link))
+    }
+}
+
+struct Resume {
+    upstream: Arc<Upstream>,
+    repo: String,
+    digest: Digest,
+    pos: u64,
+    total: Option<u64>,
+    endpoint: usize,
+    body: Option<std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>>,
+    failures: u32,
+}
+
+impl Resume {
+    /// A state whose next poll ends the stream.
+    fn finished(mut self) -> Resume {
+        self.body = Some(Box::pin(futures::stream::empty()));
+        self.total = Some(0);
+        self
+    }
+}
+
+const MAX_WAIT: Duration = Duration::from_secs(10);
+
+/// Exponential backoff with jitter: ~100 ms, 200 ms, 400 ms … capped at 5 s.
+fn backoff(attempt: u32) -> Duration {
+    let base = 100u64.saturating_mul(1 << attempt.min(6)).min(5_000);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+}
+
+fn retry_after(headers: &HeaderMap) -> Duration {
+    headers
+        .get(header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), Duration::from_secs)
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| media::OCI_MANIFEST.to_string())
+}
+
+fn header_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.parse().ok())
+}
+
+fn content_range_total(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.rsplit('/').next())
+        .and_then(|t| t.parse().ok())
+}
