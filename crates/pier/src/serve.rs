@@ -10,7 +10,15 @@ use pier_store::{FsBlobStore, RedbMetaStore};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+use std::time::Duration;
+
+use pier_mirror::metrics::MirrorMetrics;
+use pier_mirror::{Mirror, UpstreamEntry};
+use pier_server::metrics::Metrics;
+use pier_store::{BlobStore, MetaStore};
+use pier_upstream::Upstream;
+
+use crate::config::{Config, LogFormat, UpstreamConfig};
 use crate::ServeArgs;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -27,12 +35,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
+    let flag_upstreams = args
+        .upstream
+        .iter()
+        .map(|f| UpstreamConfig::from_flag(f))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let upstreams = config.effective_upstreams(&flag_upstreams)?;
     init_logging(&config)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?
-        .block_on(serve(config))
+        .block_on(serve(config, upstreams))
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {
@@ -41,7 +55,8 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
         .context("invalid log_level")?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match config.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
@@ -49,7 +64,7 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
+async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let blobs = FsBlobStore::open(&config.data_dir)
@@ -66,7 +81,41 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         max_manifest_bytes: config.registry.max_manifest_size.0,
         max_blob_bytes: config.registry.max_blob_size.map(|s| s.0),
     };
-    let registry = Arc::new(Registry::new(blobs, Arc::new(meta), limits));
+    let meta: Arc<dyn MetaStore> = Arc::new(meta);
+    let blobs: Arc<dyn BlobStore> = blobs;
+    let registry = Arc::new(Registry::new(blobs.clone(), meta.clone(), limits));
+    let (metrics, mirror_metrics) = Metrics::new_with(|r| Arc::new(MirrorMetrics::new(r)));
+    let mut entries = Vec::new();
+    for u in &upstreams {
+        let mut c = pier_upstream::UpstreamConfig::new(u.name.clone(), u.endpoints.clone());
+        c.username = u.username.clone();
+        c.password = u.password.clone();
+        for e in &u.endpoints {
+            mirror_metrics.endpoint_known(&u.name, e.trim_end_matches('/'));
+        }
+        let client = Upstream::new(c, mirror_metrics.clone())
+            .map_err(|e| anyhow::anyhow!("upstream {}: {e}", u.name))?;
+        entries.push(UpstreamEntry {
+            client,
+            tag_ttl: Duration::from_secs(u.tag_ttl.unwrap_or(config.mirror.tag_ttl)),
+            allow: u.allow.clone(),
+            deny: u.deny.clone(),
+        });
+    }
+    let default_upstream = Some(config.mirror.default_upstream.clone()).filter(|d| !d.is_empty());
+    tracing::info!(
+        upstreams = %upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(","),
+        default = default_upstream.as_deref().unwrap_or("none"),
+        "mirroring"
+    );
+    let mirror = Mirror::new(
+        entries,
+        default_upstream,
+        blobs,
+        meta,
+        limits.max_manifest_bytes,
+        mirror_metrics,
+    );
     let recovery = registry
         .uploads()
         .recover()
@@ -91,7 +140,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let mut stopped = stop_rx.clone();
     let server = tokio::spawn(pier_server::serve(
         listener,
-        AppState::new(registry),
+        AppState::with_mirror(registry, mirror, metrics),
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },

@@ -3,9 +3,12 @@
 
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use pier_mirror::fill::FillError;
+use pier_mirror::MirrorError;
 use pier_oci::{ErrorCode, RouteError};
 use pier_registry::RegistryError;
 use pier_store::Blame;
+use pier_upstream::UpstreamError;
 
 /// An error on its way to the client.
 #[derive(Debug)]
@@ -67,6 +70,44 @@ impl ApiError {
             ErrorCode::PaginationNumberInvalid,
             message,
         )
+    }
+}
+
+impl ApiError {
+    /// A mirror failure. Upstream "not found" becomes a fast 404 (containerd then tries its next
+    /// host); outages and corrupt answers are the upstream's fault (502), rate limits 429.
+    pub fn from_mirror(e: MirrorError) -> ApiError {
+        let msg = e.to_string();
+        match e {
+            MirrorError::NotAllowed(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg)
+            }
+            MirrorError::Upstream(UpstreamError::NotFound)
+            | MirrorError::Fill(FillError::NotFound) => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
+            }
+            MirrorError::Upstream(UpstreamError::Denied(_)) => {
+                ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg)
+            }
+            MirrorError::Upstream(UpstreamError::TooManyRequests) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::TooManyRequests,
+                msg,
+            ),
+            MirrorError::Upstream(_) | MirrorError::Corrupt(_) | MirrorError::Fill(_) => {
+                tracing::warn!(error = %msg, "upstream failure answered with 502");
+                ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, msg)
+            }
+            MirrorError::Store(e) => ApiError::from(RegistryError::from(e)),
+        }
+    }
+
+    /// Give a 404 the code of the thing that was not found.
+    pub fn not_found_as(mut self, code: ErrorCode) -> ApiError {
+        if self.status == StatusCode::NOT_FOUND {
+            self.code = code;
+        }
+        self
     }
 }
 

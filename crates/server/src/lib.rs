@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod metrics;
+pub mod mirror;
 pub mod ranges;
 pub mod v2;
 
@@ -32,6 +33,8 @@ use crate::metrics::{Metrics, RequestLabels, RouteLabels};
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    /// The pull-through mirror, when upstreams are configured.
+    pub mirror: Option<Arc<pier_mirror::Mirror>>,
     pub metrics: Arc<Metrics>,
     /// False once shutdown has begun: `/readyz` then answers 503 so load balancers drain us.
     pub ready: Arc<AtomicBool>,
@@ -41,7 +44,22 @@ impl AppState {
     pub fn new(registry: Arc<Registry>) -> AppState {
         AppState {
             registry,
+            mirror: None,
             metrics: Arc::new(Metrics::new()),
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    /// A node that also mirrors upstreams; `metrics` must have the mirror's registered.
+    pub fn with_mirror(
+        registry: Arc<Registry>,
+        mirror: Arc<pier_mirror::Mirror>,
+        metrics: Metrics,
+    ) -> AppState {
+        AppState {
+            registry,
+            mirror: Some(mirror),
+            metrics: Arc::new(metrics),
             ready: Arc::new(AtomicBool::new(true)),
         }
     }

@@ -21,6 +21,13 @@ pub struct RouteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServedLabels {
+    pub kind: &'static str,
+    /// `local` (from this node's store) or `upstream` (streamed while a fill runs).
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -30,7 +37,7 @@ pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub duration: Family<RouteLabels, Histogram>,
-    pub served_bytes: Family<KindLabels, Counter>,
+    pub served_bytes: Family<ServedLabels, Counter>,
     pub received_bytes: Family<KindLabels, Counter>,
     pub store_blobs: Gauge,
     pub store_bytes: Gauge,
@@ -45,7 +52,14 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
+        Metrics::new_with(|_| ()).0
+    }
+
+    /// The HTTP metrics plus whatever `extra` registers (the mirror's, for one), all exposed
+    /// together on `/metrics`.
+    pub fn new_with<T>(extra: impl FnOnce(&mut Registry) -> T) -> (Metrics, T) {
         let mut registry = Registry::with_prefix("pier");
+        let more = extra(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "http_requests",
@@ -60,10 +74,10 @@ impl Metrics {
             "Time from request to response headers, by route and method",
             duration.clone(),
         );
-        let served_bytes = Family::<KindLabels, Counter>::default();
+        let served_bytes = Family::<ServedLabels, Counter>::default();
         registry.register(
             "served_bytes",
-            "Content bytes sent to clients, by kind (blob, manifest)",
+            "Content bytes sent to clients, by kind (blob, manifest) and source (local, upstream)",
             served_bytes.clone(),
         );
         let received_bytes = Family::<KindLabels, Counter>::default();
@@ -90,7 +104,7 @@ impl Metrics {
             "Blob upload sessions started and not yet finished or cancelled",
             upload_sessions.clone(),
         );
-        Metrics {
+        let metrics = Metrics {
             registry,
             requests,
             duration,
@@ -99,7 +113,8 @@ impl Metrics {
             store_blobs,
             store_bytes,
             upload_sessions,
-        }
+        };
+        (metrics, more)
     }
 
     /// The Prometheus text exposition.

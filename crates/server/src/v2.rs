@@ -11,7 +11,7 @@ use pier_registry::upload::ChunkInfo;
 use pier_store::ByteStream;
 
 use crate::error::ApiError;
-use crate::metrics::KindLabels;
+use crate::metrics::{KindLabels, ServedLabels};
 use crate::ranges::{parse_content_range, parse_range, RangeError};
 use crate::AppState;
 
@@ -21,15 +21,24 @@ type Result<T> = std::result::Result<T, ApiError>;
 const DEFAULT_PAGE: usize = 10_000;
 
 /// Decoded query parameters.
-struct Query(Vec<(String, String)>);
+pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
-    fn of(req: &Request<Body>) -> Query {
+    pub(crate) fn of(req: &Request<Body>) -> Query {
         let q = req.uri().query().unwrap_or("");
         Query(form_urlencoded::parse(q.as_bytes()).into_owned().collect())
     }
 
-    fn get(&self, key: &str) -> Option<&str> {
+    /// The query re-encoded without `ns` (to pass on to an upstream).
+    pub(crate) fn without_ns(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        for (k, v) in self.0.iter().filter(|(k, _)| k != "ns") {
+            out.append_pair(k, v);
+        }
+        out.finish()
+    }
+
+    pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
             .find(|(k, _)| k == key)
@@ -40,6 +49,9 @@ impl Query {
 pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Result<Response> {
     let method = req.method().clone();
     let q = Query::of(&req);
+    if let Some(target) = crate::mirror::target(&state, &route, &method, &q).await? {
+        return crate::mirror::dispatch(&state, target, route, req, &q).await;
+    }
     match (route, &method) {
         (Route::Base, &Method::GET | &Method::HEAD) => Ok(json(StatusCode::OK, "{}".into())),
         (Route::Catalog, &Method::GET) => catalog(&state, &q).await,
@@ -91,7 +103,7 @@ pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Resu
     }
 }
 
-fn json(status: StatusCode, body: String) -> Response {
+pub(crate) fn json(status: StatusCode, body: String) -> Response {
     (
         status,
         [(
@@ -103,7 +115,7 @@ fn json(status: StatusCode, body: String) -> Response {
         .into_response()
 }
 
-fn hv(s: &str) -> HeaderValue {
+pub(crate) fn hv(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
@@ -159,6 +171,17 @@ async fn get_manifest(
     head: bool,
 ) -> Result<Response> {
     let (record, bytes) = state.registry.manifest(name, reference).await?;
+    Ok(manifest_response(state, &record, bytes, head, "local"))
+}
+
+/// A manifest's exact bytes with its media type and digest. `source` labels the bytes served.
+pub(crate) fn manifest_response(
+    state: &AppState,
+    record: &pier_store::ManifestRecord,
+    bytes: Bytes,
+    head: bool,
+    source: &'static str,
+) -> Response {
     let digest = record.digest.to_string();
     let resp = Response::builder()
         .status(StatusCode::OK)
@@ -168,14 +191,17 @@ async fn get_manifest(
         .header(header::ETAG, hv(&format!("\"{digest}\"")));
     if head {
         // Content-Length is already set above; a second copy would be a duplicate header.
-        return Ok(resp.body(Body::empty()).unwrap_or_default());
+        return resp.body(Body::empty()).unwrap_or_default();
     }
     state
         .metrics
         .served_bytes
-        .get_or_create(&KindLabels { kind: "manifest" })
+        .get_or_create(&ServedLabels {
+            kind: "manifest",
+            source,
+        })
         .inc_by(bytes.len() as u64);
-    Ok(resp.body(Body::from(bytes)).unwrap_or_default())
+    resp.body(Body::from(bytes)).unwrap_or_default()
 }
 
 async fn put_manifest(
@@ -237,7 +263,21 @@ async fn get_blob(
     head: bool,
 ) -> Result<Response> {
     let size = state.registry.blob_size(name, digest).await?;
-    let range = match headers.get(header::RANGE) {
+    let range = blob_range(headers, size)?;
+    let (builder, start, end) = blob_headers(digest, size, range);
+    if head || start == end {
+        return Ok(builder.body(Body::empty()).unwrap_or_default());
+    }
+    let stream = state.registry.read_blob(digest, start, end).await?;
+    Ok(stream_response(state, builder, stream, "local"))
+}
+
+/// The range a blob GET asks for, checked against the blob's size.
+pub(crate) fn blob_range(
+    headers: &HeaderMap,
+    size: u64,
+) -> Result<Option<crate::ranges::ByteRange>> {
+    Ok(match headers.get(header::RANGE) {
         None => None,
         Some(h) => {
             let h = h
@@ -256,7 +296,15 @@ async fn get_blob(
                 }
             }
         }
-    };
+    })
+}
+
+/// Status and headers of a blob response; returns the byte range to send.
+pub(crate) fn blob_headers(
+    digest: &Digest,
+    size: u64,
+    range: Option<crate::ranges::ByteRange>,
+) -> (http::response::Builder, u64, u64) {
     let (status, start, end) = match range {
         Some(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.end),
         None => (StatusCode::OK, 0, size),
@@ -274,21 +322,31 @@ async fn get_blob(
             format!("bytes {}-{}/{}", start, end - 1, size),
         );
     }
-    if head || start == end {
-        return Ok(resp.body(Body::empty()).unwrap_or_default());
-    }
-    let stream = state.registry.read_blob(digest, start, end).await?;
+    (resp, start, end)
+}
+
+/// Stream blob bytes as a response body, counting them by `source`. A stream error aborts the
+/// response, so a client never sees a clean end after bad bytes.
+pub(crate) fn stream_response(
+    state: &AppState,
+    builder: http::response::Builder,
+    stream: ByteStream,
+    source: &'static str,
+) -> Response {
     let counter = state
         .metrics
         .served_bytes
-        .get_or_create(&KindLabels { kind: "blob" })
+        .get_or_create(&ServedLabels {
+            kind: "blob",
+            source,
+        })
         .clone();
     let stream = stream.inspect(move |chunk| {
         if let Ok(c) = chunk {
             counter.inc_by(c.len() as u64);
         }
     });
-    Ok(resp.body(Body::from_stream(stream)).unwrap_or_default())
+    builder.body(Body::from_stream(stream)).unwrap_or_default()
 }
 
 /// The request body as a stream of bytes, counted as received blob bytes.

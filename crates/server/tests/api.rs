@@ -1872,7 +1872,7 @@ async fn metrics_reflect_requests_store_and_sessions() {
         r#"pier_http_requests_total{route="blob",method="GET",status="200"} 1"#,
         r#"pier_http_requests_total{route="manifest",method="GET",status="404"} 1"#,
         r#"pier_http_requests_total{route="unknown",method="GET",status="404"} 1"#,
-        r#"pier_served_bytes_total{kind="blob"} 1234"#,
+        r#"pier_served_bytes_total{kind="blob",source="local"} 1234"#,
         r#"pier_received_bytes_total{kind="blob"} 1234"#,
     ] {
         assert!(text.contains(series), "{series} missing from:\n{text}");
@@ -1925,7 +1925,7 @@ async fn manifest_bytes_are_counted() {
     for series in [
         format!(r#"pier_received_bytes_total{{kind="manifest"}} {n}"#),
         // The HEAD sends no bytes.
-        format!(r#"pier_served_bytes_total{{kind="manifest"}} {n}"#),
+        format!(r#"pier_served_bytes_total{{kind="manifest",source="local"}} {n}"#),
     ] {
         assert!(text.contains(&series), "{series} missing from:\n{text}");
     }

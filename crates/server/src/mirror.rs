@@ -1,0 +1,165 @@
+//! Requests for mirrored repositories. [`target`] decides whether a request is mirrored (the
+//! precedence is in docs/mirror.md); [`dispatch`] answers it from the mirror.
+
+use axum::body::Body;
+use axum::http::{header, Method, Request, StatusCode};
+use axum::response::Response;
+use pier_mirror::{BlobSource, Freshness, MirrorRef};
+use pier_oci::{ErrorCode, Route};
+
+use crate::error::ApiError;
+use crate::v2::{blob_headers, blob_range, hv, json, manifest_response, stream_response, Query};
+use crate::AppState;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// The mirrored repository a request addresses, or `None` for a hosted one.
+///
+/// 1. `?ns=<registry>` naming an upstream (containerd's mirror requests);
+/// 2. a first path segment naming an upstream (`/v2/ghcr.io/org/app/...`);
+/// 3. for reads of a repository not pushed here, the default upstream (Docker's
+///    `registry-mirrors`, which sends `library/nginx` and no `ns`);
+/// 4. otherwise the repository is hosted.
+pub(crate) async fn target(
+    state: &AppState,
+    route: &Route,
+    method: &Method,
+    q: &Query,
+) -> Result<Option<MirrorRef>> {
+    let (Some(mirror), Some(name)) = (&state.mirror, route.name()) else {
+        return Ok(None);
+    };
+    if let Some(r) = mirror
+        .route(name, q.get("ns"))
+        .map_err(ApiError::from_mirror)?
+    {
+        return Ok(Some(r));
+    }
+    let read = *method == Method::GET || *method == Method::HEAD;
+    let pullable = matches!(
+        route,
+        Route::Manifest { .. } | Route::Blob { .. } | Route::Tags { .. }
+    );
+    if !read || !pullable {
+        return Ok(None);
+    }
+    let hosted = state
+        .registry
+        .meta_store()
+        .repo_exists(name.as_str())
+        .await
+        .map_err(|e| ApiError::from(pier_registry::RegistryError::from(e)))?;
+    if hosted {
+        return Ok(None);
+    }
+    mirror.default_route(name).map_err(ApiError::from_mirror)
+}
+
+fn freshness_header(f: Freshness) -> &'static str {
+    match f {
+        Freshness::Hit => "hit",
+        Freshness::Miss => "miss",
+        Freshness::Stale => "stale",
+    }
+}
+
+pub(crate) async fn dispatch(
+    state: &AppState,
+    r: MirrorRef,
+    route: Route,
+    req: Request<Body>,
+    q: &Query,
+) -> Result<Response> {
+    let Some(mirror) = state.mirror.clone() else {
+        return Err(ApiError::unsupported_method());
+    };
+    let method = req.method().clone();
+    let head = method == Method::HEAD;
+    match (route, &method) {
+        (Route::Manifest { reference, .. }, &Method::GET | &Method::HEAD) => {
+            let (record, bytes, freshness) = mirror
+                .manifest(&r, &reference)
+                .await
+                .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::ManifestUnknown))?;
+            let source = if freshness == Freshness::Miss {
+                "upstream"
+            } else {
+                "local"
+            };
+            let mut resp = manifest_response(state, &record, bytes, head, source);
+            resp.headers_mut()
+                .insert("x-pier-cache", hv(freshness_header(freshness)));
+            Ok(resp)
+        }
+        (Route::Blob { digest, .. }, &Method::HEAD) => {
+            let size = mirror
+                .blob_size(&r, &digest)
+                .await
+                .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?;
+            let (builder, _, _) = blob_headers(&digest, size, None);
+            Ok(builder.body(Body::empty()).unwrap_or_default())
+        }
+        (Route::Blob { digest, .. }, &Method::GET) => {
+            let source = mirror
+                .blob(&r, &digest)
+                .await
+                .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?;
+            match source {
+                BlobSource::Local { size } => {
+                    let range = blob_range(req.headers(), size)?;
+                    let (builder, start, end) = blob_headers(&digest, size, range);
+                    if start == end {
+                        return Ok(builder.body(Body::empty()).unwrap_or_default());
+                    }
+                    let stream = state.registry.read_blob(&digest, start, end).await?;
+                    Ok(stream_response(state, builder, stream, "local"))
+                }
+                BlobSource::Filling {
+                    fill,
+                    size: Some(size),
+                } => {
+                    let range = blob_range(req.headers(), size)?;
+                    let (builder, start, end) = blob_headers(&digest, size, range);
+                    if start == end {
+                        return Ok(builder.body(Body::empty()).unwrap_or_default());
+                    }
+                    let stream = fill.read(start, Some(end));
+                    Ok(stream_response(state, builder, stream, "upstream"))
+                }
+                BlobSource::Filling { fill, size: None } => {
+                    // The upstream sent no length: stream it chunked, whole.
+                    let builder = Response::builder()
+                        .status(StatusCode::OK)
+                        .header(header::CONTENT_TYPE, "application/octet-stream")
+                        .header("docker-content-digest", hv(&digest.to_string()));
+                    Ok(stream_response(
+                        state,
+                        builder,
+                        fill.read(0, None),
+                        "upstream",
+                    ))
+                }
+            }
+        }
+        (Route::Tags { .. }, &Method::GET) => {
+            let (body, link) = mirror
+                .tags(&r, &q.without_ns())
+                .await
+                .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::NameUnknown))?;
+            let mut resp = json(StatusCode::OK, String::from_utf8_lossy(&body).into_owned());
+            if let Some(link) = link {
+                resp.headers_mut().insert(header::LINK, hv(&link));
+            }
+            Ok(resp)
+        }
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            format!(
+                "{} is mirrored from {} and read-only here",
+                r.repo,
+                r.upstream_name()
+            ),
+        )),
+    }
+}
