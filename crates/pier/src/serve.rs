@@ -127,6 +127,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         dropped_buffers = recovery.dropped_buffers,
         "upload sessions recovered"
     );
+    let signal = shutdown_signal()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -145,7 +146,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             let _ = stopped.wait_for(|s| *s).await;
         },
     ));
-    let signal = shutdown_signal().await;
+    let signal = signal.await;
     tracing::info!(
         signal,
         grace_s = config.shutdown_grace.as_secs(),
@@ -163,14 +164,17 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     Ok(())
 }
 
-async fn shutdown_signal() -> &'static str {
+/// Install the SIGTERM and SIGINT handlers now (before pier says it is serving, so a signal
+/// that arrives right after is handled gracefully) and return a future that resolves at the
+/// first one.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-    }
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }

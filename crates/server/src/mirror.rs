@@ -18,7 +18,10 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// 1. `?ns=<registry>` naming an upstream (containerd's mirror requests);
 /// 2. a first path segment naming an upstream (`/v2/ghcr.io/org/app/...`);
 /// 3. for reads of a repository not pushed here, the default upstream (Docker's
-///    `registry-mirrors`, which sends `library/nginx` and no `ns`);
+///    `registry-mirrors`, which sends `library/nginx` and no `ns`). Blob reads take this route
+///    only once a manifest of the repository came through it: clients fetch a manifest before
+///    its blobs, and a pusher's `HEAD` of a blob in a new repository must get a quick local 404,
+///    not a question to Docker Hub;
 /// 4. otherwise the repository is hosted.
 pub(crate) async fn target(
     state: &AppState,
@@ -52,7 +55,21 @@ pub(crate) async fn target(
     if hosted {
         return Ok(None);
     }
-    mirror.default_route(name).map_err(ApiError::from_mirror)
+    let Some(r) = mirror.default_route(name).map_err(ApiError::from_mirror)? else {
+        return Ok(None);
+    };
+    if matches!(route, Route::Blob { .. }) {
+        let cached = state
+            .registry
+            .meta_store()
+            .repo_exists(&r.cache_repo)
+            .await
+            .map_err(|e| ApiError::from(pier_registry::RegistryError::from(e)))?;
+        if !cached {
+            return Ok(None);
+        }
+    }
+    Ok(Some(r))
 }
 
 fn freshness_header(f: Freshness) -> &'static str {

@@ -1,0 +1,966 @@
+//! Helpers shared by pier's process-level tests (`crash.rs`, `interop.rs`): the real `pier`
+//! binary as a child process, deterministic content, an OCI image-layout writer, a plain
+//! reqwest pusher, and the gate of the interop tier.
+//!
+//! Each test binary uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
+
+/// How long a started pier gets to answer `GET /v2/`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// The pier process
+// ---------------------------------------------------------------------------------------------
+
+/// A running `pier serve` on 127.0.0.1. Dropping it SIGKILLs the process.
+pub struct Pier {
+    child: Option<Child>,
+    port: u16,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+}
+
+enum Startup {
+    Ready,
+    Exited(ExitStatus),
+    TimedOut,
+}
+
+impl Pier {
+    /// Start pier on a free port with `data_dir` as its data directory and wait until `GET /v2/`
+    /// answers 200. stdout and stderr go, appended across restarts, to
+    /// `<data_dir's parent>/<data_dir's name>.pier.log`.
+    pub fn start(data_dir: &Path) -> Pier {
+        let parent = data_dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .expect("the data directory has a parent to hold the log");
+        std::fs::create_dir_all(parent).expect("create the data directory's parent");
+        let name = data_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("pier");
+        let log_path = parent.join(format!("{name}.pier.log"));
+        // Picking a port and handing it over leaves a window in which someone else may take it:
+        // if pier then cannot listen, try another port.
+        for attempt in 1..=5 {
+            let port = free_port();
+            let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+            let mut log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .expect("open the pier log");
+            writeln!(
+                log,
+                "=== test harness: pier serve --listen 127.0.0.1:{port} (attempt {attempt})"
+            )
+            .expect("write the pier log");
+            let child = Command::new(env!("CARGO_BIN_EXE_pier"))
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(data_dir)
+                .env("NO_COLOR", "1")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone the log handle"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn the pier binary");
+            let mut pier = Pier {
+                child: Some(child),
+                port,
+                data_dir: data_dir.to_path_buf(),
+                log_path: log_path.clone(),
+            };
+            match pier.wait_ready() {
+                Startup::Ready => {
+                    let log = pier.log_since(log_start);
+                    assert!(
+                        log.contains("pier is serving")
+                            && log.contains(&format!("127.0.0.1:{port}")),
+                        "pier answers but did not log \"pier is serving\" with its address:\n{log}"
+                    );
+                    return pier;
+                }
+                Startup::Exited(status) => {
+                    pier.child = None;
+                    let log = pier.log_since(log_start);
+                    if log.contains("cannot listen") && attempt < 5 {
+                        continue;
+                    }
+                    panic!("pier exited with {status} before it was ready:\n{log}");
+                }
+                Startup::TimedOut => {
+                    pier.kill();
+                    panic!(
+                        "pier did not answer GET /v2/ with 200 within {READY_TIMEOUT:?}:\n{}",
+                        pier.log_since(log_start)
+                    );
+                }
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn wait_ready(&mut self) -> Startup {
+        let started = Instant::now();
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Startup::Exited(status);
+                }
+            }
+            if http_status(self.port, "/v2/") == Some(200) {
+                return Startup::Ready;
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                return Startup::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.host())
+    }
+
+    /// `127.0.0.1:<port>`, as image references spell a registry.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("pier is running").id()
+    }
+
+    /// Everything pier wrote to stdout and stderr so far, across restarts.
+    pub fn log(&self) -> String {
+        self.log_since(0)
+    }
+
+    fn log_since(&self, offset: u64) -> String {
+        let bytes = std::fs::read(&self.log_path).unwrap_or_default();
+        let start = (offset as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a power cut of the process. Waits for the exit.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            send_signal(&child, libc::SIGKILL);
+            child.wait().expect("reap the killed pier");
+        }
+    }
+
+    /// Send SIGTERM without waiting.
+    pub fn terminate(&self) {
+        send_signal(self.child.as_ref().expect("pier is running"), libc::SIGTERM);
+    }
+
+    /// Wait for pier to exit on its own; SIGKILL it and panic after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("pier is running");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().expect("poll pier") {
+                return status;
+            }
+            if started.elapsed() > timeout {
+                send_signal(&child, libc::SIGKILL);
+                let _ = child.wait();
+                panic!(
+                    "pier did not exit within {timeout:?} and was killed:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then wait (up to 60 s) for the graceful exit.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.terminate();
+        self.wait_exit(Duration::from_secs(60))
+    }
+}
+
+impl Drop for Pier {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: String = {
+                let lines: Vec<&str> = log.lines().collect();
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            };
+            eprintln!(
+                "--- last lines of the pier log {} ---\n{tail}\n--- end of pier log ---",
+                self.log_path.display()
+            );
+        }
+    }
+}
+
+/// Send `sig` to a child that has not been reaped yet.
+#[allow(unsafe_code)]
+fn send_signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
+    // SAFETY: kill(2) takes two integers and touches no memory of ours. `child` is not reaped
+    // yet (reaping takes it by value or through `&mut`), so the pid still names our child.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// The status code of a plain `GET path` on 127.0.0.1:port, or `None` if nothing answers.
+pub fn http_status(port: u16, path: &str) -> Option<u16> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut head = [0u8; 12];
+    s.read_exact(&mut head).ok()?;
+    std::str::from_utf8(head.get(9..12)?).ok()?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deterministic content
+// ---------------------------------------------------------------------------------------------
+
+const GEN_BLOCK: usize = 64 * 1024;
+
+/// A deterministic pseudo-random byte stream (xorshift64), the same for a seed however it is
+/// read: bytes are produced in fixed blocks and served from them.
+pub struct Gen {
+    state: u64,
+    block: Vec<u8>,
+    pos: usize,
+}
+
+impl Gen {
+    pub fn new(seed: u64) -> Gen {
+        let state = (seed ^ 0x9E37_79B9_7F4A_7C15).max(1);
+        Gen {
+            state,
+            block: vec![0; GEN_BLOCK],
+            pos: GEN_BLOCK,
+        }
+    }
+
+    fn refill(&mut self) {
+        let mut s = self.state;
+        for word in self.block.chunks_exact_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            word.copy_from_slice(&s.to_le_bytes());
+        }
+        self.state = s;
+        self.pos = 0;
+    }
+
+    pub fn fill(&mut self, mut out: &mut [u8]) {
+        while !out.is_empty() {
+            if self.pos == GEN_BLOCK {
+                self.refill();
+            }
+            let n = out.len().min(GEN_BLOCK - self.pos);
+            out[..n].copy_from_slice(&self.block[self.pos..self.pos + n]);
+            self.pos += n;
+            out = &mut out[n..];
+        }
+    }
+}
+
+/// The first `len` bytes of seed `seed`'s stream.
+pub fn gen_bytes(seed: u64, len: u64) -> Vec<u8> {
+    let mut v = vec![0; usize::try_from(len).expect("fits memory")];
+    Gen::new(seed).fill(&mut v);
+    v
+}
+
+/// The digest of `prefix` followed by the first `len` bytes of seed `seed`'s stream, computed
+/// without holding them.
+pub fn gen_digest(prefix: &[u8], seed: u64, len: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(prefix);
+    let mut g = Gen::new(seed);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        g.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub fn digest_of(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// `sha256:<hex>` of a file's contents, streamed.
+pub fn digest_of_file(path: &Path) -> String {
+    let mut f = File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).expect("read file");
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// Whether two files hold the same bytes, compared in streaming fashion.
+pub fn files_equal(a: &Path, b: &Path) -> bool {
+    let (mut fa, mut fb) = (
+        File::open(a).expect("open a"),
+        File::open(b).expect("open b"),
+    );
+    if fa.metadata().expect("stat a").len() != fb.metadata().expect("stat b").len() {
+        return false;
+    }
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = read_full(&mut fa, &mut ba);
+        let m = read_full(&mut fb, &mut bb);
+        if n != m || ba[..n] != bb[..m] {
+            return false;
+        }
+        if n == 0 {
+            return true;
+        }
+    }
+}
+
+fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = f.read(&mut buf[filled..]).expect("read");
+        if n == 0 {
+            break;
+        }
+        filled += n;
+    }
+    filled
+}
+
+/// The `Range` value a registry reports for a session holding `len` bytes.
+pub fn range_of(len: u64) -> String {
+    if len == 0 {
+        "0-0".into()
+    } else {
+        format!("0-{}", len - 1)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow request bodies
+// ---------------------------------------------------------------------------------------------
+
+/// A request body fed by a thread at a limited pace: `chunk` bytes of seed `seed`'s stream,
+/// then a pause, until `len` bytes are sent. The body is read from one end of a socket pair, so
+/// no stream trait is needed; dropping the `Trickle` stops the thread.
+pub struct Trickle {
+    sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    writer: UnixStream,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Trickle {
+    pub fn start(seed: u64, len: u64, chunk: usize, pause: Duration) -> (reqwest::Body, Trickle) {
+        let (reader, writer) = UnixStream::pair().expect("socket pair");
+        let mut w = writer.try_clone().expect("clone the writer");
+        let sent = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (sent, stop) = (sent.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut g = Gen::new(seed);
+                let mut buf = vec![0u8; chunk];
+                let mut left = len;
+                while left > 0 && !stop.load(Ordering::Relaxed) {
+                    let n = left.min(chunk as u64) as usize;
+                    g.fill(&mut buf[..n]);
+                    if w.write_all(&buf[..n]).is_err() {
+                        return; // the request is gone
+                    }
+                    sent.fetch_add(n as u64, Ordering::Relaxed);
+                    left -= n as u64;
+                    if left > 0 {
+                        std::thread::sleep(pause);
+                    }
+                }
+                let _ = w.shutdown(Shutdown::Write);
+            })
+        };
+        let file = File::from(OwnedFd::from(reader));
+        let body = reqwest::Body::from(tokio::fs::File::from_std(file));
+        (
+            body,
+            Trickle {
+                sent,
+                stop,
+                writer,
+                thread: Some(thread),
+            },
+        )
+    }
+
+    /// Bytes handed to the request so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Trickle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.writer.shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCI image layouts
+// ---------------------------------------------------------------------------------------------
+
+/// One layer: a tar archive holding one regular file of `size` pseudo-random bytes.
+#[derive(Debug, Clone)]
+pub struct LayerSpec {
+    pub file: String,
+    pub size: u64,
+    pub seed: u64,
+}
+
+impl LayerSpec {
+    pub fn new(file: &str, size: u64, seed: u64) -> LayerSpec {
+        LayerSpec {
+            file: file.into(),
+            size,
+            seed,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageSpec {
+    pub os: String,
+    pub arch: String,
+    pub layers: Vec<LayerSpec>,
+}
+
+impl ImageSpec {
+    pub fn linux(arch: &str, layers: Vec<LayerSpec>) -> ImageSpec {
+        ImageSpec {
+            os: "linux".into(),
+            arch: arch.into(),
+            layers,
+        }
+    }
+}
+
+/// What a tag of the layout points at.
+pub enum Entry {
+    Image(ImageSpec),
+    /// A multi-platform index over one manifest per image.
+    Index(Vec<ImageSpec>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl Descriptor {
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({ "mediaType": self.media_type, "digest": self.digest, "size": self.size })
+    }
+
+    pub fn hex(&self) -> &str {
+        self.digest.strip_prefix("sha256:").expect("sha256 digest")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WrittenLayer {
+    pub blob: Descriptor,
+    /// Path of the one file inside the tar.
+    pub file: String,
+    pub file_size: u64,
+    /// `sha256:<hex>` of the file's contents.
+    pub file_digest: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct WrittenImage {
+    pub manifest: Descriptor,
+    pub manifest_bytes: Vec<u8>,
+    pub config: Descriptor,
+    pub layers: Vec<WrittenLayer>,
+    pub os: String,
+    pub arch: String,
+}
+
+impl WrittenImage {
+    /// Config and layer blobs, in push order.
+    pub fn blobs(&self) -> Vec<&Descriptor> {
+        std::iter::once(&self.config)
+            .chain(self.layers.iter().map(|l| &l.blob))
+            .collect()
+    }
+
+    /// Manifest, config and layer digests.
+    pub fn digests(&self) -> Vec<String> {
+        std::iter::once(self.manifest.digest.clone())
+            .chain(self.blobs().into_iter().map(|d| d.digest.clone()))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WrittenIndex {
+    pub index: Descriptor,
+    pub index_bytes: Vec<u8>,
+    pub images: Vec<WrittenImage>,
+}
+
+impl WrittenIndex {
+    pub fn digests(&self) -> Vec<String> {
+        std::iter::once(self.index.digest.clone())
+            .chain(self.images.iter().flat_map(WrittenImage::digests))
+            .collect()
+    }
+}
+
+pub enum Written {
+    Image(WrittenImage),
+    Index(WrittenIndex),
+}
+
+/// An OCI image layout on disk and what was written into it.
+pub struct Layout {
+    pub dir: PathBuf,
+    pub entries: Vec<(String, Written)>,
+}
+
+impl Layout {
+    pub fn image(&self, tag: &str) -> &WrittenImage {
+        match self.entries.iter().find(|(t, _)| t == tag) {
+            Some((_, Written::Image(i))) => i,
+            _ => panic!("no image tagged {tag} in the layout"),
+        }
+    }
+
+    pub fn index(&self, tag: &str) -> &WrittenIndex {
+        match self.entries.iter().find(|(t, _)| t == tag) {
+            Some((_, Written::Index(i))) => i,
+            _ => panic!("no index tagged {tag} in the layout"),
+        }
+    }
+
+    pub fn blob_path(&self, digest: &str) -> PathBuf {
+        blob_path(&self.dir, digest)
+    }
+}
+
+/// `<layout>/blobs/sha256/<hex>`
+pub fn blob_path(layout_dir: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    layout_dir.join("blobs").join("sha256").join(hex)
+}
+
+/// Write an OCI image layout: `oci-layout`, `index.json` naming each entry by its tag in an
+/// `org.opencontainers.image.ref.name` annotation, and `blobs/sha256/*`. Layers are streamed
+/// to disk, so a layer of hundreds of MiB needs only a few MiB of memory.
+pub fn write_layout(dir: &Path, entries: Vec<(&str, Entry)>) -> Layout {
+    std::fs::create_dir_all(dir.join("blobs").join("sha256")).expect("create the layout");
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
+        .expect("write oci-layout");
+    let mut written = Vec::new();
+    let mut top = Vec::new();
+    for (tag, entry) in entries {
+        let (desc, w) = match entry {
+            Entry::Image(spec) => {
+                let image = write_image(dir, &spec);
+                (image.manifest.clone(), Written::Image(image))
+            }
+            Entry::Index(specs) => {
+                let images: Vec<WrittenImage> = specs.iter().map(|s| write_image(dir, s)).collect();
+                let manifests: Vec<serde_json::Value> = images
+                    .iter()
+                    .map(|i| {
+                        let mut d = i.manifest.to_json();
+                        d["platform"] = json!({ "architecture": i.arch, "os": i.os });
+                        d
+                    })
+                    .collect();
+                let bytes = serde_json::to_vec_pretty(&json!({
+                    "schemaVersion": 2,
+                    "mediaType": OCI_INDEX,
+                    "manifests": manifests,
+                }))
+                .expect("serialize index");
+                let index = write_blob(dir, OCI_INDEX, &bytes);
+                (
+                    index.clone(),
+                    Written::Index(WrittenIndex {
+                        index,
+                        index_bytes: bytes,
+                        images,
+                    }),
+                )
+            }
+        };
+        let mut d = desc.to_json();
+        d["annotations"] = json!({ REF_NAME: tag });
+        top.push(d);
+        written.push((tag.to_string(), w));
+    }
+    let index = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": top });
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec_pretty(&index).expect("serialize index.json"),
+    )
+    .expect("write index.json");
+    Layout {
+        dir: dir.to_path_buf(),
+        entries: written,
+    }
+}
+
+fn write_blob(dir: &Path, media_type: &str, bytes: &[u8]) -> Descriptor {
+    let digest = digest_of(bytes);
+    std::fs::write(blob_path(dir, &digest), bytes).expect("write blob");
+    Descriptor {
+        media_type: media_type.into(),
+        digest,
+        size: bytes.len() as u64,
+    }
+}
+
+fn write_image(dir: &Path, spec: &ImageSpec) -> WrittenImage {
+    let layers: Vec<WrittenLayer> = spec.layers.iter().map(|l| write_layer(dir, l)).collect();
+    // Layers are uncompressed tars, so each diff_id is the layer's own digest.
+    let config = serde_json::to_vec_pretty(&json!({
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": spec.arch,
+        "os": spec.os,
+        "config": { "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"] },
+        "rootfs": {
+            "type": "layers",
+            "diff_ids": layers.iter().map(|l| l.blob.digest.clone()).collect::<Vec<_>>(),
+        },
+        "history": layers.iter().map(|l| json!({
+            "created": "2024-01-01T00:00:00Z",
+            "created_by": format!("pier test: add {}", l.file),
+        })).collect::<Vec<_>>(),
+    }))
+    .expect("serialize config");
+    let config = write_blob(dir, OCI_CONFIG, &config);
+    let manifest_bytes = serde_json::to_vec_pretty(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": config.to_json(),
+        "layers": layers.iter().map(|l| l.blob.to_json()).collect::<Vec<_>>(),
+    }))
+    .expect("serialize manifest");
+    let manifest = write_blob(dir, OCI_MANIFEST, &manifest_bytes);
+    WrittenImage {
+        manifest,
+        manifest_bytes,
+        config,
+        layers,
+        os: spec.os.clone(),
+        arch: spec.arch.clone(),
+    }
+}
+
+/// A `Write` that hashes and counts what passes through.
+struct HashingWriter<W: Write> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `len` bytes of a seed's stream as a `Read`, hashing what it hands out.
+struct GenReader {
+    gen: Gen,
+    left: u64,
+    hasher: Sha256,
+}
+
+impl Read for GenReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.left.min(buf.len() as u64) as usize;
+        self.gen.fill(&mut buf[..n]);
+        self.hasher.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn write_layer(dir: &Path, spec: &LayerSpec) -> WrittenLayer {
+    let blobs = dir.join("blobs").join("sha256");
+    let tmp = tempfile::NamedTempFile::new_in(&blobs).expect("temporary layer file");
+    let mut out = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, tmp.reopen().expect("reopen temp file")),
+        hasher: Sha256::new(),
+        len: 0,
+    };
+    let mut content = GenReader {
+        gen: Gen::new(spec.seed),
+        left: spec.size,
+        hasher: Sha256::new(),
+    };
+    {
+        let mut tar = tar::Builder::new(&mut out);
+        let mut header = tar::Header::new_ustar();
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_size(spec.size);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        tar.append_data(&mut header, &spec.file, &mut content)
+            .expect("write the layer tar");
+        tar.finish().expect("finish the layer tar");
+    }
+    out.flush().expect("flush the layer");
+    assert_eq!(content.left, 0, "the whole file went into the tar");
+    let digest = format!("sha256:{}", hex::encode(out.hasher.finalize()));
+    let size = out.len;
+    drop(out.inner);
+    let path = blob_path(dir, &digest);
+    tmp.persist(&path).expect("move the layer into place");
+    // Temporary files are private; a layout is readable like any written file.
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .expect("make the layer readable");
+    WrittenLayer {
+        blob: Descriptor {
+            media_type: OCI_LAYER_TAR.into(),
+            digest,
+            size,
+        },
+        file: spec.file.clone(),
+        file_size: spec.size,
+        file_digest: format!("sha256:{}", hex::encode(content.hasher.finalize())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pushing with plain HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// Push every blob of `image` (monolithic `POST ?digest=`, streamed from the layout) and then
+/// its manifest under `tag`.
+pub async fn push_image(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    layout: &Layout,
+    image: &WrittenImage,
+) {
+    for blob in image.blobs() {
+        let file = tokio::fs::File::open(layout.blob_path(&blob.digest))
+            .await
+            .expect("open layout blob");
+        let resp = http
+            .post(format!(
+                "{base}/v2/{repo}/blobs/uploads/?digest={}",
+                blob.digest
+            ))
+            .header(reqwest::header::CONTENT_LENGTH, blob.size)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::from(file))
+            .send()
+            .await
+            .expect("push blob");
+        let status = resp.status();
+        assert_eq!(
+            status,
+            reqwest::StatusCode::CREATED,
+            "push {}: {}",
+            blob.digest,
+            resp.text().await.unwrap_or_default()
+        );
+    }
+    let digest = put_manifest(
+        http,
+        base,
+        repo,
+        tag,
+        &image.manifest.media_type,
+        &image.manifest_bytes,
+    )
+    .await;
+    assert_eq!(digest, image.manifest.digest);
+}
+
+/// `PUT /v2/<repo>/manifests/<reference>`; asserts 201 and returns Docker-Content-Digest.
+pub async fn put_manifest(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> String {
+    let resp = http
+        .put(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(reqwest::header::CONTENT_TYPE, media_type)
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .expect("put manifest");
+    let status = resp.status();
+    let digest = header(&resp, "docker-content-digest");
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "PUT manifest {repo}:{reference}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    assert_eq!(
+        digest,
+        digest_of(bytes),
+        "Docker-Content-Digest of the manifest"
+    );
+    digest
+}
+
+/// A response header as text, or "" when absent.
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The first OCI error code of an error body.
+pub fn error_code(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(String::from))
+        .unwrap_or_else(|| format!("<no OCI error in {:?}>", String::from_utf8_lossy(body)))
+}
+
+/// Stream a response body through sha256; returns (`sha256:<hex>`, length).
+pub async fn digest_of_response(mut resp: reqwest::Response) -> (String, u64) {
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    while let Some(chunk) = resp.chunk().await.expect("read response body") {
+        h.update(&chunk);
+        len += chunk.len() as u64;
+    }
+    (format!("sha256:{}", hex::encode(h.finalize())), len)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The interop gate
+// ---------------------------------------------------------------------------------------------
+
+/// Whether an interop test may run. With `PIER_INTEROP=1` a missing `tool` is a failure; without
+/// it the test is skipped.
+pub fn require(tool: &str) -> bool {
+    if std::env::var("PIER_INTEROP").as_deref() != Ok("1") {
+        println!("skipped: set PIER_INTEROP=1 to run this interop test (it needs {tool})");
+        return false;
+    }
+    if find_on_path(tool).is_none() {
+        let package = match tool {
+            "ctr" | "containerd" => "containerd",
+            other => other,
+        };
+        panic!(
+            "PIER_INTEROP=1 but `{tool}` is not on PATH: install {package} \
+             (apt-get install -y {package}, or run scripts/test.sh)"
+        );
+    }
+    true
+}
+
+pub fn find_on_path(tool: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| {
+                p.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    })
+}
