@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian packages the interop tier needs, by the command each provides.
-declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd)
+declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd
+    [docker-registry]=docker-registry [openssl]=openssl)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
