@@ -1,0 +1,722 @@
+//! The mirror, in process: pier's whole router on a loopback port in front of a fake upstream
+//! registry that counts what it is asked and can fail in the ways real upstreams do (down,
+//! corrupt bytes, cut streams, bearer tokens, moved tags). Real-registry interop lives in
+//! crates/pier/tests/mirror.rs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures::StreamExt;
+use pier_mirror::metrics::MirrorMetrics;
+use pier_mirror::{Mirror, UpstreamEntry};
+use pier_oci::{Digest, Route};
+use pier_registry::{Limits, Registry};
+use pier_server::metrics::Metrics;
+use pier_server::AppState;
+use pier_store::{BlobStore, FsBlobStore, MetaStore, RedbMetaStore};
+use pier_upstream::{Upstream, UpstreamConfig};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// How the fake upstream behaves right now.
+#[derive(Default)]
+struct Behaviour {
+    /// Answer everything with 503.
+    down: bool,
+    /// Flip one byte in blob bodies.
+    corrupt: bool,
+    /// Cut the first blob GET (without Range) after this many bytes.
+    cut_after: Option<usize>,
+    /// Demand bearer tokens; `Some(true)` when the token endpoint wants Basic credentials.
+    token: Option<bool>,
+    /// Send blob bodies in pieces with a pause, so concurrent clients overlap.
+    slow: bool,
+}
+
+#[derive(Default)]
+struct Upstreamish {
+    manifests: Mutex<HashMap<String, (Bytes, String)>>,
+    blobs: Mutex<HashMap<String, Bytes>>,
+    behaviour: Mutex<Behaviour>,
+    blob_gets: AtomicUsize,
+    blob_heads: AtomicUsize,
+    blob_bytes: AtomicU64,
+    manifest_gets: AtomicUsize,
+    manifest_heads: AtomicUsize,
+    token_requests: AtomicUsize,
+}
+
+type Fake = Arc<Upstreamish>;
+
+impl Upstreamish {
+    fn add_blob(&self, data: Vec<u8>) -> Digest {
+        let d = Digest::sha256(&data);
+        self.blobs
+            .lock()
+            .expect("lock")
+            .insert(d.to_string(), Bytes::from(data));
+        d
+    }
+
+    /// Store a manifest under its digest and `tag`; returns its digest.
+    fn add_manifest(&self, repo: &str, tag: &str, blobs: &[(&Digest, usize)]) -> Digest {
+        let layers: Vec<String> = blobs
+            .iter()
+            .map(|(d, n)| {
+                format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{d}","size":{n}}}"#)
+            })
+            .collect();
+        let cfg = self.add_blob(format!("{{\"tag\":\"{tag}\"}}").into_bytes());
+        let body = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cfg}","size":{}}},"layers":[{}]}}"#,
+            format!("{{\"tag\":\"{tag}\"}}").len(),
+            layers.join(",")
+        );
+        let d = Digest::sha256(body.as_bytes());
+        let mut m = self.manifests.lock().expect("lock");
+        let entry = (Bytes::from(body), OCI_MANIFEST.to_string());
+        m.insert(format!("{repo}@{d}"), entry.clone());
+        m.insert(format!("{repo}:{tag}"), entry);
+        d
+    }
+
+    fn set(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.behaviour.lock().expect("lock"));
+    }
+}
+
+fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn fake_registry(State(fake): State<Fake>, req: Request<Body>) -> Response {
+    let path = req.uri().path().to_string();
+    if path == "/token" {
+        fake.token_requests.fetch_add(1, Ordering::SeqCst);
+        let wants_basic = fake.behaviour.lock().expect("lock").token == Some(true);
+        let has_basic = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("Basic "));
+        if wants_basic && !has_basic {
+            return StatusCode::UNAUTHORIZED.into_response();
+        }
+        return axum::Json(serde_json::json!({"token": "good-token", "expires_in": 300}))
+            .into_response();
+    }
+    let (down, corrupt, token, slow) = {
+        let b = fake.behaviour.lock().expect("lock");
+        (b.down, b.corrupt, b.token.is_some(), b.slow)
+    };
+    if down {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    let host = req
+        .headers()
+        .get("host")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    if token {
+        let ok = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some("Bearer good-token");
+        if !ok {
+            let challenge = format!(
+                r#"Bearer realm="http://{host}/token",service="fake",scope="repository:x:pull""#
+            );
+            return (StatusCode::UNAUTHORIZED, [("www-authenticate", challenge)]).into_response();
+        }
+    }
+    let head = req.method() == Method::HEAD;
+    match pier_oci::route::parse(&path) {
+        Ok(Route::Base) => "{}".into_response(),
+        Ok(Route::Manifest { name, reference }) => {
+            if head {
+                fake.manifest_heads.fetch_add(1, Ordering::SeqCst);
+            } else {
+                fake.manifest_gets.fetch_add(1, Ordering::SeqCst);
+            }
+            let sep = if reference.to_string().contains(':') {
+                "@"
+            } else {
+                ":"
+            };
+            let key = format!("{name}{sep}{reference}");
+            let found = fake.manifests.lock().expect("lock").get(&key).cloned();
+            match found {
+                None => StatusCode::NOT_FOUND.into_response(),
+                Some((bytes, mt)) => {
+                    let d = Digest::sha256(&bytes).to_string();
+                    let hdrs = [
+                        ("content-type", mt),
+                        ("docker-content-digest", d),
+                        ("content-length", bytes.len().to_string()),
+                    ];
+                    if head {
+                        (hdrs, Body::empty()).into_response()
+                    } else {
+                        (hdrs, bytes).into_response()
+                    }
+                }
+            }
+        }
+        Ok(Route::Blob { digest, .. }) => {
+            let found = fake
+                .blobs
+                .lock()
+                .expect("lock")
+                .get(&digest.to_string())
+                .cloned();
+            let Some(data) = found else {
+                return StatusCode::NOT_FOUND.into_response();
+            };
+            if head {
+                fake.blob_heads.fetch_add(1, Ordering::SeqCst);
+                return ([("content-length", data.len().to_string())], Body::empty())
+                    .into_response();
+            }
+            fake.blob_gets.fetch_add(1, Ordering::SeqCst);
+            let range_start = req
+                .headers()
+                .get("range")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.strip_suffix('-'))
+                .and_then(|s| s.parse::<usize>().ok());
+            let mut body = data.to_vec();
+            if corrupt {
+                let mid = body.len() / 2;
+                body[mid] ^= 0xff;
+            }
+            let (status, start) = match range_start {
+                Some(s) => (StatusCode::PARTIAL_CONTENT, s),
+                None => (StatusCode::OK, 0),
+            };
+            let total = body.len();
+            let mut slice = body[start..].to_vec();
+            let cut = if range_start.is_none() {
+                fake.behaviour.lock().expect("lock").cut_after.take()
+            } else {
+                None
+            };
+            fake.blob_bytes.fetch_add(
+                cut.unwrap_or(slice.len()).min(slice.len()) as u64,
+                Ordering::SeqCst,
+            );
+            let mut resp = Response::builder()
+                .status(status)
+                .header("content-length", slice.len().to_string());
+            if status == StatusCode::PARTIAL_CONTENT {
+                resp = resp.header(
+                    "content-range",
+                    format!("bytes {start}-{}/{total}", total - 1),
+                );
+            }
+            let chunks: Vec<Vec<u8>> = match cut {
+                Some(n) => {
+                    slice.truncate(n);
+                    vec![slice]
+                }
+                None => slice.chunks(64 * 1024).map(<[u8]>::to_vec).collect(),
+            };
+            let broken = cut.is_some();
+            let stream = futures::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>))
+                .then(move |c| async move {
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    c
+                })
+                .chain(futures::stream::iter(broken.then(|| {
+                    Err(std::io::Error::other("connection cut by the test"))
+                })));
+            resp.body(Body::from_stream(stream)).unwrap_or_default()
+        }
+        Ok(Route::Tags { .. }) => {
+            axum::Json(serde_json::json!({"name": "x", "tags": ["a", "b"]})).into_response()
+        }
+        _ => StatusCode::NOT_FOUND.into_response(),
+    }
+}
+
+async fn serve(router: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    format!("http://{addr}")
+}
+
+struct Setup {
+    pier: String,
+    fake: Fake,
+    blobs: Arc<dyn BlobStore>,
+    _dir: tempfile::TempDir,
+}
+
+struct Options {
+    endpoints_before: Vec<String>,
+    tag_ttl: Duration,
+    deny: Vec<String>,
+    credentials: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            endpoints_before: Vec::new(),
+            tag_ttl: Duration::from_secs(300),
+            deny: Vec::new(),
+            credentials: false,
+        }
+    }
+}
+
+/// pier mirroring the fake upstream as `up.example` (and as the default upstream).
+async fn setup(opts: Options) -> Setup {
+    let fake: Fake = Arc::new(Upstreamish::default());
+    let upstream_url = serve(
+        axum::Router::new()
+            .fallback(fake_registry)
+            .with_state(fake.clone()),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let blobs: Arc<dyn BlobStore> = FsBlobStore::open(dir.path()).await.expect("blobs");
+    let meta: Arc<dyn MetaStore> = Arc::new(RedbMetaStore::in_memory().expect("meta"));
+    let registry = Arc::new(Registry::new(
+        blobs.clone(),
+        meta.clone(),
+        Limits::default(),
+    ));
+    let (metrics, mm) = Metrics::new_with(|r| Arc::new(MirrorMetrics::new(r)));
+    let mut endpoints = opts.endpoints_before.clone();
+    endpoints.push(upstream_url);
+    let mut config = UpstreamConfig::new("up.example", endpoints);
+    config.cooldown = Duration::from_secs(60);
+    if opts.credentials {
+        config.username = Some("robot".into());
+        config.password = Some("secret".into());
+    }
+    let client = Upstream::new(config, mm.clone()).expect("upstream");
+    let mirror = Mirror::new(
+        vec![UpstreamEntry {
+            client,
+            tag_ttl: opts.tag_ttl,
+            allow: Vec::new(),
+            deny: opts.deny,
+        }],
+        Some("up.example".into()),
+        blobs.clone(),
+        meta,
+        4 << 20,
+        mm,
+    );
+    let state = AppState::with_mirror(registry, mirror, metrics);
+    let pier = serve(pier_server::router(state)).await;
+    Setup {
+        pier,
+        fake,
+        blobs,
+        _dir: dir,
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn get(url: &str) -> (StatusCode, HeaderMap, Result<Bytes, String>) {
+    let resp = client().get(url).send().await.expect("request");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.bytes().await.map_err(|e| e.to_string());
+    (status, headers, body)
+}
+
+fn code(body: &Result<Bytes, String>) -> String {
+    let b = body.as_ref().expect("body");
+    serde_json::from_slice::<serde_json::Value>(b).expect("json")["errors"][0]["code"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+async fn metrics(pier: &str) -> String {
+    client()
+        .get(format!("{pier}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cold_gets_fetch_once_and_all_get_the_bytes() {
+    let s = setup(Options::default()).await;
+    let data = pseudo_random(8 << 20, 7);
+    let d = s.fake.add_blob(data.clone());
+    s.fake.set(|b| b.slow = true);
+    let url = format!("{}/v2/up.example/team/app/blobs/{d}", s.pier);
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move { get(&url).await }));
+    }
+    for t in tasks {
+        let (status, headers, body) = t.await.expect("task");
+        assert_eq!(status, 200);
+        assert_eq!(
+            headers.get("content-length").and_then(|v| v.to_str().ok()),
+            Some("8388608")
+        );
+        let body = body.expect("complete body");
+        assert!(body == data, "a client got wrong bytes");
+    }
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        1,
+        "one upstream GET"
+    );
+    assert_eq!(s.fake.blob_bytes.load(Ordering::SeqCst), 8 << 20);
+    // Warm: served locally, upstream untouched.
+    let (status, _, body) = get(&url).await;
+    assert_eq!(
+        (status, body.expect("body") == data),
+        (StatusCode::OK, true)
+    );
+    assert_eq!(s.fake.blob_gets.load(Ordering::SeqCst), 1);
+    assert_eq!(s.blobs.stat(&d).await.expect("stat"), Some(8 << 20));
+    let m = metrics(&s.pier).await;
+    assert!(
+        m.contains(
+            r#"pier_mirror_requests_total{upstream="up.example",kind="blob",result="miss"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            r#"pier_mirror_requests_total{upstream="up.example",kind="blob",result="hit"} 1"#
+        ),
+        "{m}"
+    );
+    assert!(m.contains("pier_mirror_fills_in_flight 0"), "{m}");
+}
+
+#[tokio::test]
+async fn corrupt_upstream_bytes_abort_the_response_and_nothing_is_cached() {
+    let s = setup(Options::default()).await;
+    let data = pseudo_random(1 << 20, 3);
+    let d = s.fake.add_blob(data.clone());
+    s.fake.set(|b| b.corrupt = true);
+    let url = format!("{}/v2/team/app/blobs/{d}?ns=up.example", s.pier);
+    let (status, _, body) = get(&url).await;
+    assert_eq!(status, 200, "headers go out before the digest is known");
+    assert!(
+        body.is_err(),
+        "the body must not end cleanly after wrong bytes"
+    );
+    assert_eq!(
+        s.blobs.stat(&d).await.expect("stat"),
+        None,
+        "nothing cached"
+    );
+    // Once the upstream behaves, the blob is fetched again and is right.
+    s.fake.set(|b| b.corrupt = false);
+    let (status, _, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert!(body.expect("body") == data);
+    assert_eq!(s.fake.blob_gets.load(Ordering::SeqCst), 2);
+    let m = metrics(&s.pier).await;
+    assert!(
+        m.contains(r#"pier_mirror_corrupt_total{upstream="up.example"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn a_cut_stream_resumes_with_range() {
+    let s = setup(Options::default()).await;
+    let data = pseudo_random(3 << 20, 5);
+    let d = s.fake.add_blob(data.clone());
+    s.fake.set(|b| b.cut_after = Some(1_000_000));
+    let (status, _, body) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
+    assert_eq!(status, 200);
+    assert!(body.expect("body") == data, "resumed bytes must be intact");
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        2,
+        "first GET, then a Range GET"
+    );
+    assert_eq!(
+        s.fake.blob_bytes.load(Ordering::SeqCst),
+        3 << 20,
+        "no byte fetched twice"
+    );
+}
+
+#[tokio::test]
+async fn failover_to_the_next_endpoint_and_bench_the_dead_one() {
+    // A port nothing listens on: connection refused.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        format!("http://{}", l.local_addr().expect("addr"))
+    };
+    let s = setup(Options {
+        endpoints_before: vec![dead.clone()],
+        ..Options::default()
+    })
+    .await;
+    let d = s.fake.add_blob(b"failover".to_vec());
+    let (status, _, body) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.expect("body").as_ref(), b"failover");
+    let m = metrics(&s.pier).await;
+    assert!(
+        m.contains(&format!(
+            r#"pier_upstream_endpoint_healthy{{upstream="up.example",endpoint="{dead}"}} 0"#
+        )),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn head_of_an_uncached_blob_does_not_download_it() {
+    let s = setup(Options::default()).await;
+    let d = s.fake.add_blob(pseudo_random(4096, 9));
+    let resp = client()
+        .head(format!("{}/v2/up.example/r/blobs/{d}", s.pier))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok()),
+        Some("4096")
+    );
+    assert_eq!(s.fake.blob_heads.load(Ordering::SeqCst), 1);
+    assert_eq!(s.fake.blob_gets.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn not_found_upstream_is_a_fast_404() {
+    let s = setup(Options::default()).await;
+    let (status, _, body) = get(&format!("{}/v2/up.example/r/manifests/nope", s.pier)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN".into())
+    );
+    let missing = Digest::sha256(b"missing");
+    let (status, _, body) = get(&format!("{}/v2/up.example/r/blobs/{missing}", s.pier)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::NOT_FOUND, "BLOB_UNKNOWN".into())
+    );
+}
+
+#[tokio::test]
+async fn tags_are_cached_revalidated_and_served_stale_when_the_upstream_is_down() {
+    let s = setup(Options {
+        tag_ttl: Duration::ZERO,
+        ..Options::default()
+    })
+    .await;
+    let layer = s.fake.add_blob(b"layer".to_vec());
+    let d1 = s.fake.add_manifest("team/app", "v1", &[(&layer, 5)]);
+    let url = format!("{}/v2/up.example/team/app/manifests/v1", s.pier);
+    let (status, h, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("x-pier-cache").and_then(|v| v.to_str().ok()),
+        Some("miss")
+    );
+    assert_eq!(
+        h.get("docker-content-digest").and_then(|v| v.to_str().ok()),
+        Some(d1.to_string().as_str())
+    );
+    assert_eq!(Digest::sha256(&body.expect("body")), d1, "exact bytes");
+    // TTL 0: revalidated with a HEAD, not downloaded again.
+    let gets = s.fake.manifest_gets.load(Ordering::SeqCst);
+    let (status, _, _) = get(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.fake.manifest_gets.load(Ordering::SeqCst),
+        gets,
+        "unchanged tag: no GET"
+    );
+    assert!(s.fake.manifest_heads.load(Ordering::SeqCst) >= 1);
+    // The tag moves upstream: the new manifest is served.
+    let d2 = s
+        .fake
+        .add_manifest("team/app", "v1", &[(&layer, 5), (&layer, 5)]);
+    let (_, h, _) = get(&url).await;
+    assert_eq!(
+        h.get("docker-content-digest").and_then(|v| v.to_str().ok()),
+        Some(d2.to_string().as_str())
+    );
+    // Upstream down: the last known manifest is served, marked stale.
+    s.fake.set(|b| b.down = true);
+    let (status, h, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("x-pier-cache").and_then(|v| v.to_str().ok()),
+        Some("stale")
+    );
+    assert_eq!(Digest::sha256(&body.expect("body")), d2);
+    // ... and by digest, from cache.
+    let (status, _, _) = get(&format!("{}/v2/up.example/team/app/manifests/{d1}", s.pier)).await;
+    assert_eq!(status, 200);
+    // A tag never seen cannot be served: 502.
+    let (status, _, body) = get(&format!("{}/v2/up.example/team/app/manifests/v9", s.pier)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::BAD_GATEWAY, "UNAVAILABLE".into())
+    );
+    let m = metrics(&s.pier).await;
+    assert!(m.contains(r#"kind="manifest",result="stale"} 1"#), "{m}");
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_once_and_reused() {
+    let s = setup(Options::default()).await;
+    s.fake.set(|b| b.token = Some(false));
+    let a = s.fake.add_blob(b"a".to_vec());
+    let b = s.fake.add_blob(b"b".to_vec());
+    for d in [&a, &b] {
+        let (status, _, _) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
+        assert_eq!(status, 200);
+    }
+    assert_eq!(s.fake.token_requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn token_endpoint_refusing_anonymous_is_403_and_credentials_fix_it() {
+    let anon = setup(Options::default()).await;
+    anon.fake.set(|b| b.token = Some(true));
+    let layer = anon.fake.add_blob(b"l".to_vec());
+    anon.fake.add_manifest("private/app", "v1", &[(&layer, 1)]);
+    let (status, _, body) = get(&format!(
+        "{}/v2/up.example/private/app/manifests/v1",
+        anon.pier
+    ))
+    .await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "DENIED".into())
+    );
+
+    let creds = setup(Options {
+        credentials: true,
+        ..Options::default()
+    })
+    .await;
+    creds.fake.set(|b| b.token = Some(true));
+    let layer = creds.fake.add_blob(b"l".to_vec());
+    creds.fake.add_manifest("private/app", "v1", &[(&layer, 1)]);
+    let (status, _, _) = get(&format!(
+        "{}/v2/up.example/private/app/manifests/v1",
+        creds.pier
+    ))
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn routing_precedence_and_read_only_mirrors() {
+    let s = setup(Options {
+        deny: vec!["secret/**".into()],
+        ..Options::default()
+    })
+    .await;
+    let layer = s.fake.add_blob(b"x".to_vec());
+    let d = s.fake.add_manifest("library/nginx", "1", &[(&layer, 1)]);
+    // Default upstream, with Docker Hub style normalisation only for docker.io (not here).
+    let (status, _, _) = get(&format!("{}/v2/library/nginx/manifests/1", s.pier)).await;
+    assert_eq!(status, 200);
+    // ?ns= and the path prefix reach the same cache.
+    let (status, h, _) = get(&format!(
+        "{}/v2/library/nginx/manifests/1?ns=up.example",
+        s.pier
+    ))
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("x-pier-cache").and_then(|v| v.to_str().ok()),
+        Some("hit")
+    );
+    let (status, h, _) = get(&format!(
+        "{}/v2/up.example/library/nginx/manifests/{d}",
+        s.pier
+    ))
+    .await;
+    assert_eq!(
+        (status, h.get("x-pier-cache").and_then(|v| v.to_str().ok())),
+        (StatusCode::OK, Some("hit"))
+    );
+    // Mirrored repositories are read-only.
+    let resp = client()
+        .post(format!(
+            "{}/v2/up.example/library/nginx/blobs/uploads/",
+            s.pier
+        ))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(resp.status(), 405);
+    // Deny list.
+    let (status, _, body) = get(&format!("{}/v2/up.example/secret/x/manifests/1", s.pier)).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::FORBIDDEN, "DENIED".into())
+    );
+    // A pushed (hosted) repository wins over the default upstream.
+    let blob = b"hosted";
+    let hd = Digest::sha256(blob);
+    let resp = client()
+        .post(format!("{}/v2/mine/app/blobs/uploads/?digest={hd}", s.pier))
+        .body(blob.to_vec())
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(resp.status(), 201);
+    let (status, _, body) = get(&format!("{}/v2/mine/app/blobs/{hd}", s.pier)).await;
+    assert_eq!(
+        (status, body.expect("body").as_ref()),
+        (StatusCode::OK, &blob[..])
+    );
+    // A blob HEAD in a repository nobody pushed or pulled: local 404, the upstream is not asked.
+    let heads = s.fake.blob_heads.load(Ordering::SeqCst);
+    let resp = client()
+        .head(format!("{}/v2/fresh/repo/blobs/{hd}", s.pier))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(resp.status(), 404);
+    assert_eq!(s.fake.blob_heads.load(Ordering::SeqCst), heads);
+}
