@@ -4,8 +4,9 @@
 //! that wants the blob meanwhile reads the spool as it grows. The fill runs in its own task, so
 //! a client that disconnects does not stop it. When the last byte is in, the digest is checked:
 //! a match commits the spool into the blob store, a mismatch discards it and every reader's
-//! response is aborted. Readers never receive the final byte of a blob before it is verified,
-//! and a `Range` that ends before the blob does is answered only from verified bytes.
+//! response is aborted. Readers never receive the final byte of a blob before it is verified
+//! (they get it as soon as the hash matches, without waiting for the fsync that makes the cache
+//! durable), and a `Range` that ends before the blob does is answered only from verified bytes.
 
 use std::sync::{Arc, OnceLock};
 
@@ -24,6 +25,8 @@ pub struct Progress {
     pub size: Option<u64>,
     /// Bytes written to the spool.
     pub written: u64,
+    /// Every byte is in the spool and matches the digest (durability may still be pending).
+    pub verified: bool,
     /// `Some(Ok)` once verified and committed, `Some(Err)` if the fill failed.
     pub outcome: Option<Result<(), FillError>>,
 }
@@ -113,7 +116,7 @@ impl Fill {
                     s.done = true;
                     return Some((Err(std::io::Error::other(e.to_string())), s));
                 }
-                let verified = matches!(p.outcome, Some(Ok(())));
+                let verified = p.verified || matches!(p.outcome, Some(Ok(())));
                 let end = s.end.or(p.size).map(|e| e.min(p.size.unwrap_or(u64::MAX)));
                 if let Some(end) = end {
                     if s.pos >= end && (verified || end == 0) {
