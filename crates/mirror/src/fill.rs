@@ -8,7 +8,8 @@
 //! (they get it as soon as the hash matches, without waiting for the fsync that makes the cache
 //! durable), and a `Range` that ends before the blob does is answered only from verified bytes.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use pier_store::{ByteStream, Spool};
@@ -16,6 +17,9 @@ use tokio::sync::watch;
 
 /// Bytes per read from a spool.
 const CHUNK: u64 = 256 * 1024;
+/// Bytes of recent batches kept in memory for readers. Must exceed what the writer may lag
+/// (the fill's write backlog), so a byte is always in memory or on disk.
+const RECENT_BYTES: u64 = 48 * 1024 * 1024;
 
 /// How far a fill has got.
 #[derive(Debug, Clone, Default)]
@@ -23,6 +27,8 @@ pub struct Progress {
     /// The upstream answered: the size it gave (if any) is in `size`.
     pub started: bool,
     pub size: Option<u64>,
+    /// Bytes received from the upstream (in the recent window or on disk).
+    pub received: u64,
     /// Bytes written to the spool.
     pub written: u64,
     /// Every byte is in the spool and matches the digest (durability may still be pending).
@@ -55,6 +61,8 @@ impl std::fmt::Display for FillError {
 pub struct Fill {
     pub(crate) progress: watch::Sender<Progress>,
     pub(crate) spool: OnceLock<Spool>,
+    /// The latest batches, by offset, so readers keeping up never wait for the disk.
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
 
 impl Fill {
@@ -62,7 +70,31 @@ impl Fill {
         Arc::new(Fill {
             progress: watch::Sender::new(Progress::default()),
             spool: OnceLock::new(),
+            recent: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Keep a batch starting at `offset` in the recent window, dropping the oldest beyond it.
+    pub(crate) fn remember(&self, offset: u64, batch: Bytes) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.push_back((offset, batch));
+        let mut total: u64 = recent.iter().map(|(_, b)| b.len() as u64).sum();
+        while total > RECENT_BYTES && recent.len() > 1 {
+            if let Some((_, b)) = recent.pop_front() {
+                total -= b.len() as u64;
+            }
+        }
+    }
+
+    /// Up to `len` bytes at `offset` from the recent window.
+    fn recent_at(&self, offset: u64, len: u64) -> Option<Bytes> {
+        let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, batch) = recent
+            .iter()
+            .find(|(o, b)| *o <= offset && offset < *o + b.len() as u64)?;
+        let from = (offset - start) as usize;
+        let to = (from + len as usize).min(batch.len());
+        Some(batch.slice(from..to))
     }
 
     /// Wait until the upstream has answered (or the fill failed). Returns the size if known.
@@ -123,22 +155,32 @@ impl Fill {
                         return None;
                     }
                 }
-                if verified && end.is_none() && s.pos >= p.written {
+                if verified && end.is_none() && s.pos >= p.received {
                     return None;
                 }
                 // What may be handed out now: everything once verified; before that, all but
                 // the last byte when reading to the blob's end, nothing for an inner range.
                 let to_blob_end = s.end.is_none() || s.end == p.size;
                 let available = if verified {
-                    p.written
+                    p.received
                 } else if to_blob_end {
-                    p.written.saturating_sub(1)
+                    p.received.saturating_sub(1)
                 } else {
                     0
                 };
                 let limit = end.map_or(available, |e| available.min(e));
                 if limit > s.pos {
-                    let len = (limit - s.pos).min(CHUNK) as usize;
+                    if let Some(b) = s.fill.recent_at(s.pos, limit - s.pos) {
+                        s.pos += b.len() as u64;
+                        return Some((Ok(b), s));
+                    }
+                    // Not in memory any more, so on disk: read only what the writer wrote.
+                    let on_disk = limit.min(p.written);
+                    if on_disk <= s.pos {
+                        s.done = true;
+                        return Some((Err(std::io::Error::other("fill bytes lost")), s));
+                    }
+                    let len = (on_disk - s.pos).min(CHUNK) as usize;
                     let Some(spool) = s.fill.spool.get() else {
                         s.done = true;
                         return Some((Err(std::io::Error::other("spool missing")), s));

@@ -31,6 +31,8 @@ use crate::metrics::MirrorMetrics;
 
 /// Bytes a fill gathers from the upstream before handing them to its writer thread.
 const FILL_BATCH: usize = 512 * 1024;
+/// Batches the disk may lag behind the network before the fill stops reading the upstream.
+const WRITE_BACKLOG: usize = 32;
 
 /// An upstream and the policy pier applies to it.
 pub struct UpstreamEntry {
@@ -507,78 +509,93 @@ impl Mirror {
             p.started = true;
             p.size = size;
         });
-        // Disk writes and hashing on a blocking thread; this task keeps receiving.
-        let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+        // The disk is often slower than the network: the writer thread writes while this task
+        // keeps receiving, hashing and handing batches to readers straight from memory (the
+        // fill's recent window). The channel bounds how far the disk may lag.
+        let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_BACKLOG);
         let writer_spool = spool.clone();
         let progress = fill.clone();
-        let algorithm = digest.algorithm();
-        let expected = digest.clone();
-        let writer = tokio::task::spawn_blocking(move || -> Result<(u64, Digest), FillError> {
-            let mut hasher = Hasher::new(algorithm);
+        let writer = tokio::task::spawn_blocking(move || -> Result<u64, FillError> {
             let mut pos = 0u64;
             while let Some(chunk) = rx.blocking_recv() {
-                hasher.update(&chunk);
                 writer_spool
                     .write_at(&chunk, pos)
                     .map_err(|e| FillError::Store(e.to_string()))?;
                 pos += chunk.len() as u64;
                 progress.progress.send_modify(|p| p.written = pos);
             }
-            let actual = hasher.finish();
-            // Readers may have the last byte as soon as the bytes are known to be right; the
-            // fsync that makes them durable is the cache's business, not the client's.
-            if actual == expected && size.is_none_or(|s| s == pos) {
-                progress.progress.send_modify(|p| p.verified = true);
-            }
             writer_spool
                 .sync()
                 .map_err(|e| FillError::Store(e.to_string()))?;
-            Ok((pos, actual))
+            Ok(pos)
         });
         // Upstream frames are small (often 16 KiB); batching them keeps syscalls, wake-ups of
         // readers and channel hops per byte low. Readers see progress a batch at a time.
+        let mut hasher = Hasher::new(digest.algorithm());
+        let mut received = 0u64;
         let mut streamed: Result<(), FillError> = Ok(());
         let mut pending = BytesMut::with_capacity(FILL_BATCH);
-        while let Some(chunk) = body.next().await {
-            match chunk {
-                Ok(c) => {
+        let mut upstream_ended = false;
+        loop {
+            let next = if upstream_ended {
+                None
+            } else {
+                body.next().await
+            };
+            let flush = match &next {
+                Some(Ok(c)) => {
                     self.metrics
                         .upstream_bytes(r.upstream_name(), c.len() as u64);
-                    pending.extend_from_slice(&c);
-                    if pending.len() >= FILL_BATCH
-                        && tx.send(pending.split().freeze()).await.is_err()
-                    {
-                        break;
-                    }
+                    hasher.update(c);
+                    pending.extend_from_slice(c);
+                    pending.len() >= FILL_BATCH
                 }
-                Err(e) => {
-                    streamed = Err(up_err(e));
+                Some(Err(e)) => {
+                    streamed = Err(up_err(e.clone()));
+                    break;
+                }
+                None => {
+                    upstream_ended = true;
+                    !pending.is_empty()
+                }
+            };
+            if flush {
+                let batch = pending.split().freeze();
+                let len = batch.len() as u64;
+                fill.remember(received, batch.clone());
+                received += len;
+                fill.progress.send_modify(|p| p.received = received);
+                if tx.send(batch).await.is_err() {
                     break;
                 }
             }
+            if upstream_ended {
+                break;
+            }
         }
-        if streamed.is_ok() && !pending.is_empty() {
-            let _ = tx.send(pending.freeze()).await;
-        }
-        drop(tx);
-        let written = writer.await.map_err(|e| FillError::Store(e.to_string()))?;
-        let verified = streamed.and_then(|()| {
-            let (n, actual) = written?;
+        let checked = streamed.and_then(|()| {
+            let actual = hasher.finish();
             if actual != *digest {
                 return Err(FillError::Corrupt(format!(
                     "expected {digest}, got {actual}"
                 )));
             }
-            if size.is_some_and(|s| s != n) {
+            if size.is_some_and(|s| s != received) {
                 return Err(FillError::Corrupt(format!(
-                    "announced {} bytes, got {n}",
+                    "announced {} bytes, got {received}",
                     size.unwrap_or(0)
                 )));
             }
-            Ok(n)
+            // Readers may have the last byte as soon as the bytes are known to be right; the
+            // write and fsync that make them durable are the cache's business, not theirs.
+            fill.progress.send_modify(|p| p.verified = true);
+            Ok(())
         });
-        let n = match verified {
-            Ok(n) => n,
+        drop(tx);
+        let written = writer.await.map_err(|e| FillError::Store(e.to_string()));
+        let n = match checked.and_then(|()| written?) {
+            Ok(n) if n == received => n,
+            Ok(n) => Err(FillError::Store(format!("wrote {n} of {received} bytes")))?,
             Err(e) => {
                 if matches!(e, FillError::Corrupt(_)) {
                     self.metrics.corrupt(r.upstream_name());
