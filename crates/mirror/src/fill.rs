@@ -41,6 +41,10 @@ pub struct Progress {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FillError {
     NotFound,
+    /// The upstream refused pier's credentials (or lack of them).
+    Denied(String),
+    /// The upstream kept answering 429.
+    TooManyRequests,
     Upstream(String),
     Corrupt(String),
     Store(String),
@@ -50,6 +54,8 @@ impl std::fmt::Display for FillError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FillError::NotFound => write!(f, "not found upstream"),
+            FillError::Denied(e) => write!(f, "upstream refused access: {e}"),
+            FillError::TooManyRequests => write!(f, "upstream is rate limiting (429)"),
             FillError::Upstream(e) => write!(f, "upstream failed: {e}"),
             FillError::Corrupt(e) => write!(f, "upstream sent corrupt content: {e}"),
             FillError::Store(e) => write!(f, "storing failed: {e}"),

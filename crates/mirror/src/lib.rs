@@ -489,8 +489,11 @@ impl Mirror {
         digest: &Digest,
         fill: &Arc<Fill>,
     ) -> Result<(), FillError> {
+        // Keep the kind of failure: a client must see 403 or 429, not a generic 502.
         let up_err = |e: UpstreamError| match e {
             UpstreamError::NotFound => FillError::NotFound,
+            UpstreamError::Denied(why) => FillError::Denied(why),
+            UpstreamError::TooManyRequests => FillError::TooManyRequests,
             other => FillError::Upstream(other.to_string()),
         };
         let (size, mut body) = r

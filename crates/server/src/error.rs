@@ -86,10 +86,12 @@ impl ApiError {
             | MirrorError::Fill(FillError::NotFound) => {
                 ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
             }
-            MirrorError::Upstream(UpstreamError::Denied(_)) => {
+            MirrorError::Upstream(UpstreamError::Denied(_))
+            | MirrorError::Fill(FillError::Denied(_)) => {
                 ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, msg)
             }
-            MirrorError::Upstream(UpstreamError::TooManyRequests) => ApiError::new(
+            MirrorError::Upstream(UpstreamError::TooManyRequests)
+            | MirrorError::Fill(FillError::TooManyRequests) => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::TooManyRequests,
                 msg,

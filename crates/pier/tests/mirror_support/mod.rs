@@ -1,0 +1,1443 @@
+//! Support for the mirror interop tier (`mirror.rs`): pier started with upstreams, the CNCF
+//! distribution registry (`docker-registry`) as the upstream with its access log parsed,
+//! skopeo and a private containerd as clients, and small servers written here to misbehave on
+//! purpose: a throttling TCP proxy that can be killed mid-stream, an HTTP proxy that corrupts
+//! blob bodies, and a bearer-token issuer signing JWTs with the `openssl` CLI.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use crate::common::{find_on_path, free_port, http_status, put_manifest, Layout, WrittenImage};
+
+// ---------------------------------------------------------------------------------------------
+// The gate
+// ---------------------------------------------------------------------------------------------
+
+/// Whether a mirror interop test may run: only with `PIER_INTEROP=1`, and then every tool it
+/// needs must be installed (a missing one fails the test instead of skipping it).
+pub fn gate(tools: &[&str]) -> bool {
+    if std::env::var("PIER_INTEROP").as_deref() != Ok("1") {
+        println!(
+            "skipped: set PIER_INTEROP=1 to run this mirror interop test (it needs {})",
+            tools.join(", ")
+        );
+        return false;
+    }
+    for tool in tools {
+        if find_on_path(tool).is_none() {
+            let package = match *tool {
+                "ctr" | "containerd" => "containerd",
+                other => other,
+            };
+            panic!(
+                "PIER_INTEROP=1 but `{tool}` is not on PATH: install {package} \
+                 (apt-get install -y {package}, or run scripts/test.sh)"
+            );
+        }
+    }
+    true
+}
+
+/// An HTTP client that ignores proxy settings from the environment: everything here is on
+/// 127.0.0.1.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("build the HTTP client")
+}
+
+/// Run a future with a deadline, panicking with `what` when it passes.
+pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// base64
+// ---------------------------------------------------------------------------------------------
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+pub fn base64_std(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// base64url without padding, as JWTs use.
+pub fn base64_url(data: &[u8]) -> String {
+    base64_std(data)
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------------------------
+
+/// Stream a response body through sha256. `Err` when the body breaks off.
+pub async fn try_digest_of_response(
+    mut resp: reqwest::Response,
+) -> Result<(String, u64), reqwest::Error> {
+    let mut h = Sha256::new();
+    let mut len = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        h.update(&chunk);
+        len += chunk.len() as u64;
+    }
+    Ok((format!("sha256:{}", hex::encode(h.finalize())), len))
+}
+
+/// A response header as text, or "" when absent.
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The first OCI error code of an error body.
+pub fn error_code(body: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["errors"][0]["code"].as_str().map(String::from))
+        .unwrap_or_else(|| format!("<no OCI error in {:?}>", String::from_utf8_lossy(body)))
+}
+
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// Pull `image` through pier with plain HTTP: the manifest at `<base>/v2/<repo>/manifests/<tag>`
+/// (+ `query`), then every blob, each checked against its digest. Returns the manifest's
+/// `X-Pier-Cache`.
+pub async fn pull_http(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    query: &str,
+    image: &WrittenImage,
+) -> String {
+    let resp = http
+        .get(format!("{base}/v2/{repo}/manifests/{tag}{query}"))
+        .header(reqwest::header::ACCEPT, MANIFEST_ACCEPT)
+        .send()
+        .await
+        .expect("GET manifest through pier");
+    let status = resp.status();
+    let cache = header(&resp, "x-pier-cache");
+    let digest = header(&resp, "docker-content-digest");
+    let body = resp.bytes().await.expect("manifest body");
+    assert_eq!(
+        status,
+        reqwest::StatusCode::OK,
+        "GET {repo}:{tag}{query} through pier: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(
+        body.as_ref(),
+        image.manifest_bytes.as_slice(),
+        "manifest bytes of {repo}:{tag}"
+    );
+    assert_eq!(digest, image.manifest.digest, "Docker-Content-Digest");
+    for blob in image.blobs() {
+        let resp = http
+            .get(format!("{base}/v2/{repo}/blobs/{}{query}", blob.digest))
+            .send()
+            .await
+            .expect("GET blob through pier");
+        assert_eq!(
+            resp.status(),
+            reqwest::StatusCode::OK,
+            "GET {repo} blob {}",
+            blob.digest
+        );
+        let (got, len) = try_digest_of_response(resp)
+            .await
+            .unwrap_or_else(|e| panic!("body of {repo} blob {} broke: {e}", blob.digest));
+        assert_eq!(got, blob.digest, "bytes of {repo} blob {}", blob.digest);
+        assert_eq!(len, blob.size, "length of {repo} blob {}", blob.digest);
+    }
+    cache
+}
+
+// ---------------------------------------------------------------------------------------------
+// pier with upstreams
+// ---------------------------------------------------------------------------------------------
+
+/// How long a started pier or registry gets to answer `GET /v2/`.
+const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running `pier serve` on 127.0.0.1 with extra arguments (`--config`, `--upstream`).
+/// Dropping it SIGKILLs the process; on a panic the log's tail is printed.
+pub struct MirrorPier {
+    child: Option<Child>,
+    port: u16,
+    log_path: PathBuf,
+}
+
+impl MirrorPier {
+    /// Start pier with its data in `dir/data` and its log in `dir/pier.log`, and wait until
+    /// `GET /v2/` answers 200.
+    pub fn start(dir: &Path, args: &[String]) -> MirrorPier {
+        std::fs::create_dir_all(dir).expect("create the pier dir");
+        let log_path = dir.join("pier.log");
+        for attempt in 1..=5 {
+            let port = free_port();
+            let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+            let mut log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .expect("open the pier log");
+            writeln!(
+                log,
+                "=== test harness: pier serve --listen 127.0.0.1:{port} {} (attempt {attempt})",
+                args.join(" ")
+            )
+            .expect("write the pier log");
+            let child = Command::new(env!("CARGO_BIN_EXE_pier"))
+                .arg("serve")
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(dir.join("data"))
+                .args(args)
+                .env("NO_COLOR", "1")
+                .env_remove("PIER_LOG")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone the log handle"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn the pier binary");
+            let mut pier = MirrorPier {
+                child: Some(child),
+                port,
+                log_path: log_path.clone(),
+            };
+            let started = Instant::now();
+            loop {
+                if let Some(status) = pier
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    pier.child = None;
+                    let log = pier.log_since(log_start);
+                    if log.contains("cannot listen") && attempt < 5 {
+                        break;
+                    }
+                    panic!("pier exited with {status} before it was ready:\n{log}");
+                }
+                if http_status(port, "/v2/") == Some(200) {
+                    let log = pier.log_since(log_start);
+                    assert!(
+                        log.contains("pier is serving")
+                            && log.contains(&format!("127.0.0.1:{port}")),
+                        "pier answers but did not log \"pier is serving\" with its address:\n{log}"
+                    );
+                    return pier;
+                }
+                if started.elapsed() > READY_TIMEOUT {
+                    pier.kill();
+                    panic!(
+                        "pier did not answer GET /v2/ within {READY_TIMEOUT:?}:\n{}",
+                        pier.log_since(log_start)
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("pier found no free port in 5 attempts")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        self.log_since(0)
+    }
+
+    fn log_since(&self, offset: u64) -> String {
+        let bytes = std::fs::read(&self.log_path).unwrap_or_default();
+        let start = (offset as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A snapshot of `/metrics`.
+    pub async fn metrics(&self, http: &reqwest::Client) -> Metrics {
+        let resp = http
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert!(
+            resp.status().is_success(),
+            "GET /metrics: {}",
+            resp.status()
+        );
+        Metrics(resp.text().await.expect("metrics body"))
+    }
+}
+
+impl Drop for MirrorPier {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- last lines of the pier log {} ---\n{}\n--- end of pier log ---",
+                self.log_path.display(),
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            );
+        }
+    }
+}
+
+/// Write a pier config file: `[mirror]` without a default upstream (and without the built-in
+/// upstreams unless `builtins`), then `extra` (`[[upstream]]` tables).
+pub fn pier_config(path: &Path, builtins: bool, extra: &str) -> PathBuf {
+    let text =
+        format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = {builtins}\n\n{extra}");
+    std::fs::write(path, text).expect("write the pier config");
+    path.to_path_buf()
+}
+
+/// The text of `/metrics`, with sums over label subsets.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sum of every sample of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for line in self.0.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                continue;
+            }
+            let have: Vec<(&str, &str)> = label_text
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim(), v.trim_matches('"')))
+                .collect();
+            if labels.iter().all(|want| have.contains(want)) {
+                total += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        total
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The upstream: CNCF distribution (docker-registry)
+// ---------------------------------------------------------------------------------------------
+
+/// One request as docker-registry logged it on completion.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub method: String,
+    /// The request URI without its query.
+    pub path: String,
+    pub status: u16,
+    pub written: u64,
+    /// The `Host` the client sent: tells requests through a proxy from direct ones.
+    pub host: String,
+    pub user_agent: String,
+}
+
+/// A `docker-registry serve` on 127.0.0.1 with a JSON log (access log on). Killed on drop.
+pub struct Registry {
+    child: Option<Child>,
+    port: u16,
+    log_path: PathBuf,
+}
+
+impl Registry {
+    /// Start a registry storing under `storage` (several may share one), with its config and
+    /// log in `dir`. `auth` is a YAML `auth:` section or "".
+    pub fn start(dir: &Path, storage: &Path, auth: &str) -> Registry {
+        std::fs::create_dir_all(dir).expect("create the registry dir");
+        std::fs::create_dir_all(storage).expect("create the registry storage");
+        let log_path = dir.join("registry.log");
+        for _ in 1..=5 {
+            let port = free_port();
+            let config = format!(
+                "version: 0.1\n\
+                 log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: false\n\
+                 storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
+                 maintenance:\n    uploadpurging:\n      enabled: false\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  secret: pier-mirror-interop\n\
+                 {auth}\n",
+                storage = storage.display(),
+            );
+            let config_path = dir.join("config.yml");
+            std::fs::write(&config_path, config).expect("write the registry config");
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .expect("open the registry log");
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config_path)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("clone the log handle"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn docker-registry");
+            let mut reg = Registry {
+                child: Some(child),
+                port,
+                log_path: log_path.clone(),
+            };
+            let started = Instant::now();
+            loop {
+                if let Some(status) = reg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    reg.child = None;
+                    let log = reg.log();
+                    if log.contains("address already in use") {
+                        break;
+                    }
+                    panic!("docker-registry exited with {status}:\n{log}");
+                }
+                // 200, or 401 with token auth: either way it answers.
+                if http_status(port, "/v2/").is_some() {
+                    return reg;
+                }
+                if started.elapsed() > READY_TIMEOUT {
+                    panic!(
+                        "docker-registry did not answer within {READY_TIMEOUT:?}:\n{}",
+                        reg.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        panic!("docker-registry found no free port in 5 attempts")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+    }
+
+    /// SIGKILL the registry and wait for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every completed request in the log so far.
+    pub fn accesses(&self) -> Vec<Access> {
+        self.log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["msg"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("response completed"))
+            })
+            .map(|v| {
+                let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+                let uri = s("http.request.uri");
+                Access {
+                    method: s("http.request.method"),
+                    path: uri.split('?').next().unwrap_or("").to_string(),
+                    status: v["http.response.status"].as_u64().unwrap_or(0) as u16,
+                    written: v["http.response.written"].as_u64().unwrap_or(0),
+                    host: s("http.request.host"),
+                    user_agent: s("http.request.useragent"),
+                }
+            })
+            .collect()
+    }
+
+    /// The completed `GET`s of one blob.
+    pub fn blob_gets(&self, repo: &str, digest: &str) -> Vec<Access> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        self.accesses()
+            .into_iter()
+            .filter(|a| a.method == "GET" && a.path == path)
+            .collect()
+    }
+
+    /// Poll the log until `f` holds for the blob's completed GETs (docker-registry logs a
+    /// request after its last byte, a moment after the client has it).
+    pub async fn wait_blob_gets(
+        &self,
+        repo: &str,
+        digest: &str,
+        f: impl Fn(&[Access]) -> bool,
+    ) -> Vec<Access> {
+        let started = Instant::now();
+        loop {
+            let gets = self.blob_gets(repo, digest);
+            if f(&gets) || started.elapsed() > Duration::from_secs(10) {
+                return gets;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- last lines of the registry log {} ---\n{}\n--- end of registry log ---",
+                self.log_path.display(),
+                lines[lines.len().saturating_sub(30)..].join("\n")
+            );
+        }
+    }
+}
+
+/// Push one blob into a distribution registry: `POST` an upload, then `PUT ?digest=` with the
+/// file streamed as the body (distribution has no single-request monolithic upload).
+pub async fn push_blob(http: &reqwest::Client, base: &str, repo: &str, file: &Path, digest: &str) {
+    let size = std::fs::metadata(file).expect("stat blob").len();
+    let resp = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .expect("start upload");
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED, "POST upload");
+    let location = header(&resp, "location");
+    let url = if location.starts_with("http") {
+        location
+    } else {
+        format!("{base}{location}")
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let body = tokio::fs::File::open(file).await.expect("open blob");
+    let resp = http
+        .put(format!("{url}{sep}digest={digest}"))
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(reqwest::Body::from(body))
+        .send()
+        .await
+        .expect("finish upload");
+    let status = resp.status();
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "PUT blob {digest}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+/// Push an image of `layout` into a distribution registry under `repo:tag`.
+pub async fn push_image(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    layout: &Layout,
+    image: &WrittenImage,
+) {
+    for blob in image.blobs() {
+        push_blob(
+            http,
+            base,
+            repo,
+            &layout.blob_path(&blob.digest),
+            &blob.digest,
+        )
+        .await;
+    }
+    put_manifest(
+        http,
+        base,
+        repo,
+        tag,
+        &image.manifest.media_type,
+        &image.manifest_bytes,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// skopeo
+// ---------------------------------------------------------------------------------------------
+
+/// skopeo, kept inside a test's tempdir: its TMPDIR, HOME and auth file are there. skopeo run
+/// as root writes a blob-info cache to /var/lib/containers whatever it is told, so as root it
+/// runs as `nobody`, whose cache goes under HOME.
+pub struct Skopeo {
+    scratch: PathBuf,
+    user: Option<u32>,
+}
+
+const NOBODY: u32 = 65534;
+
+impl Skopeo {
+    pub fn new(tmp: &Path) -> Skopeo {
+        let root = std::fs::metadata(tmp).expect("stat tempdir").uid() == 0;
+        let user = root.then_some(NOBODY);
+        if root {
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
+                .expect("open the tempdir to nobody");
+        }
+        let skopeo = Skopeo {
+            scratch: tmp.join("skopeo"),
+            user,
+        };
+        skopeo.writable_dir(&skopeo.scratch);
+        skopeo
+    }
+
+    /// Create a directory skopeo may write into.
+    pub fn writable_dir(&self, dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).expect("create dir");
+        if let Some(uid) = self.user {
+            std::os::unix::fs::chown(dir, Some(uid), Some(uid)).expect("chown to nobody");
+        }
+        dir.to_path_buf()
+    }
+
+    /// Run skopeo; panic with its output unless it succeeds. Returns stdout.
+    pub async fn run(&self, args: &[&str]) -> Vec<u8> {
+        let started = Instant::now();
+        let mut cmd = tokio::process::Command::new("skopeo");
+        cmd.arg("--insecure-policy")
+            .args(args)
+            .env("TMPDIR", &self.scratch)
+            .env("HOME", &self.scratch)
+            .env("XDG_DATA_HOME", self.scratch.join("share"))
+            .env("REGISTRY_AUTH_FILE", self.scratch.join("auth.json"))
+            .current_dir(&self.scratch)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(uid) = self.user {
+            cmd.uid(uid).gid(uid);
+        }
+        let out = within(Duration::from_secs(120), "skopeo", cmd.output())
+            .await
+            .expect("run skopeo");
+        println!("skopeo {} -- {:?}", args.join(" "), started.elapsed());
+        assert!(
+            out.status.success(),
+            "skopeo {} failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd
+// ---------------------------------------------------------------------------------------------
+
+/// A private containerd daemon, everything it writes under one directory; killed on drop.
+pub struct Containerd {
+    child: Option<Child>,
+    pub root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Containerd {
+        let root = dir.join("root");
+        let state = dir.join("state");
+        let socket = dir.join("containerd.sock");
+        let log = dir.join("containerd.log");
+        for d in [&root, &state] {
+            std::fs::create_dir_all(d).expect("create containerd dirs");
+        }
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+            root = root.display(),
+            state = state.display(),
+            socket = socket.display(),
+            opt = dir.join("opt").display(),
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("write containerd config");
+        let out = std::fs::File::create(&log).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .env("TMPDIR", dir)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("clone log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn containerd");
+        let mut c = Containerd {
+            child: Some(child),
+            root,
+            socket,
+            log,
+        };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = c.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
+                panic!("containerd exited with {status}:\n{}", c.log());
+            }
+            if c.socket.exists()
+                && c.ctr_command(&["version"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "containerd not answering on {} after 30 s:\n{}",
+                c.socket.display(),
+                c.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ctr");
+        cmd.arg("--address")
+            .arg(&self.socket)
+            .arg("--namespace")
+            .arg("pier-test")
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Run `ctr`; panic with its output and containerd's log unless it succeeds.
+    pub async fn ctr(&self, args: &[&str]) -> String {
+        let started = Instant::now();
+        let mut cmd = tokio::process::Command::from(self.ctr_command(args));
+        cmd.kill_on_drop(true);
+        let out = within(Duration::from_secs(120), "ctr", cmd.output())
+            .await
+            .expect("run ctr");
+        println!("ctr {} -- {:?}", args.join(" "), started.elapsed());
+        assert!(
+            out.status.success(),
+            "ctr {} failed ({}):\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ctr images pull` of `reference` with the registry hosts configured in `hosts_dir`.
+    pub async fn pull(&self, hosts_dir: &Path, reference: &str) -> String {
+        let hosts = hosts_dir.display().to_string();
+        self.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            reference,
+        ])
+        .await
+    }
+
+    /// The native snapshotter's snapshot directories.
+    pub fn snapshot_dirs(&self) -> Vec<PathBuf> {
+        let snapshots = self
+            .root
+            .join("io.containerd.snapshotter.v1.native")
+            .join("snapshots");
+        match std::fs::read_dir(&snapshots) {
+            Ok(rd) => rd
+                .map(|e| e.expect("snapshot entry").path())
+                .filter(|p| p.is_dir())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Assert each layer's file is unpacked in some snapshot with exactly its bytes, and that
+    /// one snapshot (the image's top) holds them all.
+    pub fn assert_unpacked(&self, image: &WrittenImage) {
+        let dirs = self.snapshot_dirs();
+        for layer in &image.layers {
+            let holders: Vec<&PathBuf> = dirs
+                .iter()
+                .filter(|d| d.join(&layer.file).is_file())
+                .collect();
+            assert!(
+                !holders.is_empty(),
+                "{} not unpacked in any snapshot of {}: {dirs:?}",
+                layer.file,
+                self.root.display()
+            );
+            for d in holders {
+                let f = d.join(&layer.file);
+                assert_eq!(
+                    crate::common::digest_of_file(&f),
+                    layer.file_digest,
+                    "unpacked bytes of {}",
+                    f.display()
+                );
+            }
+        }
+        assert!(
+            dirs.iter()
+                .any(|d| image.layers.iter().all(|l| d.join(&l.file).is_file())),
+            "no snapshot holds every layer's file: {dirs:?}"
+        );
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A throttling TCP proxy that can be killed
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP proxy on 127.0.0.1 in front of `target`, passing the server's bytes on at most `rate`
+/// bytes per second. [`TcpProxy::kill`] drops the listener and every connection at once, as if
+/// the process died. Dropping the proxy kills it too.
+pub struct TcpProxy {
+    port: u16,
+    forwarded: Arc<AtomicU64>,
+    kill: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: u16, rate: u64) -> TcpProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let (kill, _) = watch::channel(false);
+        let task = {
+            let forwarded = forwarded.clone();
+            let mut killed = kill.subscribe();
+            let kill = kill.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = killed.wait_for(|k| *k) => return,
+                        accepted = listener.accept() => {
+                            let Ok((client, _)) = accepted else { continue };
+                            let killed = kill.subscribe();
+                            tokio::spawn(proxy_conn(client, target, rate, forwarded.clone(), killed));
+                        }
+                    }
+                }
+            })
+        };
+        TcpProxy {
+            port,
+            forwarded,
+            kill,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes passed from the server to clients so far (headers included).
+    pub fn forwarded(&self) -> u64 {
+        self.forwarded.load(Ordering::Relaxed)
+    }
+
+    pub fn kill(&self) {
+        let _ = self.kill.send(true);
+        self.task.abort();
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn proxy_conn(
+    client: tokio::net::TcpStream,
+    target: u16,
+    rate: u64,
+    forwarded: Arc<AtomicU64>,
+    mut killed: watch::Receiver<bool>,
+) {
+    let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
+        return;
+    };
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async {
+        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+        let _ = sw.shutdown().await;
+    };
+    let down = async {
+        let began = Instant::now();
+        let mut sent = 0u64;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match sr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if cw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            sent += n as u64;
+            forwarded.fetch_add(n as u64, Ordering::Relaxed);
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(began.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        let _ = cw.shutdown().await;
+    };
+    tokio::select! {
+        _ = killed.wait_for(|k| *k) => {}
+        _ = async { tokio::join!(up, down) } => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// An HTTP proxy that corrupts blob bodies
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP proxy on 127.0.0.1 in front of a registry. While `corrupt` is set it flips one
+/// byte in the middle of every `200` body of a blob `GET`; otherwise it passes everything
+/// through unchanged.
+pub struct CorruptingProxy {
+    port: u16,
+    pub corrupt: Arc<AtomicBool>,
+    /// Blob `GET`s forwarded, by path.
+    pub blob_gets: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct ProxyState {
+    upstream: String,
+    client: reqwest::Client,
+    corrupt: Arc<AtomicBool>,
+    blob_gets: Arc<std::sync::Mutex<HashMap<String, u64>>>,
+}
+
+impl CorruptingProxy {
+    pub async fn start(upstream: &str) -> CorruptingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let corrupt = Arc::new(AtomicBool::new(true));
+        let blob_gets = Arc::new(std::sync::Mutex::new(HashMap::new()));
+        let state = ProxyState {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("proxy client"),
+            corrupt: corrupt.clone(),
+            blob_gets: blob_gets.clone(),
+        };
+        let app = axum::Router::new().fallback(forward).with_state(state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        CorruptingProxy {
+            port,
+            corrupt,
+            blob_gets,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// How many blob `GET`s for `path` went through.
+    pub fn gets_of(&self, path: &str) -> u64 {
+        self.blob_gets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for CorruptingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn forward(State(s): State<ProxyState>, req: Request) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or(path.clone(), |p| p.as_str().to_string());
+    let mut up = s
+        .client
+        .request(method.clone(), format!("{}{pq}", s.upstream));
+    for (k, v) in req.headers() {
+        if k != axum::http::header::HOST {
+            up = up.header(k, v);
+        }
+    }
+    let resp = match up.send().await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    let status = resp.status();
+    let blob_get = method == Method::GET && path.contains("/blobs/") && status == StatusCode::OK;
+    if blob_get {
+        *s.blob_gets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(path)
+            .or_default() += 1;
+    }
+    let flip_at = (blob_get && s.corrupt.load(Ordering::Relaxed))
+        .then(|| resp.content_length().unwrap_or(1) / 2);
+    let mut headers = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        if k != axum::http::header::TRANSFER_ENCODING && k != axum::http::header::CONNECTION {
+            headers.append(k, v.clone());
+        }
+    }
+    let mut pos = 0u64;
+    let body = resp.bytes_stream().map(move |chunk| {
+        chunk.map(|c| {
+            let start = pos;
+            pos += c.len() as u64;
+            match flip_at {
+                Some(at) if at >= start && at < pos => {
+                    let mut v = c.to_vec();
+                    v[(at - start) as usize] ^= 0x5a;
+                    axum::body::Bytes::from(v)
+                }
+                _ => c,
+            }
+        })
+    });
+    let mut out = Response::new(Body::from_stream(body));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// A bearer-token issuer
+// ---------------------------------------------------------------------------------------------
+
+/// A key and self-signed certificate made with the `openssl` CLI, for signing tokens.
+pub struct SigningKey {
+    pub key: PathBuf,
+    pub cert: PathBuf,
+    /// The certificate in DER, standard base64: the JWT header's `x5c`.
+    pub x5c: String,
+}
+
+pub fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {} failed:\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl SigningKey {
+    /// An RSA key and a certificate for it that distribution accepts: usable for digital
+    /// signatures (distribution requires that of the leaf) and its own root.
+    pub fn generate(dir: &Path) -> SigningKey {
+        std::fs::create_dir_all(dir).expect("create the key dir");
+        let key = dir.join("issuer.key");
+        let cert = dir.join("issuer.crt");
+        let der = dir.join("issuer.der");
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            key.to_str().expect("utf-8 path"),
+            "-out",
+            cert.to_str().expect("utf-8 path"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=pier-test-token-issuer",
+            "-addext",
+            "keyUsage=critical,digitalSignature,keyCertSign",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ]);
+        openssl(&[
+            "x509",
+            "-in",
+            cert.to_str().expect("utf-8 path"),
+            "-outform",
+            "DER",
+            "-out",
+            der.to_str().expect("utf-8 path"),
+        ]);
+        let x5c = base64_std(&std::fs::read(&der).expect("read the DER certificate"));
+        SigningKey { key, cert, x5c }
+    }
+}
+
+/// Counts of what the issuer did.
+#[derive(Default)]
+pub struct IssuerStats {
+    /// Tokens issued to requests with the right Basic credentials.
+    pub authenticated: AtomicU64,
+    /// Tokens issued to requests without credentials.
+    pub anonymous: AtomicU64,
+    /// Requests refused with 401.
+    pub refused: AtomicU64,
+}
+
+#[derive(Clone)]
+struct IssuerState {
+    key: PathBuf,
+    x5c: String,
+    issuer: String,
+    service: String,
+    /// `Basic <base64(user:password)>`
+    credentials: String,
+    user: String,
+    /// Repositories that need credentials; the others may be pulled anonymously.
+    private: Vec<String>,
+    stats: Arc<IssuerStats>,
+}
+
+/// A token endpoint in the style of Docker Hub's: `GET /token?service=…&scope=…`, answered with
+/// an RS256 JWT whose header carries the signing certificate (`x5c`). Repositories in `private`
+/// need the Basic credentials; any request with wrong credentials is refused.
+pub struct TokenIssuer {
+    port: u16,
+    pub stats: Arc<IssuerStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub const ISSUER: &str = "pier-test-issuer";
+pub const SERVICE: &str = "pier-test-registry";
+
+impl TokenIssuer {
+    pub async fn start(
+        key: &SigningKey,
+        user: &str,
+        password: &str,
+        private: &[&str],
+    ) -> TokenIssuer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the issuer");
+        let port = listener.local_addr().expect("issuer address").port();
+        let stats = Arc::new(IssuerStats::default());
+        let state = IssuerState {
+            key: key.key.clone(),
+            x5c: key.x5c.clone(),
+            issuer: ISSUER.into(),
+            service: SERVICE.into(),
+            credentials: format!(
+                "Basic {}",
+                base64_std(format!("{user}:{password}").as_bytes())
+            ),
+            user: user.into(),
+            private: private.iter().map(|s| s.to_string()).collect(),
+            stats: stats.clone(),
+        };
+        let app = axum::Router::new()
+            .route("/token", axum::routing::get(issue))
+            .with_state(state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TokenIssuer { port, stats, task }
+    }
+
+    pub fn realm(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// The registry's `auth:` section trusting this issuer.
+    pub fn registry_auth(&self, key: &SigningKey) -> String {
+        format!(
+            "auth:\n  token:\n    realm: {}\n    service: {SERVICE}\n    issuer: {ISSUER}\n    rootcertbundle: {}\n",
+            self.realm(),
+            key.cert.display()
+        )
+    }
+}
+
+impl Drop for TokenIssuer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn issue(
+    State(s): State<IssuerState>,
+    Query(params): Query<Vec<(String, String)>>,
+    headers: HeaderMap,
+) -> Response {
+    let refuse = |why: &str| {
+        s.stats.refused.fetch_add(1, Ordering::Relaxed);
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({ "details": why })),
+        )
+            .into_response()
+    };
+    let auth = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let authenticated = match auth {
+        Some(a) if a == s.credentials => true,
+        Some(_) => return refuse("incorrect username or password"),
+        None => false,
+    };
+    let mut access = Vec::new();
+    for (k, v) in &params {
+        if k == "service" && *v != s.service {
+            return refuse("unknown service");
+        }
+        if k != "scope" {
+            continue;
+        }
+        // repository:<name>:<actions>
+        let mut parts = v.splitn(2, ':');
+        let (Some("repository"), Some(rest)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some((name, _actions)) = rest.rsplit_once(':') else {
+            continue;
+        };
+        if s.private.iter().any(|p| p == name) && !authenticated {
+            return refuse("authentication required");
+        }
+        access.push(serde_json::json!({
+            "type": "repository", "name": name, "actions": ["pull"],
+        }));
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let header = serde_json::json!({ "typ": "JWT", "alg": "RS256", "x5c": [s.x5c] });
+    let claims = serde_json::json!({
+        "iss": s.issuer,
+        "sub": if authenticated { s.user.as_str() } else { "" },
+        "aud": s.service,
+        "exp": now + 300,
+        "nbf": now - 10,
+        "iat": now,
+        "jti": format!("{now}-{}", s.stats.authenticated.load(Ordering::Relaxed) + s.stats.anonymous.load(Ordering::Relaxed)),
+        "access": access,
+    });
+    let input = format!(
+        "{}.{}",
+        base64_url(header.to_string().as_bytes()),
+        base64_url(claims.to_string().as_bytes())
+    );
+    let signature = match sign(&s.key, input.as_bytes()).await {
+        Ok(sig) => sig,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+    };
+    let token = format!("{input}.{}", base64_url(&signature));
+    if authenticated {
+        s.stats.authenticated.fetch_add(1, Ordering::Relaxed);
+    } else {
+        s.stats.anonymous.fetch_add(1, Ordering::Relaxed);
+    }
+    axum::Json(serde_json::json!({
+        "token": token, "access_token": token, "expires_in": 300,
+    }))
+    .into_response()
+}
+
+/// RS256: an RSA PKCS#1 v1.5 signature over SHA-256, by `openssl dgst -sha256 -sign`.
+async fn sign(key: &Path, input: &[u8]) -> Result<Vec<u8>, String> {
+    let mut child = tokio::process::Command::new("openssl")
+        .arg("dgst")
+        .arg("-sha256")
+        .arg("-sign")
+        .arg(key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("spawn openssl: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    stdin
+        .write_all(input)
+        .await
+        .map_err(|e| format!("write to openssl: {e}"))?;
+    drop(stdin);
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("openssl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "openssl dgst -sign failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(out.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64_std(input.as_bytes()), want, "{input:?}");
+        }
+        assert_eq!(base64_url(&[0xfb, 0xff]), "-_8");
+    }
+}
