@@ -1,5 +1,6 @@
-//! The `pier` command: `pier serve` runs a node. Later subcommands (status, check, import, sync,
-//! warm, gc, bench, config) join here.
+//! The `pier` command: `pier serve` runs a node, `pier config` writes client configuration,
+//! `pier bench` loads a registry (the work is in the pier-bench crate). Later subcommands
+//! (status, check, import, sync, warm, gc) join here.
 
 mod clientconf;
 mod config;
@@ -29,6 +30,7 @@ enum Command {
     /// Write or print client configuration that pulls through this pier.
     #[command(subcommand)]
     Config(ConfigCommand),
+    Bench(Box<pier_bench::BenchArgs>),
 }
 
 #[derive(Subcommand)]
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
         Command::Serve(args) => serve::run(args),
         Command::Config(cmd) => client_config(cmd),
+        Command::Bench(args) => pier_bench::cli(*args).map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
