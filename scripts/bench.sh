@@ -31,9 +31,9 @@ cargo build --release -q -p pier
 PIER=$ROOT/target/release/pier
 
 if [[ -n ${BENCH_QUICK:-} ]]; then
-    BIG_MB=256 MID_MB=50 WRK_SECS=3 CLIENTS=8
+    BIG_MB=256 MID_MB=50 WRK_SECS=3 CLIENTS=8 PUSH_IMAGES=8 PUSH_LAYER=8MiB
 else
-    BIG_MB=1024 MID_MB=200 WRK_SECS=10 CLIENTS=32
+    BIG_MB=1024 MID_MB=200 WRK_SECS=10 CLIENTS=32 PUSH_IMAGES=16 PUSH_LAYER=64MiB
 fi
 
 WORK=$(mktemp -d /tmp/pier-bench.XXXXXX)
@@ -205,17 +205,18 @@ R[manifest_pier]=$(manifest_rps "http://127.0.0.1:$P_PIER/v2/bench/app/manifests
 R[manifest_dist]=$(manifest_rps "http://127.0.0.1:$P_DIST/v2/bench/app/manifests/v1")
 R[manifest_nginx]=$(manifest_rps "http://127.0.0.1:$P_NGINX/v2/bench/app/manifests/v1")
 
-# 4. Pushes: the whole image (config, mid and big blobs, manifest) to a new repository.
-push_secs() { # port
-    local start end i
-    start=$(date +%s.%N)
-    for i in 1 2 3; do push_image "$1" "push/r$i"; done
-    end=$(date +%s.%N)
-    echo "scale=0; 3 * ($BIG_MB + $MID_MB) * 1048576 / ($end - $start) / 1000000" | bc
+# 4. Pushes, with `pier bench push`: generated images of 3 fresh layers, 4 pushers at once.
+# Each run's JSON is kept, so a later run can be compared (`pier bench ... --compare FILE`).
+push_mbps() { # port name
+    "$PIER" bench --registry "http://127.0.0.1:$1" --no-progress --json \
+        -c 4 -n "$PUSH_IMAGES" push --repo "push/$2" --layers 3 --layer-size "$PUSH_LAYER" \
+        >"$OUT/push-$2.json"
+    python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["summary"]; \
+assert s["errors"] == 0, s["errors_by_kind"]; print(round(s["mb_per_s"]))' "$OUT/push-$2.json"
 }
 echo "== pushes" >&2
-R[push_pier]=$(push_secs $P_PIER)
-R[push_dist]=$(push_secs $P_DIST)
+R[push_pier]=$(push_mbps $P_PIER pier)
+R[push_dist]=$(push_mbps $P_DIST distribution)
 
 # 5-7. Mirrors: pier mirroring distribution, and distribution's proxy mode, of the same content.
 echo "== mirrors" >&2
@@ -268,7 +269,7 @@ ratio() { echo "scale=2; $1 / $2" | bc; }
     echo "| $CLIENTS concurrent ${MID_MB} MiB GETs, aggregate (MB/s) | ${R[many_nginx]} | ${R[many_dist]} | — | ${R[many_pier]} | $(ratio "${R[many_pier]}" "${R[many_dist]}")x |"
     echo "| peak RSS during those GETs (MiB) | ${R[rss_nginx]} | ${R[rss_dist]} | — | ${R[rss_pier]} | |"
     echo "| manifest GET by tag, 64 connections (req/s) | ${R[manifest_nginx]} | ${R[manifest_dist]} | — | ${R[manifest_pier]} | $(ratio "${R[manifest_pier]}" "${R[manifest_dist]}")x |"
-    echo "| push of a $((BIG_MB + MID_MB)) MiB image, 3 times (MB/s) | — | ${R[push_dist]} | — | ${R[push_pier]} | $(ratio "${R[push_pier]}" "${R[push_dist]}")x |"
+    echo "| push of $PUSH_IMAGES images of 3 x $PUSH_LAYER layers, 4 pushers, \`pier bench push\` (MB/s) | — | ${R[push_dist]} | — | ${R[push_pier]} | $(ratio "${R[push_pier]}" "${R[push_dist]}")x |"
     echo "| cold ${BIG_MB} MiB blob through the mirror (GB/s; direct from upstream: ${R[direct_big]}) | — | — | ${R[cold_proxy]} | ${R[cold_pier]} | pier $(ratio "${R[cold_pier]}" "${R[direct_big]}")x of direct, proxy $(ratio "${R[cold_proxy]}" "${R[direct_big]}")x |"
     echo "| warm manifest GET by tag through the mirror, 64 connections (req/s) | — | — | ${R[warm_proxy]} | ${R[warm_pier]} | $(ratio "${R[warm_pier]}" "${R[warm_proxy]}")x of proxy |"
     echo "| upstream GETs caused by 16 concurrent cold GETs of one blob | — | — | ${R[herd_proxy]} | ${R[herd_pier]} | |"
