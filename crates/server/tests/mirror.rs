@@ -720,3 +720,36 @@ async fn routing_precedence_and_read_only_mirrors() {
     assert_eq!(resp.status(), 404);
     assert_eq!(s.fake.blob_heads.load(Ordering::SeqCst), heads);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_does_not_cancel_the_fill() {
+    let s = setup(Options::default()).await;
+    let data = pseudo_random(4 << 20, 11);
+    let d = s.fake.add_blob(data.clone());
+    s.fake.set(|b| b.slow = true);
+    let url = format!("{}/v2/up.example/r/blobs/{d}", s.pier);
+    let resp = client().get(&url).send().await.expect("request");
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first chunk").expect("bytes");
+    assert!(!first.is_empty());
+    drop(body);
+    // The fill goes on without any client and lands in the store.
+    let mut cached = None;
+    for _ in 0..200 {
+        cached = s.blobs.stat(&d).await.expect("stat");
+        if cached.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(cached, Some(4 << 20), "the abandoned fill still completed");
+    let (status, _, body) = get(&url).await;
+    assert_eq!(status, 200);
+    assert!(body.expect("body") == data);
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        1,
+        "fetched once in all"
+    );
+}
