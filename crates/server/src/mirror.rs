@@ -18,8 +18,8 @@ type Result<T> = std::result::Result<T, ApiError>;
 /// 1. `?ns=<registry>` naming an upstream (containerd's mirror requests);
 /// 2. a first path segment naming an upstream (`/v2/ghcr.io/org/app/...`);
 /// 3. for reads of a repository not pushed here, the default upstream (Docker's
-///    `registry-mirrors`, which sends `library/nginx` and no `ns`). Blob reads take this route
-///    only once a manifest of the repository came through it: clients fetch a manifest before
+///    `registry-mirrors`, which sends `library/nginx` and no `ns`). Blob and referrers reads take
+///    this route only once a manifest of the repository came through it: clients fetch a manifest before
 ///    its blobs, and a pusher's `HEAD` of a blob in a new repository must get a quick local 404,
 ///    not a question to Docker Hub;
 /// 4. otherwise the repository is hosted.
@@ -41,7 +41,7 @@ pub(crate) async fn target(
     let read = *method == Method::GET || *method == Method::HEAD;
     let pullable = matches!(
         route,
-        Route::Manifest { .. } | Route::Blob { .. } | Route::Tags { .. }
+        Route::Manifest { .. } | Route::Blob { .. } | Route::Tags { .. } | Route::Referrers { .. }
     );
     if !read || !pullable {
         return Ok(None);
@@ -58,7 +58,7 @@ pub(crate) async fn target(
     let Some(r) = mirror.default_route(name).map_err(ApiError::from_mirror)? else {
         return Ok(None);
     };
-    if matches!(route, Route::Blob { .. }) {
+    if matches!(route, Route::Blob { .. } | Route::Referrers { .. }) {
         let cached = state
             .registry
             .meta_store()
@@ -168,6 +168,38 @@ pub(crate) async fn dispatch(
                 resp.headers_mut().insert(header::LINK, hv(&link));
             }
             Ok(resp)
+        }
+        (Route::Referrers { digest, .. }, &Method::GET) => {
+            // The upstream's answer when it has the referrers API; otherwise (a registry without
+            // it answers 404, or the upstream is down) what pier cached: referrers whose
+            // manifests came through this mirror.
+            match r
+                .upstream
+                .client
+                .referrers(&r.repo, &digest, &q.without_ns())
+                .await
+            {
+                Ok((body, filtered)) => {
+                    let mut resp = Response::builder()
+                        .status(StatusCode::OK)
+                        .header(header::CONTENT_TYPE, pier_oci::media::OCI_INDEX);
+                    if filtered {
+                        resp = resp.header("oci-filters-applied", "artifactType");
+                    }
+                    Ok(resp.body(Body::from(body)).unwrap_or_default())
+                }
+                Err(e) if e.is_outage() || matches!(e, pier_upstream::UpstreamError::NotFound) => {
+                    let cache: pier_oci::RepoName = r.cache_repo.parse().map_err(|_| {
+                        ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            ErrorCode::NameInvalid,
+                            "cache repository name",
+                        )
+                    })?;
+                    crate::v2::referrers(state, &cache, &digest, q).await
+                }
+                Err(e) => Err(ApiError::from_mirror(e.into())),
+            }
         }
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,

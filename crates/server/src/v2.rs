@@ -493,7 +493,7 @@ async fn put_upload(
     Ok(blob_created(name, &digest))
 }
 
-async fn referrers(
+pub(crate) async fn referrers(
     state: &AppState,
     name: &RepoName,
     digest: &Digest,

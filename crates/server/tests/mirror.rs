@@ -38,6 +38,10 @@ struct Behaviour {
     token: Option<bool>,
     /// Send blob bodies in pieces with a pause, so concurrent clients overlap.
     slow: bool,
+    /// Answer the next blob GET with 429 and `Retry-After: 1`.
+    throttle_once: bool,
+    /// Hold the next blob GET's response headers back this long.
+    stall_once: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -195,6 +199,14 @@ async fn fake_registry(State(fake): State<Fake>, req: Request<Body>) -> Response
                     .into_response();
             }
             fake.blob_gets.fetch_add(1, Ordering::SeqCst);
+            let throttle = std::mem::take(&mut fake.behaviour.lock().expect("lock").throttle_once);
+            if throttle {
+                return (StatusCode::TOO_MANY_REQUESTS, [("retry-after", "1")]).into_response();
+            }
+            let stall = fake.behaviour.lock().expect("lock").stall_once.take();
+            if let Some(pause) = stall {
+                tokio::time::sleep(pause).await;
+            }
             let range_start = req
                 .headers()
                 .get("range")
@@ -277,6 +289,7 @@ struct Setup {
 }
 
 struct Options {
+    first_byte: Option<Duration>,
     endpoints_before: Vec<String>,
     tag_ttl: Duration,
     deny: Vec<String>,
@@ -286,6 +299,7 @@ struct Options {
 impl Default for Options {
     fn default() -> Self {
         Options {
+            first_byte: None,
             endpoints_before: Vec::new(),
             tag_ttl: Duration::from_secs(300),
             deny: Vec::new(),
@@ -316,6 +330,9 @@ async fn setup(opts: Options) -> Setup {
     endpoints.push(upstream_url);
     let mut config = UpstreamConfig::new("up.example", endpoints);
     config.cooldown = Duration::from_secs(60);
+    if let Some(t) = opts.first_byte {
+        config.timeouts.first_byte = t;
+    }
     if opts.credentials {
         config.username = Some("robot".into());
         config.password = Some("secret".into());
@@ -752,4 +769,62 @@ async fn a_client_that_disconnects_does_not_cancel_the_fill() {
         1,
         "fetched once in all"
     );
+}
+
+#[tokio::test]
+async fn referrers_of_a_mirrored_repository_fall_back_to_the_cache() {
+    let s = setup(Options::default()).await;
+    let layer = s.fake.add_blob(b"l".to_vec());
+    let d = s.fake.add_manifest("team/app", "v1", &[(&layer, 1)]);
+    let (status, _, _) = get(&format!("{}/v2/up.example/team/app/manifests/v1", s.pier)).await;
+    assert_eq!(status, 200);
+    // The fake upstream has no referrers API (404): pier answers from its cache, an empty index.
+    let (status, h, body) = get(&format!("{}/v2/up.example/team/app/referrers/{d}", s.pier)).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/vnd.oci.image.index.v1+json")
+    );
+    let index: serde_json::Value = serde_json::from_slice(&body.expect("body")).expect("json");
+    assert_eq!(index["manifests"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn rate_limits_are_waited_out_and_slow_endpoints_time_out() {
+    let s = setup(Options::default()).await;
+    let d = s.fake.add_blob(b"limited".to_vec());
+    s.fake.set(|b| b.throttle_once = true);
+    let started = std::time::Instant::now();
+    let (status, _, body) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
+    assert_eq!(status, 200, "served after the 429's Retry-After");
+    assert_eq!(body.expect("body").as_ref(), b"limited");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "pier waited for Retry-After: 1"
+    );
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        2,
+        "one 429, then the GET"
+    );
+
+    // An endpoint that sends no response headers in time is given up on and asked again.
+    let s = setup(Options {
+        first_byte: Some(Duration::from_millis(300)),
+        ..Options::default()
+    })
+    .await;
+    let d = s.fake.add_blob(b"stalled".to_vec());
+    s.fake.set(|b| b.stall_once = Some(Duration::from_secs(5)));
+    let started = std::time::Instant::now();
+    let (status, _, body) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.expect("body").as_ref(), b"stalled");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(4),
+        "gave up on the stalled request after its timeout, not after the stall: {took:?}"
+    );
+    let m = metrics(&s.pier).await;
+    assert!(m.contains(r#"result="timeout"} 1"#), "{m}");
 }

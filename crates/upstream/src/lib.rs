@@ -678,6 +678,30 @@ impl Upstream {
         Ok((total, resp, ep))
     }
 
+    /// GET the referrers index of `digest`, passing the query (`artifactType`) through. Returns
+    /// the body and whether the upstream applied a filter.
+    pub async fn referrers(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        query: &str,
+    ) -> Result<(Bytes, bool)> {
+        let path = if query.is_empty() {
+            format!("/v2/{repo}/referrers/{digest}")
+        } else {
+            format!("/v2/{repo}/referrers/{digest}?{query}")
+        };
+        let (resp, _) = self
+            .request(Method::GET, &path, repo, HeaderMap::new(), None)
+            .await?;
+        let filtered = resp.headers().contains_key("oci-filters-applied");
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::Unavailable(format!("referrers body: {e}")))?;
+        Ok((body, filtered))
+    }
+
     /// GET a tags list page, passing the query through. Returns the body and any `Link`.
     pub async fn tags(&self, repo: &str, query: &str) -> Result<(Bytes, Option<String>)> {
         let path = if query.is_empty() {
