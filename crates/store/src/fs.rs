@@ -1,8 +1,9 @@
 //! Blobs on the local filesystem.
 //!
 //! Layout under the root: `blobs/<alg>/<hh>/<hex>` for committed blobs, `uploads/<id>` for
-//! upload session buffers, `tmp/` for blobs being written. A blob becomes visible only by the
-//! rename of a fully written, fsynced temporary file, followed by an fsync of its directory;
+//! upload session buffers, `tmp/` for blobs being written. A blob becomes visible only by a
+//! hard link to a fully written, fsynced temporary file (atomic, and never replacing a blob that
+//! is already there), followed by an fsync of its directory;
 //! `tmp/` is emptied at start-up, so a crash leaves nothing half-written in sight.
 
 use std::fs::{File, OpenOptions};
@@ -113,10 +114,6 @@ impl Inner {
     /// file is dropped instead (same digest, same bytes).
     fn commit_file(&self, from: &Path, d: &Digest, size: u64) -> Result<()> {
         let to = self.blob_path(d);
-        if to.exists() {
-            std::fs::remove_file(from)?;
-            return Ok(());
-        }
         let dir = to
             .parent()
             .ok_or_else(|| StoreError::Corrupt("blob path".into()))?;
@@ -126,10 +123,20 @@ impl Inner {
                 fsync_dir(alg_dir)?;
             }
         }
-        std::fs::rename(from, &to)?;
-        fsync_dir(dir)?;
-        self.blobs.fetch_add(1, Ordering::Relaxed);
-        self.bytes.fetch_add(size, Ordering::Relaxed);
+        // A hard link appears atomically and never replaces: of two commits of the same digest
+        // racing, exactly one creates the blob (and counts it), the other finds it there.
+        match std::fs::hard_link(from, &to) {
+            Ok(()) => {
+                fsync_dir(dir)?;
+                self.blobs.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(size, Ordering::Relaxed);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The temporary name goes; a crash before this leaves it to the start-up sweep of tmp/
+        // (or, for an upload buffer, to the session that still owns it).
+        std::fs::remove_file(from)?;
         Ok(())
     }
 }

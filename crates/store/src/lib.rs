@@ -5,7 +5,7 @@
 //! bytes and facts; deciding what a request may see is the registry's job.
 //!
 //! Architecture invariant: nothing unverified becomes visible. Blob bytes are hashed while they
-//! stream in, written to a temporary file, fsynced and renamed into place only when their digest
+//! stream in, written to a temporary file, fsynced and linked into place only when their digest
 //! matches.
 
 pub mod blob;

@@ -257,3 +257,25 @@ async fn database_survives_reopen() {
     assert!(meta.unlink_blob("r", &d).await.expect("unlink"));
     assert_eq!(meta.blob_link("r", &d).await.expect("link"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_puts_of_one_blob_store_and_count_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = FsBlobStore::open(dir.path()).await.expect("open");
+    let data = vec![42u8; 300_000];
+    let d = Digest::sha256(&data);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, data, d) = (store.clone(), data.clone(), d.clone());
+        tasks.push(tokio::spawn(async move {
+            store.put(Some(&d), body(&[&data]), None).await
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task").expect("put");
+    }
+    assert_eq!(store.stats().blobs, 1);
+    assert_eq!(store.stats().bytes, 300_000);
+    assert_eq!(read_all(&store, &d, 0, 300_000).await, data);
+    assert_eq!(files_under(&dir.path().join("tmp")), 0);
+}
