@@ -177,6 +177,9 @@ pub struct RegistryConfig {
     pub max_manifest_size: ByteSize,
     /// Largest blob accepted on push; unlimited when absent.
     pub max_blob_size: Option<ByteSize>,
+    /// Seconds an upload session may sit without a new chunk before it and its buffer are
+    /// removed.
+    pub upload_idle_timeout: u64,
 }
 
 impl Default for Config {
@@ -199,6 +202,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             max_manifest_size: ByteSize(4 * 1024 * 1024),
             max_blob_size: None,
+            upload_idle_timeout: 24 * 60 * 60,
         }
     }
 }

@@ -138,6 +138,22 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         "pier is serving"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Abandoned upload sessions would hold disk forever: sweep them every ten minutes.
+    let sweeper = {
+        let registry = registry.clone();
+        let idle = Duration::from_secs(config.registry.upload_idle_timeout);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tick.tick().await;
+                match registry.uploads().purge_idle(idle).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "idle upload sessions removed"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping idle upload sessions failed"),
+                }
+            }
+        })
+    };
     let mut stopped = stop_rx.clone();
     let server = tokio::spawn(pier_server::serve(
         listener,
@@ -159,6 +175,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             .context("server failed")?,
         Err(_) => tracing::warn!("grace period over; exiting with requests still in flight"),
     }
+    sweeper.abort();
     drop(stop_rx);
     tracing::info!("stopped");
     Ok(())

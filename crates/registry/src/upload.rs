@@ -90,6 +90,33 @@ impl Uploads {
         Ok(report)
     }
 
+    /// Remove sessions idle for longer than `idle` (no chunk acknowledged since), with their
+    /// buffers. A session busy with a request right now is left alone. Returns how many went.
+    pub async fn purge_idle(&self, idle: std::time::Duration) -> Result<u64> {
+        let cutoff = now().saturating_sub(idle.as_secs());
+        let mut purged = 0;
+        for record in self.meta.uploads().await? {
+            let last = record.updated.max(record.started);
+            if last >= cutoff {
+                continue;
+            }
+            let session = self.session(&record.id);
+            let Ok(_guard) = session.try_lock() else {
+                continue;
+            };
+            // Check again under the lock: a chunk may have landed since the listing.
+            match self.meta.upload(&record.id).await? {
+                Some(r) if r.updated.max(r.started) < cutoff => {}
+                _ => continue,
+            }
+            self.blobs.upload_delete(&record.id).await?;
+            self.meta.delete_upload(&record.id).await?;
+            self.forget(&record.id, true);
+            purged += 1;
+        }
+        Ok(purged)
+    }
+
     /// Sessions currently open.
     pub fn open_sessions(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
@@ -133,6 +160,7 @@ impl Uploads {
             repo: repo.to_string(),
             offset: 0,
             started: now(),
+            updated: now(),
         };
         self.meta.put_upload(&record).await?;
         *self.session(&id).lock().await = Some(Hasher::new(Algorithm::Sha256));
@@ -178,6 +206,7 @@ impl Uploads {
             }
         }
         record.offset = len;
+        record.updated = now();
         self.meta.put_upload(&record).await?;
         *hasher = state;
         Ok(record)

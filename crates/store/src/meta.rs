@@ -50,6 +50,9 @@ pub struct UploadRecord {
     pub offset: u64,
     /// Seconds since the Unix epoch when the session started.
     pub started: u64,
+    /// Seconds since the Unix epoch of the last acknowledged chunk (or the start).
+    #[serde(default)]
+    pub updated: u64,
 }
 
 /// One page of a sorted listing.

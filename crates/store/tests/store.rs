@@ -244,6 +244,7 @@ async fn database_survives_reopen() {
             repo: "r".into(),
             offset: 9,
             started: 1,
+            updated: 1,
         })
         .await
         .expect("upload");
