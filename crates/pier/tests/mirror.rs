@@ -9,26 +9,44 @@
 mod common;
 mod mirror_support;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{digest_of, files_equal, write_layout, Entry, ImageSpec, LayerSpec, Layout, KIB, MIB};
+use common::clients::{oci_ref, Containerd, Skopeo};
+use common::{
+    assert_same_blobs, digest_of, error_code, header, interop_tempdir, require,
+    try_digest_of_response, within, write_layout, Entry, ImageSpec, LayerSpec, Layout, Metrics,
+    Pier, WrittenImage, KIB, MIB,
+};
 use mirror_support::{
-    error_code, gate, header, http_client, pier_config, pull_http, push_image,
-    try_digest_of_response, within, Containerd, CorruptingProxy, MirrorPier, Registry, SigningKey,
-    Skopeo, TcpProxy, TokenIssuer, MANIFEST_ACCEPT,
+    http_client, pull_http, start_mirror, upstream_table, CorruptingProxy, Registry, SigningKey,
+    TcpProxy, TokenIssuer, MANIFEST_ACCEPT,
 };
 use reqwest::StatusCode;
 
 const REQUESTS: &str = "pier_mirror_requests_total";
 const UPSTREAM_BYTES: &str = "pier_mirror_upstream_bytes_total";
 
+/// `pier_mirror_requests_total` of `upstream`'s requests for a `kind` ("blob", "manifest") that
+/// ended as `result` ("miss", "hit", "shared", "stale").
+fn requests(m: &Metrics, upstream: &str, kind: &str, result: &str) -> f64 {
+    m.sum(
+        REQUESTS,
+        &[("upstream", upstream), ("kind", kind), ("result", result)],
+    )
+}
+
+/// `pier_mirror_upstream_bytes_total` of `upstream`: what pier fetched from it.
+fn upstream_bytes(m: &Metrics, upstream: &str) -> f64 {
+    m.sum(UPSTREAM_BYTES, &[("upstream", upstream)])
+}
+
 /// `pier config containerd` for `pier`, with `args` (`--config`, `--upstream`): writes
 /// `<certs>/<registry>/hosts.toml`. Returns the certs dir.
-fn containerd_hosts(certs: &Path, pier: &MirrorPier, args: &[String]) -> std::path::PathBuf {
+fn containerd_hosts(certs: &Path, pier: &Pier, args: &[String]) -> PathBuf {
     let out = Command::new(env!("CARGO_BIN_EXE_pier"))
         .arg("config")
         .arg("containerd")
@@ -56,13 +74,32 @@ fn image_layout(dir: &Path, tag: &str, layers: Vec<LayerSpec>) -> Layout {
     )
 }
 
-fn layer_digests(layout: &Layout, tag: &str) -> Vec<String> {
-    layout
-        .image(tag)
-        .blobs()
-        .iter()
-        .map(|d| d.digest.clone())
-        .collect()
+/// What most tests start from: a one-image layout in `tmp/src` tagged `tag`, its image, and an
+/// empty registry ([`Registry::start_in`]) to push it to.
+fn image_and_registry(
+    tmp: &Path,
+    tag: &str,
+    layers: Vec<LayerSpec>,
+) -> (Layout, WrittenImage, Registry) {
+    let layout = image_layout(&tmp.join("src"), tag, layers);
+    let image = layout.image(tag).clone();
+    (layout, image, Registry::start_in(tmp))
+}
+
+/// [`image_and_registry`] with the image pushed to the registry over HTTP as `repo:v1`.
+async fn pushed_image(tmp: &Path, repo: &str, layers: Vec<LayerSpec>) -> (WrittenImage, Registry) {
+    let (layout, image, registry) = image_and_registry(tmp, "v1", layers);
+    registry
+        .push(&http_client(), repo, "v1", &layout, &image)
+        .await;
+    (image, registry)
+}
+
+/// `GET url`, asserting 200: the body's digest and length, or the error that broke it off.
+async fn get_body(http: &reqwest::Client, url: &str) -> Result<(String, u64), reqwest::Error> {
+    let resp = http.get(url).send().await.expect("GET the blob");
+    assert_eq!(resp.status(), StatusCode::OK, "GET {url}");
+    try_digest_of_response(resp).await
 }
 
 /// 1. containerd, configured by `pier config containerd`, pulls a multi-layer image through
@@ -70,14 +107,13 @@ fn layer_digests(layout: &Layout, tag: &str) -> Vec<String> {
 /// from pier's cache: no blob is fetched from the upstream twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pulls_through_hosts_toml_then_warm_from_cache() {
-    if !gate(&["docker-registry", "skopeo", "containerd", "ctr"]) {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo", "containerd", "ctr"]) else {
         return;
-    }
+    };
     let t0 = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
     let skopeo = Skopeo::new(tmp.path());
-    let layout = image_layout(
-        &tmp.path().join("src"),
+    let (layout, image, registry) = image_and_registry(
+        tmp.path(),
         "v1",
         vec![
             LayerSpec::new("app.conf", 4099, 101),
@@ -85,34 +121,20 @@ async fn containerd_pulls_through_hosts_toml_then_warm_from_cache() {
             LayerSpec::new("data.bin", MIB, 103),
         ],
     );
-    let image = layout.image("v1").clone();
-    let registry = Registry::start(
-        &tmp.path().join("registry"),
-        &tmp.path().join("storage"),
-        "",
-    );
-    skopeo
-        .run(&[
-            "copy",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:v1", layout.dir.display()),
-            &format!("docker://{}/team/app:v1", registry.host()),
-        ])
-        .await;
+    let dest = format!("docker://{}/team/app:v1", registry.host());
+    skopeo.copy(&oci_ref(&layout.dir, "v1"), &dest).await;
     let pushed = registry.accesses().len();
 
     // The image reference names `localhost:<port>`, not the 127.0.0.1 pier and the registry
     // listen on, so containerd treats pier as a mirror and sends `?ns=localhost:<port>`.
     let upstream = format!("localhost:{}", registry.port());
-    let config = pier_config(&tmp.path().join("pier.toml"), false, "");
-    let flags = vec![
-        "--config".to_string(),
-        config.display().to_string(),
-        "--upstream".to_string(),
-        format!("{upstream}={}", registry.url()),
-    ];
-    let pier = MirrorPier::start(&tmp.path().join("pier"), &flags);
+    let up = upstream.as_str();
+    let (pier, flags) = start_mirror(
+        tmp.path(),
+        false,
+        "",
+        &[format!("{upstream}={}", registry.url())],
+    );
     let http = http_client();
 
     let certs = containerd_hosts(&tmp.path().join("certs.d"), &pier, &flags);
@@ -134,23 +156,15 @@ async fn containerd_pulls_through_hosts_toml_then_warm_from_cache() {
     let blobs = image.blobs();
     let blob_bytes: u64 = blobs.iter().map(|b| b.size).sum();
     let n = blobs.len() as f64;
-    let up = [("upstream", upstream.as_str())];
-    let blob = |result| {
-        [
-            ("upstream", upstream.as_str()),
-            ("kind", "blob"),
-            ("result", result),
-        ]
-    };
 
     // Cold: every blob is filled from the upstream once.
     containerd.pull(&certs, &reference).await;
     containerd.assert_unpacked(&image);
     let cold = pier.metrics(&http).await;
-    assert_eq!(cold.sum(REQUESTS, &blob("miss")), n, "cold blob misses");
-    assert_eq!(cold.sum(REQUESTS, &blob("hit")), 0.0, "cold blob hits");
+    assert_eq!(requests(&cold, up, "blob", "miss"), n, "cold blob misses");
+    assert_eq!(requests(&cold, up, "blob", "hit"), 0.0, "cold blob hits");
     assert_eq!(
-        cold.sum(UPSTREAM_BYTES, &up),
+        upstream_bytes(&cold, up),
         blob_bytes as f64,
         "bytes fetched from the upstream on the cold pull"
     );
@@ -160,7 +174,7 @@ async fn containerd_pulls_through_hosts_toml_then_warm_from_cache() {
         .ctr(&["images", "rm", "--sync", &reference])
         .await;
     let content = containerd.ctr(&["content", "ls", "-q"]).await;
-    for d in layer_digests(&layout, "v1") {
+    for d in image.blob_digests() {
         assert!(
             !content.contains(&d),
             "containerd still holds {d} after images rm:\n{content}"
@@ -172,29 +186,22 @@ async fn containerd_pulls_through_hosts_toml_then_warm_from_cache() {
     containerd.assert_unpacked(&image);
     let warm = pier.metrics(&http).await;
     assert_eq!(
-        warm.sum(REQUESTS, &blob("hit")),
+        requests(&warm, up, "blob", "hit"),
         n,
         "warm pull: every blob from pier's cache"
     );
-    assert_eq!(warm.sum(REQUESTS, &blob("miss")), n, "no new blob misses");
+    assert_eq!(requests(&warm, up, "blob", "miss"), n, "no new blob misses");
     assert_eq!(
-        warm.sum(UPSTREAM_BYTES, &up),
+        upstream_bytes(&warm, up),
         blob_bytes as f64,
         "the warm pull fetched nothing from the upstream"
     );
-    let manifest = |result| {
-        [
-            ("upstream", upstream.as_str()),
-            ("kind", "manifest"),
-            ("result", result),
-        ]
-    };
     assert_eq!(
-        warm.sum(REQUESTS, &manifest("miss")),
-        cold.sum(REQUESTS, &manifest("miss")),
+        requests(&warm, up, "manifest", "miss"),
+        requests(&cold, up, "manifest", "miss"),
         "the warm pull resolved the tag from pier's cache (within its TTL)"
     );
-    assert!(warm.sum(REQUESTS, &manifest("hit")) > cold.sum(REQUESTS, &manifest("hit")));
+    assert!(requests(&warm, up, "manifest", "hit") > requests(&cold, up, "manifest", "hit"));
 
     // The upstream's own account: each blob served once, and only ever to pier (containerd
     // never fell back to the registry itself).
@@ -231,38 +238,28 @@ async fn containerd_pulls_through_hosts_toml_then_warm_from_cache() {
 /// bytes, and the upstream sends them once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_gets_share_one_upstream_fetch() {
-    if !gate(&["docker-registry"]) {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
         return;
-    }
+    };
     let t0 = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let layout = image_layout(
-        &tmp.path().join("src"),
-        "v1",
+    let (image, registry) = pushed_image(
+        tmp.path(),
+        "team/big",
         vec![LayerSpec::new("big.bin", 200 * MIB, 201)],
-    );
-    let image = layout.image("v1").clone();
+    )
+    .await;
     let layer = image.layers[0].blob.clone();
     assert!(layer.size >= 200 * MIB);
-    let registry = Registry::start(
-        &tmp.path().join("registry"),
-        &tmp.path().join("storage"),
-        "",
-    );
     let http = http_client();
-    push_image(&http, &registry.url(), "team/big", "v1", &layout, &image).await;
     println!("200 MiB layer written and pushed: {:?}", t0.elapsed());
 
     let upstream = format!("localhost:{}", registry.port());
-    let config = pier_config(&tmp.path().join("pier.toml"), false, "");
-    let pier = MirrorPier::start(
-        &tmp.path().join("pier"),
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--upstream".into(),
-            format!("{upstream}={}", registry.url()),
-        ],
+    let up = upstream.as_str();
+    let (pier, _) = start_mirror(
+        tmp.path(),
+        false,
+        "",
+        &[format!("{upstream}={}", registry.url())],
     );
 
     // Path-prefix route: /v2/localhost:<port>/team/big/blobs/<digest>.
@@ -309,25 +306,15 @@ async fn concurrent_cold_gets_share_one_upstream_fetch() {
         "the upstream sent the layer's bytes exactly once"
     );
     let m = pier.metrics(&http).await;
-    let blob = |result| {
-        [
-            ("upstream", upstream.as_str()),
-            ("kind", "blob"),
-            ("result", result),
-        ]
-    };
-    assert_eq!(m.sum(REQUESTS, &blob("miss")), 1.0, "one fill");
+    assert_eq!(requests(&m, up, "blob", "miss"), 1.0, "one fill");
     assert_eq!(
-        m.sum(REQUESTS, &blob("miss"))
-            + m.sum(REQUESTS, &blob("shared"))
-            + m.sum(REQUESTS, &blob("hit")),
+        requests(&m, up, "blob", "miss")
+            + requests(&m, up, "blob", "shared")
+            + requests(&m, up, "blob", "hit"),
         clients as f64,
         "every client counted as miss, shared or hit"
     );
-    assert_eq!(
-        m.sum(UPSTREAM_BYTES, &[("upstream", upstream.as_str())]),
-        layer.size as f64
-    );
+    assert_eq!(upstream_bytes(&m, up), layer.size as f64);
     println!("concurrent cold GETs: {:?}", t0.elapsed());
 }
 
@@ -335,41 +322,24 @@ async fn concurrent_cold_gets_share_one_upstream_fetch() {
 /// `Range` request, and the client gets the whole blob, unbroken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn endpoint_dying_mid_stream_fails_over_with_range() {
-    if !gate(&["docker-registry"]) {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
         return;
-    }
+    };
     let t0 = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let layout = image_layout(
-        &tmp.path().join("src"),
-        "v1",
+    let (image, registry) = pushed_image(
+        tmp.path(),
+        "team/stream",
         vec![LayerSpec::new("stream.bin", 64 * MIB, 301)],
-    );
-    let image = layout.image("v1").clone();
+    )
+    .await;
     let layer = image.layers[0].blob.clone();
-    let registry = Registry::start(
-        &tmp.path().join("registry"),
-        &tmp.path().join("storage"),
-        "",
-    );
     let http = http_client();
-    push_image(&http, &registry.url(), "team/stream", "v1", &layout, &image).await;
 
     // Endpoint 1: a proxy passing 16 MiB/s; endpoint 2: the registry itself.
     let proxy = TcpProxy::start(registry.port(), 16 * MIB).await;
-    let config = pier_config(
-        &tmp.path().join("pier.toml"),
-        false,
-        &format!(
-            "[[upstream]]\nname = \"failover.test\"\nendpoints = [\"{}\", \"{}\"]\n",
-            proxy.url(),
-            registry.url()
-        ),
-    );
-    let pier = MirrorPier::start(
-        &tmp.path().join("pier"),
-        &["--config".into(), config.display().to_string()],
-    );
+    let endpoints = [proxy.url(), registry.url()];
+    let tables = upstream_table("failover.test", &endpoints, "");
+    let (pier, _) = start_mirror(tmp.path(), false, &tables, &[]);
 
     let url = format!(
         "{}/v2/team/stream/blobs/{}?ns=failover.test",
@@ -378,11 +348,7 @@ async fn endpoint_dying_mid_stream_fails_over_with_range() {
     );
     let client = {
         let (http, url) = (http.clone(), url.clone());
-        tokio::spawn(async move {
-            let resp = http.get(&url).send().await.expect("GET the blob");
-            assert_eq!(resp.status(), StatusCode::OK);
-            try_digest_of_response(resp).await
-        })
+        tokio::spawn(async move { get_body(&http, &url).await })
     };
     within(Duration::from_secs(30), "8 MiB through the proxy", async {
         while proxy.forwarded() < 8 * MIB {
@@ -422,7 +388,7 @@ async fn endpoint_dying_mid_stream_fails_over_with_range() {
 
     let m = pier.metrics(&http).await;
     assert_eq!(
-        m.sum(UPSTREAM_BYTES, &[("upstream", "failover.test")]),
+        upstream_bytes(&m, "failover.test"),
         layer.size as f64,
         "pier received each byte once across both endpoints"
     );
@@ -437,26 +403,17 @@ async fn endpoint_dying_mid_stream_fails_over_with_range() {
     assert!(pier.log().contains("resuming"), "pier logged the resume");
 
     // And it is cached whole.
-    let resp = http.get(&url).send().await.expect("GET again");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (digest, _) = try_digest_of_response(resp).await.expect("cached body");
+    let (digest, _) = get_body(&http, &url).await.expect("cached body");
     assert_eq!(digest, layer.digest);
     let m = pier.metrics(&http).await;
     assert_eq!(
-        m.sum(
-            REQUESTS,
-            &[
-                ("upstream", "failover.test"),
-                ("kind", "blob"),
-                ("result", "miss")
-            ]
-        ),
+        requests(&m, "failover.test", "blob", "miss"),
         1.0,
         "{}",
         m.0
     );
     assert_eq!(
-        m.sum(UPSTREAM_BYTES, &[("upstream", "failover.test")]),
+        upstream_bytes(&m, "failover.test"),
         layer.size as f64,
         "the second GET fetched nothing"
     );
@@ -479,39 +436,24 @@ async fn endpoint_dying_mid_stream_fails_over_with_range() {
 /// the tag's TTL has passed, revalidation fails, and pier serves what it has (`stale`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_down_pulls_by_tag_from_cache() {
-    if !gate(&["docker-registry", "containerd", "ctr"]) {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "containerd", "ctr"]) else {
         return;
-    }
+    };
     let t0 = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let layout = image_layout(
-        &tmp.path().join("src"),
-        "v1",
+    let (image, mut registry) = pushed_image(
+        tmp.path(),
+        "team/keep",
         vec![
             LayerSpec::new("keep.bin", 2 * MIB + 1, 401),
             LayerSpec::new("keep.conf", 3 * KIB, 402),
         ],
-    );
-    let image = layout.image("v1").clone();
-    let mut registry = Registry::start(
-        &tmp.path().join("registry"),
-        &tmp.path().join("storage"),
-        "",
-    );
+    )
+    .await;
     let http = http_client();
-    push_image(&http, &registry.url(), "team/keep", "v1", &layout, &image).await;
 
     let upstream = format!("localhost:{}", registry.port());
-    let config = pier_config(
-        &tmp.path().join("pier.toml"),
-        false,
-        &format!(
-            "[[upstream]]\nname = \"{upstream}\"\nendpoints = [\"{}\"]\ntag_ttl = 1\n",
-            registry.url()
-        ),
-    );
-    let flags = vec!["--config".to_string(), config.display().to_string()];
-    let pier = MirrorPier::start(&tmp.path().join("pier"), &flags);
+    let tables = upstream_table(&upstream, &[registry.url()], "tag_ttl = 1\n");
+    let (pier, flags) = start_mirror(tmp.path(), false, &tables, &[]);
     let certs = containerd_hosts(&tmp.path().join("certs.d"), &pier, &flags);
     let reference = format!("{upstream}/team/keep:v1");
 
@@ -545,14 +487,7 @@ async fn upstream_down_pulls_by_tag_from_cache() {
     );
     let m = pier.metrics(&http).await;
     assert!(
-        m.sum(
-            REQUESTS,
-            &[
-                ("upstream", upstream.as_str()),
-                ("kind", "manifest"),
-                ("result", "stale")
-            ]
-        ) >= 2.0,
+        requests(&m, &upstream, "manifest", "stale") >= 2.0,
         "stale manifests served (containerd's and ours):\n{}",
         m.0
     );
@@ -567,46 +502,21 @@ async fn upstream_down_pulls_by_tag_from_cache() {
 /// wrong bytes), nothing is cached, and once the upstream behaves the blob is fetched again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_upstream_bytes_abort_the_download_and_are_not_cached() {
-    if !gate(&["docker-registry"]) {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
         return;
-    }
+    };
     let t0 = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let layout = image_layout(
-        &tmp.path().join("src"),
-        "v1",
-        vec![LayerSpec::new("fragile.bin", 4 * MIB + 3, 501)],
-    );
-    let image = layout.image("v1").clone();
-    let layer = image.layers[0].blob.clone();
-    let registry = Registry::start(
-        &tmp.path().join("registry"),
-        &tmp.path().join("storage"),
-        "",
-    );
-    let http = http_client();
-    push_image(
-        &http,
-        &registry.url(),
+    let (image, registry) = pushed_image(
+        tmp.path(),
         "team/fragile",
-        "v1",
-        &layout,
-        &image,
+        vec![LayerSpec::new("fragile.bin", 4 * MIB + 3, 501)],
     )
     .await;
+    let layer = image.layers[0].blob.clone();
+    let http = http_client();
     let proxy = CorruptingProxy::start(&registry.url()).await;
-    let config = pier_config(
-        &tmp.path().join("pier.toml"),
-        false,
-        &format!(
-            "[[upstream]]\nname = \"flaky.test\"\nendpoints = [\"{}\"]\n",
-            proxy.url()
-        ),
-    );
-    let pier = MirrorPier::start(
-        &tmp.path().join("pier"),
-        &["--config".into(), config.display().to_string()],
-    );
+    let tables = upstream_table("flaky.test", &[proxy.url()], "");
+    let (pier, _) = start_mirror(tmp.path(), false, &tables, &[]);
     let url = format!(
         "{}/v2/flaky.test/team/fragile/blobs/{}",
         pier.url(),
@@ -614,12 +524,11 @@ async fn corrupt_upstream_bytes_abort_the_download_and_are_not_cached() {
     );
     let upstream_path = format!("/v2/team/fragile/blobs/{}", layer.digest);
 
-    let resp = http.get(&url).send().await.expect("GET the blob");
-    assert_eq!(resp.status(), StatusCode::OK, "pier streams while it fills");
+    // pier answers 200 and streams while it fills; the body must then break off.
     let read = within(
         Duration::from_secs(60),
         "the corrupt body",
-        try_digest_of_response(resp),
+        get_body(&http, &url),
     )
     .await;
     match read {
@@ -657,9 +566,7 @@ async fn corrupt_upstream_bytes_abort_the_download_and_are_not_cached() {
     assert_eq!(resp.status(), StatusCode::OK, "HEAD after the corrupt fill");
     // (reqwest's content_length() is the body's length, 0 for a HEAD: read the header.)
     assert_eq!(header(&resp, "content-length"), layer.size.to_string());
-    let resp = http.get(&url).send().await.expect("GET the blob again");
-    assert_eq!(resp.status(), StatusCode::OK);
-    let (digest, len) = try_digest_of_response(resp)
+    let (digest, len) = get_body(&http, &url)
         .await
         .expect("an intact body once the upstream behaves");
     assert_eq!((digest.as_str(), len), (layer.digest.as_str(), layer.size));
@@ -669,30 +576,14 @@ async fn corrupt_upstream_bytes_abort_the_download_and_are_not_cached() {
         "the corrupt copy was not cached: pier fetched the blob again"
     );
     // Now it is cached.
-    let resp = http
-        .get(&url)
-        .send()
-        .await
-        .expect("GET the blob a third time");
-    let (digest, _) = try_digest_of_response(resp).await.expect("cached body");
+    let (digest, _) = get_body(&http, &url).await.expect("cached body");
     assert_eq!(digest, layer.digest);
     assert_eq!(proxy.gets_of(&upstream_path), 2, "served from the cache");
     let m = pier.metrics(&http).await;
-    let blob = |result| {
-        [
-            ("upstream", "flaky.test"),
-            ("kind", "blob"),
-            ("result", result),
-        ]
-    };
-    assert_eq!(m.sum(REQUESTS, &blob("miss")), 2.0, "{}", m.0);
+    let blob = |result| requests(&m, "flaky.test", "blob", result);
+    assert_eq!(blob("miss"), 2.0, "{}", m.0);
     // A hit, or (should the fill still be committing) a reader joining it.
-    assert_eq!(
-        m.sum(REQUESTS, &blob("hit")) + m.sum(REQUESTS, &blob("shared")),
-        1.0,
-        "{}",
-        m.0
-    );
+    assert_eq!(blob("hit") + blob("shared"), 1.0, "{}", m.0);
     println!("corrupt upstream: {:?}", t0.elapsed());
 }
 
@@ -702,11 +593,11 @@ async fn corrupt_upstream_bytes_abort_the_download_and_are_not_cached() {
 /// credentials, `anon.test` without any, `wrong.test` with a wrong password.
 struct TokenSetup {
     // Field order is drop order: pier first, the tempdir last.
-    pier: MirrorPier,
+    pier: Pier,
     _registry: Registry,
     issuer: TokenIssuer,
-    private_image: common::WrittenImage,
-    public_image: common::WrittenImage,
+    private_image: WrittenImage,
+    public_image: WrittenImage,
     http: reqwest::Client,
     _tmp: tempfile::TempDir,
 }
@@ -735,24 +626,10 @@ impl TokenSetup {
         let storage = tmp.path().join("storage");
         {
             let open = Registry::start(&tmp.path().join("open-registry"), &storage, "");
-            push_image(
-                &http,
-                &open.url(),
-                "team/private",
-                "v1",
-                &private,
-                &private_image,
-            )
-            .await;
-            push_image(
-                &http,
-                &open.url(),
-                "team/public",
-                "v1",
-                &public,
-                &public_image,
-            )
-            .await;
+            open.push(&http, "team/private", "v1", &private, &private_image)
+                .await;
+            open.push(&http, "team/public", "v1", &public, &public_image)
+                .await;
         }
         let key = SigningKey::generate(&tmp.path().join("keys"));
         let issuer = TokenIssuer::start(&key, "puller", "s3cret", &["team/private"]).await;
@@ -777,22 +654,21 @@ impl TokenSetup {
             "challenge: {challenge}"
         );
 
-        let endpoint = registry.url();
-        let config = pier_config(
-            &tmp.path().join("pier.toml"),
-            false,
-            &format!(
-                "[[upstream]]\nname = \"auth.test\"\nendpoints = [\"{endpoint}\"]\n\
-                 username = \"puller\"\npassword = \"s3cret\"\n\n\
-                 [[upstream]]\nname = \"anon.test\"\nendpoints = [\"{endpoint}\"]\n\n\
-                 [[upstream]]\nname = \"wrong.test\"\nendpoints = [\"{endpoint}\"]\n\
-                 username = \"puller\"\npassword = \"guess\"\n"
+        let endpoint = [registry.url()];
+        let tables = [
+            upstream_table(
+                "auth.test",
+                &endpoint,
+                "username = \"puller\"\npassword = \"s3cret\"\n",
             ),
-        );
-        let pier = MirrorPier::start(
-            &tmp.path().join("pier"),
-            &["--config".into(), config.display().to_string()],
-        );
+            upstream_table("anon.test", &endpoint, ""),
+            upstream_table(
+                "wrong.test",
+                &endpoint,
+                "username = \"puller\"\npassword = \"guess\"\n",
+            ),
+        ];
+        let (pier, _) = start_mirror(tmp.path(), false, &tables.join("\n"), &[]);
         TokenSetup {
             pier,
             _registry: registry,
@@ -834,7 +710,7 @@ impl TokenSetup {
 /// a public repository anonymously.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_upstream_with_and_without_credentials() {
-    if !gate(&["docker-registry", "openssl"]) {
+    if !require(&["docker-registry", "openssl"]) {
         return;
     }
     let t0 = Instant::now();
@@ -902,7 +778,7 @@ async fn bearer_token_upstream_with_and_without_credentials() {
 /// for `HEAD`, so a user sees an access problem, not an outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_token_upstream_refusing_a_blob_answers_403() {
-    if !gate(&["docker-registry", "openssl"]) {
+    if !require(&["docker-registry", "openssl"]) {
         return;
     }
     let t = TokenSetup::start().await;
@@ -936,75 +812,44 @@ async fn bearer_token_upstream_refusing_a_blob_answers_403() {
 /// (`pier/docker.io/library/<name>`), with the built-in docker.io pointed at a local registry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_inspects_and_copies_through_the_path_prefix() {
-    if !gate(&["docker-registry", "skopeo"]) {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
         return;
-    }
+    };
     let t0 = Instant::now();
-    let tmp = tempfile::tempdir().expect("tempdir");
     let skopeo = Skopeo::new(tmp.path());
-    let layout = image_layout(
-        &tmp.path().join("src"),
+    let (layout, image, registry) = image_and_registry(
+        tmp.path(),
         "1.0",
         vec![
             LayerSpec::new("hello.bin", MIB + 11, 701),
             LayerSpec::new("hello.conf", 99, 702),
         ],
     );
-    let image = layout.image("1.0").clone();
-    let registry = Registry::start(
-        &tmp.path().join("registry"),
-        &tmp.path().join("storage"),
-        "",
-    );
-    skopeo
-        .run(&[
-            "copy",
-            "--preserve-digests",
-            "--dest-tls-verify=false",
-            &format!("oci:{}:1.0", layout.dir.display()),
-            &format!("docker://{}/library/hello:1.0", registry.host()),
-        ])
-        .await;
+    let dest = format!("docker://{}/library/hello:1.0", registry.host());
+    skopeo.copy(&oci_ref(&layout.dir, "1.0"), &dest).await;
     let pushed = registry.accesses().len();
 
     // Built-in upstreams on, docker.io overridden by the flag.
-    let config = pier_config(&tmp.path().join("pier.toml"), true, "");
-    let pier = MirrorPier::start(
-        &tmp.path().join("pier"),
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--upstream".into(),
-            format!("docker.io={}", registry.url()),
-        ],
+    let (pier, _) = start_mirror(
+        tmp.path(),
+        true,
+        "",
+        &[format!("docker.io={}", registry.url())],
     );
     let mirrored = format!("docker://{}/docker.io/library/hello:1.0", pier.host());
 
-    let info: serde_json::Value = serde_json::from_slice(
-        &skopeo
-            .run(&["inspect", "--tls-verify=false", &mirrored])
-            .await,
-    )
-    .expect("skopeo inspect JSON");
+    let info = skopeo.inspect(&mirrored).await;
     assert_eq!(info["Digest"], image.manifest.digest.as_str(), "{info}");
-    let layers: Vec<&str> = image
-        .layers
-        .iter()
-        .map(|l| l.blob.digest.as_str())
-        .collect();
-    assert_eq!(info["Layers"], serde_json::json!(layers), "{info}");
+    let layers = serde_json::json!(image.layer_digests());
+    assert_eq!(info["Layers"], layers, "{info}");
     assert_eq!(info["Architecture"], "amd64", "{info}");
     assert_eq!(info["Os"], "linux", "{info}");
 
-    let raw = skopeo
-        .run(&["inspect", "--raw", "--tls-verify=false", &mirrored])
-        .await;
+    let raw = skopeo.inspect_raw(&mirrored).await;
     assert_eq!(raw, image.manifest_bytes, "exact manifest bytes");
     // Docker Hub's short names are normalised: docker.io/hello is docker.io/library/hello.
     let short = format!("docker://{}/docker.io/hello:1.0", pier.host());
-    let raw = skopeo
-        .run(&["inspect", "--raw", "--tls-verify=false", &short])
-        .await;
+    let raw = skopeo.inspect_raw(&short).await;
     assert_eq!(digest_of(&raw), image.manifest.digest, "docker.io/hello");
     let tags: serde_json::Value = serde_json::from_slice(
         &skopeo
@@ -1020,23 +865,8 @@ async fn skopeo_inspects_and_copies_through_the_path_prefix() {
 
     // A whole copy out through the prefix, byte for byte.
     let back = skopeo.writable_dir(&tmp.path().join("back"));
-    skopeo
-        .run(&[
-            "copy",
-            "--preserve-digests",
-            "--src-tls-verify=false",
-            &mirrored,
-            &format!("oci:{}:1.0", back.display()),
-        ])
-        .await;
-    for b in image.blobs() {
-        let copied = common::blob_path(&back, &b.digest);
-        assert!(
-            files_equal(&layout.blob_path(&b.digest), &copied),
-            "{} differs after the copy through pier",
-            b.digest
-        );
-    }
+    skopeo.copy(&mirrored, &oci_ref(&back, "1.0")).await;
+    assert_same_blobs(&layout, &back, &image.blob_digests());
     let since_push: Vec<_> = registry.accesses().split_off(pushed);
     assert!(
         !since_push.is_empty() && since_push.iter().all(|a| a.user_agent.starts_with("pier/")),

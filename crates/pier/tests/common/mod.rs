@@ -1,9 +1,13 @@
-//! Helpers shared by pier's process-level tests (`crash.rs`, `interop.rs`): the real `pier`
-//! binary as a child process, deterministic content, an OCI image-layout writer, a plain
-//! reqwest pusher, and the gate of the interop tier.
+//! Helpers shared by pier's process-level tests (`crash.rs`, `interop.rs`, `mirror.rs`): the
+//! real `pier` binary as a child process, small helpers for any child process the tests start
+//! (logs, readiness, cleanup), deterministic content, an OCI image-layout writer, a plain
+//! reqwest pusher and checker, and the gate of the interop tier. [`clients`] drives the real
+//! clients the interop tiers run: skopeo and a private containerd.
 //!
 //! Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
+
+pub mod clients;
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
@@ -29,25 +33,109 @@ pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
-/// How long a started pier gets to answer `GET /v2/`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a started pier (or another server a test starts) gets to answer `GET /v2/`.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Child processes
+// ---------------------------------------------------------------------------------------------
+
+/// What became of a child process started to serve.
+pub enum Startup {
+    Ready,
+    Exited(ExitStatus),
+    TimedOut,
+}
+
+/// Poll every `poll` until `ready()` holds, `child` exits, or `timeout` passes.
+pub fn wait_startup(
+    child: &mut Child,
+    timeout: Duration,
+    poll: Duration,
+    mut ready: impl FnMut() -> bool,
+) -> Startup {
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Startup::Exited(status);
+        }
+        if ready() {
+            return Startup::Ready;
+        }
+        if started.elapsed() > timeout {
+            return Startup::TimedOut;
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// Open a child's log file for appending: restarts add to what is there.
+pub fn append_log(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open the log {}: {e}", path.display()))
+}
+
+/// Spawn `cmd` with no stdin, its stdout and stderr both going to `log`.
+pub fn spawn_logged(cmd: &mut Command, log: File) -> Child {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().expect("clone the log handle"))
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"))
+}
+
+/// A log file's text from byte `offset` on; "" when there is none.
+pub fn read_log(path: &Path, offset: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = (offset as usize).min(bytes.len());
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+/// During a panic, print the last `lines` lines of `what`'s log: a failing test shows why.
+pub fn print_log_tail_if_panicking(what: &str, path: &Path, lines: usize) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let log = read_log(path, 0);
+    let all: Vec<&str> = log.lines().collect();
+    eprintln!(
+        "--- last lines of the {what} log {} ---\n{}\n--- end of {what} log ---",
+        path.display(),
+        all[all.len().saturating_sub(lines)..].join("\n")
+    );
+}
+
+/// SIGKILL and reap a child that may still run.
+pub fn kill_child(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Run a future with a deadline, panicking with `what` when it passes.
+pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within {limit:?}"),
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // The pier process
 // ---------------------------------------------------------------------------------------------
 
-/// A running `pier serve` on 127.0.0.1. Dropping it SIGKILLs the process.
+/// A running `pier serve` on 127.0.0.1. Dropping it SIGKILLs the process; on a panic the log's
+/// tail is printed.
 pub struct Pier {
     child: Option<Child>,
     port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
-}
-
-enum Startup {
-    Ready,
-    Exited(ExitStatus),
-    TimedOut,
 }
 
 impl Pier {
@@ -64,41 +152,45 @@ impl Pier {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("pier");
-        let log_path = parent.join(format!("{name}.pier.log"));
+        Pier::start_with(data_dir, &parent.join(format!("{name}.pier.log")), &[])
+    }
+
+    /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
+    /// `--listen` and `--data-dir`.
+    pub fn start_with(data_dir: &Path, log_path: &Path, args: &[String]) -> Pier {
         // Picking a port and handing it over leaves a window in which someone else may take it:
         // if pier then cannot listen, try another port.
         for attempt in 1..=5 {
             let port = free_port();
-            let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
-            let mut log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .expect("open the pier log");
+            let log_start = std::fs::metadata(log_path).map_or(0, |m| m.len());
+            let mut log = append_log(log_path);
             writeln!(
                 log,
-                "=== test harness: pier serve --listen 127.0.0.1:{port} (attempt {attempt})"
+                "=== test harness: pier serve --listen 127.0.0.1:{port}{} (attempt {attempt})",
+                args.iter().map(|a| format!(" {a}")).collect::<String>()
             )
             .expect("write the pier log");
-            let child = Command::new(env!("CARGO_BIN_EXE_pier"))
-                .arg("serve")
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
+            cmd.arg("serve")
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data-dir")
                 .arg(data_dir)
+                .args(args)
                 .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone the log handle"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn the pier binary");
+                // The tests read pier's log, so a filter from the caller's environment must not
+                // hide what they look for.
+                .env_remove("PIER_LOG");
             let mut pier = Pier {
-                child: Some(child),
+                child: Some(spawn_logged(&mut cmd, log)),
                 port,
                 data_dir: data_dir.to_path_buf(),
-                log_path: log_path.clone(),
+                log_path: log_path.to_path_buf(),
             };
-            match pier.wait_ready() {
+            let child = pier.child.as_mut().expect("just spawned");
+            match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
+                http_status(port, "/v2/") == Some(200)
+            }) {
                 Startup::Ready => {
                     let log = pier.log_since(log_start);
                     assert!(
@@ -128,24 +220,6 @@ impl Pier {
         unreachable!("the last attempt returns or panics")
     }
 
-    fn wait_ready(&mut self) -> Startup {
-        let started = Instant::now();
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    return Startup::Exited(status);
-                }
-            }
-            if http_status(self.port, "/v2/") == Some(200) {
-                return Startup::Ready;
-            }
-            if started.elapsed() > READY_TIMEOUT {
-                return Startup::TimedOut;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     /// `http://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("http://{}", self.host())
@@ -170,9 +244,7 @@ impl Pier {
     }
 
     fn log_since(&self, offset: u64) -> String {
-        let bytes = std::fs::read(&self.log_path).unwrap_or_default();
-        let start = (offset as usize).min(bytes.len());
-        String::from_utf8_lossy(&bytes[start..]).into_owned()
+        read_log(&self.log_path, offset)
     }
 
     /// SIGKILL: no chance to clean up, as in a power cut of the process. Waits for the exit.
@@ -213,22 +285,27 @@ impl Pier {
         self.terminate();
         self.wait_exit(Duration::from_secs(60))
     }
+
+    /// A snapshot of `/metrics`.
+    pub async fn metrics(&self, http: &reqwest::Client) -> Metrics {
+        let resp = http
+            .get(format!("{}/metrics", self.url()))
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert!(
+            resp.status().is_success(),
+            "GET /metrics: {}",
+            resp.status()
+        );
+        Metrics(resp.text().await.expect("metrics body"))
+    }
 }
 
 impl Drop for Pier {
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
-            let log = self.log();
-            let tail: String = {
-                let lines: Vec<&str> = log.lines().collect();
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            };
-            eprintln!(
-                "--- last lines of the pier log {} ---\n{tail}\n--- end of pier log ---",
-                self.log_path.display()
-            );
-        }
+        print_log_tail_if_panicking("pier", &self.log_path, 60);
     }
 }
 
@@ -245,6 +322,40 @@ fn send_signal(child: &Child, sig: libc::c_int) {
         "kill({pid}, {sig}): {}",
         std::io::Error::last_os_error()
     );
+}
+
+/// The text of `/metrics`, with sums over label subsets.
+pub struct Metrics(pub String);
+
+impl Metrics {
+    /// The sum of every sample of `name` whose labels include all of `labels`.
+    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let mut total = 0.0;
+        for line in self.0.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                continue;
+            }
+            let have: Vec<(&str, &str)> = label_text
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim(), v.trim_matches('"')))
+                .collect();
+            if labels.iter().all(|want| have.contains(want)) {
+                total += value.parse::<f64>().unwrap_or(0.0);
+            }
+        }
+        total
+    }
 }
 
 /// A port that was free a moment ago.
@@ -571,8 +682,18 @@ impl WrittenImage {
     /// Manifest, config and layer digests.
     pub fn digests(&self) -> Vec<String> {
         std::iter::once(self.manifest.digest.clone())
-            .chain(self.blobs().into_iter().map(|d| d.digest.clone()))
+            .chain(self.blob_digests())
             .collect()
+    }
+
+    /// Config and layer digests, in push order.
+    pub fn blob_digests(&self) -> Vec<String> {
+        self.blobs().into_iter().map(|d| d.digest.clone()).collect()
+    }
+
+    /// Layer digests, in manifest order.
+    pub fn layer_digests(&self) -> Vec<&str> {
+        self.layers.iter().map(|l| l.blob.digest.as_str()).collect()
     }
 }
 
@@ -820,11 +941,70 @@ fn write_layer(dir: &Path, spec: &LayerSpec) -> WrittenLayer {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Pushing with plain HTTP
+// Pushing and pulling with plain HTTP
 // ---------------------------------------------------------------------------------------------
 
-/// Push every blob of `image` (monolithic `POST ?digest=`, streamed from the layout) and then
-/// its manifest under `tag`.
+/// How a blob is uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upload {
+    /// One `POST ?digest=` carrying the bytes, as pier accepts.
+    Monolithic,
+    /// `POST` to open a session, then `PUT ?digest=` with the bytes: the CNCF distribution
+    /// registry has no single-request monolithic upload.
+    PostThenPut,
+}
+
+/// Push one blob, the bytes streamed from `file`; asserts the registry accepted it.
+pub async fn push_blob(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    file: &Path,
+    digest: &str,
+    upload: Upload,
+) {
+    let size = std::fs::metadata(file).expect("stat blob").len();
+    let (method, url) = match upload {
+        Upload::Monolithic => (
+            reqwest::Method::POST,
+            format!("{base}/v2/{repo}/blobs/uploads/?digest={digest}"),
+        ),
+        Upload::PostThenPut => {
+            let resp = http
+                .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+                .send()
+                .await
+                .expect("start upload");
+            assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED, "POST upload");
+            let location = header(&resp, "location");
+            let url = if location.starts_with("http") {
+                location
+            } else {
+                format!("{base}{location}")
+            };
+            let sep = if url.contains('?') { '&' } else { '?' };
+            (reqwest::Method::PUT, format!("{url}{sep}digest={digest}"))
+        }
+    };
+    let body = tokio::fs::File::open(file).await.expect("open blob");
+    let resp = http
+        .request(method.clone(), url)
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(reqwest::Body::from(body))
+        .send()
+        .await
+        .expect("push blob");
+    let status = resp.status();
+    assert_eq!(
+        status,
+        reqwest::StatusCode::CREATED,
+        "{method} blob {digest}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+/// Push every blob of `image` (streamed from the layout) and then its manifest under `tag`.
 pub async fn push_image(
     http: &reqwest::Client,
     base: &str,
@@ -832,30 +1012,11 @@ pub async fn push_image(
     tag: &str,
     layout: &Layout,
     image: &WrittenImage,
+    upload: Upload,
 ) {
     for blob in image.blobs() {
-        let file = tokio::fs::File::open(layout.blob_path(&blob.digest))
-            .await
-            .expect("open layout blob");
-        let resp = http
-            .post(format!(
-                "{base}/v2/{repo}/blobs/uploads/?digest={}",
-                blob.digest
-            ))
-            .header(reqwest::header::CONTENT_LENGTH, blob.size)
-            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(reqwest::Body::from(file))
-            .send()
-            .await
-            .expect("push blob");
-        let status = resp.status();
-        assert_eq!(
-            status,
-            reqwest::StatusCode::CREATED,
-            "push {}: {}",
-            blob.digest,
-            resp.text().await.unwrap_or_default()
-        );
+        let file = layout.blob_path(&blob.digest);
+        push_blob(http, base, repo, &file, &blob.digest, upload).await;
     }
     let digest = put_manifest(
         http,
@@ -901,6 +1062,51 @@ pub async fn put_manifest(
     digest
 }
 
+/// Every blob is served from `<base>/v2/<repo>/blobs/<digest><query>` with its exact bytes.
+pub async fn assert_blobs_served(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    query: &str,
+    blobs: &[&Descriptor],
+) {
+    for blob in blobs {
+        let d = &blob.digest;
+        let resp = http
+            .get(format!("{base}/v2/{repo}/blobs/{d}{query}"))
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(
+            resp.status(),
+            reqwest::StatusCode::OK,
+            "GET {repo} blob {d}"
+        );
+        let (got, len) = try_digest_of_response(resp)
+            .await
+            .unwrap_or_else(|e| panic!("body of {repo} blob {d} broke: {e}"));
+        assert_eq!(&got, d, "bytes of {repo} blob {d}");
+        assert_eq!(len, blob.size, "length of {repo} blob {d}");
+    }
+}
+
+/// Every blob of `digests` is in the layout at `copy` with the same bytes as in `original`.
+pub fn assert_same_blobs(original: &Layout, copy: &Path, digests: &[String]) {
+    for d in digests {
+        let path = blob_path(copy, d);
+        assert!(
+            path.is_file(),
+            "{d} missing from the copy {}",
+            copy.display()
+        );
+        assert!(
+            files_equal(&original.blob_path(d), &path),
+            "{d} differs between the original layout and the copy"
+        );
+        assert_eq!(&digest_of_file(&path), d, "{d} in the copy");
+    }
+}
+
 /// A response header as text, or "" when absent.
 pub fn header(resp: &reqwest::Response, name: &str) -> String {
     resp.headers()
@@ -918,39 +1124,52 @@ pub fn error_code(body: &[u8]) -> String {
         .unwrap_or_else(|| format!("<no OCI error in {:?}>", String::from_utf8_lossy(body)))
 }
 
-/// Stream a response body through sha256; returns (`sha256:<hex>`, length).
-pub async fn digest_of_response(mut resp: reqwest::Response) -> (String, u64) {
+/// Stream a response body through sha256: (`sha256:<hex>`, length), or `Err` when the body
+/// breaks off.
+pub async fn try_digest_of_response(
+    mut resp: reqwest::Response,
+) -> Result<(String, u64), reqwest::Error> {
     let mut h = Sha256::new();
     let mut len = 0u64;
-    while let Some(chunk) = resp.chunk().await.expect("read response body") {
+    while let Some(chunk) = resp.chunk().await? {
         h.update(&chunk);
         len += chunk.len() as u64;
     }
-    (format!("sha256:{}", hex::encode(h.finalize())), len)
+    Ok((format!("sha256:{}", hex::encode(h.finalize())), len))
 }
 
 // ---------------------------------------------------------------------------------------------
 // The interop gate
 // ---------------------------------------------------------------------------------------------
 
-/// Whether an interop test may run. With `PIER_INTEROP=1` a missing `tool` is a failure; without
-/// it the test is skipped.
-pub fn require(tool: &str) -> bool {
+/// Whether an interop test may run: only with `PIER_INTEROP=1`, and then every tool it needs
+/// must be on PATH (a missing one fails the test instead of skipping it).
+pub fn require(tools: &[&str]) -> bool {
     if std::env::var("PIER_INTEROP").as_deref() != Ok("1") {
-        println!("skipped: set PIER_INTEROP=1 to run this interop test (it needs {tool})");
+        println!(
+            "skipped: set PIER_INTEROP=1 to run this interop test (it needs {})",
+            tools.join(", ")
+        );
         return false;
     }
-    if find_on_path(tool).is_none() {
-        let package = match tool {
-            "ctr" | "containerd" => "containerd",
-            other => other,
-        };
-        panic!(
-            "PIER_INTEROP=1 but `{tool}` is not on PATH: install {package} \
-             (apt-get install -y {package}, or run scripts/test.sh)"
-        );
+    for tool in tools {
+        if find_on_path(tool).is_none() {
+            let package = match *tool {
+                "ctr" | "containerd" => "containerd",
+                other => other,
+            };
+            panic!(
+                "PIER_INTEROP=1 but `{tool}` is not on PATH: install {package} \
+                 (apt-get install -y {package}, or run scripts/test.sh)"
+            );
+        }
     }
     true
+}
+
+/// [`require`], then a fresh tempdir for the test; `None` when the test is skipped.
+pub fn interop_tempdir(tools: &[&str]) -> Option<tempfile::TempDir> {
+    require(tools).then(|| tempfile::tempdir().expect("tempdir"))
 }
 
 pub fn find_on_path(tool: &str) -> Option<PathBuf> {

@@ -1,14 +1,12 @@
 //! Support for the mirror interop tier (`mirror.rs`): pier started with upstreams, the CNCF
-//! distribution registry (`docker-registry`) as the upstream with its access log parsed,
-//! skopeo and a private containerd as clients, and small servers written here to misbehave on
-//! purpose: a throttling TCP proxy that can be killed mid-stream, an HTTP proxy that corrupts
-//! blob bodies, and a bearer-token issuer signing JWTs with the `openssl` CLI.
+//! distribution registry (`docker-registry`) as the upstream with its access log parsed, and
+//! small servers written here to misbehave on purpose: a throttling TCP proxy that can be
+//! killed mid-stream, an HTTP proxy that corrupts blob bodies, and a bearer-token issuer signing
+//! JWTs with the `openssl` CLI. The pier process, the clients (skopeo, containerd) and the
+//! interop gate are shared with the other tiers in `common`.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,40 +18,14 @@ use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
-use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::common::{find_on_path, free_port, http_status, put_manifest, Layout, WrittenImage};
-
-// ---------------------------------------------------------------------------------------------
-// The gate
-// ---------------------------------------------------------------------------------------------
-
-/// Whether a mirror interop test may run: only with `PIER_INTEROP=1`, and then every tool it
-/// needs must be installed (a missing one fails the test instead of skipping it).
-pub fn gate(tools: &[&str]) -> bool {
-    if std::env::var("PIER_INTEROP").as_deref() != Ok("1") {
-        println!(
-            "skipped: set PIER_INTEROP=1 to run this mirror interop test (it needs {})",
-            tools.join(", ")
-        );
-        return false;
-    }
-    for tool in tools {
-        if find_on_path(tool).is_none() {
-            let package = match *tool {
-                "ctr" | "containerd" => "containerd",
-                other => other,
-            };
-            panic!(
-                "PIER_INTEROP=1 but `{tool}` is not on PATH: install {package} \
-                 (apt-get install -y {package}, or run scripts/test.sh)"
-            );
-        }
-    }
-    true
-}
+use crate::common::{
+    append_log, assert_blobs_served, free_port, header, http_status, kill_child,
+    print_log_tail_if_panicking, push_image, read_log, spawn_logged, wait_startup, Layout, Pier,
+    Startup, Upload, WrittenImage, READY_TIMEOUT,
+};
 
 /// An HTTP client that ignores proxy settings from the environment: everything here is on
 /// 127.0.0.1.
@@ -62,14 +34,6 @@ pub fn http_client() -> reqwest::Client {
         .no_proxy()
         .build()
         .expect("build the HTTP client")
-}
-
-/// Run a future with a deadline, panicking with `what` when it passes.
-pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<Output = T>) -> T {
-    match tokio::time::timeout(limit, f).await {
-        Ok(v) => v,
-        Err(_) => panic!("{what} did not finish within {limit:?}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -108,38 +72,8 @@ pub fn base64_url(data: &[u8]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Bodies
+// Pulling through pier
 // ---------------------------------------------------------------------------------------------
-
-/// Stream a response body through sha256. `Err` when the body breaks off.
-pub async fn try_digest_of_response(
-    mut resp: reqwest::Response,
-) -> Result<(String, u64), reqwest::Error> {
-    let mut h = Sha256::new();
-    let mut len = 0u64;
-    while let Some(chunk) = resp.chunk().await? {
-        h.update(&chunk);
-        len += chunk.len() as u64;
-    }
-    Ok((format!("sha256:{}", hex::encode(h.finalize())), len))
-}
-
-/// A response header as text, or "" when absent.
-pub fn header(resp: &reqwest::Response, name: &str) -> String {
-    resp.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
-}
-
-/// The first OCI error code of an error body.
-pub fn error_code(body: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["errors"][0]["code"].as_str().map(String::from))
-        .unwrap_or_else(|| format!("<no OCI error in {:?}>", String::from_utf8_lossy(body)))
-}
 
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.oci.image.manifest.v1+json, \
@@ -179,24 +113,7 @@ pub async fn pull_http(
         "manifest bytes of {repo}:{tag}"
     );
     assert_eq!(digest, image.manifest.digest, "Docker-Content-Digest");
-    for blob in image.blobs() {
-        let resp = http
-            .get(format!("{base}/v2/{repo}/blobs/{}{query}", blob.digest))
-            .send()
-            .await
-            .expect("GET blob through pier");
-        assert_eq!(
-            resp.status(),
-            reqwest::StatusCode::OK,
-            "GET {repo} blob {}",
-            blob.digest
-        );
-        let (got, len) = try_digest_of_response(resp)
-            .await
-            .unwrap_or_else(|e| panic!("body of {repo} blob {} broke: {e}", blob.digest));
-        assert_eq!(got, blob.digest, "bytes of {repo} blob {}", blob.digest);
-        assert_eq!(len, blob.size, "length of {repo} blob {}", blob.digest);
-    }
+    assert_blobs_served(http, base, repo, query, &image.blobs()).await;
     cache
 }
 
@@ -204,189 +121,42 @@ pub async fn pull_http(
 // pier with upstreams
 // ---------------------------------------------------------------------------------------------
 
-/// How long a started pier or registry gets to answer `GET /v2/`.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// A running `pier serve` on 127.0.0.1 with extra arguments (`--config`, `--upstream`).
-/// Dropping it SIGKILLs the process; on a panic the log's tail is printed.
-pub struct MirrorPier {
-    child: Option<Child>,
-    port: u16,
-    log_path: PathBuf,
-}
-
-impl MirrorPier {
-    /// Start pier with its data in `dir/data` and its log in `dir/pier.log`, and wait until
-    /// `GET /v2/` answers 200.
-    pub fn start(dir: &Path, args: &[String]) -> MirrorPier {
-        std::fs::create_dir_all(dir).expect("create the pier dir");
-        let log_path = dir.join("pier.log");
-        for attempt in 1..=5 {
-            let port = free_port();
-            let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
-            let mut log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .expect("open the pier log");
-            writeln!(
-                log,
-                "=== test harness: pier serve --listen 127.0.0.1:{port} {} (attempt {attempt})",
-                args.join(" ")
-            )
-            .expect("write the pier log");
-            let child = Command::new(env!("CARGO_BIN_EXE_pier"))
-                .arg("serve")
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(dir.join("data"))
-                .args(args)
-                .env("NO_COLOR", "1")
-                .env_remove("PIER_LOG")
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone the log handle"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn the pier binary");
-            let mut pier = MirrorPier {
-                child: Some(child),
-                port,
-                log_path: log_path.clone(),
-            };
-            let started = Instant::now();
-            loop {
-                if let Some(status) = pier
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten())
-                {
-                    pier.child = None;
-                    let log = pier.log_since(log_start);
-                    if log.contains("cannot listen") && attempt < 5 {
-                        break;
-                    }
-                    panic!("pier exited with {status} before it was ready:\n{log}");
-                }
-                if http_status(port, "/v2/") == Some(200) {
-                    let log = pier.log_since(log_start);
-                    assert!(
-                        log.contains("pier is serving")
-                            && log.contains(&format!("127.0.0.1:{port}")),
-                        "pier answers but did not log \"pier is serving\" with its address:\n{log}"
-                    );
-                    return pier;
-                }
-                if started.elapsed() > READY_TIMEOUT {
-                    pier.kill();
-                    panic!(
-                        "pier did not answer GET /v2/ within {READY_TIMEOUT:?}:\n{}",
-                        pier.log_since(log_start)
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        panic!("pier found no free port in 5 attempts")
+/// pier in `tmp/pier` (its data and log there), configured by `tmp/pier.toml` as
+/// [`pier_config`] writes it from `builtins` and `tables`, with `upstreams` (`<name>=<url>`) as
+/// `--upstream` flags. Returns pier and the flags it was started with.
+pub fn start_mirror(
+    tmp: &Path,
+    builtins: bool,
+    tables: &str,
+    upstreams: &[String],
+) -> (Pier, Vec<String>) {
+    let config = pier_config(&tmp.join("pier.toml"), builtins, tables);
+    let mut flags = vec!["--config".to_string(), config.display().to_string()];
+    for u in upstreams {
+        flags.extend(["--upstream".to_string(), u.clone()]);
     }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn log(&self) -> String {
-        self.log_since(0)
-    }
-
-    fn log_since(&self, offset: u64) -> String {
-        let bytes = std::fs::read(&self.log_path).unwrap_or_default();
-        let start = (offset as usize).min(bytes.len());
-        String::from_utf8_lossy(&bytes[start..]).into_owned()
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// A snapshot of `/metrics`.
-    pub async fn metrics(&self, http: &reqwest::Client) -> Metrics {
-        let resp = http
-            .get(format!("{}/metrics", self.url()))
-            .send()
-            .await
-            .expect("GET /metrics");
-        assert!(
-            resp.status().is_success(),
-            "GET /metrics: {}",
-            resp.status()
-        );
-        Metrics(resp.text().await.expect("metrics body"))
-    }
-}
-
-impl Drop for MirrorPier {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- last lines of the pier log {} ---\n{}\n--- end of pier log ---",
-                self.log_path.display(),
-                lines[lines.len().saturating_sub(60)..].join("\n")
-            );
-        }
-    }
+    let dir = tmp.join("pier");
+    std::fs::create_dir_all(&dir).expect("create the pier dir");
+    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    (pier, flags)
 }
 
 /// Write a pier config file: `[mirror]` without a default upstream (and without the built-in
 /// upstreams unless `builtins`), then `extra` (`[[upstream]]` tables).
-pub fn pier_config(path: &Path, builtins: bool, extra: &str) -> PathBuf {
+fn pier_config(path: &Path, builtins: bool, extra: &str) -> PathBuf {
     let text =
         format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = {builtins}\n\n{extra}");
     std::fs::write(path, text).expect("write the pier config");
     path.to_path_buf()
 }
 
-/// The text of `/metrics`, with sums over label subsets.
-pub struct Metrics(pub String);
-
-impl Metrics {
-    /// The sum of every sample of `name` whose labels include all of `labels`.
-    pub fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut total = 0.0;
-        for line in self.0.lines() {
-            if line.starts_with('#') {
-                continue;
-            }
-            let Some((series, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                continue;
-            }
-            let have: Vec<(&str, &str)> = label_text
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.trim(), v.trim_matches('"')))
-                .collect();
-            if labels.iter().all(|want| have.contains(want)) {
-                total += value.parse::<f64>().unwrap_or(0.0);
-            }
-        }
-        total
-    }
+/// `[[upstream]]` named `name` with `endpoints`, then `more` (further keys, one a line).
+pub fn upstream_table(name: &str, endpoints: &[String], more: &str) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
+    format!(
+        "[[upstream]]\nname = \"{name}\"\nendpoints = [{}]\n{more}",
+        endpoints.join(", ")
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -433,48 +203,40 @@ impl Registry {
             );
             let config_path = dir.join("config.yml");
             std::fs::write(&config_path, config).expect("write the registry config");
-            let log = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .expect("open the registry log");
-            let child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("clone the log handle"))
-                .stderr(log)
-                .spawn()
-                .expect("spawn docker-registry");
+            let mut cmd = Command::new("docker-registry");
+            cmd.arg("serve").arg(&config_path);
             let mut reg = Registry {
-                child: Some(child),
+                child: Some(spawn_logged(&mut cmd, append_log(&log_path))),
                 port,
                 log_path: log_path.clone(),
             };
-            let started = Instant::now();
-            loop {
-                if let Some(status) = reg.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            let child = reg.child.as_mut().expect("just spawned");
+            // 200, or 401 with token auth: either way it answers.
+            match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
+                http_status(port, "/v2/").is_some()
+            }) {
+                Startup::Ready => return reg,
+                Startup::Exited(status) => {
                     reg.child = None;
                     let log = reg.log();
                     if log.contains("address already in use") {
-                        break;
+                        continue;
                     }
                     panic!("docker-registry exited with {status}:\n{log}");
                 }
-                // 200, or 401 with token auth: either way it answers.
-                if http_status(port, "/v2/").is_some() {
-                    return reg;
-                }
-                if started.elapsed() > READY_TIMEOUT {
-                    panic!(
-                        "docker-registry did not answer within {READY_TIMEOUT:?}:\n{}",
-                        reg.log()
-                    );
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                Startup::TimedOut => panic!(
+                    "docker-registry did not answer within {READY_TIMEOUT:?}:\n{}",
+                    reg.log()
+                ),
             }
         }
         panic!("docker-registry found no free port in 5 attempts")
+    }
+
+    /// A registry with its config and log in `tmp/registry`, storing in `tmp/storage`, without
+    /// auth: the usual upstream of a test.
+    pub fn start_in(tmp: &Path) -> Registry {
+        Registry::start(&tmp.join("registry"), &tmp.join("storage"), "")
     }
 
     pub fn port(&self) -> u16 {
@@ -490,15 +252,25 @@ impl Registry {
     }
 
     pub fn log(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log_path).unwrap_or_default()).into_owned()
+        read_log(&self.log_path, 0)
     }
 
     /// SIGKILL the registry and wait for it.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill_child(&mut self.child);
+    }
+
+    /// Push an image of `layout` under `repo:tag`.
+    pub async fn push(
+        &self,
+        http: &reqwest::Client,
+        repo: &str,
+        tag: &str,
+        layout: &Layout,
+        image: &WrittenImage,
+    ) {
+        let base = self.url();
+        push_image(http, &base, repo, tag, layout, image, Upload::PostThenPut).await;
     }
 
     /// Every completed request in the log so far.
@@ -557,351 +329,7 @@ impl Registry {
 impl Drop for Registry {
     fn drop(&mut self) {
         self.kill();
-        if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            eprintln!(
-                "--- last lines of the registry log {} ---\n{}\n--- end of registry log ---",
-                self.log_path.display(),
-                lines[lines.len().saturating_sub(30)..].join("\n")
-            );
-        }
-    }
-}
-
-/// Push one blob into a distribution registry: `POST` an upload, then `PUT ?digest=` with the
-/// file streamed as the body (distribution has no single-request monolithic upload).
-pub async fn push_blob(http: &reqwest::Client, base: &str, repo: &str, file: &Path, digest: &str) {
-    let size = std::fs::metadata(file).expect("stat blob").len();
-    let resp = http
-        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
-        .send()
-        .await
-        .expect("start upload");
-    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED, "POST upload");
-    let location = header(&resp, "location");
-    let url = if location.starts_with("http") {
-        location
-    } else {
-        format!("{base}{location}")
-    };
-    let sep = if url.contains('?') { '&' } else { '?' };
-    let body = tokio::fs::File::open(file).await.expect("open blob");
-    let resp = http
-        .put(format!("{url}{sep}digest={digest}"))
-        .header(reqwest::header::CONTENT_LENGTH, size)
-        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-        .body(reqwest::Body::from(body))
-        .send()
-        .await
-        .expect("finish upload");
-    let status = resp.status();
-    assert_eq!(
-        status,
-        reqwest::StatusCode::CREATED,
-        "PUT blob {digest}: {}",
-        resp.text().await.unwrap_or_default()
-    );
-}
-
-/// Push an image of `layout` into a distribution registry under `repo:tag`.
-pub async fn push_image(
-    http: &reqwest::Client,
-    base: &str,
-    repo: &str,
-    tag: &str,
-    layout: &Layout,
-    image: &WrittenImage,
-) {
-    for blob in image.blobs() {
-        push_blob(
-            http,
-            base,
-            repo,
-            &layout.blob_path(&blob.digest),
-            &blob.digest,
-        )
-        .await;
-    }
-    put_manifest(
-        http,
-        base,
-        repo,
-        tag,
-        &image.manifest.media_type,
-        &image.manifest_bytes,
-    )
-    .await;
-}
-
-// ---------------------------------------------------------------------------------------------
-// skopeo
-// ---------------------------------------------------------------------------------------------
-
-/// skopeo, kept inside a test's tempdir: its TMPDIR, HOME and auth file are there. skopeo run
-/// as root writes a blob-info cache to /var/lib/containers whatever it is told, so as root it
-/// runs as `nobody`, whose cache goes under HOME.
-pub struct Skopeo {
-    scratch: PathBuf,
-    user: Option<u32>,
-}
-
-const NOBODY: u32 = 65534;
-
-impl Skopeo {
-    pub fn new(tmp: &Path) -> Skopeo {
-        let root = std::fs::metadata(tmp).expect("stat tempdir").uid() == 0;
-        let user = root.then_some(NOBODY);
-        if root {
-            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
-                .expect("open the tempdir to nobody");
-        }
-        let skopeo = Skopeo {
-            scratch: tmp.join("skopeo"),
-            user,
-        };
-        skopeo.writable_dir(&skopeo.scratch);
-        skopeo
-    }
-
-    /// Create a directory skopeo may write into.
-    pub fn writable_dir(&self, dir: &Path) -> PathBuf {
-        std::fs::create_dir_all(dir).expect("create dir");
-        if let Some(uid) = self.user {
-            std::os::unix::fs::chown(dir, Some(uid), Some(uid)).expect("chown to nobody");
-        }
-        dir.to_path_buf()
-    }
-
-    /// Run skopeo; panic with its output unless it succeeds. Returns stdout.
-    pub async fn run(&self, args: &[&str]) -> Vec<u8> {
-        let started = Instant::now();
-        let mut cmd = tokio::process::Command::new("skopeo");
-        cmd.arg("--insecure-policy")
-            .args(args)
-            .env("TMPDIR", &self.scratch)
-            .env("HOME", &self.scratch)
-            .env("XDG_DATA_HOME", self.scratch.join("share"))
-            .env("REGISTRY_AUTH_FILE", self.scratch.join("auth.json"))
-            .current_dir(&self.scratch)
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        if let Some(uid) = self.user {
-            cmd.uid(uid).gid(uid);
-        }
-        let out = within(Duration::from_secs(120), "skopeo", cmd.output())
-            .await
-            .expect("run skopeo");
-        println!("skopeo {} -- {:?}", args.join(" "), started.elapsed());
-        assert!(
-            out.status.success(),
-            "skopeo {} failed ({}):\nstdout: {}\nstderr: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// containerd
-// ---------------------------------------------------------------------------------------------
-
-/// A private containerd daemon, everything it writes under one directory; killed on drop.
-pub struct Containerd {
-    child: Option<Child>,
-    pub root: PathBuf,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl Containerd {
-    pub fn start(dir: &Path) -> Containerd {
-        let root = dir.join("root");
-        let state = dir.join("state");
-        let socket = dir.join("containerd.sock");
-        let log = dir.join("containerd.log");
-        for d in [&root, &state] {
-            std::fs::create_dir_all(d).expect("create containerd dirs");
-        }
-        let config = format!(
-            r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = [
-  "io.containerd.grpc.v1.cri",
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
-
-[grpc]
-  address = "{socket}"
-
-[ttrpc]
-  address = "{socket}.ttrpc"
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{opt}"
-"#,
-            root = root.display(),
-            state = state.display(),
-            socket = socket.display(),
-            opt = dir.join("opt").display(),
-        );
-        let config_path = dir.join("config.toml");
-        std::fs::write(&config_path, config).expect("write containerd config");
-        let out = std::fs::File::create(&log).expect("containerd log");
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(&config_path)
-            .env("TMPDIR", dir)
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().expect("clone log"))
-            .stderr(out)
-            .spawn()
-            .expect("spawn containerd");
-        let mut c = Containerd {
-            child: Some(child),
-            root,
-            socket,
-            log,
-        };
-        let started = Instant::now();
-        loop {
-            if let Some(status) = c.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
-                panic!("containerd exited with {status}:\n{}", c.log());
-            }
-            if c.socket.exists()
-                && c.ctr_command(&["version"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
-            {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "containerd not answering on {} after 30 s:\n{}",
-                c.socket.display(),
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        c
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn ctr_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new("ctr");
-        cmd.arg("--address")
-            .arg(&self.socket)
-            .arg("--namespace")
-            .arg("pier-test")
-            .args(args)
-            .stdin(Stdio::null());
-        cmd
-    }
-
-    /// Run `ctr`; panic with its output and containerd's log unless it succeeds.
-    pub async fn ctr(&self, args: &[&str]) -> String {
-        let started = Instant::now();
-        let mut cmd = tokio::process::Command::from(self.ctr_command(args));
-        cmd.kill_on_drop(true);
-        let out = within(Duration::from_secs(120), "ctr", cmd.output())
-            .await
-            .expect("run ctr");
-        println!("ctr {} -- {:?}", args.join(" "), started.elapsed());
-        assert!(
-            out.status.success(),
-            "ctr {} failed ({}):\nstdout: {}\nstderr: {}\ncontainerd log:\n{}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `ctr images pull` of `reference` with the registry hosts configured in `hosts_dir`.
-    pub async fn pull(&self, hosts_dir: &Path, reference: &str) -> String {
-        let hosts = hosts_dir.display().to_string();
-        self.ctr(&[
-            "images",
-            "pull",
-            "--hosts-dir",
-            &hosts,
-            "--snapshotter",
-            "native",
-            "--platform",
-            "linux/amd64",
-            reference,
-        ])
-        .await
-    }
-
-    /// The native snapshotter's snapshot directories.
-    pub fn snapshot_dirs(&self) -> Vec<PathBuf> {
-        let snapshots = self
-            .root
-            .join("io.containerd.snapshotter.v1.native")
-            .join("snapshots");
-        match std::fs::read_dir(&snapshots) {
-            Ok(rd) => rd
-                .map(|e| e.expect("snapshot entry").path())
-                .filter(|p| p.is_dir())
-                .collect(),
-            Err(_) => Vec::new(),
-        }
-    }
-
-    /// Assert each layer's file is unpacked in some snapshot with exactly its bytes, and that
-    /// one snapshot (the image's top) holds them all.
-    pub fn assert_unpacked(&self, image: &WrittenImage) {
-        let dirs = self.snapshot_dirs();
-        for layer in &image.layers {
-            let holders: Vec<&PathBuf> = dirs
-                .iter()
-                .filter(|d| d.join(&layer.file).is_file())
-                .collect();
-            assert!(
-                !holders.is_empty(),
-                "{} not unpacked in any snapshot of {}: {dirs:?}",
-                layer.file,
-                self.root.display()
-            );
-            for d in holders {
-                let f = d.join(&layer.file);
-                assert_eq!(
-                    crate::common::digest_of_file(&f),
-                    layer.file_digest,
-                    "unpacked bytes of {}",
-                    f.display()
-                );
-            }
-        }
-        assert!(
-            dirs.iter()
-                .any(|d| image.layers.iter().all(|l| d.join(&l.file).is_file())),
-            "no snapshot holds every layer's file: {dirs:?}"
-        );
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        print_log_tail_if_panicking("registry", &self.log_path, 30);
     }
 }
 

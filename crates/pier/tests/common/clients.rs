@@ -1,0 +1,340 @@
+//! The real clients the interop tiers drive (`interop.rs`, `mirror.rs`): skopeo, and a private
+//! containerd daemon with `ctr`. Every file either writes stays in the test's tempdir, and every
+//! run is bounded in time, so a hung client fails the test instead of stalling the suite.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{
+    digest_of_file, kill_child, spawn_logged, wait_startup, within, Startup, WrittenImage,
+};
+
+/// How long one skopeo or ctr run may take.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Run a client (`tool args`) with a deadline, killed when it passes, and print how long it
+/// took. Panics with its output, followed by `context()` (say, a daemon's log), unless it
+/// succeeds. Returns stdout.
+async fn run_client(
+    mut cmd: tokio::process::Command,
+    tool: &str,
+    args: &[&str],
+    context: impl FnOnce() -> String,
+) -> Vec<u8> {
+    let started = Instant::now();
+    cmd.kill_on_drop(true);
+    let out = within(CLIENT_TIMEOUT, tool, cmd.output())
+        .await
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    println!("{tool} {} -- {:?}", args.join(" "), started.elapsed());
+    assert!(
+        out.status.success(),
+        "{tool} {} failed ({}):\nstdout: {}\nstderr: {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        context()
+    );
+    out.stdout
+}
+
+/// `oci:<dir>:<tag>`: an image in an OCI layout, as skopeo names it.
+pub fn oci_ref(dir: &Path, tag: &str) -> String {
+    format!("oci:{}:{tag}", dir.display())
+}
+
+// ---------------------------------------------------------------------------------------------
+// skopeo
+// ---------------------------------------------------------------------------------------------
+
+/// skopeo, kept inside a test's tempdir: its TMPDIR, HOME and auth file are there. skopeo run
+/// as root writes a blob-info cache to /var/lib/containers whatever it is told, so as root it
+/// runs as `nobody`, whose cache goes under HOME.
+pub struct Skopeo {
+    scratch: PathBuf,
+    user: Option<u32>,
+}
+
+const NOBODY: u32 = 65534;
+
+impl Skopeo {
+    pub fn new(tmp: &Path) -> Skopeo {
+        let root = std::fs::metadata(tmp).expect("stat tempdir").uid() == 0;
+        let user = root.then_some(NOBODY);
+        if root {
+            // Let `nobody` into the tempdir to read layouts and write where it is given a dir.
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o755))
+                .expect("open the tempdir to nobody");
+        }
+        let skopeo = Skopeo {
+            scratch: tmp.join("skopeo"),
+            user,
+        };
+        skopeo.writable_dir(&skopeo.scratch);
+        skopeo
+    }
+
+    /// Create a directory skopeo may write into.
+    pub fn writable_dir(&self, dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).expect("create dir");
+        if let Some(uid) = self.user {
+            std::os::unix::fs::chown(dir, Some(uid), Some(uid)).expect("chown to nobody");
+        }
+        dir.to_path_buf()
+    }
+
+    /// Run skopeo; panic with its output unless it succeeds. Returns stdout.
+    pub async fn run(&self, args: &[&str]) -> Vec<u8> {
+        let mut cmd = tokio::process::Command::new("skopeo");
+        cmd.arg("--insecure-policy")
+            .args(args)
+            .env("TMPDIR", &self.scratch)
+            .env("HOME", &self.scratch)
+            .env("XDG_DATA_HOME", self.scratch.join("share"))
+            .env("REGISTRY_AUTH_FILE", self.scratch.join("auth.json"))
+            .current_dir(&self.scratch)
+            .stdin(Stdio::null());
+        if let Some(uid) = self.user {
+            cmd.uid(uid).gid(uid);
+        }
+        run_client(cmd, "skopeo", args, String::new).await
+    }
+
+    /// `skopeo copy --preserve-digests` from `src` to `dest`. Without --preserve-digests skopeo
+    /// gzips uncompressed layers on their way into an `oci:` layout. TLS verification is off
+    /// for each side that is a registry (`docker://`): every registry here speaks plain HTTP.
+    pub async fn copy(&self, src: &str, dest: &str) -> Vec<u8> {
+        self.copy_with(&[], src, dest).await
+    }
+
+    /// [`Skopeo::copy`] with `--all`: every image of a multi-platform index.
+    pub async fn copy_all(&self, src: &str, dest: &str) -> Vec<u8> {
+        self.copy_with(&["--all"], src, dest).await
+    }
+
+    async fn copy_with(&self, flags: &[&str], src: &str, dest: &str) -> Vec<u8> {
+        let mut args = vec!["copy"];
+        args.extend_from_slice(flags);
+        args.push("--preserve-digests");
+        if src.starts_with("docker://") {
+            args.push("--src-tls-verify=false");
+        }
+        if dest.starts_with("docker://") {
+            args.push("--dest-tls-verify=false");
+        }
+        args.extend([src, dest]);
+        self.run(&args).await
+    }
+
+    /// `skopeo inspect --raw` of a registry image: the manifest's exact bytes.
+    pub async fn inspect_raw(&self, image: &str) -> Vec<u8> {
+        self.run(&["inspect", "--raw", "--tls-verify=false", image])
+            .await
+    }
+
+    /// `skopeo inspect` of a registry image, parsed.
+    pub async fn inspect(&self, image: &str) -> serde_json::Value {
+        serde_json::from_slice(&self.run(&["inspect", "--tls-verify=false", image]).await)
+            .expect("skopeo inspect JSON")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// containerd
+// ---------------------------------------------------------------------------------------------
+
+/// A private containerd daemon, everything it writes under one directory; killed on drop.
+pub struct Containerd {
+    child: Option<Child>,
+    root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Containerd {
+    pub fn start(dir: &Path) -> Containerd {
+        let root = dir.join("root");
+        let state = dir.join("state");
+        let socket = dir.join("containerd.sock");
+        let log = dir.join("containerd.log");
+        for d in [&root, &state] {
+            std::fs::create_dir_all(d).expect("create containerd dirs");
+        }
+        // Everything containerd writes stays in `dir`; plugins not needed to pull and unpack
+        // with the native snapshotter are off.
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.tracing.processor.v1.otlp",
+  "io.containerd.internal.v1.tracing",
+]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+            root = root.display(),
+            state = state.display(),
+            socket = socket.display(),
+            opt = dir.join("opt").display(),
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("write containerd config");
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&config_path).env("TMPDIR", dir);
+        let out = std::fs::File::create(&log).expect("containerd log");
+        let mut c = Containerd {
+            child: Some(spawn_logged(&mut cmd, out)),
+            root,
+            socket,
+            log,
+        };
+        let answers = |socket: &Path| {
+            socket.exists()
+                && ctr_command(socket, &["version"])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+        };
+        let child = c.child.as_mut().expect("just spawned");
+        let timeout = Duration::from_secs(30);
+        match wait_startup(child, timeout, Duration::from_millis(100), || {
+            answers(&c.socket)
+        }) {
+            Startup::Ready => c,
+            Startup::Exited(status) => panic!("containerd exited with {status}:\n{}", c.log()),
+            Startup::TimedOut => panic!(
+                "containerd not answering on {} after {timeout:?}:\n{}",
+                c.socket.display(),
+                c.log()
+            ),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Run `ctr`; panic with its output and containerd's log unless it succeeds.
+    pub async fn ctr(&self, args: &[&str]) -> String {
+        let cmd = tokio::process::Command::from(ctr_command(&self.socket, args));
+        let out = run_client(cmd, "ctr", args, || {
+            format!("\ncontainerd log:\n{}", self.log())
+        })
+        .await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// `ctr images pull` of `reference` from a plain-HTTP registry.
+    pub async fn pull_plain_http(&self, reference: &str) -> String {
+        self.pull_with(&["--plain-http"], reference).await
+    }
+
+    /// `ctr images pull` of `reference` with the registry hosts configured in `hosts_dir`.
+    pub async fn pull(&self, hosts_dir: &Path, reference: &str) -> String {
+        let hosts = hosts_dir.display().to_string();
+        self.pull_with(&["--hosts-dir", &hosts], reference).await
+    }
+
+    /// `ctr images pull` of the linux/amd64 image of `reference`, unpacked with the native
+    /// snapshotter (plain directories the tests can read); `source` says how to reach the
+    /// registry.
+    async fn pull_with(&self, source: &[&str], reference: &str) -> String {
+        let mut args = vec!["images", "pull"];
+        args.extend_from_slice(source);
+        args.extend([
+            "--snapshotter",
+            "native",
+            "--platform",
+            "linux/amd64",
+            reference,
+        ]);
+        self.ctr(&args).await
+    }
+
+    /// The native snapshotter's snapshot directories.
+    pub fn snapshot_dirs(&self) -> Vec<PathBuf> {
+        let snapshots = self
+            .root
+            .join("io.containerd.snapshotter.v1.native")
+            .join("snapshots");
+        match std::fs::read_dir(&snapshots) {
+            Ok(rd) => rd
+                .map(|e| e.expect("snapshot entry").path())
+                .filter(|p| p.is_dir())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Assert each layer's file is unpacked in some snapshot with exactly its bytes, and that
+    /// one snapshot (the image's top) holds them all.
+    pub fn assert_unpacked(&self, image: &WrittenImage) {
+        let dirs = self.snapshot_dirs();
+        for layer in &image.layers {
+            let holders: Vec<&PathBuf> = dirs
+                .iter()
+                .filter(|d| d.join(&layer.file).is_file())
+                .collect();
+            assert!(
+                !holders.is_empty(),
+                "{} not unpacked in any snapshot of {}: {dirs:?}\ncontainerd log:\n{}",
+                layer.file,
+                self.root.display(),
+                self.log()
+            );
+            for d in holders {
+                let f = d.join(&layer.file);
+                assert_eq!(
+                    std::fs::metadata(&f).expect("stat unpacked file").len(),
+                    layer.file_size,
+                    "unpacked length of {}",
+                    f.display()
+                );
+                assert_eq!(
+                    digest_of_file(&f),
+                    layer.file_digest,
+                    "unpacked bytes of {}",
+                    f.display()
+                );
+            }
+        }
+        assert!(
+            dirs.iter()
+                .any(|d| image.layers.iter().all(|l| d.join(&l.file).is_file())),
+            "no snapshot holds every layer's file: {dirs:?}"
+        );
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// `ctr` talking to the daemon on `socket`, in the tests' own namespace.
+fn ctr_command(socket: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("ctr");
+    cmd.arg("--address")
+        .arg(socket)
+        .arg("--namespace")
+        .arg("pier-test")
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
+}
