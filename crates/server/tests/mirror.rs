@@ -816,15 +816,12 @@ async fn rate_limits_are_waited_out_and_slow_endpoints_time_out() {
     .await;
     let d = s.fake.add_blob(b"stalled".to_vec());
     s.fake.set(|b| b.stall_once = Some(Duration::from_secs(5)));
-    let started = std::time::Instant::now();
     let (status, _, body) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
     assert_eq!(status, 200);
     assert_eq!(body.expect("body").as_ref(), b"stalled");
-    let took = started.elapsed();
-    assert!(
-        took >= Duration::from_millis(300) && took < Duration::from_secs(4),
-        "gave up on the stalled request after its timeout, not after the stall: {took:?}"
-    );
+    // The stalled request was abandoned at its first-byte timeout and the blob came from a
+    // second GET; the upstream saw both.
     let m = metrics(&s.pier).await;
     assert!(m.contains(r#"result="timeout"} 1"#), "{m}");
+    assert_eq!(s.fake.blob_gets.load(Ordering::SeqCst), 2);
 }
