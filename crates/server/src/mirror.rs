@@ -72,6 +72,24 @@ pub(crate) async fn target(
     Ok(Some(r))
 }
 
+/// The upstream's `Link` for the next page, rewritten to the name (and `ns`) the client used, so
+/// that following it comes back through pier.
+fn client_link(link: &str, r: &MirrorRef, client_name: &str, ns: Option<&str>) -> String {
+    let upstream_path = format!("/v2/{}/tags/list", r.repo);
+    let client_path = format!("/v2/{client_name}/tags/list");
+    let mut out = link.replacen(&upstream_path, &client_path, 1);
+    if let Some(ns) = ns {
+        let param: String = form_urlencoded::Serializer::new(String::new())
+            .append_pair("ns", ns)
+            .finish();
+        if let Some(end) = out.find('>') {
+            let sep = if out[..end].contains('?') { '&' } else { '?' };
+            out.insert_str(end, &format!("{sep}{param}"));
+        }
+    }
+    out
+}
+
 fn freshness_header(f: Freshness) -> &'static str {
     match f {
         Freshness::Hit => "hit",
@@ -158,13 +176,14 @@ pub(crate) async fn dispatch(
                 }
             }
         }
-        (Route::Tags { .. }, &Method::GET) => {
+        (Route::Tags { name }, &Method::GET) => {
             let (body, link) = mirror
                 .tags(&r, &q.without_ns())
                 .await
                 .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::NameUnknown))?;
             let mut resp = json(StatusCode::OK, String::from_utf8_lossy(&body).into_owned());
             if let Some(link) = link {
+                let link = client_link(&link, &r, name.as_str(), q.get("ns"));
                 resp.headers_mut().insert(header::LINK, hv(&link));
             }
             Ok(resp)

@@ -263,8 +263,18 @@ async fn fake_registry(State(fake): State<Fake>, req: Request<Body>) -> Response
                 })));
             resp.body(Body::from_stream(stream)).unwrap_or_default()
         }
-        Ok(Route::Tags { .. }) => {
-            axum::Json(serde_json::json!({"name": "x", "tags": ["a", "b"]})).into_response()
+        Ok(Route::Tags { name }) => {
+            // A first page of one tag, with the Link a registry sends for the next.
+            if req.uri().query().is_some_and(|q| q.contains("n=1")) {
+                let link = format!("</v2/{name}/tags/list?n=1&last=a>; rel=\"next\"");
+                return (
+                    [("link", link)],
+                    axum::Json(serde_json::json!({"name": name.as_str(), "tags": ["a"]})),
+                )
+                    .into_response();
+            }
+            axum::Json(serde_json::json!({"name": name.as_str(), "tags": ["a", "b"]}))
+                .into_response()
         }
         _ => StatusCode::NOT_FOUND.into_response(),
     }
@@ -824,4 +834,26 @@ async fn rate_limits_are_waited_out_and_slow_endpoints_time_out() {
     let m = metrics(&s.pier).await;
     assert!(m.contains(r#"result="timeout"} 1"#), "{m}");
     assert_eq!(s.fake.blob_gets.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn mirrored_tag_lists_page_back_through_pier() {
+    let s = setup(Options::default()).await;
+    let (status, h, body) = get(&format!("{}/v2/up.example/team/app/tags/list?n=1", s.pier)).await;
+    assert_eq!(status, 200);
+    let tags: serde_json::Value = serde_json::from_slice(&body.expect("body")).expect("json");
+    assert_eq!(tags["tags"], serde_json::json!(["a"]));
+    assert_eq!(
+        h.get("link").and_then(|v| v.to_str().ok()),
+        Some(r#"</v2/up.example/team/app/tags/list?n=1&last=a>; rel="next""#)
+    );
+    let (_, h, _) = get(&format!(
+        "{}/v2/team/app/tags/list?n=1&ns=up.example",
+        s.pier
+    ))
+    .await;
+    assert_eq!(
+        h.get("link").and_then(|v| v.to_str().ok()),
+        Some(r#"</v2/team/app/tags/list?n=1&last=a&ns=up.example>; rel="next""#)
+    );
 }
