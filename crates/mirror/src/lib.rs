@@ -155,10 +155,6 @@ impl Mirror {
         })
     }
 
-    pub fn upstreams(&self) -> impl Iterator<Item = &Arc<UpstreamEntry>> {
-        self.upstreams.values()
-    }
-
     pub fn metrics(&self) -> &Arc<MirrorMetrics> {
         &self.metrics
     }
@@ -536,6 +532,8 @@ impl Mirror {
         // readers and channel hops per byte low. Readers see progress a batch at a time.
         let mut hasher = Hasher::new(digest.algorithm());
         let mut received = 0u64;
+        // Looked up once: upstream frames are small and many.
+        let upstream_bytes = self.metrics.upstream_bytes_counter(r.upstream_name());
         let mut streamed: Result<(), FillError> = Ok(());
         let mut pending = BytesMut::with_capacity(FILL_BATCH);
         let mut upstream_ended = false;
@@ -547,8 +545,7 @@ impl Mirror {
             };
             let flush = match &next {
                 Some(Ok(c)) => {
-                    self.metrics
-                        .upstream_bytes(r.upstream_name(), c.len() as u64);
+                    upstream_bytes.inc_by(c.len() as u64);
                     hasher.update(c);
                     pending.extend_from_slice(c);
                     pending.len() >= FILL_BATCH

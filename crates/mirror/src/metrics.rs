@@ -106,12 +106,13 @@ impl MirrorMetrics {
             .inc();
     }
 
-    pub fn upstream_bytes(&self, upstream: &str, n: u64) {
+    /// The counter of blob bytes received from `upstream`, to keep for a whole fill.
+    pub fn upstream_bytes_counter(&self, upstream: &str) -> Counter {
         self.upstream_bytes
             .get_or_create(&UpstreamLabels {
                 upstream: upstream.to_string(),
             })
-            .inc_by(n);
+            .clone()
     }
 
     pub fn corrupt(&self, upstream: &str) {
@@ -149,8 +150,6 @@ impl pier_upstream::Observer for MirrorMetrics {
             })
             .observe(elapsed.as_secs_f64());
     }
-
-    fn bytes(&self, _upstream: &str, _endpoint: &str, _n: u64) {}
 
     fn health(&self, upstream: &str, endpoint: &str, healthy: bool) {
         self.endpoint_healthy

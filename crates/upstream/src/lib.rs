@@ -14,7 +14,6 @@
 
 pub mod auth;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -142,8 +141,6 @@ pub fn manifest_accept() -> HeaderValue {
 pub trait Observer: Send + Sync {
     /// A request got response headers (`result` is the status class or `error`).
     fn request(&self, upstream: &str, endpoint: &str, result: &'static str, elapsed: Duration);
-    /// Body bytes received from an endpoint.
-    fn bytes(&self, upstream: &str, endpoint: &str, n: u64);
     /// An endpoint was benched (`false`) or is answering again (`true`).
     fn health(&self, upstream: &str, endpoint: &str, healthy: bool);
 }
@@ -153,22 +150,12 @@ pub struct NoObserver;
 
 impl Observer for NoObserver {
     fn request(&self, _: &str, _: &str, _: &'static str, _: Duration) {}
-    fn bytes(&self, _: &str, _: &str, _: u64) {}
     fn health(&self, _: &str, _: &str, _: bool) {}
-}
-
-/// Counters of one endpoint.
-#[derive(Debug, Default)]
-pub struct EndpointStats {
-    pub requests: AtomicU64,
-    pub errors: AtomicU64,
-    pub bytes: AtomicU64,
 }
 
 struct Endpoint {
     base: String,
     benched_until: Mutex<Option<Instant>>,
-    stats: EndpointStats,
 }
 
 impl Endpoint {
@@ -179,7 +166,6 @@ impl Endpoint {
 
     /// Bench the endpoint for `cooldown`. Returns whether it was healthy until now.
     fn bench(&self, cooldown: Duration, why: &str) -> bool {
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
         let mut until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
         let was_healthy = until.is_none_or(|t| t <= Instant::now());
         if was_healthy {
@@ -194,16 +180,6 @@ impl Endpoint {
         let mut until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
         until.take().is_some()
     }
-}
-
-/// A snapshot of one endpoint, for metrics and status.
-#[derive(Debug, Clone)]
-pub struct EndpointStatus {
-    pub url: String,
-    pub healthy: bool,
-    pub requests: u64,
-    pub errors: u64,
-    pub bytes: u64,
 }
 
 /// One upstream registry.
@@ -242,7 +218,6 @@ impl Upstream {
             .map(|b| Endpoint {
                 base: b.trim_end_matches('/').to_string(),
                 benched_until: Mutex::new(None),
-                stats: EndpointStats::default(),
             })
             .collect();
         Ok(Arc::new(Upstream {
@@ -260,19 +235,6 @@ impl Upstream {
 
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
-    }
-
-    pub fn endpoint_status(&self) -> Vec<EndpointStatus> {
-        self.endpoints
-            .iter()
-            .map(|e| EndpointStatus {
-                url: e.base.clone(),
-                healthy: e.healthy(),
-                requests: e.stats.requests.load(Ordering::Relaxed),
-                errors: e.stats.errors.load(Ordering::Relaxed),
-                bytes: e.stats.bytes.load(Ordering::Relaxed),
-            })
-            .collect()
     }
 
     /// Endpoint indexes in the order to try: healthy ones first, in configured order, then the
@@ -298,12 +260,6 @@ impl Upstream {
         }
     }
 
-    fn count_bytes(&self, endpoint: usize, n: u64) {
-        let ep = &self.endpoints[endpoint];
-        ep.stats.bytes.fetch_add(n, Ordering::Relaxed);
-        self.observer.bytes(&self.config.name, &ep.base, n);
-    }
-
     async fn send_once(
         &self,
         endpoint: usize,
@@ -316,7 +272,6 @@ impl Upstream {
         let url = format!("{}{}", ep.base, path);
         let mut authorized_with: Option<String> = None;
         for round in 0..2 {
-            ep.stats.requests.fetch_add(1, Ordering::Relaxed);
             let mut req = self
                 .client
                 .request(method.clone(), &url)
@@ -534,7 +489,7 @@ impl Upstream {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT, manifest_accept());
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let (resp, ep) = self.request(Method::GET, &path, repo, h, None).await?;
+        let (resp, _) = self.request(Method::GET, &path, repo, h, None).await?;
         let media_type = content_type(resp.headers());
         let announced = header_digest(resp.headers());
         if resp.content_length().is_some_and(|n| n > limit) {
@@ -554,7 +509,6 @@ impl Upstream {
                 )));
             }
         }
-        self.count_bytes(ep, buf.len() as u64);
         Ok(FetchedManifest {
             media_type,
             bytes: Bytes::from(buf),
@@ -604,7 +558,6 @@ impl Upstream {
                     match body.next().await {
                         Some(Ok(chunk)) => {
                             s.pos += chunk.len() as u64;
-                            s.upstream.count_bytes(s.endpoint, chunk.len() as u64);
                             return Some((Ok(chunk), s));
                         }
                         None if s.total.is_none_or(|t| s.pos >= t) => return None,
