@@ -175,6 +175,11 @@ impl Mirror {
         })
     }
 
+    /// Whether `name` is a configured upstream (what `?ns=` must name to be mirrored).
+    pub fn has_upstream(&self, name: &str) -> bool {
+        self.upstreams.contains_key(name)
+    }
+
     /// Resolve a request's repository by `?ns=` or by path prefix. `Ok(None)`: not mirrored by
     /// either (the caller then considers hosted repositories and the default upstream).
     pub fn route(&self, name: &RepoName, ns: Option<&str>) -> Result<Option<MirrorRef>> {

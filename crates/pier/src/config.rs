@@ -46,6 +46,9 @@ pub struct MirrorConfig {
     /// Seconds a tag's manifest is served before asking the upstream again, for upstreams that
     /// set no `tag_ttl` of their own.
     pub tag_ttl: u64,
+    /// Repository globs hosted here although the default upstream would serve them: pushes
+    /// into them are accepted, and reads of them never go to the default upstream.
+    pub hosted: Vec<String>,
 }
 
 impl Default for MirrorConfig {
@@ -54,6 +57,7 @@ impl Default for MirrorConfig {
             default_upstream: "docker.io".into(),
             builtin_upstreams: true,
             tag_ttl: 300,
+            hosted: Vec::new(),
         }
     }
 }

@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// replaces (by name) the configured ones.
     #[arg(long, value_name = "REGISTRY=URL[,URL...]")]
     pub upstream: Vec<String>,
+    /// A repository glob hosted here although the default upstream would serve it (pushes
+    /// allowed); repeatable. Adds to `[mirror] hosted`.
+    #[arg(long, value_name = "GLOB")]
+    pub hosted: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {

@@ -32,6 +32,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
+    config.mirror.hosted.extend(args.hosted.iter().cloned());
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
@@ -106,6 +107,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     tracing::info!(
         upstreams = %upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(","),
         default = default_upstream.as_deref().unwrap_or("none"),
+        hosted = %config.mirror.hosted.join(","),
         "mirroring"
     );
     let mirror = Mirror::new(
@@ -155,13 +157,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         })
     };
     let mut stopped = stop_rx.clone();
-    let server = tokio::spawn(pier_server::serve(
-        listener,
-        AppState::with_mirror(registry, mirror, metrics),
-        async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        },
-    ));
+    let mut state = AppState::with_mirror(registry, mirror, metrics);
+    state.hosted = Arc::new(config.mirror.hosted.clone());
+    let server = tokio::spawn(pier_server::serve(listener, state, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
     let signal = signal.await;
     tracing::info!(
         signal,

@@ -18,10 +18,11 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, Request, StatusCode};
+use axum::http::{HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use pier_oci::{ErrorCode, RouteError};
 use pier_registry::Registry;
 use tokio::net::TcpListener;
 use tracing::Instrument;
@@ -38,6 +39,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// False once shutdown has begun: `/readyz` then answers 503 so load balancers drain us.
     pub ready: Arc<AtomicBool>,
+    /// Repository globs that are hosted here even though the default upstream would serve
+    /// them (`[mirror] hosted`): pushes into them are accepted and reads never go upstream.
+    pub hosted: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -47,6 +51,7 @@ impl AppState {
             mirror: None,
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(true)),
+            hosted: Arc::new(Vec::new()),
         }
     }
 
@@ -61,6 +66,7 @@ impl AppState {
             mirror: Some(mirror),
             metrics: Arc::new(metrics),
             ready: Arc::new(AtomicBool::new(true)),
+            hosted: Arc::new(Vec::new()),
         }
     }
 }
@@ -104,6 +110,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn registry_api(State(state): State<AppState>, req: Request<Body>) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
+    let read = method == Method::GET || method == Method::HEAD;
     let route = pier_oci::route::parse(req.uri().path());
     let kind = route.as_ref().map_or("unknown", |r| r.kind());
     let span = tracing::info_span!(
@@ -120,6 +127,14 @@ async fn registry_api(State(state): State<AppState>, req: Request<Body>) -> Resp
                 Ok(r) => r,
                 Err(e) => e.into_response(),
             },
+            // A reference that is not a valid tag names nothing that exists: reads get 404
+            // (the specification's table allows no 400 for them); a push of it is invalid.
+            Err(RouteError::Reference(e)) if read => ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::ManifestUnknown,
+                format!("no manifest has the reference: {e}"),
+            )
+            .into_response(),
             Err(e) => ApiError::from(e).into_response(),
         };
         let status = resp.status();

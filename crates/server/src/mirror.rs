@@ -4,7 +4,7 @@
 use axum::body::Body;
 use axum::http::{header, Method, Request, StatusCode};
 use axum::response::Response;
-use pier_mirror::{BlobSource, Freshness, MirrorRef};
+use pier_mirror::{BlobSource, Freshness, MirrorError, MirrorRef};
 use pier_oci::{ErrorCode, Route};
 
 use crate::error::ApiError;
@@ -15,21 +15,38 @@ type Result<T> = std::result::Result<T, ApiError>;
 
 /// The mirrored repository a request addresses, or `None` for a hosted one.
 ///
-/// 1. `?ns=<registry>` naming an upstream (containerd's mirror requests);
+/// 1. `?ns=<registry>` naming an upstream (containerd's mirror requests). An `ns` naming a
+///    registry pier does not mirror is a 404 `NAME_UNKNOWN`, so containerd falls back to the
+///    registry itself instead of being given another registry's image;
 /// 2. a first path segment naming an upstream (`/v2/ghcr.io/org/app/...`);
-/// 3. for reads of a repository not pushed here, the default upstream (Docker's
-///    `registry-mirrors`, which sends `library/nginx` and no `ns`). Blob and referrers reads take
-///    this route only once a manifest of the repository came through it: clients fetch a manifest before
-///    its blobs, and a pusher's `HEAD` of a blob in a new repository must get a quick local 404,
-///    not a question to Docker Hub;
-/// 4. otherwise the repository is hosted.
+/// 3. a name matching `[mirror] hosted`, or a repository already pushed here, is hosted;
+/// 4. for reads, the default upstream (Docker's `registry-mirrors`, which sends `library/nginx`
+///    and no `ns`). Blob and referrers reads take this route only once a manifest of the
+///    repository came through it: clients fetch a manifest before its blobs, and a pusher's
+///    `HEAD` of a blob in a new repository must get a quick local 404, not a question to
+///    Docker Hub;
+/// 5. a push into a name the default upstream serves is refused (403 `DENIED`): one name means
+///    one image, and a pushed `library/x` would otherwise shadow Docker Hub's for some clients;
+/// 6. otherwise the repository is hosted.
 pub(crate) async fn target(
     state: &AppState,
     route: &Route,
     method: &Method,
     q: &Query,
 ) -> Result<Option<MirrorRef>> {
-    let (Some(mirror), Some(name)) = (&state.mirror, route.name()) else {
+    let Some(name) = route.name() else {
+        return Ok(None);
+    };
+    if let Some(ns) = q.get("ns") {
+        if !state.mirror.as_ref().is_some_and(|m| m.has_upstream(ns)) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                format!("pier does not mirror {ns}: ask {ns} itself"),
+            ));
+        }
+    }
+    let Some(mirror) = &state.mirror else {
         return Ok(None);
     };
     if let Some(r) = mirror
@@ -38,12 +55,40 @@ pub(crate) async fn target(
     {
         return Ok(Some(r));
     }
+    if state
+        .hosted
+        .iter()
+        .any(|g| pier_mirror::glob::matches(g, name.as_str()))
+    {
+        return Ok(None);
+    }
     let read = *method == Method::GET || *method == Method::HEAD;
+    if !read {
+        let push = *method == Method::POST || *method == Method::PUT || *method == Method::PATCH;
+        if push {
+            // A name the default upstream refuses by policy is not served by it, so it may be
+            // hosted; only names it would serve are protected.
+            if let Ok(Some(r)) = mirror.default_route(name) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    ErrorCode::Denied,
+                    format!(
+                        "{name} is served by the default upstream {up} (as {cache}); pushing it \
+                         here would shadow that image. Push under a namespace listed in \
+                         [mirror] hosted (or --hosted), or set [mirror] default_upstream = \"\"",
+                        up = r.upstream_name(),
+                        cache = r.cache_repo,
+                    ),
+                ));
+            }
+        }
+        return Ok(None);
+    }
     let pullable = matches!(
         route,
         Route::Manifest { .. } | Route::Blob { .. } | Route::Tags { .. } | Route::Referrers { .. }
     );
-    if !read || !pullable {
+    if !pullable {
         return Ok(None);
     }
     let hosted = state
@@ -70,6 +115,16 @@ pub(crate) async fn target(
         }
     }
     Ok(Some(r))
+}
+
+/// Whether anything of `r` was cached (a manifest or blob came through the mirror).
+async fn cache_exists(state: &AppState, r: &MirrorRef) -> Result<bool> {
+    state
+        .registry
+        .meta_store()
+        .repo_exists(&r.cache_repo)
+        .await
+        .map_err(|e| ApiError::from(pier_registry::RegistryError::from(e)))
 }
 
 /// The upstream's `Link` for the next page, rewritten to the name (and `ns`) the client used, so
@@ -127,10 +182,23 @@ pub(crate) async fn dispatch(
             Ok(resp)
         }
         (Route::Blob { digest, .. }, &Method::HEAD) => {
-            let size = mirror
-                .blob_size(&r, &digest)
-                .await
-                .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?;
+            let size = match mirror.blob_size(&r, &digest).await {
+                Ok(size) => size,
+                // Pullers fetch a manifest before its blobs, so a blob HEAD in a repository no
+                // manifest came through is a pusher checking what to upload: with the upstream
+                // unreachable it gets a local 404 (and then the read-only 405 for its POST)
+                // rather than a 502 that hides why its push cannot work.
+                Err(MirrorError::Upstream(e))
+                    if e.is_outage() && !cache_exists(state, &r).await? =>
+                {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::BlobUnknown,
+                        format!("blob unknown here, and {e}"),
+                    ));
+                }
+                Err(e) => return Err(ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown)),
+            };
             let (builder, _, _) = blob_headers(&digest, size, None);
             Ok(builder.body(Body::empty()).unwrap_or_default())
         }
@@ -181,7 +249,16 @@ pub(crate) async fn dispatch(
                 .tags(&r, &q.without_ns())
                 .await
                 .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::NameUnknown))?;
-            let mut resp = json(StatusCode::OK, String::from_utf8_lossy(&body).into_owned());
+            // The list names the repository as the client asked for it, not as the upstream
+            // calls it (`docker.io/library/nginx` through a path prefix, not `library/nginx`).
+            let body = match serde_json::from_slice::<serde_json::Value>(&body) {
+                Ok(mut v) if v.get("name").is_some() => {
+                    v["name"] = serde_json::Value::String(name.as_str().to_string());
+                    v.to_string()
+                }
+                _ => String::from_utf8_lossy(&body).into_owned(),
+            };
+            let mut resp = json(StatusCode::OK, body);
             if let Some(link) = link {
                 let link = client_link(&link, &r, name.as_str(), q.get("ns"));
                 resp.headers_mut().insert(header::LINK, hv(&link));

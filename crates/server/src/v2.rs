@@ -81,7 +81,7 @@ pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Resu
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::UploadStart { name }, &Method::POST) => start_upload(&state, &name, &q, req).await,
-        (Route::Upload { name, id }, &Method::GET) => {
+        (Route::Upload { name, id }, &Method::GET | &Method::HEAD) => {
             let rec = state.registry.uploads().status(&name, &id).await?;
             Ok(upload_response(
                 StatusCode::NO_CONTENT,

@@ -318,7 +318,8 @@ impl Default for Options {
     }
 }
 
-/// pier mirroring the fake upstream as `up.example` (and as the default upstream).
+/// pier mirroring the fake upstream as `up.example` (and as the default upstream), with
+/// `mine/**` hosted.
 async fn setup(opts: Options) -> Setup {
     let fake: Fake = Arc::new(Upstreamish::default());
     let upstream_url = serve(
@@ -361,7 +362,8 @@ async fn setup(opts: Options) -> Setup {
         4 << 20,
         mm,
     );
-    let state = AppState::with_mirror(registry, mirror, metrics);
+    let mut state = AppState::with_mirror(registry, mirror, metrics);
+    state.hosted = Arc::new(vec!["mine/**".to_string()]);
     let pier = serve(pier_server::router(state)).await;
     Setup {
         pier,
@@ -722,9 +724,27 @@ async fn routing_precedence_and_read_only_mirrors() {
         (status, code(&body)),
         (StatusCode::FORBIDDEN, "DENIED".into())
     );
-    // A pushed (hosted) repository wins over the default upstream.
+    // A push into a name the default upstream serves is refused, saying why and what to do.
     let blob = b"hosted";
     let hd = Digest::sha256(blob);
+    let resp = client()
+        .post(format!(
+            "{}/v2/library/nginx/blobs/uploads/?digest={hd}",
+            s.pier
+        ))
+        .body(blob.to_vec())
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(resp.status(), 403);
+    let body = resp.bytes().await.expect("body");
+    assert_eq!(code(&Ok(body.clone())), "DENIED");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("default upstream up.example") && text.contains("[mirror] hosted"),
+        "{text}"
+    );
+    // A hosted namespace ([mirror] hosted) takes pushes, and its reads never go upstream.
     let resp = client()
         .post(format!("{}/v2/mine/app/blobs/uploads/?digest={hd}", s.pier))
         .body(blob.to_vec())
@@ -843,6 +863,8 @@ async fn mirrored_tag_lists_page_back_through_pier() {
     assert_eq!(status, 200);
     let tags: serde_json::Value = serde_json::from_slice(&body.expect("body")).expect("json");
     assert_eq!(tags["tags"], serde_json::json!(["a"]));
+    // The list names the repository as the client asked for it.
+    assert_eq!(tags["name"], "up.example/team/app");
     assert_eq!(
         h.get("link").and_then(|v| v.to_str().ok()),
         Some(r#"</v2/up.example/team/app/tags/list?n=1&last=a>; rel="next""#)
@@ -855,5 +877,82 @@ async fn mirrored_tag_lists_page_back_through_pier() {
     assert_eq!(
         h.get("link").and_then(|v| v.to_str().ok()),
         Some(r#"</v2/team/app/tags/list?n=1&last=a&ns=up.example>; rel="next""#)
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_ns_is_not_served_from_another_registry() {
+    let s = setup(Options::default()).await;
+    let layer = s.fake.add_blob(b"x".to_vec());
+    let d = s
+        .fake
+        .add_manifest("library/small", "latest", &[(&layer, 1)]);
+    // The default upstream has the image, and ?ns= naming it gets it ...
+    let (status, _, _) = get(&format!(
+        "{}/v2/library/small/manifests/latest?ns=up.example",
+        s.pier
+    ))
+    .await;
+    assert_eq!(status, 200);
+    // ... but a registry pier does not mirror gets a 404, so containerd asks it instead.
+    for path in [
+        "library/small/manifests/latest".to_string(),
+        format!("library/small/manifests/{d}"),
+        format!("library/small/blobs/{layer}"),
+        "library/small/tags/list".to_string(),
+    ] {
+        let (status, _, body) = get(&format!(
+            "{}/v2/{path}?ns=registry.corp.example:5000",
+            s.pier
+        ))
+        .await;
+        assert_eq!(
+            (status, code(&body)),
+            (StatusCode::NOT_FOUND, "NAME_UNKNOWN".into()),
+            "{path}"
+        );
+        let text = String::from_utf8_lossy(body.as_ref().expect("body")).into_owned();
+        assert!(
+            text.contains("does not mirror registry.corp.example:5000"),
+            "{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn reads_of_bad_references_and_upload_heads_are_404() {
+    let s = setup(Options::default()).await;
+    // Not a valid tag: nothing can have it, so a read is 404 (a push of it would be 400).
+    for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+        let resp = client()
+            .request(
+                method.clone(),
+                format!("{}/v2/mine/app/manifests/-bad-", s.pier),
+            )
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 404, "{method}");
+    }
+    let (_, _, body) = get(&format!("{}/v2/mine/app/manifests/-bad-", s.pier)).await;
+    assert_eq!(code(&body), "MANIFEST_UNKNOWN");
+    let resp = client()
+        .put(format!("{}/v2/mine/app/manifests/-bad-", s.pier))
+        .body("{}")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(resp.status(), 400);
+    // HEAD of an unknown upload answers like its GET.
+    let id = "01234567-89ab-cdef-0123-456789abcdef";
+    let (status, _, _) = get(&format!("{}/v2/mine/app/blobs/uploads/{id}", s.pier)).await;
+    let resp = client()
+        .head(format!("{}/v2/mine/app/blobs/uploads/{id}", s.pier))
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(
+        (status, resp.status()),
+        (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND)
     );
 }

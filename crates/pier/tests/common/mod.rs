@@ -139,8 +139,8 @@ pub struct Pier {
 }
 
 impl Pier {
-    /// Start pier on a free port with `data_dir` as its data directory and wait until `GET /v2/`
-    /// answers 200. stdout and stderr go, appended across restarts, to
+    /// Start pier on a free port with `data_dir` as its data directory, every repository hosted
+    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200. stdout and stderr go, appended across restarts, to
     /// `<data_dir's parent>/<data_dir's name>.pier.log`.
     pub fn start(data_dir: &Path) -> Pier {
         let parent = data_dir
@@ -152,7 +152,13 @@ impl Pier {
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or("pier");
-        Pier::start_with(data_dir, &parent.join(format!("{name}.pier.log")), &[])
+        // A registry for pushes: every name hosted, so no push is refused for shadowing a name
+        // of the default upstream (docker.io).
+        Pier::start_with(
+            data_dir,
+            &parent.join(format!("{name}.pier.log")),
+            &["--hosted".to_string(), "**".to_string()],
+        )
     }
 
     /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
