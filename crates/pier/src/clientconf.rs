@@ -165,11 +165,18 @@ mod tests {
         assert_eq!(ok("https://pier.lan"), "https://pier.lan");
         assert_eq!(ok("HTTPS://pier.lan"), "https://pier.lan");
         assert_eq!(ok("127.0.0.1:5000"), "http://127.0.0.1:5000");
-        for bad in ["ftp://x", "unix:///run/pier.sock", "http://", "pier.lan:5000/v2"] {
+        for bad in [
+            "ftp://x",
+            "unix:///run/pier.sock",
+            "http://",
+            "pier.lan:5000/v2",
+        ] {
             let err = pier_url(Some(bad), listen).expect_err(bad).to_string();
             assert!(err.contains(bad), "{bad}: {err}");
         }
-        let err = pier_url(Some("ftp://x"), listen).expect_err("ftp").to_string();
+        let err = pier_url(Some("ftp://x"), listen)
+            .expect_err("ftp")
+            .to_string();
         assert!(err.contains("http:// or https://"), "{err}");
     }
 }
