@@ -617,6 +617,15 @@ impl Podman {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// Add `entries` (say, what `pier config podman` prints) to this podman's registries.conf.
+    pub fn add_registries_conf(&self, entries: &str) {
+        let path = self.dir.join("registries.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read registries.conf");
+        text.push('\n');
+        text.push_str(entries);
+        std::fs::write(&path, text).expect("write registries.conf");
+    }
+
     /// The policy file to pass as `--signature-policy` to pull and push.
     pub fn policy(&self) -> String {
         self.dir.join("policy.json").display().to_string()
