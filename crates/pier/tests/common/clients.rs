@@ -407,9 +407,10 @@ impl Docker {
         let mut child = d.child.take().expect("just spawned");
         let answers = || {
             d.socket.exists()
-                && d.command(&["info", "--format", "{{.ServerVersion}}"])
-                    .output()
-                    .is_ok_and(|o| o.status.success())
+                && succeeds_within(
+                    d.command(&["info", "--format", "{{.ServerVersion}}"]),
+                    Duration::from_secs(10),
+                )
         };
         let startup = wait_startup(&mut child, timeout, Duration::from_millis(200), answers);
         d.child = Some(child);
@@ -511,6 +512,25 @@ impl Drop for Docker {
                 .status();
         }
         unmount_under(&[&self.data_root, self.short.path()]);
+    }
+}
+
+/// Whether `cmd` exits successfully within `limit`; it is killed when the limit passes (a CLI
+/// talking to a daemon that accepted the connection but never answers would wait forever).
+fn succeeds_within(mut cmd: Command, limit: Duration) -> bool {
+    let Ok(mut child) = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn() else {
+        return false;
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                kill_child(&mut Some(child));
+                return false;
+            }
+        }
     }
 }
 

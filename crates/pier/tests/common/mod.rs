@@ -1156,6 +1156,7 @@ pub fn require(tools: &[&str]) -> bool {
         if find_on_path(tool).is_none() {
             let package = match *tool {
                 "ctr" | "containerd" => "containerd",
+                "docker" | "dockerd" => "docker.io",
                 other => other,
             };
             panic!(
