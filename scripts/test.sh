@@ -4,9 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages the interop tier needs, by the command each provides.
+# Debian packages the interop tier needs, by the command each provides. docker.io brings
+# dockerd and the docker CLI (and depends on containerd and runc); podman brings conmon, runc
+# and the containers configuration it reads. Run as root with the vfs storage driver, neither
+# needs uidmap or fuse-overlayfs; gzip (essential on Debian) unpacks the layers they push.
 declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd
-    [docker-registry]=docker-registry [openssl]=openssl)
+    [docker-registry]=docker-registry [openssl]=openssl
+    [docker]=docker.io [dockerd]=docker.io [podman]=podman [gzip]=gzip)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")

@@ -19,6 +19,10 @@ use crate::units::{parse_duration, parse_ramp, parse_size, RampSpec};
 /// Each worker runs operations back to back: one operation is one image pulled (`pull`), one
 /// blob downloaded (`blob`), one image pushed (`push`), or either (`mixed`). The run ends after
 /// `--duration` or `--requests` operations, or with Ctrl-C, which prints the partial report.
+///
+/// Exit status: 0 when the run completed with at least one operation that succeeded; 1 when it
+/// could not run, or when every operation failed (the report is still printed, and stderr says
+/// so), so a script never takes a run against a dead registry for a result.
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
     #[command(flatten)]

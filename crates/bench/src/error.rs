@@ -34,4 +34,8 @@ pub enum BenchError {
     },
     #[error("cannot encode the report: {0}")]
     Encode(#[source] serde_json::Error),
+    /// The run happened but measured nothing: every operation failed (the report, printed
+    /// before this, says how). A script running a benchmark must not take it for a result.
+    #[error("all {operations} operations failed ({kinds}); the numbers above measure errors, not the registry")]
+    AllFailed { operations: u64, kinds: String },
 }

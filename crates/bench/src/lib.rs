@@ -63,7 +63,10 @@ async fn cli_async(args: BenchArgs) -> Result<(), BenchError> {
     } else {
         print!("{}", report.to_table());
     }
-    Ok(())
+    match report.all_failed() {
+        Some((operations, kinds)) => Err(BenchError::AllFailed { operations, kinds }),
+        None => Ok(()),
+    }
 }
 
 async fn interrupt_on_ctrl_c(stop: CancellationToken) {

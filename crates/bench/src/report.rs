@@ -295,6 +295,29 @@ impl Comparison {
 }
 
 impl Report {
+    /// `Some((operations, "kind: n, ..."))` when the run did operations and every one of them
+    /// failed (for a ramp: in every step), which `pier bench` turns into a failing exit status.
+    /// A run with no operations at all (interrupted at once) is not "all failed".
+    pub fn all_failed(&self) -> Option<(u64, String)> {
+        let summaries: Vec<&Summary> = match &self.ramp {
+            Some(ramp) => ramp.steps.iter().map(|s| &s.summary).collect(),
+            None => vec![&self.summary],
+        };
+        let operations: u64 = summaries.iter().map(|s| s.operations).sum();
+        let failed: u64 = summaries.iter().map(|s| s.failed_operations).sum();
+        if operations == 0 || failed < operations {
+            return None;
+        }
+        let mut kinds = BTreeMap::<&str, u64>::new();
+        for s in &summaries {
+            for (kind, n) in &s.errors_by_kind {
+                *kinds.entry(kind).or_default() += n;
+            }
+        }
+        let kinds: Vec<String> = kinds.iter().map(|(k, n)| format!("{k}: {n}")).collect();
+        Some((operations, kinds.join(", ")))
+    }
+
     /// Read a report saved with `--json`.
     pub fn load(path: &Path) -> Result<Report, BenchError> {
         let text = std::fs::read_to_string(path).map_err(|source| BenchError::Read {

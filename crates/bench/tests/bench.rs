@@ -114,6 +114,7 @@ fn assert_clean(report: &Report) {
     assert_eq!(s.failed_operations, 0);
     assert!(s.errors_by_kind.is_empty());
     assert!(!report.interrupted);
+    assert_eq!(report.all_failed(), None, "a clean run exits 0");
 }
 
 #[tokio::test]
@@ -354,6 +355,8 @@ async fn an_unreachable_registry_is_a_connect_error() {
         .unwrap();
     assert_eq!(r.summary.failed_operations, 3);
     assert_eq!(r.summary.errors_by_kind.get("connect"), Some(&3));
+    // Nothing but failures: `pier bench` exits non-zero saying so.
+    assert_eq!(r.all_failed(), Some((3, "connect: 3".to_string())));
 }
 
 #[tokio::test]

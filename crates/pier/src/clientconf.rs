@@ -8,21 +8,33 @@ use anyhow::Context;
 use crate::config::UpstreamConfig;
 
 /// `http://host:port` of this pier as clients reach it, from `--pier` or the listen address.
-pub fn pier_url(explicit: Option<&str>, listen: std::net::SocketAddr) -> String {
-    match explicit {
-        Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
-            u.trim_end_matches('/').to_string()
-        }
-        Some(u) => format!("http://{}", u.trim_end_matches('/')),
-        None => {
-            let host = if listen.ip().is_unspecified() {
-                "127.0.0.1".to_string()
-            } else {
-                listen.ip().to_string()
-            };
-            format!("http://{host}:{}", listen.port())
-        }
+/// `--pier` may leave out the scheme (`pier.lan:5000` means plain HTTP); any scheme other than
+/// http or https is refused, since every client file written from it would be wrong.
+pub fn pier_url(explicit: Option<&str>, listen: std::net::SocketAddr) -> anyhow::Result<String> {
+    let Some(given) = explicit else {
+        let host = if listen.ip().is_unspecified() {
+            "127.0.0.1".to_string()
+        } else {
+            listen.ip().to_string()
+        };
+        return Ok(format!("http://{host}:{}", listen.port()));
+    };
+    let trimmed = given.trim();
+    let (scheme, rest) = match trimmed.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        None => ("http".to_string(), trimmed),
+    };
+    let rest = rest.trim_end_matches('/');
+    if scheme != "http" && scheme != "https" {
+        anyhow::bail!(
+            "--pier {given}: the scheme must be http:// or https:// (or none, for http), \
+             not {scheme}://"
+        );
     }
+    if rest.is_empty() || rest.contains('/') {
+        anyhow::bail!("--pier {given}: expected [http[s]://]host[:port], with no path");
+    }
+    Ok(format!("{scheme}://{rest}"))
 }
 
 /// The `hosts.toml` for one upstream: pier first, the original registry as the `server`.
@@ -117,7 +129,7 @@ mod tests {
     #[test]
     fn outputs() {
         let up = UpstreamConfig::new("docker.io", vec!["https://registry-1.docker.io".into()]);
-        let pier = pier_url(None, "0.0.0.0:5000".parse().expect("addr"));
+        let pier = pier_url(None, "0.0.0.0:5000".parse().expect("addr")).expect("url");
         assert_eq!(pier, "http://127.0.0.1:5000");
         let hosts = containerd_hosts(&up, &pier);
         assert!(
@@ -141,9 +153,30 @@ mod tests {
         let parsed: toml::Value = toml::from_str(&p).expect("registries.conf is TOML");
         assert!(parsed.get("registry").is_some());
         assert!(p.contains("location = \"pier:5000/docker.io\""), "{p}");
-        assert_eq!(
-            pier_url(Some("pier.lan:5000"), "0.0.0.0:1".parse().expect("addr")),
-            "http://pier.lan:5000"
-        );
+    }
+
+    #[test]
+    fn pier_url_adds_http_only_without_a_scheme() {
+        let listen = "0.0.0.0:1".parse().expect("addr");
+        let ok = |given: &str| pier_url(Some(given), listen).expect(given);
+        assert_eq!(ok("pier.lan:5000"), "http://pier.lan:5000");
+        assert_eq!(ok("pier.lan:5000/"), "http://pier.lan:5000");
+        assert_eq!(ok("http://pier.lan:5000"), "http://pier.lan:5000");
+        assert_eq!(ok("https://pier.lan"), "https://pier.lan");
+        assert_eq!(ok("HTTPS://pier.lan"), "https://pier.lan");
+        assert_eq!(ok("127.0.0.1:5000"), "http://127.0.0.1:5000");
+        for bad in [
+            "ftp://x",
+            "unix:///run/pier.sock",
+            "http://",
+            "pier.lan:5000/v2",
+        ] {
+            let err = pier_url(Some(bad), listen).expect_err(bad).to_string();
+            assert!(err.contains(bad), "{bad}: {err}");
+        }
+        let err = pier_url(Some("ftp://x"), listen)
+            .expect_err("ftp")
+            .to_string();
+        assert!(err.contains("http:// or https://"), "{err}");
     }
 }

@@ -127,7 +127,7 @@ fn client_config(cmd: ConfigCommand) -> anyhow::Result<()> {
         .map(|f| config::UpstreamConfig::from_flag(f))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let upstreams = config.effective_upstreams(&flags)?;
-    let pier = clientconf::pier_url(common.pier.as_deref(), config.listen);
+    let pier = clientconf::pier_url(common.pier.as_deref(), config.listen)?;
     match cmd {
         ConfigCommand::Containerd {
             certs_dir, dry_run, ..

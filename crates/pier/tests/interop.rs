@@ -1,17 +1,18 @@
-//! Interop tier: the real `pier` binary driven by real clients, skopeo and containerd's `ctr`
-//! (both in `common::clients`). Runs only with `PIER_INTEROP=1` (scripts/test.sh sets it and
-//! installs the tools); then a missing tool is a failure, not a skip.
+//! Interop tier: the real `pier` binary driven by real clients: skopeo, containerd's `ctr`, the
+//! Docker Engine and podman (all in `common::clients`). Runs only with `PIER_INTEROP=1`
+//! (scripts/test.sh sets it and installs the tools); then a missing tool is a failure, not a
+//! skip.
 
 mod common;
 
 use std::path::Path;
 use std::time::Instant;
 
-use common::clients::{oci_ref, Containerd, Skopeo};
+use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
 use common::{
     assert_blobs_served, assert_same_blobs, digest_of, header, interop_tempdir, push_image,
-    write_layout, Entry, ImageSpec, LayerSpec, Pier, Upload, KIB, MIB, OCI_INDEX, OCI_MANIFEST,
-    REF_NAME,
+    write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Pier, Upload, WrittenImage, KIB, MIB,
+    OCI_INDEX, OCI_MANIFEST, REF_NAME,
 };
 use reqwest::StatusCode;
 
@@ -228,4 +229,297 @@ async fn containerd_pulls_and_unpacks() {
     containerd.assert_unpacked(&image);
     drop(containerd);
     println!("containerd pull took {:?}", t0.elapsed());
+}
+
+/// pier as a plain registry: no default upstream and no built-in upstreams, so every repository
+/// is hosted whatever the mirror's routing rules say about names like `library/x`.
+fn start_hosted(tmp: &Path) -> Pier {
+    std::fs::create_dir_all(tmp).expect("create the pier dir");
+    let config = tmp.join("pier.toml");
+    std::fs::write(
+        &config,
+        "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n",
+    )
+    .expect("write the pier config");
+    let flags = ["--config".to_string(), config.display().to_string()];
+    Pier::start_with(&tmp.join("data"), &tmp.join("pier.log"), &flags)
+}
+
+/// A small one-image layout tagged `v1`: what Docker and podman load, push and pull back.
+fn small_image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
+    let layout = write_layout(
+        dir,
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![
+                    LayerSpec::new("etc/app.conf", 4099, seed),
+                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
+                ],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    (layout, image)
+}
+
+/// What pier serves for `repo:tag`: the manifest's digest (checked against its bytes), its
+/// config and its layers.
+async fn served_manifest(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+) -> (String, Descriptor, Vec<Descriptor>) {
+    let resp = http
+        .get(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header(
+            reqwest::header::ACCEPT,
+            format!("{OCI_MANIFEST}, application/vnd.docker.distribution.manifest.v2+json"),
+        )
+        .send()
+        .await
+        .expect("GET manifest");
+    assert_eq!(resp.status(), StatusCode::OK, "GET {repo}:{tag}");
+    let digest = header(&resp, "docker-content-digest");
+    let body = resp.bytes().await.expect("manifest body");
+    assert_eq!(
+        digest_of(&body),
+        digest,
+        "Docker-Content-Digest of {repo}:{tag}"
+    );
+    let m: serde_json::Value = serde_json::from_slice(&body).expect("manifest JSON");
+    let desc = |v: &serde_json::Value| Descriptor {
+        media_type: v["mediaType"].as_str().expect("mediaType").to_string(),
+        digest: v["digest"].as_str().expect("digest").to_string(),
+        size: v["size"].as_u64().expect("size"),
+    };
+    let layers = m["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(desc)
+        .collect();
+    (digest, desc(&m["config"]), layers)
+}
+
+/// The digest of a layer blob's tar: the blob's own when it is an uncompressed tar, or that of
+/// what `gzip -dc` makes of it (Docker and podman gzip layers on push).
+async fn tar_digest(http: &reqwest::Client, base: &str, repo: &str, blob: &Descriptor) -> String {
+    let bytes = http
+        .get(format!("{base}/v2/{repo}/blobs/{}", blob.digest))
+        .send()
+        .await
+        .expect("GET layer")
+        .bytes()
+        .await
+        .expect("layer body");
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return digest_of(&bytes);
+    }
+    let mut gunzip = tokio::process::Command::new("gzip");
+    gunzip
+        .arg("-dc")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = gunzip.spawn().expect("spawn gzip");
+    let mut stdin = child.stdin.take().expect("gzip stdin");
+    let feed = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(&bytes).await.expect("feed gzip");
+    });
+    let out = common::within(
+        std::time::Duration::from_secs(60),
+        "gzip -dc",
+        child.wait_with_output(),
+    )
+    .await
+    .expect("gzip -dc");
+    feed.await.expect("feeding gzip");
+    assert!(out.status.success(), "gzip -dc of {}", blob.digest);
+    digest_of(&out.stdout)
+}
+
+/// Pier holds `repo:tag` as the image pushed from `image`: the config byte for byte (so the
+/// same image ID), and layers that unpack to exactly the original tars, each blob served with
+/// bytes matching its digest. Returns the manifest digest.
+async fn assert_pushed_image(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    image: &WrittenImage,
+) -> String {
+    let (digest, config, layers) = served_manifest(http, base, repo, tag).await;
+    assert_eq!(config.digest, image.config.digest, "config of {repo}:{tag}");
+    let mut blobs = vec![&config];
+    blobs.extend(layers.iter());
+    assert_blobs_served(http, base, repo, "", &blobs).await;
+    let mut tars = Vec::new();
+    for l in &layers {
+        tars.push(tar_digest(http, base, repo, l).await);
+    }
+    assert_eq!(
+        tars,
+        image.layer_digests(),
+        "layer contents of {repo}:{tag}"
+    );
+    digest
+}
+
+/// Docker Engine pulls a hosted image from pier, tags it into another repository, pushes it
+/// there, forgets it and pulls it back: the same image ID (config digest) and layer diff IDs
+/// each time, and pier holds exactly that image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_pushes_and_pulls_a_hosted_image() {
+    let Some(tmp) = interop_tempdir(&["docker", "dockerd", "gzip"]) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let (layout, image) = small_image(&tmp.path().join("src"), 31);
+    let pier = start_hosted(&tmp.path().join("pier"));
+    let (host, base) = (pier.host(), pier.url());
+    let http = reqwest::Client::new();
+    push_image(
+        &http,
+        &base,
+        "seed/app",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+
+    // Docker treats registries on 127.0.0.0/8 as plain HTTP without being told.
+    let docker = Docker::start(&tmp.path().join("docker"), "{}\n");
+    let seed = format!("{host}/seed/app:v1");
+    docker.run(&["pull", &seed]).await;
+    assert_eq!(
+        docker.image_id(&seed).await,
+        image.config.digest,
+        "image ID"
+    );
+    assert_eq!(docker.diff_ids(&seed).await, image.layer_digests());
+
+    let app = format!("{host}/team/app:v1");
+    docker.run(&["tag", &seed, &app]).await;
+    docker.run(&["push", &app]).await;
+    let pushed = assert_pushed_image(&http, &base, "team/app", "v1", &image).await;
+
+    docker.run(&["rmi", &seed, &app]).await;
+    let left = docker.run(&["images", "-q"]).await;
+    assert!(left.trim().is_empty(), "images left after rmi: {left}");
+    docker.run(&["pull", &app]).await;
+    assert_eq!(
+        docker.image_id(&app).await,
+        image.config.digest,
+        "image ID pulled back"
+    );
+    assert_eq!(docker.diff_ids(&app).await, image.layer_digests());
+    let repo_digest = docker
+        .run(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            &app,
+        ])
+        .await;
+    assert!(
+        repo_digest.contains(&format!("{host}/team/app@{pushed}")),
+        "RepoDigests of {app}: {repo_digest}, pier has {pushed}"
+    );
+    drop(docker);
+    println!("docker push and pulls took {:?}", t0.elapsed());
+}
+
+/// podman loads an image from an OCI layout, pushes it to pier, forgets it and pulls it back:
+/// the same image ID and the digest its push reported, and pier holds exactly that image.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pushes_and_pulls_back() {
+    let Some(tmp) = interop_tempdir(&["podman", "gzip"]) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let (layout, image) = small_image(&tmp.path().join("src"), 41);
+    let pier = start_hosted(&tmp.path().join("pier"));
+    let (host, base) = (pier.host(), pier.url());
+    let http = reqwest::Client::new();
+    let podman = Podman::new(&tmp.path().join("podman"));
+    let policy = podman.policy();
+    let config_hex = image.config.hex().to_string();
+
+    // `podman pull oci:<dir>` names the image after the directory, which a tempdir's
+    // mixed-case name makes an invalid reference; `podman load` of an OCI archive does not.
+    let archive = tmp.path().join("image.oci.tar");
+    {
+        let mut tar = tar::Builder::new(std::fs::File::create(&archive).expect("create archive"));
+        tar.append_dir_all(".", &layout.dir)
+            .expect("archive the layout");
+        tar.finish().expect("finish the archive");
+    }
+    let loaded = podman
+        .run(&[
+            "load",
+            "--signature-policy",
+            &policy,
+            "-i",
+            &archive.display().to_string(),
+        ])
+        .await;
+    assert!(loaded.contains("Loaded image"), "podman load: {loaded}");
+    assert_eq!(
+        podman.inspect(&config_hex, "{{.Id}}").await,
+        config_hex,
+        "the loaded image's ID is its config digest"
+    );
+    let app = format!("{host}/team/app:v1");
+    podman.run(&["tag", &config_hex, &app]).await;
+    let digest_file = tmp.path().join("pushed.digest");
+    let digest_arg = digest_file.display().to_string();
+    podman
+        .run(&[
+            "push",
+            "--tls-verify=false",
+            "--signature-policy",
+            &policy,
+            "--digestfile",
+            &digest_arg,
+            &app,
+        ])
+        .await;
+    let reported = std::fs::read_to_string(&digest_file).expect("read the digest file");
+    let pushed = assert_pushed_image(&http, &base, "team/app", "v1", &image).await;
+    assert_eq!(
+        reported.trim(),
+        pushed,
+        "the digest podman reported is the one pier serves"
+    );
+
+    podman.run(&["rmi", "--all", "--force"]).await;
+    let left = podman.run(&["images", "-q"]).await;
+    assert!(left.trim().is_empty(), "images left after rmi: {left}");
+    podman
+        .run(&[
+            "pull",
+            "--tls-verify=false",
+            "--signature-policy",
+            &policy,
+            &app,
+        ])
+        .await;
+    assert_eq!(
+        podman.inspect(&app, "{{.Id}}").await,
+        config_hex,
+        "image ID"
+    );
+    assert_eq!(
+        podman.inspect(&app, "{{.Digest}}").await,
+        pushed,
+        "image digest"
+    );
+    println!("podman load, push and pull took {:?}", t0.elapsed());
 }

@@ -1,6 +1,6 @@
 //! Mirror interop tier: the real `pier` binary as a pull-through mirror in front of the CNCF
-//! distribution registry (`docker-registry`), pulled from by containerd, skopeo and plain HTTP
-//! clients, with upstreams that fail over, die, corrupt bytes and demand bearer tokens.
+//! distribution registry (`docker-registry`), pulled from by containerd, Docker Engine, podman,
+//! skopeo and plain HTTP clients, with upstreams that fail over, die, corrupt bytes and demand bearer tokens.
 //!
 //! Runs only with `PIER_INTEROP=1` (then a missing tool is a failure, not a skip). Every
 //! process and server listens on 127.0.0.1 on a free port, keeps its files in the test's
@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::clients::{oci_ref, Containerd, Skopeo};
+use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
 use common::{
     assert_same_blobs, digest_of, error_code, header, interop_tempdir, require,
     try_digest_of_response, within, write_layout, Entry, ImageSpec, LayerSpec, Layout, Metrics,
@@ -879,4 +879,173 @@ async fn skopeo_inspects_and_copies_through_the_path_prefix() {
         m.0
     );
     println!("skopeo through the path prefix: {:?}", t0.elapsed());
+}
+
+/// `pier config <client> --pier <pier>` with `args` (`--upstream`): the printed text.
+fn client_config(client: &str, pier: &Pier, args: &[String]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
+        .arg("config")
+        .arg(client)
+        .arg("--pier")
+        .arg(pier.url())
+        .args(args)
+        .output()
+        .expect("run pier config");
+    assert!(
+        out.status.success(),
+        "pier config {client} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("pier config prints UTF-8")
+}
+
+/// The upstream served every blob of `image` in `repo` once, only to pier, and nothing since
+/// `pushed` (the number of requests the push itself made) reached it from anyone else.
+fn assert_fetched_once_by_pier(
+    registry: &Registry,
+    pushed: usize,
+    repo: &str,
+    image: &WrittenImage,
+) {
+    let since_push: Vec<_> = registry.accesses().split_off(pushed);
+    for b in image.blobs() {
+        let path = format!("/v2/{repo}/blobs/{}", b.digest);
+        let gets: Vec<_> = since_push
+            .iter()
+            .filter(|a| a.method == "GET" && a.path == path)
+            .collect();
+        assert_eq!(gets.len(), 1, "upstream GETs of {}: {gets:?}", b.digest);
+        assert_eq!(
+            (gets[0].status, gets[0].written),
+            (200, b.size),
+            "the upstream's answer for {}",
+            b.digest
+        );
+    }
+    let strangers: Vec<_> = since_push
+        .iter()
+        .filter(|a| !a.user_agent.starts_with("pier/"))
+        .collect();
+    assert!(
+        strangers.is_empty(),
+        "requests reached the upstream without pier: {strangers:?}"
+    );
+}
+
+/// Docker Engine, configured with the `daemon.json` that `pier config docker` prints, pulls
+/// `pierdemo:v1` (Docker Hub's `library/pierdemo`): the request goes to pier as its
+/// `registry-mirrors` entry, pier's default upstream (docker.io, here pointed at a local
+/// registry) fetches it, and Docker ends up with the image's ID and verified layers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_pulls_through_registry_mirrors_and_the_default_upstream() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "docker", "dockerd"]) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let (layout, image, registry) = image_and_registry(
+        tmp.path(),
+        "v1",
+        vec![
+            LayerSpec::new("etc/demo.conf", 333, 901),
+            LayerSpec::new("demo.bin", 3 * MIB + 1, 902),
+        ],
+    );
+    let http = http_client();
+    registry
+        .push(&http, "library/pierdemo", "v1", &layout, &image)
+        .await;
+    let pushed = registry.accesses().len();
+
+    // pier's defaults, but docker.io is the local registry.
+    let upstream = [format!("--upstream=docker.io={}", registry.url())];
+    let dir = tmp.path().join("pier");
+    std::fs::create_dir_all(&dir).expect("create the pier dir");
+    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &upstream);
+
+    let daemon_json = client_config("docker", &pier, &[]);
+    let parsed: serde_json::Value = serde_json::from_str(&daemon_json).expect("daemon.json");
+    assert_eq!(parsed["registry-mirrors"], serde_json::json!([pier.url()]));
+    let docker = Docker::start(&tmp.path().join("docker"), &daemon_json);
+
+    docker.run(&["pull", "pierdemo:v1"]).await;
+    assert_eq!(
+        docker.image_id("pierdemo:v1").await,
+        image.config.digest,
+        "image ID"
+    );
+    assert_eq!(docker.diff_ids("pierdemo:v1").await, image.layer_digests());
+    let repo_digests = docker
+        .run(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            "pierdemo:v1",
+        ])
+        .await;
+    assert!(
+        repo_digests.contains(&format!("pierdemo@{}", image.manifest.digest)),
+        "RepoDigests: {repo_digests}"
+    );
+
+    assert_fetched_once_by_pier(&registry, pushed, "library/pierdemo", &image);
+    let m = pier.metrics(&http).await;
+    assert_eq!(
+        requests(&m, "docker.io", "blob", "miss"),
+        image.blobs().len() as f64,
+        "blobs filled from docker.io"
+    );
+    drop(docker);
+    println!("docker pull through registry-mirrors: {:?}", t0.elapsed());
+}
+
+/// podman, configured with the `registries.conf` that `pier config podman` prints, pulls
+/// `docker.io/library/pierdemo:v1`: it asks pier under the `docker.io/` path prefix, pier fetches
+/// from the upstream, and podman has the image with its ID and digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_through_the_registries_conf_mirror() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "podman"]) else {
+        return;
+    };
+    let t0 = Instant::now();
+    let (layout, image, registry) = image_and_registry(
+        tmp.path(),
+        "v1",
+        vec![
+            LayerSpec::new("etc/demo.conf", 444, 911),
+            LayerSpec::new("demo.bin", 2 * MIB + 5, 912),
+        ],
+    );
+    let http = http_client();
+    registry
+        .push(&http, "library/pierdemo", "v1", &layout, &image)
+        .await;
+    let pushed = registry.accesses().len();
+
+    let upstream = vec![format!("--upstream=docker.io={}", registry.url())];
+    let dir = tmp.path().join("pier");
+    std::fs::create_dir_all(&dir).expect("create the pier dir");
+    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &upstream);
+
+    let podman = Podman::new(&tmp.path().join("podman"));
+    let mirrors = client_config("podman", &pier, &upstream);
+    podman.add_registries_conf(&mirrors);
+    let policy = podman.policy();
+    let name = "docker.io/library/pierdemo:v1";
+    podman
+        .run(&["pull", "--signature-policy", &policy, name])
+        .await;
+    assert_eq!(
+        podman.inspect(name, "{{.Id}}").await,
+        image.config.hex(),
+        "image ID"
+    );
+    assert_eq!(
+        podman.inspect(name, "{{.Digest}}").await,
+        image.manifest.digest,
+        "image digest"
+    );
+    assert_fetched_once_by_pier(&registry, pushed, "library/pierdemo", &image);
+    println!("podman pull through registries.conf: {:?}", t0.elapsed());
 }

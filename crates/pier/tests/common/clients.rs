@@ -1,6 +1,8 @@
-//! The real clients the interop tiers drive (`interop.rs`, `mirror.rs`): skopeo, and a private
-//! containerd daemon with `ctr`. Every file either writes stays in the test's tempdir, and every
-//! run is bounded in time, so a hung client fails the test instead of stalling the suite.
+//! The real clients the interop tiers drive (`interop.rs`, `mirror.rs`): skopeo, a private
+//! containerd daemon with `ctr`, a private Docker Engine (`dockerd` with the `docker` CLI), and
+//! podman. Every file they write stays in the test's tempdir (or, for sockets, a short one of
+//! its own), and every run is bounded in time, so a hung client fails the test instead of
+//! stalling the suite.
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use super::{
     digest_of_file, kill_child, spawn_logged, wait_startup, within, Startup, WrittenImage,
 };
 
-/// How long one skopeo or ctr run may take.
+/// How long one skopeo, ctr, docker or podman run may take.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Run a client (`tool args`) with a deadline, killed when it passes, and print how long it
@@ -337,4 +339,323 @@ fn ctr_command(socket: &Path, args: &[&str]) -> Command {
         .args(args)
         .stdin(Stdio::null());
     cmd
+}
+
+// ---------------------------------------------------------------------------------------------
+// Docker Engine
+// ---------------------------------------------------------------------------------------------
+
+/// A private Docker Engine: `dockerd` with its data root in the test's tempdir and its exec root,
+/// API socket and pid file in a short directory of its own under /tmp (dockerd and the
+/// containerd it starts put unix sockets there, whose paths must stay under about 100 bytes).
+/// No iptables rules, no NAT, no bridge: it only pulls and pushes. The vfs storage driver needs
+/// no overlay support from the filesystem the tests run on. Stopped on drop.
+pub struct Docker {
+    child: Option<Child>,
+    short: tempfile::TempDir,
+    data_root: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    /// The CLI's own config dir (`DOCKER_CONFIG`): no credentials or contexts of the machine.
+    cli_config: PathBuf,
+}
+
+impl Docker {
+    /// Start dockerd with `daemon_json` as its `--config-file` (say, `registry-mirrors`) and
+    /// wait until `docker info` answers.
+    pub fn start(dir: &Path, daemon_json: &str) -> Docker {
+        std::fs::create_dir_all(dir).expect("create the docker dir");
+        let short = tempfile::Builder::new()
+            .prefix("pier-dk")
+            .tempdir_in("/tmp")
+            .expect("short tempdir for dockerd's sockets");
+        let exec_root = short.path().join("x");
+        let socket = short.path().join("docker.sock");
+        let data_root = dir.join("data-root");
+        let cli_config = dir.join("cli");
+        std::fs::create_dir_all(&cli_config).expect("create the docker CLI config dir");
+        let config = dir.join("daemon.json");
+        std::fs::write(&config, daemon_json).expect("write daemon.json");
+        let log = dir.join("dockerd.log");
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(&data_root)
+            .arg("--exec-root")
+            .arg(&exec_root)
+            .arg("--pidfile")
+            .arg(short.path().join("dockerd.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .args([
+                "--iptables=false",
+                "--ip-masq=false",
+                "--bridge=none",
+                "--storage-driver=vfs",
+            ])
+            .env("TMPDIR", dir);
+        let mut d = Docker {
+            child: Some(spawn_logged(&mut cmd, super::append_log(&log))),
+            short,
+            data_root,
+            socket,
+            log,
+            cli_config,
+        };
+        let timeout = Duration::from_secs(60);
+        let mut child = d.child.take().expect("just spawned");
+        let answers = || {
+            d.socket.exists()
+                && succeeds_within(
+                    d.command(&["info", "--format", "{{.ServerVersion}}"]),
+                    Duration::from_secs(10),
+                )
+        };
+        let startup = wait_startup(&mut child, timeout, Duration::from_millis(200), answers);
+        d.child = Some(child);
+        match startup {
+            Startup::Ready => d,
+            Startup::Exited(status) => {
+                d.child = None;
+                panic!("dockerd exited with {status}:\n{}", d.log())
+            }
+            Startup::TimedOut => panic!(
+                "dockerd not answering on {} after {timeout:?}:\n{}",
+                d.socket.display(),
+                d.log()
+            ),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `docker -H unix://<socket> args`, isolated from the machine's Docker CLI config.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .env("DOCKER_CONFIG", &self.cli_config)
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Run the docker CLI; panic with its output and dockerd's log unless it succeeds.
+    pub async fn run(&self, args: &[&str]) -> String {
+        let cmd = tokio::process::Command::from(self.command(args));
+        let out = run_client(cmd, "docker", args, || {
+            format!("\ndockerd log:\n{}", self.log())
+        })
+        .await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The image ID Docker gives `image`: the digest of its config, `sha256:<hex>`.
+    pub async fn image_id(&self, image: &str) -> String {
+        self.run(&["image", "inspect", "--format", "{{.Id}}", image])
+            .await
+            .trim()
+            .to_string()
+    }
+
+    /// The layer diff IDs Docker recorded for `image` (each verified against the layer's
+    /// uncompressed bytes when it was pulled).
+    pub async fn diff_ids(&self, image: &str) -> Vec<String> {
+        let json = self
+            .run(&[
+                "image",
+                "inspect",
+                "--format",
+                "{{json .RootFS.Layers}}",
+                image,
+            ])
+            .await;
+        serde_json::from_str(json.trim()).expect("RootFS.Layers is a JSON list")
+    }
+}
+
+impl Drop for Docker {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SIGTERM lets dockerd stop its containerd and undo its mounts; SIGKILL only if it
+        // does not manage that in time, then containerd and the mounts are cleaned up here.
+        let containerd = std::fs::read_to_string(
+            self.short
+                .path()
+                .join("x")
+                .join("containerd")
+                .join("containerd.pid"),
+        )
+        .ok()
+        .and_then(|p| p.trim().parse::<u32>().ok());
+        if matches!(child.try_wait(), Ok(None)) {
+            super::send_signal(&child, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut child = Some(child);
+        kill_child(&mut child);
+        if let Some(pid) = containerd {
+            // At worst it is already gone.
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        unmount_under(&[&self.data_root, self.short.path()]);
+    }
+}
+
+/// Whether `cmd` exits successfully within `limit`; it is killed when the limit passes (a CLI
+/// talking to a daemon that accepted the connection but never answers would wait forever).
+fn succeeds_within(mut cmd: Command, limit: Duration) -> bool {
+    let Ok(mut child) = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn() else {
+        return false;
+    };
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            _ => {
+                kill_child(&mut Some(child));
+                return false;
+            }
+        }
+    }
+}
+
+/// Detach every mount at or below one of `dirs` (deepest first), so their tempdirs can be
+/// removed after a daemon died without undoing its own mounts.
+fn unmount_under(dirs: &[&Path]) {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut targets: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .map(PathBuf::from)
+        .filter(|t| dirs.iter().any(|d| t.starts_with(d)))
+        .collect();
+    targets.sort_by_key(|t| std::cmp::Reverse(t.components().count()));
+    for t in targets {
+        let _ = Command::new("umount").arg("-l").arg(&t).status();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// podman
+// ---------------------------------------------------------------------------------------------
+
+/// podman with its storage (vfs: no overlay or fuse needed), run root, libpod state, and
+/// configuration files (storage.conf, registries.conf, containers.conf, policy.json) all in
+/// one directory, so nothing of the machine's podman setup is read or changed. It only pulls,
+/// tags and pushes: no containers, so no network, conmon or cgroups come into play.
+pub struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    pub fn new(dir: &Path) -> Podman {
+        for sub in ["root", "run", "tmp", "networks", "volumes"] {
+            std::fs::create_dir_all(dir.join(sub)).expect("create podman dirs");
+        }
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).expect("write podman config");
+        };
+        write(
+            "storage.conf",
+            format!(
+                "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+                dir.join("root").display(),
+                dir.join("run").display()
+            ),
+        );
+        // No search registries: a short name must never reach out to the internet.
+        write(
+            "registries.conf",
+            "unqualified-search-registries = []\n".into(),
+        );
+        write(
+            "containers.conf",
+            "[engine]\nevents_logger = \"none\"\ncgroup_manager = \"cgroupfs\"\n".into(),
+        );
+        write(
+            "policy.json",
+            r#"{"default": [{"type": "insecureAcceptAnything"}]}"#.into(),
+        );
+        // podman insists that an auth file it is pointed at exists.
+        write("auth.json", "{}\n".into());
+        Podman {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Run podman with this instance's storage and configuration; panic with its output unless
+    /// it succeeds. Returns stdout.
+    pub async fn run(&self, args: &[&str]) -> String {
+        let d = |sub: &str| self.dir.join(sub);
+        let mut cmd = tokio::process::Command::new("podman");
+        cmd.arg("--root")
+            .arg(d("root"))
+            .arg("--runroot")
+            .arg(d("run"))
+            .arg("--tmpdir")
+            .arg(d("tmp"))
+            .arg("--network-config-dir")
+            .arg(d("networks"))
+            .arg("--volumepath")
+            .arg(d("volumes"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "none",
+            ])
+            .args(args)
+            .env("CONTAINERS_STORAGE_CONF", d("storage.conf"))
+            .env("CONTAINERS_REGISTRIES_CONF", d("registries.conf"))
+            .env("CONTAINERS_CONF", d("containers.conf"))
+            .env("REGISTRY_AUTH_FILE", d("auth.json"))
+            .env("TMPDIR", d("tmp"))
+            .env("HOME", &self.dir)
+            .env("XDG_RUNTIME_DIR", d("run"))
+            .env("XDG_CONFIG_HOME", d("config"))
+            .env("XDG_DATA_HOME", d("share"))
+            .current_dir(&self.dir)
+            .stdin(Stdio::null());
+        let out = run_client(cmd, "podman", args, String::new).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Add `entries` (say, what `pier config podman` prints) to this podman's registries.conf.
+    pub fn add_registries_conf(&self, entries: &str) {
+        let path = self.dir.join("registries.conf");
+        let mut text = std::fs::read_to_string(&path).expect("read registries.conf");
+        text.push('\n');
+        text.push_str(entries);
+        std::fs::write(&path, text).expect("write registries.conf");
+    }
+
+    /// The policy file to pass as `--signature-policy` to pull and push.
+    pub fn policy(&self) -> String {
+        self.dir.join("policy.json").display().to_string()
+    }
+
+    /// `podman image inspect --format <format> image`, trimmed.
+    pub async fn inspect(&self, image: &str, format: &str) -> String {
+        self.run(&["image", "inspect", "--format", format, image])
+            .await
+            .trim()
+            .to_string()
+    }
 }

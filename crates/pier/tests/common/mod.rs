@@ -317,7 +317,7 @@ impl Drop for Pier {
 
 /// Send `sig` to a child that has not been reaped yet.
 #[allow(unsafe_code)]
-fn send_signal(child: &Child, sig: libc::c_int) {
+pub fn send_signal(child: &Child, sig: libc::c_int) {
     let pid = libc::pid_t::try_from(child.id()).expect("pid fits pid_t");
     // SAFETY: kill(2) takes two integers and touches no memory of ours. `child` is not reaped
     // yet (reaping takes it by value or through `&mut`), so the pid still names our child.
@@ -1162,6 +1162,7 @@ pub fn require(tools: &[&str]) -> bool {
         if find_on_path(tool).is_none() {
             let package = match *tool {
                 "ctr" | "containerd" => "containerd",
+                "docker" | "dockerd" => "docker.io",
                 other => other,
             };
             panic!(

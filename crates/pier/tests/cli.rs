@@ -1,0 +1,105 @@
+//! The `pier` command line as a user meets it: exit statuses and messages of `pier bench` and
+//! `pier config`, run as the real binary.
+
+use std::process::{Command, Output};
+
+fn pier(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(args)
+        .env_remove("PIER_BENCH_REGISTRY")
+        .output()
+        .expect("run pier")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn bench_where_every_operation_fails_exits_non_zero_after_the_report() {
+    // A loopback port nothing listens on any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let registry = format!("http://127.0.0.1:{port}");
+    let digest = format!("sha256:{}", "0".repeat(64));
+    let args = [
+        "bench",
+        "--registry",
+        &registry,
+        "--no-progress",
+        "blob",
+        "--repo",
+        "a",
+        "--digest",
+        &digest,
+        "-n",
+        "3",
+    ];
+    let out = pier(&args);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit status\nstdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stderr.contains("all 3 operations failed (connect: 3)"),
+        "stderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("connect"),
+        "the report is still printed: {stdout}"
+    );
+}
+
+#[test]
+fn config_pier_url_gets_http_only_without_a_scheme() {
+    let out = pier(&["config", "docker", "--pier", "pier.lan:5000"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let snippet: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("daemon.json snippet is JSON");
+    assert_eq!(
+        snippet["registry-mirrors"],
+        serde_json::json!(["http://pier.lan:5000"])
+    );
+
+    let out = pier(&["config", "docker", "--pier", "https://pier.lan"]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let snippet: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("daemon.json snippet is JSON");
+    assert_eq!(
+        snippet["registry-mirrors"],
+        serde_json::json!(["https://pier.lan"])
+    );
+}
+
+#[test]
+fn config_refuses_a_pier_url_with_another_scheme() {
+    for client in ["docker", "podman", "containerd"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let certs = dir.path().join("certs.d");
+        let certs = certs.to_str().expect("utf-8 path");
+        let mut args = vec!["config", client, "--pier", "ftp://x"];
+        if client == "containerd" {
+            args.extend(["--certs-dir", certs]);
+        }
+        let out = pier(&args);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{client}: stdout: {stdout}");
+        assert!(
+            stderr.contains("--pier ftp://x: the scheme must be http:// or https://"),
+            "{client}: stderr: {stderr}"
+        );
+        assert!(
+            !stdout.contains("ftp"),
+            "{client}: nothing printed: {stdout}"
+        );
+        assert!(
+            !dir.path().join("certs.d").exists(),
+            "{client}: nothing written"
+        );
+    }
+}
