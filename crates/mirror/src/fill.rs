@@ -271,10 +271,10 @@ impl Fill {
                     let on_disk = limit.min(p.written);
                     if on_disk > s.pos {
                         let len = (on_disk - s.pos).min(CHUNK) as usize;
-                    let Some(spool) = s.fill.spool.get() else {
-                        s.done = true;
-                        return Some((Err(std::io::Error::other("spool missing")), s));
-                    };
+                        let Some(spool) = s.fill.spool.get() else {
+                            s.done = true;
+                            return Some((Err(std::io::Error::other("spool missing")), s));
+                        };
                         match spool.read_at(s.pos, len).await {
                             Ok(b) => {
                                 s.pos += b.len() as u64;

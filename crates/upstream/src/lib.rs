@@ -238,7 +238,8 @@ impl Upstream {
         // reqwest's read timeout also covers waiting for response headers, so it must not fire
         // before pier's own first-byte and idle timers (which say which one it was): it is only
         // a backstop for bodies pier does not time itself.
-        let backstop = config.timeouts.first_byte.max(config.timeouts.idle) + Duration::from_secs(1);
+        let backstop =
+            config.timeouts.first_byte.max(config.timeouts.idle) + Duration::from_secs(1);
         let client = reqwest::Client::builder()
             .connect_timeout(config.timeouts.connect)
             .read_timeout(backstop)
@@ -556,8 +557,7 @@ impl Upstream {
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| UpstreamError::transport("manifest body", &e))?;
+            let chunk = chunk.map_err(|e| UpstreamError::transport("manifest body", &e))?;
             buf.extend_from_slice(&chunk);
             if buf.len() as u64 > limit {
                 return Err(UpstreamError::Protocol(format!(
@@ -628,8 +628,15 @@ impl Upstream {
                             tracing::warn!(pos = s.pos, error = %s.cause, "upstream blob stream broke; resuming");
                         }
                         Err(_) => {
-                            s.cause = format!("timed out after {}s without body bytes", idle.as_secs_f64());
-                            tracing::warn!(pos = s.pos, idle_s = idle.as_secs_f64(), "upstream blob body silent; resuming");
+                            s.cause = format!(
+                                "timed out after {}s without body bytes",
+                                idle.as_secs_f64()
+                            );
+                            tracing::warn!(
+                                pos = s.pos,
+                                idle_s = idle.as_secs_f64(),
+                                "upstream blob body silent; resuming"
+                            );
                         }
                     }
                     s.upstream.bench(s.endpoint, "blob stream broke");

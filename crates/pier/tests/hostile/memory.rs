@@ -258,7 +258,10 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
             assert_eq!(resp.status(), 200, "GET {url}");
             let (got, n, err) = drain(resp).await;
             assert_eq!(err, None, "blob {digest} broke after {n} bytes");
-            assert_eq!(got, digest, "blob {digest} served different bytes ({n} bytes)");
+            assert_eq!(
+                got, digest,
+                "blob {digest} served different bytes ({n} bytes)"
+            );
         }));
     }
     for t in tasks {
@@ -297,7 +300,11 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
     for digest in &blobs {
         let resp = http.get(blob_url(&pier, digest)).send().await.expect("GET");
         assert_eq!(drain(resp).await.0, *digest);
-        assert_eq!(up.requests(&upstream_path(digest)), 1, "{digest} fetched twice");
+        assert_eq!(
+            up.requests(&upstream_path(digest)),
+            1,
+            "{digest} fetched twice"
+        );
     }
 }
 
@@ -310,7 +317,11 @@ async fn an_endless_upstream_body_is_cut_at_max_blob_size_and_nothing_is_cached(
     let pier = start_pier(tmp.path(), "max_blob_size = \"32MiB\"", &[up.url()]);
     let http = reqwest::Client::new();
     for round in 1..=2 {
-        let resp = http.get(blob_url(&pier, &digest)).send().await.expect("GET");
+        let resp = http
+            .get(blob_url(&pier, &digest))
+            .send()
+            .await
+            .expect("GET");
         let status = resp.status();
         let (_, n, err) = drain(resp).await;
         println!("endless body, round {round}: status {status}, {n} bytes, then {err:?}");
@@ -324,7 +335,10 @@ async fn an_endless_upstream_body_is_cut_at_max_blob_size_and_nothing_is_cached(
     }
     let used = du(pier.data_dir());
     println!("data dir after two cut fills: {} MiB", used / MIB);
-    assert!(used < 40 * MIB, "data dir holds {used} bytes after cut fills");
+    assert!(
+        used < 40 * MIB,
+        "data dir holds {used} bytes after cut fills"
+    );
     assert!(
         pier.log().contains("exceeded the 33554432-byte limit"),
         "pier's log does not say the body exceeded the limit"
@@ -339,17 +353,30 @@ async fn an_upstream_blob_larger_than_max_blob_size_is_refused_before_download()
     up.add(&digest, Blob::Claims { len: 1024 * MIB });
     let pier = start_pier(tmp.path(), "max_blob_size = \"32MiB\"", &[up.url()]);
     let http = reqwest::Client::new();
-    let resp = http.get(blob_url(&pier, &digest)).send().await.expect("GET");
+    let resp = http
+        .get(blob_url(&pier, &digest))
+        .send()
+        .await
+        .expect("GET");
     let status = resp.status();
     let body = resp.bytes().await.expect("body");
     let text = String::from_utf8_lossy(&body);
     println!("1 GiB upstream blob, 32 MiB limit: {status} {text}");
     assert_eq!(status, 502);
     assert_eq!(error_code(&body), "UNAVAILABLE");
-    assert!(text.contains("limit"), "message does not name the limit: {text}");
+    assert!(
+        text.contains("limit"),
+        "message does not name the limit: {text}"
+    );
     let sent = up.state.sent.load(Ordering::Relaxed);
-    assert!(sent < 32 * MIB, "upstream sent {sent} bytes of a refused blob");
-    assert!(du(pier.data_dir()) < 8 * MIB, "a refused blob left data behind");
+    assert!(
+        sent < 32 * MIB,
+        "upstream sent {sent} bytes of a refused blob"
+    );
+    assert!(
+        du(pier.data_dir()) < 8 * MIB,
+        "a refused blob left data behind"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,14 +412,20 @@ async fn a_silent_upstream_costs_one_first_byte_timeout_and_says_timed_out() {
     let text = String::from_utf8_lossy(&body);
     println!("silent upstream: {status} after {took:?}: {text}");
     assert!(status == 502 || status == 504, "status {status}");
-    assert!(text.contains("timed out"), "message does not say timed out: {text}");
+    assert!(
+        text.contains("timed out"),
+        "message does not say timed out: {text}"
+    );
     // One endpoint, asked once: one first-byte timeout plus generous slack, far from the
     // three retries of the timeout a silent endpoint used to cost.
     let bound = Duration::from_secs(first_byte * 2 + 5);
     assert!(took < bound, "answer took {took:?}, over {bound:?}");
     let m: Metrics = pier.metrics(&http).await;
     assert!(m.sum("pier_upstream_requests_total", &[("result", "timeout")]) >= 1.0);
-    assert_eq!(m.sum("pier_upstream_requests_total", &[("result", "error")]), 0.0);
+    assert_eq!(
+        m.sum("pier_upstream_requests_total", &[("result", "error")]),
+        0.0
+    );
     assert!(
         m.sum(
             "pier_mirror_requests_total",
@@ -408,7 +441,11 @@ async fn an_unreachable_upstream_says_connection_refused() {
     let pier = start_pier(tmp.path(), "", &[format!("http://127.0.0.1:{closed}")]);
     let http = reqwest::Client::new();
     let digest = gen_digest(b"any", 1, 1);
-    let resp = http.get(blob_url(&pier, &digest)).send().await.expect("GET");
+    let resp = http
+        .get(blob_url(&pier, &digest))
+        .send()
+        .await
+        .expect("GET");
     let status = resp.status();
     let body = resp.bytes().await.expect("body");
     let text = String::from_utf8_lossy(&body);
@@ -431,7 +468,11 @@ async fn upstream_404s_are_remembered_for_negative_ttl() {
     let digest = gen_digest(b"", 3, 1);
     let path = upstream_path(&digest);
     for _ in 0..50 {
-        let resp = http.get(blob_url(&pier, &digest)).send().await.expect("GET");
+        let resp = http
+            .get(blob_url(&pier, &digest))
+            .send()
+            .await
+            .expect("GET");
         assert_eq!(resp.status(), 404);
         let body = resp.bytes().await.expect("body");
         assert_eq!(error_code(&body), "BLOB_UNKNOWN");
@@ -447,15 +488,25 @@ async fn upstream_404s_are_remembered_for_negative_ttl() {
     let blob_asks = up.requests(&path);
     let manifest_asks = up.requests(manifest);
     println!("50 blob GETs -> {blob_asks} upstream; 10 manifest GETs -> {manifest_asks} upstream");
-    assert_eq!(blob_asks, 1, "missing blob asked upstream {blob_asks} times");
-    assert_eq!(manifest_asks, 1, "missing tag asked upstream {manifest_asks} times");
+    assert_eq!(
+        blob_asks, 1,
+        "missing blob asked upstream {blob_asks} times"
+    );
+    assert_eq!(
+        manifest_asks, 1,
+        "missing tag asked upstream {manifest_asks} times"
+    );
     let m = pier.metrics(&http).await;
     assert_eq!(m.sum("pier_mirror_negative_hits_total", &[]), 49.0 + 9.0);
     // After the TTL the upstream is asked again, and a blob it now has is served.
     tokio::time::sleep(Duration::from_millis(ttl * 1000 + 500)).await;
     let bytes_digest = digest.clone();
     up.add(&bytes_digest, Blob::Bytes { seed: 3, len: 1 });
-    let resp = http.get(blob_url(&pier, &digest)).send().await.expect("GET");
+    let resp = http
+        .get(blob_url(&pier, &digest))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(resp.status(), 200);
     assert_eq!(drain(resp).await.0, gen_digest(b"", 3, 1));
     assert_eq!(up.requests(&path), 2);
