@@ -41,7 +41,7 @@ impl MemoryBudget {
     }
 
     /// Charge `batch` to the budget if it fits: the returned bytes release their charge when
-    /// the last copy is dropped. `None` when the budget is spent.
+    /// the last copy is dropped. The batch back, uncharged, when the budget is spent.
     pub(crate) fn charge(self: &Arc<Self>, batch: Bytes) -> Result<Bytes, Bytes> {
         let len = batch.len() as u64;
         let fits = self
@@ -296,5 +296,36 @@ impl Fill {
                 }
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_past_its_limit_and_frees_when_the_last_copy_drops() {
+        let gauge = Gauge::default();
+        let budget = MemoryBudget::new(10, gauge.clone());
+        let a = budget
+            .charge(Bytes::from(vec![1u8; 6]))
+            .expect("6 of 10 fit");
+        let copy = a.slice(2..4);
+        assert!(
+            budget.charge(Bytes::from(vec![2u8; 5])).is_err(),
+            "11 of 10"
+        );
+        let b = budget
+            .charge(Bytes::from(vec![3u8; 4]))
+            .expect("10 of 10 fit");
+        assert_eq!((budget.used(), gauge.get()), (10, 10));
+        drop(a);
+        // A reader's slice still holds the batch's memory.
+        assert_eq!(budget.used(), 10);
+        assert_eq!(&copy[..], &[1, 1]);
+        drop(copy);
+        assert_eq!((budget.used(), gauge.get()), (4, 4));
+        drop(b);
+        assert_eq!((budget.used(), gauge.get()), (0, 0));
     }
 }
