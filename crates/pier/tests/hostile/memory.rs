@@ -201,8 +201,9 @@ fn du(dir: &Path) -> u64 {
     total
 }
 
-/// Read a response body to its end or its first error: (sha256 of what came, bytes, error).
-async fn drain(resp: reqwest::Response) -> (String, u64, Option<String>) {
+/// Read a response body to its end or its first error, pausing after each chunk if asked:
+/// (sha256 of what came, bytes, error).
+async fn drain(resp: reqwest::Response, pause: Option<Duration>) -> (String, u64, Option<String>) {
     use sha2::{Digest as _, Sha256};
     let mut h = Sha256::new();
     let mut n = 0u64;
@@ -212,6 +213,9 @@ async fn drain(resp: reqwest::Response) -> (String, u64, Option<String>) {
             Ok(c) => {
                 h.update(&c);
                 n += c.len() as u64;
+                if let Some(p) = pause {
+                    tokio::time::sleep(p).await;
+                }
             }
             Err(e) => return (String::new(), n, Some(e.to_string())),
         }
@@ -251,12 +255,15 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
     };
     let http = reqwest::Client::new();
     let mut tasks = Vec::new();
-    for digest in &blobs {
+    for (i, digest) in blobs.iter().enumerate() {
         let (http, url, digest) = (http.clone(), blob_url(&pier, digest), digest.clone());
+        // Half the readers keep up; the other half lag, so their fills' windows fill up and
+        // their bytes come from the spool.
+        let pause = (i % 2 == 1).then_some(Duration::from_millis(2));
         tasks.push(tokio::spawn(async move {
             let resp = http.get(&url).send().await.expect("GET blob");
             assert_eq!(resp.status(), 200, "GET {url}");
-            let (got, n, err) = drain(resp).await;
+            let (got, n, err) = drain(resp, pause).await;
             assert_eq!(err, None, "blob {digest} broke after {n} bytes");
             assert_eq!(
                 got, digest,
@@ -299,7 +306,7 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
     // Every blob is cached: the next reads come from disk, not the upstream.
     for digest in &blobs {
         let resp = http.get(blob_url(&pier, digest)).send().await.expect("GET");
-        assert_eq!(drain(resp).await.0, *digest);
+        assert_eq!(drain(resp, None).await.0, *digest);
         assert_eq!(
             up.requests(&upstream_path(digest)),
             1,
@@ -323,7 +330,7 @@ async fn an_endless_upstream_body_is_cut_at_max_blob_size_and_nothing_is_cached(
             .await
             .expect("GET");
         let status = resp.status();
-        let (_, n, err) = drain(resp).await;
+        let (_, n, err) = drain(resp, None).await;
         println!("endless body, round {round}: status {status}, {n} bytes, then {err:?}");
         assert!(
             status != 200 || err.is_some(),
@@ -508,6 +515,6 @@ async fn upstream_404s_are_remembered_for_negative_ttl() {
         .await
         .expect("GET");
     assert_eq!(resp.status(), 200);
-    assert_eq!(drain(resp).await.0, gen_digest(b"", 3, 1));
+    assert_eq!(drain(resp, None).await.0, gen_digest(b"", 3, 1));
     assert_eq!(up.requests(&path), 2);
 }
