@@ -6,7 +6,8 @@
 //! benches it for a cool-down, after which it is tried again. Requests carry cached bearer
 //! tokens (fetched on a `401` challenge, anonymously or with credentials) or Basic credentials.
 //! Idempotent requests are retried with exponential backoff and jitter; a `429` waits for
-//! `Retry-After`. A blob stream that breaks is resumed with `Range` from the same or the next
+//! `Retry-After`; an endpoint that timed out waiting for response headers is not asked again
+//! within the same request. Errors carry the transport's causes (DNS, refused, TLS). A blob stream that breaks is resumed with `Range` from the same or the next
 //! endpoint.
 //!
 //! Architecture invariant: this crate knows nothing of pier's storage or its HTTP server. Every
