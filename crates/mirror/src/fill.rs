@@ -9,17 +9,81 @@
 //! durable), and a `Range` that ends before the blob does is answered only from verified bytes.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use pier_store::{ByteStream, Spool};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
 /// Bytes per read from a spool.
 const CHUNK: u64 = 256 * 1024;
-/// Bytes of recent batches kept in memory for readers. Must exceed what the writer may lag
-/// (the fill's write backlog), so a byte is always in memory or on disk.
+/// Most bytes of recent batches one fill keeps in memory for readers, budget permitting.
 const RECENT_BYTES: u64 = 48 * 1024 * 1024;
+
+/// The memory all fills together may hold in batches (recent windows and write backlogs).
+/// A batch is charged from the moment it is gathered until its last copy is dropped (by the
+/// window, the writer and any reader holding a slice), so what is charged is what is held.
+pub struct MemoryBudget {
+    limit: u64,
+    used: AtomicU64,
+    gauge: Gauge,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: u64, gauge: Gauge) -> Arc<MemoryBudget> {
+        Arc::new(MemoryBudget {
+            limit,
+            used: AtomicU64::new(0),
+            gauge,
+        })
+    }
+
+    /// Charge `batch` to the budget if it fits: the returned bytes release their charge when
+    /// the last copy is dropped. The batch back, uncharged, when the budget is spent.
+    pub(crate) fn charge(self: &Arc<Self>, batch: Bytes) -> Result<Bytes, Bytes> {
+        let len = batch.len() as u64;
+        let fits = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                (u + len <= self.limit).then_some(u + len)
+            })
+            .is_ok();
+        if !fits {
+            return Err(batch);
+        }
+        self.gauge.inc_by(len as i64);
+        Ok(Bytes::from_owner(Charged {
+            bytes: batch,
+            budget: self.clone(),
+        }))
+    }
+
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+}
+
+/// A batch's bytes and the budget they are charged to.
+struct Charged {
+    bytes: Bytes,
+    budget: Arc<MemoryBudget>,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl Drop for Charged {
+    fn drop(&mut self) {
+        let len = self.bytes.len() as u64;
+        self.budget.used.fetch_sub(len, Ordering::AcqRel);
+        self.budget.gauge.dec_by(len as i64);
+    }
+}
 
 /// How far a fill has got.
 #[derive(Debug, Clone, Default)]
@@ -46,6 +110,10 @@ pub enum FillError {
     /// The upstream kept answering 429.
     TooManyRequests,
     Upstream(String),
+    /// The upstream stayed silent past a timeout.
+    Timeout(String),
+    /// The upstream's blob is larger than pier accepts, or its body ran past its size.
+    TooLarge(String),
     Corrupt(String),
     Store(String),
 }
@@ -57,6 +125,8 @@ impl std::fmt::Display for FillError {
             FillError::Denied(e) => write!(f, "upstream refused access: {e}"),
             FillError::TooManyRequests => write!(f, "upstream is rate limiting (429)"),
             FillError::Upstream(e) => write!(f, "upstream failed: {e}"),
+            FillError::Timeout(e) => write!(f, "upstream timed out: {e}"),
+            FillError::TooLarge(e) => write!(f, "upstream blob too large: {e}"),
             FillError::Corrupt(e) => write!(f, "upstream sent corrupt content: {e}"),
             FillError::Store(e) => write!(f, "storing failed: {e}"),
         }
@@ -80,7 +150,9 @@ impl Fill {
         })
     }
 
-    /// Keep a batch starting at `offset` in the recent window, dropping the oldest beyond it.
+    /// Keep a (charged) batch starting at `offset` in the recent window, dropping the oldest
+    /// beyond the per-fill window. A dropped batch the writer has not written yet stays in
+    /// memory, charged, until it has.
     pub(crate) fn remember(&self, offset: u64, batch: Bytes) {
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         recent.push_back((offset, batch));
@@ -89,6 +161,19 @@ impl Fill {
             if let Some((_, b)) = recent.pop_front() {
                 total -= b.len() as u64;
             }
+        }
+    }
+
+    /// Drop the window's batches that are on disk (all of them when `all`), giving their
+    /// memory back to the budget once no reader holds them; readers then read the spool.
+    pub(crate) fn forget_written(&self, all: bool) {
+        let written = self.progress.borrow().written;
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((o, b)) = recent.front() {
+            if !all && o + b.len() as u64 > written {
+                break;
+            }
+            recent.pop_front();
         }
     }
 
@@ -180,25 +265,25 @@ impl Fill {
                         s.pos += b.len() as u64;
                         return Some((Ok(b), s));
                     }
-                    // Not in memory any more, so on disk: read only what the writer wrote.
+                    // Not in memory (evicted, or never kept when the budget was spent), so on
+                    // disk or on its way there: read only what the writer wrote, and wait for
+                    // the writer when this reader is ahead of it.
                     let on_disk = limit.min(p.written);
-                    if on_disk <= s.pos {
-                        s.done = true;
-                        return Some((Err(std::io::Error::other("fill bytes lost")), s));
-                    }
-                    let len = (on_disk - s.pos).min(CHUNK) as usize;
-                    let Some(spool) = s.fill.spool.get() else {
-                        s.done = true;
-                        return Some((Err(std::io::Error::other("spool missing")), s));
-                    };
-                    match spool.read_at(s.pos, len).await {
-                        Ok(b) => {
-                            s.pos += b.len() as u64;
-                            return Some((Ok::<Bytes, _>(b), s));
-                        }
-                        Err(e) => {
+                    if on_disk > s.pos {
+                        let len = (on_disk - s.pos).min(CHUNK) as usize;
+                        let Some(spool) = s.fill.spool.get() else {
                             s.done = true;
-                            return Some((Err(std::io::Error::other(e.to_string())), s));
+                            return Some((Err(std::io::Error::other("spool missing")), s));
+                        };
+                        match spool.read_at(s.pos, len).await {
+                            Ok(b) => {
+                                s.pos += b.len() as u64;
+                                return Some((Ok::<Bytes, _>(b), s));
+                            }
+                            Err(e) => {
+                                s.done = true;
+                                return Some((Err(std::io::Error::other(e.to_string())), s));
+                            }
                         }
                     }
                 }
@@ -211,5 +296,36 @@ impl Fill {
                 }
             }
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_budget_refuses_past_its_limit_and_frees_when_the_last_copy_drops() {
+        let gauge = Gauge::default();
+        let budget = MemoryBudget::new(10, gauge.clone());
+        let a = budget
+            .charge(Bytes::from(vec![1u8; 6]))
+            .expect("6 of 10 fit");
+        let copy = a.slice(2..4);
+        assert!(
+            budget.charge(Bytes::from(vec![2u8; 5])).is_err(),
+            "11 of 10"
+        );
+        let b = budget
+            .charge(Bytes::from(vec![3u8; 4]))
+            .expect("10 of 10 fit");
+        assert_eq!((budget.used(), gauge.get()), (10, 10));
+        drop(a);
+        // A reader's slice still holds the batch's memory.
+        assert_eq!(budget.used(), 10);
+        assert_eq!(&copy[..], &[1, 1]);
+        drop(copy);
+        assert_eq!((budget.used(), gauge.get()), (4, 4));
+        drop(b);
+        assert_eq!((budget.used(), gauge.get()), (0, 0));
     }
 }

@@ -26,13 +26,43 @@ use pier_store::{BlobStore, ManifestRecord, MetaStore};
 use pier_upstream::{Upstream, UpstreamError};
 use tokio::sync::mpsc;
 
-use crate::fill::{Fill, FillError};
+use crate::fill::{Fill, FillError, MemoryBudget};
 use crate::metrics::MirrorMetrics;
 
 /// Bytes a fill gathers from the upstream before handing them to its writer thread.
 const FILL_BATCH: usize = 512 * 1024;
 /// Batches the disk may lag behind the network before the fill stops reading the upstream.
+/// Queued batches are charged to the fill memory budget like the recent window's.
 const WRITE_BACKLOG: usize = 32;
+/// Most upstream "not found" answers remembered at once; a flood of random names evicts the
+/// oldest instead of growing memory.
+const NEGATIVE_ENTRIES: usize = 10_000;
+
+/// Limits on what fills may hold and fetch, and how long a "not found" is believed.
+#[derive(Debug, Clone, Copy)]
+pub struct FillPolicy {
+    /// Bytes all fills together keep in memory for readers and the write backlog.
+    pub memory: u64,
+    /// Largest blob fetched from an upstream; a bigger (or endless) body fails the fill.
+    pub max_blob_bytes: u64,
+    /// How long an upstream 404 for a manifest or blob is answered without asking again
+    /// (zero: not remembered).
+    pub negative_ttl: Duration,
+}
+
+impl Default for FillPolicy {
+    fn default() -> Self {
+        FillPolicy {
+            memory: 256 * 1024 * 1024,
+            max_blob_bytes: 64 * 1024 * 1024 * 1024,
+            negative_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What the upstream said did not exist, keyed by (cache repository, kind, reference), with
+/// when it said so.
+type NegativeKey = (String, &'static str, String);
 
 /// An upstream and the policy pier applies to it.
 pub struct UpstreamEntry {
@@ -119,6 +149,9 @@ pub struct Mirror {
     /// When each cached tag was last confirmed with its upstream.
     validated: Mutex<HashMap<(String, String), Instant>>,
     metrics: Arc<MirrorMetrics>,
+    policy: FillPolicy,
+    budget: Arc<MemoryBudget>,
+    negative: Mutex<HashMap<NegativeKey, Instant>>,
 }
 
 /// Docker Hub's names without a namespace live under `library/`.
@@ -139,6 +172,28 @@ impl Mirror {
         max_manifest_bytes: u64,
         metrics: Arc<MirrorMetrics>,
     ) -> Arc<Mirror> {
+        Mirror::new_with(
+            upstreams,
+            default_upstream,
+            blobs,
+            meta,
+            max_manifest_bytes,
+            metrics,
+            FillPolicy::default(),
+        )
+    }
+
+    /// [`Mirror::new`] with fill limits other than the defaults.
+    pub fn new_with(
+        upstreams: Vec<UpstreamEntry>,
+        default_upstream: Option<String>,
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        max_manifest_bytes: u64,
+        metrics: Arc<MirrorMetrics>,
+        policy: FillPolicy,
+    ) -> Arc<Mirror> {
+        let budget = MemoryBudget::new(policy.memory, metrics.fill_memory.clone());
         let upstreams = upstreams
             .into_iter()
             .map(|u| (u.name().to_string(), Arc::new(u)))
@@ -152,7 +207,67 @@ impl Mirror {
             fills: Mutex::new(HashMap::new()),
             validated: Mutex::new(HashMap::new()),
             metrics,
+            policy,
+            budget,
+            negative: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Bytes of fill batches held in memory now.
+    pub fn fill_memory(&self) -> u64 {
+        self.budget.used()
+    }
+
+    /// Whether the upstream said `reference` does not exist less than `negative_ttl` ago.
+    fn known_missing(&self, r: &MirrorRef, kind: &'static str, reference: &str) -> bool {
+        if self.policy.negative_ttl.is_zero() {
+            return false;
+        }
+        let key = (r.cache_repo.clone(), kind, reference.to_string());
+        let mut negative = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        match negative.get(&key) {
+            Some(t) if t.elapsed() < self.policy.negative_ttl => {
+                self.metrics.negative_hits.inc();
+                true
+            }
+            Some(_) => {
+                negative.remove(&key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_missing(&self, r: &MirrorRef, kind: &'static str, reference: &str) {
+        if self.policy.negative_ttl.is_zero() {
+            return;
+        }
+        let ttl = self.policy.negative_ttl;
+        let mut negative = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        if negative.len() >= NEGATIVE_ENTRIES {
+            negative.retain(|_, t| t.elapsed() < ttl);
+        }
+        if negative.len() >= NEGATIVE_ENTRIES {
+            if let Some(oldest) = negative
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+            {
+                negative.remove(&oldest);
+            }
+        }
+        negative.insert(
+            (r.cache_repo.clone(), kind, reference.to_string()),
+            Instant::now(),
+        );
+    }
+
+    fn found(&self, r: &MirrorRef, kind: &'static str, reference: &str) {
+        if self.policy.negative_ttl.is_zero() {
+            return;
+        }
+        let mut negative = self.negative.lock().unwrap_or_else(|e| e.into_inner());
+        negative.remove(&(r.cache_repo.clone(), kind, reference.to_string()));
     }
 
     pub fn metrics(&self) -> &Arc<MirrorMetrics> {
@@ -306,11 +421,27 @@ impl Mirror {
         reference: &Reference,
     ) -> Result<(ManifestRecord, Bytes, Freshness)> {
         let up = r.upstream_name();
-        let result = self.manifest_inner(r, reference).await;
+        let key = reference.to_string();
+        let result = if self.known_missing(r, "manifest", &key) {
+            Err(MirrorError::Upstream(UpstreamError::NotFound))
+        } else {
+            let result = self.manifest_inner(r, reference).await;
+            match &result {
+                Ok(_) => self.found(r, "manifest", &key),
+                Err(MirrorError::Upstream(UpstreamError::NotFound)) => {
+                    self.remember_missing(r, "manifest", &key)
+                }
+                Err(_) => {}
+            }
+            result
+        };
         match &result {
             Ok((_, _, f)) => self.metrics.request(up, "manifest", freshness_label(*f)),
             Err(MirrorError::Upstream(UpstreamError::NotFound)) => {
                 self.metrics.request(up, "manifest", "not_found")
+            }
+            Err(MirrorError::Upstream(UpstreamError::Timeout(_))) => {
+                self.metrics.request(up, "manifest", "timeout")
             }
             Err(_) => self.metrics.request(up, "manifest", "error"),
         }
@@ -406,7 +537,15 @@ impl Mirror {
                 return Ok(size);
             }
         }
-        match r.upstream.client.head_blob(&r.repo, digest).await? {
+        let key = digest.to_string();
+        if self.known_missing(r, "blob", &key) {
+            return Err(MirrorError::Upstream(UpstreamError::NotFound));
+        }
+        let head = r.upstream.client.head_blob(&r.repo, digest).await;
+        if matches!(head, Err(UpstreamError::NotFound)) {
+            self.remember_missing(r, "blob", &key);
+        }
+        match head? {
             Some(size) => Ok(size),
             None => Err(MirrorError::Upstream(UpstreamError::Protocol(
                 "HEAD without Content-Length".into(),
@@ -420,6 +559,11 @@ impl Mirror {
         if let Some(size) = self.local_blob(r, digest).await? {
             self.metrics.request(up, "blob", "hit");
             return Ok(BlobSource::Local { size });
+        }
+        let key = digest.to_string();
+        if self.known_missing(r, "blob", &key) {
+            self.metrics.request(up, "blob", "not_found");
+            return Err(MirrorError::Upstream(UpstreamError::NotFound));
         }
         let (fill, leader) = {
             let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
@@ -438,9 +582,16 @@ impl Mirror {
             let (r2, d2, f2) = (r.clone(), digest.clone(), fill.clone());
             tokio::spawn(async move {
                 let outcome = this.run_fill(&r2, &d2, &f2).await;
-                if let Err(e) = &outcome {
-                    tracing::warn!(upstream = r2.upstream_name(), repo = %r2.repo, digest = %d2, error = %e, "fill failed");
+                match &outcome {
+                    Ok(()) => this.found(&r2, "blob", &d2.to_string()),
+                    Err(FillError::NotFound) => this.remember_missing(&r2, "blob", &d2.to_string()),
+                    Err(e) => {
+                        tracing::warn!(upstream = r2.upstream_name(), repo = %r2.repo, digest = %d2, error = %e, "fill failed");
+                    }
                 }
+                // Readers of a finished fill read the committed spool; its memory goes back to
+                // the budget for fills still running.
+                f2.forget_written(true);
                 f2.progress.send_modify(|p| p.outcome = Some(outcome));
                 this.fills
                     .lock()
@@ -458,6 +609,10 @@ impl Mirror {
             Err(FillError::NotFound) => {
                 self.metrics.request(up, "blob", "not_found");
                 Err(MirrorError::Upstream(UpstreamError::NotFound))
+            }
+            Err(e @ FillError::Timeout(_)) => {
+                self.metrics.request(up, "blob", "timeout");
+                Err(MirrorError::Fill(e))
             }
             Err(e) => {
                 self.metrics.request(up, "blob", "error");
@@ -495,6 +650,7 @@ impl Mirror {
             UpstreamError::NotFound => FillError::NotFound,
             UpstreamError::Denied(why) => FillError::Denied(why),
             UpstreamError::TooManyRequests => FillError::TooManyRequests,
+            UpstreamError::Timeout(why) => FillError::Timeout(why),
             other => FillError::Upstream(other.to_string()),
         };
         let (size, mut body) = r
@@ -503,6 +659,15 @@ impl Mirror {
             .get_blob(&r.repo, digest, 0)
             .await
             .map_err(up_err)?;
+        let max = self.policy.max_blob_bytes;
+        if let Some(size) = size.filter(|&s| s > max) {
+            return Err(FillError::TooLarge(format!(
+                "upstream announced {size} bytes for {digest}, more than the {max}-byte limit"
+            )));
+        }
+        // Where the body must end: what the upstream announced, else the hard cap. A body that
+        // goes past it is cut there, so an endless body cannot fill the disk.
+        let cut_at = size.unwrap_or(max);
         let spool = self
             .blobs
             .spool()
@@ -550,6 +715,13 @@ impl Mirror {
             };
             let flush = match &next {
                 Some(Ok(c)) => {
+                    if received + (pending.len() + c.len()) as u64 > cut_at {
+                        streamed = Err(FillError::TooLarge(match size {
+                            Some(s) => format!("upstream body exceeded its announced {s} bytes"),
+                            None => format!("upstream body exceeded the {max}-byte limit"),
+                        }));
+                        break;
+                    }
                     upstream_bytes.inc_by(c.len() as u64);
                     hasher.update(c);
                     pending.extend_from_slice(c);
@@ -567,7 +739,36 @@ impl Mirror {
             if flush {
                 let batch = pending.split().freeze();
                 let len = batch.len() as u64;
-                fill.remember(received, batch.clone());
+                // Within the budget the batch is kept for readers and queued for the disk.
+                // Past it, the fill first gives back what of its window is on disk; if that
+                // is not enough, the batch goes to the disk alone: the fill waits until the
+                // writer has caught up, so it holds one uncharged batch at most, and readers
+                // read it from the spool once written.
+                let charged = match self.budget.charge(batch) {
+                    Ok(b) => Ok(b),
+                    Err(b) => {
+                        fill.forget_written(false);
+                        self.budget.charge(b)
+                    }
+                };
+                let batch = match charged {
+                    Ok(b) => {
+                        fill.remember(received, b.clone());
+                        b
+                    }
+                    Err(b) => {
+                        let mut progress = fill.progress.subscribe();
+                        // A writer that failed stops receiving: stop waiting for it then.
+                        let caught_up = tokio::select! {
+                            r = progress.wait_for(|p| p.written >= received) => r.is_ok(),
+                            () = tx.closed() => false,
+                        };
+                        if !caught_up {
+                            break;
+                        }
+                        b
+                    }
+                };
                 received += len;
                 fill.progress.send_modify(|p| p.received = received);
                 if tx.send(batch).await.is_err() {

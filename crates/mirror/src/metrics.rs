@@ -43,6 +43,8 @@ pub struct MirrorMetrics {
     pub upstream_requests: Family<EndpointResultLabels, Counter>,
     pub upstream_duration: Family<EndpointLabels, Histogram>,
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+    pub fill_memory: Gauge,
+    pub negative_hits: Counter,
 }
 
 impl MirrorMetrics {
@@ -57,10 +59,12 @@ impl MirrorMetrics {
                 Histogram::new(exponential_buckets(0.001, 4.0, 9))
             }),
             endpoint_healthy: Family::default(),
+            fill_memory: Gauge::default(),
+            negative_hits: Counter::default(),
         };
         registry.register(
             "mirror_requests",
-            "Mirrored manifest and blob requests by upstream, kind and result (hit, miss, shared, stale, not_found, error)",
+            "Mirrored manifest and blob requests by upstream, kind and result (hit, miss, shared, stale, not_found, timeout, error)",
             m.requests.clone(),
         );
         registry.register(
@@ -92,6 +96,16 @@ impl MirrorMetrics {
             "upstream_endpoint_healthy",
             "1 while an upstream endpoint is in use, 0 while it is benched after failures",
             m.endpoint_healthy.clone(),
+        );
+        registry.register(
+            "mirror_fill_memory_bytes",
+            "Bytes of fill batches held in memory (recent windows and write backlogs), within [mirror] fill_memory",
+            m.fill_memory.clone(),
+        );
+        registry.register(
+            "mirror_negative_hits",
+            "Manifest and blob requests answered 404 from a remembered upstream 404",
+            m.negative_hits.clone(),
         );
         m
     }

@@ -49,6 +49,18 @@ pub struct MirrorConfig {
     /// Repository globs hosted here although the default upstream would serve them: pushes
     /// into them are accepted, and reads of them never go to the default upstream.
     pub hosted: Vec<String>,
+    /// Memory all fills together may hold for readers and the write backlog.
+    pub fill_memory: ByteSize,
+    /// Largest blob fetched from an upstream; a larger or endless body fails the fill.
+    pub max_blob_size: ByteSize,
+    /// Seconds an upstream 404 for a manifest or blob is answered without asking again; 0 off.
+    pub negative_ttl: u64,
+    /// Seconds to connect to an upstream endpoint.
+    pub upstream_connect_timeout: u64,
+    /// Seconds from sending a request to an upstream to its response headers.
+    pub upstream_first_byte_timeout: u64,
+    /// Seconds an upstream body may go without a byte before the fill resumes elsewhere.
+    pub upstream_idle_timeout: u64,
 }
 
 impl Default for MirrorConfig {
@@ -58,6 +70,12 @@ impl Default for MirrorConfig {
             builtin_upstreams: true,
             tag_ttl: 300,
             hosted: Vec::new(),
+            fill_memory: ByteSize(256 * 1024 * 1024),
+            max_blob_size: ByteSize(64 * 1024 * 1024 * 1024),
+            negative_ttl: 30,
+            upstream_connect_timeout: 5,
+            upstream_first_byte_timeout: 30,
+            upstream_idle_timeout: 30,
         }
     }
 }

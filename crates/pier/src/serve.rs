@@ -13,7 +13,7 @@ use tracing_subscriber::EnvFilter;
 use std::time::Duration;
 
 use pier_mirror::metrics::MirrorMetrics;
-use pier_mirror::{Mirror, UpstreamEntry};
+use pier_mirror::{FillPolicy, Mirror, UpstreamEntry};
 use pier_server::metrics::Metrics;
 use pier_store::{BlobStore, MetaStore};
 use pier_upstream::Upstream;
@@ -91,6 +91,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         let mut c = pier_upstream::UpstreamConfig::new(u.name.clone(), u.endpoints.clone());
         c.username = u.username.clone();
         c.password = u.password.clone();
+        c.timeouts = pier_upstream::Timeouts {
+            connect: Duration::from_secs(config.mirror.upstream_connect_timeout.max(1)),
+            first_byte: Duration::from_secs(config.mirror.upstream_first_byte_timeout.max(1)),
+            idle: Duration::from_secs(config.mirror.upstream_idle_timeout.max(1)),
+        };
         for e in &u.endpoints {
             mirror_metrics.endpoint_known(&u.name, e.trim_end_matches('/'));
         }
@@ -110,13 +115,18 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         hosted = %config.mirror.hosted.join(","),
         "mirroring"
     );
-    let mirror = Mirror::new(
+    let mirror = Mirror::new_with(
         entries,
         default_upstream,
         blobs,
         meta,
         limits.max_manifest_bytes,
         mirror_metrics,
+        FillPolicy {
+            memory: config.mirror.fill_memory.0,
+            max_blob_bytes: config.mirror.max_blob_size.0,
+            negative_ttl: Duration::from_secs(config.mirror.negative_ttl),
+        },
     );
     let recovery = registry
         .uploads()

@@ -6,7 +6,8 @@
 //! benches it for a cool-down, after which it is tried again. Requests carry cached bearer
 //! tokens (fetched on a `401` challenge, anonymously or with credentials) or Basic credentials.
 //! Idempotent requests are retried with exponential backoff and jitter; a `429` waits for
-//! `Retry-After`. A blob stream that breaks is resumed with `Range` from the same or the next
+//! `Retry-After`; an endpoint that timed out waiting for response headers is not asked again
+//! within the same request. Errors carry the transport's causes (DNS, refused, TLS). A blob stream that breaks is resumed with `Range` from the same or the next
 //! endpoint.
 //!
 //! Architecture invariant: this crate knows nothing of pier's storage or its HTTP server. Every
@@ -86,9 +87,12 @@ pub enum UpstreamError {
     /// The upstream asked us to slow down and we gave up waiting.
     #[error("upstream is rate limiting (429)")]
     TooManyRequests,
-    /// No endpoint could answer: connection failures, timeouts, 5xx.
+    /// No endpoint could answer: connection failures, 5xx.
     #[error("upstream unavailable: {0}")]
     Unavailable(String),
+    /// An endpoint was reachable but silent: no response headers, or no body bytes, in time.
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
     /// The upstream answered something a registry should not.
     #[error("upstream protocol error: {0}")]
     Protocol(String),
@@ -99,9 +103,36 @@ impl UpstreamError {
     pub fn is_outage(&self) -> bool {
         matches!(
             self,
-            UpstreamError::Unavailable(_) | UpstreamError::TooManyRequests
+            UpstreamError::Unavailable(_)
+                | UpstreamError::Timeout(_)
+                | UpstreamError::TooManyRequests
         )
     }
+
+    /// A transport failure, with every cause reqwest wraps (DNS, refused, TLS, timed out).
+    fn transport(context: &str, e: &reqwest::Error) -> UpstreamError {
+        let why = causes(e);
+        if e.is_timeout() {
+            UpstreamError::Timeout(format!("{context}: {why}"))
+        } else {
+            UpstreamError::Unavailable(format!("{context}: {why}"))
+        }
+    }
+}
+
+/// An error and its sources, outermost first, without repeats: reqwest's own message is only
+/// "error sending request", the reason (DNS, connection refused, TLS) is in the chain.
+pub fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
 }
 
 pub type Result<T, E = UpstreamError> = std::result::Result<T, E>;
@@ -205,9 +236,14 @@ impl Upstream {
                 config.name
             )));
         }
+        // reqwest's read timeout also covers waiting for response headers, so it must not fire
+        // before pier's own first-byte and idle timers (which say which one it was): it is only
+        // a backstop for bodies pier does not time itself.
+        let backstop =
+            config.timeouts.first_byte.max(config.timeouts.idle) + Duration::from_secs(1);
         let client = reqwest::Client::builder()
             .connect_timeout(config.timeouts.connect)
-            .read_timeout(config.timeouts.idle)
+            .read_timeout(backstop)
             .redirect(reqwest::redirect::Policy::limited(5))
             .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -290,6 +326,7 @@ impl Upstream {
                 Ok(Ok(r)) if r.status() == StatusCode::TOO_MANY_REQUESTS => "429",
                 Ok(Ok(r)) if r.status().is_client_error() => "4xx",
                 Ok(Ok(_)) => "5xx",
+                Ok(Err(e)) if e.is_timeout() => "timeout",
                 Ok(Err(_)) => "error",
                 Err(_) => "timeout",
             };
@@ -298,14 +335,14 @@ impl Upstream {
             let resp = match sent {
                 Err(_) => {
                     self.bench(endpoint, "no response headers in time");
-                    return Attempt::Fail(UpstreamError::Unavailable(format!(
-                        "{url}: no response within {:?}",
-                        self.config.timeouts.first_byte
+                    return Attempt::Fail(UpstreamError::Timeout(format!(
+                        "{url}: timed out after {}s waiting for response headers",
+                        self.config.timeouts.first_byte.as_secs_f64()
                     )));
                 }
                 Ok(Err(e)) => {
                     self.bench(endpoint, "request failed");
-                    return Attempt::Fail(UpstreamError::Unavailable(format!("{url}: {e}")));
+                    return Attempt::Fail(UpstreamError::transport(&url, &e));
                 }
                 Ok(Ok(r)) => r,
             };
@@ -366,8 +403,13 @@ impl Upstream {
         }
         let resp = tokio::time::timeout(self.config.timeouts.first_byte, req.send())
             .await
-            .map_err(|_| UpstreamError::Unavailable(format!("token endpoint {realm}: timeout")))?
-            .map_err(|e| UpstreamError::Unavailable(format!("token endpoint {realm}: {e}")))?;
+            .map_err(|_| {
+                UpstreamError::Timeout(format!(
+                    "token endpoint {realm}: timed out after {}s waiting for response headers",
+                    self.config.timeouts.first_byte.as_secs_f64()
+                ))
+            })?
+            .map_err(|e| UpstreamError::transport(&format!("token endpoint {realm}"), &e))?;
         let status = resp.status();
         if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
             return Err(UpstreamError::Denied(format!(
@@ -402,11 +444,27 @@ impl Upstream {
         after: Option<usize>,
     ) -> Result<(reqwest::Response, usize)> {
         let mut last = UpstreamError::Unavailable("no attempt made".into());
+        // An endpoint that stayed silent for a whole first-byte timeout is not asked again
+        // within this request: a silent upstream costs a client one timeout per endpoint, not
+        // one per attempt.
+        let mut silent = vec![false; self.endpoints.len()];
         for attempt in 0..self.config.attempts.max(1) {
             let mut wait = backoff(attempt);
-            for ep in self.order(if attempt == 0 { after } else { None }) {
+            let order: Vec<usize> = self
+                .order(if attempt == 0 { after } else { None })
+                .into_iter()
+                .filter(|&ep| !silent[ep])
+                .collect();
+            if order.is_empty() {
+                break;
+            }
+            for ep in order {
                 match self.send_once(ep, &method, path, repo, &headers).await {
                     Attempt::Fail(e @ UpstreamError::Denied(_)) => return Err(e),
+                    Attempt::Fail(e @ UpstreamError::Timeout(_)) => {
+                        silent[ep] = true;
+                        last = e;
+                    }
                     Attempt::Fail(e) => last = e,
                     Attempt::Done(resp, ep) => {
                         let status = resp.status();
@@ -500,8 +558,7 @@ impl Upstream {
         let mut body = resp.bytes_stream();
         let mut buf = Vec::new();
         while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| UpstreamError::Unavailable(format!("manifest body: {e}")))?;
+            let chunk = chunk.map_err(|e| UpstreamError::transport("manifest body", &e))?;
             buf.extend_from_slice(&chunk);
             if buf.len() as u64 > limit {
                 return Err(UpstreamError::Protocol(format!(
@@ -551,21 +608,36 @@ impl Upstream {
             endpoint: ep,
             body: Some(Box::pin(resp.bytes_stream())),
             failures: 0,
+            cause: String::new(),
         };
         let stream = futures::stream::unfold(state, |mut s| async move {
             loop {
                 if let Some(body) = s.body.as_mut() {
-                    match body.next().await {
-                        Some(Ok(chunk)) => {
+                    let idle = s.upstream.config.timeouts.idle;
+                    match tokio::time::timeout(idle, body.next()).await {
+                        Ok(Some(Ok(chunk))) => {
                             s.pos += chunk.len() as u64;
                             return Some((Ok(chunk), s));
                         }
-                        None if s.total.is_none_or(|t| s.pos >= t) => return None,
-                        None => {
+                        Ok(None) if s.total.is_none_or(|t| s.pos >= t) => return None,
+                        Ok(None) => {
+                            s.cause = "body ended early".into();
                             tracing::warn!(pos = s.pos, "upstream blob body ended early; resuming");
                         }
-                        Some(Err(e)) => {
-                            tracing::warn!(pos = s.pos, error = %e, "upstream blob stream broke; resuming");
+                        Ok(Some(Err(e))) => {
+                            s.cause = causes(&e);
+                            tracing::warn!(pos = s.pos, error = %s.cause, "upstream blob stream broke; resuming");
+                        }
+                        Err(_) => {
+                            s.cause = format!(
+                                "timed out after {}s without body bytes",
+                                idle.as_secs_f64()
+                            );
+                            tracing::warn!(
+                                pos = s.pos,
+                                idle_s = idle.as_secs_f64(),
+                                "upstream blob body silent; resuming"
+                            );
                         }
                     }
                     s.upstream.bench(s.endpoint, "blob stream broke");
@@ -575,8 +647,8 @@ impl Upstream {
                 if s.failures > s.upstream.config.attempts.max(1) {
                     return Some((
                         Err(UpstreamError::Unavailable(format!(
-                            "blob {} broke at byte {} too many times",
-                            s.digest, s.pos
+                            "blob {} broke at byte {} too many times (last: {})",
+                            s.digest, s.pos, s.cause
                         ))),
                         s.finished(),
                     ));
@@ -651,7 +723,7 @@ impl Upstream {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| UpstreamError::Unavailable(format!("referrers body: {e}")))?;
+            .map_err(|e| UpstreamError::transport("referrers body", &e))?;
         Ok((body, filtered))
     }
 
@@ -673,7 +745,7 @@ impl Upstream {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| UpstreamError::Unavailable(format!("tags body: {e}")))?;
+            .map_err(|e| UpstreamError::transport("tags body", &e))?;
         Ok((body, link))
     }
 }
@@ -687,6 +759,8 @@ struct Resume {
     endpoint: usize,
     body: Option<std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>>,
     failures: u32,
+    /// Why the body last broke, for the error when resuming gives up.
+    cause: String,
 }
 
 impl Resume {
