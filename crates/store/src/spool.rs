@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::space::Space;
 use crate::{Result, StoreError};
 
 /// A growing local file. Cheap to clone; clones share the file.
@@ -16,11 +17,13 @@ use crate::{Result, StoreError};
 pub struct Spool {
     path: PathBuf,
     file: Arc<File>,
+    /// Told when a write fails for lack of space.
+    space: Option<Arc<Space>>,
 }
 
 impl Spool {
     /// Create a new empty spool file at `path`.
-    pub fn create(path: PathBuf) -> Result<Spool> {
+    pub fn create(path: PathBuf, space: Option<Arc<Space>>) -> Result<Spool> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -29,6 +32,7 @@ impl Spool {
         Ok(Spool {
             path,
             file: Arc::new(file),
+            space,
         })
     }
 
@@ -38,12 +42,19 @@ impl Spool {
 
     /// Write `data` at `offset` (blocking; call from a blocking thread).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        Ok(self.file.write_all_at(data, offset)?)
+        self.note(self.file.write_all_at(data, offset).map_err(StoreError::from))
+    }
+
+    fn note(&self, r: Result<()>) -> Result<()> {
+        match &self.space {
+            Some(space) => space.note(r),
+            None => r,
+        }
     }
 
     /// Flush the bytes to disk (blocking).
     pub fn sync(&self) -> Result<()> {
-        Ok(self.file.sync_all()?)
+        self.note(self.file.sync_all().map_err(StoreError::from))
     }
 
     /// Read `len` bytes at `offset`; the caller knows they are written.
