@@ -82,5 +82,8 @@ impl Spool {
     /// Remove the file (its readers keep what they opened).
     pub fn discard(&self) {
         let _ = std::fs::remove_file(&self.path);
+        if let Some(space) = &self.space {
+            space.rebase();
+        }
     }
 }
