@@ -8,16 +8,13 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use crate::{Result, StoreError};
 
 /// After a write failed for lack of space, how much more than was free right after it must
 /// come back before writes are tried again (at least; the floor counts if it is larger).
 const RECOVER_MARGIN: u64 = 16 * 1024 * 1024;
-/// How long after such a failure the space its own clean-up gives back (partial files whose
-/// last handle closes a little later) still counts as part of the baseline, not as freed.
-const SETTLE: Duration = Duration::from_secs(5);
+
 
 /// What [`Space`] knows right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +36,7 @@ pub struct Space {
     free: AtomicU64,
     /// Free bytes measured right after the last write that failed for lack of space, while
     /// that failure still stands.
-    full_at: Mutex<Option<(u64, Instant)>>,
+    full_at: Mutex<Option<u64>>,
     errors: AtomicU64,
 }
 
@@ -72,10 +69,8 @@ impl Space {
         let free = free_bytes(&self.root)?;
         self.free.store(free, Ordering::Relaxed);
         let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((base, when)) = full_at.as_mut() {
-            if when.elapsed() < SETTLE {
-                *base = (*base).max(free);
-            } else if free >= base.saturating_add(RECOVER_MARGIN.max(self.min_free)) {
+        if let Some(base) = *full_at {
+            if free >= base.saturating_add(RECOVER_MARGIN.max(self.min_free)) {
                 tracing::info!(free_bytes = free, "free space is back; writes resume");
                 *full_at = None;
             }
@@ -88,14 +83,15 @@ impl Space {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let free = free_bytes(&self.root).unwrap_or(0);
         self.free.store(free, Ordering::Relaxed);
-        *self.full_at.lock().unwrap_or_else(|e| e.into_inner()) = Some((free, Instant::now()));
+        *self.full_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(free);
     }
 
-    /// Measure again the free space a standing "disk full" is judged against, after the failed
-    /// write's partial bytes were removed: they coming back is not space freed.
+    /// Measure again the free space a standing "disk full" is judged against, once the failed
+    /// write's partial bytes are gone (a spool's when its last handle closes): getting those
+    /// back is not space freed.
     pub fn rebase(&self) {
         let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((base, _)) = full_at.as_mut() {
+        if let Some(base) = full_at.as_mut() {
             let free = free_bytes(&self.root).unwrap_or(0);
             self.free.store(free, Ordering::Relaxed);
             *base = (*base).max(free);
@@ -176,9 +172,8 @@ mod tests {
         // Nothing was freed: a refresh does not clear it.
         space.refresh().unwrap();
         assert!(space.check().is_err());
-        // Pretend the failure happened long ago with the disk far fuller than it is now.
-        let long_ago = Instant::now().checked_sub(SETTLE * 2).unwrap();
-        *space.full_at.lock().unwrap() = Some((0, long_ago));
+        // Pretend the failure happened with the disk far fuller than it is now.
+        *space.full_at.lock().unwrap() = Some(0);
         space.refresh().unwrap();
         if space.state().free_bytes >= RECOVER_MARGIN {
             space.check().unwrap();

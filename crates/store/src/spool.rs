@@ -16,9 +16,24 @@ use crate::{Result, StoreError};
 #[derive(Clone, Debug)]
 pub struct Spool {
     path: PathBuf,
+    // Declared before `closed`: fields drop in order, so the file is closed (and a discarded
+    // spool's space freed) before the space tracker is told.
     file: Arc<File>,
+    closed: Arc<Closed>,
     /// Told when a write fails for lack of space.
     space: Option<Arc<Space>>,
+}
+
+/// Tells the space tracker, when the last handle of a spool is gone, to measure again.
+#[derive(Debug)]
+struct Closed(Option<Arc<Space>>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        if let Some(space) = &self.0 {
+            space.rebase();
+        }
+    }
 }
 
 impl Spool {
@@ -32,6 +47,7 @@ impl Spool {
         Ok(Spool {
             path,
             file: Arc::new(file),
+            closed: Arc::new(Closed(space.clone())),
             space,
         })
     }
@@ -82,8 +98,5 @@ impl Spool {
     /// Remove the file (its readers keep what they opened).
     pub fn discard(&self) {
         let _ = std::fs::remove_file(&self.path);
-        if let Some(space) = &self.space {
-            space.rebase();
-        }
     }
 }
