@@ -471,3 +471,90 @@ impl MetaStore for RedbMetaStore {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::backends::InMemoryBackend;
+    use redb::StorageBackend;
+
+    use super::*;
+
+    /// Storage that keeps its bytes across reopens and fails writes with ENOSPC on demand.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<InMemoryBackend>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.inner.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    fn digest(n: u8) -> Digest {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_during_a_commit_does_not_poison_later_transactions() {
+        let inner = Arc::new(InMemoryBackend::new());
+        let full = Arc::new(AtomicBool::new(false));
+        let (i, f) = (inner.clone(), full.clone());
+        let store = RedbMetaStore::open_with(Arc::new(move || {
+            let backend = Flaky {
+                inner: i.clone(),
+                full: f.clone(),
+            };
+            Ok(Database::builder().create_with_backend(backend)?)
+        }))
+        .unwrap();
+        store.link_blob("team/app", &digest(1), 10).await.unwrap();
+
+        full.store(true, Ordering::SeqCst);
+        let e = store
+            .link_blob("team/app", &digest(2), 20)
+            .await
+            .unwrap_err();
+        assert!(e.is_no_space(), "{e}");
+        assert!(e.to_string().contains("No space left on device"), "{e}");
+
+        // Space is back: the next transactions work without anyone reopening by hand, and
+        // what was committed before the failure is intact.
+        full.store(false, Ordering::SeqCst);
+        store.link_blob("team/app", &digest(3), 30).await.unwrap();
+        assert_eq!(store.blob_link("team/app", &digest(1)).await.unwrap(), Some(10));
+        assert_eq!(store.blob_link("team/app", &digest(2)).await.unwrap(), None);
+        assert_eq!(store.blob_link("team/app", &digest(3)).await.unwrap(), Some(30));
+        assert!(store.repo_exists("team/app").await.unwrap());
+    }
+}
