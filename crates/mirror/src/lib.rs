@@ -498,11 +498,7 @@ impl Mirror {
             .get_blob(&r.repo, digest, 0)
             .await
             .map_err(up_err)?;
-        let spool = self
-            .blobs
-            .spool()
-            .await
-            .map_err(FillError::store)?;
+        let spool = self.blobs.spool().await.map_err(FillError::store)?;
         let _ = fill.spool.set(spool.clone());
         fill.progress.send_modify(|p| {
             p.started = true;
@@ -523,9 +519,7 @@ impl Mirror {
                 pos += chunk.len() as u64;
                 progress.progress.send_modify(|p| p.written = pos);
             }
-            writer_spool
-                .sync()
-                .map_err(FillError::store)?;
+            writer_spool.sync().map_err(FillError::store)?;
             Ok(pos)
         });
         // Upstream frames are small (often 16 KiB); batching them keeps syscalls, wake-ups of

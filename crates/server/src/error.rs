@@ -119,7 +119,11 @@ impl ApiError {
 /// once space is freed. Reads keep working.
 fn no_space(msg: String) -> ApiError {
     tracing::warn!(error = %msg, "write refused: no space left on device");
-    ApiError::new(StatusCode::INSUFFICIENT_STORAGE, ErrorCode::Unavailable, msg)
+    ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::Unavailable,
+        msg,
+    )
 }
 
 impl From<RouteError> for ApiError {

@@ -112,7 +112,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
         m.storage_free_bytes
             .set(i64::try_from(s.free_bytes).unwrap_or(i64::MAX));
         m.storage_writable.set(i64::from(s.writable));
-        let c = m.store_errors.get_or_create(&KindLabels { kind: "no_space" });
+        let c = m
+            .store_errors
+            .get_or_create(&KindLabels { kind: "no_space" });
         c.inc_by(s.no_space_errors.saturating_sub(c.get()));
     }
     (

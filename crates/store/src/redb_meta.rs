@@ -45,6 +45,9 @@ pub struct RedbMetaStore {
     opener: Option<Opener>,
 }
 
+/// A write transaction's body, run again after a reopen.
+type WriteFn<T> = dyn Fn(&redb::WriteTransaction) -> Result<T> + Send + Sync;
+
 /// Whether a failure means redb wants the database reopened.
 fn needs_reopen(e: &StoreError) -> bool {
     matches!(e, StoreError::DbIo(_) | StoreError::NoSpace(_))
@@ -181,7 +184,7 @@ impl RedbMetaStore {
     ) -> Result<T> {
         let f = Arc::new(f);
         let attempt = |db: Arc<Database>, f: Arc<_>| async move {
-            let f: Arc<dyn Fn(&redb::WriteTransaction) -> Result<T> + Send + Sync> = f;
+            let f: Arc<WriteFn<T>> = f;
             tokio::task::spawn_blocking(move || -> Result<T> {
                 let tx = db.begin_write()?;
                 let out = f(&tx)?;
@@ -253,10 +256,8 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn repo_exists(&self, repo: &str) -> Result<bool> {
-        self.read(|tx| {
-            Ok(tx.open_table(REPOS)?.get(repo)?.is_some())
-        })
-        .await
+        self.read(|tx| Ok(tx.open_table(REPOS)?.get(repo)?.is_some()))
+            .await
     }
 
     async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
@@ -552,9 +553,15 @@ mod tests {
         // what was committed before the failure is intact.
         full.store(false, Ordering::SeqCst);
         store.link_blob("team/app", &digest(3), 30).await.unwrap();
-        assert_eq!(store.blob_link("team/app", &digest(1)).await.unwrap(), Some(10));
+        assert_eq!(
+            store.blob_link("team/app", &digest(1)).await.unwrap(),
+            Some(10)
+        );
         assert_eq!(store.blob_link("team/app", &digest(2)).await.unwrap(), None);
-        assert_eq!(store.blob_link("team/app", &digest(3)).await.unwrap(), Some(30));
+        assert_eq!(
+            store.blob_link("team/app", &digest(3)).await.unwrap(),
+            Some(30)
+        );
         assert!(store.repo_exists("team/app").await.unwrap());
     }
 }

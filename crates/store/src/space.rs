@@ -15,7 +15,6 @@ use crate::{Result, StoreError};
 /// come back before writes are tried again (at least; the floor counts if it is larger).
 const RECOVER_MARGIN: u64 = 16 * 1024 * 1024;
 
-
 /// What [`Space`] knows right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpaceState {

@@ -16,10 +16,11 @@ use crate::{Result, StoreError};
 #[derive(Clone, Debug)]
 pub struct Spool {
     path: PathBuf,
-    // Declared before `closed`: fields drop in order, so the file is closed (and a discarded
+    // Declared before `_closed`: fields drop in order, so the file is closed (and a discarded
     // spool's space freed) before the space tracker is told.
     file: Arc<File>,
-    closed: Arc<Closed>,
+    // Held only for its `Drop`.
+    _closed: Arc<Closed>,
     /// Told when a write fails for lack of space.
     space: Option<Arc<Space>>,
 }
@@ -47,7 +48,7 @@ impl Spool {
         Ok(Spool {
             path,
             file: Arc::new(file),
-            closed: Arc::new(Closed(space.clone())),
+            _closed: Arc::new(Closed(space.clone())),
             space,
         })
     }
@@ -58,7 +59,11 @@ impl Spool {
 
     /// Write `data` at `offset` (blocking; call from a blocking thread).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        self.note(self.file.write_all_at(data, offset).map_err(StoreError::from))
+        self.note(
+            self.file
+                .write_all_at(data, offset)
+                .map_err(StoreError::from),
+        )
     }
 
     fn note(&self, r: Result<()>) -> Result<()> {

@@ -168,7 +168,10 @@ async fn assert_pulls(http: &reqwest::Client, pier: &Pier, repo: &str, tag: &str
         .await
         .expect("GET manifest");
     assert_eq!(resp.status(), StatusCode::OK, "GET {repo}:{tag}");
-    assert_eq!(resp.bytes().await.expect("manifest body").as_ref(), manifest);
+    assert_eq!(
+        resp.bytes().await.expect("manifest body").as_ref(),
+        manifest
+    );
     let resp = http
         .get(format!(
             "{}/v2/{repo}/blobs/{}",
@@ -178,7 +181,11 @@ async fn assert_pulls(http: &reqwest::Client, pier: &Pier, repo: &str, tag: &str
         .send()
         .await
         .expect("GET layer");
-    assert_eq!(resp.status(), StatusCode::OK, "GET the layer of {repo}:{tag}");
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "GET the layer of {repo}:{tag}"
+    );
     assert!(
         resp.bytes().await.expect("layer body").as_ref() == layer.as_slice(),
         "the layer of {repo}:{tag} comes back byte-identical"
@@ -192,7 +199,9 @@ async fn assert_pulls(http: &reqwest::Client, pier: &Pier, repo: &str, tag: &str
         .await
         .expect("tags JSON");
     assert!(
-        tags["tags"].as_array().is_some_and(|t| t.contains(&json!(tag))),
+        tags["tags"]
+            .as_array()
+            .is_some_and(|t| t.contains(&json!(tag))),
         "tags of {repo}: {tags}"
     );
 }
@@ -214,7 +223,11 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
     let filler = disk.fill_to("filler", 20 * MIB);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (status, body) = readyz(&http, &pier).await;
-    assert_eq!(status, StatusCode::OK, "above the floor pier is ready: {body}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "above the floor pier is ready: {body}"
+    );
     let before = disk.free();
     let big = gen_bytes(7, before + MIB);
     let resp = http
@@ -223,7 +236,10 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
         .await
         .expect("POST upload");
     assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let location = resp.headers()["location"].to_str().expect("location").to_string();
+    let location = resp.headers()["location"]
+        .to_str()
+        .expect("location")
+        .to_string();
     let resp = http
         .patch(format!("{}{location}", pier.url()))
         .header("content-type", "application/octet-stream")
@@ -233,7 +249,10 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
         .expect("PATCH the big chunk: pier answers rather than dropping the connection");
     assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
     let msg = error_message(resp).await;
-    assert!(msg.contains("no space left on device"), "error message: {msg}");
+    assert!(
+        msg.contains("no space left on device"),
+        "error message: {msg}"
+    );
 
     // The failed chunk's bytes were given back at once.
     let after = disk.free();
@@ -247,7 +266,10 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
     // Not ready while full, with the reason; writes are refused up front.
     let (status, body) = readyz(&http, &pier).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "/readyz: {body}");
-    assert!(body.contains("no space left on device"), "/readyz body: {body}");
+    assert!(
+        body.contains("no space left on device"),
+        "/readyz body: {body}"
+    );
     let st: serde_json::Value = http
         .get(format!("{}/api/v1/status", pier.url()))
         .send()
@@ -260,7 +282,9 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
     assert_eq!(st["storage"]["writable"], json!(false), "{st}");
     assert_eq!(st["storage"]["min_free_bytes"], json!(8 * MIB), "{st}");
     assert!(
-        st["not_ready_reasons"].as_array().is_some_and(|r| !r.is_empty()),
+        st["not_ready_reasons"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty()),
         "{st}"
     );
     let resp = http
@@ -269,7 +293,9 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
         .await
         .expect("POST upload while full");
     assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
-    assert!(error_message(resp).await.contains("no space left on device"));
+    assert!(error_message(resp)
+        .await
+        .contains("no space left on device"));
     let m = pier.metrics(&http).await;
     assert_eq!(m.sum("pier_storage_writable", &[]), 0.0);
     assert!(m.sum("pier_store_errors_total", &[("kind", "no_space")]) >= 2.0);
@@ -292,10 +318,16 @@ async fn a_full_disk_refuses_pushes_with_507_gives_space_back_and_recovers_witho
     loop {
         let (status, body) = readyz(&http, &pier).await;
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            assert!(body.contains("below min_free_space"), "/readyz body: {body}");
+            assert!(
+                body.contains("below min_free_space"),
+                "/readyz body: {body}"
+            );
             break;
         }
-        assert!(start.elapsed() < Duration::from_secs(10), "/readyz stays 200");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "/readyz stays 200"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let resp = http
@@ -341,7 +373,10 @@ async fn a_mirror_fill_into_a_full_disk_is_not_corrupt_and_fills_once_space_retu
         &disk,
         tmp.path(),
         "",
-        &["--upstream".into(), format!("{upstream}={}", registry.url())],
+        &[
+            "--upstream".into(),
+            format!("{upstream}={}", registry.url()),
+        ],
     );
     let url = format!("{}/v2/{upstream}/team/big/blobs/{digest}", pier.url());
     let hex = &digest["sha256:".len()..];
@@ -359,17 +394,28 @@ async fn a_mirror_fill_into_a_full_disk_is_not_corrupt_and_fills_once_space_retu
         }
     } else {
         assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
-        assert!(error_message(resp).await.contains("no space left on device"));
+        assert!(error_message(resp)
+            .await
+            .contains("no space left on device"));
     }
-    assert!(!cached.exists(), "nothing of the failed fill is in the store");
+    assert!(
+        !cached.exists(),
+        "nothing of the failed fill is in the store"
+    );
     let m = pier.metrics(&http).await;
-    assert_eq!(m.sum("pier_mirror_corrupt_total", &[]), 0.0, "not counted corrupt");
+    assert_eq!(
+        m.sum("pier_mirror_corrupt_total", &[]),
+        0.0,
+        "not counted corrupt"
+    );
     assert!(m.sum("pier_store_errors_total", &[("kind", "no_space")]) >= 1.0);
 
     // While full, the next fill is refused up front with the cause.
     let resp = http.get(&url).send().await.expect("GET while full");
     assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
-    assert!(error_message(resp).await.contains("no space left on device"));
+    assert!(error_message(resp)
+        .await
+        .contains("no space left on device"));
     assert!(pier.log().contains("no space left on device"));
 
     // Space back: the same GET fills and serves the right bytes, and the blob is cached.
@@ -381,7 +427,10 @@ async fn a_mirror_fill_into_a_full_disk_is_not_corrupt_and_fills_once_space_retu
     assert_eq!((got.as_str(), len), (digest.as_str(), blob.len() as u64));
     let start = Instant::now();
     while !cached.exists() {
-        assert!(start.elapsed() < Duration::from_secs(10), "the blob is cached");
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the blob is cached"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(m.sum("pier_mirror_corrupt_total", &[]), 0.0);
