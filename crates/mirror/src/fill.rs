@@ -116,6 +116,19 @@ pub enum FillError {
     TooLarge(String),
     Corrupt(String),
     Store(String),
+    /// The cache's disk is full: the fill could not be stored (and nothing of it is visible).
+    NoSpace(String),
+}
+
+impl FillError {
+    /// A store failure, keeping a full disk apart so the client is told that.
+    pub fn store(e: pier_store::StoreError) -> FillError {
+        if e.is_no_space() {
+            FillError::NoSpace(e.to_string())
+        } else {
+            FillError::Store(e.to_string())
+        }
+    }
 }
 
 impl std::fmt::Display for FillError {
@@ -129,6 +142,7 @@ impl std::fmt::Display for FillError {
             FillError::TooLarge(e) => write!(f, "upstream blob too large: {e}"),
             FillError::Corrupt(e) => write!(f, "upstream sent corrupt content: {e}"),
             FillError::Store(e) => write!(f, "storing failed: {e}"),
+            FillError::NoSpace(e) => write!(f, "storing failed: {e}"),
         }
     }
 }

@@ -668,11 +668,7 @@ impl Mirror {
         // Where the body must end: what the upstream announced, else the hard cap. A body that
         // goes past it is cut there, so an endless body cannot fill the disk.
         let cut_at = size.unwrap_or(max);
-        let spool = self
-            .blobs
-            .spool()
-            .await
-            .map_err(|e| FillError::Store(e.to_string()))?;
+        let spool = self.blobs.spool().await.map_err(FillError::store)?;
         let _ = fill.spool.set(spool.clone());
         fill.progress.send_modify(|p| {
             p.started = true;
@@ -689,13 +685,11 @@ impl Mirror {
             while let Some(chunk) = rx.blocking_recv() {
                 writer_spool
                     .write_at(&chunk, pos)
-                    .map_err(|e| FillError::Store(e.to_string()))?;
+                    .map_err(FillError::store)?;
                 pos += chunk.len() as u64;
                 progress.progress.send_modify(|p| p.written = pos);
             }
-            writer_spool
-                .sync()
-                .map_err(|e| FillError::Store(e.to_string()))?;
+            writer_spool.sync().map_err(FillError::store)?;
             Ok(pos)
         });
         // Upstream frames are small (often 16 KiB); batching them keeps syscalls, wake-ups of
@@ -798,8 +792,15 @@ impl Mirror {
             Ok(())
         });
         drop(tx);
-        let written = writer.await.map_err(|e| FillError::Store(e.to_string()));
-        let n = match checked.and_then(|()| written?) {
+        // The writer's failure first: a writer that died (of a full disk, say) stops taking
+        // batches, which ends the stream early and would otherwise look like a short, corrupt
+        // body from the upstream.
+        let outcome = match writer.await {
+            Err(e) => Err(FillError::Store(e.to_string())),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(n)) => checked.map(|()| n),
+        };
+        let n = match outcome {
             Ok(n) if n == received => n,
             Ok(n) => Err(FillError::Store(format!("wrote {n} of {received} bytes")))?,
             Err(e) => {
@@ -813,11 +814,11 @@ impl Mirror {
         self.blobs
             .commit_spool(spool, digest, n)
             .await
-            .map_err(|e| FillError::Store(e.to_string()))?;
+            .map_err(FillError::store)?;
         self.meta
             .link_blob(&r.cache_repo, digest, n)
             .await
-            .map_err(|e| FillError::Store(e.to_string()))?;
+            .map_err(FillError::store)?;
         Ok(())
     }
 

@@ -30,6 +30,7 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub registry: RegistryConfig,
     pub mirror: MirrorConfig,
+    pub storage: StorageConfig,
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -214,7 +215,24 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(30),
             registry: RegistryConfig::default(),
             mirror: MirrorConfig::default(),
+            storage: StorageConfig::default(),
             upstreams: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    /// Free space the data directory's filesystem keeps: below it pushes and mirror fills are
+    /// refused (507) and `/readyz` fails, so the disk never fills to the last byte. 0 for none.
+    pub min_free_space: ByteSize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            min_free_space: ByteSize(256 * 1024 * 1024),
         }
     }
 }

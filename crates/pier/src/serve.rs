@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use pier_registry::{Limits, Registry};
 use pier_server::AppState;
-use pier_store::{FsBlobStore, RedbMetaStore};
+use pier_store::{FsBlobStore, RedbMetaStore, Space};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -68,7 +68,11 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
 async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let blobs = FsBlobStore::open(&config.data_dir)
+    let space = Arc::new(Space::new(
+        &config.data_dir,
+        config.storage.min_free_space.0,
+    ));
+    let blobs = FsBlobStore::open_with(&config.data_dir, Some(space.clone()))
         .await
         .context("cannot open the blob store")?;
     let db_path = config.data_dir.join("meta.redb");
@@ -166,8 +170,32 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             }
         })
     };
+    // Free space is measured every two seconds: writes are refused below the floor, and a
+    // full disk that has been cleared is noticed without a restart.
+    let space_watch = {
+        let space = space.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut was = space.state().writable;
+            loop {
+                tick.tick().await;
+                let s = space.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || s.refresh()).await {
+                    tracing::warn!(error = %e, "measuring free space failed");
+                }
+                let now = space.state();
+                if now.writable != was {
+                    match &now.reason {
+                        Some(reason) => tracing::warn!(%reason, "storage not writable"),
+                        None => tracing::info!(free_bytes = now.free_bytes, "storage writable"),
+                    }
+                    was = now.writable;
+                }
+            }
+        })
+    };
     let mut stopped = stop_rx.clone();
-    let mut state = AppState::with_mirror(registry, mirror, metrics);
+    let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
     let server = tokio::spawn(pier_server::serve(listener, state, async move {
         let _ = stopped.wait_for(|s| *s).await;
@@ -186,6 +214,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         Err(_) => tracing::warn!("grace period over; exiting with requests still in flight"),
     }
     sweeper.abort();
+    space_watch.abort();
     drop(stop_rx);
     tracing::info!("stopped");
     Ok(())

@@ -7,7 +7,7 @@ use pier_mirror::fill::FillError;
 use pier_mirror::MirrorError;
 use pier_oci::{ErrorCode, RouteError};
 use pier_registry::RegistryError;
-use pier_store::Blame;
+use pier_store::{Blame, StoreError};
 use pier_upstream::UpstreamError;
 
 /// An error on its way to the client.
@@ -96,6 +96,8 @@ impl ApiError {
                 ErrorCode::TooManyRequests,
                 msg,
             ),
+            // A full cache disk is pier's trouble, not the upstream's: 507, like a push.
+            MirrorError::Fill(FillError::NoSpace(_)) => no_space(msg),
             MirrorError::Upstream(_) | MirrorError::Corrupt(_) | MirrorError::Fill(_) => {
                 tracing::warn!(error = %msg, "upstream failure answered with 502");
                 ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, msg)
@@ -111,6 +113,17 @@ impl ApiError {
         }
         self
     }
+}
+
+/// The disk is full (or below its free-space floor): `507 Insufficient Storage`, retryable
+/// once space is freed. Reads keep working.
+fn no_space(msg: String) -> ApiError {
+    tracing::warn!(error = %msg, "write refused: no space left on device");
+    ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        ErrorCode::Unavailable,
+        msg,
+    )
 }
 
 impl From<RouteError> for ApiError {
@@ -154,6 +167,7 @@ impl From<RegistryError> for ApiError {
             | RegistryError::DigestInvalid(_)
             | RegistryError::ManifestInvalid(_)
             | RegistryError::ManifestBlobUnknown(_) => StatusCode::BAD_REQUEST,
+            RegistryError::Store(StoreError::NoSpace(_)) => return no_space(msg),
             RegistryError::Store(_) => match e.blame() {
                 Blame::Client => StatusCode::BAD_REQUEST,
                 Blame::Internal if e.retryable() => StatusCode::SERVICE_UNAVAILABLE,

@@ -9,6 +9,7 @@ pub mod error;
 pub mod metrics;
 pub mod mirror;
 pub mod ranges;
+pub mod status;
 pub mod v2;
 
 use std::future::Future;
@@ -28,7 +29,7 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 
 use crate::error::ApiError;
-use crate::metrics::{Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{KindLabels, Metrics, RequestLabels, RouteLabels};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -42,6 +43,8 @@ pub struct AppState {
     /// Repository globs that are hosted here even though the default upstream would serve
     /// them (`[mirror] hosted`): pushes into them are accepted and reads never go upstream.
     pub hosted: Arc<Vec<String>>,
+    /// Free-space tracking of the data directory, when the store has one.
+    pub space: Option<Arc<pier_store::Space>>,
 }
 
 impl AppState {
@@ -52,6 +55,7 @@ impl AppState {
             metrics: Arc::new(Metrics::new()),
             ready: Arc::new(AtomicBool::new(true)),
             hosted: Arc::new(Vec::new()),
+            space: None,
         }
     }
 
@@ -67,7 +71,16 @@ impl AppState {
             metrics: Arc::new(metrics),
             ready: Arc::new(AtomicBool::new(true)),
             hosted: Arc::new(Vec::new()),
+            space: None,
         }
+    }
+}
+
+impl AppState {
+    /// Report the data directory's free space on `/readyz`, `/metrics` and the status endpoint.
+    pub fn with_space(mut self, space: Arc<pier_store::Space>) -> AppState {
+        self.space = Some(space);
+        self
     }
 }
 
@@ -77,15 +90,19 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status::status))
         .fallback(registry_api)
         .with_state(state)
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ready.load(Ordering::Relaxed) {
+    let reasons = status::not_ready_reasons(&state);
+    if reasons.is_empty() {
         "ready\n".into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+        let mut body = reasons.join("\n");
+        body.push('\n');
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
 }
 
@@ -96,6 +113,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
     m.store_bytes.set(stats.bytes as i64);
     m.upload_sessions
         .set(state.registry.uploads().open_sessions() as i64);
+    if let Some(space) = &state.space {
+        let s = space.state();
+        m.storage_free_bytes
+            .set(i64::try_from(s.free_bytes).unwrap_or(i64::MAX));
+        m.storage_writable.set(i64::from(s.writable));
+        let c = m
+            .store_errors
+            .get_or_create(&KindLabels { kind: "no_space" });
+        c.inc_by(s.no_space_errors.saturating_sub(c.get()));
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

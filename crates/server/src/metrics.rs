@@ -42,6 +42,9 @@ pub struct Metrics {
     pub store_blobs: Gauge,
     pub store_bytes: Gauge,
     pub upload_sessions: Gauge,
+    pub storage_free_bytes: Gauge,
+    pub storage_writable: Gauge,
+    pub store_errors: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,6 +107,24 @@ impl Metrics {
             "Blob upload sessions started and not yet finished or cancelled",
             upload_sessions.clone(),
         );
+        let storage_free_bytes = Gauge::default();
+        registry.register(
+            "storage_free_bytes",
+            "Free bytes on the data directory's filesystem, as last measured",
+            storage_free_bytes.clone(),
+        );
+        let storage_writable = Gauge::default();
+        registry.register(
+            "storage_writable",
+            "1 while pushes and fills may write, 0 while the disk is full or below min_free_space",
+            storage_writable.clone(),
+        );
+        let store_errors = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Store writes that failed or were refused, by kind (no_space)",
+            store_errors.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -113,6 +134,9 @@ impl Metrics {
             store_blobs,
             store_bytes,
             upload_sessions,
+            storage_free_bytes,
+            storage_writable,
+            store_errors,
         };
         (metrics, more)
     }

@@ -176,6 +176,23 @@ mod support {
             }
         }
 
+        /// An app whose store keeps `min_free` bytes free on its data directory.
+        pub async fn with_min_free(min_free: u64) -> App {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let space = Arc::new(pier_store::Space::new(dir.path(), min_free));
+            let blobs = FsBlobStore::open_with(dir.path(), Some(space.clone()))
+                .await
+                .expect("blob store");
+            let meta = Arc::new(RedbMetaStore::in_memory().expect("meta store"));
+            let registry = Arc::new(Registry::new(blobs, meta, Limits::default()));
+            let state = AppState::new(registry).with_space(space);
+            App {
+                router: pier_server::router(state.clone()),
+                state,
+                _dir: dir,
+            }
+        }
+
         pub async fn request(&self, req: Request<Body>) -> Resp {
             let resp = self
                 .router
@@ -1929,4 +1946,52 @@ async fn manifest_bytes_are_counted() {
     ] {
         assert!(text.contains(&series), "{series} missing from:\n{text}");
     }
+}
+
+#[tokio::test]
+async fn below_the_free_space_floor_pushes_get_507_and_readiness_says_why() {
+    let app = App::with_min_free(u64::MAX).await;
+    let r = app.get("/readyz").await;
+    r.status(503, "readyz below the floor");
+    assert!(r.text().contains("below min_free_space"), "{}", r.text());
+    app.get("/healthz")
+        .await
+        .status(200, "healthz stays liveness");
+    let st = app.get("/api/v1/status").await;
+    st.status(200, "status");
+    let st = st.json();
+    assert_eq!(st["ready"], json!(false), "{st}");
+    assert_eq!(st["storage"]["writable"], json!(false), "{st}");
+    assert!(st["not_ready_reasons"][0]
+        .as_str()
+        .is_some_and(|r| r.contains("below min_free_space")));
+    assert!(
+        st["node"]["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "{st}"
+    );
+    let data = b"layer bytes";
+    let r = app
+        .send(
+            "POST",
+            &format!("/v2/r/blobs/uploads/?digest={}", sha256(data)),
+            &[],
+            &data[..],
+        )
+        .await;
+    r.error(507, "UNAVAILABLE", "push below the floor");
+    assert!(r.text().contains("no space left on device"), "{}", r.text());
+    app.send("POST", "/v2/r/blobs/uploads/", &[], "")
+        .await
+        .error(507, "UNAVAILABLE", "upload start below the floor");
+
+    let app = App::with_min_free(0).await;
+    app.get("/readyz").await.status(200, "readyz with no floor");
+    let st = app.get("/api/v1/status").await.json();
+    assert_eq!(st["ready"], json!(true), "{st}");
+    assert_eq!(st["storage"]["writable"], json!(true), "{st}");
+    assert_eq!(st["storage"]["min_free_bytes"], json!(0), "{st}");
+    app.push_blob("r", data).await;
+    let st = app.get("/api/v1/status").await.json();
+    assert_eq!(st["cache"]["blobs"], json!(1), "{st}");
+    assert_eq!(st["cache"]["bytes"], json!(data.len()), "{st}");
 }

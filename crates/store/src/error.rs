@@ -26,9 +26,17 @@ pub enum StoreError {
     #[error("reading the request body failed: {0}")]
     Body(std::io::Error),
     #[error("storage i/o failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The disk (or the quota) is full, or free space is below the configured floor. Kept apart
+    /// from [`StoreError::Io`] so clients are told why and the node reports itself unwritable.
+    #[error("no space left on device: {0}")]
+    NoSpace(String),
     #[error("metadata database failed: {0}")]
     Db(String),
+    /// The database's file could not be read or written. redb refuses every later transaction
+    /// after one of these until it is reopened, which the store does by itself.
+    #[error("metadata database i/o failed: {0}")]
+    DbIo(String),
     #[error("metadata is corrupt: {0}")]
     Corrupt(String),
 }
@@ -42,7 +50,11 @@ impl StoreError {
             | StoreError::OffsetMismatch { .. }
             | StoreError::TooLarge { .. }
             | StoreError::Body(_) => Blame::Client,
-            StoreError::Io(_) | StoreError::Db(_) | StoreError::Corrupt(_) => Blame::Internal,
+            StoreError::Io(_)
+            | StoreError::NoSpace(_)
+            | StoreError::Db(_)
+            | StoreError::DbIo(_)
+            | StoreError::Corrupt(_) => Blame::Internal,
         }
     }
 
@@ -50,8 +62,34 @@ impl StoreError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::Io(_) | StoreError::Db(_) | StoreError::Body(_)
+            StoreError::Io(_)
+                | StoreError::NoSpace(_)
+                | StoreError::Db(_)
+                | StoreError::DbIo(_)
+                | StoreError::Body(_)
         )
+    }
+
+    /// Whether this is the disk being full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::NoSpace(_))
+    }
+}
+
+/// Whether an I/O error means the disk or the quota is full.
+pub fn io_is_no_space(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull
+        || e.kind() == std::io::ErrorKind::QuotaExceeded
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        if io_is_no_space(&e) {
+            StoreError::NoSpace(e.to_string())
+        } else {
+            StoreError::Io(e)
+        }
     }
 }
 
@@ -59,13 +97,27 @@ macro_rules! db_error {
     ($($t:ty),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Db(e.to_string())
+                StoreError::from(redb::Error::from(e))
             }
         }
     )*};
 }
+impl From<redb::Error> for StoreError {
+    fn from(e: redb::Error) -> Self {
+        // redb wraps the OS error: a commit that hit a full disk is a full disk, and any I/O
+        // failure (or redb's refusal after one) means the database must be reopened.
+        match e {
+            redb::Error::Io(io) if io_is_no_space(&io) => {
+                StoreError::NoSpace(format!("metadata database: {io}"))
+            }
+            redb::Error::Io(io) => StoreError::DbIo(io.to_string()),
+            e @ redb::Error::PreviousIo => StoreError::DbIo(e.to_string()),
+            e => StoreError::Db(e.to_string()),
+        }
+    }
+}
+
 db_error!(
-    redb::Error,
     redb::DatabaseError,
     redb::TransactionError,
     redb::TableError,

@@ -19,6 +19,7 @@ use pier_oci::{Algorithm, Digest, Hasher};
 use tokio::sync::mpsc;
 
 use crate::blob::{BlobStore, ByteStream, StoreStats};
+use crate::space::Space;
 use crate::{Result, Spool, StoreError};
 
 /// Size of each read from disk when serving a blob, and of each write batch when storing one.
@@ -36,6 +37,8 @@ struct Inner {
     root: PathBuf,
     blobs: AtomicU64,
     bytes: AtomicU64,
+    /// Free-space tracking: writes are refused up front while it says the disk is full.
+    space: Option<Arc<Space>>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -52,6 +55,15 @@ impl FsBlobStore {
     /// Open (creating if needed) a store rooted at `root`. Removes leftovers in `tmp/` and counts
     /// what is stored.
     pub async fn open(root: impl Into<PathBuf>) -> Result<Arc<FsBlobStore>> {
+        Self::open_with(root, None).await
+    }
+
+    /// [`FsBlobStore::open`], refusing writes while `space` says the disk is full and telling
+    /// it when a write fails for lack of space.
+    pub async fn open_with(
+        root: impl Into<PathBuf>,
+        space: Option<Arc<Space>>,
+    ) -> Result<Arc<FsBlobStore>> {
         let root = root.into();
         let r = root.clone();
         let (blobs, bytes) = blocking(move || {
@@ -79,6 +91,7 @@ impl FsBlobStore {
                 root,
                 blobs: AtomicU64::new(blobs),
                 bytes: AtomicU64::new(bytes),
+                space,
             }),
         }))
     }
@@ -90,6 +103,64 @@ impl FsBlobStore {
     fn upload_path(&self, id: &str) -> PathBuf {
         // Ids come from the route parser (UUID shape), never from raw user input.
         self.inner.root.join("uploads").join(id)
+    }
+
+    /// Refuse a write up front when the disk is known to be full.
+    fn check_space(&self) -> Result<()> {
+        match &self.inner.space {
+            Some(space) => space.check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Pass a write's result through, telling the space tracker about a full disk.
+    fn note<T>(&self, r: Result<T>) -> Result<T> {
+        match &self.inner.space {
+            Some(space) => space.note(r),
+            None => r,
+        }
+    }
+
+    async fn put_inner(
+        &self,
+        expected: Option<&Digest>,
+        body: ByteStream,
+        limit: Option<u64>,
+    ) -> Result<(Digest, u64)> {
+        let tmp = self.tmp_path();
+
+        let t = tmp.clone();
+        let file = blocking(move || Ok(File::create_new(t)?)).await?;
+        let algorithm = expected.map_or(Algorithm::Sha256, |d| d.algorithm());
+        let written = write_stream(file, Some(Hasher::new(algorithm)), body, 0, limit).await;
+        let result = async {
+            let (size, hasher) = written?;
+            let actual = hasher
+                .ok_or_else(|| StoreError::Corrupt("hasher lost".into()))?
+                .finish();
+            if let Some(expected) = expected {
+                if *expected != actual {
+                    return Err(StoreError::DigestMismatch {
+                        expected: expected.clone(),
+                        actual,
+                    });
+                }
+            }
+            Ok((actual, size))
+        }
+        .await;
+        match result {
+            Ok((digest, size)) => {
+                let this = self.inner.clone();
+                let d = digest.clone();
+                blocking(move || this.commit_file(&tmp, &d, size)).await?;
+                Ok((digest, size))
+            }
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                Err(e)
+            }
+        }
     }
 
     fn tmp_path(&self) -> PathBuf {
@@ -212,8 +283,11 @@ async fn write_stream(
     let worked = worker
         .await
         .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+    // The writer's failure first: when it died (of a full disk, say), the receiving side only
+    // saw the channel close, which says nothing of why.
+    let hasher = worked?;
     outcome?;
-    Ok((written, worked?))
+    Ok((written, hasher))
 }
 
 fn closed() -> StoreError {
@@ -271,41 +345,10 @@ impl BlobStore for FsBlobStore {
         body: ByteStream,
         limit: Option<u64>,
     ) -> Result<(Digest, u64)> {
-        let tmp = self.tmp_path();
-        let t = tmp.clone();
-        let file = blocking(move || Ok(File::create_new(t)?)).await?;
-        let algorithm = expected.map_or(Algorithm::Sha256, |d| d.algorithm());
-        let written = write_stream(file, Some(Hasher::new(algorithm)), body, 0, limit).await;
-        let result = async {
-            let (size, hasher) = written?;
-            let actual = hasher
-                .ok_or_else(|| StoreError::Corrupt("hasher lost".into()))?
-                .finish();
-            if let Some(expected) = expected {
-                if *expected != actual {
-                    return Err(StoreError::DigestMismatch {
-                        expected: expected.clone(),
-                        actual,
-                    });
-                }
-            }
-            Ok((actual, size))
-        }
-        .await;
-        match result {
-            Ok((digest, size)) => {
-                let this = self.inner.clone();
-                let d = digest.clone();
-                blocking(move || this.commit_file(&tmp, &d, size)).await?;
-                Ok((digest, size))
-            }
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                Err(e)
-            }
-        }
+        self.check_space()?;
+        let r = self.put_inner(expected, body, limit).await;
+        self.note(r)
     }
-
     async fn delete(&self, digest: &Digest) -> Result<bool> {
         let path = self.blob_path(digest);
         match tokio::fs::metadata(&path).await {
@@ -321,15 +364,17 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn upload_create(&self, id: &str) -> Result<()> {
+        self.check_space()?;
         let path = self.upload_path(id);
-        blocking(move || {
+        let created = blocking(move || {
             File::create_new(&path)?.sync_all()?;
             if let Some(dir) = path.parent() {
                 fsync_dir(dir)?;
             }
             Ok(())
         })
-        .await
+        .await;
+        self.note(created)
     }
 
     async fn upload_append(
@@ -340,7 +385,9 @@ impl BlobStore for FsBlobStore {
         body: ByteStream,
         limit: Option<u64>,
     ) -> Result<(u64, Option<Hasher>)> {
+        self.check_space()?;
         let path = self.upload_path(id);
+        let again = path.clone();
         let file = blocking(move || {
             let file = match OpenOptions::new().write(true).open(&path) {
                 Ok(f) => f,
@@ -364,7 +411,23 @@ impl BlobStore for FsBlobStore {
             Ok(file)
         })
         .await?;
-        let (written, hasher) = write_stream(file, hasher, body, offset, limit).await?;
+        let (written, hasher) = match write_stream(file, hasher, body, offset, limit).await {
+            Ok(done) => done,
+            Err(e) => {
+                // Give back the bytes of the failed chunk now, not when the session sends again
+                // (it may never): on a full disk they are what the next push needs.
+                let cut = blocking(move || {
+                    let f = OpenOptions::new().write(true).open(&again)?;
+                    f.set_len(offset)?;
+                    Ok(())
+                })
+                .await;
+                if let Err(cut) = cut {
+                    tracing::warn!(error = %cut, "cutting a failed chunk off its upload failed");
+                }
+                return self.note(Err(e));
+            }
+        };
         Ok((offset + written, hasher))
     }
 
@@ -378,7 +441,7 @@ impl BlobStore for FsBlobStore {
         let path = self.upload_path(id);
         let this = self.inner.clone();
         let expected = expected.clone();
-        blocking(move || {
+        let r = blocking(move || {
             let file_len = match std::fs::metadata(&path) {
                 Ok(m) => m.len(),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -406,7 +469,8 @@ impl BlobStore for FsBlobStore {
             }
             this.commit_file(&path, &expected, len)
         })
-        .await
+        .await;
+        self.note(r)
     }
 
     async fn upload_delete(&self, id: &str) -> Result<()> {
@@ -432,14 +496,18 @@ impl BlobStore for FsBlobStore {
     }
 
     async fn spool(&self) -> Result<Spool> {
+        self.check_space()?;
         let path = self.tmp_path();
-        blocking(move || Spool::create(path)).await
+        let space = self.inner.space.clone();
+        let r = blocking(move || Spool::create(path, space)).await;
+        self.note(r)
     }
 
     async fn commit_spool(&self, spool: Spool, digest: &Digest, size: u64) -> Result<()> {
         let this = self.inner.clone();
         let digest = digest.clone();
-        blocking(move || this.commit_file(spool.path(), &digest, size)).await
+        let r = blocking(move || this.commit_file(spool.path(), &digest, size)).await;
+        self.note(r)
     }
 
     fn stats(&self) -> StoreStats {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod fs;
 pub mod meta;
 pub mod redb_meta;
+pub mod space;
 pub mod spool;
 
 pub use blob::{BlobStore, ByteStream, StoreStats};
@@ -20,6 +21,7 @@ pub use error::{Blame, StoreError};
 pub use fs::FsBlobStore;
 pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
 pub use redb_meta::RedbMetaStore;
+pub use space::{Space, SpaceState};
 pub use spool::Spool;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

@@ -5,15 +5,22 @@
 //! `repos` name → (), `blob_links` (repo, digest) → size, `manifests` (repo, digest) → record
 //! JSON, `manifest_bytes` digest → exact bytes, `tags` (repo, tag) → digest,
 //! `referrers` (repo, subject, referrer) → (), `uploads` id → record JSON.
+//!
+//! After one I/O failure (a full disk during a commit, say) redb refuses every later
+//! transaction until the database is closed and opened again. The store does that by itself:
+//! an operation that fails with an I/O error reopens the database from its file (committed
+//! transactions are durable, so nothing committed is lost; redb repairs what the failed one left)
+//! and is tried once more.
 
 use std::ops::Bound;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use pier_oci::Digest;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadTransaction, ReadableTable, TableDefinition};
 
 use crate::meta::{ManifestRecord, MetaStore, Page, UploadRecord};
 use crate::{Result, StoreError};
@@ -26,10 +33,24 @@ const TAGS: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("tags
 const REFERRERS: TableDefinition<'_, (&str, &str, &str), ()> = TableDefinition::new("referrers");
 const UPLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("uploads");
 
+/// Opens the database again after an I/O failure. `None` for a database that lives only in
+/// memory: reopening it would lose everything.
+type Opener = Arc<dyn Fn() -> Result<Database> + Send + Sync>;
+
 /// The redb metadata store. Cheap to clone.
 #[derive(Clone)]
 pub struct RedbMetaStore {
-    db: Arc<Database>,
+    /// `None` between dropping a poisoned database and opening it again (or if that failed).
+    db: Arc<RwLock<Option<Arc<Database>>>>,
+    opener: Option<Opener>,
+}
+
+/// A write transaction's body, run again after a reopen.
+type WriteFn<T> = dyn Fn(&redb::WriteTransaction) -> Result<T> + Send + Sync;
+
+/// Whether a failure means redb wants the database reopened.
+fn needs_reopen(e: &StoreError) -> bool {
+    matches!(e, StoreError::DbIo(_) | StoreError::NoSpace(_))
 }
 
 fn corrupt(e: impl std::fmt::Display) -> StoreError {
@@ -47,17 +68,24 @@ fn unjson<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
 impl RedbMetaStore {
     /// Open or create the database file at `path`. Fails if another process holds it.
     pub fn open(path: &Path) -> Result<RedbMetaStore> {
-        let db = Database::create(path)?;
-        Self::init(db)
+        let path = path.to_path_buf();
+        Self::open_with(Arc::new(move || Ok(Database::create(&path)?)))
+    }
+
+    /// Open through `opener`, which is called again to reopen the database after an I/O
+    /// failure (tests pass one over a storage backend that fails on demand).
+    pub fn open_with(opener: Opener) -> Result<RedbMetaStore> {
+        let db = opener()?;
+        Self::init(db, Some(opener))
     }
 
     /// A database that lives in memory only, for tests.
     pub fn in_memory() -> Result<RedbMetaStore> {
         let db = Database::builder().create_with_backend(redb::backends::InMemoryBackend::new())?;
-        Self::init(db)
+        Self::init(db, None)
     }
 
-    fn init(db: Database) -> Result<RedbMetaStore> {
+    fn init(db: Database, opener: Option<Opener>) -> Result<RedbMetaStore> {
         let tx = db.begin_write()?;
         tx.open_table(REPOS)?;
         tx.open_table(BLOB_LINKS)?;
@@ -67,22 +95,113 @@ impl RedbMetaStore {
         tx.open_table(REFERRERS)?;
         tx.open_table(UPLOADS)?;
         tx.commit()?;
-        Ok(RedbMetaStore { db: Arc::new(db) })
+        Ok(RedbMetaStore {
+            db: Arc::new(RwLock::new(Some(Arc::new(db)))),
+            opener,
+        })
     }
 
-    async fn write<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<T> + Send + 'static,
-    ) -> Result<T> {
-        let db = self.db.clone();
+    /// The open database, reopening it first if an earlier reopen did not succeed.
+    async fn db(&self) -> Result<Arc<Database>> {
+        if let Some(db) = self.current() {
+            return Ok(db);
+        }
+        self.reopen().await?;
+        self.current()
+            .ok_or_else(|| StoreError::DbIo("the database is not open".into()))
+    }
+
+    fn current(&self) -> Option<Arc<Database>> {
+        self.db.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Close the database and open it again from its file. Concurrent callers that find it
+    /// already reopened by someone else return at once.
+    async fn reopen(&self) -> Result<()> {
+        let Some(opener) = self.opener.clone() else {
+            return Ok(());
+        };
+        let slot = self.db.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_write()?;
-            let out = f(&tx)?;
-            tx.commit()?;
-            Ok(out)
+            let mut guard = slot.write().unwrap_or_else(|e| e.into_inner());
+            if let Some(old) = guard.take() {
+                // Other holders finish their transaction and let go; the file lock is released
+                // only when the last one has, and only then can the file be opened again.
+                let mut old = old;
+                for _ in 0..400 {
+                    match Arc::try_unwrap(old) {
+                        Ok(db) => {
+                            drop(db);
+                            break;
+                        }
+                        Err(still) => {
+                            old = still;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+            }
+            let mut last = None;
+            for _ in 0..20 {
+                match opener() {
+                    Ok(db) => {
+                        tracing::warn!("metadata database reopened after an i/o failure");
+                        *guard = Some(Arc::new(db));
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        last = Some(e);
+                        std::thread::sleep(Duration::from_millis(25));
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| StoreError::DbIo("reopening failed".into())))
         })
         .await
         .map_err(|e| StoreError::Db(e.to_string()))?
+    }
+
+    /// Run a read, reopening the database and trying once more if it failed on I/O.
+    async fn read<T>(&self, f: impl Fn(&ReadTransaction) -> Result<T>) -> Result<T> {
+        let attempt = |db: &Database| -> Result<T> { f(&db.begin_read()?) };
+        let db = self.db().await?;
+        match attempt(&db) {
+            Err(e) if needs_reopen(&e) && self.opener.is_some() => {
+                drop(db);
+                tracing::warn!(error = %e, "metadata read failed; reopening the database");
+                self.reopen().await?;
+                attempt(&*self.db().await?)
+            }
+            other => other,
+        }
+    }
+
+    /// Run a write transaction, reopening the database and trying once more if it failed on
+    /// I/O (the failed transaction was not committed, so running it again is safe).
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl Fn(&redb::WriteTransaction) -> Result<T> + Send + Sync + 'static,
+    ) -> Result<T> {
+        let f = Arc::new(f);
+        let attempt = |db: Arc<Database>, f: Arc<_>| async move {
+            let f: Arc<WriteFn<T>> = f;
+            tokio::task::spawn_blocking(move || -> Result<T> {
+                let tx = db.begin_write()?;
+                let out = f(&tx)?;
+                tx.commit()?;
+                Ok(out)
+            })
+            .await
+            .map_err(|e| StoreError::Db(e.to_string()))?
+        };
+        match attempt(self.db().await?, f.clone()).await {
+            Err(e) if needs_reopen(&e) && self.opener.is_some() => {
+                tracing::warn!(error = %e, "metadata write failed; reopening the database");
+                self.reopen().await?;
+                attempt(self.db().await?, f).await
+            }
+            other => other,
+        }
     }
 }
 
@@ -116,27 +235,29 @@ fn page2<V: redb::Value + 'static>(
 #[async_trait]
 impl MetaStore for RedbMetaStore {
     async fn repos(&self, last: Option<&str>, n: usize) -> Result<Page> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(REPOS)?;
-        let start = match last {
-            Some(l) => Bound::Excluded(l),
-            None => Bound::Unbounded,
-        };
-        let mut page = Page::default();
-        for item in table.range::<&str>((start, Bound::Unbounded))? {
-            let (k, _) = item?;
-            if page.items.len() == n {
-                page.more = true;
-                break;
+        self.read(|tx| {
+            let table = tx.open_table(REPOS)?;
+            let start = match last {
+                Some(l) => Bound::Excluded(l),
+                None => Bound::Unbounded,
+            };
+            let mut page = Page::default();
+            for item in table.range::<&str>((start, Bound::Unbounded))? {
+                let (k, _) = item?;
+                if page.items.len() == n {
+                    page.more = true;
+                    break;
+                }
+                page.items.push(k.value().to_string());
             }
-            page.items.push(k.value().to_string());
-        }
-        Ok(page)
+            Ok(page)
+        })
+        .await
     }
 
     async fn repo_exists(&self, repo: &str) -> Result<bool> {
-        let tx = self.db.begin_read()?;
-        Ok(tx.open_table(REPOS)?.get(repo)?.is_some())
+        self.read(|tx| Ok(tx.open_table(REPOS)?.get(repo)?.is_some()))
+            .await
     }
 
     async fn link_blob(&self, repo: &str, digest: &Digest, size: u64) -> Result<()> {
@@ -151,10 +272,12 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn blob_link(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(BLOB_LINKS)?;
-        let d = digest.to_string();
-        Ok(table.get((repo, d.as_str()))?.map(|v| v.value()))
+        self.read(|tx| {
+            let table = tx.open_table(BLOB_LINKS)?;
+            let d = digest.to_string();
+            Ok(table.get((repo, d.as_str()))?.map(|v| v.value()))
+        })
+        .await
     }
 
     async fn unlink_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
@@ -199,26 +322,32 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn manifest(&self, repo: &str, digest: &Digest) -> Result<Option<ManifestRecord>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(MANIFESTS)?;
-        let d = digest.to_string();
-        let v = table.get((repo, d.as_str()))?;
-        v.map(|v| unjson(v.value())).transpose()
+        self.read(|tx| {
+            let table = tx.open_table(MANIFESTS)?;
+            let d = digest.to_string();
+            let v = table.get((repo, d.as_str()))?;
+            v.map(|v| unjson(v.value())).transpose()
+        })
+        .await
     }
 
     async fn manifest_bytes(&self, digest: &Digest) -> Result<Option<Bytes>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(MANIFEST_BYTES)?;
-        let d = digest.to_string();
-        let v = table.get(d.as_str())?;
-        Ok(v.map(|v| Bytes::copy_from_slice(v.value())))
+        self.read(|tx| {
+            let table = tx.open_table(MANIFEST_BYTES)?;
+            let d = digest.to_string();
+            let v = table.get(d.as_str())?;
+            Ok(v.map(|v| Bytes::copy_from_slice(v.value())))
+        })
+        .await
     }
 
     async fn resolve_tag(&self, repo: &str, tag: &str) -> Result<Option<Digest>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(TAGS)?;
-        let v = table.get((repo, tag))?;
-        v.map(|v| v.value().parse().map_err(corrupt)).transpose()
+        self.read(|tx| {
+            let table = tx.open_table(TAGS)?;
+            let v = table.get((repo, tag))?;
+            v.map(|v| v.value().parse().map_err(corrupt)).transpose()
+        })
+        .await
     }
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
@@ -273,28 +402,32 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn tags(&self, repo: &str, last: Option<&str>, n: usize) -> Result<Page> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(TAGS)?;
-        page2(&table, repo, last, n)
+        self.read(|tx| {
+            let table = tx.open_table(TAGS)?;
+            page2(&table, repo, last, n)
+        })
+        .await
     }
 
     async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<ManifestRecord>> {
-        let tx = self.db.begin_read()?;
-        let refs = tx.open_table(REFERRERS)?;
-        let manifests = tx.open_table(MANIFESTS)?;
-        let s = subject.to_string();
-        let mut out = Vec::new();
-        for item in refs.range::<(&str, &str, &str)>((repo, s.as_str(), "")..)? {
-            let (k, _) = item?;
-            let (r, sub, d) = k.value();
-            if r != repo || sub != s {
-                break;
+        self.read(|tx| {
+            let refs = tx.open_table(REFERRERS)?;
+            let manifests = tx.open_table(MANIFESTS)?;
+            let s = subject.to_string();
+            let mut out = Vec::new();
+            for item in refs.range::<(&str, &str, &str)>((repo, s.as_str(), "")..)? {
+                let (k, _) = item?;
+                let (r, sub, d) = k.value();
+                if r != repo || sub != s {
+                    break;
+                }
+                if let Some(v) = manifests.get((repo, d))? {
+                    out.push(unjson(v.value())?);
+                }
             }
-            if let Some(v) = manifests.get((repo, d))? {
-                out.push(unjson(v.value())?);
-            }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 
     async fn put_upload(&self, upload: &UploadRecord) -> Result<()> {
@@ -309,10 +442,12 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn upload(&self, id: &str) -> Result<Option<UploadRecord>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(UPLOADS)?;
-        let v = table.get(id)?;
-        v.map(|v| unjson(v.value())).transpose()
+        self.read(|tx| {
+            let table = tx.open_table(UPLOADS)?;
+            let v = table.get(id)?;
+            v.map(|v| unjson(v.value())).transpose()
+        })
+        .await
     }
 
     async fn delete_upload(&self, id: &str) -> Result<()> {
@@ -325,13 +460,108 @@ impl MetaStore for RedbMetaStore {
     }
 
     async fn uploads(&self) -> Result<Vec<UploadRecord>> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(UPLOADS)?;
-        let mut out = Vec::new();
-        for item in table.iter()? {
-            let (_, v) = item?;
-            out.push(unjson(v.value())?);
+        self.read(|tx| {
+            let table = tx.open_table(UPLOADS)?;
+            let mut out = Vec::new();
+            for item in table.iter()? {
+                let (_, v) = item?;
+                out.push(unjson(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::backends::InMemoryBackend;
+    use redb::StorageBackend;
+
+    use super::*;
+
+    /// Storage that keeps its bytes across reopens and fails writes with ENOSPC on demand.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: Arc<InMemoryBackend>,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(libc::ENOSPC))
+            } else {
+                Ok(())
+            }
         }
-        Ok(out)
+    }
+
+    impl StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+            self.inner.read(offset, len)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self, eventual: bool) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.sync_data(eventual)
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+    }
+
+    fn digest(n: u8) -> Digest {
+        format!("sha256:{}", format!("{n:02x}").repeat(32))
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_during_a_commit_does_not_poison_later_transactions() {
+        let inner = Arc::new(InMemoryBackend::new());
+        let full = Arc::new(AtomicBool::new(false));
+        let (i, f) = (inner.clone(), full.clone());
+        let store = RedbMetaStore::open_with(Arc::new(move || {
+            let backend = Flaky {
+                inner: i.clone(),
+                full: f.clone(),
+            };
+            Ok(Database::builder().create_with_backend(backend)?)
+        }))
+        .unwrap();
+        store.link_blob("team/app", &digest(1), 10).await.unwrap();
+
+        full.store(true, Ordering::SeqCst);
+        let e = store
+            .link_blob("team/app", &digest(2), 20)
+            .await
+            .unwrap_err();
+        assert!(e.is_no_space(), "{e}");
+        assert!(e.to_string().contains("No space left on device"), "{e}");
+
+        // Space is back: the next transactions work without anyone reopening by hand, and
+        // what was committed before the failure is intact.
+        full.store(false, Ordering::SeqCst);
+        store.link_blob("team/app", &digest(3), 30).await.unwrap();
+        assert_eq!(
+            store.blob_link("team/app", &digest(1)).await.unwrap(),
+            Some(10)
+        );
+        assert_eq!(store.blob_link("team/app", &digest(2)).await.unwrap(), None);
+        assert_eq!(
+            store.blob_link("team/app", &digest(3)).await.unwrap(),
+            Some(30)
+        );
+        assert!(store.repo_exists("team/app").await.unwrap());
     }
 }

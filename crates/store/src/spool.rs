@@ -9,18 +9,37 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
+use crate::space::Space;
 use crate::{Result, StoreError};
 
 /// A growing local file. Cheap to clone; clones share the file.
 #[derive(Clone, Debug)]
 pub struct Spool {
     path: PathBuf,
+    // Declared before `_closed`: fields drop in order, so the file is closed (and a discarded
+    // spool's space freed) before the space tracker is told.
     file: Arc<File>,
+    // Held only for its `Drop`.
+    _closed: Arc<Closed>,
+    /// Told when a write fails for lack of space.
+    space: Option<Arc<Space>>,
+}
+
+/// Tells the space tracker, when the last handle of a spool is gone, to measure again.
+#[derive(Debug)]
+struct Closed(Option<Arc<Space>>);
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        if let Some(space) = &self.0 {
+            space.rebase();
+        }
+    }
 }
 
 impl Spool {
     /// Create a new empty spool file at `path`.
-    pub fn create(path: PathBuf) -> Result<Spool> {
+    pub fn create(path: PathBuf, space: Option<Arc<Space>>) -> Result<Spool> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -29,6 +48,8 @@ impl Spool {
         Ok(Spool {
             path,
             file: Arc::new(file),
+            _closed: Arc::new(Closed(space.clone())),
+            space,
         })
     }
 
@@ -38,12 +59,23 @@ impl Spool {
 
     /// Write `data` at `offset` (blocking; call from a blocking thread).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
-        Ok(self.file.write_all_at(data, offset)?)
+        self.note(
+            self.file
+                .write_all_at(data, offset)
+                .map_err(StoreError::from),
+        )
+    }
+
+    fn note(&self, r: Result<()>) -> Result<()> {
+        match &self.space {
+            Some(space) => space.note(r),
+            None => r,
+        }
     }
 
     /// Flush the bytes to disk (blocking).
     pub fn sync(&self) -> Result<()> {
-        Ok(self.file.sync_all()?)
+        self.note(self.file.sync_all().map_err(StoreError::from))
     }
 
     /// Read `len` bytes at `offset`; the caller knows they are written.
