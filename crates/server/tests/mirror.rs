@@ -432,6 +432,16 @@ async fn concurrent_cold_gets_fetch_once_and_all_get_the_bytes() {
         "one upstream GET"
     );
     assert_eq!(s.fake.blob_bytes.load(Ordering::SeqCst), 8 << 20);
+    // Clients get the last byte once the digest matched, before the fsync and commit that make
+    // the blob durable: the fill ends shortly after, not necessarily already.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics(&s.pier)
+        .await
+        .contains("pier_mirror_fills_in_flight 0")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Warm: served locally, upstream untouched.
     let (status, _, body) = get(&url).await;
     assert_eq!(
