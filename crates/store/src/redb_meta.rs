@@ -106,7 +106,7 @@ impl RedbMetaStore {
         if let Some(db) = self.current() {
             return Ok(db);
         }
-        self.reopen().await?;
+        self.reopen(None).await?;
         self.current()
             .ok_or_else(|| StoreError::DbIo("the database is not open".into()))
     }
@@ -115,15 +115,25 @@ impl RedbMetaStore {
         self.db.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Close the database and open it again from its file. Concurrent callers that find it
-    /// already reopened by someone else return at once.
-    async fn reopen(&self) -> Result<()> {
+    /// Close the database and open it again from its file.
+    /// `failed` is the database the caller saw fail: if another caller has replaced it since,
+    /// there is nothing left to do.
+    async fn reopen(&self, failed: Option<Arc<Database>>) -> Result<()> {
         let Some(opener) = self.opener.clone() else {
             return Ok(());
         };
         let slot = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let mut guard = slot.write().unwrap_or_else(|e| e.into_inner());
+            let replaced = match (&failed, guard.as_ref()) {
+                (Some(f), Some(cur)) => !Arc::ptr_eq(f, cur),
+                _ => false,
+            };
+            // Our own handle must not keep the old database alive while we wait for it to close.
+            drop(failed);
+            if replaced {
+                return Ok(());
+            }
             if let Some(old) = guard.take() {
                 // Other holders finish their transaction and let go; the file lock is released
                 // only when the last one has, and only then can the file be opened again.
@@ -167,9 +177,8 @@ impl RedbMetaStore {
         let db = self.db().await?;
         match attempt(&db) {
             Err(e) if needs_reopen(&e) && self.opener.is_some() => {
-                drop(db);
                 tracing::warn!(error = %e, "metadata read failed; reopening the database");
-                self.reopen().await?;
+                self.reopen(Some(db)).await?;
                 attempt(&*self.db().await?)
             }
             other => other,
@@ -194,10 +203,11 @@ impl RedbMetaStore {
             .await
             .map_err(|e| StoreError::Db(e.to_string()))?
         };
-        match attempt(self.db().await?, f.clone()).await {
+        let db = self.db().await?;
+        match attempt(db.clone(), f.clone()).await {
             Err(e) if needs_reopen(&e) && self.opener.is_some() => {
                 tracing::warn!(error = %e, "metadata write failed; reopening the database");
-                self.reopen().await?;
+                self.reopen(Some(db)).await?;
                 attempt(self.db().await?, f).await
             }
             other => other,
