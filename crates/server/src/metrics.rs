@@ -42,6 +42,9 @@ pub struct Metrics {
     pub store_blobs: Gauge,
     pub store_bytes: Gauge,
     pub upload_sessions: Gauge,
+    pub connections: Gauge,
+    pub connections_rejected: Counter,
+    pub timeouts: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,6 +107,24 @@ impl Metrics {
             "Blob upload sessions started and not yet finished or cancelled",
             upload_sessions.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Client connections open now",
+            connections.clone(),
+        );
+        let connections_rejected = Counter::default();
+        registry.register(
+            "http_connections_rejected",
+            "Connections refused because max_connections were open",
+            connections_rejected.clone(),
+        );
+        let timeouts = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "http_timeouts",
+            "Connections or requests cut by a timeout, by kind (header, idle, body, write)",
+            timeouts.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -113,6 +134,9 @@ impl Metrics {
             store_blobs,
             store_bytes,
             upload_sessions,
+            connections,
+            connections_rejected,
+            timeouts,
         };
         (metrics, more)
     }
