@@ -19,8 +19,8 @@ use pier_store::{BlobStore, MetaStore};
 use pier_upstream::Upstream;
 
 use crate::config::{Config, LogFormat, ServerConfig, UpstreamConfig};
-use pier_server::conn::ConnLimits;
 use crate::ServeArgs;
+use pier_server::conn::ConnLimits;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {

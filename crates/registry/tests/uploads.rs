@@ -25,14 +25,22 @@ async fn idle_sessions_are_purged_and_recent_ones_kept() {
         Limits::default(),
     );
     let repo: RepoName = "team/app".parse().expect("name");
-    let idle = registry.uploads().start(&repo, "test").await.expect("start");
+    let idle = registry
+        .uploads()
+        .start(&repo, "test")
+        .await
+        .expect("start");
     registry
         .uploads()
         .append(&repo, &idle.id, ChunkInfo::default(), body(b"abandoned"))
         .await
         .expect("append");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let fresh = registry.uploads().start(&repo, "test").await.expect("start");
+    let fresh = registry
+        .uploads()
+        .start(&repo, "test")
+        .await
+        .expect("start");
     assert_eq!(registry.uploads().open_sessions(), 2);
 
     let purged = registry
@@ -112,7 +120,10 @@ async fn session_caps_hold_per_client_and_in_total_and_free_on_close() {
         )
         .await
         .expect_err("digest mismatch");
-    assert!(matches!(err, pier_registry::RegistryError::DigestInvalid(_)));
+    assert!(matches!(
+        err,
+        pier_registry::RegistryError::DigestInvalid(_)
+    ));
     assert_eq!(up.open_sessions(), 2);
 
     // After a restart the recovered sessions count toward the total.
@@ -121,5 +132,8 @@ async fn session_caps_hold_per_client_and_in_total_and_free_on_close() {
     assert_eq!(rec.resumable, 2);
     again.uploads().start(&repo, "d").await.expect("third slot");
     let err = again.uploads().start(&repo, "e").await.expect_err("full");
-    assert!(matches!(err, pier_registry::RegistryError::TooManyUploads(_)));
+    assert!(matches!(
+        err,
+        pier_registry::RegistryError::TooManyUploads(_)
+    ));
 }
