@@ -11,7 +11,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 #[path = "../mirror_support/mod.rs"]
-#[allow(dead_code)]
 mod mirror_support;
 
 mod connections;
