@@ -355,3 +355,76 @@ fn soft_open_file_limit_is_raised_to_the_hard_limit() {
     let want = hard.map_or("unlimited".to_string(), |h| h.to_string());
     assert_eq!(nums, vec![want.as_str(), want.as_str()], "{line}");
 }
+
+#[tokio::test]
+async fn h2c_still_works_through_the_accept_loop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pier = start(dir.path(), "[server]\nidle_timeout = 2\n");
+    let http = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .expect("client");
+    let resp = http
+        .get(format!("{}/v2/", pier.url()))
+        .send()
+        .await
+        .expect("GET /v2/ over h2c");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+    // The idle timeout closes an HTTP/2 connection too (with GOAWAY); the client reconnects.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let m = pier.metrics(&http).await;
+    assert!(m.sum("pier_http_timeouts_total", &[("kind", "idle")]) >= 1.0);
+}
+
+#[tokio::test]
+async fn a_download_the_client_stops_reading_is_dropped_at_the_write_stall_timeout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pier = start(
+        dir.path(),
+        "[server]\nwrite_stall_timeout = 2\nidle_timeout = 30\n",
+    );
+    let http = reqwest::Client::new();
+    // Larger than what the socket buffers on both sides can take in.
+    let blob = gen_bytes(11, 64 << 20);
+    let digest = digest_of(&blob);
+    let resp = http
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={digest}",
+            pier.url()
+        ))
+        .body(blob.clone())
+        .send()
+        .await
+        .expect("monolithic push");
+    assert_eq!(resp.status(), 201);
+    let host = pier.host();
+    let got = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(&host).expect("connect");
+        write!(
+            s,
+            "GET /v2/team/app/blobs/{digest} HTTP/1.1\r\nHost: {host}\r\n\r\n"
+        )
+        .expect("write request");
+        // Read nothing for well past the timeout, then take whatever pier sent.
+        std::thread::sleep(Duration::from_secs(2 + 4));
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+        total
+    })
+    .await
+    .expect("reader");
+    assert!(
+        got < blob.len(),
+        "the stalled download received all {got} bytes: pier kept the connection"
+    );
+    let m = pier.metrics(&http).await;
+    assert!(m.sum("pier_http_timeouts_total", &[("kind", "write")]) >= 1.0);
+}
