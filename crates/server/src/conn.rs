@@ -207,7 +207,12 @@ impl Conn {
                 let app = app.clone();
                 async move {
                     let resp = app.oneshot(req).await?;
-                    Ok::<_, Infallible>(resp.map(|b| Body::new(Guarded { inner: b, guard })))
+                    Ok::<_, Infallible>(resp.map(|b| {
+                        Body::new(Guarded {
+                            inner: b,
+                            _guard: guard,
+                        })
+                    }))
                 }
             })
         };
@@ -274,8 +279,7 @@ impl Conn {
 /// A response body that keeps its request counted as in flight until it is sent or dropped.
 struct Guarded {
     inner: Body,
-    #[allow(dead_code)]
-    guard: InFlight,
+    _guard: InFlight,
 }
 
 impl HttpBody for Guarded {
