@@ -31,9 +31,39 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub mirror: MirrorConfig,
     pub storage: StorageConfig,
+    pub server: ServerConfig,
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// Bounds on client connections. Timeouts are in seconds; 0 turns one off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Time a client has to send a request's line and headers.
+    pub header_timeout: u64,
+    /// Time a connection may sit with no request in flight before pier closes it.
+    pub idle_timeout: u64,
+    /// Time a request body may send nothing before the request fails.
+    pub body_stall_timeout: u64,
+    /// Time a client may read nothing of a response before pier drops the connection.
+    pub write_stall_timeout: u64,
+    /// Connections held at once; beyond it new ones get 503 and are closed. When absent, 4096
+    /// or what the open-file limit leaves room for, whichever is smaller.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_timeout: 10,
+            idle_timeout: 60,
+            body_stall_timeout: 30,
+            write_stall_timeout: 60,
+            max_connections: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -203,6 +233,10 @@ pub struct RegistryConfig {
     /// Seconds an upload session may sit without a new chunk before it and its buffer are
     /// removed.
     pub upload_idle_timeout: u64,
+    /// Upload sessions open at once, in total.
+    pub max_upload_sessions: u64,
+    /// Upload sessions one client (peer IP address) may hold open.
+    pub max_upload_sessions_per_client: u64,
 }
 
 impl Default for Config {
@@ -216,6 +250,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             mirror: MirrorConfig::default(),
             storage: StorageConfig::default(),
+            server: ServerConfig::default(),
             upstreams: Vec::new(),
         }
     }
@@ -243,6 +278,8 @@ impl Default for RegistryConfig {
             max_manifest_size: ByteSize(4 * 1024 * 1024),
             max_blob_size: None,
             upload_idle_timeout: 24 * 60 * 60,
+            max_upload_sessions: 1024,
+            max_upload_sessions_per_client: 128,
         }
     }
 }

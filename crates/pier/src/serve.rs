@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use pier_registry::{Limits, Registry};
+use pier_registry::{Limits, Registry, UploadCaps};
 use pier_server::AppState;
 use pier_store::{FsBlobStore, RedbMetaStore, Space};
 use tokio::net::TcpListener;
@@ -18,8 +18,9 @@ use pier_server::metrics::Metrics;
 use pier_store::{BlobStore, MetaStore};
 use pier_upstream::Upstream;
 
-use crate::config::{Config, LogFormat, UpstreamConfig};
+use crate::config::{Config, LogFormat, ServerConfig, UpstreamConfig};
 use crate::ServeArgs;
+use pier_server::conn::ConnLimits;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
@@ -88,7 +89,12 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     };
     let meta: Arc<dyn MetaStore> = Arc::new(meta);
     let blobs: Arc<dyn BlobStore> = blobs;
-    let registry = Arc::new(Registry::new(blobs.clone(), meta.clone(), limits));
+    let caps = UploadCaps {
+        total: config.registry.max_upload_sessions,
+        per_client: config.registry.max_upload_sessions_per_client,
+    };
+    let registry =
+        Arc::new(Registry::new(blobs.clone(), meta.clone(), limits).with_upload_caps(caps));
     let (metrics, mirror_metrics) = Metrics::new_with(|r| Arc::new(MirrorMetrics::new(r)));
     let mut entries = Vec::new();
     for u in &upstreams {
@@ -143,6 +149,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         dropped_buffers = recovery.dropped_buffers,
         "upload sessions recovered"
     );
+    let conn_limits = connection_limits(&config.server);
     let signal = shutdown_signal()?;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -197,9 +204,14 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
-    let server = tokio::spawn(pier_server::serve(listener, state, async move {
-        let _ = stopped.wait_for(|s| *s).await;
-    }));
+    let server = tokio::spawn(pier_server::serve_with(
+        listener,
+        state,
+        conn_limits,
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
     let signal = signal.await;
     tracing::info!(
         signal,
@@ -218,6 +230,48 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     drop(stop_rx);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// File descriptors kept back from `max_connections` for the stores, upstream fetches and
+/// upload buffers.
+const FD_RESERVE: u64 = 256;
+
+/// Raise the soft open-file limit to the hard one (the common soft default of 1024 would let a
+/// thousand idle sockets take pier offline) and derive the connection bounds from the config.
+fn connection_limits(server: &ServerConfig) -> ConnLimits {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let before = getrlimit(Resource::Nofile);
+    let mut soft = before.current;
+    if before.current != before.maximum {
+        let raised = rustix::process::Rlimit {
+            current: before.maximum,
+            maximum: before.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => soft = before.maximum,
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+        }
+    }
+    let fit = soft.map_or(4096, |s| s.saturating_sub(FD_RESERVE).max(16));
+    let max_connections = server
+        .max_connections
+        .unwrap_or(fit.min(4096) as usize)
+        .max(1);
+    let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+    let limits = ConnLimits {
+        header_timeout: secs(server.header_timeout),
+        idle_timeout: secs(server.idle_timeout),
+        body_stall_timeout: secs(server.body_stall_timeout),
+        write_stall_timeout: secs(server.write_stall_timeout),
+        max_connections,
+    };
+    tracing::info!(
+        open_files_before = ?before.current,
+        open_files = ?soft,
+        max_connections,
+        "connection limits"
+    );
+    limits
 }
 
 /// Install the SIGTERM and SIGINT handlers now (before pier says it is serving, so a signal

@@ -26,6 +26,8 @@ pub enum RegistryError {
     ManifestBlobUnknown(Digest),
     #[error("content is larger than the limit of {limit} bytes")]
     TooLarge { limit: u64 },
+    #[error("too many upload sessions: {0}")]
+    TooManyUploads(String),
     #[error("storage failed: {0}")]
     Store(StoreError),
 }
@@ -44,6 +46,7 @@ impl RegistryError {
             RegistryError::ManifestInvalid(_) => ErrorCode::ManifestInvalid,
             RegistryError::ManifestBlobUnknown(_) => ErrorCode::ManifestBlobUnknown,
             RegistryError::TooLarge { .. } => ErrorCode::SizeInvalid,
+            RegistryError::TooManyUploads(_) => ErrorCode::TooManyRequests,
             RegistryError::Store(_) => ErrorCode::Internal,
         }
     }
@@ -58,6 +61,8 @@ impl RegistryError {
     pub fn retryable(&self) -> bool {
         match self {
             RegistryError::Store(e) => e.retryable(),
+            // Slots free up as other sessions finish.
+            RegistryError::TooManyUploads(_) => true,
             _ => false,
         }
     }

@@ -16,7 +16,7 @@ use pier_oci::{Descriptor, Digest, Manifest, Reference, RepoName};
 use pier_store::{BlobStore, ByteStream, ManifestRecord, MetaStore, Page};
 
 pub use error::RegistryError;
-pub use upload::Uploads;
+pub use upload::{UploadCaps, Uploads};
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
 
@@ -77,6 +77,12 @@ impl Registry {
     }
 
     /// Upload sessions.
+    /// Bound the number of open upload sessions (defaults: [`UploadCaps::default`]).
+    pub fn with_upload_caps(mut self, caps: UploadCaps) -> Registry {
+        self.uploads.set_caps(caps);
+        self
+    }
+
     pub fn uploads(&self) -> &Uploads {
         &self.uploads
     }

@@ -6,7 +6,6 @@
 //! (or a broken chunk) it is gone and the commit re-reads the buffer instead.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -21,8 +20,51 @@ pub struct Uploads {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     limit: Option<u64>,
+    caps: UploadCaps,
     live: Mutex<HashMap<String, Session>>,
-    open: AtomicU64,
+    slots: Mutex<Slots>,
+}
+
+/// How many upload sessions may be open at once. Each holds a buffer on disk and a little
+/// memory until it is finished, cancelled or swept, so an unbounded number is a way to fill both.
+#[derive(Debug, Clone, Copy)]
+pub struct UploadCaps {
+    /// Sessions open in total, recovered ones included.
+    pub total: u64,
+    /// Sessions one client (as the caller names it: the peer address) may hold open.
+    pub per_client: u64,
+}
+
+impl Default for UploadCaps {
+    fn default() -> Self {
+        UploadCaps {
+            total: 1024,
+            per_client: 128,
+        }
+    }
+}
+
+/// Who holds which open session. Sessions recovered after a restart have no known client: they
+/// count toward the total only.
+#[derive(Default)]
+struct Slots {
+    open: u64,
+    owner: HashMap<String, String>,
+    by_client: HashMap<String, u64>,
+}
+
+impl Slots {
+    fn release(&mut self, id: &str) {
+        self.open = self.open.saturating_sub(1);
+        if let Some(client) = self.owner.remove(id) {
+            if let Some(n) = self.by_client.get_mut(&client) {
+                *n -= 1;
+                if *n == 0 {
+                    self.by_client.remove(&client);
+                }
+            }
+        }
+    }
 }
 
 /// What start-up reconciliation found.
@@ -61,9 +103,40 @@ impl Uploads {
             blobs,
             meta,
             limit,
+            caps: UploadCaps::default(),
             live: Mutex::new(HashMap::new()),
-            open: AtomicU64::new(0),
+            slots: Mutex::new(Slots::default()),
         }
+    }
+
+    pub(crate) fn set_caps(&mut self, caps: UploadCaps) {
+        self.caps = caps;
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Take a slot for a new session of `client`, or say which cap is reached.
+    fn reserve(&self, id: &str, client: &str) -> Result<()> {
+        let mut slots = self.slots();
+        if slots.open >= self.caps.total {
+            return Err(RegistryError::TooManyUploads(format!(
+                "{} upload sessions are open, the most this registry allows (max_upload_sessions)",
+                self.caps.total
+            )));
+        }
+        let mine = slots.by_client.get(client).copied().unwrap_or(0);
+        if mine >= self.caps.per_client {
+            return Err(RegistryError::TooManyUploads(format!(
+                "this client has {mine} upload sessions open, the most one client may hold \
+                 (max_upload_sessions_per_client); finish or cancel one first"
+            )));
+        }
+        slots.open += 1;
+        *slots.by_client.entry(client.to_string()).or_insert(0) += 1;
+        slots.owner.insert(id.to_string(), client.to_string());
+        Ok(())
     }
 
     /// Reconcile session records with session buffers after a start. Call once before serving.
@@ -86,7 +159,7 @@ impl Uploads {
             self.blobs.upload_delete(b).await?;
             report.dropped_buffers += 1;
         }
-        self.open.store(report.resumable, Ordering::Relaxed);
+        self.slots().open = report.resumable;
         Ok(report)
     }
 
@@ -119,7 +192,7 @@ impl Uploads {
 
     /// Sessions currently open.
     pub fn open_sessions(&self) -> u64 {
-        self.open.load(Ordering::Relaxed)
+        self.slots().open
     }
 
     fn session(&self, id: &str) -> Session {
@@ -131,10 +204,9 @@ impl Uploads {
     fn forget(&self, id: &str, closed: bool) {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.remove(id);
+        drop(live);
         if closed {
-            let _ = self
-                .open
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+            self.slots().release(id);
         }
     }
 
@@ -152,8 +224,22 @@ impl Uploads {
         }
     }
 
-    pub async fn start(&self, repo: &RepoName) -> Result<UploadRecord> {
+    /// Open a session for `client` (any stable name for the caller, such as its IP address),
+    /// within [`UploadCaps`].
+    pub async fn start(&self, repo: &RepoName, client: &str) -> Result<UploadRecord> {
         let id = uuid::Uuid::new_v4().to_string();
+        self.reserve(&id, client)?;
+        match self.create(repo, &id).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                self.slots().release(&id);
+                Err(e)
+            }
+        }
+    }
+
+    async fn create(&self, repo: &RepoName, id: &str) -> Result<UploadRecord> {
+        let id = id.to_string();
         self.blobs.upload_create(&id).await?;
         let record = UploadRecord {
             id: id.clone(),
@@ -164,7 +250,6 @@ impl Uploads {
         };
         self.meta.put_upload(&record).await?;
         *self.session(&id).lock().await = Some(Hasher::new(Algorithm::Sha256));
-        self.open.fetch_add(1, Ordering::Relaxed);
         Ok(record)
     }
 

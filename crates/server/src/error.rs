@@ -163,6 +163,7 @@ impl From<RegistryError> for ApiError {
                     .with_header("range", range);
             }
             RegistryError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RegistryError::TooManyUploads(_) => StatusCode::TOO_MANY_REQUESTS,
             RegistryError::UploadInvalid(_)
             | RegistryError::DigestInvalid(_)
             | RegistryError::ManifestInvalid(_)

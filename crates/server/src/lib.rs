@@ -5,6 +5,7 @@
 //! Architecture invariant: this crate turns HTTP into registry calls and registry results into
 //! HTTP. It holds no storage logic, and failures become responses only in [`error`].
 
+pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod mirror;
@@ -211,12 +212,22 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, state, conn::ConnLimits::default(), shutdown).await
+}
+
+/// [`serve`] with explicit bounds on connections (timeouts, how many at once).
+pub async fn serve_with(
+    listener: TcpListener,
+    state: AppState,
+    limits: conn::ConnLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let ready = state.ready.clone();
+    let metrics = state.metrics.clone();
     let app = router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            ready.store(false, Ordering::Relaxed);
-        })
-        .await
+    conn::serve(listener, app, metrics, limits, async move {
+        shutdown.await;
+        ready.store(false, Ordering::Relaxed);
+    })
+    .await
 }

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub storage_free_bytes: Gauge,
     pub storage_writable: Gauge,
     pub store_errors: Family<KindLabels, Counter>,
+    pub connections: Gauge,
+    pub connections_rejected: Counter,
+    pub timeouts: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -125,6 +128,24 @@ impl Metrics {
             "Store writes that failed or were refused, by kind (no_space)",
             store_errors.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "http_connections",
+            "Client connections open now",
+            connections.clone(),
+        );
+        let connections_rejected = Counter::default();
+        registry.register(
+            "http_connections_rejected",
+            "Connections refused because max_connections were open",
+            connections_rejected.clone(),
+        );
+        let timeouts = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "http_timeouts",
+            "Connections or requests cut by a timeout, by kind (header, idle, body, write)",
+            timeouts.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -137,6 +158,9 @@ impl Metrics {
             storage_free_bytes,
             storage_writable,
             store_errors,
+            connections,
+            connections_rejected,
+            timeouts,
         };
         (metrics, more)
     }

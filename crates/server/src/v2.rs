@@ -424,7 +424,13 @@ async fn start_upload(
         state.registry.put_blob(name, &digest, body).await?;
         return Ok(blob_created(name, &digest));
     }
-    let rec = state.registry.uploads().start(name).await?;
+    // Sessions are capped per client, and the client is the peer address. A request that did not
+    // come through the accept loop (an in-process test) has none and shares one key.
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "local".to_string(), |c| c.0.ip().to_string());
+    let rec = state.registry.uploads().start(name, &client).await?;
     Ok(upload_response(StatusCode::ACCEPTED, name, &rec.id, 0))
 }
 
