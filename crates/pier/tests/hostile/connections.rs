@@ -15,6 +15,7 @@ use crate::common::{digest_of, gen_bytes, http_status, Pier};
 /// Tests that change this process's open-file limit (children inherit it) take turns.
 static FD_LIMIT: Mutex<()> = Mutex::new(());
 
+/// pier with `toml` as its config, every repository hosted (the tests push under plain names).
 fn start(dir: &Path, toml: &str) -> Pier {
     let config = dir.join("pier.toml");
     std::fs::write(&config, toml).expect("write the config");
@@ -22,7 +23,12 @@ fn start(dir: &Path, toml: &str) -> Pier {
     Pier::start_with(
         &data,
         &dir.join("pier.log"),
-        &["--config".into(), config.display().to_string()],
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--hosted".into(),
+            "**".into(),
+        ],
     )
 }
 
