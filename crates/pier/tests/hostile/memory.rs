@@ -277,7 +277,19 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
     let peak = peak.load(Ordering::Relaxed);
-    let m = pier.metrics(&http).await;
+    // Readers get a blob's last byte once its digest matched, before the fill's fsync and
+    // commit; a fill gives its memory back when it ends, so wait for every fill to end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut m = pier.metrics(&http).await;
+    while m.sum("pier_mirror_fills_in_flight", &[]) > 0.0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        m = pier.metrics(&http).await;
+    }
+    assert_eq!(
+        m.sum("pier_mirror_fills_in_flight", &[]),
+        0.0,
+        "every fill ended within 60 s of its last reader"
+    );
     let held = m.sum("pier_mirror_fill_memory_bytes", &[]);
     // Budget plus, per fill, the batch being gathered, one batch on its way to disk, and the
     // network and spool buffers of one upstream connection and one client; plus slack for
