@@ -91,38 +91,27 @@ pub(crate) async fn target(
     if !pullable {
         return Ok(None);
     }
-    let hosted = state
-        .registry
-        .meta_store()
-        .repo_exists(name.as_str())
-        .await
-        .map_err(|e| ApiError::from(pier_registry::RegistryError::from(e)))?;
-    if hosted {
+    if repo_exists(state, name.as_str()).await? {
         return Ok(None);
     }
     let Some(r) = mirror.default_route(name).map_err(ApiError::from_mirror)? else {
         return Ok(None);
     };
-    if matches!(route, Route::Blob { .. } | Route::Referrers { .. }) {
-        let cached = state
-            .registry
-            .meta_store()
-            .repo_exists(&r.cache_repo)
-            .await
-            .map_err(|e| ApiError::from(pier_registry::RegistryError::from(e)))?;
-        if !cached {
-            return Ok(None);
-        }
+    if matches!(route, Route::Blob { .. } | Route::Referrers { .. })
+        && !repo_exists(state, &r.cache_repo).await?
+    {
+        return Ok(None);
     }
     Ok(Some(r))
 }
 
-/// Whether anything of `r` was cached (a manifest or blob came through the mirror).
-async fn cache_exists(state: &AppState, r: &MirrorRef) -> Result<bool> {
+/// Whether the repository exists here: pushed (hosted), or, for a cache repository, whether a
+/// manifest or blob came through the mirror.
+async fn repo_exists(state: &AppState, repo: &str) -> Result<bool> {
     state
         .registry
         .meta_store()
-        .repo_exists(&r.cache_repo)
+        .repo_exists(repo)
         .await
         .map_err(|e| ApiError::from(pier_registry::RegistryError::from(e)))
 }
@@ -189,7 +178,7 @@ pub(crate) async fn dispatch(
                 // unreachable it gets a local 404 (and then the read-only 405 for its POST)
                 // rather than a 502 that hides why its push cannot work.
                 Err(MirrorError::Upstream(e))
-                    if e.is_outage() && !cache_exists(state, &r).await? =>
+                    if e.is_outage() && !repo_exists(state, &r.cache_repo).await? =>
                 {
                     return Err(ApiError::new(
                         StatusCode::NOT_FOUND,

@@ -223,6 +223,15 @@ async fn drain(resp: reqwest::Response, pause: Option<Duration>) -> (String, u64
     (format!("sha256:{}", hex::encode(h.finalize())), n, None)
 }
 
+/// `GET url` expecting an error answer: its status, body and the body as text.
+async fn get_error(http: &reqwest::Client, url: &str) -> (reqwest::StatusCode, Vec<u8>, String) {
+    let resp = http.get(url).send().await.expect("GET");
+    let status = resp.status();
+    let body = resp.bytes().await.expect("body").to_vec();
+    let text = String::from_utf8_lossy(&body).into_owned();
+    (status, body, text)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
     const FILLS: u64 = 20;
@@ -372,14 +381,7 @@ async fn an_upstream_blob_larger_than_max_blob_size_is_refused_before_download()
     up.add(&digest, Blob::Claims { len: 1024 * MIB });
     let pier = start_pier(tmp.path(), "max_blob_size = \"32MiB\"", &[up.url()]);
     let http = reqwest::Client::new();
-    let resp = http
-        .get(blob_url(&pier, &digest))
-        .send()
-        .await
-        .expect("GET");
-    let status = resp.status();
-    let body = resp.bytes().await.expect("body");
-    let text = String::from_utf8_lossy(&body);
+    let (status, body, text) = get_error(&http, &blob_url(&pier, &digest)).await;
     println!("1 GiB upstream blob, 32 MiB limit: {status} {text}");
     assert_eq!(status, 502);
     assert_eq!(error_code(&body), "UNAVAILABLE");
@@ -424,11 +426,8 @@ async fn a_silent_upstream_costs_one_first_byte_timeout_and_says_timed_out() {
     let http = reqwest::Client::new();
     let url = format!("{}/v2/up.test/test/app/manifests/latest", pier.url());
     let began = Instant::now();
-    let resp = http.get(&url).send().await.expect("GET");
+    let (status, _, text) = get_error(&http, &url).await;
     let took = began.elapsed();
-    let status = resp.status();
-    let body = resp.bytes().await.expect("body");
-    let text = String::from_utf8_lossy(&body);
     println!("silent upstream: {status} after {took:?}: {text}");
     assert!(status == 502 || status == 504, "status {status}");
     assert!(
@@ -460,14 +459,7 @@ async fn an_unreachable_upstream_says_connection_refused() {
     let pier = start_pier(tmp.path(), "", &[format!("http://127.0.0.1:{closed}")]);
     let http = reqwest::Client::new();
     let digest = gen_digest(b"any", 1, 1);
-    let resp = http
-        .get(blob_url(&pier, &digest))
-        .send()
-        .await
-        .expect("GET");
-    let status = resp.status();
-    let body = resp.bytes().await.expect("body");
-    let text = String::from_utf8_lossy(&body);
+    let (status, body, text) = get_error(&http, &blob_url(&pier, &digest)).await;
     println!("closed port: {status} {text}");
     assert_eq!(status, 502);
     assert_eq!(error_code(&body), "UNAVAILABLE");
