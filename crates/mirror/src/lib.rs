@@ -290,6 +290,13 @@ impl Mirror {
         })
     }
 
+    /// Every configured upstream, by name.
+    pub fn upstreams(&self) -> Vec<Arc<UpstreamEntry>> {
+        let mut all: Vec<_> = self.upstreams.values().cloned().collect();
+        all.sort_by(|a, b| a.name().cmp(b.name()));
+        all
+    }
+
     /// Whether `name` is a configured upstream (what `?ns=` must name to be mirrored).
     pub fn has_upstream(&self, name: &str) -> bool {
         self.upstreams.contains_key(name)

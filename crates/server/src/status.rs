@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 
+use crate::metrics::ServedLabels;
 use crate::AppState;
 
 /// The status document.
@@ -21,12 +22,16 @@ pub struct Status {
     pub not_ready_reasons: Vec<String>,
     pub storage: StorageStatus,
     pub cache: CacheStatus,
+    /// The mirrored upstreams, by name, with each endpoint's health.
+    pub upstreams: Vec<UpstreamStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
     /// The host name.
     pub name: String,
+    /// The node's zone; none until the node is part of a cluster with zones.
+    pub zone: Option<String>,
     pub version: &'static str,
 }
 
@@ -44,6 +49,31 @@ pub struct CacheStatus {
     /// Bytes of blobs stored.
     pub bytes: u64,
     pub blobs: u64,
+    /// Blob and manifest bytes served to clients since start, by where they came from.
+    pub served_bytes: ServedBytes,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedBytes {
+    /// From this node's store.
+    pub local: u64,
+    /// From another node (always 0 until nodes form a cluster).
+    pub peer: u64,
+    /// Streamed from an upstream while the fill caching them ran.
+    pub upstream: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamStatus {
+    pub name: String,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EndpointStatus {
+    pub url: String,
+    /// False while the endpoint is benched after a failure (it is retried after a cool-down).
+    pub healthy: bool,
 }
 
 /// Why this node should not get traffic now; empty when it should.
@@ -56,6 +86,42 @@ pub fn not_ready_reasons(state: &AppState) -> Vec<String> {
         reasons.push(reason);
     }
     reasons
+}
+
+/// Bytes served from `source`, over every kind of content.
+fn served(state: &AppState, source: &'static str) -> u64 {
+    ["blob", "manifest"]
+        .into_iter()
+        .map(|kind| {
+            state
+                .metrics
+                .served_bytes
+                .get_or_create(&ServedLabels { kind, source })
+                .get()
+        })
+        .sum()
+}
+
+fn upstreams(state: &AppState) -> Vec<UpstreamStatus> {
+    let Some(mirror) = &state.mirror else {
+        return Vec::new();
+    };
+    mirror
+        .upstreams()
+        .iter()
+        .map(|u| UpstreamStatus {
+            name: u.name().to_string(),
+            endpoints: u
+                .client
+                .endpoint_health()
+                .into_iter()
+                .map(|e| EndpointStatus {
+                    url: e.url,
+                    healthy: e.healthy,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn host_name() -> String {
@@ -72,6 +138,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
     Json(Status {
         node: NodeStatus {
             name: host_name(),
+            zone: None,
             version: env!("CARGO_PKG_VERSION"),
         },
         ready: reasons.is_empty(),
@@ -84,6 +151,12 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
         cache: CacheStatus {
             bytes: stats.bytes,
             blobs: stats.blobs,
+            served_bytes: ServedBytes {
+                local: served(&state, "local"),
+                peer: 0,
+                upstream: served(&state, "upstream"),
+            },
         },
+        upstreams: upstreams(&state),
     })
 }

@@ -971,3 +971,72 @@ async fn reads_of_bad_references_and_upload_heads_are_404() {
         (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND)
     );
 }
+
+#[tokio::test]
+async fn status_reports_served_bytes_by_source_and_upstream_health() {
+    let s = setup(Options::default()).await;
+    let data = pseudo_random(1 << 20, 21);
+    let d = s.fake.add_blob(data.clone());
+    let url = format!("{}/v2/up.example/r/blobs/{d}", s.pier);
+    let status = || async {
+        let resp = client()
+            .get(format!("{}/api/v1/status", s.pier))
+            .send()
+            .await
+            .expect("status");
+        assert_eq!(resp.status(), 200);
+        resp.json::<serde_json::Value>().await.expect("status JSON")
+    };
+    let (code, _, body) = get(&url).await;
+    assert_eq!((code, body.expect("body") == data), (StatusCode::OK, true));
+    let cold = status().await;
+    assert_eq!(cold["cache"]["served_bytes"]["upstream"], 1 << 20, "{cold}");
+    assert_eq!(cold["cache"]["served_bytes"]["local"], 0, "{cold}");
+    assert_eq!(cold["cache"]["served_bytes"]["peer"], 0, "{cold}");
+    let up = &cold["upstreams"][0];
+    assert_eq!(up["name"], "up.example", "{cold}");
+    assert_eq!(up["endpoints"][0]["healthy"], true, "{cold}");
+    // Once the fill has ended the same blob comes from the store.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics(&s.pier)
+        .await
+        .contains("pier_mirror_fills_in_flight 0")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (code, _, body) = get(&url).await;
+    assert_eq!((code, body.expect("body") == data), (StatusCode::OK, true));
+    let warm = status().await;
+    assert_eq!(warm["cache"]["served_bytes"]["local"], 1 << 20, "{warm}");
+    assert_eq!(warm["cache"]["served_bytes"]["upstream"], 1 << 20, "{warm}");
+    assert!(warm["node"]["version"].is_string() && warm["node"].get("zone").is_some());
+}
+
+#[tokio::test]
+async fn status_shows_a_benched_endpoint_as_unhealthy() {
+    let dead = format!("http://127.0.0.1:{}", {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    });
+    let s = setup(Options {
+        endpoints_before: vec![dead.clone()],
+        ..Options::default()
+    })
+    .await;
+    let d = s.fake.add_blob(b"via the second endpoint".to_vec());
+    let (code, _, _) = get(&format!("{}/v2/up.example/r/blobs/{d}", s.pier)).await;
+    assert_eq!(code, StatusCode::OK);
+    let st: serde_json::Value = client()
+        .get(format!("{}/api/v1/status", s.pier))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("JSON");
+    let endpoints = &st["upstreams"][0]["endpoints"];
+    assert_eq!(endpoints[0]["url"], dead.as_str(), "{st}");
+    assert_eq!(endpoints[0]["healthy"], false, "{st}");
+    assert_eq!(endpoints[1]["healthy"], true, "{st}");
+}

@@ -213,6 +213,14 @@ impl Endpoint {
     }
 }
 
+/// One endpoint as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct EndpointHealth {
+    pub url: String,
+    /// False while the endpoint is benched after a failure.
+    pub healthy: bool,
+}
+
 /// One upstream registry.
 pub struct Upstream {
     config: UpstreamConfig,
@@ -229,6 +237,17 @@ enum Attempt {
 }
 
 impl Upstream {
+    /// Each endpoint in failover order with its passive health.
+    pub fn endpoint_health(&self) -> Vec<EndpointHealth> {
+        self.endpoints
+            .iter()
+            .map(|e| EndpointHealth {
+                url: e.base.clone(),
+                healthy: e.healthy(),
+            })
+            .collect()
+    }
+
     pub fn new(config: UpstreamConfig, observer: Arc<dyn Observer>) -> Result<Arc<Upstream>> {
         if config.endpoints.is_empty() {
             return Err(UpstreamError::Protocol(format!(
