@@ -1,0 +1,1 @@
+//! Membership by SWIM gossip (foca) over pier's UDP peer socket.

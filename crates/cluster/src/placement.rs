@@ -1,0 +1,1 @@
+//! Rendezvous (highest random weight) placement of keys over members.
