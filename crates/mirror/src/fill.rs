@@ -1,6 +1,7 @@
-//! Fills: one upstream fetch per missing blob, however many clients ask.
+//! Fills: one fetch per missing blob per node, however many clients ask, from the upstream or
+//! from a peer.
 //!
-//! A fill streams the blob from the upstream into a spool, hashing as it goes; every client
+//! A fill streams the blob from its source into a spool, hashing as it goes; every client
 //! that wants the blob meanwhile reads the spool as it grows. The fill runs in its own task, so
 //! a client that disconnects does not stop it. When the last byte is in, the digest is checked:
 //! a match commits the spool into the blob store, a mismatch discards it and every reader's
@@ -99,6 +100,8 @@ pub struct Progress {
     pub verified: bool,
     /// `Some(Ok)` once verified and committed, `Some(Err)` if the fill failed.
     pub outcome: Option<Result<(), FillError>>,
+    /// Where the bytes come from now: `upstream` or `peer` (a resumed fill may change).
+    pub origin: Option<&'static str>,
 }
 
 /// Why a fill failed, as readers see it.
@@ -110,6 +113,8 @@ pub enum FillError {
     /// The upstream kept answering 429.
     TooManyRequests,
     Upstream(String),
+    /// No peer that held the blob could deliver it (and no upstream could be asked).
+    Peer(String),
     /// The upstream stayed silent past a timeout.
     Timeout(String),
     /// The upstream's blob is larger than pier accepts, or its body ran past its size.
@@ -138,6 +143,7 @@ impl std::fmt::Display for FillError {
             FillError::Denied(e) => write!(f, "upstream refused access: {e}"),
             FillError::TooManyRequests => write!(f, "upstream is rate limiting (429)"),
             FillError::Upstream(e) => write!(f, "upstream failed: {e}"),
+            FillError::Peer(e) => write!(f, "fetching from peers failed: {e}"),
             FillError::Timeout(e) => write!(f, "upstream timed out: {e}"),
             FillError::TooLarge(e) => write!(f, "upstream blob too large: {e}"),
             FillError::Corrupt(e) => write!(f, "upstream sent corrupt content: {e}"),
@@ -200,6 +206,18 @@ impl Fill {
         let from = (offset - start) as usize;
         let to = (from + len as usize).min(batch.len());
         Some(batch.slice(from..to))
+    }
+
+    /// Where the fill's bytes come from now (`upstream` or `peer`), once it has started.
+    pub fn origin(&self) -> &'static str {
+        self.progress.borrow().origin.unwrap_or("upstream")
+    }
+
+    /// Whether the fill reads from an upstream: only such fills are offered to peers, so two
+    /// nodes can never read a blob from each other.
+    pub fn from_upstream(&self) -> bool {
+        let p = self.progress.borrow();
+        p.started && p.origin == Some("upstream") && p.outcome.is_none()
     }
 
     /// Wait until the upstream has answered (or the fill failed). Returns the size if known.

@@ -14,9 +14,10 @@
 pub mod fill;
 pub mod glob;
 pub mod metrics;
+mod sources;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -26,8 +27,12 @@ use pier_store::{BlobStore, ManifestRecord, MetaStore};
 use pier_upstream::{Upstream, UpstreamError};
 use tokio::sync::mpsc;
 
+use pier_cluster::NodeId;
+use pier_peer::Cluster;
+
 use crate::fill::{Fill, FillError, MemoryBudget};
 use crate::metrics::MirrorMetrics;
+use crate::sources::Source;
 
 /// Bytes a fill gathers from the upstream before handing them to its writer thread.
 const FILL_BATCH: usize = 512 * 1024;
@@ -152,6 +157,16 @@ pub struct Mirror {
     policy: FillPolicy,
     budget: Arc<MemoryBudget>,
     negative: Mutex<HashMap<NegativeKey, Instant>>,
+    /// The cluster this node belongs to, once it has joined one.
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+/// How a fill chooses its sources.
+enum Plan {
+    /// A mirrored blob; `ask_peers` false for a fill a peer's request started.
+    Mirrored { r: MirrorRef, ask_peers: bool },
+    /// A hosted blob, from the peers that hold it (`from` first).
+    Hosted { repo: String, from: Option<NodeId> },
 }
 
 /// Docker Hub's names without a namespace live under `library/`.
@@ -210,7 +225,18 @@ impl Mirror {
             policy,
             budget,
             negative: Mutex::new(HashMap::new()),
+            cluster: OnceLock::new(),
         })
+    }
+
+    /// Make this mirror a cluster member's: fills ask peers before the upstream, mirrored
+    /// manifests resolve through their owners. Set once, at start-up.
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
     }
 
     /// Bytes of fill batches held in memory now.
@@ -391,14 +417,35 @@ impl Mirror {
             }
             None => Digest::sha256(&fetched.bytes),
         };
+        self.store_manifest(
+            &r.cache_repo,
+            digest,
+            fetched.bytes,
+            &fetched.media_type,
+            tag,
+        )
+        .await
+    }
+
+    /// Keep a verified manifest's exact bytes under `repo` (with `tag`): a cache repository's,
+    /// or a hosted one's copy replicated from a peer. Its blobs need not be here yet; they are
+    /// fetched from peers when asked for.
+    pub async fn store_manifest(
+        &self,
+        repo: &str,
+        digest: Digest,
+        bytes: Bytes,
+        media_type: &str,
+        tag: Option<&str>,
+    ) -> Result<(ManifestRecord, Bytes)> {
         // Exact bytes are kept whatever they parse to; what parses gives referrers and GC data.
-        let parsed = Manifest::parse(&fetched.bytes, Some(&fetched.media_type)).ok();
+        let parsed = Manifest::parse(&bytes, Some(media_type)).ok();
         let record = ManifestRecord {
             digest: digest.clone(),
             media_type: parsed
                 .as_ref()
-                .map_or(fetched.media_type.clone(), |m| m.media_type.clone()),
-            size: fetched.bytes.len() as u64,
+                .map_or(media_type.to_string(), |m| m.media_type.clone()),
+            size: bytes.len() as u64,
             artifact_type: parsed.as_ref().and_then(|m| m.artifact_type.clone()),
             subject: parsed
                 .as_ref()
@@ -416,9 +463,73 @@ impl Mirror {
                 .unwrap_or_default(),
         };
         self.meta
-            .put_manifest(&r.cache_repo, &record, fetched.bytes.clone(), tag)
+            .put_manifest(repo, &record, bytes.clone(), tag)
             .await?;
-        Ok((record, fetched.bytes))
+        Ok((record, bytes))
+    }
+
+    /// A mirrored manifest through its first reachable owner, so the upstream is asked once per
+    /// cluster. `None` when this node should ask the upstream itself: it is the first owner
+    /// reachable, or no owner could answer.
+    async fn manifest_from_owners(
+        &self,
+        r: &MirrorRef,
+        reference: &str,
+        expected: Option<&Digest>,
+        tag: Option<&str>,
+    ) -> Result<Option<(ManifestRecord, Bytes, Freshness)>> {
+        let Some(cluster) = self.cluster.get().filter(|c| c.has_peers()) else {
+            return Ok(None);
+        };
+        let key = match tag {
+            Some(tag) => format!("{}:{tag}", r.cache_repo),
+            None => reference.to_string(),
+        };
+        let me = cluster.local().name;
+        for owner in cluster.owners(key.as_bytes()) {
+            if owner.name == me {
+                return Ok(None);
+            }
+            let answer = cluster
+                .client()
+                .get_manifest(&owner, &r.cache_repo, reference, Some(r.upstream_name()))
+                .await;
+            let answer = match answer {
+                Ok(Some(a)) => a,
+                // The owner asked the upstream (or knows it has nothing): that is the answer.
+                Ok(None) => return Err(MirrorError::Upstream(UpstreamError::NotFound)),
+                Err(e) => {
+                    tracing::warn!(owner = %owner.name, repo = %r.cache_repo, reference, error = %e, "manifest owner failed; trying the next");
+                    continue;
+                }
+            };
+            let announced = answer
+                .digest
+                .as_deref()
+                .and_then(|d| d.parse::<Digest>().ok());
+            let Some(want) = expected.cloned().or(announced) else {
+                tracing::warn!(owner = %owner.name, reference, "owner sent a manifest without its digest");
+                continue;
+            };
+            let actual = Digest::compute(want.algorithm(), &answer.bytes);
+            if actual != want {
+                tracing::warn!(owner = %owner.name, reference, expected = %want, %actual, "owner sent a manifest that does not match");
+                continue;
+            }
+            let freshness = match answer.cache.as_deref() {
+                Some("stale") => Freshness::Stale,
+                Some("hit") => Freshness::Hit,
+                _ => Freshness::Miss,
+            };
+            let (rec, bytes) = self
+                .store_manifest(&r.cache_repo, actual, answer.bytes, &answer.media_type, tag)
+                .await?;
+            if let (Some(tag), false) = (tag, freshness == Freshness::Stale) {
+                self.mark_fresh(r, tag);
+            }
+            return Ok(Some((rec, bytes, freshness)));
+        }
+        Ok(None)
     }
 
     /// A manifest by tag or digest.
@@ -427,12 +538,31 @@ impl Mirror {
         r: &MirrorRef,
         reference: &Reference,
     ) -> Result<(ManifestRecord, Bytes, Freshness)> {
+        self.manifest_via(r, reference, true).await
+    }
+
+    /// A manifest for a peer's request: from the cache or this node's upstream, never from
+    /// another peer.
+    pub async fn manifest_for_peer(
+        &self,
+        r: &MirrorRef,
+        reference: &Reference,
+    ) -> Result<(ManifestRecord, Bytes, Freshness)> {
+        self.manifest_via(r, reference, false).await
+    }
+
+    async fn manifest_via(
+        &self,
+        r: &MirrorRef,
+        reference: &Reference,
+        ask_peers: bool,
+    ) -> Result<(ManifestRecord, Bytes, Freshness)> {
         let up = r.upstream_name();
         let key = reference.to_string();
         let result = if self.known_missing(r, "manifest", &key) {
             Err(MirrorError::Upstream(UpstreamError::NotFound))
         } else {
-            let result = self.manifest_inner(r, reference).await;
+            let result = self.manifest_inner(r, reference, ask_peers).await;
             match &result {
                 Ok(_) => self.found(r, "manifest", &key),
                 Err(MirrorError::Upstream(UpstreamError::NotFound)) => {
@@ -459,11 +589,20 @@ impl Mirror {
         &self,
         r: &MirrorRef,
         reference: &Reference,
+        ask_peers: bool,
     ) -> Result<(ManifestRecord, Bytes, Freshness)> {
         match reference {
             Reference::Digest(d) => {
                 if let Some((rec, bytes)) = self.cached_manifest(r, d).await? {
                     return Ok((rec, bytes, Freshness::Hit));
+                }
+                if ask_peers {
+                    if let Some(found) = self
+                        .manifest_from_owners(r, &d.to_string(), Some(d), None)
+                        .await?
+                    {
+                        return Ok(found);
+                    }
                 }
                 let (rec, bytes) = self
                     .fetch_manifest(r, &d.to_string(), Some(d), None)
@@ -479,6 +618,17 @@ impl Mirror {
                 if let Some((rec, bytes)) = &cached {
                     if self.fresh(r, tag) {
                         return Ok((rec.clone(), bytes.clone(), Freshness::Hit));
+                    }
+                }
+                if ask_peers {
+                    match self.manifest_from_owners(r, tag, None, Some(tag)).await {
+                        Ok(Some(found)) => return Ok(found),
+                        Ok(None) => {}
+                        // Every owner failing leaves this node's own cache and upstream.
+                        Err(MirrorError::Upstream(UpstreamError::NotFound)) => {
+                            return Err(MirrorError::Upstream(UpstreamError::NotFound))
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
                 let head = r.upstream.client.head_manifest(&r.repo, tag).await;
@@ -560,8 +710,28 @@ impl Mirror {
         }
     }
 
-    /// A blob: local if cached, otherwise the (possibly shared) fill bringing it in.
+    /// A blob: local if cached, otherwise the (possibly shared) fill bringing it in from peers
+    /// or the upstream.
     pub async fn blob(self: &Arc<Self>, r: &MirrorRef, digest: &Digest) -> Result<BlobSource> {
+        self.mirrored_blob(r, digest, true).await
+    }
+
+    /// A blob for a peer's request: from the store, a fill in progress, or the upstream; never
+    /// from another peer, so peer requests cannot loop.
+    pub async fn blob_for_peer(
+        self: &Arc<Self>,
+        r: &MirrorRef,
+        digest: &Digest,
+    ) -> Result<BlobSource> {
+        self.mirrored_blob(r, digest, false).await
+    }
+
+    async fn mirrored_blob(
+        self: &Arc<Self>,
+        r: &MirrorRef,
+        digest: &Digest,
+        ask_peers: bool,
+    ) -> Result<BlobSource> {
         let up = r.upstream_name();
         if let Some(size) = self.local_blob(r, digest).await? {
             self.metrics.request(up, "blob", "hit");
@@ -572,41 +742,11 @@ impl Mirror {
             self.metrics.request(up, "blob", "not_found");
             return Err(MirrorError::Upstream(UpstreamError::NotFound));
         }
-        let (fill, leader) = {
-            let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
-            match fills.get(digest) {
-                Some(f) => (f.clone(), false),
-                None => {
-                    let f = Fill::new();
-                    fills.insert(digest.clone(), f.clone());
-                    (f, true)
-                }
-            }
+        let plan = Plan::Mirrored {
+            r: r.clone(),
+            ask_peers,
         };
-        if leader {
-            self.metrics.fills_in_flight.inc();
-            let this = self.clone();
-            let (r2, d2, f2) = (r.clone(), digest.clone(), fill.clone());
-            tokio::spawn(async move {
-                let outcome = this.run_fill(&r2, &d2, &f2).await;
-                match &outcome {
-                    Ok(()) => this.found(&r2, "blob", &d2.to_string()),
-                    Err(FillError::NotFound) => this.remember_missing(&r2, "blob", &d2.to_string()),
-                    Err(e) => {
-                        tracing::warn!(upstream = r2.upstream_name(), repo = %r2.repo, digest = %d2, error = %e, "fill failed");
-                    }
-                }
-                // Readers of a finished fill read the committed spool; its memory goes back to
-                // the budget for fills still running.
-                f2.forget_written(true);
-                f2.progress.send_modify(|p| p.outcome = Some(outcome));
-                this.fills
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&d2);
-                this.metrics.fills_in_flight.dec();
-            });
-        }
+        let (fill, leader) = self.start_fill(digest, plan);
         match fill.started().await {
             Ok(size) => {
                 self.metrics
@@ -628,6 +768,115 @@ impl Mirror {
         }
     }
 
+    /// A hosted blob this node lacks, fetched from the peers that hold it linked to `repo`
+    /// (`from` first, when the caller knows who has it). Linked to `repo` once verified.
+    pub async fn hosted_blob(
+        self: &Arc<Self>,
+        repo: &str,
+        digest: &Digest,
+        from: Option<NodeId>,
+    ) -> Result<BlobSource> {
+        if let Some(size) = self.blobs.stat(digest).await? {
+            if self.meta.blob_link(repo, digest).await?.is_some() {
+                return Ok(BlobSource::Local { size });
+            }
+        }
+        let plan = Plan::Hosted {
+            repo: repo.to_string(),
+            from,
+        };
+        let (fill, _) = self.start_fill(digest, plan);
+        match fill.started().await {
+            Ok(size) => Ok(BlobSource::Filling { fill, size }),
+            Err(FillError::NotFound) => Err(MirrorError::Fill(FillError::NotFound)),
+            Err(e) => Err(MirrorError::Fill(e)),
+        }
+    }
+
+    /// The fill in progress for `digest` on this node, if any (peers may read it when its bytes
+    /// come from an upstream).
+    pub fn fill_in_progress(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        let fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
+        fills.get(digest).cloned()
+    }
+
+    /// Join the fill for `digest`, or start one (then `true`): one fill per digest per node,
+    /// whatever its source.
+    fn start_fill(self: &Arc<Self>, digest: &Digest, plan: Plan) -> (Arc<Fill>, bool) {
+        let (fill, leader) = {
+            let mut fills = self.fills.lock().unwrap_or_else(|e| e.into_inner());
+            match fills.get(digest) {
+                Some(f) => (f.clone(), false),
+                None => {
+                    let f = Fill::new();
+                    fills.insert(digest.clone(), f.clone());
+                    (f, true)
+                }
+            }
+        };
+        if leader {
+            self.metrics.fills_in_flight.inc();
+            let this = self.clone();
+            let (d2, f2) = (digest.clone(), fill.clone());
+            tokio::spawn(async move {
+                let cluster = this.cluster.get().cloned();
+                let cluster = cluster.as_deref();
+                let (sources, link_repo, mirrored) = match &plan {
+                    Plan::Mirrored { r, ask_peers } => {
+                        let c = cluster.filter(|_| *ask_peers);
+                        (
+                            sources::plan(c, sources::Want::Mirrored(r), &d2).await,
+                            r.cache_repo.clone(),
+                            Some(r),
+                        )
+                    }
+                    Plan::Hosted { repo, from } => {
+                        let mut s = sources::plan(cluster, sources::Want::Hosted(repo), &d2).await;
+                        if let Some(from) = from {
+                            s.retain(|x| !matches!(x, Source::Peer { node, .. } if node.name == from.name));
+                            s.insert(
+                                0,
+                                Source::Peer {
+                                    node: from.clone(),
+                                    repo: Some(repo.clone()),
+                                    fill: None,
+                                },
+                            );
+                        }
+                        (s, repo.clone(), None)
+                    }
+                };
+                let outcome = if sources.is_empty() {
+                    Err(FillError::NotFound)
+                } else {
+                    this.run_fill(&d2, &f2, &link_repo, &sources, cluster).await
+                };
+                match (&outcome, mirrored) {
+                    (Ok(()), Some(r)) => this.found(r, "blob", &d2.to_string()),
+                    (Err(FillError::NotFound), Some(r))
+                        if sources.iter().any(|s| matches!(s, Source::Upstream(_))) =>
+                    {
+                        this.remember_missing(r, "blob", &d2.to_string())
+                    }
+                    (Err(FillError::NotFound), _) | (Ok(()), _) => {}
+                    (Err(e), _) => {
+                        tracing::warn!(repo = %link_repo, digest = %d2, error = %e, "fill failed");
+                    }
+                }
+                // Readers of a finished fill read the committed spool; its memory goes back to
+                // the budget for fills still running.
+                f2.forget_written(true);
+                f2.progress.send_modify(|p| p.outcome = Some(outcome));
+                this.fills
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&d2);
+                this.metrics.fills_in_flight.dec();
+            });
+        }
+        (fill, leader)
+    }
+
     /// A cached blob's size, linking a blob the store already holds (from another repository)
     /// once the upstream confirms this repository has it.
     async fn local_blob(&self, r: &MirrorRef, digest: &Digest) -> Result<Option<u64>> {
@@ -646,33 +895,25 @@ impl Mirror {
         Ok(Some(size))
     }
 
+    /// Fetch `digest` from the first of `sources` that answers, resuming from the next with
+    /// `Range` when one fails mid-stream, and commit it linked to `link_repo` once verified.
     async fn run_fill(
         &self,
-        r: &MirrorRef,
         digest: &Digest,
         fill: &Arc<Fill>,
+        link_repo: &str,
+        sources: &[Source],
+        cluster: Option<&Cluster>,
     ) -> Result<(), FillError> {
-        // Keep the kind of failure: a client must see 403 or 429, not a generic 502.
-        let up_err = |e: UpstreamError| match e {
-            UpstreamError::NotFound => FillError::NotFound,
-            UpstreamError::Denied(why) => FillError::Denied(why),
-            UpstreamError::TooManyRequests => FillError::TooManyRequests,
-            UpstreamError::Timeout(why) => FillError::Timeout(why),
-            other => FillError::Upstream(other.to_string()),
-        };
-        let (size, mut body) = r
-            .upstream
-            .client
-            .get_blob(&r.repo, digest, 0)
-            .await
-            .map_err(up_err)?;
+        let (mut idx, size, mut body) = sources::open_first(sources, 0, cluster, digest, 0).await?;
         let max = self.policy.max_blob_bytes;
         if let Some(size) = size.filter(|&s| s > max) {
             return Err(FillError::TooLarge(format!(
-                "upstream announced {size} bytes for {digest}, more than the {max}-byte limit"
+                "{} announced {size} bytes for {digest}, more than the {max}-byte limit",
+                sources[idx].describe()
             )));
         }
-        // Where the body must end: what the upstream announced, else the hard cap. A body that
+        // Where the body must end: what the source announced, else the hard cap. A body that
         // goes past it is cut there, so an endless body cannot fill the disk.
         let cut_at = size.unwrap_or(max);
         let spool = self.blobs.spool().await.map_err(FillError::store)?;
@@ -680,6 +921,7 @@ impl Mirror {
         fill.progress.send_modify(|p| {
             p.started = true;
             p.size = size;
+            p.origin = Some(sources[idx].origin());
         });
         // The disk is often slower than the network: the writer thread writes while this task
         // keeps receiving, hashing and handing batches to readers straight from memory (the
@@ -699,41 +941,85 @@ impl Mirror {
             writer_spool.sync().map_err(FillError::store)?;
             Ok(pos)
         });
-        // Upstream frames are small (often 16 KiB); batching them keeps syscalls, wake-ups of
-        // readers and channel hops per byte low. Readers see progress a batch at a time.
+        // Frames are small (often 16 KiB); batching them keeps syscalls, wake-ups of readers
+        // and channel hops per byte low. Readers see progress a batch at a time.
         let mut hasher = Hasher::new(digest.algorithm());
         let mut received = 0u64;
-        // Looked up once: upstream frames are small and many.
-        let upstream_bytes = self.metrics.upstream_bytes_counter(r.upstream_name());
+        // Looked up once per source: frames are small and many.
+        let counter = |s: &Source| match s {
+            Source::Upstream(r) => Some(self.metrics.upstream_bytes_counter(r.upstream_name())),
+            Source::Peer { .. } => None,
+        };
+        let mut upstream_bytes = counter(&sources[idx]);
         let mut streamed: Result<(), FillError> = Ok(());
         let mut pending = BytesMut::with_capacity(FILL_BATCH);
-        let mut upstream_ended = false;
+        let mut source_ended = false;
         loop {
-            let next = if upstream_ended {
+            let next = if source_ended {
                 None
             } else {
                 body.next().await
             };
+            let got = received + pending.len() as u64;
+            // A source that fails, or ends before the size it announced, is replaced by the next
+            // one from the byte where it stopped; the hash goes on over the joined bytes.
+            let broke = match &next {
+                Some(Err(e)) => Some(e.clone()),
+                None if !source_ended && size.is_some_and(|s| got < s) => Some(FillError::Peer(
+                    format!("{} ended at byte {got}", sources[idx].describe()),
+                )),
+                _ => None,
+            };
+            if let Some(e) = broke {
+                match sources::open_first(sources, idx + 1, cluster, digest, got).await {
+                    Ok((j, s2, b2)) if s2.is_none() || size.is_none() || s2 == size => {
+                        tracing::info!(
+                            %digest, from = %sources[idx].describe(), to = %sources[j].describe(),
+                            offset = got, error = %e, "fill resumed from the next source"
+                        );
+                        idx = j;
+                        body = b2;
+                        upstream_bytes = counter(&sources[idx]);
+                        fill.progress
+                            .send_modify(|p| p.origin = Some(sources[idx].origin()));
+                        continue;
+                    }
+                    Ok((j, s2, _)) => {
+                        streamed = Err(FillError::Corrupt(format!(
+                            "{} says {digest} has {} bytes, {} said {}",
+                            sources[j].describe(),
+                            s2.unwrap_or(0),
+                            sources[idx].describe(),
+                            size.unwrap_or(0)
+                        )));
+                        break;
+                    }
+                    Err(_) => {
+                        streamed = Err(e);
+                        break;
+                    }
+                }
+            }
             let flush = match &next {
                 Some(Ok(c)) => {
-                    if received + (pending.len() + c.len()) as u64 > cut_at {
+                    if got + c.len() as u64 > cut_at {
                         streamed = Err(FillError::TooLarge(match size {
-                            Some(s) => format!("upstream body exceeded its announced {s} bytes"),
-                            None => format!("upstream body exceeded the {max}-byte limit"),
+                            Some(s) => format!("body exceeded its announced {s} bytes"),
+                            None => format!("body exceeded the {max}-byte limit"),
                         }));
                         break;
                     }
-                    upstream_bytes.inc_by(c.len() as u64);
+                    if let Some(c2) = &upstream_bytes {
+                        c2.inc_by(c.len() as u64);
+                    }
                     hasher.update(c);
                     pending.extend_from_slice(c);
                     pending.len() >= FILL_BATCH
                 }
-                Some(Err(e)) => {
-                    streamed = Err(up_err(e.clone()));
-                    break;
-                }
+                // Handled above: the fill resumed from another source or stopped.
+                Some(Err(_)) => false,
                 None => {
-                    upstream_ended = true;
+                    source_ended = true;
                     !pending.is_empty()
                 }
             };
@@ -776,7 +1062,7 @@ impl Mirror {
                     break;
                 }
             }
-            if upstream_ended {
+            if source_ended {
                 break;
             }
         }
@@ -801,7 +1087,7 @@ impl Mirror {
         drop(tx);
         // The writer's failure first: a writer that died (of a full disk, say) stops taking
         // batches, which ends the stream early and would otherwise look like a short, corrupt
-        // body from the upstream.
+        // body from the source.
         let outcome = match writer.await {
             Err(e) => Err(FillError::Store(e.to_string())),
             Ok(Err(e)) => Err(e),
@@ -812,7 +1098,9 @@ impl Mirror {
             Ok(n) => Err(FillError::Store(format!("wrote {n} of {received} bytes")))?,
             Err(e) => {
                 if matches!(e, FillError::Corrupt(_)) {
-                    self.metrics.corrupt(r.upstream_name());
+                    if let Source::Upstream(r) = &sources[idx] {
+                        self.metrics.corrupt(r.upstream_name());
+                    }
                 }
                 spool.discard();
                 return Err(e);
@@ -823,7 +1111,7 @@ impl Mirror {
             .await
             .map_err(FillError::store)?;
         self.meta
-            .link_blob(&r.cache_repo, digest, n)
+            .link_blob(link_repo, digest, n)
             .await
             .map_err(FillError::store)?;
         Ok(())

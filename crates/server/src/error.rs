@@ -144,6 +144,12 @@ impl From<RouteError> for ApiError {
     }
 }
 
+impl From<pier_store::StoreError> for ApiError {
+    fn from(e: pier_store::StoreError) -> ApiError {
+        ApiError::from(RegistryError::from(e))
+    }
+}
+
 impl From<RegistryError> for ApiError {
     fn from(e: RegistryError) -> Self {
         let code = e.code();

@@ -5,10 +5,12 @@
 //! Architecture invariant: this crate turns HTTP into registry calls and registry results into
 //! HTTP. It holds no storage logic, and failures become responses only in [`error`].
 
+pub mod cluster;
 pub mod conn;
 pub mod error;
 pub mod metrics;
 pub mod mirror;
+pub mod peer;
 pub mod ranges;
 pub mod status;
 pub mod v2;

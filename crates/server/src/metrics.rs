@@ -28,6 +28,16 @@ pub struct ServedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -48,6 +58,10 @@ pub struct Metrics {
     pub connections: Gauge,
     pub connections_rejected: Counter,
     pub timeouts: Family<KindLabels, Counter>,
+    pub blob_served_bytes: Family<SourceLabels, Counter>,
+    pub cluster_members: Family<StateLabels, Gauge>,
+    pub gossip_rejected: Counter,
+    pub peer_rejected: Counter,
 }
 
 impl Default for Metrics {
@@ -146,6 +160,30 @@ impl Metrics {
             "Connections or requests cut by a timeout, by kind (header, idle, body, write)",
             timeouts.clone(),
         );
+        let blob_served_bytes = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "blob_served_bytes",
+            "Blob bytes sent to clients, by where this node got them (local, peer, upstream)",
+            blob_served_bytes.clone(),
+        );
+        let cluster_members = Family::<StateLabels, Gauge>::default();
+        registry.register(
+            "cluster_members",
+            "Cluster members this node knows, by state (alive, suspect, dead), itself included",
+            cluster_members.clone(),
+        );
+        let gossip_rejected = Counter::default();
+        registry.register(
+            "cluster_gossip_rejected",
+            "Gossip datagrams dropped because they did not open with the cluster secret",
+            gossip_rejected.clone(),
+        );
+        let peer_rejected = Counter::default();
+        registry.register(
+            "peer_requests_rejected",
+            "Requests to the peer listener refused for a missing or bad signature",
+            peer_rejected.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -161,6 +199,10 @@ impl Metrics {
             connections,
             connections_rejected,
             timeouts,
+            blob_served_bytes,
+            cluster_members,
+            gossip_rejected,
+            peer_rejected,
         };
         (metrics, more)
     }

@@ -216,7 +216,8 @@ pub(crate) async fn dispatch(
                         return Ok(builder.body(Body::empty()).unwrap_or_default());
                     }
                     let stream = fill.read(start, Some(end));
-                    Ok(stream_response(state, builder, stream, "upstream"))
+                    let source = fill.origin();
+                    Ok(stream_response(state, builder, stream, source))
                 }
                 BlobSource::Filling { fill, size: None } => {
                     // The upstream sent no length: stream it chunked, whole.
@@ -224,12 +225,8 @@ pub(crate) async fn dispatch(
                         .status(StatusCode::OK)
                         .header(header::CONTENT_TYPE, "application/octet-stream")
                         .header("docker-content-digest", hv(&digest.to_string()));
-                    Ok(stream_response(
-                        state,
-                        builder,
-                        fill.read(0, None),
-                        "upstream",
-                    ))
+                    let source = fill.origin();
+                    Ok(stream_response(state, builder, fill.read(0, None), source))
                 }
             }
         }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use pier_oci::{media, Digest, Reference, RepoName, Route};
 use pier_registry::upload::ChunkInfo;
+use pier_registry::RegistryError;
 use pier_store::ByteStream;
 
 use crate::error::ApiError;
@@ -170,8 +171,17 @@ async fn get_manifest(
     reference: &Reference,
     head: bool,
 ) -> Result<Response> {
-    let (record, bytes) = state.registry.manifest(name, reference).await?;
-    Ok(manifest_response(state, &record, bytes, head, "local"))
+    match state.registry.manifest(name, reference).await {
+        Ok((record, bytes)) => Ok(manifest_response(state, &record, bytes, head, "local")),
+        // Pushed to another node of the cluster, perhaps.
+        Err(e @ (RegistryError::ManifestUnknown | RegistryError::NameUnknown)) => {
+            match crate::cluster::hosted_manifest(state, name, reference, head).await? {
+                Some(resp) => Ok(resp),
+                None => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// A manifest's exact bytes with its media type and digest. `source` labels the bytes served.
@@ -262,7 +272,16 @@ async fn get_blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response> {
-    let size = state.registry.blob_size(name, digest).await?;
+    let size = match state.registry.blob_size(name, digest).await {
+        Ok(size) => size,
+        Err(e @ RegistryError::BlobUnknown) => {
+            return match crate::cluster::hosted_blob(state, name, digest, headers, head).await? {
+                Some(resp) => Ok(resp),
+                None => Err(e.into()),
+            };
+        }
+        Err(e) => return Err(e.into()),
+    };
     let range = blob_range(headers, size)?;
     let (builder, start, end) = blob_headers(digest, size, range);
     if head || start == end {
@@ -341,9 +360,15 @@ pub(crate) fn stream_response(
             source,
         })
         .clone();
+    let by_source = state
+        .metrics
+        .blob_served_bytes
+        .get_or_create(&crate::metrics::SourceLabels { source })
+        .clone();
     let stream = stream.inspect(move |chunk| {
         if let Ok(c) = chunk {
             counter.inc_by(c.len() as u64);
+            by_source.inc_by(c.len() as u64);
         }
     });
     builder.body(Body::from_stream(stream)).unwrap_or_default()

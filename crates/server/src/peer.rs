@@ -1,0 +1,396 @@
+//! The peer listener's HTTP API (`/peer/v1/…`, see `pier_peer::client` for the paths). Served
+//! only on the peer listener, never on the main one, and only to requests signed with the
+//! cluster secret.
+//!
+//! Architecture invariant: an answer here never causes a request to another peer. Blobs come
+//! from the store, from a fill in progress that reads an upstream, or from a new fill that
+//! reads this node's upstream; manifests from the store or this node's mirror without its
+//! owners. Pull requests are the exception by design: they name the node to fetch from.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, Request, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use pier_cluster::ClusterSecret;
+use pier_mirror::{BlobSource, MirrorError, MirrorRef};
+use pier_oci::{Digest, ErrorCode, Reference, RepoName};
+use pier_peer::client::{HOLDING_HEADER, SIZE_HEADER};
+use pier_peer::PullRequest;
+
+use crate::error::ApiError;
+use crate::v2::{blob_headers, blob_range, hv, manifest_response, stream_response, Query};
+use crate::AppState;
+
+type Result<T> = std::result::Result<T, ApiError>;
+
+/// What the peer API needs.
+#[derive(Clone)]
+pub struct PeerState {
+    pub app: AppState,
+    pub secret: ClusterSecret,
+}
+
+/// The peer application.
+pub fn router(state: PeerState) -> Router {
+    Router::new()
+        .route("/peer/v1/blobs/{digest}", get(blob).head(blob))
+        .route("/peer/v1/manifests/{reference}", get(manifest))
+        .route("/peer/v1/pull", post(pull))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                ErrorCode::NotFound,
+                "no such peer path",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+/// Refuse every request that is not signed with the cluster secret.
+async fn authenticate(State(state): State<PeerState>, req: Request<Body>, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(pier_cluster::secret::AUTH_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or(req.uri().path(), |p| p.as_str());
+    match state.secret.verify(header, req.method().as_str(), path) {
+        Ok(node) => {
+            let span = tracing::debug_span!("peer", from = %node, method = %req.method());
+            tracing::Instrument::instrument(next.run(req), span).await
+        }
+        Err(e) => {
+            state.app.metrics.peer_rejected.inc();
+            let from = req
+                .extensions()
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|c| c.0.to_string())
+                .unwrap_or_default();
+            tracing::warn!(%from, path, error = %e, "peer request refused");
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                format!("peer request refused: {e}"),
+            )
+            .into_response()
+        }
+    }
+}
+
+fn mirror_of(state: &PeerState) -> Result<&Arc<pier_mirror::Mirror>> {
+    state.app.mirror.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "this node has no mirror",
+        )
+    })
+}
+
+fn parse_repo(repo: &str) -> Result<RepoName> {
+    repo.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+            format!("invalid repository {repo:?}"),
+        )
+    })
+}
+
+/// The mirrored repository a peer names by upstream and cache repository.
+fn mirror_ref(state: &PeerState, upstream: &str, repo: &str) -> Result<MirrorRef> {
+    let mirror = mirror_of(state)?;
+    let name = parse_repo(repo)?;
+    match mirror.route(&name, Some(upstream)) {
+        Ok(Some(r)) => Ok(r),
+        Ok(None) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            format!("this node does not mirror {upstream}"),
+        )),
+        Err(e) => Err(ApiError::from_mirror(e)),
+    }
+}
+
+fn digest_of(s: &str) -> Result<Digest> {
+    s.parse()
+        .map_err(|_| ApiError::digest_invalid(format!("invalid digest {s:?}")))
+}
+
+async fn blob(
+    State(state): State<PeerState>,
+    Path(digest): Path<String>,
+    req: Request<Body>,
+) -> Result<Response> {
+    let digest = digest_of(&digest)?;
+    let q = Query::of(&req);
+    let head = req.method() == Method::HEAD;
+    let app = &state.app;
+    let registry = &app.registry;
+    // In the store: serve it (linked to the named repository, when one is named without an
+    // upstream: hosted content is shared only within its repository).
+    if let Some(size) = registry.blob_store().stat(&digest).await? {
+        let linked = match (q.get("repo"), q.get("upstream")) {
+            (Some(repo), None) => registry
+                .meta_store()
+                .blob_link(repo, &digest)
+                .await?
+                .is_some(),
+            _ => true,
+        };
+        if linked {
+            let range = blob_range(req.headers(), size)?;
+            let (builder, start, end) = blob_headers(&digest, size, range);
+            let builder = builder
+                .header(HOLDING_HEADER, "local")
+                .header(SIZE_HEADER, size);
+            if head || start == end {
+                return Ok(builder.body(Body::empty()).unwrap_or_default());
+            }
+            let stream = registry.read_blob(&digest, start, end).await?;
+            return Ok(stream_response(app, builder, stream, "local"));
+        }
+    }
+    let mirror = mirror_of(&state)?;
+    // Being fetched from an upstream here: readers share it. A fill that reads from a peer is
+    // not offered, so two nodes never read a blob from each other.
+    if let Some(fill) = mirror
+        .fill_in_progress(&digest)
+        .filter(|f| f.from_upstream())
+    {
+        if let Ok(size) = fill.started().await {
+            return fill_response(app, &digest, fill, size, req.headers(), head, "filling");
+        }
+    }
+    if head || q.get("fill") != Some("1") {
+        return Err(not_here(&digest));
+    }
+    let (Some(upstream), Some(repo)) = (q.get("upstream"), q.get("repo")) else {
+        return Err(not_here(&digest));
+    };
+    let r = mirror_ref(&state, upstream, repo)?;
+    match mirror
+        .blob_for_peer(&r, &digest)
+        .await
+        .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?
+    {
+        BlobSource::Local { size } => {
+            let range = blob_range(req.headers(), size)?;
+            let (builder, start, end) = blob_headers(&digest, size, range);
+            let builder = builder.header(SIZE_HEADER, size);
+            if start == end {
+                return Ok(builder.body(Body::empty()).unwrap_or_default());
+            }
+            let stream = registry.read_blob(&digest, start, end).await?;
+            Ok(stream_response(app, builder, stream, "local"))
+        }
+        BlobSource::Filling { fill, size } => {
+            fill_response(app, &digest, fill, size, req.headers(), false, "filling")
+        }
+    }
+}
+
+fn not_here(digest: &Digest) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::BlobUnknown,
+        format!("this node does not hold {digest}"),
+    )
+}
+
+/// A blob answered from a fill in progress on this node.
+fn fill_response(
+    app: &AppState,
+    digest: &Digest,
+    fill: Arc<pier_mirror::fill::Fill>,
+    size: Option<u64>,
+    headers: &HeaderMap,
+    head: bool,
+    holding: &'static str,
+) -> Result<Response> {
+    let source = fill.origin();
+    match size {
+        Some(size) => {
+            let range = blob_range(headers, size)?;
+            let (builder, start, end) = blob_headers(digest, size, range);
+            let builder = builder
+                .header(HOLDING_HEADER, holding)
+                .header(SIZE_HEADER, size);
+            if head || start == end {
+                return Ok(builder.body(Body::empty()).unwrap_or_default());
+            }
+            Ok(stream_response(
+                app,
+                builder,
+                fill.read(start, Some(end)),
+                source,
+            ))
+        }
+        None => {
+            // No length known: the whole blob, chunked. A ranged resume needs a length.
+            if headers.contains_key(header::RANGE) {
+                return Err(ApiError::range(0, "the blob's size is not known yet"));
+            }
+            let builder = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(HOLDING_HEADER, holding)
+                .header("docker-content-digest", hv(&digest.to_string()));
+            if head {
+                return Ok(builder.body(Body::empty()).unwrap_or_default());
+            }
+            Ok(stream_response(app, builder, fill.read(0, None), source))
+        }
+    }
+}
+
+async fn manifest(
+    State(state): State<PeerState>,
+    Path(reference): Path<String>,
+    req: Request<Body>,
+) -> Result<Response> {
+    let q = Query::of(&req);
+    let repo = q.get("repo").ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::NameInvalid,
+            "repo is required",
+        )
+    })?;
+    let reference: Reference = reference.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            format!("invalid reference {reference:?}"),
+        )
+    })?;
+    if let Some(upstream) = q.get("upstream") {
+        let r = mirror_ref(&state, upstream, repo)?;
+        let (record, bytes, freshness) = mirror_of(&state)?
+            .manifest_for_peer(&r, &reference)
+            .await
+            .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::ManifestUnknown))?;
+        let mut resp = manifest_response(&state.app, &record, bytes, false, "local");
+        let label = match freshness {
+            pier_mirror::Freshness::Hit => "hit",
+            pier_mirror::Freshness::Miss => "miss",
+            pier_mirror::Freshness::Stale => "stale",
+        };
+        resp.headers_mut().insert("x-pier-cache", hv(label));
+        return Ok(resp);
+    }
+    let name = parse_repo(repo)?;
+    let (record, bytes) = state.app.registry.manifest(&name, &reference).await?;
+    Ok(manifest_response(
+        &state.app, &record, bytes, false, "local",
+    ))
+}
+
+/// Hold a blob or manifest durably, fetched from the named node (or any holder).
+async fn pull(State(state): State<PeerState>, Json(pull): Json<PullRequest>) -> Result<Response> {
+    let mirror = mirror_of(&state)?.clone();
+    let cluster = mirror.cluster().cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "this node is in no cluster",
+        )
+    })?;
+    parse_repo(&pull.repo)?;
+    let digest = digest_of(&pull.digest)?;
+    let from = pull.from.as_deref().and_then(|n| cluster.member(n));
+    match pull.kind.as_str() {
+        "blob" => {
+            let source = match pull.upstream.as_deref() {
+                // Mirrored content may also come from the upstream when no peer has it.
+                Some(up) if from.is_none() => {
+                    let r = mirror_ref(&state, up, &pull.repo)?;
+                    mirror.blob_for_peer(&r, &digest).await
+                }
+                _ => mirror.hosted_blob(&pull.repo, &digest, from).await,
+            }
+            .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?;
+            if let BlobSource::Filling { fill, .. } = source {
+                fill.finished().await.map_err(|e| {
+                    ApiError::from_mirror(MirrorError::Fill(e)).not_found_as(ErrorCode::BlobUnknown)
+                })?;
+            }
+            Ok(StatusCode::OK.into_response())
+        }
+        "manifest" => {
+            let meta = state.app.registry.meta_store();
+            let have = meta.manifest(&pull.repo, &digest).await?.is_some();
+            if !have {
+                let mut answer = None;
+                let mut asked = Vec::new();
+                if let Some(from) = &from {
+                    asked.push(from.clone());
+                }
+                asked.extend(cluster.candidates(digest.to_string().as_bytes()));
+                for node in asked {
+                    match cluster
+                        .client()
+                        .get_manifest(&node, &pull.repo, &digest.to_string(), None)
+                        .await
+                    {
+                        Ok(Some(a)) if Digest::compute(digest.algorithm(), &a.bytes) == digest => {
+                            answer = Some(a);
+                            break;
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(node = %node.name, error = %e, "manifest source failed")
+                        }
+                    }
+                }
+                let Some(a) = answer else {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::ManifestUnknown,
+                        format!("no peer has {} in {}", digest, pull.repo),
+                    ));
+                };
+                mirror
+                    .store_manifest(
+                        &pull.repo,
+                        digest.clone(),
+                        a.bytes,
+                        &a.media_type,
+                        pull.tag.as_deref(),
+                    )
+                    .await
+                    .map_err(ApiError::from_mirror)?;
+            } else if let Some(tag) = pull.tag.as_deref() {
+                let (record, bytes) = match (
+                    meta.manifest(&pull.repo, &digest).await?,
+                    meta.manifest_bytes(&digest).await?,
+                ) {
+                    (Some(r), Some(b)) => (r, b),
+                    _ => {
+                        return Err(ApiError::new(
+                            StatusCode::NOT_FOUND,
+                            ErrorCode::ManifestUnknown,
+                            "manifest vanished",
+                        ))
+                    }
+                };
+                meta.put_manifest(&pull.repo, &record, bytes, Some(tag))
+                    .await?;
+            }
+            Ok(StatusCode::OK.into_response())
+        }
+        other => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::Unsupported,
+            format!("unknown pull kind {other:?}"),
+        )),
+    }
+}
