@@ -39,6 +39,8 @@ pub enum StoreError {
     DbIo(String),
     #[error("metadata is corrupt: {0}")]
     Corrupt(String),
+    #[error("job {0} unknown")]
+    JobUnknown(u64),
 }
 
 impl StoreError {
@@ -49,7 +51,8 @@ impl StoreError {
             | StoreError::DigestMismatch { .. }
             | StoreError::OffsetMismatch { .. }
             | StoreError::TooLarge { .. }
-            | StoreError::Body(_) => Blame::Client,
+            | StoreError::Body(_)
+            | StoreError::JobUnknown(_) => Blame::Client,
             StoreError::Io(_)
             | StoreError::NoSpace(_)
             | StoreError::Db(_)

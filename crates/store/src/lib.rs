@@ -1,5 +1,6 @@
 //! Storage for pier: content-addressed blobs ([`BlobStore`]) and the metadata database
-//! ([`MetaStore`]: repositories, tags, manifests, blob links, referrers, upload sessions).
+//! ([`MetaStore`]: repositories, tags, manifests, blob links, referrers, upload sessions), and
+//! the durable job queue ([`JobStore`], run by [`JobRunner`]) that background work goes through.
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, routing or upstreams. It stores
 //! bytes and facts; deciding what a request may see is the registry's job.
@@ -11,6 +12,7 @@
 pub mod blob;
 pub mod error;
 pub mod fs;
+pub mod jobs;
 pub mod meta;
 pub mod redb_meta;
 pub mod space;
@@ -19,6 +21,7 @@ pub mod spool;
 pub use blob::{BlobStore, ByteStream, StoreStats};
 pub use error::{Blame, StoreError};
 pub use fs::FsBlobStore;
+pub use jobs::{Job, JobFailure, JobHandler, JobRunner, JobState, JobStore, RunnerConfig};
 pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
 pub use redb_meta::RedbMetaStore;
 pub use space::{Space, SpaceState};

@@ -6,6 +6,10 @@
 //! JSON, `manifest_bytes` digest → exact bytes, `tags` (repo, tag) → digest,
 //! `referrers` (repo, subject, referrer) → (), `uploads` id → record JSON.
 //!
+//! The job queue ([`JobStore`]): `jobs` id → job JSON, `job_keys` dedupe key → id of the
+//! newest job with that key, `job_due` (next attempt ms, id) → () for every queued or retrying
+//! job (so finding due work is a range read, not a scan), `job_seq` "next" → the next id.
+//!
 //! After one I/O failure (a full disk during a commit, say) redb refuses every later
 //! transaction until the database is closed and opened again. The store does that by itself:
 //! an operation that fails with an I/O error reopens the database from its file (committed
@@ -22,6 +26,7 @@ use bytes::Bytes;
 use pier_oci::Digest;
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition};
 
+use crate::jobs::{unix_ms, Job, JobState, JobStore};
 use crate::meta::{ManifestRecord, MetaStore, Page, UploadRecord};
 use crate::{Result, StoreError};
 
@@ -32,6 +37,10 @@ const MANIFEST_BYTES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("m
 const TAGS: TableDefinition<'_, (&str, &str), &str> = TableDefinition::new("tags");
 const REFERRERS: TableDefinition<'_, (&str, &str, &str), ()> = TableDefinition::new("referrers");
 const UPLOADS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("uploads");
+const JOBS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("jobs");
+const JOB_KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("job_keys");
+const JOB_DUE: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("job_due");
+const JOB_SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("job_seq");
 
 /// Opens the database again after an I/O failure. `None` for a database that lives only in
 /// memory: reopening it would lose everything.
@@ -94,6 +103,10 @@ impl RedbMetaStore {
         tx.open_table(TAGS)?;
         tx.open_table(REFERRERS)?;
         tx.open_table(UPLOADS)?;
+        tx.open_table(JOBS)?;
+        tx.open_table(JOB_KEYS)?;
+        tx.open_table(JOB_DUE)?;
+        tx.open_table(JOB_SEQ)?;
         tx.commit()?;
         Ok(RedbMetaStore {
             db: Arc::new(RwLock::new(Some(Arc::new(db)))),
@@ -480,6 +493,210 @@ impl MetaStore for RedbMetaStore {
             Ok(out)
         })
         .await
+    }
+}
+
+/// One job from the `jobs` table.
+fn load_job(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Option<Job>> {
+    table.get(id)?.map(|v| unjson(v.value())).transpose()
+}
+
+/// Every job, by id.
+fn all_jobs(table: &impl ReadableTable<u64, &'static [u8]>) -> Result<Vec<Job>> {
+    let mut out = Vec::new();
+    for item in table.iter()? {
+        let (_, v) = item?;
+        out.push(unjson(v.value())?);
+    }
+    Ok(out)
+}
+
+/// Write `job` and, if it waits for a time, its entry in the due index. The caller has removed
+/// the entry of the job's previous state.
+fn save_job(tx: &redb::WriteTransaction, job: &Job) -> Result<()> {
+    tx.open_table(JOBS)?.insert(job.id, json(job)?.as_slice())?;
+    if job.state.is_waiting() {
+        tx.open_table(JOB_DUE)?
+            .insert((job.next_at_ms, job.id), ())?;
+    }
+    Ok(())
+}
+
+/// Take the next job id. A counter rather than the highest id in `jobs`, which pruning may
+/// remove: ids are never reused.
+fn next_job_id(tx: &redb::WriteTransaction) -> Result<u64> {
+    let mut seq = tx.open_table(JOB_SEQ)?;
+    let next = seq.get("next")?.map(|v| v.value()).unwrap_or(1);
+    seq.insert("next", next + 1)?;
+    Ok(next)
+}
+
+/// Set the jobs in `state` (the one with `id`, or all) back to queued and due at `now`, with
+/// `attempts` reset if asked.
+fn requeue(
+    tx: &redb::WriteTransaction,
+    state: JobState,
+    id: Option<u64>,
+    now: u64,
+    reset_attempts: bool,
+) -> Result<usize> {
+    let chosen: Vec<Job> = {
+        let jobs = tx.open_table(JOBS)?;
+        match id {
+            Some(id) => load_job(&jobs, id)?.into_iter().collect(),
+            None => all_jobs(&jobs)?,
+        }
+    };
+    let mut n = 0;
+    for mut job in chosen.into_iter().filter(|j| j.state == state) {
+        // Neither running nor failed jobs are in the due index, so there is no entry to drop.
+        job.state = JobState::Queued;
+        job.next_at_ms = now;
+        job.updated_ms = now;
+        if reset_attempts {
+            job.attempts = 0;
+        }
+        save_job(tx, &job)?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+#[async_trait]
+impl JobStore for RedbMetaStore {
+    async fn enqueue(&self, kind: &str, key: &str, payload: serde_json::Value) -> Result<u64> {
+        let (kind, key) = (kind.to_string(), key.to_string());
+        let now = unix_ms();
+        self.write(move |tx| {
+            let current = tx
+                .open_table(JOB_KEYS)?
+                .get(key.as_str())?
+                .map(|v| v.value());
+            if let Some(id) = current {
+                let mut jobs = tx.open_table(JOBS)?;
+                match load_job(&jobs, id)? {
+                    Some(job) if job.state.is_active() => return Ok(id),
+                    // Over (succeeded or failed): the new request replaces it.
+                    Some(_) => {
+                        jobs.remove(id)?;
+                    }
+                    None => {}
+                }
+            }
+            let id = next_job_id(tx)?;
+            save_job(
+                tx,
+                &Job {
+                    id,
+                    kind: kind.clone(),
+                    key: key.clone(),
+                    payload: payload.clone(),
+                    state: JobState::Queued,
+                    attempts: 0,
+                    last_error: None,
+                    next_at_ms: now,
+                    created_ms: now,
+                    updated_ms: now,
+                },
+            )?;
+            tx.open_table(JOB_KEYS)?.insert(key.as_str(), id)?;
+            Ok(id)
+        })
+        .await
+    }
+
+    async fn job(&self, id: u64) -> Result<Option<Job>> {
+        self.read(|tx| load_job(&tx.open_table(JOBS)?, id)).await
+    }
+
+    async fn jobs(&self) -> Result<Vec<Job>> {
+        self.read(|tx| all_jobs(&tx.open_table(JOBS)?)).await
+    }
+
+    async fn due(&self, now_ms: u64, limit: usize) -> Result<Vec<Job>> {
+        self.read(|tx| {
+            let due = tx.open_table(JOB_DUE)?;
+            let jobs = tx.open_table(JOBS)?;
+            let mut out = Vec::new();
+            for item in due.range::<(u64, u64)>((0, 0)..=(now_ms, u64::MAX))? {
+                if out.len() >= limit {
+                    break;
+                }
+                let (k, _) = item?;
+                let (_, id) = k.value();
+                if let Some(job) = load_job(&jobs, id)? {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn next_due(&self) -> Result<Option<u64>> {
+        self.read(|tx| {
+            let due = tx.open_table(JOB_DUE)?;
+            let first = due.first()?;
+            Ok(first.map(|(k, _)| k.value().0))
+        })
+        .await
+    }
+
+    async fn update(&self, job: &Job) -> Result<()> {
+        let job = job.clone();
+        self.write(move |tx| {
+            let old = {
+                let jobs = tx.open_table(JOBS)?;
+                load_job(&jobs, job.id)?.ok_or(StoreError::JobUnknown(job.id))?
+            };
+            if old.state.is_waiting() {
+                tx.open_table(JOB_DUE)?.remove((old.next_at_ms, old.id))?;
+            }
+            let new = Job {
+                kind: old.kind,
+                key: old.key,
+                created_ms: old.created_ms,
+                ..job.clone()
+            };
+            save_job(tx, &new)
+        })
+        .await
+    }
+
+    async fn retry(&self, id: Option<u64>) -> Result<usize> {
+        let now = unix_ms();
+        self.write(move |tx| requeue(tx, JobState::Failed, id, now, true))
+            .await
+    }
+
+    async fn prune_succeeded(&self, keep: usize) -> Result<usize> {
+        self.write(move |tx| {
+            let doomed: Vec<Job> = {
+                let jobs = tx.open_table(JOBS)?;
+                all_jobs(&jobs)?
+                    .into_iter()
+                    .rev()
+                    .filter(|j| j.state == JobState::Succeeded)
+                    .skip(keep)
+                    .collect()
+            };
+            let mut jobs = tx.open_table(JOBS)?;
+            let mut keys = tx.open_table(JOB_KEYS)?;
+            for job in &doomed {
+                jobs.remove(job.id)?;
+                if keys.get(job.key.as_str())?.map(|v| v.value()) == Some(job.id) {
+                    keys.remove(job.key.as_str())?;
+                }
+            }
+            Ok(doomed.len())
+        })
+        .await
+    }
+
+    async fn recover(&self) -> Result<usize> {
+        let now = unix_ms();
+        self.write(move |tx| requeue(tx, JobState::Running, None, now, false))
+            .await
     }
 }
 
