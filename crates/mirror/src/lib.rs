@@ -14,6 +14,7 @@
 pub mod fill;
 pub mod glob;
 pub mod metrics;
+pub mod replicate;
 mod sources;
 
 use std::collections::HashMap;
@@ -159,6 +160,9 @@ pub struct Mirror {
     negative: Mutex<HashMap<NegativeKey, Instant>>,
     /// The cluster this node belongs to, once it has joined one.
     cluster: OnceLock<Arc<Cluster>>,
+    /// One upstream manifest resolution at a time per (cache repository, reference): requests
+    /// that arrive meanwhile (from clients or peers) wait and take its answer from the cache.
+    resolving: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// How a fill chooses its sources.
@@ -226,6 +230,7 @@ impl Mirror {
             budget,
             negative: Mutex::new(HashMap::new()),
             cluster: OnceLock::new(),
+            resolving: Mutex::new(HashMap::new()),
         })
     }
 
@@ -562,7 +567,7 @@ impl Mirror {
         let result = if self.known_missing(r, "manifest", &key) {
             Err(MirrorError::Upstream(UpstreamError::NotFound))
         } else {
-            let result = self.manifest_inner(r, reference, ask_peers).await;
+            let result = self.manifest_single(r, reference, ask_peers).await;
             match &result {
                 Ok(_) => self.found(r, "manifest", &key),
                 Err(MirrorError::Upstream(UpstreamError::NotFound)) => {
@@ -581,6 +586,34 @@ impl Mirror {
                 self.metrics.request(up, "manifest", "timeout")
             }
             Err(_) => self.metrics.request(up, "manifest", "error"),
+        }
+        result
+    }
+
+    /// [`Mirror::manifest_inner`], one at a time per reference; a waiter finds what the first
+    /// one cached (fresh) and does not ask again.
+    async fn manifest_single(
+        &self,
+        r: &MirrorRef,
+        reference: &Reference,
+        ask_peers: bool,
+    ) -> Result<(ManifestRecord, Bytes, Freshness)> {
+        let key = (r.cache_repo.clone(), reference.to_string());
+        let lock = {
+            let mut resolving = self.resolving.lock().unwrap_or_else(|e| e.into_inner());
+            resolving.entry(key.clone()).or_default().clone()
+        };
+        let result = {
+            let _turn = lock.lock().await;
+            self.manifest_inner(r, reference, ask_peers).await
+        };
+        let mut resolving = self.resolving.lock().unwrap_or_else(|e| e.into_inner());
+        // The last one out removes the entry (the map holds one reference, this call another).
+        if resolving
+            .get(&key)
+            .is_some_and(|l| Arc::strong_count(l) <= 2)
+        {
+            resolving.remove(&key);
         }
         result
     }
@@ -733,9 +766,13 @@ impl Mirror {
         ask_peers: bool,
     ) -> Result<BlobSource> {
         let up = r.upstream_name();
-        if let Some(size) = self.local_blob(r, digest).await? {
-            self.metrics.request(up, "blob", "hit");
-            return Ok(BlobSource::Local { size });
+        // A fill in progress is joined before the store is asked: its blob may be committed
+        // but not yet linked, and the store would then ask the upstream about it.
+        if self.fill_in_progress(digest).is_none() {
+            if let Some(size) = self.local_blob(r, digest).await? {
+                self.metrics.request(up, "blob", "hit");
+                return Ok(BlobSource::Local { size });
+            }
         }
         let key = digest.to_string();
         if self.known_missing(r, "blob", &key) {

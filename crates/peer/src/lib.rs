@@ -165,3 +165,17 @@ impl Cluster {
         self.usable().into_iter().find(|n| n.name == name)
     }
 }
+
+impl View for pier_cluster::membership::Membership {
+    fn local(&self) -> NodeId {
+        pier_cluster::membership::Membership::local(self)
+    }
+
+    fn members(&self) -> Vec<Member> {
+        pier_cluster::membership::Membership::members(self)
+    }
+
+    fn alive(&self) -> Vec<Member> {
+        pier_cluster::membership::Membership::alive(self)
+    }
+}

@@ -32,6 +32,7 @@ pub struct Config {
     pub mirror: MirrorConfig,
     pub storage: StorageConfig,
     pub server: ServerConfig,
+    pub cluster: ClusterConfig,
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -251,8 +252,55 @@ impl Default for Config {
             mirror: MirrorConfig::default(),
             storage: StorageConfig::default(),
             server: ServerConfig::default(),
+            cluster: ClusterConfig::default(),
             upstreams: Vec::new(),
         }
+    }
+}
+
+/// `[cluster]`: this node's place in a cluster (docs/cluster.md). With no `join` and no
+/// secret the node is a cluster of one and opens no peer port.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name in the cluster (default: the host name). Unique per node.
+    pub node_name: Option<String>,
+    /// The zone (rack, room, availability zone) the node is in.
+    pub zone: Option<String>,
+    /// Where peer HTTP (TCP) and gossip (UDP) listen, one port for both.
+    pub peer_listen: SocketAddr,
+    /// The peer address other nodes use to reach this one (default: `peer_listen`, with the
+    /// address of the interface that routes to the first `join` entry when it is unspecified).
+    pub advertise: Option<String>,
+    /// Peers to join: `host:port`, or a DNS name whose every address is a peer.
+    pub join: Vec<String>,
+    /// File holding the shared cluster secret (at least 16 bytes).
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Owners per blob and per mirrored tag.
+    pub replicas: usize,
+    /// Gossip probe period in milliseconds (detection takes a few periods).
+    pub probe_period_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_name: None,
+            zone: None,
+            peer_listen: SocketAddr::from(([0, 0, 0, 0], 5001)),
+            advertise: None,
+            join: Vec::new(),
+            cluster_secret_file: None,
+            replicas: 2,
+            probe_period_ms: 250,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Whether this node runs the cluster (a peer port and gossip).
+    pub fn enabled(&self) -> bool {
+        self.cluster_secret_file.is_some() || !self.join.is_empty()
     }
 }
 

@@ -93,6 +93,27 @@ pub struct ServeArgs {
     /// allowed); repeatable. Adds to `[mirror] hosted`.
     #[arg(long, value_name = "GLOB")]
     pub hosted: Vec<String>,
+    /// This node's name in the cluster [default: the host name].
+    #[arg(long, value_name = "NAME")]
+    pub node_name: Option<String>,
+    /// The zone this node is in (replicas are spread across zones, reads prefer the own zone).
+    #[arg(long, value_name = "ZONE")]
+    pub zone: Option<String>,
+    /// Peer HTTP (TCP) and gossip (UDP) address [default: 0.0.0.0:5001].
+    #[arg(long, value_name = "ADDR")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// The peer address other nodes reach this one at [default: the peer listen address].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+    /// Peers to join (host:port, or a DNS name whose every address is a peer); repeatable.
+    #[arg(long, value_name = "ADDR[,ADDR...]", value_delimiter = ',')]
+    pub join: Vec<String>,
+    /// The shared cluster secret; a node without it can neither join nor fetch.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Owners per blob and per mirrored tag [default: 2].
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<usize>,
 }
 
 fn main() -> std::process::ExitCode {

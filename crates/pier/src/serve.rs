@@ -18,9 +18,12 @@ use pier_server::metrics::Metrics;
 use pier_store::{BlobStore, MetaStore};
 use pier_upstream::Upstream;
 
-use crate::config::{Config, LogFormat, ServerConfig, UpstreamConfig};
+use crate::config::{ClusterConfig, Config, LogFormat, ServerConfig, UpstreamConfig};
 use crate::ServeArgs;
+use pier_cluster::membership::{Membership, MembershipConfig};
+use pier_cluster::{ClusterSecret, MemberState};
 use pier_server::conn::ConnLimits;
+use pier_server::metrics::StateLabels;
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut config = match &args.config {
@@ -34,6 +37,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         config.data_dir = dir;
     }
     config.mirror.hosted.extend(args.hosted.iter().cloned());
+    let c = &mut config.cluster;
+    if args.node_name.is_some() {
+        c.node_name = args.node_name.clone();
+    }
+    if args.zone.is_some() {
+        c.zone = args.zone.clone();
+    }
+    if let Some(addr) = args.peer_listen {
+        c.peer_listen = addr;
+    }
+    if args.advertise.is_some() {
+        c.advertise = args.advertise.clone();
+    }
+    c.join
+        .extend(args.join.iter().filter(|j| !j.is_empty()).cloned());
+    if args.cluster_secret_file.is_some() {
+        c.cluster_secret_file = args.cluster_secret_file.clone();
+    }
+    if let Some(r) = args.replicas {
+        c.replicas = r;
+    }
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
@@ -87,6 +111,8 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         max_manifest_bytes: config.registry.max_manifest_size.0,
         max_blob_bytes: config.registry.max_blob_size.map(|s| s.0),
     };
+    // One durable job queue for every kind of background work (replication to owners now).
+    let job_store: Arc<dyn pier_store::JobStore> = Arc::new(meta.clone());
     let meta: Arc<dyn MetaStore> = Arc::new(meta);
     let blobs: Arc<dyn BlobStore> = blobs;
     let caps = UploadCaps {
@@ -95,7 +121,12 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     };
     let registry =
         Arc::new(Registry::new(blobs.clone(), meta.clone(), limits).with_upload_caps(caps));
-    let (metrics, mirror_metrics) = Metrics::new_with(|r| Arc::new(MirrorMetrics::new(r)));
+    let (metrics, (mirror_metrics, peer_metrics)) = Metrics::new_with(|r| {
+        (
+            Arc::new(MirrorMetrics::new(r)),
+            Arc::new(pier_peer::metrics::PeerMetrics::new(r)),
+        )
+    });
     let mut entries = Vec::new();
     for u in &upstreams {
         let mut c = pier_upstream::UpstreamConfig::new(u.name.clone(), u.endpoints.clone());
@@ -125,6 +156,8 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         hosted = %config.mirror.hosted.join(","),
         "mirroring"
     );
+    let upstream_names: Vec<String> = entries.iter().map(|e| e.name().to_string()).collect();
+    let meta_for_jobs = meta.clone();
     let mirror = Mirror::new_with(
         entries,
         default_upstream,
@@ -149,6 +182,10 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         dropped_buffers = recovery.dropped_buffers,
         "upload sessions recovered"
     );
+    let cluster = start_cluster(&config.cluster, peer_metrics).await?;
+    if let Some(c) = &cluster {
+        mirror.set_cluster(c.cluster.clone());
+    }
     let conn_limits = connection_limits(&config.server);
     let signal = shutdown_signal()?;
     let listener = TcpListener::bind(config.listen)
@@ -161,6 +198,8 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         "pier is serving"
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut membership: Option<Arc<Membership>> = None;
+    let mut job_runner: Option<Arc<pier_store::JobRunner>> = None;
     // Abandoned upload sessions would hold disk forever: sweep them every ten minutes.
     let sweeper = {
         let registry = registry.clone();
@@ -204,6 +243,49 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
+    let mut cluster_tasks = Vec::new();
+    if let Some(c) = cluster {
+        let peer_state = pier_server::peer::PeerState {
+            app: state.clone(),
+            secret: c.secret.clone(),
+        };
+        let mut stopped = stop_rx.clone();
+        let peer_app = pier_server::peer::router(peer_state);
+        let metrics = state.metrics.clone();
+        cluster_tasks.push(tokio::spawn(async move {
+            let served = pier_server::conn::serve(
+                c.peer_listener,
+                peer_app,
+                metrics,
+                conn_limits,
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the peer listener failed");
+            }
+        }));
+        cluster_tasks.push(tokio::spawn(member_gauges(
+            c.membership.clone(),
+            state.metrics.clone(),
+        )));
+        let runner = pier_store::JobRunner::new(job_store, pier_store::RunnerConfig::default());
+        let replicator = pier_mirror::replicate::Replicator::new(
+            c.cluster.clone(),
+            meta_for_jobs.clone(),
+            runner.clone(),
+            upstream_names.clone(),
+        );
+        cluster_tasks.push(tokio::spawn(
+            replicator.clone().follow(c.membership.changes()),
+        ));
+        state.replicator = Some(replicator);
+        cluster_tasks.push(runner.start());
+        job_runner = Some(runner);
+        membership = Some(c.membership);
+    }
     let server = tokio::spawn(pier_server::serve_with(
         listener,
         state,
@@ -225,11 +307,163 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             .context("server failed")?,
         Err(_) => tracing::warn!("grace period over; exiting with requests still in flight"),
     }
+    if let Some(r) = &job_runner {
+        r.shutdown();
+    }
+    if let Some(m) = &membership {
+        // Tell the others now, so they stop asking this node at once.
+        m.shutdown().await;
+    }
+    for t in cluster_tasks {
+        t.abort();
+    }
     sweeper.abort();
     space_watch.abort();
     drop(stop_rx);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What a node that is part of a cluster runs besides the main listener.
+struct ClusterParts {
+    membership: Arc<Membership>,
+    cluster: Arc<pier_peer::Cluster>,
+    peer_listener: TcpListener,
+    secret: ClusterSecret,
+}
+
+/// Join the cluster (when configured): bind the peer port (TCP for peer HTTP, UDP for gossip),
+/// work out the address peers reach this node at, and start gossip.
+async fn start_cluster(
+    c: &ClusterConfig,
+    peer_metrics: Arc<pier_peer::metrics::PeerMetrics>,
+) -> anyhow::Result<Option<ClusterParts>> {
+    if !c.enabled() {
+        return Ok(None);
+    }
+    let secret_file = c.cluster_secret_file.as_ref().context(
+        "joining a cluster needs the shared secret: --cluster-secret-file FILE (or [cluster] \
+         cluster_secret_file)",
+    )?;
+    let secret = ClusterSecret::from_file(secret_file).map_err(|e| anyhow::anyhow!(e))?;
+    let peer_listener = TcpListener::bind(c.peer_listen)
+        .await
+        .with_context(|| format!("cannot listen for peers on {} (TCP)", c.peer_listen))?;
+    let bound = peer_listener.local_addr()?;
+    let udp = tokio::net::UdpSocket::bind(bound)
+        .await
+        .with_context(|| format!("cannot listen for gossip on {bound} (UDP)"))?;
+    let advertise = advertise_addr(c, bound).await?;
+    let name = match &c.node_name {
+        Some(n) if !n.trim().is_empty() => n.trim().to_string(),
+        _ => rustix::system::uname()
+            .nodename()
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let generation = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let identity = pier_cluster::NodeId {
+        name: name.clone(),
+        generation,
+        addr: advertise,
+        zone: c.zone.clone().filter(|z| !z.is_empty()),
+    };
+    let mut mcfg = MembershipConfig::new(identity, c.join.clone());
+    mcfg.probe_period = Duration::from_millis(c.probe_period_ms.max(50));
+    let membership = Membership::start(mcfg, udp, secret.gossip_key())
+        .await
+        .context("cannot start gossip")?;
+    let view: Arc<dyn pier_peer::View> = membership.clone();
+    let cluster = pier_peer::Cluster::new(
+        view,
+        secret.clone(),
+        c.replicas,
+        pier_peer::PeerTimeouts::default(),
+        peer_metrics,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(
+        node = %name,
+        zone = c.zone.as_deref().unwrap_or(""),
+        peer_listen = %bound,
+        advertise = %advertise,
+        join = %c.join.join(","),
+        replicas = c.replicas,
+        "cluster member started"
+    );
+    Ok(Some(ClusterParts {
+        membership,
+        cluster,
+        peer_listener,
+        secret,
+    }))
+}
+
+/// The peer address to advertise: `advertise` when set (a name is resolved), else the bound
+/// address, with an unspecified IP replaced by the one this host routes to the first peer from.
+async fn advertise_addr(
+    c: &ClusterConfig,
+    bound: std::net::SocketAddr,
+) -> anyhow::Result<std::net::SocketAddr> {
+    if let Some(a) = &c.advertise {
+        let mut addrs = tokio::net::lookup_host(a.as_str())
+            .await
+            .with_context(|| format!("cannot resolve --advertise {a} (HOST:PORT)"))?;
+        return addrs
+            .next()
+            .with_context(|| format!("--advertise {a} resolves to no address"));
+    }
+    if !bound.ip().is_unspecified() {
+        return Ok(bound);
+    }
+    for j in &c.join {
+        let Ok(mut addrs) = tokio::net::lookup_host(j.as_str()).await else {
+            continue;
+        };
+        let Some(target) = addrs.next() else { continue };
+        let probe = match target {
+            std::net::SocketAddr::V4(_) => std::net::UdpSocket::bind("0.0.0.0:0"),
+            std::net::SocketAddr::V6(_) => std::net::UdpSocket::bind("[::]:0"),
+        };
+        // Connecting a UDP socket sends nothing; it only asks the routing table.
+        if let Ok(probe) = probe {
+            if probe.connect(target).is_ok() {
+                if let Ok(local) = probe.local_addr() {
+                    return Ok(std::net::SocketAddr::new(local.ip(), bound.port()));
+                }
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot tell which address peers reach this node at: give --advertise HOST:PORT (or a \
+         specific --peer-listen address)"
+    )
+}
+
+/// Keep `pier_cluster_members{state}` and the gossip rejection count current.
+async fn member_gauges(membership: Arc<Membership>, metrics: Arc<Metrics>) {
+    let mut changes = membership.changes();
+    loop {
+        let members = membership.members();
+        for state in [MemberState::Alive, MemberState::Suspect, MemberState::Dead] {
+            let n = members.iter().filter(|m| m.state == state).count();
+            metrics
+                .cluster_members
+                .get_or_create(&StateLabels {
+                    state: state.as_str(),
+                })
+                .set(n as i64);
+        }
+        let rejected = membership.rejected_datagrams();
+        let c = &metrics.gossip_rejected;
+        c.inc_by(rejected.saturating_sub(c.get()));
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// File descriptors kept back from `max_connections` for the stores, upstream fetches and

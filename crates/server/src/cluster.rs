@@ -33,6 +33,17 @@ pub(crate) async fn hosted_manifest(
     reference: &Reference,
     head: bool,
 ) -> Result<Option<Response>> {
+    Ok(hosted_manifest_bytes(state, name, reference)
+        .await?
+        .map(|(record, bytes)| manifest_response(state, &record, bytes, head, "peer")))
+}
+
+/// [`hosted_manifest`]'s record and bytes.
+pub(crate) async fn hosted_manifest_bytes(
+    state: &AppState,
+    name: &RepoName,
+    reference: &Reference,
+) -> Result<Option<(pier_store::ManifestRecord, bytes::Bytes)>> {
     let Some(mirror) = &state.mirror else {
         return Ok(None);
     };
@@ -88,7 +99,7 @@ pub(crate) async fn hosted_manifest(
             )
             .await
             .map_err(ApiError::from_mirror)?;
-        return Ok(Some(manifest_response(state, &record, bytes, head, "peer")));
+        return Ok(Some((record, bytes)));
     }
     Ok(None)
 }

@@ -14,6 +14,7 @@ pub mod peer;
 pub mod ranges;
 pub mod status;
 pub mod v2;
+pub mod warm;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,8 @@ pub struct AppState {
     pub hosted: Arc<Vec<String>>,
     /// Free-space tracking of the data directory, when the store has one.
     pub space: Option<Arc<pier_store::Space>>,
+    /// Copies pushed content to its owners, when this node is part of a cluster.
+    pub replicator: Option<Arc<pier_mirror::replicate::Replicator>>,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
             ready: Arc::new(AtomicBool::new(true)),
             hosted: Arc::new(Vec::new()),
             space: None,
+            replicator: None,
         }
     }
 
@@ -75,6 +79,7 @@ impl AppState {
             ready: Arc::new(AtomicBool::new(true)),
             hosted: Arc::new(Vec::new()),
             space: None,
+            replicator: None,
         }
     }
 }
@@ -94,6 +99,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status::status))
+        .route("/api/v1/warm", axum::routing::post(warm::warm))
         .fallback(registry_api)
         .with_state(state)
 }

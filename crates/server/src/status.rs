@@ -20,6 +20,8 @@ pub struct Status {
     pub ready: bool,
     /// Why the node is not ready, one sentence each; empty when ready.
     pub not_ready_reasons: Vec<String>,
+    /// Every cluster member this node knows, itself included (just itself outside a cluster).
+    pub members: Vec<MemberStatus>,
     pub storage: StorageStatus,
     pub cache: CacheStatus,
     /// The mirrored upstreams, by name, with each endpoint's health.
@@ -33,6 +35,20 @@ pub struct NodeStatus {
     /// The node's zone; none until the node is part of a cluster with zones.
     pub zone: Option<String>,
     pub version: &'static str,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub name: String,
+    /// Its peer address (`host:port`); none outside a cluster.
+    pub address: Option<String>,
+    pub zone: Option<String>,
+    /// `alive`, `suspect` or `dead`.
+    pub state: &'static str,
+    /// When it entered that state (RFC 3339, UTC).
+    pub since: String,
+    /// Its generation: the start time of the process, in ms since the epoch.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -57,7 +73,7 @@ pub struct CacheStatus {
 pub struct ServedBytes {
     /// From this node's store.
     pub local: u64,
-    /// From another node (always 0 until nodes form a cluster).
+    /// Fetched from another node of the cluster.
     pub peer: u64,
     /// Streamed from an upstream while the fill caching them ran.
     pub upstream: u64,
@@ -135,14 +151,57 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
     let reasons = not_ready_reasons(&state);
     let space = state.space.as_ref().map(|s| s.state());
     let stats = state.registry.blob_store().stats();
+    let cluster = state.mirror.as_ref().and_then(|m| m.cluster()).cloned();
+    let (node, members) = match &cluster {
+        Some(c) => {
+            let local = c.local();
+            let mut members: Vec<MemberStatus> = c
+                .view()
+                .members()
+                .into_iter()
+                .map(|m| MemberStatus {
+                    name: m.id.name,
+                    address: Some(m.id.addr.to_string()),
+                    zone: m.id.zone,
+                    state: m.state.as_str(),
+                    since: rfc3339(m.since),
+                    generation: m.id.generation,
+                })
+                .collect();
+            members.sort_by(|a, b| a.name.cmp(&b.name));
+            (
+                NodeStatus {
+                    name: local.name,
+                    zone: local.zone,
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+                members,
+            )
+        }
+        None => {
+            let name = host_name();
+            (
+                NodeStatus {
+                    name: name.clone(),
+                    zone: None,
+                    version: env!("CARGO_PKG_VERSION"),
+                },
+                vec![MemberStatus {
+                    name,
+                    address: None,
+                    zone: None,
+                    state: "alive",
+                    since: rfc3339(*STARTED),
+                    generation: 0,
+                }],
+            )
+        }
+    };
     Json(Status {
-        node: NodeStatus {
-            name: host_name(),
-            zone: None,
-            version: env!("CARGO_PKG_VERSION"),
-        },
+        node,
         ready: reasons.is_empty(),
         not_ready_reasons: reasons,
+        members,
         storage: StorageStatus {
             free_bytes: space.as_ref().map(|s| s.free_bytes),
             min_free_bytes: space.as_ref().map(|s| s.min_free_bytes),
@@ -153,10 +212,52 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             blobs: stats.blobs,
             served_bytes: ServedBytes {
                 local: served(&state, "local"),
-                peer: 0,
+                peer: served(&state, "peer"),
                 upstream: served(&state, "upstream"),
             },
         },
         upstreams: upstreams(&state),
     })
+}
+
+static STARTED: std::sync::LazyLock<std::time::SystemTime> =
+    std::sync::LazyLock::new(std::time::SystemTime::now);
+
+/// A time as RFC 3339 in UTC with milliseconds (`2026-12-02T01:02:03.456Z`).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rfc3339;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn times_print_as_rfc3339_utc() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_796_173_323_456);
+        assert_eq!(rfc3339(t), "2026-12-02T01:02:03.456Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
 }

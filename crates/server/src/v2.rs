@@ -25,6 +25,10 @@ const DEFAULT_PAGE: usize = 10_000;
 pub(crate) struct Query(Vec<(String, String)>);
 
 impl Query {
+    pub(crate) fn empty() -> Query {
+        Query(Vec::new())
+    }
+
     pub(crate) fn of(req: &Request<Body>) -> Query {
         let q = req.uri().query().unwrap_or("");
         Query(form_urlencoded::parse(q.as_bytes()).into_owned().collect())
@@ -251,6 +255,14 @@ async fn put_manifest(
         .received_bytes
         .get_or_create(&KindLabels { kind: "manifest" })
         .inc_by(size);
+    if let Some(replicator) = &state.replicator {
+        // The push is durable here; the copies to the owners are durable jobs.
+        let tag = match reference {
+            Reference::Tag(t) => Some(t.as_str()),
+            Reference::Digest(_) => None,
+        };
+        replicator.pushed(name.as_str(), &pushed.digest, tag).await;
+    }
     let digest = pushed.digest.to_string();
     let mut resp = Response::builder()
         .status(StatusCode::CREATED)
