@@ -18,7 +18,7 @@ use crate::common::{
     push_image, write_layout, Entry, ImageSpec, LayerSpec, Upload, WrittenImage, MIB,
 };
 use crate::nodes::{pull_image, Cluster, Fault, UpstreamCounts, FOUR, UPSTREAM};
-use crate::serial;
+use crate::{serial, skipped};
 
 fn env_number(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -67,7 +67,10 @@ fn rate(bytes: u64, d: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench() {
     if std::env::var("PIER_CLUSTER_BENCH").as_deref() != Ok("1") {
-        eprintln!("SKIPPED: bench: set PIER_CLUSTER_BENCH=1 (scripts/cluster-bench.sh does)");
+        skipped(
+            "bench",
+            "set PIER_CLUSTER_BENCH=1 (scripts/cluster-bench.sh does)",
+        );
         return;
     }
     let Some(_one) = serial("bench").await else {
@@ -195,34 +198,14 @@ async fn peer_throughput(c: &Cluster, blob_mib: u64, out: &mut Results) {
         blob.digest
     );
     let mut reads = Vec::new();
-    for _ in 0..2 {
-        let started = Instant::now();
-        let resp = c
-            .check(
-                &format!("GET {url}"),
-                c.http.get(&url).send().await.map_err(|e| e.to_string()),
-            )
-            .await;
-        let status = resp.status();
-        if status != reqwest::StatusCode::OK {
-            c.fail(&format!("GET {url}: {status}")).await;
+    for which in ["peer", "local"] {
+        match timed_get(&c.http, &url, blob.size).await {
+            Ok(took) => reads.push(took),
+            Err(e) => {
+                out.line(format!("{which} GET on {reader}: failed: {e}"));
+                return;
+            }
         }
-        let mut resp = resp;
-        let mut len = 0u64;
-        while let Some(chunk) = c
-            .check(
-                &format!("reading GET {url}"),
-                resp.chunk().await.map_err(|e| e.to_string()),
-            )
-            .await
-        {
-            len += chunk.len() as u64;
-        }
-        if len != blob.size {
-            c.fail(&format!("GET {url}: {len} bytes, not {}", blob.size))
-                .await;
-        }
-        reads.push(started.elapsed());
     }
     out.line(format!(
         "peer GET {} MiB on {reader} (held by {last:?}), single stream: {} ({})",
@@ -236,6 +219,28 @@ async fn peer_throughput(c: &Cluster, blob_mib: u64, out: &mut Results) {
         rate(blob.size, reads[1]),
         secs(reads[1])
     ));
+}
+
+/// How long a `GET url` of `size` bytes took, counting (not hashing, which would be the
+/// bottleneck) the bytes.
+async fn timed_get(http: &reqwest::Client, url: &str, size: u64) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut resp = http.get(url).send().await.map_err(|e| e.to_string())?;
+    if resp.status() != reqwest::StatusCode::OK {
+        let status = resp.status();
+        return Err(format!(
+            "{status}: {}",
+            resp.text().await.unwrap_or_default()
+        ));
+    }
+    let mut len = 0u64;
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        len += chunk.len() as u64;
+    }
+    if len != size {
+        return Err(format!("{len} bytes, not {size}"));
+    }
+    Ok(started.elapsed())
 }
 
 /// `trials` times: take a node down by `fault`, time until every other node lists it dead,

@@ -31,19 +31,26 @@ use common::find_on_path;
 /// Held by each test of this binary for its whole run.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Print `SKIPPED: <test>: <why>` where it is seen: straight to stderr, since the test
+/// harness keeps what the print macros write from a passing test to itself.
+pub fn skipped(test: &str, why: &str) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {test}: {why}");
+}
+
 /// Whether the tier may run here; prints why not when it may not. With `PIER_CLUSTER=1`, as
 /// root, a missing tool other than `ip` is a failure, not a skip.
 pub fn gate(test: &str) -> bool {
     if std::env::var("PIER_CLUSTER").as_deref() != Ok("1") {
-        eprintln!("SKIPPED: {test}: set PIER_CLUSTER=1 (as root) to run the cluster tier");
+        skipped(test, "set PIER_CLUSTER=1 (as root) to run the cluster tier");
         return false;
     }
     if !rustix::process::geteuid().is_root() {
-        eprintln!("SKIPPED: {test}: the cluster tier needs root for network namespaces");
+        skipped(test, "the cluster tier needs root for network namespaces");
         return false;
     }
     if find_on_path("ip").is_none() {
-        eprintln!("SKIPPED: {test}: `ip` (iproute2) is not installed");
+        skipped(test, "`ip` (iproute2) is not installed");
         return false;
     }
     for (tool, package) in [
