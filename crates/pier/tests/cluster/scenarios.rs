@@ -44,7 +44,7 @@ fn one_image(dir: &Path, layers: Vec<LayerSpec>) -> (Layout, WrittenImage) {
     (layout, image)
 }
 
-/// Run `f`, turning a panic (a client helper's failed assertion) into an error, so that the
+/// Run `f`, turning a panic (a failed assertion inside a client wrapper) into an error, so that the
 /// scenario can fail with the cluster's report.
 async fn caught<T>(f: impl Future<Output = T>) -> Result<T, String> {
     AssertUnwindSafe(f)
