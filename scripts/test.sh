@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# pier's whole test suite, as CI runs it: install the real clients the interop tier drives,
-# then the gate (format, lints) and every test, interop tier included.
+# pier's whole test suite, as CI runs it: install the real clients the interop tier drives and
+# the network tools of the cluster tier, then the gate (format, lints) and every test, interop
+# and cluster tiers included (the cluster tier needs root: it skips, saying so, without).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,9 +9,12 @@ cd "$(dirname "$0")/.."
 # dockerd and the docker CLI (and depends on containerd and runc); podman brings conmon, runc
 # and the containers configuration it reads. Run as root with the vfs storage driver, neither
 # needs uidmap or fuse-overlayfs; gzip (essential on Debian) unpacks the layers they push.
+# The cluster tier puts each node in a network namespace (ip), cuts nodes off with iptables,
+# slows a link with tc, and drops root for skopeo inside a namespace with setpriv.
 declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd
     [docker-registry]=docker-registry [openssl]=openssl
-    [docker]=docker.io [dockerd]=docker.io [podman]=podman [gzip]=gzip)
+    [docker]=docker.io [dockerd]=docker.io [podman]=podman [gzip]=gzip
+    [ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
@@ -30,5 +34,5 @@ echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
-echo "== cargo test (interop tier on)"
-PIER_INTEROP=1 cargo test --workspace
+echo "== cargo test (interop and cluster tiers on)"
+PIER_INTEROP=1 PIER_CLUSTER=1 cargo test --workspace

@@ -10,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{
-    digest_of_file, kill_child, spawn_logged, wait_startup, within, Startup, WrittenImage,
+    command_in, digest_of_file, kill_child, spawn_logged, wait_startup, within, Startup,
+    WrittenImage,
 };
 
 /// How long one skopeo, ctr, docker or podman run may take.
@@ -54,16 +55,26 @@ pub fn oci_ref(dir: &Path, tag: &str) -> String {
 
 /// skopeo, kept inside a test's tempdir: its TMPDIR, HOME and auth file are there. skopeo run
 /// as root writes a blob-info cache to /var/lib/containers whatever it is told, so as root it
-/// runs as `nobody`, whose cache goes under HOME.
+/// runs as `nobody`, whose cache goes under HOME. It may run inside a network namespace.
 pub struct Skopeo {
     scratch: PathBuf,
     user: Option<u32>,
+    netns: Option<String>,
 }
 
 const NOBODY: u32 = 65534;
 
 impl Skopeo {
     pub fn new(tmp: &Path) -> Skopeo {
+        Skopeo::with_netns(tmp, None)
+    }
+
+    /// skopeo run inside the network namespace `netns` (`ip netns exec`), its files in `tmp`.
+    pub fn in_netns(tmp: &Path, netns: &str) -> Skopeo {
+        Skopeo::with_netns(tmp, Some(netns))
+    }
+
+    fn with_netns(tmp: &Path, netns: Option<&str>) -> Skopeo {
         let root = std::fs::metadata(tmp).expect("stat tempdir").uid() == 0;
         let user = root.then_some(NOBODY);
         if root {
@@ -74,6 +85,7 @@ impl Skopeo {
         let skopeo = Skopeo {
             scratch: tmp.join("skopeo"),
             user,
+            netns: netns.map(String::from),
         };
         skopeo.writable_dir(&skopeo.scratch);
         skopeo
@@ -90,7 +102,18 @@ impl Skopeo {
 
     /// Run skopeo; panic with its output unless it succeeds. Returns stdout.
     pub async fn run(&self, args: &[&str]) -> Vec<u8> {
-        let mut cmd = tokio::process::Command::new("skopeo");
+        // Entering a namespace needs root, so inside one the switch to `nobody` happens after
+        // it (setpriv), not before the exec.
+        let mut cmd = match (&self.netns, self.user) {
+            (Some(ns), Some(uid)) => {
+                let mut c = command_in(Some(ns), "setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .args(["--clear-groups", "--", "skopeo"]);
+                tokio::process::Command::from(c)
+            }
+            (netns, _) => tokio::process::Command::from(command_in(netns.as_deref(), "skopeo")),
+        };
         cmd.arg("--insecure-policy")
             .args(args)
             .env("TMPDIR", &self.scratch)
@@ -99,7 +122,7 @@ impl Skopeo {
             .env("REGISTRY_AUTH_FILE", self.scratch.join("auth.json"))
             .current_dir(&self.scratch)
             .stdin(Stdio::null());
-        if let Some(uid) = self.user {
+        if let (Some(uid), None) = (self.user, &self.netns) {
             cmd.uid(uid).gid(uid);
         }
         run_client(cmd, "skopeo", args, String::new).await
@@ -148,16 +171,28 @@ impl Skopeo {
 // containerd
 // ---------------------------------------------------------------------------------------------
 
-/// A private containerd daemon, everything it writes under one directory; killed on drop.
+/// A private containerd daemon, everything it writes under one directory; killed on drop. It
+/// may run inside a network namespace, and then `ctr` runs there too (containerd 2 pulls in the
+/// daemon, 1.x in `ctr`: either way the fetches leave from the namespace).
 pub struct Containerd {
     child: Option<Child>,
     root: PathBuf,
     socket: PathBuf,
     log: PathBuf,
+    netns: Option<String>,
 }
 
 impl Containerd {
     pub fn start(dir: &Path) -> Containerd {
+        Containerd::start_with_netns(dir, None)
+    }
+
+    /// containerd (and its `ctr`) inside the network namespace `netns`, files in `dir`.
+    pub fn start_in_netns(dir: &Path, netns: &str) -> Containerd {
+        Containerd::start_with_netns(dir, Some(netns))
+    }
+
+    fn start_with_netns(dir: &Path, netns: Option<&str>) -> Containerd {
         let root = dir.join("root");
         let state = dir.join("state");
         let socket = dir.join("containerd.sock");
@@ -197,7 +232,7 @@ disabled_plugins = [
         );
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("write containerd config");
-        let mut cmd = Command::new("containerd");
+        let mut cmd = command_in(netns, "containerd");
         cmd.arg("--config").arg(&config_path).env("TMPDIR", dir);
         let out = std::fs::File::create(&log).expect("containerd log");
         let mut c = Containerd {
@@ -205,10 +240,11 @@ disabled_plugins = [
             root,
             socket,
             log,
+            netns: netns.map(String::from),
         };
         let answers = |socket: &Path| {
             socket.exists()
-                && ctr_command(socket, &["version"])
+                && ctr_command(socket, netns, &["version"])
                     .output()
                     .is_ok_and(|o| o.status.success())
         };
@@ -233,7 +269,8 @@ disabled_plugins = [
 
     /// Run `ctr`; panic with its output and containerd's log unless it succeeds.
     pub async fn ctr(&self, args: &[&str]) -> String {
-        let cmd = tokio::process::Command::from(ctr_command(&self.socket, args));
+        let cmd =
+            tokio::process::Command::from(ctr_command(&self.socket, self.netns.as_deref(), args));
         let out = run_client(cmd, "ctr", args, || {
             format!("\ncontainerd log:\n{}", self.log())
         })
@@ -329,9 +366,10 @@ impl Drop for Containerd {
     }
 }
 
-/// `ctr` talking to the daemon on `socket`, in the tests' own namespace.
-fn ctr_command(socket: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("ctr");
+/// `ctr` talking to the daemon on `socket`, in the tests' own containerd namespace (and in the
+/// network namespace `netns` when given).
+fn ctr_command(socket: &Path, netns: Option<&str>, args: &[&str]) -> Command {
+    let mut cmd = command_in(netns, "ctr");
     cmd.arg("--address")
         .arg(socket)
         .arg("--namespace")

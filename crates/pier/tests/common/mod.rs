@@ -78,6 +78,20 @@ pub fn append_log(path: &Path) -> File {
         .unwrap_or_else(|e| panic!("open the log {}: {e}", path.display()))
 }
 
+/// `program` to be run inside the network namespace `netns` when one is given, through
+/// `ip netns exec`, which execs the program in place: the child's pid is the program's, so
+/// signals sent to the child reach it. Without a namespace, `program` as is.
+pub fn command_in(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns, program]);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
 /// Spawn `cmd` with no stdin, its stdout and stderr both going to `log`.
 pub fn spawn_logged(cmd: &mut Command, log: File) -> Child {
     let program = cmd.get_program().to_string_lossy().into_owned();
@@ -374,13 +388,17 @@ pub fn free_port() -> u16 {
 
 /// The status code of a plain `GET path` on 127.0.0.1:port, or `None` if nothing answers.
 pub fn http_status(port: u16, path: &str) -> Option<u16> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    http_status_at(SocketAddr::from(([127, 0, 0, 1], port)), path)
+}
+
+/// The status code of a plain `GET path` on `addr`, or `None` if nothing answers.
+pub fn http_status_at(addr: SocketAddr, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.set_write_timeout(Some(Duration::from_secs(2))).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut head = [0u8; 12];

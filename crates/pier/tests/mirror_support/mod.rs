@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use crate::common::{
-    append_log, assert_blobs_served, free_port, header, http_status, kill_child,
+    append_log, assert_blobs_served, command_in, free_port, header, http_status_at, kill_child,
     print_log_tail_if_panicking, push_image, read_log, spawn_logged, wait_startup, Layout, Pier,
     Startup, Upload, WrittenImage, READY_TIMEOUT,
 };
@@ -174,12 +175,15 @@ pub struct Access {
     /// The `Host` the client sent: tells requests through a proxy from direct ones.
     pub host: String,
     pub user_agent: String,
+    /// The client's `address:port`, as the registry saw it.
+    pub remote_addr: String,
 }
 
-/// A `docker-registry serve` on 127.0.0.1 with a JSON log (access log on). Killed on drop.
+/// A `docker-registry serve` with a JSON log (access log on), on 127.0.0.1 or on an address of
+/// its own inside a network namespace. Killed on drop.
 pub struct Registry {
     child: Option<Child>,
-    port: u16,
+    addr: SocketAddr,
     log_path: PathBuf,
 }
 
@@ -187,50 +191,76 @@ impl Registry {
     /// Start a registry storing under `storage` (several may share one), with its config and
     /// log in `dir`. `auth` is a YAML `auth:` section or "".
     pub fn start(dir: &Path, storage: &Path, auth: &str) -> Registry {
-        std::fs::create_dir_all(dir).expect("create the registry dir");
-        std::fs::create_dir_all(storage).expect("create the registry storage");
-        let log_path = dir.join("registry.log");
         for _ in 1..=5 {
-            let port = free_port();
-            let config = format!(
-                "version: 0.1\n\
-                 log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: false\n\
-                 storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
-                 maintenance:\n    uploadpurging:\n      enabled: false\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  secret: pier-mirror-interop\n\
-                 {auth}\n",
-                storage = storage.display(),
-            );
-            let config_path = dir.join("config.yml");
-            std::fs::write(&config_path, config).expect("write the registry config");
-            let mut cmd = Command::new("docker-registry");
-            cmd.arg("serve").arg(&config_path);
-            let mut reg = Registry {
-                child: Some(spawn_logged(&mut cmd, append_log(&log_path))),
-                port,
-                log_path: log_path.clone(),
-            };
-            let child = reg.child.as_mut().expect("just spawned");
-            // 200, or 401 with token auth: either way it answers.
-            match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
-                http_status(port, "/v2/").is_some()
-            }) {
-                Startup::Ready => return reg,
-                Startup::Exited(status) => {
-                    reg.child = None;
-                    let log = reg.log();
-                    if log.contains("address already in use") {
-                        continue;
-                    }
-                    panic!("docker-registry exited with {status}:\n{log}");
-                }
-                Startup::TimedOut => panic!(
-                    "docker-registry did not answer within {READY_TIMEOUT:?}:\n{}",
-                    reg.log()
-                ),
+            let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            if let Some(reg) = Registry::launch(dir, storage, auth, addr, None) {
+                return reg;
             }
         }
         panic!("docker-registry found no free port in 5 attempts")
+    }
+
+    /// A registry without auth listening on `addr` inside the network namespace `netns` (run
+    /// with `ip netns exec`), with its config and log in `dir`, storing under `storage`.
+    pub fn start_in_netns(dir: &Path, storage: &Path, netns: &str, addr: SocketAddr) -> Registry {
+        Registry::launch(dir, storage, "", addr, Some(netns)).unwrap_or_else(|| {
+            panic!(
+                "docker-registry could not listen on {addr} in {netns}:\n{}",
+                read_log(&dir.join("registry.log"), 0)
+            )
+        })
+    }
+
+    /// Start the registry on `addr` and wait until it answers; `None` when the address was
+    /// taken.
+    fn launch(
+        dir: &Path,
+        storage: &Path,
+        auth: &str,
+        addr: SocketAddr,
+        netns: Option<&str>,
+    ) -> Option<Registry> {
+        std::fs::create_dir_all(dir).expect("create the registry dir");
+        std::fs::create_dir_all(storage).expect("create the registry storage");
+        let log_path = dir.join("registry.log");
+        let config = format!(
+            "version: 0.1\n\
+             log:\n  level: info\n  formatter: json\n  accesslog:\n    disabled: false\n\
+             storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n  \
+             maintenance:\n    uploadpurging:\n      enabled: false\n\
+             http:\n  addr: {addr}\n  secret: pier-mirror-interop\n\
+             {auth}\n",
+            storage = storage.display(),
+        );
+        let config_path = dir.join("config.yml");
+        std::fs::write(&config_path, config).expect("write the registry config");
+        let log_start = std::fs::metadata(&log_path).map_or(0, |m| m.len());
+        let mut cmd = command_in(netns, "docker-registry");
+        cmd.arg("serve").arg(&config_path);
+        let mut reg = Registry {
+            child: Some(spawn_logged(&mut cmd, append_log(&log_path))),
+            addr,
+            log_path: log_path.clone(),
+        };
+        let child = reg.child.as_mut().expect("just spawned");
+        // 200, or 401 with token auth: either way it answers.
+        match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
+            http_status_at(addr, "/v2/").is_some()
+        }) {
+            Startup::Ready => Some(reg),
+            Startup::Exited(status) => {
+                reg.child = None;
+                let log = read_log(&log_path, log_start);
+                if log.contains("address already in use") {
+                    return None;
+                }
+                panic!("docker-registry exited with {status}:\n{log}");
+            }
+            Startup::TimedOut => panic!(
+                "docker-registry did not answer on {addr} within {READY_TIMEOUT:?}:\n{}",
+                reg.log()
+            ),
+        }
     }
 
     /// A registry with its config and log in `tmp/registry`, storing in `tmp/storage`, without
@@ -240,15 +270,15 @@ impl Registry {
     }
 
     pub fn port(&self) -> u16 {
-        self.port
+        self.addr.port()
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.addr)
     }
 
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.addr.to_string()
     }
 
     pub fn log(&self) -> String {
@@ -293,6 +323,7 @@ impl Registry {
                     written: v["http.response.written"].as_u64().unwrap_or(0),
                     host: s("http.request.host"),
                     user_agent: s("http.request.useragent"),
+                    remote_addr: s("http.request.remoteaddr"),
                 }
             })
             .collect()
