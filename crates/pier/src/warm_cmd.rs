@@ -191,7 +191,7 @@ struct Warm<'a> {
 impl<'a> Warm<'a> {
     fn new(image: &'a str, bars: bool, json: bool) -> Warm<'a> {
         let bar = if bars {
-            let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
             if let Ok(style) =
                 ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} placements {msg}")
             {
