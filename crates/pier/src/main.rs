@@ -1,10 +1,13 @@
 //! The `pier` command: `pier serve` runs a node, `pier config` writes client configuration,
-//! `pier bench` loads a registry (the work is in the pier-bench crate). Later subcommands
-//! (status, check, import, sync, warm, gc) join here.
+//! `pier bench` loads a registry (the work is in the pier-bench crate), `pier status` and
+//! `pier warm` ask a running node. Later subcommands (check, import, sync, gc) join here.
 
 mod clientconf;
 mod config;
+mod remote;
 mod serve;
+mod status_cmd;
+mod warm_cmd;
 
 use std::path::PathBuf;
 
@@ -31,6 +34,10 @@ enum Command {
     #[command(subcommand)]
     Config(ConfigCommand),
     Bench(Box<pier_bench::BenchArgs>),
+    /// Show a running node's status: readiness, storage, cache, cluster members, upstreams.
+    Status(status_cmd::StatusArgs),
+    /// Put every blob of some images on N nodes of the cluster (or on all), with progress.
+    Warm(warm_cmd::WarmArgs),
 }
 
 #[derive(Subcommand)]
@@ -122,6 +129,9 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Config(cmd) => client_config(cmd),
         Command::Bench(args) => pier_bench::cli(*args).map_err(anyhow::Error::from),
+        // These two choose their own exit statuses (ready / not ready / unreachable).
+        Command::Status(args) => return status_cmd::run(args),
+        Command::Warm(args) => return warm_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
