@@ -665,3 +665,109 @@ async fn upstream_down_tags_served_by_every_node() {
         t0.elapsed()
     );
 }
+
+/// `pier warm`, as an operator runs it against one node.
+async fn pier_warm(node_url: &str, args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .arg("warm")
+        .args(args)
+        .args(["--url", node_url])
+        .output()
+        .await
+        .expect("run pier warm");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn warm_puts_every_blob_where_it_was_asked() {
+    let Some(_one) = serial("warm_puts_every_blob_where_it_was_asked").await else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut c = Cluster::new(4);
+    c.start_members(&FOUR).await;
+    let (layout, image) = one_image(
+        &c.tmp.path().join("src"),
+        vec![
+            LayerSpec::new("etc/warm.conf", 3 * KIB, 6101),
+            LayerSpec::new("usr/bin/warm", 4 * MIB + 7, 6102),
+            LayerSpec::new("srv/warm.bin", 2 * MIB, 6103),
+        ],
+    );
+    let pushed = c.upstream_accesses().len();
+    c.upstream
+        .push(&c.http, "team/warm", "v1", &layout, &image)
+        .await;
+    let reference = format!("{UPSTREAM}/team/warm:v1");
+    let digests = image.blob_digests();
+    let holders = |c: &Cluster, d: &str| c.nodes.iter().filter(|n| n.holds_blob(d)).count();
+
+    let (ok, out) = pier_warm(&c.node("n2").url(), &[&reference, "--replicas", "3"]).await;
+    if !ok {
+        c.fail(&format!("pier warm --replicas 3 failed:\n{out}"))
+            .await;
+    }
+    let short: Vec<String> = digests
+        .iter()
+        .filter(|d| holders(&c, d) < 3)
+        .map(|d| format!("{d} on {} nodes", holders(&c, d)))
+        .collect();
+    if !short.is_empty() {
+        c.fail(&format!(
+            "after pier warm --replicas 3 (exit 0), blobs on fewer than 3 nodes:\n  {}\n{out}",
+            short.join("\n  ")
+        ))
+        .await;
+    }
+
+    let (ok, out) = pier_warm(&c.node("n3").url(), &[&reference, "--all-nodes"]).await;
+    if !ok {
+        c.fail(&format!("pier warm --all-nodes failed:\n{out}"))
+            .await;
+    }
+    let missing: Vec<String> = digests
+        .iter()
+        .filter(|d| holders(&c, d) < 4)
+        .map(|d| format!("{d} on {} nodes", holders(&c, d)))
+        .collect();
+    if !missing.is_empty() {
+        c.fail(&format!(
+            "after pier warm --all-nodes (exit 0), blobs not on every node:\n  {}",
+            missing.join("\n  ")
+        ))
+        .await;
+    }
+    // Warming moved each blob across the uplink once.
+    let blob_paths: Vec<String> = digests
+        .iter()
+        .map(|d| format!("/v2/team/warm/blobs/{d}"))
+        .collect();
+    let counts = upstream_counts(&c, pushed, "team/warm", &blob_paths).await;
+    let repeated: Vec<String> = blob_paths
+        .iter()
+        .filter(|p| counts.gets_of(p) != 1)
+        .map(|p| format!("{p}: {} GETs", counts.gets_of(p)))
+        .collect();
+    if !repeated.is_empty() {
+        c.fail(&format!(
+            "warming should fetch each blob from the upstream once:\n  {}",
+            repeated.join("\n  ")
+        ))
+        .await;
+    }
+
+    // An image that does not exist is a failure, with the reason.
+    let (ok, out) = pier_warm(&c.node("n1").url(), &[&format!("{UPSTREAM}/team/none:v1")]).await;
+    assert!(!ok, "warming a missing image must fail; it said:\n{out}");
+    println!(
+        "warm_puts_every_blob_where_it_was_asked took {:?}",
+        t0.elapsed()
+    );
+}
