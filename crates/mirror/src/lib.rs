@@ -134,6 +134,8 @@ pub enum Freshness {
     Miss,
     /// From the cache, because the upstream failed.
     Stale,
+    /// From the key's owner in the cluster (which had it cached or asked its upstream).
+    Peer,
 }
 
 /// A blob as the mirror can serve it.
@@ -523,8 +525,7 @@ impl Mirror {
             }
             let freshness = match answer.cache.as_deref() {
                 Some("stale") => Freshness::Stale,
-                Some("hit") => Freshness::Hit,
-                _ => Freshness::Miss,
+                _ => Freshness::Peer,
             };
             let (rec, bytes) = self
                 .store_manifest(&r.cache_repo, actual, answer.bytes, &answer.media_type, tag)
@@ -1185,5 +1186,6 @@ fn freshness_label(f: Freshness) -> &'static str {
         Freshness::Hit => "hit",
         Freshness::Miss => "miss",
         Freshness::Stale => "stale",
+        Freshness::Peer => "peer",
     }
 }

@@ -157,3 +157,34 @@ pub(crate) async fn hosted_blob(
         }
     }))
 }
+
+/// Bring a blob or child manifest that a pushed manifest references, and this node lacks,
+/// from the peers that have it in `name`. False when no peer has it (or there is no cluster).
+pub(crate) async fn fetch_referenced(
+    state: &AppState,
+    name: &RepoName,
+    digest: &Digest,
+) -> Result<bool> {
+    let Some(mirror) = &state.mirror else {
+        return Ok(false);
+    };
+    if !mirror.cluster().is_some_and(|c| c.has_peers()) {
+        return Ok(false);
+    }
+    match mirror.hosted_blob(name.as_str(), digest, None).await {
+        Ok(BlobSource::Local { .. }) => return Ok(true),
+        Ok(BlobSource::Filling { fill, .. }) => {
+            fill.finished()
+                .await
+                .map_err(|e| ApiError::from_mirror(pier_mirror::MirrorError::Fill(e)))?;
+            return Ok(true);
+        }
+        Err(pier_mirror::MirrorError::Fill(pier_mirror::fill::FillError::NotFound)) => {}
+        Err(e) => return Err(ApiError::from_mirror(e)),
+    }
+    Ok(
+        hosted_manifest_bytes(state, name, &Reference::Digest(digest.clone()))
+            .await?
+            .is_some(),
+    )
+}

@@ -139,6 +139,7 @@ fn freshness_header(f: Freshness) -> &'static str {
         Freshness::Hit => "hit",
         Freshness::Miss => "miss",
         Freshness::Stale => "stale",
+        Freshness::Peer => "peer",
     }
 }
 
@@ -160,10 +161,10 @@ pub(crate) async fn dispatch(
                 .manifest(&r, &reference)
                 .await
                 .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::ManifestUnknown))?;
-            let source = if freshness == Freshness::Miss {
-                "upstream"
-            } else {
-                "local"
+            let source = match freshness {
+                Freshness::Miss => "upstream",
+                Freshness::Peer => "peer",
+                Freshness::Hit | Freshness::Stale => "local",
             };
             let mut resp = manifest_response(state, &record, bytes, head, source);
             resp.headers_mut()

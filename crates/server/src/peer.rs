@@ -280,7 +280,7 @@ async fn manifest(
             .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::ManifestUnknown))?;
         let mut resp = manifest_response(&state.app, &record, bytes, false, "local");
         let label = match freshness {
-            pier_mirror::Freshness::Hit => "hit",
+            pier_mirror::Freshness::Hit | pier_mirror::Freshness::Peer => "hit",
             pier_mirror::Freshness::Miss => "miss",
             pier_mirror::Freshness::Stale => "stale",
         };

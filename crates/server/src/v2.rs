@@ -246,10 +246,24 @@ async fn put_manifest(
             }
         })?;
     let size = bytes.len() as u64;
-    let pushed = state
-        .registry
-        .put_manifest(name, reference, content_type.as_deref(), bytes)
-        .await?;
+    // In a cluster, a client may have pushed the blobs through another node (a load balancer
+    // spreads requests): what this node lacks is fetched from its peers before giving up.
+    let mut fetched = 0usize;
+    let pushed = loop {
+        match state
+            .registry
+            .put_manifest(name, reference, content_type.as_deref(), bytes.clone())
+            .await
+        {
+            Err(RegistryError::ManifestBlobUnknown(missing)) if fetched < 1024 => {
+                if !crate::cluster::fetch_referenced(state, name, &missing).await? {
+                    return Err(RegistryError::ManifestBlobUnknown(missing).into());
+                }
+                fetched += 1;
+            }
+            other => break other?,
+        }
+    };
     state
         .metrics
         .received_bytes
