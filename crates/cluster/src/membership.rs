@@ -99,6 +99,7 @@ impl MembershipConfig {
 struct Shared {
     view: Mutex<View>,
     rejected: AtomicU64,
+    suspicions: AtomicU64,
     changes: watch::Sender<u64>,
 }
 
@@ -139,6 +140,7 @@ impl Membership {
                 members: engine.members(now),
             }),
             rejected: AtomicU64::new(0),
+            suspicions: AtomicU64::new(0),
             changes: watch::Sender::new(0),
         });
         let (stop, stopped) = watch::channel(false);
@@ -200,11 +202,18 @@ impl Membership {
         self.shared.rejected.load(Ordering::Relaxed)
     }
 
+    /// Times a member turned suspect in this node's view. Suspicions that are refuted are
+    /// normal on a lossy network; a fast-growing count says the network (or a peer) is
+    /// struggling before anyone is declared dead.
+    pub fn suspicions(&self) -> u64 {
+        self.shared.suspicions.load(Ordering::Relaxed)
+    }
+
     /// Leave the cluster (tell a few members, so the others learn it at once rather than
     /// by detection), then stop gossip. Returns when the socket is closed.
     pub async fn shutdown(&self) {
         self.stop.send_replace(true);
-        let task = self.task.lock().map_or(None, |mut t| t.take());
+        let task = lock(&self.task).take();
         if let Some(task) = task {
             if let Err(e) = task.await {
                 tracing::warn!(error = %e, "gossip task ended abnormally");
@@ -302,8 +311,17 @@ impl Driver {
             self.flush().await;
             let next = self.timers.peek().map(|d| d.0.at);
             tokio::select! {
+                // Due timers before datagrams: a flood of datagrams (garbage included) must
+                // not hold back the probes, or this node would start declaring others dead.
                 biased;
                 _ = stopped.wait_for(|stop| *stop) => break,
+                _ = sleep_until(next) => self.fire_due(),
+                addrs = recv_resolved(&mut self.resolving) => {
+                    self.resolving = None;
+                    if let Some(addrs) = addrs {
+                        self.engine.join(&addrs);
+                    }
+                }
                 received = self.socket.recv_from(&mut buf) => match received {
                     Ok((n, from)) => self.engine.receive(SystemTime::now(), from, &buf[..n]),
                     Err(e) => {
@@ -312,13 +330,6 @@ impl Driver {
                         tracing::debug!(error = %e, "gossip receive");
                     }
                 },
-                _ = sleep_until(next) => self.fire_due(),
-                addrs = recv_resolved(&mut self.resolving) => {
-                    self.resolving = None;
-                    if let Some(addrs) = addrs {
-                        self.engine.join(&addrs);
-                    }
-                }
             }
         }
         self.engine.leave(SystemTime::now());
@@ -360,6 +371,9 @@ impl Driver {
         self.shared
             .rejected
             .store(self.engine.rejected(), Ordering::Relaxed);
+        self.shared
+            .suspicions
+            .store(self.engine.suspicions(), Ordering::Relaxed);
         if self.engine.version() != self.published {
             self.published = self.engine.version();
             let now = SystemTime::now();

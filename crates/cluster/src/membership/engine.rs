@@ -237,6 +237,8 @@ pub(crate) struct Engine {
     /// Bumped on any change of the view, `since` included.
     version: u64,
     rejected: u64,
+    /// Times a member turned suspect in this view.
+    suspicions: u64,
 }
 
 fn state_of(state: State) -> MemberState {
@@ -275,6 +277,7 @@ impl Engine {
             changes: 0,
             version: 0,
             rejected: 0,
+            suspicions: 0,
         }
     }
 
@@ -381,7 +384,13 @@ impl Engine {
 
     /// Tell a few members this node is leaving; after this it answers no one.
     pub(crate) fn leave(&mut self, now: SystemTime) {
-        if let Err(e) = self.foca.leave_cluster(&mut self.out) {
+        // foca tells 4 random members; two more rounds make it likely that the news survives
+        // a lossy network (detection would still find the node gone, just later).
+        let mut told = self.foca.leave_cluster(&mut self.out);
+        for _ in 0..2 {
+            told = told.and_then(|()| self.foca.gossip(&mut self.out));
+        }
+        if let Err(e) = told {
             tracing::debug!(error = %e, "leaving the cluster");
         }
         self.refresh(now);
@@ -415,6 +424,10 @@ impl Engine {
         }
         for member in self.foca.iter_membership_state() {
             let peer = member.id();
+            if peer.name == self.local.name {
+                // This node's previous generation, which foca keeps as dead after a renewal.
+                continue;
+            }
             let state = state_of(member.state());
             let Some(entry) = self.others.get_mut(&*peer.name) else {
                 self.others.insert(
@@ -444,6 +457,9 @@ impl Engine {
             }
             if !same {
                 entry.id = peer.to_id();
+            }
+            if state == MemberState::Suspect {
+                self.suspicions += 1;
             }
             entry.state = state;
             entry.since = now;
@@ -510,6 +526,10 @@ impl Engine {
 
     pub(crate) fn rejected(&self) -> u64 {
         self.rejected
+    }
+
+    pub(crate) fn suspicions(&self) -> u64 {
+        self.suspicions
     }
 }
 

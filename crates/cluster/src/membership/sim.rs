@@ -383,8 +383,11 @@ impl Sim {
             let Some(engine) = self.nodes[w].engine.as_ref() else {
                 return false;
             };
-            let mut usable: Vec<String> = engine
-                .members(self.at())
+            let members = engine.members(self.at());
+            let mut names: Vec<&str> = members.iter().map(|m| m.id.name.as_str()).collect();
+            names.dedup();
+            assert_eq!(names.len(), members.len(), "one entry per name");
+            let mut usable: Vec<String> = members
                 .into_iter()
                 .filter(|m| m.state != MemberState::Dead)
                 .map(|m| format!("{}@{}", m.id.name, m.id.generation))
@@ -412,6 +415,23 @@ impl Sim {
         (0..self.nodes.len())
             .filter(|&i| self.is_member(i))
             .map(|i| self.current_generation(i) - self.nodes[i].first_generation)
+            .sum()
+    }
+
+    /// Each member's count of changes to its usable set.
+    pub(super) fn changes(&self) -> Vec<u64> {
+        self.nodes
+            .iter()
+            .map(|n| n.engine.as_ref().map_or(0, Engine::changes))
+            .collect()
+    }
+
+    /// Suspicions raised in all members' views since the start.
+    pub(super) fn suspicions(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.engine.as_ref())
+            .map(Engine::suspicions)
             .sum()
     }
 
@@ -536,10 +556,17 @@ mod tests {
             .run_until(Duration::from_secs(15), Sim::converged)
             .is_some());
         let before = sim.renewals();
+        let changes = sim.changes();
+        let suspicions = sim.suspicions();
         sim.run_for(Duration::from_secs(60));
         let renewals = sim.renewals() - before;
-        println!("false deaths at 10 % loss in 60 s of 30 members: {renewals}");
+        println!(
+            "at 10 % loss in 60 s of 30 members: {} suspicions seen, {renewals} false deaths",
+            sim.suspicions() - suspicions
+        );
         assert_eq!(renewals, 0, "members were declared dead by loss alone");
+        // Suspicions come and go, but what placement follows does not move.
+        assert_eq!(sim.changes(), changes, "the usable set changed");
     }
 
     #[test]
