@@ -35,6 +35,7 @@ pub(crate) const MAX_ZONE: usize = 64;
 /// How long a dead member stays in the view (for status pages) after it died.
 pub(crate) const DEAD_RETENTION: Duration = Duration::from_secs(600);
 /// Join retry period while this node knows no live member (starting, or cut off).
+const MAX_TX: u8 = 15;
 const ALONE_RETRY: Duration = Duration::from_secs(1);
 
 // The first plaintext byte of every datagram says what follows.
@@ -131,8 +132,8 @@ impl Tuning {
             probe_period: p,
             probe_rtt: p * 2 / 5,
             num_indirect_probes: nonzero(4),
-            max_transmissions: NonZeroU8::new(10).unwrap_or(NonZeroU8::MIN),
-            suspect_to_down_after: p * 3,
+            max_transmissions: NonZeroU8::new(MAX_TX).unwrap_or(NonZeroU8::MIN),
+            suspect_to_down_after: p * 2,
             remove_down_after: Duration::from_secs(3600),
             max_packet_size: nonzero(MAX_FOCA_PACKET),
             notify_down_members: true,
