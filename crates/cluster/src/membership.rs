@@ -1,12 +1,12 @@
 //! Membership by SWIM gossip (foca) over pier's UDP peer socket: who is in the cluster, and
 //! whether each member is alive, suspect or dead.
 //!
-//! The protocol logic lives in [`engine`] (foca, sealing, the join handshake, the view) and
+//! The protocol logic lives in `engine` (foca, sealing, the join handshake, the view) and
 //! does no I/O; this module is its tokio transport: one task that owns the socket and a timer
 //! heap, resolves the join list in the background and publishes the view. The simulation in
 //! `sim` drives the same engine over a lossy in-memory network with a simulated clock.
 //!
-//! Every datagram is sealed (XChaCha20-Poly1305, the cluster's gossip key, see [`seal`]);
+//! Every datagram is sealed (XChaCha20-Poly1305, the cluster's gossip key, see `seal`);
 //! one that does not open is dropped and counted, so a node with another secret can neither
 //! join nor poison anyone's view.
 //!

@@ -169,3 +169,55 @@ async fn an_identity_that_cannot_fit_a_datagram_is_refused() {
     let refused = Membership::start(MembershipConfig::new(identity, vec![]), socket, KEY).await;
     assert!(matches!(refused, Err(e) if e.kind() == std::io::ErrorKind::InvalidInput));
 }
+
+#[test]
+fn a_node_that_vanishes_without_leaving_is_detected_dead() {
+    // The vanishing node runs on a runtime of its own, which is then shut down: its task and
+    // socket are gone without a word, as when a process is killed.
+    let runtime = |workers| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let (main, doomed) = (runtime(1), runtime(1));
+    let generation = now_ms();
+    let (a, a_addr) = main.block_on(node("a", generation, vec![], KEY));
+    let (b, _) = main.block_on(node("b", generation, vec![a_addr.to_string()], KEY));
+    let (x, _) = doomed.block_on(node("x", generation, vec![a_addr.to_string()], KEY));
+    main.block_on(async {
+        let all_alive = || {
+            [&a, &b]
+                .iter()
+                .all(|m| names(&m.alive()) == ["a", "b", "x"])
+        };
+        assert!(
+            eventually(Duration::from_secs(10), all_alive).await,
+            "a: {:?}",
+            a.members()
+        );
+    });
+    doomed.shutdown_background();
+    let started = std::time::Instant::now();
+    main.block_on(async {
+        let x_dead = || {
+            [&a, &b]
+                .iter()
+                .all(|m| state(m, "x").map(|s| s.1) == Some(MemberState::Dead))
+        };
+        assert!(
+            eventually(Duration::from_secs(10), x_dead).await,
+            "a: {:?}",
+            a.members()
+        );
+    });
+    // Printed, not asserted: this machine's load decides the exact figure; the simulation
+    // holds the 2 s bound.
+    println!(
+        "a vanished node was seen dead by both after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(names(&a.alive()), ["a", "b"]);
+    drop(x);
+}
