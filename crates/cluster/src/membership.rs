@@ -268,37 +268,14 @@ fn validate(cfg: &MembershipConfig) -> std::io::Result<()> {
     Ok(())
 }
 
-/// A tick waiting in the heap; ordered by due time, then by scheduling order.
-struct Due {
-    at: Instant,
-    seq: u64,
-    tick: Tick,
-}
-
-impl PartialEq for Due {
-    fn eq(&self, other: &Due) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Due {}
-impl PartialOrd for Due {
-    fn partial_cmp(&self, other: &Due) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Due {
-    fn cmp(&self, other: &Due) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
-}
-
 /// The gossip task: the engine, its socket and its timers.
 struct Driver {
     engine: Engine,
     socket: UdpSocket,
     shared: Arc<Shared>,
     join: Arc<Vec<String>>,
-    timers: BinaryHeap<Reverse<Due>>,
+    /// Due time, scheduling order (so equal times keep their order), tick.
+    timers: BinaryHeap<Reverse<(Instant, u64, Tick)>>,
     seq: u64,
     /// The join list being resolved in the background, if a round is under way.
     resolving: Option<mpsc::Receiver<Vec<SocketAddr>>>,
@@ -316,7 +293,7 @@ impl Driver {
         let mut buf = vec![0u8; MAX_DATAGRAM + 1];
         loop {
             self.flush().await;
-            let next = self.timers.peek().map(|d| d.0.at);
+            let next = self.timers.peek().map(|Reverse(due)| due.0);
             tokio::select! {
                 // Due timers before datagrams: a flood of datagrams (garbage included) must
                 // not hold back the probes, or this node would start declaring others dead.
@@ -345,9 +322,9 @@ impl Driver {
 
     fn fire_due(&mut self) {
         let now = Instant::now();
-        while self.timers.peek().is_some_and(|d| d.0.at <= now) {
-            if let Some(Reverse(due)) = self.timers.pop() {
-                self.engine.tick(SystemTime::now(), due.tick);
+        while self.timers.peek().is_some_and(|Reverse(due)| due.0 <= now) {
+            if let Some(Reverse((_, _, tick))) = self.timers.pop() {
+                self.engine.tick(SystemTime::now(), tick);
             }
         }
     }
@@ -364,11 +341,7 @@ impl Driver {
         let now = Instant::now();
         for (after, tick) in out.ticks {
             self.seq += 1;
-            self.timers.push(Reverse(Due {
-                at: now + after,
-                seq: self.seq,
-                tick,
-            }));
+            self.timers.push(Reverse((now + after, self.seq, tick)));
         }
         if out.join && self.resolving.is_none() && !self.join.is_empty() {
             let (tx, rx) = mpsc::channel(1);

@@ -34,8 +34,9 @@ pub(crate) const MAX_NAME: usize = 128;
 pub(crate) const MAX_ZONE: usize = 64;
 /// How long a dead member stays in the view (for status pages) after it died.
 pub(crate) const DEAD_RETENTION: Duration = Duration::from_secs(600);
-/// Join retry period while this node knows no live member (starting, or cut off).
+/// How many times each member passes on each update (see the module header of `membership`).
 const MAX_TX: u8 = 15;
+/// Join retry period while this node knows no live member (starting, or cut off).
 const ALONE_RETRY: Duration = Duration::from_secs(1);
 
 // The first plaintext byte of every datagram says what follows.
@@ -105,8 +106,9 @@ impl Identity for Peer {
     }
 }
 
-/// Something the engine asks to be handed back after a delay.
-#[derive(Debug, Clone)]
+/// Something the engine asks to be handed back after a delay. (Ordered only so that it can
+/// sit in a tuple in a heap; the order means nothing.)
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Tick {
     Foca(Timer<Peer>),
     /// Time to (re)send `JOIN` to the join list.
@@ -181,7 +183,7 @@ impl Runtime<Peer> for Outbox {
                 member = %new.name,
                 old_generation = old.generation,
                 generation = new.generation,
-                "cluster member restarted"
+                "cluster member restarted or rejoined"
             ),
             Notification::Rejoin(p) => {
                 tracing::warn!(

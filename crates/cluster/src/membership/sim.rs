@@ -17,6 +17,7 @@ const KEY: [u8; 32] = [42; 32];
 /// Node names in the simulation start with this, then their index.
 const PREFIX: &str = "node-";
 
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum Event {
     Datagram {
         to: usize,
@@ -28,29 +29,6 @@ enum Event {
         life: u32,
         tick: Tick,
     },
-}
-
-struct Scheduled {
-    at: Duration,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Scheduled {
-    fn eq(&self, other: &Scheduled) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-impl Eq for Scheduled {}
-impl PartialOrd for Scheduled {
-    fn partial_cmp(&self, other: &Scheduled) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Scheduled {
-    fn cmp(&self, other: &Scheduled) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(other.at, other.seq))
-    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -75,7 +53,8 @@ struct Node {
 pub(super) struct Sim {
     now: Duration,
     seq: u64,
-    queue: BinaryHeap<Reverse<Scheduled>>,
+    /// Due time, scheduling order (so equal times keep their order), event.
+    queue: BinaryHeap<Reverse<(Duration, u64, Event)>>,
     nodes: Vec<Node>,
     by_addr: HashMap<SocketAddr, usize>,
     rng: StdRng,
@@ -153,11 +132,8 @@ impl Sim {
 
     fn schedule(&mut self, after: Duration, event: Event) {
         self.seq += 1;
-        self.queue.push(Reverse(Scheduled {
-            at: self.now + after,
-            seq: self.seq,
-            event,
-        }));
+        self.queue
+            .push(Reverse((self.now + after, self.seq, event)));
     }
 
     /// Start (or restart, as a later generation) node `i`.
@@ -260,7 +236,7 @@ impl Sim {
 
     /// Run one event; the node it ran on, if any.
     fn step(&mut self) -> Option<usize> {
-        let Reverse(Scheduled { at, event, .. }) = self.queue.pop()?;
+        let Reverse((at, _, event)) = self.queue.pop()?;
         self.now = at;
         let node = match &event {
             Event::Datagram { to, .. } => *to,
@@ -296,7 +272,7 @@ impl Sim {
 
     pub(super) fn run_for(&mut self, length: Duration) {
         let end = self.now + length;
-        while self.queue.peek().is_some_and(|s| s.0.at <= end) {
+        while self.queue.peek().is_some_and(|Reverse(s)| s.0 <= end) {
             self.step();
         }
         self.now = end;
@@ -333,7 +309,12 @@ impl Sim {
             .collect();
         let mut seen: Vec<Option<Duration>> = vec![None; pairs.len()];
         let mut left = pairs.len();
-        while left > 0 && self.queue.peek().is_some_and(|s| s.0.at <= start + limit) {
+        while left > 0
+            && self
+                .queue
+                .peek()
+                .is_some_and(|Reverse(s)| s.0 <= start + limit)
+        {
             let Some(i) = self.step() else { continue };
             for (k, &(w, _)) in pairs.iter().enumerate() {
                 if w == i
