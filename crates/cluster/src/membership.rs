@@ -80,7 +80,7 @@ pub struct MembershipConfig {
     /// rarely over seven.
     pub probe_period: Duration,
     /// How often the join list is resolved and sent `JOIN` (addresses held by live members
-    /// are skipped), and members believed dead are asked to rejoin.
+    /// are skipped); every second instead while this node knows no live member.
     pub rejoin_every: Duration,
 }
 
@@ -133,12 +133,13 @@ impl Membership {
     ) -> std::io::Result<Arc<Membership>> {
         validate(&cfg)?;
         let now = SystemTime::now();
+        let os_rng = || StdRng::try_from_os_rng().map_err(std::io::Error::other);
         let engine = Engine::new(
             &cfg.identity,
             &cfg.tuning(),
             &key,
-            StdRng::from_os_rng(),
-            StdRng::from_os_rng(),
+            os_rng()?,
+            os_rng()?,
             now,
         );
         let shared = Arc::new(Shared {
