@@ -510,7 +510,7 @@ impl Engine {
         all
     }
 
-    /// What this node believes of the node called `name` (test helper and cheap lookup).
+    /// What this node believes of the node called `name`, for the simulation.
     #[cfg(test)]
     pub(crate) fn state_of(&self, name: &str) -> Option<(u64, MemberState)> {
         if *self.local.name == *name {
