@@ -1,0 +1,547 @@
+//! The membership node without I/O: foca, the sealing of every datagram, the join handshake
+//! and the view of the cluster that `Membership` publishes. It owns no socket and no clock:
+//! the caller hands it datagrams, due ticks and the current time, and takes back sealed
+//! datagrams to send and ticks to schedule. The tokio transport and the simulation drive the
+//! very same code.
+//!
+//! Join handshake. foca joins by sending `Announce` to a member's *identity*, but a join entry
+//! is only an address. So a joiner first sends a sealed `JOIN` (carrying its identity) to the
+//! address; whoever answers there replies `WELCOME` with its own identity, and the joiner then
+//! announces to it through foca (and is fed the active members). Addresses that already belong
+//! to an active member are skipped, so a settled cluster sends nothing for its join list.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use foca::{Foca, Identity, NoCustomBroadcast, Notification, PostcardCodec, Runtime, State, Timer};
+use rand::rngs::StdRng;
+use serde::{Deserialize, Serialize};
+
+use super::seal::{Seal, OVERHEAD};
+use crate::identity::{Member, MemberState, NodeId};
+
+/// Largest datagram pier sends or accepts, sealed: below a 1500-byte Ethernet MTU with room
+/// for IP and UDP headers and a tunnel's encapsulation.
+pub const MAX_DATAGRAM: usize = 1400;
+/// What foca may fill: the datagram less the seal and the kind byte.
+const MAX_FOCA_PACKET: usize = MAX_DATAGRAM - OVERHEAD - 1;
+/// Longest node name and zone accepted, so that three identities (a `PingReq` carries
+/// source, destination and target) always fit in one datagram with room for updates.
+pub(crate) const MAX_NAME: usize = 128;
+pub(crate) const MAX_ZONE: usize = 64;
+/// How long a dead member stays in the view (for status pages) after it died.
+pub(crate) const DEAD_RETENTION: Duration = Duration::from_secs(600);
+/// How many times each member passes on each update (see the module header of `membership`).
+const MAX_TX: u8 = 15;
+/// Join retry period while this node knows no live member (starting, or cut off).
+const ALONE_RETRY: Duration = Duration::from_secs(1);
+
+// The first plaintext byte of every datagram says what follows.
+const KIND_FOCA: u8 = 0;
+const KIND_JOIN: u8 = 1;
+const KIND_WELCOME: u8 = 2;
+
+/// A node's identity on the wire (foca's `Identity`). The name is foca's "address": two
+/// identities with one name are the same node, and the higher generation wins, so a
+/// restarted or renewed node replaces its previous self everywhere.
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub(crate) struct Peer {
+    name: Arc<str>,
+    generation: u64,
+    addr: SocketAddr,
+    zone: Option<Arc<str>>,
+}
+
+impl Peer {
+    fn from_id(id: &NodeId) -> Peer {
+        Peer {
+            name: id.name.as_str().into(),
+            generation: id.generation,
+            addr: id.addr,
+            zone: id.zone.as_deref().map(Into::into),
+        }
+    }
+
+    fn to_id(&self) -> NodeId {
+        NodeId {
+            name: self.name.to_string(),
+            generation: self.generation,
+            addr: self.addr,
+            zone: self.zone.as_deref().map(str::to_string),
+        }
+    }
+
+    fn is(&self, id: &NodeId) -> bool {
+        self.generation == id.generation
+            && self.addr == id.addr
+            && self.zone.as_deref() == id.zone.as_deref()
+            && *self.name == id.name
+    }
+}
+
+impl Identity for Peer {
+    type Addr = Arc<str>;
+
+    /// A node the cluster declared dead while it was alive (hung, partitioned, too lossy)
+    /// comes back as the next generation, which wins over the dead one.
+    fn renew(&self) -> Option<Peer> {
+        Some(Peer {
+            generation: self.generation.checked_add(1)?,
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> Arc<str> {
+        self.name.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Peer) -> bool {
+        // The generation decides; the rest only breaks ties between two processes that
+        // were started with one name in the same millisecond, so both sides agree.
+        (self.generation, self.addr, &self.zone)
+            > (adversary.generation, adversary.addr, &adversary.zone)
+    }
+}
+
+/// Something the engine asks to be handed back after a delay. (Ordered only so that it can
+/// sit in a tuple in a heap; the order means nothing.)
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Tick {
+    Foca(Timer<Peer>),
+    /// Time to (re)send `JOIN` to the join list.
+    Join,
+}
+
+/// The protocol timing, derived from the probe period (see the module header of
+/// `membership` for the reasoning).
+#[derive(Debug, Clone)]
+pub(crate) struct Tuning {
+    pub(crate) probe_period: Duration,
+    pub(crate) rejoin_every: Duration,
+}
+
+impl Tuning {
+    pub(crate) fn foca_config(&self) -> foca::Config {
+        let p = self.probe_period;
+        let every = |frequency: Duration, members: usize| foca::PeriodicParams {
+            frequency,
+            num_members: nonzero(members),
+        };
+        foca::Config {
+            probe_period: p,
+            probe_rtt: p * 2 / 5,
+            num_indirect_probes: nonzero(4),
+            max_transmissions: NonZeroU8::new(MAX_TX).unwrap_or(NonZeroU8::MIN),
+            suspect_to_down_after: p * 2,
+            remove_down_after: Duration::from_secs(3600),
+            max_packet_size: nonzero(MAX_FOCA_PACKET),
+            notify_down_members: true,
+            periodic_announce: Some(every(Duration::from_secs(5), 1)),
+            periodic_announce_to_down_members: Some(every(p * 8, 2)),
+            periodic_gossip: Some(every(p / 5, 3)),
+        }
+    }
+}
+
+const fn nonzero(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => NonZeroUsize::MIN,
+    }
+}
+
+/// What foca asked for during one call, before sealing.
+#[derive(Default)]
+struct Outbox {
+    datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    ticks: Vec<(Duration, Tick)>,
+    renewed: bool,
+}
+
+impl Outbox {
+    fn push(&mut self, to: SocketAddr, kind: u8, body: &[u8]) {
+        let mut plain = Vec::with_capacity(body.len() + 1);
+        plain.push(kind);
+        plain.extend_from_slice(body);
+        self.datagrams.push((to, plain));
+    }
+}
+
+impl Runtime<Peer> for Outbox {
+    fn notify(&mut self, notification: Notification<'_, Peer>) {
+        match notification {
+            Notification::MemberUp(p) => {
+                tracing::info!(member = %p.name, generation = p.generation, "cluster member up")
+            }
+            Notification::MemberDown(p) => {
+                tracing::info!(member = %p.name, generation = p.generation, "cluster member down")
+            }
+            Notification::Rename(old, new) => tracing::info!(
+                member = %new.name,
+                old_generation = old.generation,
+                generation = new.generation,
+                "cluster member restarted or rejoined"
+            ),
+            Notification::Rejoin(p) => {
+                tracing::warn!(
+                    generation = p.generation,
+                    "the cluster declared this node dead; rejoining as a new generation"
+                );
+                self.renewed = true;
+            }
+            Notification::Defunct => tracing::info!("this node left the cluster"),
+            Notification::Idle => tracing::warn!("this node sees no live cluster member"),
+            Notification::Active => tracing::debug!("this node is known to the cluster"),
+        }
+    }
+
+    fn send_to(&mut self, to: Peer, data: &[u8]) {
+        self.push(to.addr, KIND_FOCA, data);
+    }
+
+    fn submit_after(&mut self, event: Timer<Peer>, after: Duration) {
+        self.ticks.push((after, Tick::Foca(event)));
+    }
+}
+
+/// What the caller must do after handing the engine something.
+#[derive(Default)]
+pub(crate) struct Output {
+    /// Sealed datagrams and where to send them.
+    pub(crate) datagrams: Vec<(SocketAddr, Vec<u8>)>,
+    /// Ticks to hand back after their delay.
+    pub(crate) ticks: Vec<(Duration, Tick)>,
+    /// Resolve the join list and call [`Engine::join`] with the addresses.
+    pub(crate) join: bool,
+}
+
+struct Entry {
+    id: NodeId,
+    state: MemberState,
+    since: SystemTime,
+}
+
+pub(crate) struct Engine {
+    foca: Foca<Peer, PostcardCodec, StdRng, NoCustomBroadcast>,
+    seal: Seal,
+    nonces: StdRng,
+    out: Outbox,
+    join_due: bool,
+    rejoin_every: Duration,
+    local: Peer,
+    local_since: SystemTime,
+    /// Every other node by name, as last seen.
+    others: BTreeMap<String, Entry>,
+    /// Bumped when the usable set (alive or suspect) changes.
+    changes: u64,
+    /// Bumped on any change of the view, `since` included.
+    version: u64,
+    rejected: u64,
+    /// Times a member turned suspect in this view.
+    suspicions: u64,
+}
+
+fn state_of(state: State) -> MemberState {
+    match state {
+        State::Alive => MemberState::Alive,
+        State::Suspect => MemberState::Suspect,
+        State::Down => MemberState::Dead,
+    }
+}
+
+impl Engine {
+    /// `rng` drives foca's choices and `nonces` the seal; both come from the OS in
+    /// production and from a seed in the simulation.
+    pub(crate) fn new(
+        identity: &NodeId,
+        tuning: &Tuning,
+        key: &[u8; 32],
+        rng: StdRng,
+        nonces: StdRng,
+        now: SystemTime,
+    ) -> Engine {
+        let local = Peer::from_id(identity);
+        let foca = Foca::new(local.clone(), tuning.foca_config(), rng, PostcardCodec);
+        let mut out = Outbox::default();
+        out.ticks.push((Duration::ZERO, Tick::Join));
+        Engine {
+            foca,
+            seal: Seal::new(key),
+            nonces,
+            out,
+            join_due: false,
+            rejoin_every: tuning.rejoin_every,
+            local,
+            local_since: now,
+            others: BTreeMap::new(),
+            changes: 0,
+            version: 0,
+            rejected: 0,
+            suspicions: 0,
+        }
+    }
+
+    /// A datagram arrived from `from`.
+    pub(crate) fn receive(&mut self, now: SystemTime, from: SocketAddr, sealed: &[u8]) {
+        if sealed.len() > MAX_DATAGRAM {
+            self.rejected += 1;
+            return;
+        }
+        let Some(plain) = self.seal.open(sealed) else {
+            self.rejected += 1;
+            tracing::debug!(%from, "dropped a gossip datagram that does not open with the cluster key");
+            return;
+        };
+        match plain.split_first() {
+            Some((&KIND_FOCA, data)) => {
+                if let Err(e) = self.foca.handle_data(data, &mut self.out) {
+                    tracing::debug!(%from, error = %e, "gossip datagram not used");
+                }
+            }
+            Some((&KIND_JOIN, body)) => {
+                if let Some(joiner) = self.decode_peer(body, from) {
+                    tracing::debug!(%from, joiner = %joiner.name, "join request");
+                    let me = postcard_peer(&self.local);
+                    self.out.push(from, KIND_WELCOME, &me);
+                }
+            }
+            Some((&KIND_WELCOME, body)) => {
+                if let Some(member) = self.decode_peer(body, from) {
+                    if let Err(e) = self.foca.announce(member, &mut self.out) {
+                        tracing::debug!(%from, error = %e, "cannot announce");
+                    }
+                }
+            }
+            _ => tracing::debug!(%from, "gossip datagram of an unknown kind"),
+        }
+        self.refresh(now);
+    }
+
+    /// A peer identity in a join message, unless it is unreadable or this node's own name
+    /// (a join list usually names this node too).
+    fn decode_peer(&self, body: &[u8], from: SocketAddr) -> Option<Peer> {
+        match postcard::from_bytes::<Peer>(body) {
+            Ok(peer) if peer.name != self.local.name => Some(peer),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(%from, error = %e, "unreadable join message");
+                None
+            }
+        }
+    }
+
+    /// A tick scheduled earlier is due.
+    pub(crate) fn tick(&mut self, now: SystemTime, tick: Tick) {
+        match tick {
+            Tick::Foca(timer) => {
+                // foca 1.0 (and 2.0) sends `TurnUndead` to a suspect when its suspicion timer
+                // fires even if the suspect refuted in time, which would make every refuted
+                // suspicion a renewal. That send is the only datagram the timer produces, so
+                // it is taken back unless the member really was declared dead.
+                let suspect = match &timer {
+                    Timer::ChangeSuspectToDown { member_id, .. } => Some(member_id.clone()),
+                    _ => None,
+                };
+                let sent_before = self.out.datagrams.len();
+                if let Err(e) = self.foca.handle_timer(timer, &mut self.out) {
+                    tracing::debug!(error = %e, "gossip timer");
+                }
+                if let Some(suspect) = suspect {
+                    let dead = self
+                        .foca
+                        .iter_membership_state()
+                        .any(|m| m.id() == &suspect && m.state() == State::Down);
+                    if !dead {
+                        self.out.datagrams.truncate(sent_before);
+                    }
+                }
+            }
+            Tick::Join => {
+                self.join_due = true;
+                let next = if self.foca.num_members() == 0 {
+                    self.rejoin_every.min(ALONE_RETRY)
+                } else {
+                    self.rejoin_every
+                };
+                self.out.ticks.push((next, Tick::Join));
+                self.forget_long_dead(now);
+            }
+        }
+        self.refresh(now);
+    }
+
+    /// Send `JOIN` to every resolved join address not held by a live member.
+    pub(crate) fn join(&mut self, addrs: &[SocketAddr]) {
+        let me = postcard_peer(&self.local);
+        for &addr in addrs {
+            let known =
+                addr == self.local.addr || self.foca.iter_members().any(|m| m.id().addr == addr);
+            if !known {
+                self.out.push(addr, KIND_JOIN, &me);
+            }
+        }
+    }
+
+    /// Tell a few members this node is leaving; after this it answers no one.
+    pub(crate) fn leave(&mut self, now: SystemTime) {
+        // foca tells 4 random members; two more rounds make it likely that the news survives
+        // a lossy network (detection would still find the node gone, just later).
+        let mut told = self.foca.leave_cluster(&mut self.out);
+        for _ in 0..2 {
+            told = told.and_then(|()| self.foca.gossip(&mut self.out));
+        }
+        if let Err(e) = told {
+            tracing::debug!(error = %e, "leaving the cluster");
+        }
+        self.refresh(now);
+    }
+
+    /// Everything asked for since the last call, datagrams sealed.
+    pub(crate) fn take_output(&mut self) -> Output {
+        let datagrams = std::mem::take(&mut self.out.datagrams)
+            .into_iter()
+            .map(|(to, plain)| (to, self.seal.seal(&mut self.nonces, &plain)))
+            .collect();
+        Output {
+            datagrams,
+            ticks: std::mem::take(&mut self.out.ticks),
+            join: std::mem::take(&mut self.join_due),
+        }
+    }
+
+    /// Bring the view up to date with foca after any call that may have changed it.
+    fn refresh(&mut self, now: SystemTime) {
+        if self.out.renewed {
+            // Renewed: find the members this node lost sight of without waiting a period.
+            self.out.renewed = false;
+            self.join_due = true;
+        }
+        if self.foca.identity() != &self.local {
+            self.local = self.foca.identity().clone();
+            self.local_since = now;
+            self.changes += 1;
+            self.version += 1;
+        }
+        for member in self.foca.iter_membership_state() {
+            let peer = member.id();
+            if peer.name == self.local.name {
+                // This node's previous generation, which foca keeps as dead after a renewal.
+                continue;
+            }
+            let state = state_of(member.state());
+            let Some(entry) = self.others.get_mut(&*peer.name) else {
+                self.others.insert(
+                    peer.name.to_string(),
+                    Entry {
+                        id: peer.to_id(),
+                        state,
+                        since: now,
+                    },
+                );
+                self.version += 1;
+                self.changes += u64::from(state != MemberState::Dead);
+                continue;
+            };
+            // An older generation than one already seen is stale gossip.
+            if peer.generation < entry.id.generation {
+                continue;
+            }
+            let same = peer.is(&entry.id);
+            if same && entry.state == state {
+                continue;
+            }
+            let usable_before = entry.state != MemberState::Dead;
+            let usable = state != MemberState::Dead;
+            if usable_before != usable || (usable && !same) {
+                self.changes += 1;
+            }
+            if !same {
+                entry.id = peer.to_id();
+            }
+            if state == MemberState::Suspect {
+                self.suspicions += 1;
+            }
+            entry.state = state;
+            entry.since = now;
+            self.version += 1;
+        }
+    }
+
+    /// Drop members dead for longer than [`DEAD_RETENTION`] that foca no longer holds
+    /// (while foca remembers one, the view keeps it and `members` hides it).
+    fn forget_long_dead(&mut self, now: SystemTime) {
+        let held: std::collections::HashSet<&str> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| &*m.id().name)
+            .collect();
+        self.others.retain(|name, e| {
+            e.state != MemberState::Dead || held.contains(name.as_str()) || !expired(e, now)
+        });
+    }
+
+    pub(crate) fn local(&self) -> NodeId {
+        self.local.to_id()
+    }
+
+    /// The view: this node (alive) and every other node known, by name, leaving out those
+    /// dead for longer than [`DEAD_RETENTION`].
+    pub(crate) fn members(&self, now: SystemTime) -> Vec<Member> {
+        let me = Member {
+            id: self.local.to_id(),
+            state: MemberState::Alive,
+            since: self.local_since,
+        };
+        let mut all: Vec<Member> = self
+            .others
+            .values()
+            .filter(|e| e.state != MemberState::Dead || !expired(e, now))
+            .map(|e| Member {
+                id: e.id.clone(),
+                state: e.state,
+                since: e.since,
+            })
+            .chain(std::iter::once(me))
+            .collect();
+        all.sort_by(|a, b| a.id.name.cmp(&b.id.name));
+        all
+    }
+
+    /// What this node believes of the node called `name`, for the simulation.
+    #[cfg(test)]
+    pub(crate) fn state_of(&self, name: &str) -> Option<(u64, MemberState)> {
+        if *self.local.name == *name {
+            return Some((self.local.generation, MemberState::Alive));
+        }
+        self.others.get(name).map(|e| (e.id.generation, e.state))
+    }
+
+    pub(crate) fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        self.version
+    }
+
+    pub(crate) fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    pub(crate) fn suspicions(&self) -> u64 {
+        self.suspicions
+    }
+}
+
+fn expired(e: &Entry, now: SystemTime) -> bool {
+    now.duration_since(e.since)
+        .is_ok_and(|age| age > DEAD_RETENTION)
+}
+
+fn postcard_peer(peer: &Peer) -> Vec<u8> {
+    // Serialising a struct of strings, numbers and an address into a Vec cannot fail.
+    postcard::to_allocvec(peer).unwrap_or_default()
+}
