@@ -164,8 +164,11 @@ pub struct Mirror {
     cluster: OnceLock<Arc<Cluster>>,
     /// One upstream manifest resolution at a time per (cache repository, reference): requests
     /// that arrive meanwhile (from clients or peers) wait and take its answer from the cache.
-    resolving: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    resolving: Mutex<HashMap<(String, String), Turn>>,
 }
+
+/// One resolution's turn: held while it asks its owner or upstream.
+type Turn = Arc<tokio::sync::Mutex<()>>;
 
 /// How a fill chooses its sources.
 enum Plan {
