@@ -148,6 +148,8 @@ pub struct PeerClient {
     timeouts: PeerTimeouts,
     latencies: Arc<Mutex<Latencies>>,
     metrics: Arc<PeerMetrics>,
+    /// `https` with mutual TLS between peers, else `http`.
+    scheme: &'static str,
 }
 
 fn enc(s: &str) -> String {
@@ -174,12 +176,21 @@ impl PeerClient {
         secret: ClusterSecret,
         timeouts: PeerTimeouts,
         metrics: Arc<PeerMetrics>,
+        tls: Option<rustls::ClientConfig>,
     ) -> Result<PeerClient, PeerError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(timeouts.connect)
             .no_proxy()
             .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(Duration::from_secs(30));
+        let scheme = match tls {
+            Some(config) => {
+                builder = builder.use_preconfigured_tls(config);
+                "https"
+            }
+            None => "http",
+        };
+        let http = builder
             .build()
             .map_err(|e| PeerError::Client(e.to_string()))?;
         Ok(PeerClient {
@@ -191,6 +202,7 @@ impl PeerClient {
                 recent: VecDeque::new(),
             })),
             metrics,
+            scheme,
         })
     }
 
@@ -229,7 +241,7 @@ impl PeerClient {
         peer: &NodeId,
         path_and_query: &str,
     ) -> reqwest::RequestBuilder {
-        let url = format!("http://{}{}", peer.addr, path_and_query);
+        let url = format!("{}://{}{}", self.scheme, peer.addr, path_and_query);
         let auth = self
             .secret
             .sign(method.as_str(), path_and_query, &self.local);

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -73,12 +74,13 @@ impl Cluster {
         replicas: usize,
         timeouts: PeerTimeouts,
         metrics: Arc<metrics::PeerMetrics>,
+        tls: Option<rustls::ClientConfig>,
     ) -> Result<Arc<Cluster>, PeerError> {
         let local = view.local().name;
         Ok(Arc::new(Cluster {
             view,
             replicas: replicas.max(1),
-            client: PeerClient::new(local, secret, timeouts, metrics)?,
+            client: PeerClient::new(local, secret, timeouts, metrics, tls)?,
         }))
     }
 

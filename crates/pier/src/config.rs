@@ -280,6 +280,11 @@ pub struct ClusterConfig {
     pub replicas: usize,
     /// Gossip probe period in milliseconds (detection takes a few periods).
     pub probe_period_ms: u64,
+    /// Mutual TLS on the peer listener: this node's certificate chain (PEM), its key, and the
+    /// CA that issues every node's certificate. All three or none.
+    pub peer_tls_cert: Option<PathBuf>,
+    pub peer_tls_key: Option<PathBuf>,
+    pub peer_tls_ca: Option<PathBuf>,
 }
 
 impl Default for ClusterConfig {
@@ -293,6 +298,9 @@ impl Default for ClusterConfig {
             cluster_secret_file: None,
             replicas: 2,
             probe_period_ms: 250,
+            peer_tls_cert: None,
+            peer_tls_key: None,
+            peer_tls_ca: None,
         }
     }
 }

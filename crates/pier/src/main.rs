@@ -29,7 +29,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a pier node (the default when no command is given).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write or print client configuration that pulls through this pier.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -121,12 +121,22 @@ pub struct ServeArgs {
     /// Owners per blob and per mirrored tag [default: 2].
     #[arg(long, value_name = "N")]
     pub replicas: Option<usize>,
+    /// Mutual TLS between peers: this node's certificate chain (PEM); with --peer-tls-key and
+    /// --peer-tls-ca.
+    #[arg(long, value_name = "FILE")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// The private key of --peer-tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The CA certificate(s) that issue every node's peer certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub peer_tls_ca: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command.unwrap_or(Command::Serve(ServeArgs::default())) {
-        Command::Serve(args) => serve::run(args),
+    let result = match cli.command.unwrap_or(Command::Serve(Box::default())) {
+        Command::Serve(args) => serve::run(*args),
         Command::Config(cmd) => client_config(cmd),
         Command::Bench(args) => pier_bench::cli(*args).map_err(anyhow::Error::from),
         // These two choose their own exit statuses (ready / not ready / unreachable).

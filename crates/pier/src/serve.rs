@@ -58,6 +58,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(r) = args.replicas {
         c.replicas = r;
     }
+    for (flag, key) in [
+        (&args.peer_tls_cert, &mut c.peer_tls_cert),
+        (&args.peer_tls_key, &mut c.peer_tls_key),
+        (&args.peer_tls_ca, &mut c.peer_tls_ca),
+    ] {
+        if flag.is_some() {
+            *key = flag.clone();
+        }
+    }
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
@@ -253,11 +262,12 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         let peer_app = pier_server::peer::router(peer_state);
         let metrics = state.metrics.clone();
         cluster_tasks.push(tokio::spawn(async move {
-            let served = pier_server::conn::serve(
+            let served = pier_server::conn::serve_tls(
                 c.peer_listener,
                 peer_app,
                 metrics,
                 conn_limits,
+                c.tls,
                 async move {
                     let _ = stopped.wait_for(|s| *s).await;
                 },
@@ -330,6 +340,8 @@ struct ClusterParts {
     cluster: Arc<pier_peer::Cluster>,
     peer_listener: TcpListener,
     secret: ClusterSecret,
+    /// Mutual TLS for the peer listener, when configured.
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Join the cluster (when configured): bind the peer port (TCP for peer HTTP, UDP for gossip),
@@ -346,6 +358,16 @@ async fn start_cluster(
          cluster_secret_file)",
     )?;
     let secret = ClusterSecret::from_file(secret_file).map_err(|e| anyhow::anyhow!(e))?;
+    let tls = match (&c.peer_tls_cert, &c.peer_tls_key, &c.peer_tls_ca) {
+        (None, None, None) => None,
+        (Some(cert), Some(key), Some(ca)) => {
+            Some(pier_peer::tls::PeerTls::load(cert, key, ca).map_err(|e| anyhow::anyhow!(e))?)
+        }
+        _ => anyhow::bail!(
+            "mutual TLS between peers needs all of --peer-tls-cert, --peer-tls-key and \
+             --peer-tls-ca"
+        ),
+    };
     let peer_listener = TcpListener::bind(c.peer_listen)
         .await
         .with_context(|| format!("cannot listen for peers on {} (TCP)", c.peer_listen))?;
@@ -382,6 +404,7 @@ async fn start_cluster(
         c.replicas,
         pier_peer::PeerTimeouts::default(),
         peer_metrics,
+        tls.as_ref().map(|t| t.client.clone()),
     )
     .map_err(|e| anyhow::anyhow!("{e}"))?;
     tracing::info!(
@@ -391,6 +414,7 @@ async fn start_cluster(
         advertise = %advertise,
         join = %c.join.join(","),
         replicas = c.replicas,
+        peer_tls = tls.is_some(),
         "cluster member started"
     );
     Ok(Some(ClusterParts {
@@ -398,6 +422,7 @@ async fn start_cluster(
         cluster,
         peer_listener,
         secret,
+        tls: tls.map(|t| t.server),
     }))
 }
 

@@ -28,7 +28,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Sleep;
 use tower::ServiceExt;
@@ -75,6 +75,20 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_tls(listener, app, metrics, limits, None, shutdown).await
+}
+
+/// [`serve`], with every connection first made TLS by `tls` when given (the handshake must
+/// finish within the header timeout, or 10 s).
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    metrics: Arc<Metrics>,
+    limits: ConnLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -113,8 +127,26 @@ pub async fn serve(
             limits,
             stop: stop_rx.clone(),
         };
+        let tls = tls.clone();
         tokio::spawn(async move {
-            conn.run(stream, peer).await;
+            let io: Box<dyn Io> = match tls {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    let limit = limits.header_timeout.unwrap_or(Duration::from_secs(10));
+                    match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            conn.run(io, peer).await;
             drop(permit);
         });
     }
@@ -176,7 +208,7 @@ impl Drop for InFlight {
 }
 
 impl Conn {
-    async fn run(self, stream: TcpStream, peer: SocketAddr) {
+    async fn run(self, stream: Box<dyn Io>, peer: SocketAddr) {
         let Conn {
             builder,
             app,
@@ -369,16 +401,20 @@ impl HttpBody for StallBody {
     }
 }
 
+/// A connection's byte stream: a TCP socket, or TLS over one.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
 /// A socket whose writes fail once the client has taken nothing for `timeout`.
 struct StallIo {
-    inner: TcpStream,
+    inner: Box<dyn Io>,
     timeout: Option<Duration>,
     timer: Option<Pin<Box<Sleep>>>,
     metrics: Arc<Metrics>,
 }
 
 impl StallIo {
-    fn new(inner: TcpStream, timeout: Option<Duration>, metrics: Arc<Metrics>) -> StallIo {
+    fn new(inner: Box<dyn Io>, timeout: Option<Duration>, metrics: Arc<Metrics>) -> StallIo {
         StallIo {
             inner,
             timeout,

@@ -1,0 +1,254 @@
+//! Mutual TLS between peers (`--peer-tls-cert`, `--peer-tls-key`, `--peer-tls-ca`), on two real
+//! nodes on 127.0.0.1: with certificates from one CA (made here with openssl) they join and
+//! a hosted image pushed to one is pulled from the other through the peer listener; the peer
+//! port then refuses plain HTTP, a TLS client without a certificate, and one whose certificate
+//! another CA issued, before any request is read.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{free_port, push_image, write_layout, Entry, ImageSpec, LayerSpec, Pier, Upload, MIB};
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and, signed by it, certificates for `names` valid for 127.0.0.1; plus `stranger`,
+/// signed by a CA of its own.
+fn make_certs(dir: &Path, names: &[&str]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for ca in ["ca", "other-ca"] {
+        let (key, pem, subj) = (
+            format!("{ca}.key"),
+            format!("{ca}.pem"),
+            format!("/CN={ca}"),
+        );
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
+        openssl(dir, &a);
+    }
+    for (name, ca) in names
+        .iter()
+        .map(|n| (*n, "ca"))
+        .chain([("stranger", "other-ca")])
+    {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj"]);
+        let subj = format!("/CN={name}");
+        a.push(&subj);
+        openssl(dir, &a);
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                "ext",
+            ],
+        );
+    }
+}
+
+fn curl_status(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .args(args)
+        .output()
+        .expect("run curl");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn peers_with_certificates_from_one_ca_share_content_and_others_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let certs = tmp.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    make_certs(&certs, &["n1", "n2"]);
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
+    let c = |f: &str| certs.join(f).display().to_string();
+    let peer_ports = [free_port(), free_port()];
+    let node = |i: usize| -> Pier {
+        let name = format!("n{}", i + 1);
+        let mut args: Vec<String> = [
+            "--hosted",
+            "**",
+            "--node-name",
+            &name,
+            "--peer-listen",
+            &format!("127.0.0.1:{}", peer_ports[i]),
+            "--cluster-secret-file",
+            &secret.display().to_string(),
+            "--peer-tls-cert",
+            &c(&format!("{name}.pem")),
+            "--peer-tls-key",
+            &c(&format!("{name}.key")),
+            "--peer-tls-ca",
+            &c("ca.pem"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if i > 0 {
+            args.extend(["--join".into(), format!("127.0.0.1:{}", peer_ports[0])]);
+        }
+        let dir = tmp.path().join(&name);
+        Pier::start_with(&dir, &tmp.path().join(format!("{name}.log")), &args)
+    };
+    let n1 = node(0);
+    let n2 = node(1);
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        let status: serde_json::Value = http
+            .get(format!("{}/api/v1/status", n2.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let alive = status["members"]
+            .as_array()
+            .map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count());
+        if alive == 2 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "n2 does not see both nodes alive: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Content pushed to n1 is read on n2 from n1's peer listener, over TLS.
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("srv/data.bin", 3 * MIB, 77)],
+            )),
+        )],
+    );
+    let image = layout.image("v1");
+    push_image(
+        &http,
+        &n1.url(),
+        "team/tls",
+        "v1",
+        &layout,
+        image,
+        Upload::Monolithic,
+    )
+    .await;
+    for digest in image.blob_digests() {
+        let body = http
+            .get(format!("{}/v2/team/tls/blobs/{digest}", n2.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(body.status(), 200, "blob {digest} from n2");
+        let bytes = body.bytes().await.unwrap();
+        assert_eq!(common::digest_of(&bytes), digest, "n2 served other bytes");
+    }
+    let m = n2.metrics(&http).await;
+    assert!(
+        m.sum("pier_blob_served_bytes_total", &[("source", "peer")]) >= 3.0 * MIB as f64,
+        "n2 should have served the layer from its peer:\n{}",
+        m.0
+    );
+
+    // The peer port speaks only TLS with a certificate from the cluster's CA.
+    let peer = format!("127.0.0.1:{}", peer_ports[0]);
+    let pull = format!("/peer/v1/blobs/{}", image.blob_digests()[0]);
+    assert_eq!(
+        curl_status(&[&format!("http://{peer}{pull}")]),
+        "000",
+        "plain HTTP"
+    );
+    assert_eq!(
+        curl_status(&["--cacert", &c("ca.pem"), &format!("https://{peer}{pull}")]),
+        "000",
+        "TLS without a client certificate"
+    );
+    assert_eq!(
+        curl_status(&[
+            "--cacert",
+            &c("ca.pem"),
+            "--cert",
+            &c("stranger.pem"),
+            "--key",
+            &c("stranger.key"),
+            &format!("https://{peer}{pull}"),
+        ]),
+        "000",
+        "a certificate from another CA"
+    );
+    // A cluster certificate gets through TLS, and still needs the secret's signature.
+    assert_eq!(
+        curl_status(&[
+            "--cacert",
+            &c("ca.pem"),
+            "--cert",
+            &c("n2.pem"),
+            "--key",
+            &c("n2.key"),
+            &format!("https://{peer}{pull}"),
+        ]),
+        "401",
+        "a cluster certificate without a signed request"
+    );
+    drop(n2);
+    drop(n1);
+}
