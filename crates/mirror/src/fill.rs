@@ -102,6 +102,8 @@ pub struct Progress {
     pub outcome: Option<Result<(), FillError>>,
     /// Where the bytes come from now: `upstream` or `peer` (a resumed fill may change).
     pub origin: Option<&'static str>,
+    /// The peer the bytes come from now, when `origin` is `peer`.
+    pub from_node: Option<String>,
 }
 
 /// Why a fill failed, as readers see it.
@@ -211,6 +213,12 @@ impl Fill {
     /// Where the fill's bytes come from now (`upstream` or `peer`), once it has started.
     pub fn origin(&self) -> &'static str {
         self.progress.borrow().origin.unwrap_or("upstream")
+    }
+
+    /// Whether the fill reads its bytes from `node` now: such a fill must never be offered to
+    /// that node, or each would wait for the other.
+    pub fn reads_from(&self, node: &str) -> bool {
+        self.progress.borrow().from_node.as_deref() == Some(node)
     }
 
     /// Whether the fill reads from an upstream: only such fills are offered to peers, so two

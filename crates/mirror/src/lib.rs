@@ -963,6 +963,7 @@ impl Mirror {
             p.started = true;
             p.size = size;
             p.origin = Some(sources[idx].origin());
+            p.from_node = sources[idx].node_name();
         });
         // The disk is often slower than the network: the writer thread writes while this task
         // keeps receiving, hashing and handing batches to readers straight from memory (the
@@ -1021,8 +1022,10 @@ impl Mirror {
                         idx = j;
                         body = b2;
                         upstream_bytes = counter(&sources[idx]);
-                        fill.progress
-                            .send_modify(|p| p.origin = Some(sources[idx].origin()));
+                        fill.progress.send_modify(|p| {
+                            p.origin = Some(sources[idx].origin());
+                            p.from_node = sources[idx].node_name();
+                        });
                         continue;
                     }
                     Ok((j, s2, _)) => {

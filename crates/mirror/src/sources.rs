@@ -48,6 +48,14 @@ impl Source {
         }
     }
 
+    /// The peer this source reads from, if it is one.
+    pub(crate) fn node_name(&self) -> Option<String> {
+        match self {
+            Source::Upstream(_) => None,
+            Source::Peer { node, .. } => Some(node.name.clone()),
+        }
+    }
+
     fn is_holder(&self) -> bool {
         matches!(self, Source::Peer { fill: None, .. })
     }

@@ -35,6 +35,10 @@ pub struct PeerState {
     pub secret: ClusterSecret,
 }
 
+/// The node that signed a peer request.
+#[derive(Clone)]
+struct Signer(String);
+
 /// The peer application.
 pub fn router(state: PeerState) -> Router {
     Router::new()
@@ -65,6 +69,8 @@ async fn authenticate(State(state): State<PeerState>, req: Request<Body>, next: 
     match state.secret.verify(header, req.method().as_str(), path) {
         Ok(node) => {
             let span = tracing::debug_span!("peer", from = %node, method = %req.method());
+            let mut req = req;
+            req.extensions_mut().insert(Signer(node));
             tracing::Instrument::instrument(next.run(req), span).await
         }
         Err(e) => {
@@ -133,6 +139,11 @@ async fn blob(
     let digest = digest_of(&digest)?;
     let q = Query::of(&req);
     let head = req.method() == Method::HEAD;
+    let signer = req
+        .extensions()
+        .get::<Signer>()
+        .map(|s| s.0.clone())
+        .unwrap_or_default();
     let app = &state.app;
     let registry = &app.registry;
     // In the store: serve it (linked to the named repository, when one is named without an
@@ -192,6 +203,13 @@ async fn blob(
             let stream = registry.read_blob(&digest, start, end).await?;
             Ok(stream_response(app, builder, stream, "local"))
         }
+        // Two nodes that disagree for a moment about who owns the blob could each be asked to
+        // fill it by the other: never hand a node its own bytes back.
+        BlobSource::Filling { fill, .. } if fill.reads_from(&signer) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            format!("this node is reading {digest} from {signer}; ask another source"),
+        )),
         BlobSource::Filling { fill, size } => {
             fill_response(app, &digest, fill, size, req.headers(), false, "filling")
         }
