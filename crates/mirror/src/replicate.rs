@@ -95,7 +95,6 @@ impl Replicator {
         let Some(record) = self.meta.manifest(repo, digest).await? else {
             return Ok(0);
         };
-        let me = self.cluster.local().name;
         let mut queued = 0;
         // Blobs first, by their own placement: readers look for a blob at its digest's owners.
         for child in &record.references {
@@ -107,60 +106,68 @@ impl Replicator {
                 }
                 continue;
             }
-            let key = child.to_string();
-            for owner in self.cluster.owners(key.as_bytes()) {
-                if owner.name == me {
-                    continue;
-                }
-                let payload = Payload {
-                    target: owner.name.clone(),
-                    key: key.clone(),
-                    pull: PullRequest {
-                        kind: "blob".into(),
-                        repo: repo.to_string(),
-                        digest: child.to_string(),
-                        tag: None,
-                        from: Some(me.clone()),
-                        upstream: None,
-                    },
-                };
-                self.enqueue(
-                    KIND_BLOB,
-                    &format!("blob {repo}@{child} -> {}", owner.name),
-                    &payload,
-                )
+            let pull = PullRequest {
+                kind: "blob".into(),
+                repo: repo.to_string(),
+                digest: child.to_string(),
+                tag: None,
+                from: None,
+                upstream: None,
+            };
+            queued += self
+                .queue_to_owners(KIND_BLOB, &[child.to_string()], pull)
                 .await?;
-                queued += 1;
-            }
         }
         // The manifest goes to the owners of its tag (where tag reads go) and of its digest.
         let mut keys = vec![digest.to_string()];
         if let Some(tag) = tag {
             keys.insert(0, format!("{repo}:{tag}"));
         }
+        let pull = PullRequest {
+            kind: "manifest".into(),
+            repo: repo.to_string(),
+            digest: digest.to_string(),
+            tag: tag.map(str::to_string),
+            from: None,
+            upstream: None,
+        };
+        queued += self.queue_to_owners(KIND_MANIFEST, &keys, pull).await?;
+        Ok(queued)
+    }
+
+    /// Queue `pull` (sourced from this node) for every other owner of any of `keys`, once per
+    /// owner; the job remembers the first key that made it an owner.
+    async fn queue_to_owners(
+        &self,
+        kind: &str,
+        keys: &[String],
+        mut pull: PullRequest,
+    ) -> Result<usize, pier_store::StoreError> {
+        let me = self.cluster.local().name;
+        pull.from = Some(me.clone());
+        let tag = pull
+            .tag
+            .as_deref()
+            .map(|t| format!(":{t}"))
+            .unwrap_or_default();
+        let mut targets: Vec<String> = Vec::new();
+        let mut queued = 0;
         for key in keys {
             for owner in self.cluster.owners(key.as_bytes()) {
-                if owner.name == me {
+                if owner.name == me || targets.contains(&owner.name) {
                     continue;
                 }
+                targets.push(owner.name.clone());
+                let job_key = format!(
+                    "{} {}@{}{tag} -> {}",
+                    pull.kind, pull.repo, pull.digest, owner.name
+                );
                 let payload = Payload {
                     target: owner.name.clone(),
                     key: key.clone(),
-                    pull: PullRequest {
-                        kind: "manifest".into(),
-                        repo: repo.to_string(),
-                        digest: digest.to_string(),
-                        tag: tag.map(str::to_string),
-                        from: Some(me.clone()),
-                        upstream: None,
-                    },
+                    pull: pull.clone(),
                 };
-                let job_key = format!(
-                    "manifest {repo}@{digest}{} -> {}",
-                    tag.map(|t| format!(":{t}")).unwrap_or_default(),
-                    owner.name
-                );
-                self.enqueue(KIND_MANIFEST, &job_key, &payload).await?;
+                self.enqueue(kind, &job_key, &payload).await?;
                 queued += 1;
             }
         }

@@ -158,16 +158,7 @@ async fn blob(
             _ => true,
         };
         if linked {
-            let range = blob_range(req.headers(), size)?;
-            let (builder, start, end) = blob_headers(&digest, size, range);
-            let builder = builder
-                .header(HOLDING_HEADER, "local")
-                .header(SIZE_HEADER, size);
-            if head || start == end {
-                return Ok(builder.body(Body::empty()).unwrap_or_default());
-            }
-            let stream = registry.read_blob(&digest, start, end).await?;
-            return Ok(stream_response(app, builder, stream, "local"));
+            return stored_response(app, &digest, size, req.headers(), head).await;
         }
     }
     let mirror = mirror_of(&state)?;
@@ -194,14 +185,7 @@ async fn blob(
         .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?
     {
         BlobSource::Local { size } => {
-            let range = blob_range(req.headers(), size)?;
-            let (builder, start, end) = blob_headers(&digest, size, range);
-            let builder = builder.header(SIZE_HEADER, size);
-            if start == end {
-                return Ok(builder.body(Body::empty()).unwrap_or_default());
-            }
-            let stream = registry.read_blob(&digest, start, end).await?;
-            Ok(stream_response(app, builder, stream, "local"))
+            stored_response(app, &digest, size, req.headers(), false).await
         }
         // Two nodes that disagree for a moment about who owns the blob could each be asked to
         // fill it by the other: never hand a node its own bytes back.
@@ -214,6 +198,26 @@ async fn blob(
             fill_response(app, &digest, fill, size, req.headers(), false, "filling")
         }
     }
+}
+
+/// A blob answered from this node's store.
+async fn stored_response(
+    app: &AppState,
+    digest: &Digest,
+    size: u64,
+    headers: &HeaderMap,
+    head: bool,
+) -> Result<Response> {
+    let range = blob_range(headers, size)?;
+    let (builder, start, end) = blob_headers(digest, size, range);
+    let builder = builder
+        .header(HOLDING_HEADER, "local")
+        .header(SIZE_HEADER, size);
+    if head || start == end {
+        return Ok(builder.body(Body::empty()).unwrap_or_default());
+    }
+    let stream = app.registry.read_blob(digest, start, end).await?;
+    Ok(stream_response(app, builder, stream, "local"))
 }
 
 fn not_here(digest: &Digest) -> ApiError {
