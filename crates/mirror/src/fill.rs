@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use pier_store::{ByteStream, Spool};
+
+use crate::pieces::Pieces;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
@@ -104,6 +106,8 @@ pub struct Progress {
     pub origin: Option<&'static str>,
     /// The peer the bytes come from now, when `origin` is `peer`.
     pub from_node: Option<String>,
+    /// Pieces on the spool, for a fill that tracks pieces (bumped as each lands).
+    pub pieces: u32,
 }
 
 /// Why a fill failed, as readers see it.
@@ -161,6 +165,8 @@ pub struct Fill {
     pub(crate) spool: OnceLock<Spool>,
     /// The latest batches, by offset, so readers keeping up never wait for the disk.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
+    /// The blob's pieces, for a blob large enough to be swarmed (set once its size is known).
+    pub(crate) pieces: OnceLock<Arc<Pieces>>,
 }
 
 impl Fill {
@@ -169,7 +175,28 @@ impl Fill {
             progress: watch::Sender::new(Progress::default()),
             spool: OnceLock::new(),
             recent: Mutex::new(VecDeque::new()),
+            pieces: OnceLock::new(),
         })
+    }
+
+    /// The blob's pieces, when this fill tracks them (a swarmable blob).
+    pub fn pieces(&self) -> Option<&Arc<Pieces>> {
+        self.pieces.get()
+    }
+
+    /// Tell readers waiting for pieces that more are on the spool.
+    pub(crate) fn pieces_changed(&self) {
+        let n = self.pieces.get().map_or(0, |p| p.have().count());
+        self.progress.send_modify(|p| p.pieces = n);
+    }
+
+    /// Stream bytes `start..end` once every piece they lie in is on the spool with its digest
+    /// known; for peers of a swarm, which check each piece against its digest themselves.
+    /// Fails at once when this fill tracks no pieces.
+    pub fn read_pieces(self: &Arc<Fill>, start: u64, end: u64) -> ByteStream {
+        let fill = self.clone();
+        let stream = async_stream_pieces(fill, start, end);
+        Box::pin(stream)
     }
 
     /// Keep a (charged) batch starting at `offset` in the recent window, dropping the oldest
@@ -337,6 +364,71 @@ impl Fill {
             }
         }))
     }
+}
+
+/// The body of [`Fill::read_pieces`]: wait for the pieces, then read the spool.
+fn async_stream_pieces(
+    fill: Arc<Fill>,
+    start: u64,
+    end: u64,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> + Send {
+    struct State {
+        fill: Arc<Fill>,
+        rx: watch::Receiver<Progress>,
+        pos: u64,
+        end: u64,
+        ready: bool,
+    }
+    let rx = fill.progress.subscribe();
+    let state = State {
+        fill,
+        rx,
+        pos: start,
+        end,
+        ready: false,
+    };
+    futures::stream::unfold(state, |mut s| async move {
+        if s.pos >= s.end {
+            return None;
+        }
+        while !s.ready {
+            let Some(pieces) = s.fill.pieces.get() else {
+                s.pos = s.end;
+                return Some((Err(std::io::Error::other("this fill has no pieces")), s));
+            };
+            if pieces.covers(s.pos, s.end) {
+                s.ready = true;
+                break;
+            }
+            let failed = match &s.rx.borrow_and_update().outcome {
+                Some(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            if let Some(e) = failed {
+                s.pos = s.end;
+                return Some((Err(std::io::Error::other(e)), s));
+            }
+            if s.rx.changed().await.is_err() && !pieces.covers(s.pos, s.end) {
+                s.pos = s.end;
+                return Some((Err(std::io::Error::other("fill ended")), s));
+            }
+        }
+        let Some(spool) = s.fill.spool.get() else {
+            s.pos = s.end;
+            return Some((Err(std::io::Error::other("spool missing")), s));
+        };
+        let len = (s.end - s.pos).min(CHUNK) as usize;
+        match spool.read_at(s.pos, len).await {
+            Ok(b) => {
+                s.pos += b.len() as u64;
+                Some((Ok(b), s))
+            }
+            Err(e) => {
+                s.pos = s.end;
+                Some((Err(std::io::Error::other(e.to_string())), s))
+            }
+        }
+    })
 }
 
 #[cfg(test)]

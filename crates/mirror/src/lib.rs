@@ -14,8 +14,10 @@
 pub mod fill;
 pub mod glob;
 pub mod metrics;
+pub mod pieces;
 pub mod replicate;
 mod sources;
+mod swarm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,6 +34,8 @@ use pier_cluster::NodeId;
 use pier_peer::Cluster;
 
 use crate::fill::{Fill, FillError, MemoryBudget};
+use crate::pieces::{PieceHasher, Pieces};
+use pier_peer::rate::{limited, RateLimit};
 use crate::metrics::MirrorMetrics;
 use crate::sources::Source;
 
@@ -54,6 +58,8 @@ pub struct FillPolicy {
     /// How long an upstream 404 for a manifest or blob is answered without asking again
     /// (zero: not remembered).
     pub negative_ttl: Duration,
+    /// Bytes per second all fills together may download from upstreams (none: no cap).
+    pub max_upstream_rate: Option<u64>,
 }
 
 impl Default for FillPolicy {
@@ -62,6 +68,7 @@ impl Default for FillPolicy {
             memory: 256 * 1024 * 1024,
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
             negative_ttl: Duration::from_secs(30),
+            max_upstream_rate: None,
         }
     }
 }
@@ -165,6 +172,11 @@ pub struct Mirror {
     /// One upstream manifest resolution at a time per (cache repository, reference): requests
     /// that arrive meanwhile (from clients or peers) wait and take its answer from the cache.
     resolving: Mutex<HashMap<(String, String), Turn>>,
+    /// The swarms this node coordinates, by blob.
+    boards: Mutex<HashMap<Digest, swarm::Board>>,
+    /// Piece digests of stored blobs this node has coordinated a swarm for.
+    stored_pieces: Mutex<HashMap<Digest, Arc<Pieces>>>,
+    upstream_limit: Option<Arc<RateLimit>>,
 }
 
 /// One resolution's turn: held while it asks its owner or upstream.
@@ -236,6 +248,9 @@ impl Mirror {
             negative: Mutex::new(HashMap::new()),
             cluster: OnceLock::new(),
             resolving: Mutex::new(HashMap::new()),
+            boards: Mutex::new(HashMap::new()),
+            stored_pieces: Mutex::new(HashMap::new()),
+            upstream_limit: policy.max_upstream_rate.map(RateLimit::new),
         })
     }
 
@@ -887,7 +902,17 @@ impl Mirror {
                         (s, repo.clone(), None)
                     }
                 };
-                let outcome = if sources.is_empty() {
+                // A large mirrored blob is taken from its swarm unless this node coordinates it
+                // (then it reads the upstream in one stream, hashing pieces for the swarm).
+                let swarm = match (&plan, cluster) {
+                    (Plan::Mirrored { r, ask_peers: true }, Some(c)) if c.has_peers() => {
+                        this.join_swarm(c, r, &d2).await.map(|j| (r, c, j))
+                    }
+                    _ => None,
+                };
+                let outcome = if let Some((r, c, (coord, first))) = swarm {
+                    this.run_swarm(&d2, &f2, &link_repo, r, c, coord, first).await
+                } else if sources.is_empty() {
                     Err(FillError::NotFound)
                 } else {
                     this.run_fill(&d2, &f2, &link_repo, &sources, cluster).await
@@ -946,7 +971,8 @@ impl Mirror {
         sources: &[Source],
         cluster: Option<&Cluster>,
     ) -> Result<(), FillError> {
-        let (mut idx, size, mut body) = sources::open_first(sources, 0, cluster, digest, 0).await?;
+        let (mut idx, size, body) = sources::open_first(sources, 0, cluster, digest, 0).await?;
+        let mut body = self.limit_upstream(&sources[idx], body);
         let max = self.policy.max_blob_bytes;
         if let Some(size) = size.filter(|&s| s > max) {
             return Err(FillError::TooLarge(format!(
@@ -959,6 +985,12 @@ impl Mirror {
         let cut_at = size.unwrap_or(max);
         let spool = self.blobs.spool().await.map_err(FillError::store)?;
         let _ = fill.spool.set(spool.clone());
+        // A blob large enough to swarm is hashed piece by piece as it goes by, so the nodes
+        // that take its pieces from each other can verify each one.
+        let pieces = size
+            .filter(|&s| s >= pieces::SWARM_MIN && cluster.is_some())
+            .map(|s| fill.pieces.get_or_init(|| Arc::new(Pieces::new(s, pieces::PIECE_SIZE))).clone());
+        let mut piece_hasher = pieces.clone().map(PieceHasher::new);
         fill.progress.send_modify(|p| {
             p.started = true;
             p.size = size;
@@ -971,6 +1003,7 @@ impl Mirror {
         let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_BACKLOG);
         let writer_spool = spool.clone();
         let progress = fill.clone();
+        let writer_pieces = pieces.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<u64, FillError> {
             let mut pos = 0u64;
             while let Some(chunk) = rx.blocking_recv() {
@@ -978,6 +1011,9 @@ impl Mirror {
                     .write_at(&chunk, pos)
                     .map_err(FillError::store)?;
                 pos += chunk.len() as u64;
+                if let Some(p) = &writer_pieces {
+                    p.mark_written(pos);
+                }
                 progress.progress.send_modify(|p| p.written = pos);
             }
             writer_spool.sync().map_err(FillError::store)?;
@@ -1020,7 +1056,7 @@ impl Mirror {
                             offset = got, error = %e, "fill resumed from the next source"
                         );
                         idx = j;
-                        body = b2;
+                        body = self.limit_upstream(&sources[idx], b2);
                         upstream_bytes = counter(&sources[idx]);
                         fill.progress.send_modify(|p| {
                             p.origin = Some(sources[idx].origin());
@@ -1057,6 +1093,9 @@ impl Mirror {
                         c2.inc_by(c.len() as u64);
                     }
                     hasher.update(c);
+                    if let Some(h) = &mut piece_hasher {
+                        h.update(c);
+                    }
                     pending.extend_from_slice(c);
                     pending.len() >= FILL_BATCH
                 }
@@ -1159,6 +1198,14 @@ impl Mirror {
             .await
             .map_err(FillError::store)?;
         Ok(())
+    }
+
+    /// `body`, held to the node's upstream download cap when it comes from an upstream.
+    fn limit_upstream(&self, source: &Source, body: sources::Body) -> sources::Body {
+        match source {
+            Source::Upstream(_) => limited(body, self.upstream_limit.clone()),
+            Source::Peer { .. } => body,
+        }
     }
 
     /// The tags list of a mirrored repository: the upstream's, or the cached tags when the

@@ -45,6 +45,13 @@ pub struct MirrorMetrics {
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub fill_memory: Gauge,
     pub negative_hits: Counter,
+    pub swarm_pieces: Family<ResultLabel, Counter>,
+    pub swarm_fills: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: &'static str,
 }
 
 impl MirrorMetrics {
@@ -61,6 +68,8 @@ impl MirrorMetrics {
             endpoint_healthy: Family::default(),
             fill_memory: Gauge::default(),
             negative_hits: Counter::default(),
+            swarm_pieces: Family::default(),
+            swarm_fills: Counter::default(),
         };
         registry.register(
             "mirror_requests",
@@ -107,7 +116,21 @@ impl MirrorMetrics {
             "Manifest and blob requests answered 404 from a remembered upstream 404",
             m.negative_hits.clone(),
         );
+        registry.register(
+            "swarm_pieces",
+            "Pieces a swarm fill fetched, by result (ok; upstream, fetched by the coordinator from its upstream; corrupt, failed its piece digest; failed, the peer did not deliver)",
+            m.swarm_pieces.clone(),
+        );
+        registry.register(
+            "swarm_fills",
+            "Fills that took their blob piece by piece from a swarm instead of one stream",
+            m.swarm_fills.clone(),
+        );
         m
+    }
+
+    pub fn piece(&self, result: &'static str) {
+        self.swarm_pieces.get_or_create(&ResultLabel { result }).inc();
     }
 
     pub fn request(&self, upstream: &str, kind: &'static str, result: &'static str) {

@@ -10,6 +10,13 @@
 //!   it resolves through its own mirror (with `upstream`): 200 with the exact bytes, else 404.
 //! - `POST /pull` (JSON [`PullRequest`]): make the peer hold a blob or manifest durably, fetched
 //!   from the node named `from` (or any holder); 200 once it does.
+//! - `POST /swarm/<digest>` (JSON [`SwarmReport`]): tell a blob's swarm coordinator which
+//!   pieces this node holds; it answers (JSON [`SwarmAnswer`]) with the piece digests and who
+//!   holds which pieces. With `upstream` and `repo` in the report, a coordinator lacking the blob
+//!   starts filling it from that upstream first.
+//! - `GET /blobs/<digest>` with `x-pier-piece: 1` and `Range: bytes=A-B`: pieces, served only
+//!   when the peer holds every piece the range touches (from its store, or its growing fill
+//!   whatever order the fill receives them in), else 404.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -125,6 +132,54 @@ pub struct PullRequest {
     /// For mirrored content: the upstream to fill from when no peer holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
+}
+
+/// Header that makes a ranged blob GET a piece request: answered from whatever pieces the peer
+/// holds, in or out of order, instead of waiting for its fill to reach them.
+pub const PIECE_HEADER: &str = "x-pier-piece";
+
+/// What a swarm member tells the coordinator.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct SwarmReport {
+    /// The pieces it holds, as a hex bitmap (empty before it knows the piece count).
+    #[serde(default)]
+    pub have: String,
+    /// How many piece digests it knows without a gap from the first; the answer sends the rest.
+    #[serde(default)]
+    pub known: u32,
+    /// For mirrored content: the upstream and cache repository the coordinator fills from when
+    /// it lacks the blob.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+}
+
+/// One holder of pieces, as the coordinator knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SwarmHolder {
+    pub node: String,
+    /// Hex bitmap of the pieces it holds.
+    pub have: String,
+}
+
+/// The coordinator's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SwarmAnswer {
+    pub size: u64,
+    /// `false`: the blob is too small to be worth swarming; fetch it directly.
+    pub swarm: bool,
+    pub piece_size: u64,
+    /// Digests (`sha256:…`) of pieces `digests_from..`, `None` where the coordinator has not
+    /// hashed the piece yet.
+    pub digests_from: u32,
+    pub digests: Vec<Option<String>>,
+    /// Who holds which pieces: the coordinator and the members that reported recently, the
+    /// asker excluded.
+    pub holders: Vec<SwarmHolder>,
+    /// Pieces only the coordinator holds that the asker should take from it (and then share):
+    /// so each piece leaves the coordinator about once.
+    pub assign: Vec<u32>,
 }
 
 /// Recent first-byte latencies of peer requests, for the hedge delay.
@@ -458,6 +513,96 @@ impl PeerClient {
             digest,
             cache,
         }))
+    }
+
+    /// Report to a swarm's coordinator and learn the swarm's state. `first`: the coordinator
+    /// may have to start its fill before it can answer, so it is given the fill deadline.
+    pub async fn swarm(
+        &self,
+        peer: &NodeId,
+        digest: &Digest,
+        report: &SwarmReport,
+        first: bool,
+    ) -> Result<SwarmAnswer, PeerError> {
+        let path = format!("/peer/v1/swarm/{digest}");
+        let req = self
+            .request(reqwest::Method::POST, peer, &path)
+            .json(report);
+        let deadline = if first {
+            self.timeouts.fill_first_byte
+        } else {
+            self.timeouts.first_byte
+        };
+        let resp = self.send("swarm", peer, req, deadline).await?;
+        let resp = Self::check(peer, resp).await?;
+        let body = tokio::time::timeout(self.timeouts.first_byte, resp.bytes())
+            .await
+            .map_err(|_| PeerError::Timeout(peer.name.clone(), "swarm answer body".into()))?
+            .map_err(|e| PeerError::Protocol(peer.name.clone(), chain(&e)))?;
+        serde_json::from_slice(&body).map_err(|e| {
+            PeerError::Protocol(peer.name.clone(), format!("bad swarm answer: {e}"))
+        })
+    }
+
+    /// Bytes `start..end` of `digest` from `peer`'s pieces, whole. Fails (without retrying) if
+    /// the peer lacks them, stalls, or sends a different length.
+    pub async fn get_piece(
+        &self,
+        peer: &NodeId,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Result<Bytes, PeerError> {
+        let path = format!("/peer/v1/blobs/{digest}");
+        let req = self
+            .request(reqwest::Method::GET, peer, &path)
+            .header(PIECE_HEADER, "1")
+            .header(
+                reqwest::header::RANGE,
+                format!("bytes={start}-{}", end.saturating_sub(1)),
+            );
+        let resp = self
+            .send("get_piece", peer, req, self.timeouts.first_byte)
+            .await?;
+        let resp = Self::check(peer, resp).await?;
+        if resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(PeerError::Protocol(
+                peer.name.clone(),
+                format!("asked for a piece, got {}", resp.status()),
+            ));
+        }
+        let want = (end - start) as usize;
+        let mut out = bytes::BytesMut::with_capacity(want);
+        let mut body = Box::pin(resp.bytes_stream());
+        loop {
+            match tokio::time::timeout(self.timeouts.stall, body.next()).await {
+                Err(_) => {
+                    return Err(PeerError::Timeout(
+                        peer.name.clone(),
+                        format!("piece stalled for {} s", self.timeouts.stall.as_secs()),
+                    ))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(PeerError::Protocol(peer.name.clone(), chain(&e))),
+                Ok(Some(Ok(b))) => {
+                    if out.len() + b.len() > want {
+                        return Err(PeerError::Protocol(
+                            peer.name.clone(),
+                            "piece longer than asked".into(),
+                        ));
+                    }
+                    self.metrics.bytes.inc_by(b.len() as u64);
+                    out.extend_from_slice(&b);
+                }
+            }
+        }
+        if out.len() != want {
+            return Err(PeerError::Protocol(
+                peer.name.clone(),
+                format!("piece ended after {} of {want} bytes", out.len()),
+            ));
+        }
+        Ok(out.freeze())
     }
 
     /// Ask `peer` to hold something durably; returns once it does.

@@ -12,6 +12,7 @@
 
 pub mod client;
 pub mod metrics;
+pub mod rate;
 pub mod tls;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use pier_cluster::{placement, ClusterSecret, Member, MemberState, NodeId};
 
 pub use client::{
     BlobAnswer, Holding, ManifestAnswer, PeerClient, PeerError, PeerTimeouts, PullRequest,
+    SwarmAnswer, SwarmHolder, SwarmReport, PIECE_HEADER,
 };
 
 /// The membership as the rest of pier needs it. Implemented by the gossip membership and by a

@@ -285,6 +285,10 @@ pub struct ClusterConfig {
     pub peer_tls_cert: Option<PathBuf>,
     pub peer_tls_key: Option<PathBuf>,
     pub peer_tls_ca: Option<PathBuf>,
+    /// Bytes per second this node sends to peers at most, all requests together (none: no cap).
+    pub max_upload_rate: Option<ByteSize>,
+    /// Bytes per second this node downloads from upstreams at most, all fills together.
+    pub max_upstream_rate: Option<ByteSize>,
 }
 
 impl Default for ClusterConfig {
@@ -301,6 +305,8 @@ impl Default for ClusterConfig {
             peer_tls_cert: None,
             peer_tls_key: None,
             peer_tls_ca: None,
+            max_upload_rate: None,
+            max_upstream_rate: None,
         }
     }
 }

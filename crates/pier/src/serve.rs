@@ -178,6 +178,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             memory: config.mirror.fill_memory.0,
             max_blob_bytes: config.mirror.max_blob_size.0,
             negative_ttl: Duration::from_secs(config.mirror.negative_ttl),
+            max_upstream_rate: config.cluster.max_upstream_rate.map(|r| r.0),
         },
     );
     let recovery = registry
@@ -257,6 +258,12 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         let peer_state = pier_server::peer::PeerState {
             app: state.clone(),
             secret: c.secret.clone(),
+            upload_limit: config
+                .cluster
+                .max_upload_rate
+                .map(|r| pier_peer::rate::RateLimit::new(r.0)),
+            // A fault hook for the test tier: this node serves corrupt swarm pieces.
+            corrupt_pieces: std::env::var("PIER_FAULT_CORRUPT_PIECES").is_ok_and(|v| v == "1"),
         };
         let mut stopped = stop_rx.clone();
         let peer_app = pier_server::peer::router(peer_state);

@@ -62,6 +62,7 @@ pub struct Metrics {
     pub cluster_members: Family<StateLabels, Gauge>,
     pub gossip_rejected: Counter,
     pub peer_rejected: Counter,
+    pub peer_sent_bytes: Counter,
 }
 
 impl Default for Metrics {
@@ -184,6 +185,12 @@ impl Metrics {
             "Requests to the peer listener refused for a missing or bad signature",
             peer_rejected.clone(),
         );
+        let peer_sent_bytes = Counter::default();
+        registry.register(
+            "peer_sent_bytes",
+            "Blob bytes this node sent to peers (whole blobs, resumed ranges and swarm pieces)",
+            peer_sent_bytes.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -203,6 +210,7 @@ impl Metrics {
             cluster_members,
             gossip_rejected,
             peer_rejected,
+            peer_sent_bytes,
         };
         (metrics, more)
     }

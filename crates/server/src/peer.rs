@@ -20,7 +20,9 @@ use pier_cluster::ClusterSecret;
 use pier_mirror::{BlobSource, MirrorError, MirrorRef};
 use pier_oci::{Digest, ErrorCode, Reference, RepoName};
 use pier_peer::client::{HOLDING_HEADER, SIZE_HEADER};
-use pier_peer::PullRequest;
+use pier_peer::rate::{limited, RateLimit};
+use pier_peer::{PullRequest, SwarmReport, PIECE_HEADER};
+use pier_store::ByteStream;
 
 use crate::error::ApiError;
 use crate::v2::{blob_headers, blob_range, hv, manifest_response, stream_response, Query};
@@ -33,6 +35,11 @@ type Result<T> = std::result::Result<T, ApiError>;
 pub struct PeerState {
     pub app: AppState,
     pub secret: ClusterSecret,
+    /// The cap on bytes per second this node sends to peers, all requests together.
+    pub upload_limit: Option<Arc<RateLimit>>,
+    /// Fault injection for tests: flip a byte of every piece this node serves to a swarm, as a
+    /// broken or malicious peer would (`PIER_FAULT_CORRUPT_PIECES=1`).
+    pub corrupt_pieces: bool,
 }
 
 /// The node that signed a peer request.
@@ -45,6 +52,7 @@ pub fn router(state: PeerState) -> Router {
         .route("/peer/v1/blobs/{digest}", get(blob).head(blob))
         .route("/peer/v1/manifests/{reference}", get(manifest))
         .route("/peer/v1/pull", post(pull))
+        .route("/peer/v1/swarm/{digest}", post(swarm))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -146,6 +154,9 @@ async fn blob(
         .unwrap_or_default();
     let app = &state.app;
     let registry = &app.registry;
+    if req.headers().contains_key(PIECE_HEADER) {
+        return piece(&state, &digest, req.headers()).await;
+    }
     // In the store: serve it (linked to the named repository, when one is named without an
     // upstream: hosted content is shared only within its repository).
     if let Some(size) = registry.blob_store().stat(&digest).await? {
@@ -158,7 +169,7 @@ async fn blob(
             _ => true,
         };
         if linked {
-            return stored_response(app, &digest, size, req.headers(), head).await;
+            return stored_response(&state, &digest, size, req.headers(), head).await;
         }
     }
     let mirror = mirror_of(&state)?;
@@ -169,7 +180,7 @@ async fn blob(
         .filter(|f| f.from_upstream())
     {
         if let Ok(size) = fill.started().await {
-            return fill_response(app, &digest, fill, size, req.headers(), head, "filling");
+            return fill_response(&state, &digest, fill, size, req.headers(), head, "filling");
         }
     }
     if head || q.get("fill") != Some("1") {
@@ -185,7 +196,7 @@ async fn blob(
         .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?
     {
         BlobSource::Local { size } => {
-            stored_response(app, &digest, size, req.headers(), false).await
+            stored_response(&state, &digest, size, req.headers(), false).await
         }
         // Two nodes that disagree for a moment about who owns the blob could each be asked to
         // fill it by the other: never hand a node its own bytes back.
@@ -195,19 +206,31 @@ async fn blob(
             format!("this node is reading {digest} from {signer}; ask another source"),
         )),
         BlobSource::Filling { fill, size } => {
-            fill_response(app, &digest, fill, size, req.headers(), false, "filling")
+            fill_response(&state, &digest, fill, size, req.headers(), false, "filling")
         }
     }
 }
 
+/// Bytes this node sends a peer: counted, and held to the upload cap.
+fn to_peer(state: &PeerState, stream: ByteStream) -> ByteStream {
+    let sent = state.app.metrics.peer_sent_bytes.clone();
+    let stream = futures::StreamExt::inspect(stream, move |c| {
+        if let Ok(c) = c {
+            sent.inc_by(c.len() as u64);
+        }
+    });
+    limited(stream, state.upload_limit.clone())
+}
+
 /// A blob answered from this node's store.
 async fn stored_response(
-    app: &AppState,
+    state: &PeerState,
     digest: &Digest,
     size: u64,
     headers: &HeaderMap,
     head: bool,
 ) -> Result<Response> {
+    let app = &state.app;
     let range = blob_range(headers, size)?;
     let (builder, start, end) = blob_headers(digest, size, range);
     let builder = builder
@@ -217,7 +240,90 @@ async fn stored_response(
         return Ok(builder.body(Body::empty()).unwrap_or_default());
     }
     let stream = app.registry.read_blob(digest, start, end).await?;
-    Ok(stream_response(app, builder, stream, "local"))
+    Ok(stream_response(app, builder, to_peer(state, stream), "local"))
+}
+
+/// Pieces of a blob for a swarm member: from the store, or from this node's fill once every
+/// piece the range touches has landed (in whatever order the fill takes them), else 404.
+async fn piece(state: &PeerState, digest: &Digest, headers: &HeaderMap) -> Result<Response> {
+    let app = &state.app;
+    let stored = app.registry.blob_store().stat(digest).await?;
+    let fill = match stored {
+        Some(_) => None,
+        None => Some(
+            mirror_of(state)?
+                .fill_in_progress(digest)
+                .filter(|f| f.pieces().is_some())
+                .ok_or_else(|| not_here(digest))?,
+        ),
+    };
+    let size = match (stored, fill.as_ref().and_then(|f| f.pieces())) {
+        (Some(size), _) => size,
+        (None, Some(p)) => p.size(),
+        (None, None) => return Err(not_here(digest)),
+    };
+    let Some(range) = blob_range(headers, size)? else {
+        return Err(ApiError::range(size, "a piece request needs a Range"));
+    };
+    let (start, end) = (range.start, range.end);
+    let stream = match fill {
+        None => app.registry.read_blob(digest, start, end).await?,
+        Some(fill) => {
+            // Only pieces this node holds: the asker was told it holds them, and a piece not
+            // here yet is better fetched from someone else than waited for.
+            if !fill.pieces().is_some_and(|p| p.covers(start, end)) {
+                return Err(not_here(digest));
+            }
+            fill.read_pieces(start, end)
+        }
+    };
+    let (builder, _, _) = blob_headers(digest, size, Some(range));
+    let builder = builder
+        .header(HOLDING_HEADER, "piece")
+        .header(SIZE_HEADER, size);
+    let stream = if state.corrupt_pieces {
+        corrupt(stream)
+    } else {
+        stream
+    };
+    Ok(stream_response(app, builder, to_peer(state, stream), "local"))
+}
+
+/// Flip the first byte of a stream (the fault hook of [`PeerState::corrupt_pieces`]).
+fn corrupt(stream: ByteStream) -> ByteStream {
+    let mut first = true;
+    Box::pin(futures::StreamExt::map(stream, move |c| {
+        c.map(|b| {
+            if first && !b.is_empty() {
+                first = false;
+                let mut v = b.to_vec();
+                v[0] ^= 0xff;
+                bytes::Bytes::from(v)
+            } else {
+                b
+            }
+        })
+    }))
+}
+
+/// A swarm member's report to this node as the blob's coordinator.
+async fn swarm(
+    State(state): State<PeerState>,
+    Path(digest): Path<String>,
+    axum::Extension(signer): axum::Extension<Signer>,
+    Json(report): Json<SwarmReport>,
+) -> Result<Response> {
+    let digest = digest_of(&digest)?;
+    let mirror = mirror_of(&state)?.clone();
+    let r = match (report.upstream.as_deref(), report.repo.as_deref()) {
+        (Some(up), Some(repo)) => Some(mirror_ref(&state, up, repo)?),
+        _ => None,
+    };
+    let answer = mirror
+        .swarm_answer(&digest, &signer.0, &report, r.as_ref())
+        .await
+        .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?;
+    Ok(Json(answer).into_response())
 }
 
 fn not_here(digest: &Digest) -> ApiError {
@@ -230,7 +336,7 @@ fn not_here(digest: &Digest) -> ApiError {
 
 /// A blob answered from a fill in progress on this node.
 fn fill_response(
-    app: &AppState,
+    state: &PeerState,
     digest: &Digest,
     fill: Arc<pier_mirror::fill::Fill>,
     size: Option<u64>,
@@ -238,6 +344,7 @@ fn fill_response(
     head: bool,
     holding: &'static str,
 ) -> Result<Response> {
+    let app = &state.app;
     let source = fill.origin();
     match size {
         Some(size) => {
@@ -252,7 +359,7 @@ fn fill_response(
             Ok(stream_response(
                 app,
                 builder,
-                fill.read(start, Some(end)),
+                to_peer(state, fill.read(start, Some(end))),
                 source,
             ))
         }
@@ -269,7 +376,12 @@ fn fill_response(
             if head {
                 return Ok(builder.body(Body::empty()).unwrap_or_default());
             }
-            Ok(stream_response(app, builder, fill.read(0, None), source))
+            Ok(stream_response(
+                app,
+                builder,
+                to_peer(state, fill.read(0, None)),
+                source,
+            ))
         }
     }
 }

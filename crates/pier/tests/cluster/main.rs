@@ -25,6 +25,7 @@ mod harness;
 mod net;
 mod nodes;
 mod scenarios;
+mod swarm;
 
 use common::find_on_path;
 

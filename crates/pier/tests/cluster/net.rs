@@ -276,6 +276,18 @@ impl Net {
             ],
         );
     }
+
+    /// Limit `role`'s link to `mbit` megabits per second both ways: what it sends (its end of
+    /// the veth) and what it receives (the bridge's end), as a real NIC of that speed would.
+    pub fn limit_link(&self, role: &str, mbit: u32) {
+        self.limit_rate(role, mbit);
+        let host = self.host(role);
+        let rate = format!("{mbit}mbit");
+        run(&[
+            "tc", "qdisc", "replace", "dev", &host.veth, "root", "tbf", "rate", &rate, "burst",
+            "256kb", "latency", "100ms",
+        ]);
+    }
 }
 
 impl Drop for Net {

@@ -46,6 +46,8 @@ pub struct Node {
     pub ip: Ipv4Addr,
     dir: PathBuf,
     args: Vec<String>,
+    /// Environment variables the process starts with (fault hooks).
+    env: Vec<(String, String)>,
     child: Option<Child>,
 }
 
@@ -54,6 +56,17 @@ impl Node {
     /// upstream at `upstream_url` as [`UPSTREAM`], then `extra` flags (the cluster's). Waits
     /// until `GET /v2/` answers 200 from the root namespace.
     pub fn start(host: &Host, dir: &Path, upstream_url: &str, extra: &[String]) -> Node {
+        Node::start_with_env(host, dir, upstream_url, extra, &[])
+    }
+
+    /// [`Node::start`] with environment variables for the process.
+    pub fn start_with_env(
+        host: &Host,
+        dir: &Path,
+        upstream_url: &str,
+        extra: &[String],
+        env: &[(&str, &str)],
+    ) -> Node {
         std::fs::create_dir_all(dir).expect("create the node dir");
         // No default upstream and no built-in ones: nothing may leave the test network.
         let config = dir.join("pier.toml");
@@ -84,6 +97,10 @@ impl Node {
             ip: host.ip,
             dir: dir.to_path_buf(),
             args,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             child: None,
         };
         node.spawn();
@@ -110,7 +127,8 @@ impl Node {
         let mut cmd = command_in(Some(&self.ns), env!("CARGO_BIN_EXE_pier"));
         cmd.args(&self.args)
             .env("NO_COLOR", "1")
-            .env_remove("PIER_LOG");
+            .env_remove("PIER_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let mut child = spawn_logged(&mut cmd, log);
         let addr = self.main_addr();
         let started = wait_startup(&mut child, READY_TIMEOUT, Duration::from_millis(50), || {
@@ -436,6 +454,26 @@ impl Cluster {
         );
         self.nodes.push(node);
         self.nodes.last().expect("just pushed")
+    }
+
+    /// Start the member `role` (with the shared secret) with environment variables.
+    pub fn start_member_with_env(&mut self, role: &str, env: &[(&str, &str)]) -> &Node {
+        let secret = self.secret.clone();
+        let flags = self.cluster_flags(role, &secret);
+        let node = Node::start_with_env(
+            self.net.host(role),
+            &self.tmp.path().join(role),
+            &self.upstream_url(),
+            &flags,
+            env,
+        );
+        self.nodes.push(node);
+        self.nodes.last().expect("just pushed")
+    }
+
+    /// The zone each node of `roles` is started in.
+    pub fn zone_of(role: &str) -> &'static str {
+        zone(role)
     }
 
     /// Start every role in `roles` as a member with the shared secret, then wait until each

@@ -1,0 +1,308 @@
+//! Pieces of a large blob, the unit a swarm moves between nodes: fixed-size ranges, each with
+//! its own SHA-256 digest so a piece can be verified the moment it arrives from any peer.
+//!
+//! The digests come from the node whose fill reads the blob from its source in order (the
+//! swarm's coordinator, normally the blob's first owner): it hashes each piece as its bytes go
+//! by. A node that takes pieces from peers learns the digests from the coordinator and checks
+//! every piece against them before it writes a byte; the whole blob's digest is still checked,
+//! in order, before the blob becomes visible.
+
+use std::sync::{Arc, Mutex};
+
+use pier_oci::{Algorithm, Digest, Hasher};
+
+/// Bytes per piece.
+pub const PIECE_SIZE: u64 = 4 * 1024 * 1024;
+/// Blobs smaller than this are fetched directly: a swarm's bookkeeping costs more than it saves.
+pub const SWARM_MIN: u64 = 32 * 1024 * 1024;
+
+/// A set of piece indices.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Bits {
+    len: u32,
+    words: Vec<u64>,
+}
+
+impl Bits {
+    pub fn new(len: u32) -> Bits {
+        Bits {
+            len,
+            words: vec![0; (len as usize).div_ceil(64)],
+        }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn get(&self, i: u32) -> bool {
+        i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    pub fn set(&mut self, i: u32) {
+        if i < self.len {
+            self.words[(i / 64) as usize] |= 1 << (i % 64);
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.words.iter().map(|w| w.count_ones()).sum()
+    }
+
+    pub fn all(&self) -> bool {
+        self.count() == self.len
+    }
+
+    /// Every index below `n` (capped at the length).
+    pub fn fill_below(&mut self, n: u32) {
+        for i in 0..n.min(self.len) {
+            self.set(i);
+        }
+    }
+
+    /// Hex of the bitmap, least significant index first within each byte; the wire form.
+    pub fn to_hex(&self) -> String {
+        let bytes = (self.len as usize).div_ceil(8);
+        let mut out = String::with_capacity(bytes * 2);
+        for b in 0..bytes {
+            let byte = (self.words[b / 8] >> ((b % 8) * 8)) as u8;
+            out.push_str(&format!("{byte:02x}"));
+        }
+        out
+    }
+
+    /// The bitmap of `len` pieces from its wire form; `None` when it does not fit `len`.
+    pub fn from_hex(len: u32, hex: &str) -> Option<Bits> {
+        let bytes = (len as usize).div_ceil(8);
+        if hex.len() != bytes * 2 || !hex.is_ascii() {
+            return None;
+        }
+        let mut bits = Bits::new(len);
+        for b in 0..bytes {
+            let byte = u8::from_str_radix(&hex[b * 2..b * 2 + 2], 16).ok()?;
+            bits.words[b / 8] |= (byte as u64) << ((b % 8) * 8);
+        }
+        // Bits past the length would name pieces that do not exist.
+        if len % 64 != 0 {
+            if let Some(last) = bits.words.last() {
+                if last >> (len % 64) != 0 {
+                    return None;
+                }
+            }
+        }
+        Some(bits)
+    }
+}
+
+/// The pieces of one blob being fetched on this node: which are on the spool, and the digests
+/// known so far.
+pub struct Pieces {
+    size: u64,
+    piece_size: u64,
+    state: Mutex<State>,
+}
+
+struct State {
+    digests: Vec<Option<Digest>>,
+    on_disk: Bits,
+}
+
+impl Pieces {
+    pub fn new(size: u64, piece_size: u64) -> Pieces {
+        let piece_size = piece_size.max(1);
+        let count = size.div_ceil(piece_size) as u32;
+        Pieces {
+            size,
+            piece_size,
+            state: Mutex::new(State {
+                digests: vec![None; count as usize],
+                on_disk: Bits::new(count),
+            }),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn piece_size(&self) -> u64 {
+        self.piece_size
+    }
+
+    pub fn count(&self) -> u32 {
+        self.size.div_ceil(self.piece_size) as u32
+    }
+
+    /// Byte range `start..end` of piece `i`.
+    pub fn range(&self, i: u32) -> (u64, u64) {
+        let start = i as u64 * self.piece_size;
+        (start, (start + self.piece_size).min(self.size))
+    }
+
+    pub fn set_digest(&self, i: u32, digest: Digest) {
+        if let Some(d) = self.state().digests.get_mut(i as usize) {
+            *d = Some(digest);
+        }
+    }
+
+    pub fn digest(&self, i: u32) -> Option<Digest> {
+        self.state().digests.get(i as usize).cloned().flatten()
+    }
+
+    /// The digests from piece `from` on (`None` where not known yet).
+    pub fn digests_from(&self, from: u32) -> Vec<Option<Digest>> {
+        let s = self.state();
+        s.digests.iter().skip(from as usize).cloned().collect()
+    }
+
+    /// How many digests are known without a gap from the first piece.
+    pub fn digests_known(&self) -> u32 {
+        self.state()
+            .digests
+            .iter()
+            .take_while(|d| d.is_some())
+            .count() as u32
+    }
+
+    pub fn mark_on_disk(&self, i: u32) {
+        self.state().on_disk.set(i);
+    }
+
+    /// Every piece that ends at or before `written` is on the spool.
+    pub fn mark_written(&self, written: u64) {
+        let full = if written >= self.size {
+            self.count()
+        } else {
+            (written / self.piece_size) as u32
+        };
+        self.state().on_disk.fill_below(full);
+    }
+
+    /// Pieces this node can serve: on the spool with a known digest.
+    pub fn have(&self) -> Bits {
+        let s = self.state();
+        let mut have = s.on_disk.clone();
+        for (i, d) in s.digests.iter().enumerate() {
+            if d.is_none() {
+                have.words[i / 64] &= !(1 << (i % 64));
+            }
+        }
+        have
+    }
+
+    /// Whether every byte of `start..end` lies in pieces this node can serve.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        if end <= start || end > self.size {
+            return end == start && end <= self.size;
+        }
+        let first = (start / self.piece_size) as u32;
+        let last = ((end - 1) / self.piece_size) as u32;
+        let s = self.state();
+        (first..=last).all(|i| s.on_disk.get(i) && s.digests[i as usize].is_some())
+    }
+}
+
+/// Hashes the pieces of a blob whose bytes go by in order, recording each piece's digest as
+/// its last byte passes.
+pub struct PieceHasher {
+    pieces: Arc<Pieces>,
+    index: u32,
+    filled: u64,
+    hasher: Hasher,
+}
+
+impl PieceHasher {
+    pub fn new(pieces: Arc<Pieces>) -> PieceHasher {
+        PieceHasher {
+            pieces,
+            index: 0,
+            filled: 0,
+            hasher: Hasher::new(Algorithm::Sha256),
+        }
+    }
+
+    pub fn update(&mut self, mut data: &[u8]) {
+        let count = self.pieces.count();
+        while !data.is_empty() && self.index < count {
+            let (start, end) = self.pieces.range(self.index);
+            let need = (end - start) - self.filled;
+            let take = need.min(data.len() as u64) as usize;
+            self.hasher.update(&data[..take]);
+            self.filled += take as u64;
+            data = &data[take..];
+            if self.filled == end - start {
+                let done = std::mem::replace(&mut self.hasher, Hasher::new(Algorithm::Sha256));
+                self.pieces.set_digest(self.index, done.finish());
+                self.index += 1;
+                self.filled = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bits_round_trip_through_hex_and_refuse_what_does_not_fit() {
+        let mut b = Bits::new(70);
+        for i in [0, 7, 8, 63, 64, 69] {
+            b.set(i);
+        }
+        let hex = b.to_hex();
+        assert_eq!(hex.len(), 18);
+        assert_eq!(Bits::from_hex(70, &hex), Some(b.clone()));
+        assert_eq!(b.count(), 6);
+        assert!(Bits::from_hex(80, &hex).is_none(), "a different length");
+        assert!(Bits::from_hex(70, "zz").is_none());
+        // A bit past the length.
+        let mut bad = Bits::new(72);
+        bad.set(71);
+        assert!(Bits::from_hex(70, &bad.to_hex()).is_none());
+    }
+
+    #[test]
+    fn a_piece_is_served_only_when_written_and_its_digest_known() {
+        let p = Pieces::new(10, 4);
+        assert_eq!(p.count(), 3);
+        assert_eq!(p.range(2), (8, 10));
+        p.mark_written(9);
+        assert!(!p.covers(0, 4), "no digest yet");
+        p.set_digest(0, Digest::sha256(b"a"));
+        p.set_digest(1, Digest::sha256(b"b"));
+        assert!(p.covers(0, 8));
+        assert!(!p.covers(7, 9), "piece 2 is not complete");
+        p.set_digest(2, Digest::sha256(b"c"));
+        p.mark_written(10);
+        assert!(p.covers(0, 10));
+        assert_eq!(p.have().count(), 3);
+        assert_eq!(p.digests_known(), 3);
+    }
+
+    #[test]
+    fn the_piece_hasher_records_each_piece_whatever_the_chunking() {
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let pieces = Arc::new(Pieces::new(data.len() as u64, 64));
+        let mut h = PieceHasher::new(pieces.clone());
+        for chunk in data.chunks(37) {
+            h.update(chunk);
+        }
+        for i in 0..pieces.count() {
+            let (s, e) = pieces.range(i);
+            assert_eq!(
+                pieces.digest(i),
+                Some(Digest::sha256(&data[s as usize..e as usize])),
+                "piece {i}"
+            );
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Swarming, on six namespaced nodes with shaped links: every node cold-pulls one large blob
+//! at the same moment. Each copy must verify, the upstream must send the blob once, and the
+//! blob's owner must have uploaded less than half of what the other nodes received (the swarm
+//! carried the rest). Meanwhile one fetcher is killed mid-swarm (the others must not fail) and
+//! one node serves corrupt pieces through the fault hook `PIER_FAULT_CORRUPT_PIECES=1` (its
+//! pieces must be caught by their digests, and no node may cache a corrupt blob).
+//!
+//! [`cold_swarm`] is shared with the benchmark, which runs it at eight nodes and 1 Gbit/s.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::common::{write_layout, Descriptor, Entry, ImageSpec, LayerSpec, MIB};
+use crate::nodes::{get_blob, Cluster, UpstreamCounts, PEER_PORT, UPSTREAM};
+use crate::serial;
+
+/// `roles` in placement order for `digest`.
+pub fn ranked(c: &Cluster, digest: &str, roles: &[&str]) -> Vec<String> {
+    let members: Vec<pier_cluster::NodeId> = roles
+        .iter()
+        .map(|r| pier_cluster::NodeId {
+            name: r.to_string(),
+            generation: 0,
+            addr: SocketAddr::from((c.net.host(r).ip, PEER_PORT)),
+            zone: Some(Cluster::zone_of(r).to_string()),
+        })
+        .collect();
+    pier_cluster::placement::ranked(digest.as_bytes(), &members)
+        .into_iter()
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// What one node did in a cold swarm pull.
+#[derive(Debug, Clone)]
+pub struct NodeResult {
+    pub role: String,
+    pub took: Option<Duration>,
+    pub error: Option<String>,
+    pub sent: u64,
+    pub received: u64,
+    pub upstream: u64,
+    pub corrupt_pieces: u64,
+}
+
+/// The whole run.
+pub struct SwarmOutcome {
+    pub nodes: Vec<NodeResult>,
+    pub upstream_gets: u64,
+    pub from_elsewhere: Vec<String>,
+}
+
+impl SwarmOutcome {
+    pub fn node(&self, role: &str) -> &NodeResult {
+        self.nodes
+            .iter()
+            .find(|n| n.role == role)
+            .unwrap_or_else(|| panic!("no result for {role}"))
+    }
+
+    pub fn table(&self) -> String {
+        let mut out = String::from("  node   time      sent MiB  received MiB  upstream MiB  corrupt\n");
+        for n in &self.nodes {
+            out.push_str(&format!(
+                "  {:<6} {:<9} {:>8.1}  {:>12.1}  {:>12.1}  {:>7}{}\n",
+                n.role,
+                n.took
+                    .map_or("-".to_string(), |t| format!("{:.2} s", t.as_secs_f64())),
+                n.sent as f64 / MIB as f64,
+                n.received as f64 / MIB as f64,
+                n.upstream as f64 / MIB as f64,
+                n.corrupt_pieces,
+                n.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("  error: {e}")),
+            ));
+        }
+        out
+    }
+}
+
+/// Push one layer of `mib` MiB to the upstream as `repo:v1` and return it.
+pub async fn big_layer(c: &Cluster, repo: &str, mib: u64, seed: u64) -> Descriptor {
+    let layout = write_layout(
+        &c.tmp.path().join(format!("src-{seed}")),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("big.bin", mib * MIB, seed)],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    c.upstream.push(&c.http, repo, "v1", &layout, &image).await;
+    image.layers[0].blob.clone()
+}
+
+/// Every node of `roles` GETs `blobs` of `repo` (through its mirror) at the same moment; a
+/// node in `kill` is SIGKILLed `kill_after` into the run. Returns per-node times (until the
+/// node's last blob verified), bytes each node sent to and received from peers and from the
+/// upstream, and the upstream's GETs of the blobs by its access log.
+pub async fn cold_swarm(
+    c: &Cluster,
+    roles: &[&str],
+    repo: &str,
+    blobs: &[Descriptor],
+    kill: Option<(&str, Duration)>,
+) -> SwarmOutcome {
+    let from = c.upstream_accesses().len();
+    let before: BTreeMap<String, crate::common::Metrics> = {
+        let mut m = BTreeMap::new();
+        for role in roles {
+            let node = c.node(role);
+            m.insert(role.to_string(), c.check(role, node.metrics(&c.http).await).await);
+        }
+        m
+    };
+    let via = format!("{UPSTREAM}/{repo}");
+    let started = Instant::now();
+    let pulls = futures::future::join_all(roles.iter().map(|role| {
+        let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
+        async move {
+            for b in blobs {
+                get_blob(&http, &base, &via, b).await?;
+            }
+            Ok::<_, String>(started.elapsed())
+        }
+    }));
+    let killer = async {
+        if let Some((victim, after)) = kill {
+            tokio::time::sleep(after).await;
+            c.node(victim).sigkill();
+        }
+    };
+    let (results, ()) = tokio::join!(pulls, killer);
+    // docker-registry logs a request a moment after its last byte.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut nodes = Vec::new();
+    for (role, r) in roles.iter().zip(results) {
+        let killed = kill.is_some_and(|(v, _)| v == *role);
+        let (sent, received, upstream, corrupt) = if killed {
+            (0, 0, 0, 0)
+        } else {
+            let now = c.check(role, c.node(role).metrics(&c.http).await).await;
+            let was = &before[*role];
+            let d = |name: &str, labels: &[(&str, &str)]| {
+                (now.sum(name, labels) - was.sum(name, labels)).max(0.0) as u64
+            };
+            (
+                d("pier_peer_sent_bytes_total", &[]),
+                d("pier_peer_received_bytes_total", &[]),
+                d("pier_mirror_upstream_bytes_total", &[]),
+                d("pier_swarm_pieces_total", &[("result", "corrupt")]),
+            )
+        };
+        let (took, error) = match r {
+            Ok(t) => (Some(t), None),
+            Err(e) => (None, Some(e)),
+        };
+        nodes.push(NodeResult {
+            role: role.to_string(),
+            took,
+            error,
+            sent,
+            received,
+            upstream,
+            corrupt_pieces: corrupt,
+        });
+    }
+    let ips: Vec<_> = c.nodes.iter().map(|n| n.ip).collect();
+    let counts = UpstreamCounts::of(&c.upstream_accesses()[from..], repo, &ips);
+    let upstream_gets = blobs
+        .iter()
+        .map(|b| counts.gets_of(&format!("/v2/{repo}/blobs/{}", b.digest)))
+        .sum();
+    SwarmOutcome {
+        nodes,
+        upstream_gets,
+        from_elsewhere: counts.from_elsewhere,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer() {
+    let Some(_one) = serial("swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    const ROLES: [&str; 6] = ["n1", "n2", "n3", "n4", "n5", "n6"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(6);
+    let blob = big_layer(&c, "swarm/big", 160, 7300).await;
+    // The coordinator must be honest (a swarm whose only source lies cannot finish); the
+    // corrupt node and the victim are the two last in placement order.
+    let order = ranked(&c, &blob.digest, &ROLES);
+    let (owner, victim, corrupt) = (order[0].clone(), order[4].clone(), order[5].clone());
+    let secret = c.secret.clone();
+    for role in ROLES {
+        if role == corrupt {
+            c.start_member_with_env(role, &[("PIER_FAULT_CORRUPT_PIECES", "1")]);
+        } else {
+            c.start_node(role, crate::nodes::Membership::Secret(&secret));
+        }
+    }
+    c.wait_all_alive(&ROLES, Duration::from_secs(20), "after start")
+        .await;
+    for role in ROLES.iter().chain(&["up"]) {
+        c.net.limit_link(role, MBIT);
+    }
+    println!(
+        "blob {} ({} MiB); coordinator {owner}, killed fetcher {victim}, corrupt peer {corrupt}; \
+         links {MBIT} Mbit/s",
+        blob.digest,
+        blob.size / MIB
+    );
+    let outcome = cold_swarm(
+        &c,
+        &ROLES,
+        "swarm/big",
+        std::slice::from_ref(&blob),
+        Some((&victim, Duration::from_millis(1500))),
+    )
+    .await;
+    println!("{}", outcome.table());
+    let mut wrong = Vec::new();
+    for n in &outcome.nodes {
+        if n.role != victim {
+            if let Some(e) = &n.error {
+                wrong.push(format!("{}: the pull failed: {e}", n.role));
+            }
+        }
+    }
+    if outcome.upstream_gets != 1 || !outcome.from_elsewhere.is_empty() {
+        wrong.push(format!(
+            "the upstream served the blob {} times (want 1); from outside the nodes: {:?}",
+            outcome.upstream_gets, outcome.from_elsewhere
+        ));
+    }
+    let upstream_bytes: u64 = outcome.nodes.iter().map(|n| n.upstream).sum();
+    if upstream_bytes != blob.size {
+        wrong.push(format!(
+            "nodes received {upstream_bytes} bytes from the upstream, want exactly the blob's {}",
+            blob.size
+        ));
+    }
+    let fetched: u64 = outcome
+        .nodes
+        .iter()
+        .filter(|n| n.role != owner)
+        .map(|n| n.received)
+        .sum();
+    let owner_sent = outcome.node(&owner).sent;
+    if owner_sent * 2 >= fetched {
+        wrong.push(format!(
+            "the coordinator {owner} uploaded {owner_sent} bytes of the {fetched} the others \
+             received: not less than half, so the swarm did not carry the rest"
+        ));
+    }
+    let detected: u64 = outcome.nodes.iter().map(|n| n.corrupt_pieces).sum();
+    let corrupt_sent = outcome.node(&corrupt).sent;
+    if corrupt_sent > 0 && detected == 0 {
+        wrong.push(format!(
+            "{corrupt} sent {corrupt_sent} bytes of corrupt pieces and no node counted a corrupt piece"
+        ));
+    }
+    if corrupt_sent == 0 {
+        wrong.push(format!(
+            "{corrupt} (serving corrupt pieces) was never asked for one: the fault was not exercised"
+        ));
+    }
+    // Every survivor holds the blob, and what it serves now from its store verifies.
+    for role in ROLES.iter().filter(|r| **r != victim) {
+        let node = c.node(role);
+        if !node.holds_blob(&blob.digest) {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+            continue;
+        }
+        if let Err(e) = get_blob(&c.http, &node.url(), "upstream.test/swarm/big", &blob).await {
+            wrong.push(format!("{role}'s stored copy: {e}"));
+        }
+    }
+    if !wrong.is_empty() {
+        c.fail(&format!("the swarm pull went wrong:\n  {}", wrong.join("\n  ")))
+            .await;
+    }
+    println!(
+        "swarm: {detected} corrupt pieces caught; coordinator sent {:.0} MiB of {:.0} MiB received \
+         by the others; took {:?}",
+        owner_sent as f64 / MIB as f64,
+        fetched as f64 / MIB as f64,
+        t0.elapsed()
+    );
+}
