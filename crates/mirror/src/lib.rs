@@ -60,6 +60,9 @@ pub struct FillPolicy {
     pub negative_ttl: Duration,
     /// Bytes per second all fills together may download from upstreams (none: no cap).
     pub max_upstream_rate: Option<u64>,
+    /// Whether large blobs wanted by several nodes are swarmed (off: each node streams the
+    /// blob from its owner).
+    pub swarm: bool,
 }
 
 impl Default for FillPolicy {
@@ -69,6 +72,7 @@ impl Default for FillPolicy {
             max_blob_bytes: 64 * 1024 * 1024 * 1024,
             negative_ttl: Duration::from_secs(30),
             max_upstream_rate: None,
+            swarm: true,
         }
     }
 }
@@ -905,7 +909,9 @@ impl Mirror {
                 // A large mirrored blob is taken from its swarm unless this node coordinates it
                 // (then it reads the upstream in one stream, hashing pieces for the swarm).
                 let swarm = match (&plan, cluster) {
-                    (Plan::Mirrored { r, ask_peers: true }, Some(c)) if c.has_peers() => {
+                    (Plan::Mirrored { r, ask_peers: true }, Some(c))
+                        if c.has_peers() && this.policy.swarm =>
+                    {
                         this.join_swarm(c, r, &d2).await.map(|j| (r, c, j))
                     }
                     _ => None,

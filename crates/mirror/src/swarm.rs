@@ -56,6 +56,9 @@ const WINDOW: usize = 48;
 /// Pieces kept in memory until the whole-blob hash reaches them; later ones are read back
 /// from the spool.
 const HASH_AHEAD: usize = 16;
+/// An idle fetcher that landed nothing for this long takes pieces from the coordinator
+/// without being handed them.
+const UNASKED_AFTER: Duration = Duration::from_secs(1);
 /// A fill that lands no piece for this long gives up.
 const STALL: Duration = Duration::from_secs(60);
 /// Coordinators' boards nobody has reported to for this long are dropped.
@@ -66,6 +69,8 @@ const STORED_PIECES: usize = 64;
 /// What a coordinator knows of one swarm.
 pub(crate) struct Board {
     members: HashMap<String, (Bits, Instant)>,
+    /// Members some fetcher found bad: not offered as holders, their pieces handed out again.
+    bad: HashSet<String>,
     /// Pieces handed to a member to take from the coordinator, and when.
     assigned: HashMap<u32, (String, Instant)>,
     touched: Instant,
@@ -75,6 +80,7 @@ impl Board {
     fn new() -> Board {
         Board {
             members: HashMap::new(),
+            bad: HashSet::new(),
             assigned: HashMap::new(),
             touched: Instant::now(),
         }
@@ -197,8 +203,12 @@ impl Mirror {
         board.touched = now;
         board.members.insert(from.to_string(), (have.clone(), now));
         board.members.retain(|_, (_, seen)| seen.elapsed() < MEMBER_TTL);
+        board
+            .bad
+            .extend(report.bad.iter().filter(|n| **n != me).cloned());
         let mut held = Bits::new(count);
-        for (h, _) in board.members.values() {
+        let bad = &board.bad;
+        for (_, (h, _)) in board.members.iter().filter(|(n, _)| !bad.contains(*n)) {
             for i in 0..count {
                 if h.get(i) {
                     held.set(i);
@@ -241,7 +251,9 @@ impl Mirror {
             board
                 .members
                 .iter()
-                .filter(|(n, (h, _))| n.as_str() != from && h.count() > 0)
+                .filter(|(n, (h, _))| {
+                    n.as_str() != from && h.count() > 0 && !board.bad.contains(*n)
+                })
                 .map(|(n, (h, _))| SwarmHolder {
                     node: n.clone(),
                     have: h.to_hex(),
@@ -269,7 +281,9 @@ impl Mirror {
         board
             .members
             .iter()
-            .filter(|(_, (h, seen))| seen.elapsed() < MEMBER_TTL && h.len() == count)
+            .filter(|(n, (h, seen))| {
+                seen.elapsed() < MEMBER_TTL && h.len() == count && !board.bad.contains(*n)
+            })
             .map(|(n, (h, _))| (n.clone(), h.clone()))
             .collect()
     }
@@ -289,6 +303,7 @@ impl Mirror {
             known: 0,
             upstream: Some(r.upstream_name().to_string()),
             repo: Some(r.cache_repo.clone()),
+            bad: Vec::new(),
         };
         for owner in cluster.owners(digest.to_string().as_bytes()) {
             if owner.name == me {
@@ -525,6 +540,7 @@ impl SwarmRun<'_> {
             known: self.pieces.digests_known(),
             upstream: Some(self.r.upstream_name().to_string()),
             repo: Some(self.r.cache_repo.clone()),
+            bad: self.bad.iter().cloned().collect(),
         };
         let first = self.coord_failures > 0;
         match self
@@ -573,6 +589,15 @@ impl SwarmRun<'_> {
     /// rarest first, each from its least-loaded holder. A piece only the coordinator holds is
     /// taken from it only when handed to this node, or when no one else is fetching.
     fn schedule(&mut self) {
+        self.schedule_pass(false);
+        // Idle with pieces left that only the coordinator can send verifiably (their other
+        // holders failed this node, say): take them from it unasked rather than wait.
+        if self.in_flight.is_empty() && self.last_piece.elapsed() > UNASKED_AFTER {
+            self.schedule_pass(true);
+        }
+    }
+
+    fn schedule_pass(&mut self, unasked: bool) {
         let count = self.pieces.count();
         while self.in_flight.len() < IN_FLIGHT {
             let mut best: Option<(usize, u32, From)> = None;
@@ -597,16 +622,18 @@ impl SwarmRun<'_> {
                         .then_some(From::Upstream)
                 } else {
                     let only_coord = holders.iter().all(|n| **n == self.coord.name);
-                    if only_coord && !self.assigned.contains(&i) {
+                    if only_coord && !self.assigned.contains(&i) && !unasked {
                         None
                     } else {
                         holders
                             .iter()
                             .min_by_key(|n| {
                                 let from = From::Peer((**n).clone());
+                                // The coordinator's link is the scarce one: it sends a
+                                // piece only when no one else can.
                                 (
-                                    self.load.get(&from).copied().unwrap_or(0),
                                     n.as_str() == self.coord.name,
+                                    self.load.get(&from).copied().unwrap_or(0),
                                     spread(n, i),
                                 )
                             })

@@ -153,6 +153,10 @@ pub struct SwarmReport {
     pub upstream: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repo: Option<String>,
+    /// Holders that sent this node a bad piece or failed to send one: the coordinator stops
+    /// offering them to anyone and hands their pieces out again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad: Vec<String>,
 }
 
 /// One holder of pieces, as the coordinator knows it.

@@ -289,6 +289,8 @@ pub struct ClusterConfig {
     pub max_upload_rate: Option<ByteSize>,
     /// Bytes per second this node downloads from upstreams at most, all fills together.
     pub max_upstream_rate: Option<ByteSize>,
+    /// Swarm large blobs that several nodes fetch at once (off: each streams from its owner).
+    pub swarm: bool,
 }
 
 impl Default for ClusterConfig {
@@ -307,6 +309,7 @@ impl Default for ClusterConfig {
             peer_tls_ca: None,
             max_upload_rate: None,
             max_upstream_rate: None,
+            swarm: true,
         }
     }
 }

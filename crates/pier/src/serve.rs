@@ -179,6 +179,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             max_blob_bytes: config.mirror.max_blob_size.0,
             negative_ttl: Duration::from_secs(config.mirror.negative_ttl),
             max_upstream_rate: config.cluster.max_upstream_rate.map(|r| r.0),
+            swarm: config.cluster.swarm,
         },
     );
     let recovery = registry
