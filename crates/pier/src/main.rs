@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// The CA certificate(s) that issue every node's peer certificate (PEM).
     #[arg(long, value_name = "FILE")]
     pub peer_tls_ca: Option<PathBuf>,
+    /// Never swarm: each node streams a large blob from its owner (sets `[cluster] swarm`).
+    #[arg(long)]
+    pub no_swarm: bool,
 }
 
 fn main() -> std::process::ExitCode {

@@ -58,6 +58,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(r) = args.replicas {
         c.replicas = r;
     }
+    if args.no_swarm {
+        c.swarm = false;
+    }
     for (flag, key) in [
         (&args.peer_tls_cert, &mut c.peer_tls_cert),
         (&args.peer_tls_key, &mut c.peer_tls_key),

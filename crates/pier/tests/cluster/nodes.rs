@@ -358,6 +358,8 @@ pub struct Cluster {
     pub secret: PathBuf,
     pub net: Net,
     pub tmp: tempfile::TempDir,
+    /// Flags every member is started with after its cluster flags.
+    pub extra: Vec<String>,
 }
 
 /// The zone of a node: n1, n2 (and n5) in `a`, the others in `b`.
@@ -407,6 +409,7 @@ impl Cluster {
             secret,
             net,
             tmp,
+            extra: Vec::new(),
         }
     }
 
@@ -444,7 +447,11 @@ impl Cluster {
     pub fn start_node(&mut self, role: &str, membership: Membership<'_>) -> &Node {
         let flags = match membership {
             Membership::Plain => Vec::new(),
-            Membership::Secret(secret) => self.cluster_flags(role, secret),
+            Membership::Secret(secret) => {
+                let mut f = self.cluster_flags(role, secret);
+                f.extend(self.extra.iter().cloned());
+                f
+            }
         };
         let node = Node::start(
             self.net.host(role),
@@ -459,7 +466,8 @@ impl Cluster {
     /// Start the member `role` (with the shared secret) with environment variables.
     pub fn start_member_with_env(&mut self, role: &str, env: &[(&str, &str)]) -> &Node {
         let secret = self.secret.clone();
-        let flags = self.cluster_flags(role, &secret);
+        let mut flags = self.cluster_flags(role, &secret);
+        flags.extend(self.extra.iter().cloned());
         let node = Node::start_with_env(
             self.net.host(role),
             &self.tmp.path().join(role),

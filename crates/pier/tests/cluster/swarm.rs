@@ -5,7 +5,8 @@
 //! one node serves corrupt pieces through the fault hook `PIER_FAULT_CORRUPT_PIECES=1` (its
 //! pieces must be caught by their digests, and no node may cache a corrupt blob).
 //!
-//! [`cold_swarm`] is shared with the benchmark, which runs it at eight nodes and 1 Gbit/s.
+//! [`cold_swarm`] is shared with the benchmark ([`swarm_bench`]), which runs it at eight nodes
+//! and 1 Gbit/s with swarming on and off, warm, and for a mixed image.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -97,7 +98,8 @@ pub async fn big_layer(c: &Cluster, repo: &str, mib: u64, seed: u64) -> Descript
     image.layers[0].blob.clone()
 }
 
-/// Every node of `roles` GETs `blobs` of `repo` (through its mirror) at the same moment; a
+/// Every node of `roles` GETs `blobs` of `repo` (through its mirror, all blobs at once) at the
+/// same moment; a
 /// node in `kill` is SIGKILLed `kill_after` into the run. Returns per-node times (until the
 /// node's last blob verified), bytes each node sent to and received from peers and from the
 /// upstream, and the upstream's GETs of the blobs by its access log.
@@ -122,9 +124,12 @@ pub async fn cold_swarm(
     let pulls = futures::future::join_all(roles.iter().map(|role| {
         let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
         async move {
-            for b in blobs {
-                get_blob(&http, &base, &via, b).await?;
-            }
+            // All layers at once, as containerd pulls an image.
+            let each = futures::future::join_all(
+                blobs.iter().map(|b| get_blob(&http, &base, &via, b)),
+            )
+            .await;
+            each.into_iter().collect::<Result<Vec<()>, String>>()?;
             Ok::<_, String>(started.elapsed())
         }
     }));
@@ -293,4 +298,143 @@ async fn swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer() {
         fetched as f64 / MIB as f64,
         t0.elapsed()
     );
+}
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One benchmark run's lines: completion times against the per-node minimum, upstream bytes
+/// as a multiple of the content, uploads per node.
+fn summary(name: &str, o: &SwarmOutcome, total: u64, mbit: u64, owner: &str) -> Vec<String> {
+    let mut times: Vec<f64> = o
+        .nodes
+        .iter()
+        .filter_map(|n| n.took.map(|t| t.as_secs_f64()))
+        .collect();
+    times.sort_by(|a, b| a.total_cmp(b));
+    let failed = o.nodes.iter().filter(|n| n.error.is_some()).count();
+    let pick = |q: f64| -> f64 {
+        if times.is_empty() {
+            return f64::NAN;
+        }
+        times[((times.len() as f64 - 1.0) * q).round() as usize]
+    };
+    let minimum = total as f64 * 8.0 / (mbit as f64 * 1e6);
+    let upstream: u64 = o.nodes.iter().map(|n| n.upstream).sum();
+    let sent: Vec<u64> = o.nodes.iter().map(|n| n.sent).collect();
+    let received: u64 = o
+        .nodes
+        .iter()
+        .filter(|n| n.role != owner)
+        .map(|n| n.received)
+        .sum();
+    let owner_sent = o.nodes.iter().find(|n| n.role == owner).map_or(0, |n| n.sent);
+    vec![
+        format!(
+            "{name}: {} nodes, {} MiB, {mbit} Mbit/s links: completion p50 {:.2} s p99 {:.2} s max {:.2} s; \
+             per-node minimum {:.2} s; p99/minimum {:.2}x{}",
+            o.nodes.len(),
+            total / MIB,
+            pick(0.5),
+            pick(0.99),
+            pick(1.0),
+            minimum,
+            pick(0.99) / minimum,
+            if failed > 0 { format!("; {failed} pulls FAILED") } else { String::new() }
+        ),
+        format!(
+            "{name}: upstream bytes {:.2}x the content ({} GETs); uploaded per node max {:.0} MiB min {:.0} MiB; \
+             first owner {owner} uploaded {:.0} MiB = {:.0} % of what the others received",
+            upstream as f64 / total as f64,
+            o.upstream_gets,
+            sent.iter().max().copied().unwrap_or(0) as f64 / MIB as f64,
+            sent.iter().min().copied().unwrap_or(0) as f64 / MIB as f64,
+            owner_sent as f64 / MIB as f64,
+            100.0 * owner_sent as f64 / (received.max(1)) as f64,
+        ),
+    ]
+}
+
+/// The swarm benchmark: `PIER_CLUSTER_BENCH_NODES` nodes (8) with links shaped to
+/// `PIER_CLUSTER_BENCH_MBIT` (1000) both ways, the upstream too. Cold pull of one
+/// `PIER_CLUSTER_BENCH_SWARM_MIB` (1024) layer on every node at once with swarming on, then
+/// off (each node streams from the owner), then warm (the layer already on its two owners),
+/// then a mixed image (four layers, 8/4/2/1 sixteenths of the size). Each run on a fresh
+/// cluster. Prints and appends to `PIER_CLUSTER_BENCH_OUT`; asserts nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swarm_bench() {
+    if std::env::var("PIER_CLUSTER_BENCH").as_deref() != Ok("1") {
+        crate::skipped(
+            "swarm_bench",
+            "set PIER_CLUSTER_BENCH=1 (scripts/cluster-bench.sh does)",
+        );
+        return;
+    }
+    let Some(_one) = serial("swarm_bench").await else {
+        return;
+    };
+    let nodes = env_number("PIER_CLUSTER_BENCH_NODES", 8) as usize;
+    let mbit = env_number("PIER_CLUSTER_BENCH_MBIT", 1000);
+    let mib = env_number("PIER_CLUSTER_BENCH_SWARM_MIB", 1024);
+    let names: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
+    let roles: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut lines = Vec::new();
+    for run in ["cold, swarm on", "cold, swarm off", "warm (on 2 owners)", "mixed image"] {
+        let mut c = Cluster::new(nodes);
+        if run.contains("off") {
+            c.extra.push("--no-swarm".into());
+        }
+        let blobs = if run == "mixed image" {
+            let mut v = Vec::new();
+            for (k, part) in [8u64, 4, 2, 1].iter().enumerate() {
+                v.push(big_layer(&c, "bench/swarm", mib * part / 16, 7400 + k as u64).await);
+            }
+            v
+        } else {
+            vec![big_layer(&c, "bench/swarm", mib, 7400).await]
+        };
+        let secret = c.secret.clone();
+        for role in &roles {
+            c.start_node(role, crate::nodes::Membership::Secret(&secret));
+        }
+        c.wait_all_alive(&roles, Duration::from_secs(30), "after start")
+            .await;
+        for role in roles.iter().chain(&["up"]) {
+            c.net.limit_link(role, mbit as u32);
+        }
+        let owner = ranked(&c, &blobs[0].digest, &roles)[0].clone();
+        let mut pullers = roles.clone();
+        if run.starts_with("warm") {
+            // The layer's two owners fetch it first, one after the other; everyone else then
+            // pulls at once.
+            let owners: Vec<String> = ranked(&c, &blobs[0].digest, &roles)[..2].to_vec();
+            for o in &owners {
+                let r = get_blob(&c.http, &c.node(o).url(), "upstream.test/bench/swarm", &blobs[0]).await;
+                c.check(&format!("warming {o}"), r).await;
+            }
+            pullers.retain(|r| !owners.iter().any(|o| o == r));
+        }
+        let o = cold_swarm(&c, &pullers, "bench/swarm", &blobs, None).await;
+        println!("{run}:\n{}", o.table());
+        let total: u64 = blobs.iter().map(|b| b.size).sum();
+        lines.extend(summary(run, &o, total, mbit, &owner));
+        for l in &lines[lines.len() - 2..] {
+            println!("{l}");
+        }
+    }
+    if let Ok(path) = std::env::var("PIER_CLUSTER_BENCH_OUT") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+        for l in &lines {
+            writeln!(f, "{l}").unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+    }
 }
