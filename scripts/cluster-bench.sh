@@ -11,12 +11,22 @@
 #     DROP in the victim's namespace): from the fault until every other node's status lists
 #     the victim dead, p50 and max over the trials.
 #
-#   scripts/cluster-bench.sh                        # 10 trials per fault, a 1 GiB peer read
-#   TRIALS=3 BLOB_MIB=128 scripts/cluster-bench.sh  # a quick check of the script
+#   - the swarm: NODES (8) nodes with links shaped by tc tbf to MBIT (1000) Mbit/s both ways,
+#     the upstream too, cold-pull one SWARM_MIB (1024) MiB layer at the same moment, with
+#     swarming on and then off; then warm (the layer already on its two owners) and a mixed
+#     image (four layers, 8/4/2/1 sixteenths of the size). For each: completion p50/p99/max,
+#     the per-node minimum (size / link rate) and the ratio, upstream bytes as a multiple of the
+#     content, bytes uploaded per node (max/min) and the first owner's share.
 #
-# Needs root (network namespaces, iptables) and about 5 GiB free in the temporary directory
-# for the 1 GiB blob and its copies; installs missing tools with apt-get. Numbers depend on
-# the machine: every node shares its cores.
+#   scripts/cluster-bench.sh                        # everything, at the sizes above
+#   ONLY=swarm scripts/cluster-bench.sh             # the swarm runs only
+#   ONLY=cluster TRIALS=3 BLOB_MIB=128 scripts/cluster-bench.sh  # detection etc., quickly
+#   NODES=6 MBIT=400 SWARM_MIB=256 ONLY=swarm scripts/cluster-bench.sh
+#
+# Needs root (network namespaces, iptables, a tmpfs). The nodes' data directories and the
+# upstream's storage go on a tmpfs (this machine's disk is slower than eight links), which
+# needs about (NODES + 3) x SWARM_MIB of memory; installs missing tools with apt-get. Numbers
+# depend on the machine: every node shares its cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${BENCH_OUT:-$PWD/target/bench}
@@ -40,12 +50,25 @@ if ((${#missing[@]})); then
         $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
+case ${ONLY:-all} in
+    all) filters=(bench:: swarm::swarm_bench) ;;
+    swarm) filters=(swarm::swarm_bench) ;;
+    cluster) filters=(bench::) ;;
+    *) echo "error: ONLY is all, swarm or cluster" >&2; exit 1 ;;
+esac
+cargo test --release -q -p pier --test cluster --no-run
+TMPFS=$(mktemp -d)
+mount -t tmpfs -o size=$(((${NODES:-8} + 4) * ${SWARM_MIB:-1024} + 2048))m tmpfs "$TMPFS"
+trap 'umount "$TMPFS"; rmdir "$TMPFS"' EXIT
 {
     echo
     echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
-        "trials=${TRIALS:-10} blob=${BLOB_MIB:-1024}MiB"
+        "trials=${TRIALS:-10} blob=${BLOB_MIB:-1024}MiB nodes=${NODES:-8} mbit=${MBIT:-1000}" \
+        "swarm=${SWARM_MIB:-1024}MiB only=${ONLY:-all}"
 } >>"$RESULTS"
-PIER_CLUSTER=1 PIER_CLUSTER_BENCH=1 PIER_CLUSTER_BENCH_OUT=$RESULTS \
+TMPDIR=$TMPFS PIER_CLUSTER=1 PIER_CLUSTER_BENCH=1 PIER_CLUSTER_BENCH_OUT=$RESULTS \
     PIER_CLUSTER_BENCH_TRIALS=${TRIALS:-10} PIER_CLUSTER_BENCH_BLOB_MIB=${BLOB_MIB:-1024} \
-    cargo test --release -q -p pier --test cluster bench:: -- --nocapture
+    PIER_CLUSTER_BENCH_NODES=${NODES:-8} PIER_CLUSTER_BENCH_MBIT=${MBIT:-1000} \
+    PIER_CLUSTER_BENCH_SWARM_MIB=${SWARM_MIB:-1024} \
+    cargo test --release -q -p pier --test cluster -- --nocapture --test-threads 1 "${filters[@]}"
 echo "results appended to $RESULTS"

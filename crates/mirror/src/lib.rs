@@ -34,10 +34,10 @@ use pier_cluster::NodeId;
 use pier_peer::Cluster;
 
 use crate::fill::{Fill, FillError, MemoryBudget};
-use crate::pieces::{PieceHasher, Pieces};
-use pier_peer::rate::{limited, RateLimit};
 use crate::metrics::MirrorMetrics;
+use crate::pieces::{PieceHasher, Pieces};
 use crate::sources::Source;
+use pier_peer::rate::{limited, RateLimit};
 
 /// Bytes a fill gathers from the upstream before handing them to its writer thread.
 const FILL_BATCH: usize = 512 * 1024;
@@ -916,8 +916,8 @@ impl Mirror {
                     }
                     _ => None,
                 };
-                let outcome = if let Some((r, c, (coord, first))) = swarm {
-                    this.run_swarm(&d2, &f2, &link_repo, r, c, coord, first).await
+                let outcome = if let Some((r, c, joined)) = swarm {
+                    this.run_swarm(&d2, &f2, &link_repo, r, c, joined).await
                 } else if sources.is_empty() {
                     Err(FillError::NotFound)
                 } else {
@@ -995,7 +995,11 @@ impl Mirror {
         // that take its pieces from each other can verify each one.
         let pieces = size
             .filter(|&s| s >= pieces::SWARM_MIN && cluster.is_some())
-            .map(|s| fill.pieces.get_or_init(|| Arc::new(Pieces::new(s, pieces::PIECE_SIZE))).clone());
+            .map(|s| {
+                fill.pieces
+                    .get_or_init(|| Arc::new(Pieces::new(s, pieces::PIECE_SIZE)))
+                    .clone()
+            });
         let mut piece_hasher = pieces.clone().map(PieceHasher::new);
         fill.progress.send_modify(|p| {
             p.started = true;

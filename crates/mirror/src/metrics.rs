@@ -130,7 +130,9 @@ impl MirrorMetrics {
     }
 
     pub fn piece(&self, result: &'static str) {
-        self.swarm_pieces.get_or_create(&ResultLabel { result }).inc();
+        self.swarm_pieces
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     pub fn request(&self, upstream: &str, kind: &'static str, result: &'static str) {

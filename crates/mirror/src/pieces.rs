@@ -87,7 +87,7 @@ impl Bits {
             bits.words[b / 8] |= (byte as u64) << ((b % 8) * 8);
         }
         // Bits past the length would name pieces that do not exist.
-        if len % 64 != 0 {
+        if len & 63 != 0 {
             if let Some(last) = bits.words.last() {
                 if last >> (len % 64) != 0 {
                     return None;

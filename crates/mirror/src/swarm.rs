@@ -202,7 +202,9 @@ impl Mirror {
         let board = boards.entry(digest.clone()).or_insert_with(Board::new);
         board.touched = now;
         board.members.insert(from.to_string(), (have.clone(), now));
-        board.members.retain(|_, (_, seen)| seen.elapsed() < MEMBER_TTL);
+        board
+            .members
+            .retain(|_, (_, seen)| seen.elapsed() < MEMBER_TTL);
         board
             .bad
             .extend(report.bad.iter().filter(|n| **n != me).cloned());
@@ -218,9 +220,9 @@ impl Mirror {
         // A handed-out piece stays handed out until a member holds it, or its taker goes
         // quiet or takes too long.
         let members = &board.members;
-        board
-            .assigned
-            .retain(|i, (n, at)| !held.get(*i) && at.elapsed() < ASSIGN_TTL && members.contains_key(n));
+        board.assigned.retain(|i, (n, at)| {
+            !held.get(*i) && at.elapsed() < ASSIGN_TTL && members.contains_key(n)
+        });
         let mut assign: Vec<u32> = board
             .assigned
             .iter()
@@ -329,8 +331,7 @@ impl Mirror {
         link_repo: &str,
         r: &MirrorRef,
         cluster: &Cluster,
-        coord: NodeId,
-        first: SwarmAnswer,
+        (coord, first): (NodeId, SwarmAnswer),
     ) -> std::result::Result<(), FillError> {
         let size = first.size;
         let max = self.policy.max_blob_bytes;
@@ -490,9 +491,7 @@ impl SwarmRun<'_> {
         let mut next_report = Instant::now() + REPORT_EVERY;
         while !self.have.all() {
             if self.coordinating {
-                self.holders = self
-                    .mirror
-                    .board_holders(self.digest, self.pieces.count());
+                self.holders = self.mirror.board_holders(self.digest, self.pieces.count());
             }
             self.schedule();
             if self.last_piece.elapsed() > STALL {
@@ -618,8 +617,10 @@ impl SwarmRun<'_> {
                 let choice = if self.pieces.digest(i).is_none() || holders.is_empty() {
                     // Nobody can send it verifiably yet; a coordinator that took over fetches it
                     // from its upstream.
-                    (self.coordinating && self.upstream_in_flight < UPSTREAM_IN_FLIGHT && holders.is_empty())
-                        .then_some(From::Upstream)
+                    (self.coordinating
+                        && self.upstream_in_flight < UPSTREAM_IN_FLIGHT
+                        && holders.is_empty())
+                    .then_some(From::Upstream)
                 } else {
                     let only_coord = holders.iter().all(|n| **n == self.coord.name);
                     if only_coord && !self.assigned.contains(&i) && !unasked {

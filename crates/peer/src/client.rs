@@ -543,9 +543,8 @@ impl PeerClient {
             .await
             .map_err(|_| PeerError::Timeout(peer.name.clone(), "swarm answer body".into()))?
             .map_err(|e| PeerError::Protocol(peer.name.clone(), chain(&e)))?;
-        serde_json::from_slice(&body).map_err(|e| {
-            PeerError::Protocol(peer.name.clone(), format!("bad swarm answer: {e}"))
-        })
+        serde_json::from_slice(&body)
+            .map_err(|e| PeerError::Protocol(peer.name.clone(), format!("bad swarm answer: {e}")))
     }
 
     /// Bytes `start..end` of `digest` from `peer`'s pieces, whole. Fails (without retrying) if

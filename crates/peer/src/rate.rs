@@ -96,7 +96,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn streams_sharing_a_limit_stay_within_it_together() {
         let limit = RateLimit::new(1_000_000);
-        let chunks = || futures::stream::iter((0..20).map(|_| Ok::<_, ()>(Bytes::from(vec![0u8; 50_000]))));
+        let chunks =
+            || futures::stream::iter((0..20).map(|_| Ok::<_, ()>(Bytes::from(vec![0u8; 50_000]))));
         let a = limited(chunks(), Some(limit.clone()));
         let b = limited(chunks(), Some(limit.clone()));
         let started = tokio::time::Instant::now();

@@ -240,7 +240,12 @@ async fn stored_response(
         return Ok(builder.body(Body::empty()).unwrap_or_default());
     }
     let stream = app.registry.read_blob(digest, start, end).await?;
-    Ok(stream_response(app, builder, to_peer(state, stream), "local"))
+    Ok(stream_response(
+        app,
+        builder,
+        to_peer(state, stream),
+        "local",
+    ))
 }
 
 /// Pieces of a blob for a swarm member: from the store, or from this node's fill once every
@@ -286,7 +291,12 @@ async fn piece(state: &PeerState, digest: &Digest, headers: &HeaderMap) -> Resul
     } else {
         stream
     };
-    Ok(stream_response(app, builder, to_peer(state, stream), "local"))
+    Ok(stream_response(
+        app,
+        builder,
+        to_peer(state, stream),
+        "local",
+    ))
 }
 
 /// Flip the first byte of a stream (the fault hook of [`PeerState::corrupt_pieces`]).

@@ -61,7 +61,8 @@ impl SwarmOutcome {
     }
 
     pub fn table(&self) -> String {
-        let mut out = String::from("  node   time      sent MiB  received MiB  upstream MiB  corrupt\n");
+        let mut out =
+            String::from("  node   time      sent MiB  received MiB  upstream MiB  corrupt\n");
         for n in &self.nodes {
             out.push_str(&format!(
                 "  {:<6} {:<9} {:>8.1}  {:>12.1}  {:>12.1}  {:>7}{}\n",
@@ -115,7 +116,10 @@ pub async fn cold_swarm(
         let mut m = BTreeMap::new();
         for role in roles {
             let node = c.node(role);
-            m.insert(role.to_string(), c.check(role, node.metrics(&c.http).await).await);
+            m.insert(
+                role.to_string(),
+                c.check(role, node.metrics(&c.http).await).await,
+            );
         }
         m
     };
@@ -125,10 +129,9 @@ pub async fn cold_swarm(
         let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
         async move {
             // All layers at once, as containerd pulls an image.
-            let each = futures::future::join_all(
-                blobs.iter().map(|b| get_blob(&http, &base, &via, b)),
-            )
-            .await;
+            let each =
+                futures::future::join_all(blobs.iter().map(|b| get_blob(&http, &base, &via, b)))
+                    .await;
             each.into_iter().collect::<Result<Vec<()>, String>>()?;
             Ok::<_, String>(started.elapsed())
         }
@@ -288,8 +291,11 @@ async fn swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer() {
         }
     }
     if !wrong.is_empty() {
-        c.fail(&format!("the swarm pull went wrong:\n  {}", wrong.join("\n  ")))
-            .await;
+        c.fail(&format!(
+            "the swarm pull went wrong:\n  {}",
+            wrong.join("\n  ")
+        ))
+        .await;
     }
     println!(
         "swarm: {detected} corrupt pieces caught; coordinator sent {:.0} MiB of {:.0} MiB received \
@@ -332,7 +338,11 @@ fn summary(name: &str, o: &SwarmOutcome, total: u64, mbit: u64, owner: &str) -> 
         .filter(|n| n.role != owner)
         .map(|n| n.received)
         .sum();
-    let owner_sent = o.nodes.iter().find(|n| n.role == owner).map_or(0, |n| n.sent);
+    let owner_sent = o
+        .nodes
+        .iter()
+        .find(|n| n.role == owner)
+        .map_or(0, |n| n.sent);
     vec![
         format!(
             "{name}: {} nodes, {} MiB, {mbit} Mbit/s links: completion p50 {:.2} s p99 {:.2} s max {:.2} s; \
@@ -383,7 +393,12 @@ async fn swarm_bench() {
     let names: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
     let roles: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut lines = Vec::new();
-    for run in ["cold, swarm on", "cold, swarm off", "warm (on 2 owners)", "mixed image"] {
+    for run in [
+        "cold, swarm on",
+        "cold, swarm off",
+        "warm (on 2 owners)",
+        "mixed image",
+    ] {
         let mut c = Cluster::new(nodes);
         if run.contains("off") {
             c.extra.push("--no-swarm".into());
@@ -413,7 +428,13 @@ async fn swarm_bench() {
             // pulls at once.
             let owners: Vec<String> = ranked(&c, &blobs[0].digest, &roles)[..2].to_vec();
             for o in &owners {
-                let r = get_blob(&c.http, &c.node(o).url(), "upstream.test/bench/swarm", &blobs[0]).await;
+                let r = get_blob(
+                    &c.http,
+                    &c.node(o).url(),
+                    "upstream.test/bench/swarm",
+                    &blobs[0],
+                )
+                .await;
                 c.check(&format!("warming {o}"), r).await;
             }
             pullers.retain(|r| !owners.iter().any(|o| o == r));
