@@ -46,6 +46,8 @@ const ASSIGN_ALONE: usize = 12;
 /// How often a fetcher reports (and sooner after it lands a piece it was handed).
 const REPORT_EVERY: Duration = Duration::from_millis(200);
 const REPORT_SOON: Duration = Duration::from_millis(20);
+/// Reports failed in a row before a coordinator the membership still lists is given up.
+const COORD_FAILURES: u32 = 10;
 /// Pieces a fetcher takes at once, from all holders together.
 const IN_FLIGHT: usize = 6;
 /// Pieces a coordinator that took over takes from its upstream at once.
@@ -558,8 +560,11 @@ impl SwarmRun<'_> {
                 self.coord_failures += 1;
             }
         }
+        // A coordinator that is merely slow to answer (a busy node) keeps its role: a second
+        // coordinator would fetch from the upstream what the first already has. It is replaced
+        // once the membership declares it dead, or after many failures in a row.
         let gone = self.cluster.member(&self.coord.name).is_none();
-        if self.coord_failures >= 2 || gone {
+        if self.coord_failures >= COORD_FAILURES || gone {
             self.failed_coords.insert(self.coord.name.clone());
             let next = self
                 .cluster

@@ -347,7 +347,7 @@ fn summary(name: &str, o: &SwarmOutcome, total: u64, mbit: u64, owner: &str) -> 
         format!(
             "{name}: {} nodes, {} MiB, {mbit} Mbit/s links: completion p50 {:.2} s p99 {:.2} s max {:.2} s; \
              per-node minimum {:.2} s; p99/minimum {:.2}x{}",
-            o.nodes.len(),
+            o.nodes.iter().filter(|n| n.took.is_some() || n.error.is_some()).count(),
             total / MIB,
             pick(0.5),
             pick(0.99),
@@ -439,7 +439,23 @@ async fn swarm_bench() {
             }
             pullers.retain(|r| !owners.iter().any(|o| o == r));
         }
-        let o = cold_swarm(&c, &pullers, "bench/swarm", &blobs, None).await;
+        let owner_before = c.check(&owner, c.node(&owner).metrics(&c.http).await).await;
+        let mut o = cold_swarm(&c, &pullers, "bench/swarm", &blobs, None).await;
+        if !pullers.iter().any(|p| *p == owner) {
+            // Warm: the owners served without pulling; count what the first sent meanwhile.
+            let m = c.check(&owner, c.node(&owner).metrics(&c.http).await).await;
+            let sent = m.sum("pier_peer_sent_bytes_total", &[])
+                - owner_before.sum("pier_peer_sent_bytes_total", &[]);
+            o.nodes.push(NodeResult {
+                role: owner.clone(),
+                took: None,
+                error: None,
+                sent: sent.max(0.0) as u64,
+                received: 0,
+                upstream: 0,
+                corrupt_pieces: 0,
+            });
+        }
         println!("{run}:\n{}", o.table());
         let total: u64 = blobs.iter().map(|b| b.size).sum();
         lines.extend(summary(run, &o, total, mbit, &owner));
