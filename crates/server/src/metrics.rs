@@ -38,6 +38,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `imported`, `duplicate`, `failed` or `retry`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -62,6 +68,7 @@ pub struct Metrics {
     pub cluster_members: Family<StateLabels, Gauge>,
     pub gossip_rejected: Counter,
     pub peer_rejected: Counter,
+    pub import_files: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -184,6 +191,13 @@ impl Metrics {
             "Requests to the peer listener refused for a missing or bad signature",
             peer_rejected.clone(),
         );
+        let import_files = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "import_files",
+            "Archive files imported (by `pier import` or the watched folder), by result \
+             (imported, duplicate, failed, retry)",
+            import_files.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -203,6 +217,7 @@ impl Metrics {
             cluster_members,
             gossip_rejected,
             peer_rejected,
+            import_files,
         };
         (metrics, more)
     }
