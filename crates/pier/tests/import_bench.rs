@@ -39,7 +39,10 @@ fn layers(total: u64, seed: u64) -> Vec<LayerSpec> {
 fn archive(dir: &Path, total: u64, seed: u64, tag: &str) -> std::path::PathBuf {
     let layout = write_layout(
         &dir.join(format!("layout-{seed}")),
-        vec![("v1", Entry::Image(ImageSpec::linux("amd64", layers(total, seed))))],
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux("amd64", layers(total, seed))),
+        )],
     );
     let image = layout.image("v1").clone();
     let out = dir.join(format!("bench-{seed}.tar"));
@@ -56,7 +59,9 @@ fn mbps(bytes: u64, d: Duration) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn import_bench() {
     if std::env::var("PIER_IMPORT_BENCH").as_deref() != Ok("1") {
-        eprintln!("skipped: the import benchmark runs with PIER_IMPORT_BENCH=1 (scripts/import-bench.sh)");
+        eprintln!(
+            "skipped: the import benchmark runs with PIER_IMPORT_BENCH=1 (scripts/import-bench.sh)"
+        );
         return;
     }
     let mib: u64 = std::env::var("PIER_IMPORT_BENCH_MIB")
@@ -119,7 +124,13 @@ async fn import_bench() {
     ));
 
     let started = Instant::now();
-    let out = pier_cli(&["import", "--url", &pier.url(), "--json", &plain.display().to_string()]);
+    let out = pier_cli(&[
+        "import",
+        "--url",
+        &pier.url(),
+        "--json",
+        &plain.display().to_string(),
+    ]);
     let took = started.elapsed();
     assert!(
         out.status.success(),
@@ -167,7 +178,13 @@ async fn import_bench() {
     let copy = tmp.path().join("renamed.tar");
     std::fs::rename(&plain, &copy).expect("rename");
     let started = Instant::now();
-    let out = pier_cli(&["import", "--url", &pier.url(), "--json", &copy.display().to_string()]);
+    let out = pier_cli(&[
+        "import",
+        "--url",
+        &pier.url(),
+        "--json",
+        &copy.display().to_string(),
+    ]);
     let took = started.elapsed();
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report");
     assert_eq!(report["result"], "duplicate");
