@@ -33,6 +33,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub server: ServerConfig,
     pub cluster: ClusterConfig,
+    pub import: ImportConfig,
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -253,6 +254,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             server: ServerConfig::default(),
             cluster: ClusterConfig::default(),
+            import: ImportConfig::default(),
             upstreams: Vec::new(),
         }
     }
@@ -318,6 +320,45 @@ impl ClusterConfig {
     /// Whether this node runs the cluster (a peer port and gossip).
     pub fn enabled(&self) -> bool {
         self.cluster_secret_file.is_some() || !self.join.is_empty()
+    }
+}
+
+/// What happens to an archive in the watched folder once it is imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterImport {
+    /// Leave it where it is (it is not imported again unless it changes).
+    Keep,
+    Delete,
+    /// Move it into `done/` inside the folder.
+    Move,
+}
+
+/// `[import]`: archives imported from a watched folder and by `pier import` (docs/sync.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImportConfig {
+    /// A folder whose archives are imported as they appear; none when absent.
+    pub watch: Option<PathBuf>,
+    /// Seconds a file's size and modification time must stay unchanged before it is imported.
+    pub stable_seconds: u64,
+    /// Seconds between listings of the folder (file system events wake it sooner).
+    pub rescan_seconds: u64,
+    /// Put before every repository name an archive gives, e.g. `"site/"`; none by default.
+    pub prefix: String,
+    /// `keep`, `delete` or `move` (into `done/`) an imported archive.
+    pub after: AfterImport,
+}
+
+impl Default for ImportConfig {
+    fn default() -> Self {
+        ImportConfig {
+            watch: None,
+            stable_seconds: 3,
+            rescan_seconds: 10,
+            prefix: String::new(),
+            after: AfterImport::Move,
+        }
     }
 }
 

@@ -1,9 +1,12 @@
 //! The `pier` command: `pier serve` runs a node, `pier config` writes client configuration,
-//! `pier bench` loads a registry (the work is in the pier-bench crate), `pier status` and
-//! `pier warm` ask a running node. Later subcommands (check, import, sync, gc) join here.
+//! `pier bench` loads a registry (the work is in the pier-bench crate), `pier status`,
+//! `pier warm`, `pier import` and `pier export` ask a running node. Later subcommands (check,
+//! sync, gc) join here.
 
 mod clientconf;
 mod config;
+mod export_cmd;
+mod import_cmd;
 mod remote;
 mod serve;
 mod status_cmd;
@@ -38,6 +41,11 @@ enum Command {
     Status(status_cmd::StatusArgs),
     /// Put every blob of some images on N nodes of the cluster (or on all), with progress.
     Warm(warm_cmd::WarmArgs),
+    /// Import image archives (docker save, OCI archives; gzip or zstd too) into a running node.
+    Import(import_cmd::ImportArgs),
+    /// Write images from a running node into one archive that docker load, podman load and
+    /// pier import accept.
+    Export(export_cmd::ExportArgs),
 }
 
 #[derive(Subcommand)]
@@ -145,6 +153,8 @@ fn main() -> std::process::ExitCode {
         // These two choose their own exit statuses (ready / not ready / unreachable).
         Command::Status(args) => return status_cmd::run(args),
         Command::Warm(args) => return warm_cmd::run(args),
+        Command::Import(args) => return import_cmd::run(args),
+        Command::Export(args) => return export_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -125,6 +125,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     };
     // One durable job queue for every kind of background work (replication to owners now).
     let job_store: Arc<dyn pier_store::JobStore> = Arc::new(meta.clone());
+    let import_log: Arc<dyn pier_store::ImportLog> = Arc::new(meta.clone());
     let meta: Arc<dyn MetaStore> = Arc::new(meta);
     let blobs: Arc<dyn BlobStore> = blobs;
     let caps = UploadCaps {
@@ -257,6 +258,10 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
+    state.import = Arc::new(pier_server::import::ImportSettings {
+        prefix: config.import.prefix.clone(),
+        log: import_log,
+    });
     let mut cluster_tasks = Vec::new();
     if let Some(c) = cluster {
         let peer_state = pier_server::peer::PeerState {
@@ -307,6 +312,25 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         job_runner = Some(runner);
         membership = Some(c.membership);
     }
+    let watcher = config.import.watch.clone().map(|dir| {
+        use crate::config::AfterImport;
+        use pier_server::import::watch::{After, WatchConfig};
+        let cfg = WatchConfig {
+            dir,
+            stable: Duration::from_secs(config.import.stable_seconds),
+            rescan: Duration::from_secs(config.import.rescan_seconds.max(1)),
+            after: match config.import.after {
+                AfterImport::Keep => After::Keep,
+                AfterImport::Delete => After::Delete,
+                AfterImport::Move => After::Move,
+            },
+        };
+        tokio::spawn(pier_server::import::watch::run(
+            state.clone(),
+            cfg,
+            stop_rx.clone(),
+        ))
+    });
     let server = tokio::spawn(pier_server::serve_with(
         listener,
         state,
@@ -340,6 +364,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     }
     sweeper.abort();
     space_watch.abort();
+    if let Some(w) = watcher {
+        // It stops between files by itself; one import in progress is not waited for (its
+        // blobs are content-addressed and nothing of it is visible until it finishes).
+        w.abort();
+    }
     drop(stop_rx);
     tracing::info!("stopped");
     Ok(())

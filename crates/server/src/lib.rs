@@ -8,6 +8,9 @@
 pub mod cluster;
 pub mod conn;
 pub mod error;
+pub mod events;
+pub mod export;
+pub mod import;
 pub mod metrics;
 pub mod mirror;
 pub mod peer;
@@ -51,6 +54,8 @@ pub struct AppState {
     pub space: Option<Arc<pier_store::Space>>,
     /// Copies pushed content to its owners, when this node is part of a cluster.
     pub replicator: Option<Arc<pier_mirror::replicate::Replicator>>,
+    /// How archives are imported (the repository prefix, the log of imported files).
+    pub import: Arc<import::ImportSettings>,
 }
 
 impl AppState {
@@ -63,6 +68,7 @@ impl AppState {
             hosted: Arc::new(Vec::new()),
             space: None,
             replicator: None,
+            import: Arc::new(import::ImportSettings::default()),
         }
     }
 
@@ -80,6 +86,7 @@ impl AppState {
             hosted: Arc::new(Vec::new()),
             space: None,
             replicator: None,
+            import: Arc::new(import::ImportSettings::default()),
         }
     }
 }
@@ -100,6 +107,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status::status))
         .route("/api/v1/warm", axum::routing::post(warm::warm))
+        .route("/api/v1/import", axum::routing::post(import::import))
+        .route("/api/v1/export", get(export::export))
         .fallback(registry_api)
         .with_state(state)
 }

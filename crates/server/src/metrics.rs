@@ -38,6 +38,12 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `imported`, `duplicate`, `failed` or `retry`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     pub kind: &'static str,
 }
@@ -63,6 +69,7 @@ pub struct Metrics {
     pub gossip_rejected: Counter,
     pub peer_rejected: Counter,
     pub peer_sent_bytes: Counter,
+    pub import_files: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -191,6 +198,13 @@ impl Metrics {
             "Blob bytes this node sent to peers (whole blobs, resumed ranges and swarm pieces)",
             peer_sent_bytes.clone(),
         );
+        let import_files = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "import_files",
+            "Archive files imported (by `pier import` or the watched folder), by result \
+             (imported, duplicate, failed, retry)",
+            import_files.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -211,6 +225,7 @@ impl Metrics {
             gossip_rejected,
             peer_rejected,
             peer_sent_bytes,
+            import_files,
         };
         (metrics, more)
     }

@@ -43,6 +43,15 @@ impl Query {
         out.finish()
     }
 
+    /// Every value given for `key`, in order.
+    pub(crate) fn all(&self, key: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -269,14 +278,11 @@ async fn put_manifest(
         .received_bytes
         .get_or_create(&KindLabels { kind: "manifest" })
         .inc_by(size);
-    if let Some(replicator) = &state.replicator {
-        // The push is durable here; the copies to the owners are durable jobs.
-        let tag = match reference {
-            Reference::Tag(t) => Some(t.as_str()),
-            Reference::Digest(_) => None,
-        };
-        replicator.pushed(name.as_str(), &pushed.digest, tag).await;
-    }
+    let tag = match reference {
+        Reference::Tag(t) => Some(t.as_str()),
+        Reference::Digest(_) => None,
+    };
+    crate::events::pushed(state, name.as_str(), &pushed.digest, tag).await;
     let digest = pushed.digest.to_string();
     let mut resp = Response::builder()
         .status(StatusCode::CREATED)

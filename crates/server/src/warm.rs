@@ -61,13 +61,13 @@ pub fn parse_image(image: &str) -> Result<(RepoName, Reference)> {
 }
 
 /// Where an image's content lives on this node.
-enum Place {
+pub(crate) enum Place {
     Mirrored(MirrorRef),
     Hosted(RepoName),
 }
 
 impl Place {
-    fn repo(&self) -> String {
+    pub(crate) fn repo(&self) -> String {
         match self {
             Place::Mirrored(r) => r.cache_repo.clone(),
             Place::Hosted(n) => n.as_str().to_string(),
@@ -75,7 +75,7 @@ impl Place {
     }
 }
 
-async fn manifest_bytes(
+pub(crate) async fn manifest_bytes(
     state: &AppState,
     place: &Place,
     reference: &Reference,
@@ -139,7 +139,7 @@ async fn image_blobs(
 }
 
 /// Bring a blob onto this node (and wait until it is durable here).
-async fn ensure_local(state: &AppState, place: &Place, digest: &Digest) -> Result<()> {
+pub(crate) async fn ensure_local(state: &AppState, place: &Place, digest: &Digest) -> Result<()> {
     let mirror = state
         .mirror
         .as_ref()

@@ -1,6 +1,7 @@
 //! Storage for pier: content-addressed blobs ([`BlobStore`]) and the metadata database
 //! ([`MetaStore`]: repositories, tags, manifests, blob links, referrers, upload sessions), and
-//! the durable job queue ([`JobStore`], run by [`JobRunner`]) that background work goes through.
+//! the durable job queue ([`JobStore`], run by [`JobRunner`]) that background work goes through,
+//! and the record of imported archive files ([`ImportLog`]).
 //!
 //! Architecture invariant: this crate knows nothing of HTTP, routing or upstreams. It stores
 //! bytes and facts; deciding what a request may see is the registry's job.
@@ -12,6 +13,7 @@
 pub mod blob;
 pub mod error;
 pub mod fs;
+pub mod imports;
 pub mod jobs;
 pub mod meta;
 pub mod redb_meta;
@@ -21,6 +23,7 @@ pub mod spool;
 pub use blob::{BlobStore, ByteStream, StoreStats};
 pub use error::{Blame, StoreError};
 pub use fs::FsBlobStore;
+pub use imports::{ImportLog, ImportedFile, MemoryImportLog};
 pub use jobs::{Job, JobFailure, JobHandler, JobRunner, JobState, JobStore, RunnerConfig};
 pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
 pub use redb_meta::RedbMetaStore;

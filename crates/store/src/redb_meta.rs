@@ -10,6 +10,8 @@
 //! newest job with that key, `job_due` (next attempt ms, id) → () for every queued or retrying
 //! job (so finding due work is a range read, not a scan), `job_seq` "next" → the next id.
 //!
+//! Imported archive files ([`ImportLog`]): `import_files` file digest → record JSON.
+//!
 //! After one I/O failure (a full disk during a commit, say) redb refuses every later
 //! transaction until the database is closed and opened again. The store does that by itself:
 //! an operation that fails with an I/O error reopens the database from its file (committed
@@ -26,6 +28,7 @@ use bytes::Bytes;
 use pier_oci::Digest;
 use redb::{Database, ReadTransaction, ReadableTable, TableDefinition};
 
+use crate::imports::{ImportLog, ImportedFile};
 use crate::jobs::{unix_ms, Job, JobState, JobStore};
 use crate::meta::{ManifestRecord, MetaStore, Page, UploadRecord};
 use crate::{Result, StoreError};
@@ -41,6 +44,7 @@ const JOBS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("jobs");
 const JOB_KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("job_keys");
 const JOB_DUE: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("job_due");
 const JOB_SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("job_seq");
+const IMPORT_FILES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("import_files");
 
 /// Opens the database again after an I/O failure. `None` for a database that lives only in
 /// memory: reopening it would lose everything.
@@ -107,6 +111,7 @@ impl RedbMetaStore {
         tx.open_table(JOB_KEYS)?;
         tx.open_table(JOB_DUE)?;
         tx.open_table(JOB_SEQ)?;
+        tx.open_table(IMPORT_FILES)?;
         tx.commit()?;
         Ok(RedbMetaStore {
             db: Arc::new(RwLock::new(Some(Arc::new(db)))),
@@ -497,6 +502,29 @@ impl MetaStore for RedbMetaStore {
 }
 
 /// One job from the `jobs` table.
+#[async_trait]
+impl ImportLog for RedbMetaStore {
+    async fn imported(&self, digest: &Digest) -> Result<Option<ImportedFile>> {
+        let key = digest.to_string();
+        self.read(|tx| match tx.open_table(IMPORT_FILES)?.get(key.as_str())? {
+            Some(v) => Ok(Some(unjson(v.value())?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn record_import(&self, file: &ImportedFile) -> Result<()> {
+        let key = file.digest.to_string();
+        let value = json(file)?;
+        self.write(move |tx| {
+            tx.open_table(IMPORT_FILES)?
+                .insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 fn load_job(table: &impl ReadableTable<u64, &'static [u8]>, id: u64) -> Result<Option<Job>> {
     table.get(id)?.map(|v| unjson(v.value())).transpose()
 }
@@ -790,5 +818,38 @@ mod tests {
             Some(30)
         );
         assert!(store.repo_exists("team/app").await.unwrap());
+    }
+}
+
+#[cfg(test)]
+mod import_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn imported_files_are_remembered_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("meta.redb");
+        let d = Digest::sha256(b"an archive");
+        let file = ImportedFile {
+            digest: d.clone(),
+            name: "app.tar".into(),
+            size: 10,
+            images: vec!["team/app:v1@sha256:00".into()],
+            at_ms: 1,
+        };
+        {
+            let store = RedbMetaStore::open(&path).expect("open");
+            assert_eq!(store.imported(&d).await.expect("read"), None);
+            store.record_import(&file).await.expect("record");
+        }
+        let store = RedbMetaStore::open(&path).expect("reopen");
+        assert_eq!(store.imported(&d).await.expect("read"), Some(file));
+        assert_eq!(
+            store
+                .imported(&Digest::sha256(b"other"))
+                .await
+                .expect("read"),
+            None
+        );
     }
 }

@@ -1208,3 +1208,115 @@ pub fn find_on_path(tool: &str) -> Option<PathBuf> {
             })
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Image archives
+// ---------------------------------------------------------------------------------------------
+
+/// Write `image` of `layout` as `docker save` before Docker 25 writes it: each layer as
+/// `<id>/layer.tar` beside `<id>/json` and `<id>/VERSION`, the config as `<hex>.json`, and
+/// `manifest.json` (last, as Docker writes it) naming the image by `tags`.
+pub fn write_docker_save(layout: &Layout, image: &WrittenImage, tags: &[&str], out: &Path) {
+    let mut tar = tar::Builder::new(File::create(out).expect("create the archive"));
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data).expect("append");
+    };
+    let mut layers = Vec::new();
+    for (i, l) in image.layers.iter().enumerate() {
+        let id = format!("{:064x}", i + 1);
+        add(&format!("{id}/VERSION"), b"1.0");
+        add(&format!("{id}/json"), b"{}");
+        let bytes = std::fs::read(layout.blob_path(&l.blob.digest)).expect("read layer");
+        add(&format!("{id}/layer.tar"), &bytes);
+        layers.push(format!("{id}/layer.tar"));
+    }
+    let config = std::fs::read(layout.blob_path(&image.config.digest)).expect("read config");
+    let config_name = format!("{}.json", image.config.hex());
+    add(&config_name, &config);
+    let manifest = json!([{ "Config": config_name, "RepoTags": tags, "Layers": layers }]);
+    add("manifest.json", manifest.to_string().as_bytes());
+    add("repositories", b"{}");
+    tar.into_inner()
+        .expect("finish the archive")
+        .sync_all()
+        .expect("sync the archive");
+}
+
+/// Write `layout` as an OCI image-layout archive whose `index.json` names each entry
+/// `<repo>:<tag>` (a whole reference, as skopeo and podman write ref names).
+pub fn write_oci_archive(layout: &Layout, repo: &str, out: &Path) {
+    let mut index: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout.dir.join("index.json")).expect("read index.json"),
+    )
+    .expect("index.json");
+    for m in index["manifests"].as_array_mut().expect("manifests") {
+        let tag = m["annotations"][REF_NAME]
+            .as_str()
+            .expect("ref name")
+            .to_string();
+        m["annotations"][REF_NAME] = json!(format!("{repo}:{tag}"));
+    }
+    let mut tar = tar::Builder::new(File::create(out).expect("create the archive"));
+    for entry in std::fs::read_dir(layout.dir.join("blobs").join("sha256")).expect("blobs") {
+        let path = entry.expect("blob").path();
+        let name = format!(
+            "blobs/sha256/{}",
+            path.file_name().and_then(|n| n.to_str()).expect("name")
+        );
+        tar.append_path_with_name(&path, name).expect("append blob");
+    }
+    let mut add = |path: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        tar.append_data(&mut h, path, data).expect("append");
+    };
+    add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
+    add("index.json", index.to_string().as_bytes());
+    tar.into_inner()
+        .expect("finish the archive")
+        .sync_all()
+        .expect("sync the archive");
+}
+
+/// Run the `pier` binary with `args` (a client command) and return its output.
+pub fn pier_cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run pier")
+}
+
+/// Copy `from` into `dir` as a writer that takes its time does: under `<name>.part`, in
+/// pieces with pauses, then renamed to `name`.
+pub fn drop_slowly(from: &Path, dir: &Path, name: &str, pieces: usize, pause: Duration) {
+    let bytes = std::fs::read(from).expect("read the archive");
+    let part = dir.join(format!("{name}.part"));
+    let mut f = File::create(&part).expect("create the .part file");
+    let step = bytes.len().div_ceil(pieces.max(1)).max(1);
+    for chunk in bytes.chunks(step) {
+        f.write_all(chunk).expect("write a piece");
+        f.sync_data().expect("sync a piece");
+        std::thread::sleep(pause);
+    }
+    drop(f);
+    std::fs::rename(&part, dir.join(name)).expect("rename into place");
+}
+
+/// Wait until `path` exists (a file the watched folder moved), at most `limit`.
+pub async fn wait_for_file(path: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    path.exists()
+}

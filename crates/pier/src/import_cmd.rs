@@ -1,0 +1,242 @@
+//! `pier import FILE...`: send image archives to a running node, which imports them
+//! (`POST /api/v1/import`), one after the other, with a progress bar per file, and print what
+//! each became: imported (with the images), a duplicate of a file imported before, or failed
+//! with the reason.
+
+use std::io::IsTerminal as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Deserialize;
+
+use crate::remote;
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Formats: docker save archives (either layout), OCI image-layout archives, \
+    each optionally gzip- or zstd-compressed. Exit status: 0 when every file was imported or \
+    had been already; 1 when a file was not (each reason is printed); 2 when the node cannot \
+    be reached at all."
+)]
+pub struct ImportArgs {
+    /// Archives to import.
+    #[arg(value_name = "FILE", required = true)]
+    pub files: Vec<PathBuf>,
+    /// The node to import into.
+    #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
+    pub url: String,
+    /// Print each file's report as a JSON line instead of a sentence.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The parts of the node's report this command reads; it prints the whole in `--json`.
+#[derive(Debug, Deserialize)]
+struct Report {
+    result: String,
+    #[serde(default)]
+    images: Vec<ReportImage>,
+    #[serde(default)]
+    bytes: u64,
+    #[serde(default)]
+    seconds: f64,
+    #[serde(default)]
+    format: Option<String>,
+    #[serde(default)]
+    duplicate_of: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    skipped: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReportImage {
+    name: String,
+    digest: String,
+}
+
+pub fn run(args: ImportArgs) -> ExitCode {
+    let base = match remote::base_url(&args.url) {
+        Ok(base) => base,
+        Err(message) => {
+            eprintln!("pier: {message}");
+            return ExitCode::from(remote::EXIT_UNREACHABLE);
+        }
+    };
+    let endpoint = format!("{base}/api/v1/import");
+    match remote::runtime() {
+        Ok(rt) => rt.block_on(import_all(&args, &endpoint)),
+        Err(e) => remote::unreachable(&endpoint, &format!("cannot start the async runtime: {e}")),
+    }
+}
+
+enum Sent {
+    /// The node answered with a report; whether the file is in.
+    Answered(bool),
+    /// The file could not be read here.
+    Unreadable,
+    Unreachable(String),
+}
+
+async fn import_all(args: &ImportArgs, endpoint: &str) -> ExitCode {
+    let client = match remote::client() {
+        Ok(client) => client,
+        Err(e) => return remote::unreachable(endpoint, &remote::cause(&e)),
+    };
+    let bars = !args.json && std::io::stderr().is_terminal();
+    let mut all_ok = true;
+    let mut reached = false;
+    for file in &args.files {
+        match import_one(&client, endpoint, file, args.json, bars).await {
+            Sent::Answered(ok) => {
+                reached = true;
+                all_ok &= ok;
+            }
+            Sent::Unreadable => all_ok = false,
+            Sent::Unreachable(cause) if !reached => return remote::unreachable(endpoint, &cause),
+            Sent::Unreachable(cause) => {
+                eprintln!(
+                    "pier: import {}: cannot reach {endpoint}: {cause}",
+                    file.display()
+                );
+                all_ok = false;
+            }
+        }
+    }
+    ExitCode::from(if all_ok {
+        remote::EXIT_OK
+    } else {
+        remote::EXIT_NOT_DONE
+    })
+}
+
+fn bytes_bar(len: u64, prefix: String, bars: bool) -> ProgressBar {
+    if !bars {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(prefix);
+    bar
+}
+
+async fn import_one(
+    client: &reqwest::Client,
+    endpoint: &str,
+    path: &Path,
+    json: bool,
+    bars: bool,
+) -> Sent {
+    let shown = path.display().to_string();
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("pier: import {shown}: {e}");
+            return Sent::Unreadable;
+        }
+    };
+    let size = match file.metadata().await {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => {
+            eprintln!("pier: import {shown}: not a regular file");
+            return Sent::Unreadable;
+        }
+        Err(e) => {
+            eprintln!("pier: import {shown}: {e}");
+            return Sent::Unreadable;
+        }
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| shown.clone());
+    let bar = bytes_bar(size, name.clone(), bars);
+    let counted = bar.clone();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).inspect(move |c| {
+        if let Ok(c) = c {
+            counted.inc(c.len() as u64);
+        }
+    });
+    let sent = client
+        .post(endpoint)
+        .query(&[("name", name.as_str())])
+        .header(reqwest::header::CONTENT_LENGTH, size)
+        .header(reqwest::header::CONTENT_TYPE, "application/x-tar")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await;
+    bar.finish_and_clear();
+    let resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => return Sent::Unreachable(remote::cause(&e)),
+    };
+    let status = resp.status();
+    let body = match remote::read_body(resp).await {
+        Ok(body) => body,
+        Err(cause) => {
+            eprintln!("pier: import {shown}: reading the answer failed: {cause}");
+            return Sent::Answered(false);
+        }
+    };
+    let Ok(report) = serde_json::from_slice::<Report>(&body) else {
+        let message = remote::oci_error_message(&body)
+            .unwrap_or_else(|| format!("the node answered {status}"));
+        eprintln!("pier: import {shown}: {message}");
+        return Sent::Answered(false);
+    };
+    if json {
+        println!("{}", String::from_utf8_lossy(&body).trim_end());
+    } else {
+        print_report(&shown, &report);
+    }
+    Sent::Answered(report.result == "imported" || report.result == "duplicate")
+}
+
+fn print_report(file: &str, r: &Report) {
+    let names: Vec<String> = r
+        .images
+        .iter()
+        .map(|i| format!("{} ({})", i.name, short(&i.digest)))
+        .collect();
+    match r.result.as_str() {
+        "imported" => {
+            let mb = r.bytes as f64 / 1e6;
+            println!(
+                "{file}: imported {} [{}, {mb:.1} MB in {:.1} s, {:.0} MB/s]",
+                names.join(", "),
+                r.format.as_deref().unwrap_or("?"),
+                r.seconds,
+                mb / r.seconds.max(1e-6)
+            );
+        }
+        "duplicate" => println!(
+            "{file}: already imported as {}: {}",
+            r.duplicate_of.as_deref().unwrap_or("?"),
+            names.join(", ")
+        ),
+        other => eprintln!(
+            "pier: import {file}: {}{}",
+            if other == "retry" {
+                "not imported (the node's store failed; try again): "
+            } else {
+                "failed: "
+            },
+            r.error.as_deref().unwrap_or("no reason given")
+        ),
+    }
+    for s in &r.skipped {
+        eprintln!("pier: import {file}: skipped {s}");
+    }
+}
+
+/// `sha256:0123456789ab`: enough of a digest to tell images apart in a sentence.
+fn short(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
+}
