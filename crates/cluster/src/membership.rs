@@ -4,7 +4,8 @@
 //! The protocol logic lives in `engine` (foca, sealing, the join handshake, the view) and
 //! does no I/O; this module is its tokio transport: one task that owns the socket and a timer
 //! heap, resolves the join list in the background and publishes the view. The simulation in
-//! `sim` drives the same engine over a lossy in-memory network with a simulated clock.
+//! [`sim`] drives the same engine over a lossy in-memory network with a simulated clock (the
+//! thousand-node scenarios built on it are in [`crate::simulation`]).
 //!
 //! Every datagram is sealed (XChaCha20-Poly1305, the cluster's gossip key, see `seal`);
 //! one that does not open is dropped and counted, so a node with another secret can neither
@@ -46,8 +47,7 @@
 
 mod engine;
 mod seal;
-#[cfg(test)]
-mod sim;
+pub mod sim;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -242,6 +242,13 @@ pub(crate) struct Engine {
     rejected: u64,
     /// Times a member turned suspect in this view.
     suspicions: u64,
+    /// Times a member turned dead in this view.
+    deaths: u64,
+    /// Other members usable now (alive or suspect), kept as the view changes so that a
+    /// simulation of a thousand nodes can check convergence without walking every view.
+    usable: usize,
+    /// foca's members as last seen (see `fingerprint`).
+    print: u64,
 }
 
 fn state_of(state: State) -> MemberState {
@@ -281,6 +288,9 @@ impl Engine {
             version: 0,
             rejected: 0,
             suspicions: 0,
+            deaths: 0,
+            usable: 0,
+            print: 0,
         }
     }
 
@@ -425,6 +435,13 @@ impl Engine {
             self.changes += 1;
             self.version += 1;
         }
+        // Most calls change nothing foca holds (a probe and its reply); walking the view by
+        // name then would cost more than all the rest of the call at a thousand members.
+        let print = self.fingerprint();
+        if print == self.print {
+            return;
+        }
+        self.print = print;
         for member in self.foca.iter_membership_state() {
             let peer = member.id();
             if peer.name == self.local.name {
@@ -443,6 +460,8 @@ impl Engine {
                 );
                 self.version += 1;
                 self.changes += u64::from(state != MemberState::Dead);
+                self.usable += usize::from(state != MemberState::Dead);
+                self.deaths += u64::from(state == MemberState::Dead);
                 continue;
             };
             // An older generation than one already seen is stale gossip.
@@ -458,6 +477,14 @@ impl Engine {
             if usable_before != usable || (usable && !same) {
                 self.changes += 1;
             }
+            if usable_before != usable {
+                if usable {
+                    self.usable += 1;
+                } else {
+                    self.usable -= 1;
+                    self.deaths += 1;
+                }
+            }
             if !same {
                 entry.id = peer.to_id();
             }
@@ -468,6 +495,41 @@ impl Engine {
             entry.since = now;
             self.version += 1;
         }
+    }
+
+    /// A sum over foca's members of a hash of what the view takes from each (identity and
+    /// state), independent of the order foca keeps them in. An identity is hashed by the
+    /// addresses of its shared strings with its numbers: foca swaps in another `Peer` (newly
+    /// decoded, so other allocations) whenever an identity changes, and keeps the same one
+    /// otherwise. A change the sum misses needs a 64-bit collision.
+    fn fingerprint(&self) -> u64 {
+        self.foca
+            .iter_membership_state()
+            .map(|m| {
+                let p = m.id();
+                let zone = p
+                    .zone
+                    .as_ref()
+                    .map_or(0, |z| Arc::as_ptr(z).cast::<u8>() as usize);
+                let addr = match p.addr.ip() {
+                    std::net::IpAddr::V4(ip) => u64::from(ip.to_bits()),
+                    std::net::IpAddr::V6(ip) => {
+                        let b = ip.to_bits();
+                        (b as u64) ^ ((b >> 64) as u64)
+                    }
+                };
+                let state = match m.state() {
+                    State::Alive => 1,
+                    State::Suspect => 2,
+                    State::Down => 3,
+                };
+                let mut h =
+                    mix64(Arc::as_ptr(&p.name).cast::<u8>() as u64 ^ (p.name.len() as u64) << 48);
+                h = mix64(h ^ p.generation);
+                h = mix64(h ^ addr ^ u64::from(p.addr.port()) << 32);
+                mix64(h ^ zone as u64 ^ state << 60)
+            })
+            .fold(0u64, u64::wrapping_add)
     }
 
     /// Drop members dead for longer than [`DEAD_RETENTION`] that foca no longer holds
@@ -511,7 +573,6 @@ impl Engine {
     }
 
     /// What this node believes of the node called `name`, for the simulation.
-    #[cfg(test)]
     pub(crate) fn state_of(&self, name: &str) -> Option<(u64, MemberState)> {
         if *self.local.name == *name {
             return Some((self.local.generation, MemberState::Alive));
@@ -534,6 +595,33 @@ impl Engine {
     pub(crate) fn suspicions(&self) -> u64 {
         self.suspicions
     }
+
+    /// Times a member turned dead in this view (kills, leaves and false verdicts alike).
+    pub(crate) fn deaths(&self) -> u64 {
+        self.deaths
+    }
+
+    /// How many other members are usable (alive or suspect) in this view.
+    pub(crate) fn usable_others(&self) -> usize {
+        self.usable
+    }
+
+    /// The members this view holds dead, by name and generation.
+    pub(crate) fn dead(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.others
+            .iter()
+            .filter(|(_, e)| e.state == MemberState::Dead)
+            .map(|(name, e)| (name.as_str(), e.id.generation))
+    }
+}
+
+/// The 64-bit finaliser of MurmurHash3, to spread the fingerprint's inputs.
+fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 fn expired(e: &Entry, now: SystemTime) -> bool {
