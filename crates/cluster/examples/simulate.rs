@@ -7,7 +7,7 @@ use std::time::Duration;
 use pier_cluster::simulation::{self, ScaleConfig};
 
 const USAGE: &str = "usage: simulate [--nodes N] [--seed S] [--seeds K] [--join-over SECS] \
-[--quiet SECS] [--loss FRACTION] [--lossy SECS] [--kill FRACTION] [--kill-loss FRACTION] \
+[--settle SECS] [--quiet SECS] [--loss FRACTION] [--lossy SECS] [--kill FRACTION] [--kill-loss FRACTION] \
 [--keys N] [--replicas R] [--json]";
 
 fn main() -> ExitCode {
@@ -64,6 +64,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<(ScaleConfig, bool), 
             "--nodes" | "--seed" => {}
             "--seeds" => cfg.seeds = number(flag, value)?,
             "--join-over" => cfg.join_over = seconds(flag, value)?,
+            "--settle" => cfg.settle = seconds(flag, value)?,
             "--quiet" => cfg.quiet = seconds(flag, value)?,
             "--loss" => cfg.loss = fraction(flag, value)?,
             "--lossy" => cfg.lossy = seconds(flag, value)?,

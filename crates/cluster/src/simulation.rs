@@ -40,7 +40,9 @@ pub struct ScaleConfig {
     pub join_over: Duration,
     /// The longest the join may take before it is reported as not converged.
     pub join_limit: Duration,
-    /// The loss-free window in which traffic is measured.
+    /// How long the cluster runs after the join before traffic is measured (the join's
+    /// news is still being gossiped), and the loss-free window in which it is.
+    pub settle: Duration,
     pub quiet: Duration,
     /// Loss rate and length of the window in which false deaths are counted.
     pub loss: f64,
@@ -66,6 +68,7 @@ impl ScaleConfig {
             zones: 3,
             join_over: Duration::from_secs(5),
             join_limit: Duration::from_secs(120),
+            settle: Duration::from_secs(30),
             quiet: Duration::from_secs(30),
             loss: 0.05,
             lossy: Duration::from_secs(600),
@@ -88,6 +91,8 @@ pub struct ScaleReport {
     pub delay_ms: (f64, f64),
     pub slow_fraction: f64,
     pub join: JoinReport,
+    /// Seconds between the join's end and the quiet window.
+    pub settle_s: f64,
     pub quiet: TrafficReport,
     pub lossy: LossReport,
     pub kill: KillReport,
@@ -155,6 +160,13 @@ pub struct KillReport {
     pub pair_p50_s: Option<f64>,
     pub pair_p99_s: Option<f64>,
     pub pair_max_s: Option<f64>,
+    /// Per victim, when the first survivor held it dead (how long detection took) and how
+    /// long after that the last one did (how long the news took to spread): medians and
+    /// worst.
+    pub victim_first_p50_s: Option<f64>,
+    pub victim_first_max_s: Option<f64>,
+    pub victim_spread_p50_s: Option<f64>,
+    pub victim_spread_max_s: Option<f64>,
     /// Pairs still not seen dead at the limit.
     pub missing_pairs: usize,
     /// Pairs within the product's bound of 2 s.
@@ -195,6 +207,7 @@ pub fn run(cfg: &ScaleConfig) -> ScaleReport {
         network,
     });
     let join = join(&mut sim, cfg);
+    sim.run_for(cfg.settle);
     let quiet = traffic(&mut sim, cfg.quiet);
     sim.set_loss(cfg.loss);
     let lossy = lossy(&mut sim, cfg);
@@ -210,6 +223,7 @@ pub fn run(cfg: &ScaleConfig) -> ScaleReport {
         delay_ms: (ms(network.min_delay), ms(network.max_delay)),
         slow_fraction: network.slow,
         join,
+        settle_s: cfg.settle.as_secs_f64(),
         quiet,
         lossy,
         kill,
@@ -431,6 +445,17 @@ fn kill(sim: &mut Sim, cfg: &ScaleConfig) -> KillReport {
         .map(Duration::as_secs_f64)
         .collect();
     secs(&mut pairs);
+    let mut first_seen: Vec<f64> = Vec::new();
+    let mut spread: Vec<f64> = Vec::new();
+    for (k, _) in victims.iter().enumerate() {
+        let times = survivors.iter().filter_map(|&s| first[s][k]);
+        if let (Some(a), Some(b)) = (times.clone().min(), times.max()) {
+            first_seen.push(a.as_secs_f64());
+            spread.push((b - a).as_secs_f64());
+        }
+    }
+    secs(&mut first_seen);
+    secs(&mut spread);
     let all_pairs = survivors.len() * victims.len();
     let missing = all_pairs - pairs.len();
     KillReport {
@@ -444,6 +469,10 @@ fn kill(sim: &mut Sim, cfg: &ScaleConfig) -> KillReport {
         pair_p50_s: quantile(&pairs, 0.5),
         pair_p99_s: quantile(&pairs, 0.99),
         pair_max_s: (missing == 0).then(|| pairs.last().copied()).flatten(),
+        victim_first_p50_s: quantile(&first_seen, 0.5),
+        victim_first_max_s: first_seen.last().copied(),
+        victim_spread_p50_s: quantile(&spread, 0.5),
+        victim_spread_max_s: spread.last().copied(),
         missing_pairs: missing,
         pairs_within_2s: pairs.iter().filter(|&&t| t <= 2.0).count() as f64
             / all_pairs.max(1) as f64,
@@ -570,8 +599,9 @@ impl fmt::Display for ScaleReport {
         let t = &self.quiet;
         writeln!(
             f,
-            "quiet ({:.0} s, no loss): {:.0} B/s per node (max {:.0}), {:.1} datagrams/s (max {:.1}); {} suspicions, {} false dead verdicts",
+            "quiet ({:.0} s, no loss, {:.0} s after the join): {:.0} B/s per node (max {:.0}), {:.1} datagrams/s (max {:.1}); {} suspicions, {} false dead verdicts",
             t.window_s,
+            self.settle_s,
             t.bytes_per_node_s_mean,
             t.bytes_per_node_s_max,
             t.datagrams_per_node_s_mean,
@@ -613,6 +643,14 @@ impl fmt::Display for ScaleReport {
             k.pairs_within_2s * 100.0,
             k.missing_pairs,
             k.false_dead_pairs
+        )?;
+        writeln!(
+            f,
+            "      per victim: first survivor to hold it dead p50 {}, max {}; then the last one after p50 {}, max {}",
+            s(k.victim_first_p50_s),
+            s(k.victim_first_max_s),
+            s(k.victim_spread_p50_s),
+            s(k.victim_spread_max_s)
         )?;
         let p = &self.placement;
         writeln!(

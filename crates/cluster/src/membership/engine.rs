@@ -9,6 +9,16 @@
 //! address; whoever answers there replies `WELCOME` with its own identity, and the joiner then
 //! announces to it through foca (and is fed the active members). Addresses that already belong
 //! to an active member are skipped, so a settled cluster sends nothing for its join list.
+//!
+//! Member list on join. foca's answer to an announce holds the members that fit in one
+//! datagram (about forty), and after that a node learns of a member only when it hears from
+//! it or when news of it is still being gossiped. News of a member that joined earlier has
+//! usually died out, so in a thousand-node rollout a late joiner took minutes to learn the
+//! last few early ones (each member probes a given one once per N probe periods). So with
+//! `WELCOME`'s answer the joiner also sends `SYNC`, and the welcomer replies with every
+//! active member it holds (`MEMBERS`, as many datagrams as needed, each member with its
+//! incarnation and state), which the joiner applies without gossiping them on: they are
+//! news to it, not to the cluster.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +53,8 @@ const ALONE_RETRY: Duration = Duration::from_secs(1);
 const KIND_FOCA: u8 = 0;
 const KIND_JOIN: u8 = 1;
 const KIND_WELCOME: u8 = 2;
+const KIND_SYNC: u8 = 3;
+const KIND_MEMBERS: u8 = 4;
 
 /// A node's identity on the wire (foca's `Identity`). The name is foca's "address": two
 /// identities with one name are the same node, and the higher generation wins, so a
@@ -251,6 +263,18 @@ pub(crate) struct Engine {
     print: u64,
 }
 
+const STATE_ALIVE: u8 = 0;
+const STATE_SUSPECT: u8 = 1;
+const STATE_DOWN: u8 = 2;
+
+fn state_byte(state: State) -> u8 {
+    match state {
+        State::Alive => STATE_ALIVE,
+        State::Suspect => STATE_SUSPECT,
+        State::Down => STATE_DOWN,
+    }
+}
+
 fn state_of(state: State) -> MemberState {
     match state {
         State::Alive => MemberState::Alive,
@@ -323,8 +347,11 @@ impl Engine {
                     if let Err(e) = self.foca.announce(member, &mut self.out) {
                         tracing::debug!(%from, error = %e, "cannot announce");
                     }
+                    self.out.push(from, KIND_SYNC, &[]);
                 }
             }
+            Some((&KIND_SYNC, _)) => self.send_members(from),
+            Some((&KIND_MEMBERS, body)) => self.apply_members(body, from),
             _ => tracing::debug!(%from, "gossip datagram of an unknown kind"),
         }
         self.refresh(now);
@@ -340,6 +367,61 @@ impl Engine {
                 tracing::debug!(%from, error = %e, "unreadable join message");
                 None
             }
+        }
+    }
+
+    /// Every other active member this node holds, to `to`, in as many datagrams as they
+    /// need. (The asker learns of this node itself from the announce it just sent here.)
+    fn send_members(&mut self, to: SocketAddr) {
+        let active = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() != State::Down)
+            .map(|m| (m.id().clone(), m.incarnation(), state_byte(m.state())));
+        let mut body = Vec::with_capacity(MAX_FOCA_PACKET);
+        for entry in active {
+            let Ok(bytes) = postcard::to_allocvec(&entry) else {
+                continue;
+            };
+            if body.len() + bytes.len() > MAX_FOCA_PACKET && !body.is_empty() {
+                self.out.push(to, KIND_MEMBERS, &body);
+                body.clear();
+            }
+            body.extend_from_slice(&bytes);
+        }
+        if !body.is_empty() {
+            self.out.push(to, KIND_MEMBERS, &body);
+        }
+    }
+
+    /// Members another node listed in answer to `SYNC`: news to this node only, so foca
+    /// applies them without gossiping them on.
+    fn apply_members(&mut self, mut body: &[u8], from: SocketAddr) {
+        let mut members = Vec::new();
+        while !body.is_empty() {
+            match postcard::take_from_bytes::<(Peer, u16, u8)>(body) {
+                Ok(((peer, incarnation, state), rest)) => {
+                    body = rest;
+                    let state = match state {
+                        STATE_ALIVE => State::Alive,
+                        STATE_SUSPECT => State::Suspect,
+                        _ => continue,
+                    };
+                    if peer.name != self.local.name {
+                        members.push(foca::Member::new(peer, incarnation, state));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%from, error = %e, "unreadable member list");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self
+            .foca
+            .apply_many(members.into_iter(), false, &mut self.out)
+        {
+            tracing::debug!(%from, error = %e, "member list not used");
         }
     }
 
