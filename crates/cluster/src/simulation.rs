@@ -111,7 +111,8 @@ pub struct JoinReport {
     /// the limit), and from the last start.
     pub all_see_all_s: Option<f64>,
     pub after_last_start_s: Option<f64>,
-    /// When each node first saw all the others, from its own start: median and worst.
+    /// When each node first saw all the others, counted from the last node's start (zero
+    /// for a node whose view was full at once): median and worst.
     pub per_node_p50_s: Option<f64>,
     pub per_node_max_s: Option<f64>,
     /// Nodes that never saw all the others within the limit.
@@ -241,7 +242,6 @@ fn ms(d: Duration) -> f64 {
 fn join(sim: &mut Sim, cfg: &ScaleConfig) -> JoinReport {
     let wall = Instant::now();
     let n = sim.len();
-    let start_of = |i: usize| cfg.join_over.mul_f64(i as f64 / n.max(1) as f64);
     let mut full: Vec<Option<Duration>> = vec![None; n];
     let mut complete = 0;
     // A node that saw everyone can lose sight of one again (a false death); `complete`
@@ -253,7 +253,7 @@ fn join(sim: &mut Sim, cfg: &ScaleConfig) -> JoinReport {
             now_full[i] = is_full;
             if is_full {
                 complete += 1;
-                full[i].get_or_insert(sim.now() - start_of(i));
+                full[i].get_or_insert(sim.now());
             } else {
                 complete -= 1;
             }
@@ -261,17 +261,19 @@ fn join(sim: &mut Sim, cfg: &ScaleConfig) -> JoinReport {
         complete == n
     });
     let at = done.then(|| sim.now());
-    let mut per_node: Vec<f64> = full.iter().flatten().map(Duration::as_secs_f64).collect();
+    let last_start = (0..n).map(|i| sim.started_at(i)).max().unwrap_or_default();
+    let mut per_node: Vec<f64> = full
+        .iter()
+        .flatten()
+        .map(|t| t.saturating_sub(last_start).as_secs_f64())
+        .collect();
     per_node.sort_by(f64::total_cmp);
     let incomplete = full.iter().filter(|f| f.is_none()).count();
     JoinReport {
         seeds: cfg.seeds,
         window_s: cfg.join_over.as_secs_f64(),
         all_see_all_s: at.map(|t| t.as_secs_f64()),
-        after_last_start_s: at.map(|t| {
-            t.saturating_sub(start_of(n.saturating_sub(1)))
-                .as_secs_f64()
-        }),
+        after_last_start_s: at.map(|t| t.saturating_sub(last_start).as_secs_f64()),
         per_node_p50_s: quantile(&per_node, 0.5),
         per_node_max_s: (incomplete == 0)
             .then(|| per_node.last().copied())
@@ -583,7 +585,7 @@ impl fmt::Display for ScaleReport {
         )?;
         writeln!(
             f,
-            "join: {} nodes started over {:.1} s through {} seeds; all see all {} after the first start ({} after the last); per node p50 {}, max {}; {} renewals",
+            "join: {} nodes started over {:.1} s through {} seeds; all see all {} after the first start, {} after the last (per node p50 {}, max {}); {} renewals",
             self.nodes,
             j.window_s,
             j.seeds,

@@ -66,8 +66,9 @@ pub struct SimConfig {
     pub seeds: usize,
     /// Node `i` is in zone `i % zones`.
     pub zones: usize,
-    /// Nodes start one after another, evenly over this window (zero: all at once), as a
-    /// rollout would start them.
+    /// The seeds start first, then every other node at a random moment of this window (zero:
+    /// all at once), as a rollout would start them. Random rather than evenly spaced, so
+    /// that the nodes' timers do not tick on a common grid.
     pub join_over: Duration,
     pub network: Network,
 }
@@ -107,6 +108,8 @@ struct Node {
     status: Status,
     /// The generation it started with, to count renewals after false deaths.
     first_generation: u64,
+    /// When it last started.
+    started: Duration,
     /// Sealed datagrams and their bytes sent by this node since the last reset.
     datagrams: u64,
     bytes: u64,
@@ -192,6 +195,7 @@ impl Sim {
                 engine: None,
                 life: 0,
                 status: Status::Down,
+                started: Duration::ZERO,
                 datagrams: 0,
                 bytes: 0,
             });
@@ -202,9 +206,15 @@ impl Sim {
             .take(cfg.seeds.max(1))
             .map(|n| n.id.addr)
             .collect();
+        let seeds = sim.seeds.len();
         for i in 0..total {
-            // Seeds first, then the rest in index order, evenly over the window.
-            let at = cfg.join_over.mul_f64(i as f64 / total.max(1) as f64);
+            let at = if cfg.join_over.is_zero() {
+                Duration::ZERO
+            } else if i < seeds {
+                Duration::from_millis(i as u64)
+            } else {
+                cfg.join_over.mul_f64(sim.rng.random::<f64>())
+            };
             sim.schedule(at, Event::Start { node: i });
         }
         sim
@@ -254,6 +264,7 @@ impl Sim {
         let node = &mut self.nodes[i];
         node.life += 1;
         node.status = Status::Up;
+        node.started = self.now;
         let engine = Engine::new(
             &node.id,
             &self.tuning,
@@ -264,6 +275,11 @@ impl Sim {
         );
         node.engine = Some(engine);
         self.collect(i);
+    }
+
+    /// When node `i` last started (zero if it never did).
+    pub fn started_at(&self, i: usize) -> Duration {
+        self.nodes[i].started
     }
 
     /// Node `i` stops at once, telling no one (SIGKILL, power loss).
