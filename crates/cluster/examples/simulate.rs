@@ -27,14 +27,23 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        Err(None) => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Err(Some(e)) => {
             eprintln!("simulate: {e}\n{USAGE}");
             ExitCode::from(2)
         }
     }
 }
 
-fn parse(mut args: impl Iterator<Item = String>) -> Result<(ScaleConfig, bool), String> {
+/// The configuration and whether to print JSON; `Err(None)` when help was asked for.
+fn parse(mut args: impl Iterator<Item = String>) -> Result<(ScaleConfig, bool), Option<String>> {
+    parse_flags(&mut args).map_err(|e| (e != "help").then_some(e))
+}
+
+fn parse_flags(args: &mut impl Iterator<Item = String>) -> Result<(ScaleConfig, bool), String> {
     let mut nodes = 1000;
     let mut seed = 1;
     let mut json = false;
