@@ -10,7 +10,7 @@
 #      once (agreement times), placement of 100,000 keys on 2 owners;
 #   2. the kill again, under 5 % loss (no lossy window).
 #
-#   scripts/cluster-sim.sh                    # 1,000 nodes, seed 1 (about 25 min on 2 cores)
+#   scripts/cluster-sim.sh                    # 1,000 nodes, seed 1 (about 25 min of one core)
 #   NODES=200 LOSSY=60 scripts/cluster-sim.sh # a quick check of the script
 #
 # Extra arguments go to the first run (e.g. --json). Deterministic: the same seed gives the
