@@ -10,6 +10,7 @@ pub mod identity;
 pub mod membership;
 pub mod placement;
 pub mod secret;
+pub mod simulation;
 
 pub use identity::{Member, MemberState, NodeId};
 pub use secret::{AuthError, ClusterSecret};

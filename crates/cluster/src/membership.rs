@@ -4,7 +4,8 @@
 //! The protocol logic lives in `engine` (foca, sealing, the join handshake, the view) and
 //! does no I/O; this module is its tokio transport: one task that owns the socket and a timer
 //! heap, resolves the join list in the background and publishes the view. The simulation in
-//! `sim` drives the same engine over a lossy in-memory network with a simulated clock.
+//! [`sim`] drives the same engine over a lossy in-memory network with a simulated clock (the
+//! thousand-node scenarios built on it are in [`crate::simulation`]).
 //!
 //! Every datagram is sealed (XChaCha20-Poly1305, the cluster's gossip key, see `seal`);
 //! one that does not open is dropped and counted, so a node with another secret can neither
@@ -20,7 +21,10 @@
 //! loss. Measured in the simulation (30 members, 0.2-20 ms delays with 2 % of datagrams held
 //! up to 160 ms, 100 kills per loss rate): at 15 % loss detection has a median of 0.97 s, a
 //! p99 of 1.66 s and a worst of 1.85 s; at 20 % loss one kill in a hundred took 2.3 s. No live
-//! member was declared dead in 40 runs of 30 s at 10, 20 or 25 % loss.
+//! member was declared dead in 40 runs of 30 s at 10, 20 or 25 % loss. At 1,000 members
+//! (`crate::simulation`, 0.2-2 ms delays) the same tuning declared no live member dead in ten
+//! minutes at 5 % loss, and a tenth killed at once was seen dead by every survivor within
+//! 2.25 s (98 % of the verdicts within 2 s).
 //! - Probe RTT 0.4 P (100 ms): far above LAN round trips, so only a lost or late reply
 //!   starts the indirect cycle, which then has 0.6 P to finish.
 //! - 4 indirect probes: a live member fails a whole probe cycle about once in 370 probes at
@@ -46,8 +50,7 @@
 
 mod engine;
 mod seal;
-#[cfg(test)]
-mod sim;
+pub mod sim;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;

@@ -9,6 +9,16 @@
 //! address; whoever answers there replies `WELCOME` with its own identity, and the joiner then
 //! announces to it through foca (and is fed the active members). Addresses that already belong
 //! to an active member are skipped, so a settled cluster sends nothing for its join list.
+//!
+//! Member list on join. foca's answer to an announce holds the members that fit in one
+//! datagram (about forty), and after that a node learns of a member only when it hears from
+//! it or when news of it is still being gossiped. News of a member that joined earlier has
+//! usually died out, so in a thousand-node rollout a late joiner took minutes to learn the
+//! last few early ones (each member probes a given one once per N probe periods). So with
+//! `WELCOME`'s answer the joiner also sends `SYNC`, and the welcomer replies with every
+//! active member it holds (`MEMBERS`, as many datagrams as needed, each member with its
+//! incarnation and state), which the joiner applies without gossiping them on: they are
+//! news to it, not to the cluster.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +53,8 @@ const ALONE_RETRY: Duration = Duration::from_secs(1);
 const KIND_FOCA: u8 = 0;
 const KIND_JOIN: u8 = 1;
 const KIND_WELCOME: u8 = 2;
+const KIND_SYNC: u8 = 3;
+const KIND_MEMBERS: u8 = 4;
 
 /// A node's identity on the wire (foca's `Identity`). The name is foca's "address": two
 /// identities with one name are the same node, and the higher generation wins, so a
@@ -242,6 +254,25 @@ pub(crate) struct Engine {
     rejected: u64,
     /// Times a member turned suspect in this view.
     suspicions: u64,
+    /// Times a member turned dead in this view.
+    deaths: u64,
+    /// Other members usable now (alive or suspect), kept as the view changes so that a
+    /// simulation of a thousand nodes can check convergence without walking every view.
+    usable: usize,
+    /// foca's members as last seen (see `fingerprint`).
+    print: u64,
+}
+
+const STATE_ALIVE: u8 = 0;
+const STATE_SUSPECT: u8 = 1;
+const STATE_DOWN: u8 = 2;
+
+fn state_byte(state: State) -> u8 {
+    match state {
+        State::Alive => STATE_ALIVE,
+        State::Suspect => STATE_SUSPECT,
+        State::Down => STATE_DOWN,
+    }
 }
 
 fn state_of(state: State) -> MemberState {
@@ -281,6 +312,9 @@ impl Engine {
             version: 0,
             rejected: 0,
             suspicions: 0,
+            deaths: 0,
+            usable: 0,
+            print: 0,
         }
     }
 
@@ -313,8 +347,11 @@ impl Engine {
                     if let Err(e) = self.foca.announce(member, &mut self.out) {
                         tracing::debug!(%from, error = %e, "cannot announce");
                     }
+                    self.out.push(from, KIND_SYNC, &[]);
                 }
             }
+            Some((&KIND_SYNC, _)) => self.send_members(from),
+            Some((&KIND_MEMBERS, body)) => self.apply_members(body, from),
             _ => tracing::debug!(%from, "gossip datagram of an unknown kind"),
         }
         self.refresh(now);
@@ -330,6 +367,61 @@ impl Engine {
                 tracing::debug!(%from, error = %e, "unreadable join message");
                 None
             }
+        }
+    }
+
+    /// Every other active member this node holds, to `to`, in as many datagrams as they
+    /// need. (The asker learns of this node itself from the announce it just sent here.)
+    fn send_members(&mut self, to: SocketAddr) {
+        let active = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() != State::Down)
+            .map(|m| (m.id().clone(), m.incarnation(), state_byte(m.state())));
+        let mut body = Vec::with_capacity(MAX_FOCA_PACKET);
+        for entry in active {
+            let Ok(bytes) = postcard::to_allocvec(&entry) else {
+                continue;
+            };
+            if body.len() + bytes.len() > MAX_FOCA_PACKET && !body.is_empty() {
+                self.out.push(to, KIND_MEMBERS, &body);
+                body.clear();
+            }
+            body.extend_from_slice(&bytes);
+        }
+        if !body.is_empty() {
+            self.out.push(to, KIND_MEMBERS, &body);
+        }
+    }
+
+    /// Members another node listed in answer to `SYNC`: news to this node only, so foca
+    /// applies them without gossiping them on.
+    fn apply_members(&mut self, mut body: &[u8], from: SocketAddr) {
+        let mut members = Vec::new();
+        while !body.is_empty() {
+            match postcard::take_from_bytes::<(Peer, u16, u8)>(body) {
+                Ok(((peer, incarnation, state), rest)) => {
+                    body = rest;
+                    let state = match state {
+                        STATE_ALIVE => State::Alive,
+                        STATE_SUSPECT => State::Suspect,
+                        _ => continue,
+                    };
+                    if peer.name != self.local.name {
+                        members.push(foca::Member::new(peer, incarnation, state));
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(%from, error = %e, "unreadable member list");
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self
+            .foca
+            .apply_many(members.into_iter(), false, &mut self.out)
+        {
+            tracing::debug!(%from, error = %e, "member list not used");
         }
     }
 
@@ -425,6 +517,13 @@ impl Engine {
             self.changes += 1;
             self.version += 1;
         }
+        // Most calls change nothing foca holds (a probe and its reply); walking the view by
+        // name then would cost more than all the rest of the call at a thousand members.
+        let print = self.fingerprint();
+        if print == self.print {
+            return;
+        }
+        self.print = print;
         for member in self.foca.iter_membership_state() {
             let peer = member.id();
             if peer.name == self.local.name {
@@ -443,6 +542,8 @@ impl Engine {
                 );
                 self.version += 1;
                 self.changes += u64::from(state != MemberState::Dead);
+                self.usable += usize::from(state != MemberState::Dead);
+                self.deaths += u64::from(state == MemberState::Dead);
                 continue;
             };
             // An older generation than one already seen is stale gossip.
@@ -458,6 +559,14 @@ impl Engine {
             if usable_before != usable || (usable && !same) {
                 self.changes += 1;
             }
+            if usable_before != usable {
+                if usable {
+                    self.usable += 1;
+                } else {
+                    self.usable -= 1;
+                    self.deaths += 1;
+                }
+            }
             if !same {
                 entry.id = peer.to_id();
             }
@@ -468,6 +577,41 @@ impl Engine {
             entry.since = now;
             self.version += 1;
         }
+    }
+
+    /// A sum over foca's members of a hash of what the view takes from each (identity and
+    /// state), independent of the order foca keeps them in. An identity is hashed by the
+    /// addresses of its shared strings with its numbers: foca swaps in another `Peer` (newly
+    /// decoded, so other allocations) whenever an identity changes, and keeps the same one
+    /// otherwise. A change the sum misses needs a 64-bit collision.
+    fn fingerprint(&self) -> u64 {
+        self.foca
+            .iter_membership_state()
+            .map(|m| {
+                let p = m.id();
+                let zone = p
+                    .zone
+                    .as_ref()
+                    .map_or(0, |z| Arc::as_ptr(z).cast::<u8>() as usize);
+                let addr = match p.addr.ip() {
+                    std::net::IpAddr::V4(ip) => u64::from(ip.to_bits()),
+                    std::net::IpAddr::V6(ip) => {
+                        let b = ip.to_bits();
+                        (b as u64) ^ ((b >> 64) as u64)
+                    }
+                };
+                let state = match m.state() {
+                    State::Alive => 1,
+                    State::Suspect => 2,
+                    State::Down => 3,
+                };
+                let mut h =
+                    mix64(Arc::as_ptr(&p.name).cast::<u8>() as u64 ^ (p.name.len() as u64) << 48);
+                h = mix64(h ^ p.generation);
+                h = mix64(h ^ addr ^ u64::from(p.addr.port()) << 32);
+                mix64(h ^ zone as u64 ^ state << 60)
+            })
+            .fold(0u64, u64::wrapping_add)
     }
 
     /// Drop members dead for longer than [`DEAD_RETENTION`] that foca no longer holds
@@ -511,7 +655,6 @@ impl Engine {
     }
 
     /// What this node believes of the node called `name`, for the simulation.
-    #[cfg(test)]
     pub(crate) fn state_of(&self, name: &str) -> Option<(u64, MemberState)> {
         if *self.local.name == *name {
             return Some((self.local.generation, MemberState::Alive));
@@ -534,6 +677,33 @@ impl Engine {
     pub(crate) fn suspicions(&self) -> u64 {
         self.suspicions
     }
+
+    /// Times a member turned dead in this view (kills, leaves and false verdicts alike).
+    pub(crate) fn deaths(&self) -> u64 {
+        self.deaths
+    }
+
+    /// How many other members are usable (alive or suspect) in this view.
+    pub(crate) fn usable_others(&self) -> usize {
+        self.usable
+    }
+
+    /// The members this view holds dead, by name and generation.
+    pub(crate) fn dead(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.others
+            .iter()
+            .filter(|(_, e)| e.state == MemberState::Dead)
+            .map(|(name, e)| (name.as_str(), e.id.generation))
+    }
+}
+
+/// The 64-bit finaliser of MurmurHash3, to spread the fingerprint's inputs.
+fn mix64(mut h: u64) -> u64 {
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 fn expired(e: &Entry, now: SystemTime) -> bool {
