@@ -813,6 +813,34 @@ impl Upstream {
         Ok((body, filtered))
     }
 
+    /// GET a page of the registry's catalog (`/v2/_catalog?n=&last=`). Returns the body and
+    /// any `Link`. Registries that keep their catalog private answer 401 or 404.
+    pub async fn catalog(&self, query: &str) -> Result<(Bytes, Option<String>)> {
+        let path = if query.is_empty() {
+            "/v2/_catalog".to_string()
+        } else {
+            format!("/v2/_catalog?{query}")
+        };
+        let access = Access {
+            repo: String::new(),
+            scope: Some("registry:catalog:*".to_string()),
+            key: "catalog".to_string(),
+        };
+        let (resp, _) = self
+            .request(Method::GET, &path, &access, HeaderMap::new(), None, None)
+            .await?;
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::transport("catalog body", &e))?;
+        Ok((body, link))
+    }
+
     /// GET a tags list page, passing the query through. Returns the body and any `Link`.
     pub async fn tags(&self, repo: &str, query: &str) -> Result<(Bytes, Option<String>)> {
         let path = if query.is_empty() {
