@@ -36,6 +36,36 @@ pub struct Config {
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Pull rules: images copied from upstreams into this node on a schedule.
+    #[serde(rename = "sync")]
+    pub sync_rules: Vec<pier_sync::rules::PullRule>,
+    /// Push rules: hosted images replicated to other registries or to every node.
+    #[serde(rename = "replicate")]
+    pub replicate_rules: Vec<pier_sync::rules::PushRule>,
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: the durable job queue every kind of background work runs on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs running at once, of every kind together (each rule also bounds its own per
+    /// target).
+    pub concurrency: usize,
+    /// Succeeded jobs kept as history (their status rows), at most…
+    pub keep_succeeded: usize,
+    /// …and for at most this long.
+    pub keep_succeeded_for: pier_sync::rules::HumanDuration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            concurrency: 16,
+            keep_succeeded: 10_000,
+            keep_succeeded_for: pier_sync::rules::HumanDuration(Duration::from_secs(7 * 86_400)),
+        }
+    }
 }
 
 /// Bounds on client connections. Timeouts are in seconds; 0 turns one off.
@@ -254,6 +284,9 @@ impl Default for Config {
             server: ServerConfig::default(),
             cluster: ClusterConfig::default(),
             upstreams: Vec::new(),
+            sync_rules: Vec::new(),
+            replicate_rules: Vec::new(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -285,6 +318,9 @@ pub struct ClusterConfig {
     pub peer_tls_cert: Option<PathBuf>,
     pub peer_tls_key: Option<PathBuf>,
     pub peer_tls_ca: Option<PathBuf>,
+    /// Whether hosted pushes and imports go to every node (a built-in `[[replicate]]` rule
+    /// named `cluster`) when no rule of the configuration targets `cluster`.
+    pub replicate_all: bool,
 }
 
 impl Default for ClusterConfig {
@@ -301,6 +337,7 @@ impl Default for ClusterConfig {
             peer_tls_cert: None,
             peer_tls_key: None,
             peer_tls_ca: None,
+            replicate_all: true,
         }
     }
 }

@@ -1,12 +1,14 @@
 //! The `pier` command: `pier serve` runs a node, `pier config` writes client configuration,
 //! `pier bench` loads a registry (the work is in the pier-bench crate), `pier status` and
-//! `pier warm` ask a running node. Later subcommands (check, import, sync, gc) join here.
+//! `pier warm` and `pier sync` ask a running node. Later subcommands (check, import, gc) join
+//! here.
 
 mod clientconf;
 mod config;
 mod remote;
 mod serve;
 mod status_cmd;
+mod sync_cmd;
 mod warm_cmd;
 
 use std::path::PathBuf;
@@ -38,6 +40,8 @@ enum Command {
     Status(status_cmd::StatusArgs),
     /// Put every blob of some images on N nodes of the cluster (or on all), with progress.
     Warm(warm_cmd::WarmArgs),
+    /// The sync and replication jobs of a running node: status, retry, run a rule.
+    Sync(sync_cmd::SyncArgs),
 }
 
 #[derive(Subcommand)]
@@ -142,6 +146,7 @@ fn main() -> std::process::ExitCode {
         // These two choose their own exit statuses (ready / not ready / unreachable).
         Command::Status(args) => return status_cmd::run(args),
         Command::Warm(args) => return warm_cmd::run(args),
+        Command::Sync(args) => return sync_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -8,11 +8,13 @@
 pub mod cluster;
 pub mod conn;
 pub mod error;
+pub mod events;
 pub mod metrics;
 pub mod mirror;
 pub mod peer;
 pub mod ranges;
 pub mod status;
+pub mod sync;
 pub mod v2;
 pub mod warm;
 
@@ -51,6 +53,8 @@ pub struct AppState {
     pub space: Option<Arc<pier_store::Space>>,
     /// Copies pushed content to its owners, when this node is part of a cluster.
     pub replicator: Option<Arc<pier_mirror::replicate::Replicator>>,
+    /// The sync rules and the job queue's status, when the node runs them.
+    pub sync: Option<Arc<pier_sync::SyncEngine>>,
 }
 
 impl AppState {
@@ -63,6 +67,7 @@ impl AppState {
             hosted: Arc::new(Vec::new()),
             space: None,
             replicator: None,
+            sync: None,
         }
     }
 
@@ -80,6 +85,7 @@ impl AppState {
             hosted: Arc::new(Vec::new()),
             space: None,
             replicator: None,
+            sync: None,
         }
     }
 }
@@ -100,6 +106,9 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status::status))
         .route("/api/v1/warm", axum::routing::post(warm::warm))
+        .route("/api/v1/sync/jobs", get(sync::jobs))
+        .route("/api/v1/sync/retry", axum::routing::post(sync::retry))
+        .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
         .fallback(registry_api)
         .with_state(state)
 }
@@ -116,6 +125,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(sync) = &state.sync {
+        sync.refresh_metrics().await;
+    }
     let stats = state.registry.blob_store().stats();
     let m = &state.metrics;
     m.store_blobs.set(stats.blobs as i64);

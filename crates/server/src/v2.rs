@@ -69,6 +69,9 @@ pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Resu
         }
         (Route::Manifest { name, reference }, &Method::DELETE) => {
             state.registry.delete_manifest(&name, &reference).await?;
+            if let Reference::Digest(digest) = &reference {
+                crate::events::deleted(&state, name.as_str(), digest).await;
+            }
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
@@ -269,14 +272,12 @@ async fn put_manifest(
         .received_bytes
         .get_or_create(&KindLabels { kind: "manifest" })
         .inc_by(size);
-    if let Some(replicator) = &state.replicator {
-        // The push is durable here; the copies to the owners are durable jobs.
-        let tag = match reference {
-            Reference::Tag(t) => Some(t.as_str()),
-            Reference::Digest(_) => None,
-        };
-        replicator.pushed(name.as_str(), &pushed.digest, tag).await;
-    }
+    // The push is durable here; the copies elsewhere are durable jobs.
+    let tag = match reference {
+        Reference::Tag(t) => Some(t.as_str()),
+        Reference::Digest(_) => None,
+    };
+    crate::events::pushed(state, name.as_str(), &pushed.digest, tag).await;
     let digest = pushed.digest.to_string();
     let mut resp = Response::builder()
         .status(StatusCode::CREATED)

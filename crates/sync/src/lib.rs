@@ -149,7 +149,14 @@ pub struct SyncEngine {
     /// Where each blob was last seen at a registry target: (target URL, digest) → repository,
     /// the source of a cross-repository mount for the next repository that needs it.
     mounts: Mutex<HashMap<(String, String), String>>,
+    /// One upload at a time per (target, digest): two jobs that need the same blob (an index
+    /// and its child pushed by digest, images sharing a layer) send it once, the second
+    /// finding it there.
+    in_flight: Mutex<HashMap<(String, String), TurnLock>>,
 }
+
+/// The lock of one (target, digest) upload.
+type TurnLock = Arc<tokio::sync::Mutex<()>>;
 
 /// How many mount sources are remembered; beyond it the map starts afresh.
 const MOUNTS_KEPT: usize = 100_000;
@@ -239,6 +246,7 @@ impl SyncEngine {
             parts,
             permits: Mutex::new(HashMap::new()),
             mounts: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         });
         let handler = Arc::new(Handler {
             engine: Arc::downgrade(&engine),
@@ -637,6 +645,22 @@ impl SyncEngine {
         }
     }
 
+    /// Hold the (target, digest) upload lock for as long as the guard lives.
+    async fn blob_turn(&self, target: &str, digest: &Digest) -> BlobTurn<'_> {
+        let key = (target.to_string(), digest.to_string());
+        let lock = {
+            let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        BlobTurn {
+            engine: self,
+            key,
+            lock,
+            _guard: guard,
+        }
+    }
+
     fn mount_source(&self, target: &str, digest: &Digest) -> Option<String> {
         let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
         mounts
@@ -650,6 +674,28 @@ impl SyncEngine {
             mounts.clear();
         }
         mounts.insert((target.to_string(), digest.to_string()), repo.to_string());
+    }
+}
+
+/// A turn at uploading one blob to one target; the map entry goes with the last turn.
+struct BlobTurn<'a> {
+    engine: &'a SyncEngine,
+    key: (String, String),
+    lock: TurnLock,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for BlobTurn<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .engine
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Held by the map, this turn and its guard: nobody else waits for it.
+        if Arc::strong_count(&self.lock) <= 3 {
+            map.remove(&self.key);
+        }
     }
 }
 

@@ -216,6 +216,7 @@ impl Send<'_> {
 
     /// Make the target hold blob `digest` in its repository: present, mounted, or uploaded.
     async fn blob(&self, digest: &Digest) -> Result<(), JobFailure> {
+        let _turn = self.engine.blob_turn(self.url, digest).await;
         let present = self
             .client
             .has_blob(self.target_repo, digest)

@@ -1,0 +1,712 @@
+//! Sync interop tier: the real `pier` binary replicating to the CNCF distribution registry
+//! (Debian's `docker-registry`) as a remote site, and pulling tags from one by rule. Images are
+//! put in by pier's own push path or by skopeo, and checked at the other end with skopeo and
+//! the registry's API and access log.
+//!
+//! Runs only with `PIER_INTEROP=1` (then a missing tool is a failure, not a skip). Every
+//! process listens on 127.0.0.1 and keeps its files in the test's tempdir. Retry delays are
+//! short through the rules' own `retry_initial` setting.
+
+mod common;
+mod mirror_support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::clients::{oci_ref, Skopeo};
+use common::{
+    assert_same_blobs, interop_tempdir, push_image, write_layout, Entry, ImageSpec, LayerSpec,
+    Layout, Pier, Upload, MIB,
+};
+use mirror_support::{http_client, upstream_table, FaultyProxy, Registry};
+use serde_json::Value;
+
+/// pier with a config file made of `tables`, every repository hosted, no upstreams unless the
+/// tables add them. Its data and log in `tmp/pier`.
+fn start_pier(tmp: &Path, tables: &str) -> Pier {
+    let config = tmp.join("pier.toml");
+    std::fs::write(
+        &config,
+        format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n{tables}"),
+    )
+    .expect("write the pier config");
+    let dir = tmp.join("pier");
+    std::fs::create_dir_all(&dir).expect("create the pier dir");
+    Pier::start_with(
+        &dir.join("data"),
+        &dir.join("pier.log"),
+        &[
+            "--config".to_string(),
+            config.display().to_string(),
+            "--hosted".to_string(),
+            "**".to_string(),
+        ],
+    )
+}
+
+/// A `[[replicate]]` rule sending `team/**` to `url`, then `more`, retrying quickly unless
+/// `more` says how.
+fn replicate_rule(name: &str, url: &str, more: &str) -> String {
+    let retry = if more.contains("retry_initial") {
+        ""
+    } else {
+        "retry_initial = \"500ms\"\nretry_max = \"2s\"\n"
+    };
+    format!(
+        "[[replicate]]\nname = \"{name}\"\nrepositories = [\"team/**\"]\ntarget = \"{url}\"\n\
+         retries = 20\n{retry}{more}\n"
+    )
+}
+
+/// The rows of `GET /api/v1/sync/jobs`.
+async fn jobs(http: &reqwest::Client, pier: &Pier) -> Vec<Value> {
+    let resp = http
+        .get(format!("{}/api/v1/sync/jobs", pier.url()))
+        .send()
+        .await
+        .expect("GET /api/v1/sync/jobs");
+    assert!(resp.status().is_success(), "jobs: {}", resp.status());
+    let body: Value = resp.json().await.expect("jobs JSON");
+    body["jobs"].as_array().cloned().unwrap_or_default()
+}
+
+/// Poll the jobs until `done` holds for them (at most `limit`); returns them.
+async fn wait_jobs(
+    http: &reqwest::Client,
+    pier: &Pier,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let rows = jobs(http, pier).await;
+        if done(&rows) {
+            return rows;
+        }
+        if started.elapsed() > limit {
+            panic!("{what}: not within {limit:?}; jobs:\n{rows:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn of_kind<'a>(rows: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    rows.iter().filter(|r| r["kind"] == kind).collect()
+}
+
+fn all_succeeded(rows: &[&Value]) -> bool {
+    !rows.is_empty() && rows.iter().all(|r| r["state"] == "succeeded")
+}
+
+/// `GET` a manifest from a registry by reference; returns Docker-Content-Digest.
+async fn remote_digest(http: &reqwest::Client, base: &str, repo: &str, reference: &str) -> String {
+    let resp = http
+        .get(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(reqwest::header::ACCEPT, mirror_support::MANIFEST_ACCEPT)
+        .send()
+        .await
+        .expect("GET manifest");
+    assert!(
+        resp.status().is_success(),
+        "{repo}:{reference} at {base}: {}",
+        resp.status()
+    );
+    resp.headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `pier sync ARGS --url URL`: exit code and stdout.
+fn pier_sync(pier: &Pier, args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
+        .arg("sync")
+        .args(args)
+        .args(["--url", &pier.url()])
+        .output()
+        .expect("run pier sync");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn one_image(tmp: &Path, name: &str, layers: Vec<LayerSpec>) -> Layout {
+    write_layout(
+        &tmp.join(name),
+        vec![("v1", Entry::Image(ImageSpec::linux("amd64", layers)))],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_to_pier_appears_at_the_remote_registry() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
+        return;
+    };
+    let http = http_client();
+    let remote = Registry::start_in(tmp.path());
+    let pier = start_pier(tmp.path(), &replicate_rule("dc2", &remote.url(), ""));
+    let skopeo = Skopeo::new(tmp.path());
+
+    // An image and a two-platform index sharing a layer, pushed by skopeo into pier.
+    let shared = LayerSpec::new("shared.bin", 3 * MIB + 1, 1);
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![
+            (
+                "app",
+                Entry::Image(ImageSpec::linux(
+                    "amd64",
+                    vec![shared.clone(), LayerSpec::new("app.bin", MIB, 2)],
+                )),
+            ),
+            (
+                "multi",
+                Entry::Index(vec![
+                    ImageSpec::linux("amd64", vec![shared.clone()]),
+                    ImageSpec::linux("arm64", vec![LayerSpec::new("arm.bin", 2 * MIB, 3)]),
+                ]),
+            ),
+        ],
+    );
+    let app = layout.image("app").clone();
+    let multi = layout.index("multi").clone();
+    skopeo
+        .copy(
+            &oci_ref(&layout.dir, "app"),
+            &format!("docker://{}/team/app:1", pier.host()),
+        )
+        .await;
+    // The first image is at the remote before the second comes: its layer can be mounted.
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the first image",
+        |rows| all_succeeded(&of_kind(rows, "replicate")),
+    )
+    .await;
+    skopeo
+        .copy_all(
+            &oci_ref(&layout.dir, "multi"),
+            &format!("docker://{}/team/multi:2", pier.host()),
+        )
+        .await;
+    // Not matched by the rule: stays here.
+    skopeo
+        .copy(
+            &oci_ref(&layout.dir, "app"),
+            &format!("docker://{}/other/app:1", pier.host()),
+        )
+        .await;
+
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "replication",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            all_succeeded(&pushes)
+                && pushes.iter().any(|r| r["image"] == "team/app:1")
+                && pushes.iter().any(|r| r["image"] == "team/multi:2")
+        },
+    )
+    .await;
+    assert!(
+        of_kind(&rows, "replicate")
+            .iter()
+            .all(|r| r["target"] == remote.url().as_str() && r["rule"] == "dc2"),
+        "{rows:#?}"
+    );
+    assert!(
+        !rows
+            .iter()
+            .any(|r| r["image"].as_str().unwrap_or("").starts_with("other/")),
+        "a repository the rule does not match is not replicated: {rows:#?}"
+    );
+
+    // The remote serves both under the same digests, every platform of the index included.
+    assert_eq!(
+        remote_digest(&http, &remote.url(), "team/app", "1").await,
+        app.manifest.digest
+    );
+    let raw = skopeo
+        .inspect_raw(&format!("docker://{}/team/multi:2", remote.host()))
+        .await;
+    assert_eq!(
+        raw, multi.index_bytes,
+        "the index's exact bytes at the remote"
+    );
+    for image in &multi.images {
+        assert_eq!(
+            remote_digest(&http, &remote.url(), "team/multi", &image.manifest.digest).await,
+            image.manifest.digest
+        );
+    }
+    let back = skopeo.writable_dir(&tmp.path().join("back"));
+    skopeo
+        .copy_all(
+            &format!("docker://{}/team/multi:2", remote.host()),
+            &oci_ref(&back, "multi"),
+        )
+        .await;
+    assert_same_blobs(&layout, &back, &multi.digests());
+
+    // The shared layer was sent once and mounted (or found) for the second repository.
+    let shared_digest = &app.layers[0].blob.digest;
+    let uploads = remote
+        .accesses()
+        .into_iter()
+        .filter(|a| a.method == "PUT" && a.path.contains("/blobs/uploads/") && a.status == 201)
+        .count();
+    let blob_count =
+        app.blobs().len() + multi.images.iter().map(|i| i.blobs().len()).sum::<usize>();
+    assert!(
+        uploads < blob_count,
+        "{uploads} uploads for {blob_count} blob references: the shared layer {shared_digest} was sent twice"
+    );
+    assert!(
+        remote.log().contains("mount="),
+        "no cross-repository mount was asked for"
+    );
+
+    // The CLI shows the same rows and exits 0 when nothing failed.
+    let (code, out) = pier_sync(&pier, &["status", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    let cli: Value = serde_json::from_str(&out).expect("pier sync status --json");
+    assert_eq!(cli["jobs"].as_array().map(Vec::len), Some(rows.len()));
+    let (code, table) = pier_sync(&pier, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("team/app:1") && table.contains("succeeded"),
+        "{table}"
+    );
+
+    // A pushed tag that moves is replicated again, to what it points at now.
+    skopeo
+        .copy(
+            &oci_ref(&layout.dir, "app"),
+            &format!("docker://{}/team/multi:2", pier.host()),
+        )
+        .await;
+    let started = Instant::now();
+    while remote_digest(&http, &remote.url(), "team/multi", "2").await != app.manifest.digest {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the moved tag did not reach the remote"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Unknown rules are refused with exit 1; a known push rule runs and queues its images.
+    assert_eq!(pier_sync(&pier, &["run", "nope"]).0, 1);
+    let (code, out) = pier_sync(&pier, &["run", "dc2"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 job(s) queued"), "{out}");
+    assert_eq!(
+        pier_sync(&pier, &["retry", "999"]).0,
+        1,
+        "no such failed job"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_that_is_down_is_retried_with_backoff_until_it_returns() {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
+        return;
+    };
+    let http = http_client();
+    let reg_dir = tmp.path().join("registry");
+    let storage = tmp.path().join("storage");
+    let mut remote = Registry::start(&reg_dir, &storage, "");
+    let addr: std::net::SocketAddr = remote.host().parse().expect("registry address");
+    remote.kill();
+    let pier = start_pier(
+        tmp.path(),
+        &replicate_rule(
+            "dc2",
+            &remote.url(),
+            "retry_initial = \"1s\"\nretry_max = \"4s\"\n",
+        ),
+    );
+    let layout = one_image(tmp.path(), "src", vec![LayerSpec::new("a.bin", MIB, 7)]);
+    let image = layout.image("v1").clone();
+    push_image(
+        &http,
+        &pier.url(),
+        "team/app",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+
+    // The job fails against the closed port, again and again, further apart each time.
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(30),
+        "three failed attempts",
+        |rows| {
+            of_kind(rows, "replicate").first().is_some_and(|r| {
+                r["attempts"].as_u64().unwrap_or(0) >= 3 && r["state"] == "retrying"
+            })
+        },
+    )
+    .await;
+    let row = of_kind(&rows, "replicate")[0].clone();
+    assert_eq!(row["state"], "retrying", "{row:#}");
+    let error = row["last_error"].as_str().unwrap_or("");
+    assert!(
+        error.contains("refused") || error.contains("unavailable"),
+        "{error}"
+    );
+    let attempts = row["attempts"].as_u64().unwrap_or(0);
+    let wait = row["next_at_ms"].as_u64().unwrap_or(0) - row["updated_ms"].as_u64().unwrap_or(0);
+    let expected = (1000u64 << (attempts - 1)).min(4000);
+    assert!(
+        wait >= expected * 9 / 10 && wait <= expected * 11 / 10 + 10,
+        "after {attempts} failures the next attempt waits {wait} ms, not about {expected} ms"
+    );
+    let (code, _) = pier_sync(&pier, &["status"]);
+    assert_eq!(code, 0, "retrying is not failed");
+
+    // The registry returns on its address: the next attempt succeeds.
+    let remote =
+        Registry::start_on(&reg_dir, &storage, addr).expect("the registry's address is free");
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(30),
+        "replication after the return",
+        |rows| all_succeeded(&of_kind(rows, "replicate")),
+    )
+    .await;
+    assert_eq!(
+        remote_digest(&http, &remote.url(), "team/app", "1").await,
+        image.manifest.digest
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
+        return;
+    };
+    let http = http_client();
+    let remote = Registry::start_in(tmp.path());
+    // 4 MiB/s makes the 24 MiB layer take about six seconds: long enough to kill pier in it.
+    let mut pier = start_pier(
+        tmp.path(),
+        &replicate_rule("dc2", &remote.url(), "bandwidth = \"4MiB\"\n"),
+    );
+    let layout = one_image(
+        tmp.path(),
+        "src",
+        vec![
+            LayerSpec::new("small.bin", 64 * 1024, 1),
+            LayerSpec::new("big.bin", 24 * MIB, 2),
+            LayerSpec::new("after.bin", 2 * MIB, 3),
+        ],
+    );
+    let image = layout.image("v1").clone();
+    push_image(
+        &http,
+        &pier.url(),
+        "team/app",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let big = image.layers[1].blob.digest.clone();
+
+    // Wait until the big layer's upload session is open, then kill pier in the middle of it.
+    let started = Instant::now();
+    while !remote
+        .accesses()
+        .iter()
+        .any(|a| a.method == "POST" && a.path.ends_with("/blobs/uploads/"))
+        || started.elapsed() < Duration::from_secs(2)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no upload began"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        remote_missing(&http, &remote, "team/app", &big).await,
+        "the big layer finished before the kill; the test proves nothing"
+    );
+    pier.kill();
+
+    let flags = [
+        "--config".to_string(),
+        tmp.path().join("pier.toml").display().to_string(),
+        "--hosted".to_string(),
+        "**".to_string(),
+    ];
+    let dir = tmp.path().join("pier");
+    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the job after the restart",
+        |rows| all_succeeded(&of_kind(rows, "replicate")),
+    )
+    .await;
+    assert_eq!(
+        of_kind(&rows, "replicate").len(),
+        1,
+        "one job, not two: {rows:#?}"
+    );
+    assert!(
+        pier.log().contains("queued again"),
+        "the interrupted job was not recovered as such"
+    );
+
+    // Every blob arrived once: a blob whose upload completed before the kill was not sent
+    // again, and the manifest was put once, after its blobs.
+    let accesses = remote.accesses();
+    let manifest_puts = accesses
+        .iter()
+        .filter(|a| a.method == "PUT" && a.path == "/v2/team/app/manifests/1" && a.status == 201)
+        .count();
+    assert_eq!(
+        manifest_puts, 1,
+        "the manifest was put {manifest_puts} times"
+    );
+    let uploads_done = accesses
+        .iter()
+        .filter(|a| a.method == "PUT" && a.path.contains("/blobs/uploads/") && a.status == 201)
+        .count();
+    assert_eq!(
+        uploads_done,
+        image.blobs().len(),
+        "each blob completed exactly one upload"
+    );
+
+    // Nothing is corrupt: the image copies out of the remote byte for byte.
+    let skopeo = Skopeo::new(tmp.path());
+    let back = skopeo.writable_dir(&tmp.path().join("back"));
+    skopeo
+        .copy(
+            &format!("docker://{}/team/app:1", remote.host()),
+            &oci_ref(&back, "v1"),
+        )
+        .await;
+    assert_same_blobs(&layout, &back, &image.digests());
+}
+
+/// Whether the remote lacks blob `digest` in `repo`.
+async fn remote_missing(
+    http: &reqwest::Client,
+    remote: &Registry,
+    repo: &str,
+    digest: &str,
+) -> bool {
+    let resp = http
+        .head(format!("{}/v2/{repo}/blobs/{digest}", remote.url()))
+        .send()
+        .await
+        .expect("HEAD blob");
+    resp.status() == reqwest::StatusCode::NOT_FOUND
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
+        return;
+    };
+    let http = http_client();
+    let mut upstream = Registry::start_in(tmp.path());
+    let skopeo = Skopeo::new(tmp.path());
+    let tags = ["1.0", "1.1", "1.2", "2.0", "2.1-rc.1", "latest", "v3"];
+    let entries: Vec<(&str, Entry)> = tags
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            (
+                *t,
+                Entry::Image(ImageSpec::linux(
+                    "amd64",
+                    vec![LayerSpec::new(
+                        "l.bin",
+                        256 * 1024 + i as u64,
+                        100 + i as u64,
+                    )],
+                )),
+            )
+        })
+        .collect();
+    let layout = write_layout(&tmp.path().join("src"), entries);
+    for t in tags {
+        skopeo
+            .copy(
+                &oci_ref(&layout.dir, t),
+                &format!("docker://{}/team/app:{t}", upstream.host()),
+            )
+            .await;
+    }
+
+    let rule = format!(
+        "{}\n[[sync]]\nname = \"app\"\nupstream = \"up.test\"\nrepository = \"team/app\"\n\
+         semver = \">=1.1, <3\"\nexclude = [\"rc\"]\nnewest = 2\ninterval = \"1h\"\n\
+         retry_initial = \"500ms\"\n",
+        upstream_table("up.test", &[upstream.url()], "")
+    );
+    let before = upstream.accesses().len();
+    let pier = start_pier(tmp.path(), &rule);
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the pull rule's jobs",
+        |rows| {
+            let pulls = of_kind(rows, "sync");
+            pulls.len() >= 2 && all_succeeded(&pulls)
+        },
+    )
+    .await;
+    let mut images: Vec<String> = of_kind(&rows, "sync")
+        .iter()
+        .map(|r| r["image"].as_str().unwrap_or("").to_string())
+        .collect();
+    images.sort();
+    assert_eq!(images, ["up.test/team/app:1.2", "up.test/team/app:2.0"]);
+
+    // Only the selected tags' manifests were asked of the upstream (by HEAD or GET).
+    let fetched: Vec<String> = upstream
+        .accesses()
+        .into_iter()
+        .skip(before)
+        .filter(|a| a.path.contains("/manifests/"))
+        .map(|a| a.path)
+        .collect();
+    for t in tags {
+        let asked = fetched
+            .iter()
+            .any(|p| p.ends_with(&format!("/manifests/{t}")));
+        assert_eq!(
+            asked,
+            t == "1.2" || t == "2.0",
+            "manifest {t} fetched: {asked}; {fetched:?}"
+        );
+    }
+
+    // The copies are in the cache: with the upstream gone, pier still serves them whole.
+    upstream.kill();
+    for t in ["1.2", "2.0"] {
+        let image = layout.image(t);
+        let got = remote_digest(&http, &pier.url(), "up.test/team/app", t).await;
+        assert_eq!(got, image.manifest.digest, "{t} from the cache");
+        for blob in image.blobs() {
+            let resp = http
+                .get(format!(
+                    "{}/v2/up.test/team/app/blobs/{}",
+                    pier.url(),
+                    blob.digest
+                ))
+                .send()
+                .await
+                .expect("GET blob");
+            assert_eq!(
+                resp.status(),
+                reqwest::StatusCode::OK,
+                "{t} blob {}",
+                blob.digest
+            );
+        }
+    }
+
+    // A run now, with the upstream down, fails visibly.
+    let (code, _) = pier_sync(&pier, &["run", "app"]);
+    assert_eq!(code, 1, "a run whose upstream cannot be listed exits 1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_through_a_faulty_link_ends_with_every_job_succeeded() {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
+        return;
+    };
+    let http = http_client();
+    let remote = Registry::start_in(tmp.path());
+    let proxy = FaultyProxy::start(&remote.url(), 0.2, 0x5eed).await;
+    let pier = start_pier(
+        tmp.path(),
+        &replicate_rule("dc2", &proxy.url(), "concurrency = 4\n"),
+    );
+    let images = 12;
+    let mut pushed = Vec::new();
+    for i in 0..images {
+        let layout = one_image(
+            tmp.path(),
+            &format!("src{i}"),
+            vec![
+                LayerSpec::new("base.bin", 512 * 1024, 1),
+                LayerSpec::new("own.bin", 256 * 1024 + i, 1000 + i),
+            ],
+        );
+        let image = layout.image("v1").clone();
+        let repo = format!("team/app{i}");
+        push_image(
+            &http,
+            &pier.url(),
+            &repo,
+            "1",
+            &layout,
+            &image,
+            Upload::Monolithic,
+        )
+        .await;
+        pushed.push((repo, image));
+    }
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(120),
+        "every job through the faults",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.len() == images as usize
+                && pushes
+                    .iter()
+                    .all(|r| r["state"] == "succeeded" || r["state"] == "failed")
+        },
+    )
+    .await;
+    let pushes = of_kind(&rows, "replicate");
+    let failed: Vec<_> = pushes.iter().filter(|r| r["state"] == "failed").collect();
+    assert!(failed.is_empty(), "jobs failed for good: {failed:#?}");
+    let attempts: u64 = pushes
+        .iter()
+        .map(|r| r["attempts"].as_u64().unwrap_or(0))
+        .sum();
+    println!(
+        "fault run: {} requests through the proxy, {} failed on purpose; {} jobs succeeded in {} attempts",
+        proxy.requests.load(std::sync::atomic::Ordering::Relaxed),
+        proxy.failed.load(std::sync::atomic::Ordering::Relaxed),
+        pushes.len(),
+        attempts
+    );
+    assert!(
+        proxy.failed.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no fault was injected"
+    );
+    for (repo, image) in &pushed {
+        assert_eq!(
+            remote_digest(&http, &remote.url(), repo, "1").await,
+            image.manifest.digest,
+            "{repo}"
+        );
+    }
+}
