@@ -567,8 +567,14 @@ impl SyncEngine {
         if cluster_rules.is_empty() {
             return;
         }
-        let alive = |c: &Cluster| -> HashSet<String> {
-            c.view().alive().into_iter().map(|m| m.id.name).collect()
+        // By name and generation: a node that restarted within one settling period (dead
+        // and back before the change was looked at) is new again.
+        let alive = |c: &Cluster| -> HashSet<(String, u64)> {
+            c.view()
+                .alive()
+                .into_iter()
+                .map(|m| (m.id.name, m.id.generation))
+                .collect()
         };
         let mut known = alive(&cluster);
         loop {
@@ -584,7 +590,7 @@ impl SyncEngine {
             }
             let now = alive(&cluster);
             let me = cluster.local().name;
-            for node in now.difference(&known).filter(|n| **n != me) {
+            for (node, _) in now.difference(&known).filter(|(n, _)| *n != me) {
                 match self.node_returned(node, &cluster_rules).await {
                     Ok(n) => tracing::info!(node, jobs = n, "node is back; replicating to it"),
                     Err(e) => {
