@@ -477,6 +477,50 @@ mod tests {
         assert!(format!("{err:#}").contains("lots"), "{err:#}");
     }
 
+    /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the
+    /// lines that are `# key = value` or `# [[table]]`), parse and pass the rules' checks.
+    #[test]
+    fn example_rules_parse_and_validate() {
+        let example = include_str!("../../../docs/pier.example.toml");
+        let start = example.find("# [[sync]]").expect("a [[sync]] example");
+        let rules: String = example[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with("[[")
+                    || l.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&rules).unwrap_or_else(|e| panic!("{e:#}\n{rules}"));
+        assert_eq!(c.sync_rules.len(), 1);
+        assert_eq!(c.replicate_rules.len(), 1);
+        c.sync_rules[0]
+            .validate()
+            .expect("the [[sync]] example is valid");
+        c.replicate_rules[0]
+            .validate()
+            .expect("the [[replicate]] example is valid");
+        assert_eq!(
+            c.sync_rules[0].filter().unwrap().select(&[
+                "3.19".into(),
+                "3.20-rc".into(),
+                "2.0".into()
+            ]),
+            ["3.19"]
+        );
+        let err = Config::parse(
+            "[[replicate]]\nname = \"x\"\nrepositories = [\"a\"]\ntarget = \"ftp://x\"\n",
+        )
+        .expect_err("a target that is no URL");
+        assert!(
+            format!("{err:#}").contains("must be \"cluster\" or a registry URL"),
+            "{err:#}"
+        );
+    }
+
     #[test]
     fn upstreams_merge_by_name() {
         let c = Config::parse(
