@@ -710,3 +710,195 @@ async fn replication_through_a_faulty_link_ends_with_every_job_succeeded() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The sync benchmark (PIER_SYNC_BENCH=1; scripts/sync-bench.sh)
+// ---------------------------------------------------------------------------------------------
+
+fn env_number(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Print a result line, and append it to `PIER_SYNC_BENCH_OUT` when set.
+fn bench_line(text: String) {
+    println!("{text}");
+    if let Ok(path) = std::env::var("PIER_SYNC_BENCH_OUT") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+        writeln!(f, "{text}").unwrap_or_else(|e| panic!("write {path}: {e}"));
+    }
+}
+
+/// Replication throughput to one docker-registry (a fresh image, then the same layer into a
+/// second repository, which is mounted), and a fault run: many images through a proxy that
+/// fails a fraction of requests, with the success rate and the attempts it took. Prints
+/// numbers and asserts none of them. Knobs: `PIER_SYNC_BENCH_MIB` (the layer, default 512),
+/// `PIER_SYNC_BENCH_FAULT_IMAGES` (default 50), `PIER_SYNC_BENCH_FAULT_PERCENT` (default 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_bench() {
+    if std::env::var("PIER_SYNC_BENCH").as_deref() != Ok("1") {
+        println!(
+            "skipped: set PIER_SYNC_BENCH=1 to run the sync benchmark (scripts/sync-bench.sh)"
+        );
+        return;
+    }
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
+        return;
+    };
+    let http = http_client();
+    let mib = env_number("PIER_SYNC_BENCH_MIB", 512);
+    let remote = Registry::start_in(tmp.path());
+    let pier = start_pier(
+        tmp.path(),
+        &replicate_rule(
+            "dc2",
+            &remote.url(),
+            "on_push = false\ninterval = \"24h\"\n",
+        ),
+    );
+    let layout = one_image(
+        tmp.path(),
+        "big",
+        vec![LayerSpec::new("big.bin", mib * MIB, 9)],
+    );
+    let image = layout.image("v1").clone();
+    push_image(
+        &http,
+        &pier.url(),
+        "team/big",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let bytes: u64 = image.blobs().iter().map(|b| b.size).sum();
+
+    let run = |name: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/api/v1/sync/run/{name}", pier.url());
+        async move {
+            let resp = http.post(url).send().await.expect("run the rule");
+            assert!(resp.status().is_success(), "run: {}", resp.status());
+        }
+    };
+    let started = Instant::now();
+    run("dc2").await;
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(600),
+        "the big image",
+        |rows| all_succeeded(&of_kind(rows, "replicate")),
+    )
+    .await;
+    let took = started.elapsed();
+    bench_line(format!(
+        "sync: replication to one registry: {:.0} MiB in {:.2} s = {:.1} MB/s",
+        bytes as f64 / MIB as f64,
+        took.as_secs_f64(),
+        bytes as f64 / 1e6 / took.as_secs_f64()
+    ));
+
+    // The same layer in a second repository: mounted, not sent.
+    push_image(
+        &http,
+        &pier.url(),
+        "team/big2",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let started = Instant::now();
+    run("dc2").await;
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(600),
+        "the mounted image",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.iter().any(|r| r["image"] == "team/big2:1") && all_succeeded(&pushes)
+        },
+    )
+    .await;
+    bench_line(format!(
+        "sync: the same {:.0} MiB into a second repository (cross-repository mount): {:.2} s",
+        bytes as f64 / MIB as f64,
+        started.elapsed().as_secs_f64()
+    ));
+
+    // The fault run.
+    let images = env_number("PIER_SYNC_BENCH_FAULT_IMAGES", 50);
+    let percent = env_number("PIER_SYNC_BENCH_FAULT_PERCENT", 20);
+    let proxy = FaultyProxy::start(&remote.url(), percent as f64 / 100.0, 0xfa17).await;
+    let ftmp = tmp.path().join("fault");
+    std::fs::create_dir_all(&ftmp).expect("fault dir");
+    let fpier = start_pier(
+        &ftmp,
+        &replicate_rule("faulty", &proxy.url(), "concurrency = 4\n")
+            .replace("retries = 20\n", "retries = 5\n"),
+    );
+    for i in 0..images {
+        let layout = one_image(
+            &ftmp,
+            &format!("src{i}"),
+            vec![
+                LayerSpec::new("base.bin", 4 * MIB, 1),
+                LayerSpec::new("own.bin", MIB + i, 1000 + i),
+            ],
+        );
+        let image = layout.image("v1").clone();
+        push_image(
+            &http,
+            &fpier.url(),
+            &format!("team/f{i}"),
+            "1",
+            &layout,
+            &image,
+            Upload::Monolithic,
+        )
+        .await;
+    }
+    let started = Instant::now();
+    let rows = wait_jobs(
+        &http,
+        &fpier,
+        Duration::from_secs(900),
+        "the fault run",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.len() as u64 == images
+                && pushes
+                    .iter()
+                    .all(|r| r["state"] == "succeeded" || r["state"] == "failed")
+        },
+    )
+    .await;
+    let pushes = of_kind(&rows, "replicate");
+    let ok = pushes.iter().filter(|r| r["state"] == "succeeded").count();
+    let attempts: Vec<u64> = pushes
+        .iter()
+        .map(|r| r["attempts"].as_u64().unwrap_or(0))
+        .collect();
+    let requests = proxy.requests.load(std::sync::atomic::Ordering::Relaxed);
+    let failed = proxy.failed.load(std::sync::atomic::Ordering::Relaxed);
+    bench_line(format!(
+        "sync: fault run: {images} images, {percent} % of requests failed at random ({failed} of \
+         {requests}): {ok}/{images} jobs succeeded ({:.1} %), attempts per job mean {:.2} max {}, \
+         {:.1} s after the last push",
+        100.0 * ok as f64 / images as f64,
+        attempts.iter().sum::<u64>() as f64 / attempts.len().max(1) as f64,
+        attempts.iter().max().copied().unwrap_or(0),
+        started.elapsed().as_secs_f64()
+    ));
+}

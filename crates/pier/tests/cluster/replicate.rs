@@ -169,3 +169,81 @@ async fn a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
         t0.elapsed()
     );
 }
+
+/// Replication throughput to every node: an image of one large layer pushed to n1 of four,
+/// timed from the end of the push until n1 lists a succeeded job for each other node, as
+/// bytes delivered (three copies) per second. Runs only with `PIER_SYNC_BENCH=1`
+/// (scripts/sync-bench.sh); `PIER_SYNC_BENCH_MIB` sets the layer (default 512). Prints the
+/// number and asserts none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_bench_all_nodes() {
+    if std::env::var("PIER_SYNC_BENCH").as_deref() != Ok("1") {
+        crate::skipped(
+            "sync_bench_all_nodes",
+            "set PIER_SYNC_BENCH=1 (scripts/sync-bench.sh does)",
+        );
+        return;
+    }
+    let Some(_one) = serial("sync_bench_all_nodes").await else {
+        return;
+    };
+    let mib: u64 = std::env::var("PIER_SYNC_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let mut c = Cluster::new(4);
+    c.start_members(&FOUR).await;
+    let layout = write_layout(
+        &c.tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("big.bin", mib * MIB, 4201)],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    let bytes: u64 = image.blobs().iter().map(|b| b.size).sum();
+    let n1 = c.node("n1").url();
+    push_image(
+        &c.http,
+        &n1,
+        "team/big",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let pushed = Instant::now();
+    loop {
+        let (_, rows) = sync_status(&n1);
+        let jobs = node_jobs(&rows, "team/big:v1");
+        if jobs.len() == 3 && jobs.iter().all(|r| r["state"] == "succeeded") {
+            break;
+        }
+        if pushed.elapsed() > Duration::from_secs(600) {
+            c.fail(&format!("not replicated to every node in 600 s: {jobs:#?}"))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took = pushed.elapsed();
+    let line = format!(
+        "sync: replication to all nodes: {:.0} MiB to 3 nodes in {:.2} s = {:.1} MB/s delivered",
+        bytes as f64 / MIB as f64,
+        took.as_secs_f64(),
+        3.0 * bytes as f64 / 1e6 / took.as_secs_f64()
+    );
+    println!("{line}");
+    if let Ok(path) = std::env::var("PIER_SYNC_BENCH_OUT") {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path}: {e}"));
+        writeln!(f, "{line}").unwrap_or_else(|e| panic!("write {path}: {e}"));
+    }
+}
