@@ -314,6 +314,130 @@ async fn a_push_to_pier_appears_at_the_remote_registry() {
     );
 }
 
+/// Push a referrer of `subject` (an artifact with one small layer) into `repo` at `base`;
+/// returns its digest.
+async fn push_referrer(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    dir: &Path,
+    subject: &common::Descriptor,
+) -> String {
+    let empty = dir.join("empty.json");
+    std::fs::write(&empty, b"{}").expect("write the empty config");
+    let sig = dir.join("sig.bin");
+    std::fs::write(&sig, b"a signature, as far as anyone here can tell").expect("write sig");
+    let empty_digest = common::digest_of(b"{}");
+    let sig_bytes = std::fs::read(&sig).expect("read sig");
+    let sig_digest = common::digest_of(&sig_bytes);
+    common::push_blob(http, base, repo, &empty, &empty_digest, Upload::Monolithic).await;
+    common::push_blob(http, base, repo, &sig, &sig_digest, Upload::Monolithic).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": common::OCI_MANIFEST,
+        "artifactType": "application/vnd.example.signature",
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty_digest, "size": 2},
+        "layers": [{"mediaType": "application/octet-stream", "digest": sig_digest, "size": sig_bytes.len()}],
+        "subject": subject.to_json(),
+    });
+    let bytes = serde_json::to_vec(&manifest).expect("referrer JSON");
+    let digest = common::digest_of(&bytes);
+    common::put_manifest(http, base, repo, &digest, common::OCI_MANIFEST, &bytes).await
+}
+
+/// Whether the registry at `base` has `repo@reference` (a manifest).
+async fn remote_has(http: &reqwest::Client, base: &str, repo: &str, reference: &str) -> bool {
+    http.head(format!("{base}/v2/{repo}/manifests/{reference}"))
+        .header(reqwest::header::ACCEPT, mirror_support::MANIFEST_ACCEPT)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn referrers_go_along_and_deletes_follow_when_the_rule_says_so() {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
+        return;
+    };
+    let http = http_client();
+    let remote = Registry::start_in(tmp.path());
+    let pier = start_pier(
+        tmp.path(),
+        &replicate_rule(
+            "dc2",
+            &remote.url(),
+            "deletes = true\nprefix = \"site-a/\"\n",
+        ),
+    );
+    let layout = one_image(
+        tmp.path(),
+        "src",
+        vec![LayerSpec::new("a.bin", 300 * 1024, 5)],
+    );
+    let image = layout.image("v1").clone();
+    // The referrer is pushed first, so that the image's job finds it and sends it along.
+    let referrer = push_referrer(&http, &pier.url(), "team/app", tmp.path(), &image.manifest).await;
+    push_image(
+        &http,
+        &pier.url(),
+        "team/app",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the image and its referrer",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.iter().any(|r| r["image"] == "team/app:1") && all_succeeded(&pushes)
+        },
+    )
+    .await;
+    // Under the rule's prefix: the image, and its referrer by digest.
+    assert_eq!(
+        remote_digest(&http, &remote.url(), "site-a/team/app", "1").await,
+        image.manifest.digest
+    );
+    assert!(remote_has(&http, &remote.url(), "site-a/team/app", &referrer).await);
+    assert!(
+        !remote_has(&http, &remote.url(), "team/app", "1").await,
+        "no copy without the prefix"
+    );
+
+    // A delete by digest here is a delete there.
+    let resp = http
+        .delete(format!("{}/v2/team/app/manifests/{referrer}", pier.url()))
+        .send()
+        .await
+        .expect("DELETE the referrer");
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(30),
+        "the delete",
+        |rows| all_succeeded(&of_kind(rows, "replicate-delete")),
+    )
+    .await;
+    assert_eq!(of_kind(&rows, "replicate-delete").len(), 1, "{rows:#?}");
+    assert!(!remote_has(&http, &remote.url(), "site-a/team/app", &referrer).await);
+    assert!(
+        remote_has(
+            &http,
+            &remote.url(),
+            "site-a/team/app",
+            &image.manifest.digest
+        )
+        .await,
+        "the image itself stays"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_target_that_is_down_is_retried_with_backoff_until_it_returns() {
     let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
