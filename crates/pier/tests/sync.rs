@@ -758,6 +758,152 @@ async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_rules_by_prefix_by_platform_and_into_a_hosted_repository() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
+        return;
+    };
+    let http = http_client();
+    let mut upstream = Registry::start_in(tmp.path());
+    let skopeo = Skopeo::new(tmp.path());
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![
+            (
+                "multi",
+                Entry::Index(vec![
+                    ImageSpec::linux("amd64", vec![LayerSpec::new("amd.bin", 300 * 1024, 61)]),
+                    ImageSpec::linux("arm64", vec![LayerSpec::new("arm.bin", 200 * 1024, 62)]),
+                ]),
+            ),
+            (
+                "plain",
+                Entry::Image(ImageSpec::linux(
+                    "arm64",
+                    vec![LayerSpec::new("p.bin", 100 * 1024, 63)],
+                )),
+            ),
+        ],
+    );
+    let multi = layout.index("multi").clone();
+    let plain = layout.image("plain").clone();
+    let host = upstream.host();
+    skopeo
+        .copy_all(
+            &oci_ref(&layout.dir, "multi"),
+            &format!("docker://{host}/team/a:1.0"),
+        )
+        .await;
+    skopeo
+        .copy(
+            &oci_ref(&layout.dir, "plain"),
+            &format!("docker://{host}/team/b:2.0"),
+        )
+        .await;
+    skopeo
+        .copy(
+            &oci_ref(&layout.dir, "plain"),
+            &format!("docker://{host}/other/c:1.0"),
+        )
+        .await;
+    let before = upstream.accesses().len();
+
+    let rules = format!(
+        "{}\n[[sync]]\nname = \"team\"\nupstream = \"up.test\"\nprefix = \"team/\"\n\
+         platforms = [\"linux/arm64\"]\ninterval = \"1h\"\nretry_initial = \"500ms\"\n\n\
+         [[sync]]\nname = \"c\"\nupstream = \"up.test\"\nrepository = \"other/c\"\n\
+         into = \"hosted/c\"\ninterval = \"1h\"\nretry_initial = \"500ms\"\n",
+        upstream_table("up.test", &[upstream.url()], "")
+    );
+    let pier = start_pier(tmp.path(), &rules);
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the pull rules' jobs",
+        |rows| {
+            let pulls = of_kind(rows, "sync");
+            pulls.len() >= 3 && all_succeeded(&pulls)
+        },
+    )
+    .await;
+    let mut images: Vec<(String, String)> = of_kind(&rows, "sync")
+        .iter()
+        .map(|r| {
+            (
+                r["image"].as_str().unwrap_or("").to_string(),
+                r["target"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    images.sort();
+    assert_eq!(
+        images,
+        [
+            ("up.test/other/c:1.0".to_string(), "hosted/c".to_string()),
+            (
+                "up.test/team/a:1.0".to_string(),
+                "up.test/team/a".to_string()
+            ),
+            (
+                "up.test/team/b:2.0".to_string(),
+                "up.test/team/b".to_string()
+            ),
+        ],
+        "the prefix found team/a and team/b in the catalog, not other/c"
+    );
+
+    // Of the index, only the arm64 image's blobs were fetched.
+    let gets: Vec<String> = upstream
+        .accesses()
+        .into_iter()
+        .skip(before)
+        .filter(|a| a.method == "GET" && a.path.contains("/blobs/"))
+        .map(|a| a.path)
+        .collect();
+    let (amd, arm) = (&multi.images[0], &multi.images[1]);
+    assert_eq!(arm.arch, "arm64");
+    for blob in arm.blobs() {
+        assert!(
+            gets.iter().any(|p| p.ends_with(&blob.digest)),
+            "arm64 blob {} fetched: {gets:?}",
+            blob.digest
+        );
+    }
+    for blob in amd.layers.iter().map(|l| &l.blob) {
+        assert!(
+            !gets.iter().any(|p| p.ends_with(&blob.digest)),
+            "amd64 layer {} fetched",
+            blob.digest
+        );
+    }
+
+    // The hosted copy is a repository of its own, served with the upstream gone.
+    upstream.kill();
+    assert_eq!(
+        remote_digest(&http, &pier.url(), "hosted/c", "1.0").await,
+        plain.manifest.digest
+    );
+    for blob in plain.blobs() {
+        let resp = http
+            .get(format!("{}/v2/hosted/c/blobs/{}", pier.url(), blob.digest))
+            .send()
+            .await
+            .expect("GET blob");
+        assert_eq!(
+            resp.status(),
+            reqwest::StatusCode::OK,
+            "hosted/c blob {}",
+            blob.digest
+        );
+    }
+    assert_eq!(
+        remote_digest(&http, &pier.url(), "up.test/team/a", "1.0").await,
+        multi.index.digest,
+        "the index itself is kept whole"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replication_through_a_faulty_link_ends_with_every_job_succeeded() {
     let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
         return;

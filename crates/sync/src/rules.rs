@@ -365,6 +365,12 @@ impl PullRule {
                 )))
             }
         }
+        if self.into.is_some() && self.prefix.is_some() {
+            return Err(SyncError::Config(format!(
+                "[[sync]] {}: into names one repository, so it goes with repository, not prefix",
+                self.name
+            )));
+        }
         for p in &self.platforms {
             if p.split('/').count() < 2 {
                 return Err(SyncError::Config(format!(
