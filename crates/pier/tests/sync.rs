@@ -19,7 +19,7 @@ use common::{
     assert_same_blobs, interop_tempdir, push_image, write_layout, Entry, ImageSpec, LayerSpec,
     Layout, Pier, Upload, MIB,
 };
-use mirror_support::{http_client, upstream_table, FaultyProxy, Registry};
+use mirror_support::{http_client, upstream_table, FaultyProxy, Registry, SigningKey, TokenIssuer};
 use serde_json::Value;
 
 /// pier with a config file made of `tables`, every repository hosted, no upstreams unless the
@@ -435,6 +435,83 @@ async fn referrers_go_along_and_deletes_follow_when_the_rule_says_so() {
         )
         .await,
         "the image itself stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_with_bearer_tokens_gets_push_scoped_tokens_for_the_rules_credentials() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "openssl"]) else {
+        return;
+    };
+    let http = http_client();
+    let key = SigningKey::generate(&tmp.path().join("key"));
+    let issuer = TokenIssuer::start(&key, "robot", "s3cret", &[]).await;
+    let remote = Registry::start(
+        &tmp.path().join("registry"),
+        &tmp.path().join("storage"),
+        &issuer.registry_auth(&key),
+    );
+    let pier = start_pier(
+        tmp.path(),
+        &replicate_rule(
+            "dc2",
+            &remote.url(),
+            "username = \"robot\"\npassword = \"s3cret\"\n",
+        ),
+    );
+    let layout = one_image(
+        tmp.path(),
+        "src",
+        vec![LayerSpec::new("a.bin", 700 * 1024, 21)],
+    );
+    let image = layout.image("v1").clone();
+    for repo in ["team/one", "team/two"] {
+        push_image(
+            &http,
+            &pier.url(),
+            repo,
+            "1",
+            &layout,
+            &image,
+            Upload::Monolithic,
+        )
+        .await;
+        wait_jobs(&http, &pier, Duration::from_secs(60), repo, |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.iter().any(|r| r["image"] == format!("{repo}:1")) && all_succeeded(&pushes)
+        })
+        .await;
+    }
+    let scopes = issuer
+        .stats
+        .scopes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    assert!(
+        scopes.contains(&"repository:team/one:pull,push".to_string()),
+        "{scopes:?}"
+    );
+    // The second repository's layers were mounted from the first: a token for both.
+    assert!(
+        scopes.contains(&"repository:team/one:pull".to_string())
+            && scopes.contains(&"repository:team/two:pull,push".to_string()),
+        "{scopes:?}"
+    );
+    assert!(remote.log().contains("mount="), "no mount was asked for");
+    assert!(
+        issuer
+            .stats
+            .authenticated
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    assert_eq!(
+        issuer
+            .stats
+            .anonymous
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
     );
 }
 

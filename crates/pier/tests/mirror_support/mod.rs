@@ -822,6 +822,8 @@ pub struct IssuerStats {
     pub anonymous: AtomicU64,
     /// Requests refused with 401.
     pub refused: AtomicU64,
+    /// Every `scope` asked for, in order.
+    pub scopes: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -938,14 +940,24 @@ async fn issue(
         let (Some("repository"), Some(rest)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let Some((name, _actions)) = rest.rsplit_once(':') else {
+        let Some((name, actions)) = rest.rsplit_once(':') else {
             continue;
         };
+        s.stats
+            .scopes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(v.clone());
         if s.private.iter().any(|p| p == name) && !authenticated {
             return refuse("authentication required");
         }
+        // Anyone may pull; only the holder of the credentials may do more.
+        let granted: Vec<&str> = actions
+            .split(',')
+            .filter(|a| *a == "pull" || authenticated)
+            .collect();
         access.push(serde_json::json!({
-            "type": "repository", "name": name, "actions": ["pull"],
+            "type": "repository", "name": name, "actions": granted,
         }));
     }
     let now = SystemTime::now()
