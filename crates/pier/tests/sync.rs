@@ -274,6 +274,22 @@ async fn a_push_to_pier_appears_at_the_remote_registry() {
         "no cross-repository mount was asked for"
     );
 
+    // The metrics say the same: succeeded jobs, bytes sent by the rule, no lag left.
+    let m = pier.metrics(&http).await;
+    let succeeded = m.sum("pier_sync_jobs", &[("state", "succeeded")]);
+    assert!(
+        succeeded >= 2.0,
+        "pier_sync_jobs{{state=succeeded}} = {succeeded}"
+    );
+    assert_eq!(m.sum("pier_sync_jobs", &[("state", "failed")]), 0.0);
+    let sent = m.sum("pier_sync_bytes_total", &[("rule", "dc2")]);
+    let layers: u64 = app.blobs().iter().map(|b| b.size).sum();
+    assert!(
+        sent >= layers as f64,
+        "pier_sync_bytes_total{{rule=dc2}} = {sent}, under {layers}"
+    );
+    assert_eq!(m.sum("pier_sync_lag_seconds", &[("rule", "dc2")]), 0.0);
+
     // The CLI shows the same rows and exits 0 when nothing failed.
     let (code, out) = pier_sync(&pier, &["status", "--json"]);
     assert_eq!(code, 0, "{out}");

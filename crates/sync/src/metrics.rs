@@ -37,20 +37,21 @@ const STATES: [JobState; 5] = [
 ];
 
 impl SyncMetrics {
+    /// Register on pier's registry, whose `pier_` prefix the names get.
     pub fn new(registry: &mut Registry) -> SyncMetrics {
         let m = SyncMetrics::unregistered();
         registry.register(
-            "pier_sync_jobs",
+            "sync_jobs",
             "Jobs of the durable queue by state",
             m.jobs.clone(),
         );
         registry.register(
-            "pier_sync_bytes",
+            "sync_bytes",
             "Bytes moved by sync and replicate rules",
             m.bytes.clone(),
         );
         registry.register(
-            "pier_sync_lag_seconds",
+            "sync_lag_seconds",
             "Age of the oldest unfinished job of each rule",
             m.lag.clone(),
         );
