@@ -724,6 +724,29 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
     assert_same_blobs(&layout, &back, &image.digests());
 }
 
+/// `GET /api/v1/sync/pins` as (repository, digest, holder), one per holder.
+async fn pins(http: &reqwest::Client, pier: &Pier) -> Vec<(String, String, String)> {
+    let body: Value = http
+        .get(format!("{}/api/v1/sync/pins", pier.url()))
+        .send()
+        .await
+        .expect("GET /api/v1/sync/pins")
+        .json()
+        .await
+        .expect("pins JSON");
+    let mut out = Vec::new();
+    for p in body["pins"].as_array().cloned().unwrap_or_default() {
+        for by in p["by"].as_array().cloned().unwrap_or_default() {
+            out.push((
+                p["repo"].as_str().unwrap_or("").to_string(),
+                p["digest"].as_str().unwrap_or("").to_string(),
+                by.as_str().unwrap_or("").to_string(),
+            ));
+        }
+    }
+    out
+}
+
 /// Whether the remote lacks blob `digest` in `repo`.
 async fn remote_missing(
     http: &reqwest::Client,
@@ -782,7 +805,7 @@ async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
         upstream_table("up.test", &[upstream.url()], "")
     );
     let before = upstream.accesses().len();
-    let pier = start_pier(tmp.path(), &rule);
+    let mut pier = start_pier(tmp.path(), &rule);
     let rows = wait_jobs(
         &http,
         &pier,
@@ -818,6 +841,35 @@ async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
             t == "1.2" || t == "2.0",
             "manifest {t} fetched: {asked}; {fetched:?}"
         );
+    }
+
+    // Each selected tag pins its image in the cache.
+    let held = pins(&http, &pier).await;
+    for t in ["1.2", "2.0"] {
+        let want = (
+            "up.test/team/app".to_string(),
+            layout.image(t).manifest.digest.clone(),
+            format!("sync:app:team/app:{t}"),
+        );
+        assert!(held.contains(&want), "{want:?} not in {held:?}");
+    }
+    assert_eq!(held.len(), 2, "{held:?}");
+
+    // Narrowed to the newest tag, the rule's next run lets go of 1.2 and keeps 2.0.
+    pier.stop();
+    let pier = start_pier(tmp.path(), &rule.replace("newest = 2", "newest = 1"));
+    let started = Instant::now();
+    loop {
+        let held = pins(&http, &pier).await;
+        if held.len() == 1 {
+            assert_eq!(held[0].2, "sync:app:team/app:2.0", "{held:?}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "1.2 still pinned: {held:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // The copies are in the cache: with the upstream gone, pier still serves them whole.

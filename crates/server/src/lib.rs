@@ -107,6 +107,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/status", get(status::status))
         .route("/api/v1/warm", axum::routing::post(warm::warm))
         .route("/api/v1/sync/jobs", get(sync::jobs))
+        .route("/api/v1/sync/pins", get(sync::pins))
         .route("/api/v1/sync/retry", axum::routing::post(sync::retry))
         .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
         .fallback(registry_api)

@@ -1,7 +1,8 @@
 //! The sync API: `GET /api/v1/sync/jobs` (every job as a status row, the JSON
 //! `pier sync status --json` prints), `POST /api/v1/sync/retry` (failed jobs queued again: one
 //! by `{"id": N}`, or all with `{"failed": true}`) and `POST /api/v1/sync/run/{name}` (a rule
-//! run now). `pier sync` is the client.
+//! run now), and `GET /api/v1/sync/pins` (what pull rules keep from eviction). `pier sync` is
+//! the client.
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -47,6 +48,17 @@ fn engine(state: &AppState) -> Result<&std::sync::Arc<pier_sync::SyncEngine>> {
 pub async fn jobs(State(state): State<AppState>) -> Result<Json<JobsAnswer>> {
     let jobs = engine(&state)?.jobs().await?;
     Ok(Json(JobsAnswer { jobs }))
+}
+
+/// The answer of `GET /api/v1/sync/pins`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PinsAnswer {
+    pub pins: Vec<pier_store::Pin>,
+}
+
+pub async fn pins(State(state): State<AppState>) -> Result<Json<PinsAnswer>> {
+    let pins = engine(&state)?.pins().await?;
+    Ok(Json(PinsAnswer { pins }))
 }
 
 pub async fn retry(

@@ -2,8 +2,9 @@
 //! the cache, say). Eviction of cached content honours them: a pinned manifest, and what it
 //! references, is never evicted while any pin on it remains.
 //!
-//! A pin is per (repository, manifest digest) and names who holds it (`sync:<rule>`), so
-//! two rules that want the same image each hold a pin and one letting go leaves the other.
+//! A pin is per (repository, manifest digest) and names who holds it (a pull rule's tag:
+//! `sync:<rule>:<repo>:<tag>`), so two rules (or two tags) that want the same image each
+//! hold a pin and one letting go leaves the other.
 
 use async_trait::async_trait;
 use pier_oci::Digest;
@@ -16,7 +17,7 @@ use crate::Result;
 pub struct Pin {
     pub repo: String,
     pub digest: String,
-    /// The holders, sorted: `sync:<rule>`.
+    /// The holders, sorted: `sync:<rule>:<repo>:<tag>`.
     pub by: Vec<String>,
     /// Unix milliseconds of the first pin.
     pub pinned_ms: u64,

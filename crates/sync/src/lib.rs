@@ -488,6 +488,11 @@ impl SyncEngine {
         Ok(jobs.iter().map(JobRow::from_job).collect())
     }
 
+    /// Every pin (what pull rules keep from eviction), by repository and digest.
+    pub async fn pins(&self) -> Result<Vec<pier_store::Pin>, SyncError> {
+        Ok(self.parts.pins.pins().await?)
+    }
+
     /// Queue failed jobs again: the one with `id`, or all. Returns how many.
     pub async fn retry(&self, id: Option<u64>) -> Result<usize, SyncError> {
         Ok(self.parts.runner.retry(id).await?)

@@ -100,7 +100,22 @@ impl SyncEngine {
             let r = self.route(&rule.upstream, &repo)?;
             let tags = list_tags(&r).await.map_err(upstream_err)?;
             let local = rule.into.clone().unwrap_or_else(|| r.cache_repo.clone());
-            for tag in state.filter.select(&tags) {
+            let selected = state.filter.select(&tags);
+            // Tags that left the selection (or the upstream) let go of their pins.
+            let prefix = holder(&rule.name, &repo, "");
+            let released = self
+                .release(
+                    |h| {
+                        h.strip_prefix(prefix.as_str())
+                            .is_some_and(|tag| !selected.iter().any(|s| s == tag))
+                    },
+                    |_| true,
+                )
+                .await?;
+            if released > 0 {
+                tracing::info!(rule = %rule.name, repo, released, "pins of tags no longer selected released");
+            }
+            for tag in selected {
                 let payload = Payload {
                     rule: rule.name.clone(),
                     image: format!("{}/{repo}:{tag}", rule.upstream),
@@ -150,7 +165,9 @@ impl SyncEngine {
             .map_err(|e| mirror_failure("the manifest", e))?;
         let manifest = Manifest::parse(&bytes, Some(&record.media_type))
             .map_err(|e| JobFailure::fatal(format!("the upstream's manifest: {e}")))?;
-        let by = format!("sync:{}", rule.name);
+        // Held per tag, so that a tag that moves (or leaves the filter) lets go of what it
+        // pinned before.
+        let by = holder(&rule.name, &p.repo, tag.as_str());
         // (digest, bytes, media type) of every manifest kept, children first.
         let mut kept = Vec::new();
         for child in &manifest.manifests {
@@ -181,7 +198,35 @@ impl SyncEngine {
             pins.pin(into, top, &by).await.map_err(store_failure)?;
             self.pushed(into, top, Some(tag.as_str())).await;
         }
+        let kept: Vec<String> = kept.iter().map(|(d, _, _)| d.to_string()).collect();
+        self.release(|h| h == by, |pin| !kept.contains(&pin.digest))
+            .await
+            .map_err(store_failure)?;
         Ok(())
+    }
+
+    /// Drop the pins whose holder `held_by` picks and that `doomed` picks.
+    async fn release(
+        &self,
+        held_by: impl Fn(&str) -> bool,
+        doomed: impl Fn(&pier_store::Pin) -> bool,
+    ) -> Result<usize, pier_store::StoreError> {
+        let pins = &self.parts.pins;
+        let mut released = 0;
+        for pin in pins.pins().await? {
+            if !doomed(&pin) {
+                continue;
+            }
+            let Ok(digest) = pin.digest.parse::<Digest>() else {
+                continue;
+            };
+            for h in pin.by.iter().filter(|h| held_by(h)) {
+                if pins.unpin(&pin.repo, &digest, h).await? {
+                    released += 1;
+                }
+            }
+        }
+        Ok(released)
     }
 
     /// Every blob of `manifest` in the cache, fetched from the upstream (or peers) if missing.
@@ -284,4 +329,9 @@ fn mirror_failure(what: &str, e: MirrorError) -> JobFailure {
         MirrorError::NotAllowed(_) => JobFailure::fatal(format!("{what}: {e}")),
         e => JobFailure::retry(format!("{what}: {e}")),
     }
+}
+
+/// Who holds the pins a pull rule's job for `repo:tag` makes: `sync:<rule>:<repo>:<tag>`.
+fn holder(rule: &str, repo: &str, tag: &str) -> String {
+    format!("sync:{rule}:{repo}:{tag}")
 }
