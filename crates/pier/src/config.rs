@@ -37,6 +37,36 @@ pub struct Config {
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
+    /// Pull rules: images copied from upstreams into this node on a schedule.
+    #[serde(rename = "sync")]
+    pub sync_rules: Vec<pier_sync::rules::PullRule>,
+    /// Push rules: hosted images replicated to other registries or to every node.
+    #[serde(rename = "replicate")]
+    pub replicate_rules: Vec<pier_sync::rules::PushRule>,
+    pub jobs: JobsConfig,
+}
+
+/// `[jobs]`: the durable job queue every kind of background work runs on.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Jobs running at once, of every kind together (each rule also bounds its own per
+    /// target).
+    pub concurrency: usize,
+    /// Succeeded jobs kept as history (their status rows), at most…
+    pub keep_succeeded: usize,
+    /// …and for at most this long.
+    pub keep_succeeded_for: pier_sync::rules::HumanDuration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            concurrency: 16,
+            keep_succeeded: 10_000,
+            keep_succeeded_for: pier_sync::rules::HumanDuration(Duration::from_secs(7 * 86_400)),
+        }
+    }
 }
 
 /// Bounds on client connections. Timeouts are in seconds; 0 turns one off.
@@ -256,6 +286,9 @@ impl Default for Config {
             cluster: ClusterConfig::default(),
             import: ImportConfig::default(),
             upstreams: Vec::new(),
+            sync_rules: Vec::new(),
+            replicate_rules: Vec::new(),
+            jobs: JobsConfig::default(),
         }
     }
 }
@@ -293,6 +326,9 @@ pub struct ClusterConfig {
     pub max_upstream_rate: Option<ByteSize>,
     /// Swarm large blobs that several nodes fetch at once (off: each streams from its owner).
     pub swarm: bool,
+    /// Whether hosted pushes and imports go to every node (a built-in `[[replicate]]` rule
+    /// named `cluster`) when no rule of the configuration targets `cluster`.
+    pub replicate_all: bool,
 }
 
 impl Default for ClusterConfig {
@@ -312,6 +348,7 @@ impl Default for ClusterConfig {
             max_upload_rate: None,
             max_upstream_rate: None,
             swarm: true,
+            replicate_all: true,
         }
     }
 }
@@ -488,6 +525,50 @@ mod tests {
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
         let err = Config::parse("[registry]\nmax_manifest_size = \"lots\"").expect_err("bad size");
         assert!(format!("{err:#}").contains("lots"), "{err:#}");
+    }
+
+    /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the
+    /// lines that are `# key = value` or `# [[table]]`), parse and pass the rules' checks.
+    #[test]
+    fn example_rules_parse_and_validate() {
+        let example = include_str!("../../../docs/pier.example.toml");
+        let start = example.find("# [[sync]]").expect("a [[sync]] example");
+        let rules: String = example[start..]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.starts_with("[[")
+                    || l.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    })
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&rules).unwrap_or_else(|e| panic!("{e:#}\n{rules}"));
+        assert_eq!(c.sync_rules.len(), 1);
+        assert_eq!(c.replicate_rules.len(), 1);
+        c.sync_rules[0]
+            .validate()
+            .expect("the [[sync]] example is valid");
+        c.replicate_rules[0]
+            .validate()
+            .expect("the [[replicate]] example is valid");
+        assert_eq!(
+            c.sync_rules[0].filter().unwrap().select(&[
+                "3.19".into(),
+                "3.20-rc".into(),
+                "2.0".into()
+            ]),
+            ["3.19"]
+        );
+        let err = Config::parse(
+            "[[replicate]]\nname = \"x\"\nrepositories = [\"a\"]\ntarget = \"ftp://x\"\n",
+        )
+        .expect_err("a target that is no URL");
+        assert!(
+            format!("{err:#}").contains("must be \"cluster\" or a registry URL"),
+            "{err:#}"
+        );
     }
 
     #[test]

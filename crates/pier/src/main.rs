@@ -1,7 +1,7 @@
 //! The `pier` command: `pier serve` runs a node, `pier config` writes client configuration,
 //! `pier bench` loads a registry (the work is in the pier-bench crate), `pier status`,
-//! `pier warm`, `pier import` and `pier export` ask a running node. Later subcommands (check,
-//! sync, gc) join here.
+//! `pier warm`, `pier import`, `pier export` and `pier sync` ask a running node. Later
+//! subcommands (check, gc) join here.
 
 mod clientconf;
 mod config;
@@ -10,6 +10,7 @@ mod import_cmd;
 mod remote;
 mod serve;
 mod status_cmd;
+mod sync_cmd;
 mod warm_cmd;
 
 use std::path::PathBuf;
@@ -46,6 +47,8 @@ enum Command {
     /// Write images from a running node into one archive that docker load, podman load and
     /// pier import accept.
     Export(export_cmd::ExportArgs),
+    /// The sync and replication jobs of a running node: status, retry, run a rule.
+    Sync(sync_cmd::SyncArgs),
 }
 
 #[derive(Subcommand)]
@@ -155,6 +158,7 @@ fn main() -> std::process::ExitCode {
         Command::Warm(args) => return warm_cmd::run(args),
         Command::Import(args) => return import_cmd::run(args),
         Command::Export(args) => return export_cmd::run(args),
+        Command::Sync(args) => return sync_cmd::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -126,6 +126,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     // One durable job queue for every kind of background work (replication to owners now).
     let job_store: Arc<dyn pier_store::JobStore> = Arc::new(meta.clone());
     let import_log: Arc<dyn pier_store::ImportLog> = Arc::new(meta.clone());
+    let pins: Arc<dyn pier_store::PinStore> = Arc::new(meta.clone());
     let meta: Arc<dyn MetaStore> = Arc::new(meta);
     let blobs: Arc<dyn BlobStore> = blobs;
     let caps = UploadCaps {
@@ -134,10 +135,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     };
     let registry =
         Arc::new(Registry::new(blobs.clone(), meta.clone(), limits).with_upload_caps(caps));
-    let (metrics, (mirror_metrics, peer_metrics)) = Metrics::new_with(|r| {
+    let (metrics, (mirror_metrics, peer_metrics, sync_metrics)) = Metrics::new_with(|r| {
         (
             Arc::new(MirrorMetrics::new(r)),
             Arc::new(pier_peer::metrics::PeerMetrics::new(r)),
+            Arc::new(pier_sync::metrics::SyncMetrics::new(r)),
         )
     });
     let mut entries = Vec::new();
@@ -171,6 +173,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     );
     let upstream_names: Vec<String> = entries.iter().map(|e| e.name().to_string()).collect();
     let meta_for_jobs = meta.clone();
+    let target_timeouts = pier_upstream::Timeouts {
+        connect: Duration::from_secs(config.mirror.upstream_connect_timeout.max(1)),
+        first_byte: Duration::from_secs(config.mirror.upstream_first_byte_timeout.max(1)),
+        idle: Duration::from_secs(config.mirror.upstream_idle_timeout.max(1)),
+    };
     let mirror = Mirror::new_with(
         entries,
         default_upstream,
@@ -214,7 +221,16 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut membership: Option<Arc<Membership>> = None;
-    let mut job_runner: Option<Arc<pier_store::JobRunner>> = None;
+    let runner = pier_store::JobRunner::new(
+        job_store,
+        pier_store::RunnerConfig {
+            concurrency: config.jobs.concurrency.max(1),
+            keep_succeeded: config.jobs.keep_succeeded,
+            keep_succeeded_for: Some(config.jobs.keep_succeeded_for.0),
+            ..pier_store::RunnerConfig::default()
+        },
+    );
+    let cluster_view = cluster.as_ref().map(|c| c.cluster.clone());
     // Abandoned upload sessions would hold disk forever: sweep them every ten minutes.
     let sweeper = {
         let registry = registry.clone();
@@ -297,7 +313,6 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             c.membership.clone(),
             state.metrics.clone(),
         )));
-        let runner = pier_store::JobRunner::new(job_store, pier_store::RunnerConfig::default());
         let replicator = pier_mirror::replicate::Replicator::new(
             c.cluster.clone(),
             meta_for_jobs.clone(),
@@ -308,10 +323,41 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             replicator.clone().follow(c.membership.changes()),
         ));
         state.replicator = Some(replicator);
-        cluster_tasks.push(runner.start());
-        job_runner = Some(runner);
         membership = Some(c.membership);
     }
+    // The sync rules, with the built-in `cluster` rule when a cluster has no rule of its own.
+    let mut push_rules = config.replicate_rules.clone();
+    if cluster_view.is_some()
+        && config.cluster.replicate_all
+        && !push_rules
+            .iter()
+            .any(|r| r.target == pier_sync::rules::Target::Cluster)
+    {
+        push_rules.push(pier_sync::rules::PushRule::default_cluster());
+    }
+    let sync = pier_sync::SyncEngine::new(
+        config.sync_rules.clone(),
+        push_rules,
+        pier_sync::SyncParts {
+            registry: state.registry.clone(),
+            mirror: state.mirror.clone(),
+            cluster: cluster_view.clone(),
+            pins: pins.clone(),
+            runner: runner.clone(),
+            metrics: sync_metrics,
+            cache_prefixes: upstream_names.iter().map(|u| format!("{u}/")).collect(),
+            timeouts: target_timeouts,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(rules = %sync.rule_names().join(","), "sync rules");
+    cluster_tasks.push(tokio::spawn(sync.clone().schedule(stop_rx.clone())));
+    if let Some(m) = &membership {
+        cluster_tasks.push(tokio::spawn(sync.clone().follow(m.changes())));
+    }
+    state.sync = Some(sync);
+    cluster_tasks.push(runner.start());
+    let job_runner = runner;
     let watcher = config.import.watch.clone().map(|dir| {
         use crate::config::AfterImport;
         use pier_server::import::watch::{After, WatchConfig};
@@ -352,9 +398,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             .context("server failed")?,
         Err(_) => tracing::warn!("grace period over; exiting with requests still in flight"),
     }
-    if let Some(r) = &job_runner {
-        r.shutdown();
-    }
+    job_runner.shutdown();
     if let Some(m) = &membership {
         // Tell the others now, so they stop asking this node at once.
         m.shutdown().await;

@@ -156,6 +156,26 @@ impl From<RouteError> for ApiError {
     }
 }
 
+impl From<pier_sync::SyncError> for ApiError {
+    fn from(e: pier_sync::SyncError) -> ApiError {
+        use pier_sync::SyncError;
+        let msg = e.to_string();
+        match e {
+            SyncError::UnknownRule(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, msg)
+            }
+            SyncError::Config(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::Unsupported, msg)
+            }
+            // A rule's upstream could not be listed: its fault, as for a mirrored read.
+            SyncError::Upstream { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, msg)
+            }
+            SyncError::Store(e) => ApiError::from(e),
+        }
+    }
+}
+
 impl From<pier_store::StoreError> for ApiError {
     fn from(e: pier_store::StoreError) -> ApiError {
         ApiError::from(RegistryError::from(e))

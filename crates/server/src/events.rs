@@ -1,16 +1,26 @@
-//! What follows an image becoming visible here, whichever way it arrived: a manifest push
-//! (`v2.rs`) or an imported archive (`import.rs`). One function, so that everything that reacts
-//! to new content (copying it to its cluster owners, replication rules) hooks in once.
+//! What happens after content arrives or leaves: the one place a push, an import or a delete
+//! tells the background work about it. Cluster replication to owners and the sync rules'
+//! replication both start here, so every way an image gets in (a client's push, a tarball
+//! import) is replicated alike.
 
 use pier_oci::Digest;
 
 use crate::AppState;
 
-/// `repo` now holds the manifest `digest`, tagged `tag` if it was pushed by tag. Called after
-/// the manifest is durable; what it starts is durable jobs, so it never fails the push.
+/// A manifest is durable in `repo` (with `tag`): queue its copies. Never fails: the content
+/// is already stored, and the queueing logs its own errors.
 pub async fn pushed(state: &AppState, repo: &str, digest: &Digest, tag: Option<&str>) {
     if let Some(replicator) = &state.replicator {
-        // The push is durable here; the copies to the owners are durable jobs.
         replicator.pushed(repo, digest, tag).await;
+    }
+    if let Some(sync) = &state.sync {
+        sync.pushed(repo, digest, tag).await;
+    }
+}
+
+/// A manifest was deleted from `repo`: rules that propagate deletes queue them.
+pub async fn deleted(state: &AppState, repo: &str, digest: &Digest) {
+    if let Some(sync) = &state.sync {
+        sync.deleted(repo, digest).await;
     }
 }

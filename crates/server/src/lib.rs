@@ -16,6 +16,7 @@ pub mod mirror;
 pub mod peer;
 pub mod ranges;
 pub mod status;
+pub mod sync;
 pub mod v2;
 pub mod warm;
 
@@ -56,6 +57,8 @@ pub struct AppState {
     pub replicator: Option<Arc<pier_mirror::replicate::Replicator>>,
     /// How archives are imported (the repository prefix, the log of imported files).
     pub import: Arc<import::ImportSettings>,
+    /// The sync rules and the job queue's status, when the node runs them.
+    pub sync: Option<Arc<pier_sync::SyncEngine>>,
 }
 
 impl AppState {
@@ -69,6 +72,7 @@ impl AppState {
             space: None,
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
+            sync: None,
         }
     }
 
@@ -87,6 +91,7 @@ impl AppState {
             space: None,
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
+            sync: None,
         }
     }
 }
@@ -109,6 +114,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/warm", axum::routing::post(warm::warm))
         .route("/api/v1/import", axum::routing::post(import::import))
         .route("/api/v1/export", get(export::export))
+        .route("/api/v1/sync/jobs", get(sync::jobs))
+        .route("/api/v1/sync/pins", get(sync::pins))
+        .route("/api/v1/sync/retry", axum::routing::post(sync::retry))
+        .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
         .fallback(registry_api)
         .with_state(state)
 }
@@ -125,6 +134,9 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    if let Some(sync) = &state.sync {
+        sync.refresh_metrics().await;
+    }
     let stats = state.registry.blob_store().stats();
     let m = &state.metrics;
     m.store_blobs.set(stats.blobs as i64);

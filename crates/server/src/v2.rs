@@ -78,6 +78,9 @@ pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Resu
         }
         (Route::Manifest { name, reference }, &Method::DELETE) => {
             state.registry.delete_manifest(&name, &reference).await?;
+            if let Reference::Digest(digest) = &reference {
+                crate::events::deleted(&state, name.as_str(), digest).await;
+            }
             Ok(StatusCode::ACCEPTED.into_response())
         }
         (Route::Blob { name, digest }, &Method::GET | &Method::HEAD) => {
@@ -278,6 +281,7 @@ async fn put_manifest(
         .received_bytes
         .get_or_create(&KindLabels { kind: "manifest" })
         .inc_by(size);
+    // The push is durable here; the copies elsewhere are durable jobs.
     let tag = match reference {
         Reference::Tag(t) => Some(t.as_str()),
         Reference::Digest(_) => None,

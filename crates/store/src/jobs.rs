@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Result;
 
-pub use runner::{Clock, JobFailure, JobHandler, JobRunner, RunnerConfig};
+pub use runner::{Clock, JobFailure, JobHandler, JobRunner, RetryPolicy, RunnerConfig};
 
 /// One unit of background work and what has happened to it so far.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -115,9 +115,9 @@ pub trait JobStore: Send + Sync {
     /// counted afresh; returns how many.
     async fn retry(&self, id: Option<u64>) -> Result<usize>;
 
-    /// Remove succeeded jobs beyond the newest `keep`, so history stays bounded; returns how
-    /// many went.
-    async fn prune_succeeded(&self, keep: usize) -> Result<usize>;
+    /// Remove succeeded jobs beyond the newest `keep`, and those last updated before
+    /// `before_ms` (0: no age limit), so history stays bounded; returns how many went.
+    async fn prune_succeeded(&self, keep: usize, before_ms: u64) -> Result<usize>;
 
     /// Make jobs left running by a process that stopped mid-attempt queued again, due now;
     /// returns how many. Called once at start, before any job runs.
@@ -334,7 +334,7 @@ mod tests {
         }
         set_state(&store, ids[6], JobState::Failed).await;
 
-        assert_eq!(store.prune_succeeded(2).await.unwrap(), 4);
+        assert_eq!(store.prune_succeeded(2, 0).await.unwrap(), 4);
         let left: Vec<(u64, JobState)> = store
             .jobs()
             .await
@@ -351,7 +351,14 @@ mod tests {
                 (ids[7], JobState::Queued),
             ]
         );
-        assert_eq!(store.prune_succeeded(2).await.unwrap(), 0);
+        assert_eq!(store.prune_succeeded(2, 0).await.unwrap(), 0);
+        // Succeeded jobs older than the age limit go even when few are kept.
+        let mut old = store.job(ids[4]).await.unwrap().unwrap();
+        old.updated_ms = 1_000;
+        store.update(&old).await.unwrap();
+        assert_eq!(store.prune_succeeded(10, 2_000).await.unwrap(), 1);
+        assert!(store.job(ids[4]).await.unwrap().is_none());
+        assert!(store.job(ids[5]).await.unwrap().is_some());
         // A pruned job's key is free again.
         let again = store
             .enqueue("replicate-blob", "b0", json!(null))

@@ -16,6 +16,7 @@ pub mod fs;
 pub mod imports;
 pub mod jobs;
 pub mod meta;
+pub mod pins;
 pub mod redb_meta;
 pub mod space;
 pub mod spool;
@@ -24,8 +25,11 @@ pub use blob::{BlobStore, ByteStream, StoreStats};
 pub use error::{Blame, StoreError};
 pub use fs::FsBlobStore;
 pub use imports::{ImportLog, ImportedFile, MemoryImportLog};
-pub use jobs::{Job, JobFailure, JobHandler, JobRunner, JobState, JobStore, RunnerConfig};
+pub use jobs::{
+    Job, JobFailure, JobHandler, JobRunner, JobState, JobStore, RetryPolicy, RunnerConfig,
+};
 pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+pub use pins::{Pin, PinStore};
 pub use redb_meta::RedbMetaStore;
 pub use space::{Space, SpaceState};
 pub use spool::Spool;

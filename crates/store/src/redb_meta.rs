@@ -9,6 +9,7 @@
 //! The job queue ([`JobStore`]): `jobs` id → job JSON, `job_keys` dedupe key → id of the
 //! newest job with that key, `job_due` (next attempt ms, id) → () for every queued or retrying
 //! job (so finding due work is a range read, not a scan), `job_seq` "next" → the next id.
+//! Pins ([`PinStore`]): `pins` (repo, digest) → pin JSON.
 //!
 //! Imported archive files ([`ImportLog`]): `import_files` file digest → record JSON.
 //!
@@ -31,6 +32,7 @@ use redb::{Database, ReadTransaction, ReadableTable, TableDefinition};
 use crate::imports::{ImportLog, ImportedFile};
 use crate::jobs::{unix_ms, Job, JobState, JobStore};
 use crate::meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+use crate::pins::{Pin, PinStore};
 use crate::{Result, StoreError};
 
 const REPOS: TableDefinition<'_, &str, ()> = TableDefinition::new("repos");
@@ -45,6 +47,7 @@ const JOB_KEYS: TableDefinition<'_, &str, u64> = TableDefinition::new("job_keys"
 const JOB_DUE: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("job_due");
 const JOB_SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("job_seq");
 const IMPORT_FILES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("import_files");
+const PINS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("pins");
 
 /// Opens the database again after an I/O failure. `None` for a database that lives only in
 /// memory: reopening it would lose everything.
@@ -112,6 +115,7 @@ impl RedbMetaStore {
         tx.open_table(JOB_DUE)?;
         tx.open_table(JOB_SEQ)?;
         tx.open_table(IMPORT_FILES)?;
+        tx.open_table(PINS)?;
         tx.commit()?;
         Ok(RedbMetaStore {
             db: Arc::new(RwLock::new(Some(Arc::new(db)))),
@@ -697,7 +701,7 @@ impl JobStore for RedbMetaStore {
             .await
     }
 
-    async fn prune_succeeded(&self, keep: usize) -> Result<usize> {
+    async fn prune_succeeded(&self, keep: usize, before_ms: u64) -> Result<usize> {
         self.write(move |tx| {
             let doomed: Vec<Job> = {
                 let jobs = tx.open_table(JOBS)?;
@@ -705,7 +709,9 @@ impl JobStore for RedbMetaStore {
                     .into_iter()
                     .rev()
                     .filter(|j| j.state == JobState::Succeeded)
-                    .skip(keep)
+                    .enumerate()
+                    .filter(|(i, j)| *i >= keep || j.updated_ms < before_ms)
+                    .map(|(_, j)| j)
                     .collect()
             };
             let mut jobs = tx.open_table(JOBS)?;
@@ -725,6 +731,80 @@ impl JobStore for RedbMetaStore {
         let now = unix_ms();
         self.write(move |tx| requeue(tx, JobState::Running, None, now, false))
             .await
+    }
+}
+
+#[async_trait]
+impl PinStore for RedbMetaStore {
+    async fn pin(&self, repo: &str, digest: &Digest, by: &str) -> Result<()> {
+        let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.to_string());
+        let now = unix_ms();
+        self.write(move |tx| {
+            let mut pins = tx.open_table(PINS)?;
+            let mut pin = match pins.get((repo.as_str(), digest.as_str()))? {
+                Some(v) => unjson::<Pin>(v.value())?,
+                None => Pin {
+                    repo: repo.clone(),
+                    digest: digest.clone(),
+                    by: Vec::new(),
+                    pinned_ms: now,
+                },
+            };
+            if !pin.by.contains(&by) {
+                pin.by.push(by.clone());
+                pin.by.sort();
+                pins.insert((repo.as_str(), digest.as_str()), json(&pin)?.as_slice())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn unpin(&self, repo: &str, digest: &Digest, by: &str) -> Result<bool> {
+        let (repo, digest, by) = (repo.to_string(), digest.to_string(), by.to_string());
+        self.write(move |tx| {
+            let mut pins = tx.open_table(PINS)?;
+            let Some(mut pin) = pins
+                .get((repo.as_str(), digest.as_str()))?
+                .map(|v| unjson::<Pin>(v.value()))
+                .transpose()?
+            else {
+                return Ok(false);
+            };
+            let before = pin.by.len();
+            pin.by.retain(|b| b != &by);
+            if pin.by.is_empty() {
+                pins.remove((repo.as_str(), digest.as_str()))?;
+            } else if pin.by.len() != before {
+                pins.insert((repo.as_str(), digest.as_str()), json(&pin)?.as_slice())?;
+            }
+            Ok(pin.by.len() != before)
+        })
+        .await
+    }
+
+    async fn pins(&self) -> Result<Vec<Pin>> {
+        self.read(|tx| {
+            let pins = tx.open_table(PINS)?;
+            let mut out = Vec::new();
+            for item in pins.iter()? {
+                let (_, v) = item?;
+                out.push(unjson::<Pin>(v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn pinned(&self, repo: &str, digest: &Digest) -> Result<Option<Pin>> {
+        let digest = digest.to_string();
+        self.read(|tx| {
+            tx.open_table(PINS)?
+                .get((repo, digest.as_str()))?
+                .map(|v| unjson::<Pin>(v.value()))
+                .transpose()
+        })
+        .await
     }
 }
 

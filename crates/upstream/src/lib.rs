@@ -14,7 +14,11 @@
 //! error says whose fault it is and whether retrying may help ([`UpstreamError`]).
 
 pub mod auth;
+mod push;
 
+pub use push::MountOutcome;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -227,7 +231,28 @@ pub struct Upstream {
     endpoints: Vec<Endpoint>,
     client: reqwest::Client,
     tokens: TokenCache,
+    /// Set once an endpoint challenged for Basic credentials: later requests send them at
+    /// once, which a streamed upload (whose body cannot be sent twice) needs.
+    basic_seen: AtomicBool,
     observer: Arc<dyn Observer>,
+}
+
+/// What a request needs to be allowed: the repository, the token scope (`None`: whatever
+/// the registry's challenge names, or pull) and the key its token is cached under.
+struct Access {
+    repo: String,
+    scope: Option<String>,
+    key: String,
+}
+
+impl Access {
+    fn pull(repo: &str) -> Access {
+        Access {
+            repo: repo.to_string(),
+            scope: None,
+            key: repo.to_string(),
+        }
+    }
 }
 
 /// One attempt's outcome, to decide what to do next.
@@ -280,6 +305,7 @@ impl Upstream {
             endpoints,
             client,
             tokens: TokenCache::default(),
+            basic_seen: AtomicBool::new(false),
             observer,
         }))
     }
@@ -320,8 +346,9 @@ impl Upstream {
         endpoint: usize,
         method: &Method,
         path: &str,
-        repo: &str,
+        access: &Access,
         headers: &HeaderMap,
+        body: Option<&Bytes>,
     ) -> Attempt {
         let ep = &self.endpoints[endpoint];
         let url = format!("{}{}", ep.base, path);
@@ -331,10 +358,14 @@ impl Upstream {
                 .client
                 .request(method.clone(), &url)
                 .headers(headers.clone());
-            if let Some(token) = self.tokens.get(repo) {
+            if let Some(body) = body {
+                req = req.body(body.clone());
+            }
+            let basic_now = authorized_with.is_some() || self.basic_seen.load(Ordering::Relaxed);
+            if let Some(token) = self.tokens.get(&access.key) {
                 req = req.bearer_auth(token);
                 authorized_with = Some("bearer".into());
-            } else if let (Some(u), true) = (&self.config.username, authorized_with.is_some()) {
+            } else if let (Some(u), true) = (&self.config.username, basic_now) {
                 req = req.basic_auth(u, self.config.password.as_ref());
             }
             let began = Instant::now();
@@ -378,17 +409,24 @@ impl Upstream {
                         service,
                         scope,
                     }) => {
-                        self.tokens.forget(repo);
-                        let scope = scope.unwrap_or_else(|| format!("repository:{repo}:pull"));
+                        self.tokens.forget(&access.key);
+                        // A push knows the scope it needs (push, and pull of a mount's
+                        // source); a pull takes what the registry asks for.
+                        let scope = access
+                            .scope
+                            .clone()
+                            .or(scope)
+                            .unwrap_or_else(|| format!("repository:{}:pull", access.repo));
                         match self.fetch_token(&realm, service.as_deref(), &scope).await {
                             Ok((token, lifetime)) => {
-                                self.tokens.put(repo.to_string(), token, lifetime);
+                                self.tokens.put(access.key.clone(), token, lifetime);
                                 continue;
                             }
                             Err(e) => return Attempt::Fail(e),
                         }
                     }
                     Some(Challenge::Basic) if self.config.username.is_some() => {
+                        self.basic_seen.store(true, Ordering::Relaxed);
                         authorized_with = Some("basic".into());
                         continue;
                     }
@@ -412,7 +450,12 @@ impl Upstream {
         service: Option<&str>,
         scope: &str,
     ) -> Result<(String, Duration)> {
-        let mut query: Vec<(&str, &str)> = vec![("scope", scope)];
+        // Several scopes (a mount's source and destination) are several `scope` parameters.
+        let mut query: Vec<(&str, &str)> = scope
+            .split(' ')
+            .filter(|s| !s.is_empty())
+            .map(|s| ("scope", s))
+            .collect();
         if let Some(s) = service {
             query.push(("service", s));
         }
@@ -458,8 +501,9 @@ impl Upstream {
         &self,
         method: Method,
         path: &str,
-        repo: &str,
+        access: &Access,
         headers: HeaderMap,
+        body: Option<Bytes>,
         after: Option<usize>,
     ) -> Result<(reqwest::Response, usize)> {
         let mut last = UpstreamError::Unavailable("no attempt made".into());
@@ -478,7 +522,10 @@ impl Upstream {
                 break;
             }
             for ep in order {
-                match self.send_once(ep, &method, path, repo, &headers).await {
+                match self
+                    .send_once(ep, &method, path, access, &headers, body.as_ref())
+                    .await
+                {
                     Attempt::Fail(e @ UpstreamError::Denied(_)) => return Err(e),
                     Attempt::Fail(e @ UpstreamError::Timeout(_)) => {
                         silent[ep] = true;
@@ -544,7 +591,9 @@ impl Upstream {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT, manifest_accept());
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let (resp, _) = self.request(Method::HEAD, &path, repo, h, None).await?;
+        let (resp, _) = self
+            .request(Method::HEAD, &path, &Access::pull(repo), h, None, None)
+            .await?;
         let headers = resp.headers();
         Ok(ManifestHead {
             media_type: content_type(headers),
@@ -566,7 +615,9 @@ impl Upstream {
         let mut h = HeaderMap::new();
         h.insert(header::ACCEPT, manifest_accept());
         let path = format!("/v2/{repo}/manifests/{reference}");
-        let (resp, _) = self.request(Method::GET, &path, repo, h, None).await?;
+        let (resp, _) = self
+            .request(Method::GET, &path, &Access::pull(repo), h, None, None)
+            .await?;
         let media_type = content_type(resp.headers());
         let announced = header_digest(resp.headers());
         if resp.content_length().is_some_and(|n| n > limit) {
@@ -596,7 +647,14 @@ impl Upstream {
     pub async fn head_blob(&self, repo: &str, digest: &Digest) -> Result<Option<u64>> {
         let path = format!("/v2/{repo}/blobs/{digest}");
         let (resp, _) = self
-            .request(Method::HEAD, &path, repo, HeaderMap::new(), None)
+            .request(
+                Method::HEAD,
+                &path,
+                &Access::pull(repo),
+                HeaderMap::new(),
+                None,
+                None,
+            )
             .await?;
         Ok(resp
             .headers()
@@ -702,7 +760,9 @@ impl Upstream {
             }
         }
         let path = format!("/v2/{repo}/blobs/{digest}");
-        let (resp, ep) = self.request(Method::GET, &path, repo, h, after).await?;
+        let (resp, ep) = self
+            .request(Method::GET, &path, &Access::pull(repo), h, None, after)
+            .await?;
         let total = if offset == 0 {
             if resp.status() == StatusCode::PARTIAL_CONTENT {
                 return Err(UpstreamError::Protocol(
@@ -736,7 +796,14 @@ impl Upstream {
             format!("/v2/{repo}/referrers/{digest}?{query}")
         };
         let (resp, _) = self
-            .request(Method::GET, &path, repo, HeaderMap::new(), None)
+            .request(
+                Method::GET,
+                &path,
+                &Access::pull(repo),
+                HeaderMap::new(),
+                None,
+                None,
+            )
             .await?;
         let filtered = resp.headers().contains_key("oci-filters-applied");
         let body = resp
@@ -744,6 +811,34 @@ impl Upstream {
             .await
             .map_err(|e| UpstreamError::transport("referrers body", &e))?;
         Ok((body, filtered))
+    }
+
+    /// GET a page of the registry's catalog (`/v2/_catalog?n=&last=`). Returns the body and
+    /// any `Link`. Registries that keep their catalog private answer 401 or 404.
+    pub async fn catalog(&self, query: &str) -> Result<(Bytes, Option<String>)> {
+        let path = if query.is_empty() {
+            "/v2/_catalog".to_string()
+        } else {
+            format!("/v2/_catalog?{query}")
+        };
+        let access = Access {
+            repo: String::new(),
+            scope: Some("registry:catalog:*".to_string()),
+            key: "catalog".to_string(),
+        };
+        let (resp, _) = self
+            .request(Method::GET, &path, &access, HeaderMap::new(), None, None)
+            .await?;
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| UpstreamError::transport("catalog body", &e))?;
+        Ok((body, link))
     }
 
     /// GET a tags list page, passing the query through. Returns the body and any `Link`.
@@ -754,7 +849,14 @@ impl Upstream {
             format!("/v2/{repo}/tags/list?{query}")
         };
         let (resp, _) = self
-            .request(Method::GET, &path, repo, HeaderMap::new(), None)
+            .request(
+                Method::GET,
+                &path,
+                &Access::pull(repo),
+                HeaderMap::new(),
+                None,
+                None,
+            )
             .await?;
         let link = resp
             .headers()

@@ -8,6 +8,8 @@
 //! - `harness`: the tier's own machinery checked against a single pier without cluster flags;
 //! - `scenarios`: what a cluster promises (one upstream fetch per cluster, node loss, hosted
 //!   content surviving a node, a wrong secret, an upstream outage);
+//! - `replicate`: the built-in `cluster` rule, a push reaching every node, a node that was
+//!   down catching up;
 //! - `bench`: failure detection times, peer throughput and upstream requests, printed (only
 //!   with `PIER_CLUSTER_BENCH=1`; `scripts/cluster-bench.sh` runs it).
 //!
@@ -24,6 +26,7 @@ mod bench;
 mod harness;
 mod net;
 mod nodes;
+mod replicate;
 mod scenarios;
 mod swarm;
 

@@ -200,6 +200,12 @@ impl Registry {
         panic!("docker-registry found no free port in 5 attempts")
     }
 
+    /// A registry without auth on `addr` (on this host), as a registry that comes back on the
+    /// address it had; `None` when the address is taken.
+    pub fn start_on(dir: &Path, storage: &Path, addr: SocketAddr) -> Option<Registry> {
+        Registry::launch(dir, storage, "", addr, None)
+    }
+
     /// A registry without auth listening on `addr` inside the network namespace `netns` (run
     /// with `ip netns exec`), with its config and log in `dir`, storing under `storage`.
     pub fn start_in_netns(dir: &Path, storage: &Path, netns: &str, addr: SocketAddr) -> Registry {
@@ -611,6 +617,136 @@ async fn forward(State(s): State<ProxyState>, req: Request) -> Response {
 }
 
 // ---------------------------------------------------------------------------------------------
+// An HTTP proxy that fails a fraction of requests
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP proxy on 127.0.0.1 in front of a registry that fails a fraction of the requests
+/// at random (seeded): half of the failures answer 503 without passing the request on, the
+/// other half pass it on and then answer 502 instead of the registry's answer, as when a
+/// connection drops after the server acted (the client cannot tell it happened). Bodies
+/// stream both ways.
+pub struct FaultyProxy {
+    port: u16,
+    pub requests: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone)]
+struct FaultState {
+    upstream: String,
+    client: reqwest::Client,
+    /// Failures per million requests.
+    ppm: u64,
+    rng: Arc<AtomicU64>,
+    requests: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+}
+
+impl FaultyProxy {
+    pub async fn start(upstream: &str, fail_fraction: f64, seed: u64) -> FaultyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let requests = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let state = FaultState {
+            upstream: upstream.trim_end_matches('/').to_string(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("proxy client"),
+            ppm: (fail_fraction.clamp(0.0, 1.0) * 1_000_000.0) as u64,
+            rng: Arc::new(AtomicU64::new(seed | 1)),
+            requests: requests.clone(),
+            failed: failed.clone(),
+        };
+        let app = axum::Router::new()
+            .fallback(fault_forward)
+            .with_state(state);
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        FaultyProxy {
+            port,
+            requests,
+            failed,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for FaultyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// xorshift64: a seeded sequence shared by every request of the proxy.
+fn next_random(rng: &AtomicU64) -> u64 {
+    let mut x = rng.load(Ordering::Relaxed);
+    loop {
+        let mut y = x;
+        y ^= y << 13;
+        y ^= y >> 7;
+        y ^= y << 17;
+        match rng.compare_exchange(x, y, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return y,
+            Err(now) => x = now,
+        }
+    }
+}
+
+async fn fault_forward(State(s): State<FaultState>, req: Request) -> Response {
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    let roll = next_random(&s.rng) % 1_000_000;
+    let fail = roll < s.ppm;
+    if fail && roll & 1 == 0 {
+        s.failed.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::SERVICE_UNAVAILABLE, "injected failure").into_response();
+    }
+    let method = req.method().clone();
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.as_str().to_string());
+    let mut up = s.client.request(method, format!("{}{pq}", s.upstream));
+    // The Host goes along: distribution builds its upload `Location`s from it, and they must
+    // lead back through the proxy.
+    for (k, v) in req.headers() {
+        up = up.header(k, v);
+    }
+    let body = req.into_body().into_data_stream();
+    let resp = match up.body(reqwest::Body::wrap_stream(body)).send().await {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    };
+    if fail {
+        // The registry acted on the request; its answer is lost on the way back.
+        let _ = resp.bytes().await;
+        s.failed.fetch_add(1, Ordering::Relaxed);
+        return (StatusCode::BAD_GATEWAY, "injected lost answer").into_response();
+    }
+    let status = resp.status();
+    let mut headers = HeaderMap::new();
+    for (k, v) in resp.headers() {
+        if k != axum::http::header::TRANSFER_ENCODING && k != axum::http::header::CONNECTION {
+            headers.append(k, v.clone());
+        }
+    }
+    let mut out = Response::new(Body::from_stream(resp.bytes_stream()));
+    *out.status_mut() = status;
+    *out.headers_mut() = headers;
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
 // A bearer-token issuer
 // ---------------------------------------------------------------------------------------------
 
@@ -686,6 +822,8 @@ pub struct IssuerStats {
     pub anonymous: AtomicU64,
     /// Requests refused with 401.
     pub refused: AtomicU64,
+    /// Every `scope` asked for, in order.
+    pub scopes: std::sync::Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -802,14 +940,24 @@ async fn issue(
         let (Some("repository"), Some(rest)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let Some((name, _actions)) = rest.rsplit_once(':') else {
+        let Some((name, actions)) = rest.rsplit_once(':') else {
             continue;
         };
+        s.stats
+            .scopes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(v.clone());
         if s.private.iter().any(|p| p == name) && !authenticated {
             return refuse("authentication required");
         }
+        // Anyone may pull; only the holder of the credentials may do more.
+        let granted: Vec<&str> = actions
+            .split(',')
+            .filter(|a| *a == "pull" || authenticated)
+            .collect();
         access.push(serde_json::json!({
-            "type": "repository", "name": name, "actions": ["pull"],
+            "type": "repository", "name": name, "actions": granted,
         }));
     }
     let now = SystemTime::now()

@@ -25,6 +25,23 @@ pub trait JobHandler: Send + Sync {
     /// Do the job. `Ok` means it succeeded; a [`JobFailure`] says whether to try again later
     /// (with backoff) or give up now.
     async fn run(&self, job: &Job) -> std::result::Result<(), JobFailure>;
+
+    /// How a failing `job` is retried, when its kind says (a sync rule's own retry settings);
+    /// `None` takes the runner's.
+    fn retry_policy(&self, _job: &Job) -> Option<RetryPolicy> {
+        None
+    }
+}
+
+/// Backoff and attempts for a failing job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The wait after the first failure; it doubles with each further failure.
+    pub first_delay: Duration,
+    /// The longest wait between attempts.
+    pub max_delay: Duration,
+    /// Attempts before a job that keeps failing is failed for good; 0 retries forever.
+    pub max_attempts: u32,
 }
 
 /// Why an attempt failed, and whether another attempt may succeed.
@@ -71,6 +88,19 @@ pub struct RunnerConfig {
     pub max_attempts: u32,
     /// Succeeded jobs kept as history; older ones are pruned.
     pub keep_succeeded: usize,
+    /// How long a succeeded job is kept as history at most (`None`: only `keep_succeeded`
+    /// bounds it).
+    pub keep_succeeded_for: Option<Duration>,
+}
+
+impl RunnerConfig {
+    fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            first_delay: self.first_delay,
+            max_delay: self.max_delay,
+            max_attempts: self.max_attempts,
+        }
+    }
 }
 
 impl Default for RunnerConfig {
@@ -81,6 +111,7 @@ impl Default for RunnerConfig {
             max_delay: Duration::from_secs(300),
             max_attempts: 0,
             keep_succeeded: 1000,
+            keep_succeeded_for: None,
         }
     }
 }
@@ -91,6 +122,9 @@ pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
 
 /// Successes between two prunes of the history.
 const PRUNE_EVERY: usize = 100;
+
+/// How often history is pruned by age when nothing else prunes it.
+const PRUNE_PERIOD: Duration = Duration::from_secs(60);
 
 /// How long the loop waits before asking the store again after it failed.
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -199,9 +233,15 @@ impl JobRunner {
             Err(e) => tracing::warn!(error = %e, "could not recover interrupted jobs"),
         }
         self.prune().await;
+        let mut pruned_at = tokio::time::Instant::now();
         loop {
             if *stop.borrow_and_update() {
                 break;
+            }
+            // History kept for a while also ends by age, not only by count.
+            if self.cfg.keep_succeeded_for.is_some() && pruned_at.elapsed() >= PRUNE_PERIOD {
+                self.prune().await;
+                pruned_at = tokio::time::Instant::now();
             }
             let next = match self.dispatch().await {
                 Ok(next) => next,
@@ -210,7 +250,10 @@ impl JobRunner {
                     Some(self.now() + STORE_RETRY.as_millis() as u64)
                 }
             };
-            let wait = next.map(|at| Duration::from_millis(at.saturating_sub(self.now())));
+            let mut wait = next.map(|at| Duration::from_millis(at.saturating_sub(self.now())));
+            if self.cfg.keep_succeeded_for.is_some() {
+                wait = Some(wait.map_or(PRUNE_PERIOD, |w| w.min(PRUNE_PERIOD)));
+            }
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
@@ -282,6 +325,9 @@ impl JobRunner {
         };
         job.state = JobState::Running;
         self.store.update(&job).await?;
+        let policy = handler
+            .retry_policy(&job)
+            .unwrap_or_else(|| self.cfg.policy());
 
         let span = tracing::info_span!("job", id = job.id, kind = %job.kind, key = %job.key);
         let me = self.clone();
@@ -296,7 +342,7 @@ impl JobRunner {
                     Err(e) => Err(JobFailure::retry(join_error_message(e))),
                 };
                 let id = job.id;
-                me.finish(job, outcome).await;
+                me.finish(job, outcome, policy).await;
                 me.lock_busy().remove(&id);
                 drop(permit);
                 me.wake();
@@ -307,7 +353,12 @@ impl JobRunner {
     }
 
     /// Record the outcome of an attempt.
-    async fn finish(&self, mut job: Job, outcome: std::result::Result<(), JobFailure>) {
+    async fn finish(
+        &self,
+        mut job: Job,
+        outcome: std::result::Result<(), JobFailure>,
+        policy: RetryPolicy,
+    ) {
         let now = self.now();
         job.attempts = job.attempts.saturating_add(1);
         job.updated_ms = now;
@@ -320,9 +371,9 @@ impl JobRunner {
             }
             Err(f) => {
                 let out_of_attempts =
-                    self.cfg.max_attempts != 0 && job.attempts >= self.cfg.max_attempts;
+                    policy.max_attempts != 0 && job.attempts >= policy.max_attempts;
                 if f.retry && !out_of_attempts {
-                    let delay = self.backoff(job.attempts);
+                    let delay = backoff(&policy, job.attempts);
                     tracing::info!(attempts = job.attempts, error = %f, retry_in = ?delay, "job failed; will retry");
                     job.state = JobState::Retrying;
                     job.next_at_ms = now.saturating_add(delay.as_millis() as u64);
@@ -351,23 +402,31 @@ impl JobRunner {
         }
     }
 
-    /// The wait before the attempt after the `attempts`-th failure: `first_delay` doubled per
-    /// earlier failure, ±10 % so that jobs that failed together do not retry together, and
-    /// never more than `max_delay`.
-    fn backoff(&self, attempts: u32) -> Duration {
-        let max = self.cfg.max_delay.as_secs_f64();
-        let doublings = attempts.saturating_sub(1).min(63) as i32;
-        let base = (self.cfg.first_delay.as_secs_f64() * 2f64.powi(doublings)).min(max);
-        let jittered = base * (0.9 + 0.2 * fastrand::f64());
-        Duration::from_secs_f64(jittered.min(max))
-    }
-
     async fn prune(&self) {
         self.succeeded_since_prune.store(0, Ordering::Relaxed);
-        if let Err(e) = self.store.prune_succeeded(self.cfg.keep_succeeded).await {
+        let before = self
+            .cfg
+            .keep_succeeded_for
+            .map_or(0, |d| self.now().saturating_sub(d.as_millis() as u64));
+        if let Err(e) = self
+            .store
+            .prune_succeeded(self.cfg.keep_succeeded, before)
+            .await
+        {
             tracing::warn!(error = %e, "could not prune the job history");
         }
     }
+}
+
+/// The wait before the attempt after the `attempts`-th failure: `first_delay` doubled per
+/// earlier failure, ±10 % so that jobs that failed together do not retry together, and never
+/// more than `max_delay`.
+fn backoff(policy: &RetryPolicy, attempts: u32) -> Duration {
+    let max = policy.max_delay.as_secs_f64();
+    let doublings = attempts.saturating_sub(1).min(63) as i32;
+    let base = (policy.first_delay.as_secs_f64() * 2f64.powi(doublings)).min(max);
+    let jittered = base * (0.9 + 0.2 * fastrand::f64());
+    Duration::from_secs_f64(jittered.min(max))
 }
 
 /// What to record when an attempt's task ended without an outcome.
@@ -407,6 +466,7 @@ mod tests {
             max_delay: Duration::from_secs(8),
             max_attempts: 0,
             keep_succeeded: 1000,
+            keep_succeeded_for: None,
         }
     }
 
@@ -496,6 +556,57 @@ mod tests {
                 i + 1
             );
         }
+        stop(&runner, handle).await;
+    }
+
+    /// A handler whose jobs carry their own retry settings, as a sync rule's do.
+    struct OwnPolicy(Arc<Scripted>);
+
+    #[async_trait]
+    impl JobHandler for OwnPolicy {
+        async fn run(&self, job: &Job) -> Outcome {
+            self.0.run(job).await
+        }
+
+        fn retry_policy(&self, job: &Job) -> Option<RetryPolicy> {
+            let first = job.payload["retry_initial_ms"].as_u64()?;
+            Some(RetryPolicy {
+                first_delay: Duration::from_millis(first),
+                max_delay: Duration::from_secs(3600),
+                max_attempts: 3,
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_kind_may_set_its_own_backoff_and_attempts() {
+        let store = RedbMetaStore::in_memory().unwrap();
+        let clock = tokio_clock();
+        let runner = JobRunner::with_clock(Arc::new(store.clone()), config(), clock.clone());
+        let handler = Scripted::new(&clock, |_| Err(JobFailure::retry("target 503")));
+        runner.register("replicate", Arc::new(OwnPolicy(handler.clone())));
+        let handle = runner.start();
+        let own = runner
+            .enqueue("replicate", "a", json!({"retry_initial_ms": 60_000}))
+            .await
+            .unwrap();
+        let default = runner.enqueue("replicate", "b", json!({})).await.unwrap();
+
+        let job = wait_for(&store, own, |j| j.state == JobState::Failed).await;
+        assert_eq!(job.attempts, 3, "three attempts, then failed");
+        let starts = handler.starts(own);
+        let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps.len(), 2);
+        for (gap, want) in gaps.iter().zip([60_000u64, 120_000]) {
+            assert!(
+                (want * 9 / 10..=want * 11 / 10 + 5).contains(gap),
+                "gaps {gaps:?}, wanted about {want} ms"
+            );
+        }
+        // The other job keeps the runner's settings: retried forever, a second apart at first.
+        let job = store.job(default).await.unwrap().unwrap();
+        assert_eq!(job.state, JobState::Retrying);
+        assert!(job.attempts > 3, "{job:?}");
         stop(&runner, handle).await;
     }
 
