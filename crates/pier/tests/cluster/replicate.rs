@@ -1,10 +1,12 @@
-//! Replication to every node (the built-in `cluster` rule): an image pushed to one node is
-//! held by every node, `pier sync status --json` shows a succeeded `replicate-node` job per
-//! node, and a node that was down at push time gets the image once it is back.
+//! Replication to every node (the built-in `cluster` rule): a `docker-archive` tarball
+//! (written by skopeo) imported on one node with `pier import` is held and served by every
+//! node, `pier sync status --json` shows a succeeded `replicate-node` job per node, and a node
+//! that was down during the import gets the image once it is back.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::common::clients::{oci_ref, Skopeo};
 use crate::common::{push_image, write_layout, Entry, ImageSpec, LayerSpec, Upload, MIB};
 use crate::nodes::{Cluster, FOUR};
 use crate::serial;
@@ -30,9 +32,10 @@ fn node_jobs<'a>(rows: &'a [serde_json::Value], image: &str) -> Vec<&'a serde_js
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
+async fn an_imported_tarball_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
     let Some(_one) =
-        serial("a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back").await
+        serial("an_imported_tarball_reaches_every_node_and_a_node_that_was_down_gets_it_back")
+            .await
     else {
         return;
     };
@@ -40,7 +43,7 @@ async fn a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
     let mut c = Cluster::new(4);
     c.start_members(&FOUR).await;
 
-    // n4 goes down before the push.
+    // n4 goes down before the import.
     c.node_mut("n4").kill();
     let dead = c
         .wait_dead(
@@ -65,22 +68,61 @@ async fn a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
             )),
         )],
     );
-    let image = layout.image("v1").clone();
+    let skopeo = Skopeo::new(c.tmp.path());
+    let archive = skopeo
+        .writable_dir(&c.tmp.path().join("archives"))
+        .join("app.tar");
+    skopeo
+        .run(&[
+            "copy",
+            &oci_ref(&layout.dir, "v1"),
+            &format!("docker-archive:{}:team/app:v1", archive.display()),
+        ])
+        .await;
     let n1 = c.node("n1").url();
     let pushed = Instant::now();
-    push_image(
-        &c.http,
-        &n1,
-        "team/app",
-        "v1",
-        &layout,
-        &image,
-        Upload::Monolithic,
-    )
-    .await;
+    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(["import", "--url", &n1])
+        .arg(&archive)
+        .output()
+        .expect("run pier import");
+    if !out.status.success() {
+        c.fail(&format!(
+            "pier import of a docker-archive on n1 failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+        .await;
+    }
+    // What the import made of the archive: n1's manifest and the blobs it names.
+    let manifest: serde_json::Value = c
+        .http
+        .get(format!("{n1}/v2/team/app/manifests/v1"))
+        .header(
+            reqwest::header::ACCEPT,
+            crate::mirror_support::MANIFEST_ACCEPT,
+        )
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .expect("n1 serves the imported manifest")
+        .json()
+        .await
+        .expect("the manifest is JSON");
+    let mut wanted: Vec<String> = vec![manifest["config"]["digest"]
+        .as_str()
+        .expect("a config digest")
+        .to_string()];
+    wanted.extend(
+        manifest["layers"]
+            .as_array()
+            .expect("layers")
+            .iter()
+            .filter_map(|l| l["digest"].as_str().map(str::to_string)),
+    );
+    assert_eq!(wanted.len(), 3, "config and two layers: {manifest:#}");
 
     // Every node that is up holds every blob, and n1 shows a succeeded job for each of them.
-    let wanted = image.blob_digests();
     loop {
         let (code, rows) = sync_status(&n1);
         let jobs = node_jobs(&rows, "team/app:v1");
@@ -105,7 +147,7 @@ async fn a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
         }
         if pushed.elapsed() > Duration::from_secs(30) {
             c.fail(&format!(
-                "30 s after the push, not every live node holds team/app:v1: {jobs:#?}"
+                "30 s after the import, not every live node holds team/app:v1: {jobs:#?}"
             ))
             .await;
         }
@@ -165,7 +207,7 @@ async fn a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "a_push_reaches_every_node_and_a_node_that_was_down_gets_it_back took {:?}",
+        "an_imported_tarball_reaches_every_node_and_a_node_that_was_down_gets_it_back took {:?}",
         t0.elapsed()
     );
 }
