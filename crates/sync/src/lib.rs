@@ -43,7 +43,7 @@ use pier_upstream::{Upstream, UpstreamConfig, UpstreamError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use crate::limit::Bandwidth;
+use crate::limit::RateLimit;
 use crate::metrics::SyncMetrics;
 use crate::rules::{PullRule, PushRule, Target};
 use crate::schedule::Schedule;
@@ -112,7 +112,7 @@ pub(crate) struct PushState {
     /// The client for a registry target.
     pub client: Option<Arc<Upstream>>,
     pub schedule: Option<Schedule>,
-    pub bandwidth: Option<Arc<Bandwidth>>,
+    pub bandwidth: Option<Arc<RateLimit>>,
 }
 
 /// A pull rule with what running it needs.
@@ -235,7 +235,7 @@ impl SyncEngine {
             pushes.push(Arc::new(PushState {
                 client,
                 schedule: rule.schedule()?,
-                bandwidth: rule.bandwidth.map(|r| Arc::new(Bandwidth::new(r.0))),
+                bandwidth: rule.bandwidth.map(|r| RateLimit::new(r.0)),
                 rule,
             }));
         }
