@@ -32,6 +32,7 @@ pub struct Config {
     pub mirror: MirrorConfig,
     pub storage: StorageConfig,
     pub server: ServerConfig,
+    pub tls: TlsConfig,
     pub cluster: ClusterConfig,
     pub import: ImportConfig,
     /// Upstream registries, added to (or replacing, by name) the built-in ones.
@@ -283,6 +284,7 @@ impl Default for Config {
             mirror: MirrorConfig::default(),
             storage: StorageConfig::default(),
             server: ServerConfig::default(),
+            tls: TlsConfig::default(),
             cluster: ClusterConfig::default(),
             import: ImportConfig::default(),
             upstreams: Vec::new(),
@@ -397,6 +399,19 @@ impl Default for ImportConfig {
             after: AfterImport::Move,
         }
     }
+}
+
+/// `[tls]`: TLS on the main listener. With `cert` and `key` every connection is TLS (HTTP/2 or
+/// HTTP/1.1 by ALPN); the files are re-read when they change or on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The certificate chain, PEM, leaf first.
+    pub cert: Option<PathBuf>,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+    /// When set, only clients presenting a certificate issued by this CA (PEM) are served.
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

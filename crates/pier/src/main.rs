@@ -142,6 +142,16 @@ pub struct ServeArgs {
     /// The CA certificate(s) that issue every node's peer certificate (PEM).
     #[arg(long, value_name = "FILE")]
     pub peer_tls_ca: Option<PathBuf>,
+    /// Serve the main listener over TLS with this certificate chain (PEM); with --tls-key.
+    /// Re-read when the file changes or on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// Accept only clients presenting a certificate issued by this CA (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
     /// Never swarm: each node streams a large blob from its owner (sets `[cluster] swarm`).
     #[arg(long)]
     pub no_swarm: bool,

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use pier_peer::tls::CertFiles;
 use pier_registry::{Limits, Registry, UploadCaps};
 use pier_server::AppState;
 use pier_store::{FsBlobStore, RedbMetaStore, Space};
@@ -65,6 +66,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         (&args.peer_tls_cert, &mut c.peer_tls_cert),
         (&args.peer_tls_key, &mut c.peer_tls_key),
         (&args.peer_tls_ca, &mut c.peer_tls_ca),
+    ] {
+        if flag.is_some() {
+            *key = flag.clone();
+        }
+    }
+    for (flag, key) in [
+        (&args.tls_cert, &mut config.tls.cert),
+        (&args.tls_key, &mut config.tls.key),
+        (&args.tls_client_ca, &mut config.tls.client_ca),
     ] {
         if flag.is_some() {
             *key = flag.clone();
@@ -209,12 +219,14 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         mirror.set_cluster(c.cluster.clone());
     }
     let conn_limits = connection_limits(&config.server);
+    let tls = main_tls(&config.tls)?;
     let signal = shutdown_signal()?;
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
+        tls = tls.is_some(),
         data_dir = %config.data_dir.display(),
         version = env!("CARGO_PKG_VERSION"),
         "pier is serving"
@@ -377,10 +389,15 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             stop_rx.clone(),
         ))
     });
-    let server = tokio::spawn(pier_server::serve_with(
+    let reloader = tls
+        .as_ref()
+        .map(|(files, _)| reload_certificates(files.clone()).map(tokio::spawn))
+        .transpose()?;
+    let server = tokio::spawn(pier_server::serve_tls_with(
         listener,
         state,
         conn_limits,
+        tls.map(|(_, config)| config),
         async move {
             let _ = stopped.wait_for(|s| *s).await;
         },
@@ -408,6 +425,9 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     }
     sweeper.abort();
     space_watch.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     if let Some(w) = watcher {
         // It stops between files by itself; one import in progress is not waited for (its
         // blobs are content-addressed and nothing of it is visible until it finishes).
@@ -615,6 +635,59 @@ fn connection_limits(server: &ServerConfig) -> ConnLimits {
         "connection limits"
     );
     limits
+}
+
+/// The main listener's TLS from `[tls]` (or the flags), when a certificate is configured.
+fn main_tls(
+    tls: &crate::config::TlsConfig,
+) -> anyhow::Result<Option<(Arc<CertFiles>, Arc<rustls::ServerConfig>)>> {
+    let (cert, key) = match (&tls.cert, &tls.key) {
+        (None, None) if tls.client_ca.is_none() => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => anyhow::bail!(
+            "TLS on the main listener needs both --tls-cert and --tls-key ([tls] cert and key)"
+        ),
+    };
+    let files = CertFiles::load(cert, key).map_err(|e| anyhow::anyhow!(e))?;
+    let server = pier_peer::tls::main_server_config(files.clone(), tls.client_ca.as_deref())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    Ok(Some((files, server)))
+}
+
+/// Re-read the main listener's certificate when its files change (checked every five
+/// seconds) or on SIGHUP. New connections get the new certificate; open ones keep theirs. A
+/// file that cannot be read, or a key that does not match, leaves the old certificate in use.
+fn reload_certificates(
+    files: Arc<CertFiles>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    Ok(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                _ = tick.tick() => false,
+                _ = hup.recv() => true,
+            };
+            let result = if forced {
+                files.reload().map(|()| true)
+            } else {
+                files.reload_if_changed()
+            };
+            match result {
+                Ok(true) => tracing::info!(
+                    trigger = if forced { "SIGHUP" } else { "file change" },
+                    "TLS certificate reloaded"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "TLS certificate not reloaded; the previous one stays in use"
+                ),
+            }
+        }
+    })
 }
 
 /// Install the SIGTERM and SIGINT handlers now (before pier says it is serving, so a signal

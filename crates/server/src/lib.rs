@@ -251,10 +251,21 @@ pub async fn serve_with(
     limits: conn::ConnLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_tls_with(listener, state, limits, None, shutdown).await
+}
+
+/// [`serve_with`], every connection TLS when `tls` is given.
+pub async fn serve_tls_with(
+    listener: TcpListener,
+    state: AppState,
+    limits: conn::ConnLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let ready = state.ready.clone();
     let metrics = state.metrics.clone();
     let app = router(state);
-    conn::serve(listener, app, metrics, limits, async move {
+    conn::serve_tls(listener, app, metrics, limits, tls, async move {
         shutdown.await;
         ready.store(false, Ordering::Relaxed);
     })

@@ -147,6 +147,7 @@ pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<
 /// tail is printed.
 pub struct Pier {
     child: Option<Child>,
+    ip: String,
     port: u16,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -178,6 +179,21 @@ impl Pier {
     /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
     /// `--listen` and `--data-dir`.
     pub fn start_with(data_dir: &Path, log_path: &Path, args: &[String]) -> Pier {
+        Pier::start_probed(data_dir, log_path, args, "127.0.0.1", &|port| {
+            http_status(port, "/v2/") == Some(200)
+        })
+    }
+
+    /// [`Pier::start_with`] listening on `ip` (an address of this host) and ready once
+    /// `ready(port)` holds: a node serving TLS, or one that wants credentials for `/v2/`, is
+    /// asked differently.
+    pub fn start_probed(
+        data_dir: &Path,
+        log_path: &Path,
+        args: &[String],
+        ip: &str,
+        ready: &dyn Fn(u16) -> bool,
+    ) -> Pier {
         // Picking a port and handing it over leaves a window in which someone else may take it:
         // if pier then cannot listen, try another port.
         for attempt in 1..=5 {
@@ -186,14 +202,14 @@ impl Pier {
             let mut log = append_log(log_path);
             writeln!(
                 log,
-                "=== test harness: pier serve --listen 127.0.0.1:{port}{} (attempt {attempt})",
+                "=== test harness: pier serve --listen {ip}:{port}{} (attempt {attempt})",
                 args.iter().map(|a| format!(" {a}")).collect::<String>()
             )
             .expect("write the pier log");
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
             cmd.arg("serve")
                 .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(format!("{ip}:{port}"))
                 .arg("--data-dir")
                 .arg(data_dir)
                 .args(args)
@@ -203,19 +219,19 @@ impl Pier {
                 .env_remove("PIER_LOG");
             let mut pier = Pier {
                 child: Some(spawn_logged(&mut cmd, log)),
+                ip: ip.to_string(),
                 port,
                 data_dir: data_dir.to_path_buf(),
                 log_path: log_path.to_path_buf(),
             };
             let child = pier.child.as_mut().expect("just spawned");
             match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
-                http_status(port, "/v2/") == Some(200)
+                ready(port)
             }) {
                 Startup::Ready => {
                     let log = pier.log_since(log_start);
                     assert!(
-                        log.contains("pier is serving")
-                            && log.contains(&format!("127.0.0.1:{port}")),
+                        log.contains("pier is serving") && log.contains(&format!("{ip}:{port}")),
                         "pier answers but did not log \"pier is serving\" with its address:\n{log}"
                     );
                     return pier;
@@ -231,7 +247,7 @@ impl Pier {
                 Startup::TimedOut => {
                     pier.kill();
                     panic!(
-                        "pier did not answer GET /v2/ with 200 within {READY_TIMEOUT:?}:\n{}",
+                        "pier was not ready within {READY_TIMEOUT:?}:\n{}",
                         pier.log_since(log_start)
                     );
                 }
@@ -247,7 +263,16 @@ impl Pier {
 
     /// `127.0.0.1:<port>`, as image references spell a registry.
     pub fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.ip, self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The running process (to signal it).
+    pub fn child(&self) -> &Child {
+        self.child.as_ref().expect("pier is running")
     }
 
     pub fn data_dir(&self) -> &Path {
