@@ -21,17 +21,12 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
 /// took. Panics with its output, followed by `context()` (say, a daemon's log), unless it
 /// succeeds. Returns stdout.
 async fn run_client(
-    mut cmd: tokio::process::Command,
+    cmd: tokio::process::Command,
     tool: &str,
     args: &[&str],
     context: impl FnOnce() -> String,
 ) -> Vec<u8> {
-    let started = Instant::now();
-    cmd.kill_on_drop(true);
-    let out = within(CLIENT_TIMEOUT, tool, cmd.output())
-        .await
-        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
-    println!("{tool} {} -- {:?}", args.join(" "), started.elapsed());
+    let out = run_output(cmd, tool, args).await;
     assert!(
         out.status.success(),
         "{tool} {} failed ({}):\nstdout: {}\nstderr: {}{}",
@@ -42,6 +37,41 @@ async fn run_client(
         context()
     );
     out.stdout
+}
+
+/// Run a client with a deadline (killed when it passes) and return what it did, success or
+/// not: for the runs a test expects to be refused.
+async fn run_output(
+    mut cmd: tokio::process::Command,
+    tool: &str,
+    args: &[&str],
+) -> std::process::Output {
+    let started = Instant::now();
+    cmd.kill_on_drop(true);
+    let out = within(CLIENT_TIMEOUT, tool, cmd.output())
+        .await
+        .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+    println!("{tool} {} -- {:?}", args.join(" "), started.elapsed());
+    out
+}
+
+/// A client run that is expected to fail: whether it succeeded, and its stdout and stderr.
+pub struct Outcome {
+    pub success: bool,
+    pub output: String,
+}
+
+impl From<std::process::Output> for Outcome {
+    fn from(out: std::process::Output) -> Outcome {
+        Outcome {
+            success: out.status.success(),
+            output: format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    }
 }
 
 /// `oci:<dir>:<tag>`: an image in an OCI layout, as skopeo names it.
@@ -102,6 +132,15 @@ impl Skopeo {
 
     /// Run skopeo; panic with its output unless it succeeds. Returns stdout.
     pub async fn run(&self, args: &[&str]) -> Vec<u8> {
+        run_client(self.command(args), "skopeo", args, String::new).await
+    }
+
+    /// Run skopeo and return what it did, success or not.
+    pub async fn try_run(&self, args: &[&str]) -> Outcome {
+        run_output(self.command(args), "skopeo", args).await.into()
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
         // Entering a namespace needs root, so inside one the switch to `nobody` happens after
         // it (setpriv), not before the exec.
         let mut cmd = match (&self.netns, self.user) {
@@ -125,7 +164,7 @@ impl Skopeo {
         if let (Some(uid), None) = (self.user, &self.netns) {
             cmd.uid(uid).gid(uid);
         }
-        run_client(cmd, "skopeo", args, String::new).await
+        cmd
     }
 
     /// `skopeo copy --preserve-digests` from `src` to `dest`. Without --preserve-digests skopeo
@@ -276,6 +315,13 @@ disabled_plugins = [
         })
         .await;
         String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Run `ctr` and return what it did, success or not.
+    pub async fn try_ctr(&self, args: &[&str]) -> Outcome {
+        let cmd =
+            tokio::process::Command::from(ctr_command(&self.socket, self.netns.as_deref(), args));
+        run_output(cmd, "ctr", args).await.into()
     }
 
     /// `ctr images pull` of `reference` from a plain-HTTP registry.
@@ -493,6 +539,42 @@ impl Docker {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// Run the docker CLI and return what it did, success or not.
+    pub async fn try_run(&self, args: &[&str]) -> Outcome {
+        let cmd = tokio::process::Command::from(self.command(args));
+        run_output(cmd, "docker", args).await.into()
+    }
+
+    /// Run the docker CLI with `input` on its stdin (`login --password-stdin`); panic unless
+    /// it succeeds.
+    pub async fn run_with_stdin(&self, args: &[&str], input: &str) -> String {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = tokio::process::Command::from(self.command(args));
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawn docker");
+        let mut stdin = child.stdin.take().expect("docker's stdin");
+        stdin
+            .write_all(input.as_bytes())
+            .await
+            .expect("write stdin");
+        drop(stdin);
+        let out = within(CLIENT_TIMEOUT, "docker", child.wait_with_output())
+            .await
+            .expect("docker runs");
+        assert!(
+            out.status.success(),
+            "docker {} failed: {}{}\ndockerd log:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The image ID Docker gives `image`: the digest of its config, `sha256:<hex>`.
     pub async fn image_id(&self, image: &str) -> String {
         self.run(&["image", "inspect", "--format", "{{.Id}}", image])
@@ -639,6 +721,16 @@ impl Podman {
     /// Run podman with this instance's storage and configuration; panic with its output unless
     /// it succeeds. Returns stdout.
     pub async fn run(&self, args: &[&str]) -> String {
+        let out = run_client(self.command(args), "podman", args, String::new).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Run podman and return what it did, success or not.
+    pub async fn try_run(&self, args: &[&str]) -> Outcome {
+        run_output(self.command(args), "podman", args).await.into()
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
         let d = |sub: &str| self.dir.join(sub);
         let mut cmd = tokio::process::Command::new("podman");
         cmd.arg("--root")
@@ -671,8 +763,7 @@ impl Podman {
             .env("XDG_DATA_HOME", d("share"))
             .current_dir(&self.dir)
             .stdin(Stdio::null());
-        let out = run_client(cmd, "podman", args, String::new).await;
-        String::from_utf8_lossy(&out).into_owned()
+        cmd
     }
 
     /// Add `entries` (say, what `pier config podman` prints) to this podman's registries.conf.
