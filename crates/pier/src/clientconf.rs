@@ -50,7 +50,7 @@ pub fn containerd_hosts(upstream: &UpstreamConfig, pier: &str) -> String {
         ""
     };
     format!(
-        "# Written by `pier config containerd`: pull {name} through pier, falling back to\n\
+        "{WRITTEN_BY}: pull {name} through pier, falling back to\n\
          # the registry itself when pier cannot answer. containerd adds ?ns={name} to each\n\
          # request, which is how pier knows the upstream.\n\
          server = \"{server}\"\n\n\
@@ -59,7 +59,15 @@ pub fn containerd_hosts(upstream: &UpstreamConfig, pier: &str) -> String {
     )
 }
 
-/// Write (or with `dry_run`, print) `<dir>/<registry>/hosts.toml` for every upstream.
+/// The first line of every hosts.toml pier writes: how a file is known to be pier's.
+const WRITTEN_BY: &str = "# Written by `pier config containerd`";
+
+/// Where a hosts.toml that was there before pier's is kept until `--restore`.
+const BACKUP: &str = "hosts.toml.pier-backup";
+
+/// Write (or with `dry_run`, print) `<dir>/<registry>/hosts.toml` for every upstream. A
+/// hosts.toml that pier did not write is kept as `hosts.toml.pier-backup` first (once: a
+/// second run does not overwrite the backup with pier's own file).
 pub fn containerd(
     upstreams: &[UpstreamConfig],
     pier: &str,
@@ -76,7 +84,15 @@ pub fn containerd(
         let parent = path.parent().unwrap_or(dir);
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create {}", parent.display()))?;
-        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        let backup = parent.join(BACKUP);
+        if !written_by_pier(&path)? && path.exists() && !backup.exists() {
+            std::fs::rename(&path, &backup)
+                .with_context(|| format!("cannot back up {}", path.display()))?;
+            println!("kept {} as {}", path.display(), backup.display());
+        }
+        let tmp = parent.join("hosts.toml.pier-tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
     if !dry_run {
@@ -88,6 +104,39 @@ pub fn containerd(
         );
     }
     Ok(())
+}
+
+/// Undo [`containerd`]: put every backed-up hosts.toml back, and remove the ones pier wrote
+/// where nothing was before (with their directory, when it is left empty). Files pier did not
+/// write are never touched.
+pub fn containerd_restore(upstreams: &[UpstreamConfig], dir: &Path) -> anyhow::Result<()> {
+    for up in upstreams {
+        let parent = dir.join(&up.name);
+        let path = parent.join("hosts.toml");
+        let backup = parent.join(BACKUP);
+        if backup.exists() {
+            std::fs::rename(&backup, &path)
+                .with_context(|| format!("cannot restore {}", backup.display()))?;
+            println!("restored {}", path.display());
+        } else if written_by_pier(&path)? {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove {}", path.display()))?;
+            // Only an empty directory goes; anything else in it stays.
+            let _ = std::fs::remove_dir(&parent);
+            println!("removed {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn written_by_pier(path: &Path) -> anyhow::Result<bool> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.starts_with(WRITTEN_BY)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        // Not UTF-8: not pier's.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// Docker's daemon.json snippet: Docker mirrors only Docker Hub, through pier's default upstream.
@@ -153,6 +202,35 @@ mod tests {
         let parsed: toml::Value = toml::from_str(&p).expect("registries.conf is TOML");
         assert!(parsed.get("registry").is_some());
         assert!(p.contains("location = \"pier:5000/docker.io\""), "{p}");
+    }
+
+    #[test]
+    fn containerd_backs_up_what_was_there_and_restores_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ups = [
+            UpstreamConfig::new("docker.io", vec!["https://registry-1.docker.io".into()]),
+            UpstreamConfig::new("ghcr.io", vec!["https://ghcr.io".into()]),
+        ];
+        let theirs = dir.path().join("docker.io/hosts.toml");
+        std::fs::create_dir_all(theirs.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&theirs, "server = \"https://mine.example\"\n").expect("write");
+        let pier = "http://127.0.0.1:5000";
+        containerd(&ups, pier, dir.path(), false).expect("write");
+        // Twice, as an init container does on every start: the backup stays the original.
+        containerd(&ups, pier, dir.path(), false).expect("write again");
+        let now = std::fs::read_to_string(&theirs).expect("read");
+        assert!(now.starts_with(WRITTEN_BY), "{now}");
+        assert!(dir.path().join("ghcr.io/hosts.toml").exists());
+        containerd_restore(&ups, dir.path()).expect("restore");
+        assert_eq!(
+            std::fs::read_to_string(&theirs).expect("read"),
+            "server = \"https://mine.example\"\n"
+        );
+        assert!(!dir.path().join("docker.io").join(BACKUP).exists());
+        assert!(
+            !dir.path().join("ghcr.io").exists(),
+            "pier's own file and dir are gone"
+        );
     }
 
     #[test]

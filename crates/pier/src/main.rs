@@ -63,6 +63,10 @@ enum ConfigCommand {
         /// Print the files instead of writing them.
         #[arg(long)]
         dry_run: bool,
+        /// Undo an earlier run: put back the hosts.toml files that were there before (kept as
+        /// hosts.toml.pier-backup) and remove the ones pier added.
+        #[arg(long, conflicts_with = "dry_run")]
+        restore: bool,
     },
     /// Print the daemon.json snippet for Docker (Docker mirrors Docker Hub only).
     Docker {
@@ -197,6 +201,11 @@ fn client_config(cmd: ConfigCommand) -> anyhow::Result<()> {
     let upstreams = config.effective_upstreams(&flags)?;
     let pier = clientconf::pier_url(common.pier.as_deref(), config.listen)?;
     match cmd {
+        ConfigCommand::Containerd {
+            certs_dir,
+            restore: true,
+            ..
+        } => clientconf::containerd_restore(&upstreams, &certs_dir),
         ConfigCommand::Containerd {
             certs_dir, dry_run, ..
         } => clientconf::containerd(&upstreams, &pier, &certs_dir, dry_run),
