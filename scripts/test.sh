@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd
     [docker-registry]=docker-registry [openssl]=openssl
     [docker]=docker.io [dockerd]=docker.io [podman]=podman [gzip]=gzip
-    [ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux [curl]=curl [htpasswd]=apache2-utils)
+    [ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux [curl]=curl [htpasswd]=apache2-utils
+    [systemd-analyze]=systemd [promtool]=prometheus [python3]=python3 [pip3]=python3-pip)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
@@ -28,6 +29,16 @@ if ((${#missing[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
         $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+
+# The deploy tier renders and lints the Helm chart offline with Helm's own SDK and checks the
+# rendered objects against the Kubernetes schema (crates/pier/tests/deploy.rs).
+python_packages=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
+if ! python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
+    echo "installing: ${python_packages[*]} (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+        "${python_packages[@]}" 2>/dev/null ||
+        python3 -m pip install --quiet --disable-pip-version-check "${python_packages[@]}"
 fi
 
 echo "== cargo fmt --check"
