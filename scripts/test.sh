@@ -15,7 +15,8 @@ declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd
     [docker-registry]=docker-registry [openssl]=openssl
     [docker]=docker.io [dockerd]=docker.io [podman]=podman [gzip]=gzip
     [ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux [curl]=curl [htpasswd]=apache2-utils
-    [systemd-analyze]=systemd [promtool]=prometheus [python3]=python3 [pip3]=python3-pip)
+    [systemd-analyze]=systemd [promtool]=prometheus [python3]=python3 [pip3]=python3-pip
+    [chromium]=chromium)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
@@ -32,9 +33,10 @@ if ((${#missing[@]})); then
 fi
 
 # The deploy tier renders and lints the Helm chart offline with Helm's own SDK and checks the
-# rendered objects against the Kubernetes schema (crates/pier/tests/deploy.rs).
-python_packages=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0)
-if ! python3 -c 'import helm_python, kubernetes_validate' 2>/dev/null; then
+# rendered objects against the Kubernetes schema (crates/pier/tests/deploy.rs); the dashboard
+# test drives Debian's chromium with Playwright (crates/pier/tests/ui.rs).
+python_packages=(helm-python-sdk==0.2.2 kubernetes-validate==1.37.0 playwright==1.65.2)
+if ! python3 -c 'import helm_python, kubernetes_validate, playwright' 2>/dev/null; then
     echo "installing: ${python_packages[*]} (pip)"
     python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
         "${python_packages[@]}" 2>/dev/null ||

@@ -17,6 +17,7 @@ pub mod peer;
 pub mod ranges;
 pub mod status;
 pub mod sync;
+pub mod ui;
 pub mod v2;
 pub mod warm;
 
@@ -59,6 +60,8 @@ pub struct AppState {
     pub import: Arc<import::ImportSettings>,
     /// The sync rules and the job queue's status, when the node runs them.
     pub sync: Option<Arc<pier_sync::SyncEngine>>,
+    /// The last 5xx answers, for the dashboard.
+    pub recent_errors: Arc<ui::RecentErrors>,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
+            recent_errors: Arc::default(),
         }
     }
 
@@ -92,6 +96,7 @@ impl AppState {
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
+            recent_errors: Arc::default(),
         }
     }
 }
@@ -118,6 +123,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sync/pins", get(sync::pins))
         .route("/api/v1/sync/retry", axum::routing::post(sync::retry))
         .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
+        .route("/api/v1/errors", get(ui::errors))
+        .route("/ui", get(ui::redirect))
+        .route("/ui/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .fallback(registry_api)
         .with_state(state)
 }
@@ -167,6 +177,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 async fn registry_api(State(state): State<AppState>, req: Request<Body>) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
+    let path = req.uri().path().to_string();
     let read = method == Method::GET || method == Method::HEAD;
     let route = pier_oci::route::parse(req.uri().path());
     let kind = route.as_ref().map_or("unknown", |r| r.kind());
@@ -178,6 +189,7 @@ async fn registry_api(State(state): State<AppState>, req: Request<Body>) -> Resp
         status = tracing::field::Empty,
     );
     let metrics = state.metrics.clone();
+    let recent = state.recent_errors.clone();
     let mut resp = async {
         let resp = match route {
             Ok(route) => match v2::dispatch(state, route, req).await {
@@ -215,6 +227,9 @@ async fn registry_api(State(state): State<AppState>, req: Request<Body>) -> Resp
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
+    if resp.status().is_server_error() {
+        recent.record(method.as_str(), &path, resp.status().as_u16());
+    }
     let method = method.as_str().to_string();
     metrics
         .requests

@@ -1,0 +1,167 @@
+//! The dashboard in a real browser: headless Chromium (Debian's `chromium`, driven by Python
+//! Playwright from PyPI; `tests/ui/dashboard.py`) opens `/ui/` of a three-node cluster on
+//! 127.0.0.1, sees all three members alive and a non-zero byte count served from the node,
+//! presses retry on a replication job that failed because its target registry was down (it is
+//! up by then: Debian's docker-registry), and sees the job succeed. The screenshot is kept under
+//! the target directory as the test's artifact.
+//!
+//! Runs with `PIER_INTEROP=1` (scripts/test.sh installs chromium, playwright and
+//! docker-registry).
+
+mod common;
+mod mirror_support;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{
+    free_port, interop_tempdir, push_image, write_layout, Entry, ImageSpec, LayerSpec, Pier,
+    Upload, MIB,
+};
+use mirror_support::Registry;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_shows_the_cluster_and_retries_a_failed_job_in_chromium() {
+    let Some(tmp) = interop_tempdir(&["chromium", "python3", "docker-registry"]) else {
+        return;
+    };
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
+    let peer = [free_port(), free_port(), free_port()];
+    let target = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    // n0 replicates team/** to a registry that is not there yet, and gives up at once.
+    let config = tmp.path().join("n0.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\nhosted = [\"**\"]\n\n\
+             [[replicate]]\nname = \"site-b\"\nrepositories = [\"team/**\"]\n\
+             target = \"http://{target}\"\nretries = 0\n"
+        ),
+    )
+    .unwrap();
+    let node = |i: usize| {
+        let name = format!("n{i}");
+        let mut args: Vec<String> = [
+            "--node-name",
+            &name,
+            "--peer-listen",
+            &format!("127.0.0.1:{}", peer[i]),
+            "--cluster-secret-file",
+            &secret.display().to_string(),
+            "--hosted",
+            "**",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if i == 0 {
+            args.extend(["--config".into(), config.display().to_string()]);
+        } else {
+            args.extend(["--join".into(), format!("127.0.0.1:{}", peer[0])]);
+        }
+        Pier::start_with(
+            &tmp.path().join(&name),
+            &tmp.path().join(format!("{name}.log")),
+            &args,
+        )
+    };
+    let n0 = node(0);
+    let _n1 = node(1);
+    let _n2 = node(2);
+    let http = reqwest::Client::new();
+
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("app.bin", 3 * MIB, 91)],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    push_image(
+        &http,
+        &n0.url(),
+        "team/app",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    // Bytes served from n0's own store.
+    let layer = &image.layers[0].blob;
+    let got = http
+        .get(format!("{}/v2/team/app/blobs/{}", n0.url(), layer.digest))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(got.len() as u64, layer.size);
+
+    // The replication job to the missing registry fails.
+    let started = Instant::now();
+    loop {
+        let jobs: serde_json::Value = http
+            .get(format!("{}/api/v1/sync/jobs", n0.url()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let failed = jobs["jobs"].as_array().unwrap().iter().any(|j| {
+            j["state"] == "failed"
+                && j["target"]
+                    .as_str()
+                    .is_some_and(|t| t.contains(&target.to_string()))
+        });
+        if failed {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no failed job to {target}: {jobs:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Now the registry is there, so a retry succeeds.
+    let _registry = Registry::start_on(
+        &tmp.path().join("registry"),
+        &tmp.path().join("registry-storage"),
+        target,
+    )
+    .expect("docker-registry listens on the target address");
+
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("dashboard.png");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/dashboard.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(n0.url())
+        .arg("3")
+        .arg(&screenshot)
+        .output()
+        .expect("run python3 tests/ui/dashboard.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "the dashboard check failed:\n{text}");
+    assert!(
+        std::fs::metadata(&screenshot).is_ok_and(|m| m.len() > 10_000),
+        "a screenshot at {}",
+        screenshot.display()
+    );
+    println!("dashboard screenshot: {}", screenshot.display());
+}
