@@ -23,6 +23,7 @@ mod common;
 mod mirror_support;
 
 mod bench;
+mod drills;
 mod harness;
 mod net;
 mod nodes;

@@ -290,6 +290,15 @@ impl Net {
     }
 }
 
+impl Net {
+    /// Undo [`Net::limit_link`] (and [`Net::limit_rate`]).
+    pub fn unlimit_link(&self, role: &str) {
+        let _ = self.exec_ok(role, &["tc", "qdisc", "del", "dev", LINK, "root"]);
+        let host = self.host(role);
+        run_quietly(&["tc", "qdisc", "del", "dev", &host.veth, "root"]);
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         for host in &self.hosts {

@@ -202,6 +202,24 @@ impl Node {
         );
     }
 
+    /// SIGTERM, as `systemctl stop` does, and wait up to `limit` for the process to exit
+    /// after finishing its requests; false when it is still running then.
+    pub fn stop_gracefully(&mut self, limit: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else {
+            return true;
+        };
+        send_signal(child, libc::SIGTERM);
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// SIGSTOP: the process keeps its sockets and answers nothing, as a hung node.
     pub fn hang(&self) {
         send_signal(
