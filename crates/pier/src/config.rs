@@ -44,6 +44,27 @@ pub struct Config {
     #[serde(rename = "replicate")]
     pub replicate_rules: Vec<pier_sync::rules::PushRule>,
     pub jobs: JobsConfig,
+    pub gc: GcConfig,
+}
+
+/// `[gc]`: online garbage collection of blobs no manifest references.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Blobs written more recently than this are never collected, so a push has this long
+    /// between uploading a layer and putting the manifest that references it.
+    pub grace: pier_sync::rules::HumanDuration,
+    /// Collect on this schedule (e.g. "24h"); unset (the default) runs only on `pier gc`.
+    pub every: Option<pier_sync::rules::HumanDuration>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            grace: pier_sync::rules::HumanDuration(Duration::from_secs(3600)),
+            every: None,
+        }
+    }
 }
 
 /// `[jobs]`: the durable job queue every kind of background work runs on.
@@ -289,6 +310,7 @@ impl Default for Config {
             sync_rules: Vec::new(),
             replicate_rules: Vec::new(),
             jobs: JobsConfig::default(),
+            gc: GcConfig::default(),
         }
     }
 }

@@ -274,6 +274,32 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
+    state.gc = Arc::new(pier_server::gc::GcSettings {
+        grace: config.gc.grace.0,
+    });
+    if let Some(every) = &config.gc.every {
+        if !every.0.is_zero() {
+            pier_server::gc::schedule(state.clone(), every.0);
+        }
+    }
+    // A quick consistency pass (links against stored sizes, no hashing) in the background:
+    // what it finds is logged; `pier check` tells the rest.
+    {
+        let registry = state.registry.clone();
+        tokio::spawn(async move {
+            match registry.check(false, &|_| ()).await {
+                Ok(f) if f.missing_links.is_empty() && f.wrong_size.is_empty() => {
+                    tracing::info!(links = f.links, blobs = f.blobs, "store consistent");
+                }
+                Ok(f) => tracing::warn!(
+                    missing = f.missing_links.len(),
+                    wrong_size = f.wrong_size.len(),
+                    "blob links without their bytes; run pier check for details"
+                ),
+                Err(e) => tracing::warn!(error = %e, "start-up consistency check failed"),
+            }
+        });
+    }
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
         log: import_log,

@@ -7,6 +7,7 @@
 //! the same stores through the same calls.
 
 pub mod error;
+pub mod gc;
 pub mod upload;
 
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use pier_oci::{Descriptor, Digest, Manifest, Reference, RepoName};
 use pier_store::{BlobStore, ByteStream, ManifestRecord, MetaStore, Page};
 
 pub use error::RegistryError;
+pub use gc::{CheckFindings, GcOptions, GcReport};
 pub use upload::{UploadCaps, Uploads};
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -51,16 +53,29 @@ pub struct Registry {
     meta: Arc<dyn MetaStore>,
     limits: Limits,
     uploads: Uploads,
+    /// Held shared by writes that check a blob's link and then rely on its bytes, and
+    /// exclusively by the garbage collector while it unlinks and deletes one blob (gc.rs).
+    sweep_lock: SweepLock,
 }
+
+/// The lock between the collector's sweep and the registry's writes.
+pub(crate) type SweepLock = Arc<tokio::sync::RwLock<()>>;
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Registry {
-        let uploads = Uploads::new(blobs.clone(), meta.clone(), limits.max_blob_bytes);
+        let sweep_lock = SweepLock::default();
+        let uploads = Uploads::new(
+            blobs.clone(),
+            meta.clone(),
+            limits.max_blob_bytes,
+            sweep_lock.clone(),
+        );
         Registry {
             blobs,
             meta,
             limits,
             uploads,
+            sweep_lock,
         }
     }
 
@@ -113,6 +128,7 @@ impl Registry {
         digest: &Digest,
         body: ByteStream,
     ) -> Result<u64> {
+        let _sweep = self.sweep_lock.read().await;
         let (_, size) = self
             .blobs
             .put(Some(digest), body, self.limits.max_blob_bytes)
@@ -129,6 +145,7 @@ impl Registry {
         from: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>> {
+        let _sweep = self.sweep_lock.read().await;
         if self.meta.blob_link(from.as_str(), digest).await?.is_none() {
             return Ok(None);
         }
@@ -208,6 +225,8 @@ impl Registry {
         };
         let manifest = Manifest::parse(&bytes, content_type)
             .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
+        // From the check of the links to the store: a collector's sweep must not fall between.
+        let _sweep = self.sweep_lock.read().await;
         for blob in &manifest.blobs {
             // Foreign (non-distributable) layers live elsewhere by design.
             if blob.urls.as_ref().is_some_and(|u| !u.is_empty()) {

@@ -10,6 +10,7 @@ pub mod conn;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod metrics;
 pub mod mirror;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub import: Arc<import::ImportSettings>,
     /// The sync rules and the job queue's status, when the node runs them.
     pub sync: Option<Arc<pier_sync::SyncEngine>>,
+    /// Garbage-collection settings (`[gc]`).
+    pub gc: Arc<gc::GcSettings>,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
+            gc: Arc::new(gc::GcSettings::default()),
         }
     }
 
@@ -92,6 +96,7 @@ impl AppState {
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
+            gc: Arc::new(gc::GcSettings::default()),
         }
     }
 }
@@ -118,6 +123,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sync/pins", get(sync::pins))
         .route("/api/v1/sync/retry", axum::routing::post(sync::retry))
         .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
+        .route("/api/v1/gc", axum::routing::post(gc::gc))
+        .route("/api/v1/check", axum::routing::post(gc::check))
         .fallback(registry_api)
         .with_state(state)
 }

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub peer_rejected: Counter,
     pub peer_sent_bytes: Counter,
     pub import_files: Family<ResultLabels, Counter>,
+    pub gc_freed_blobs: Counter,
+    pub gc_freed_bytes: Counter,
+    pub check_quarantined: Counter,
 }
 
 impl Default for Metrics {
@@ -205,6 +208,24 @@ impl Metrics {
              (imported, duplicate, failed, retry)",
             import_files.clone(),
         );
+        let gc_freed_blobs = Counter::default();
+        registry.register(
+            "gc_freed_blobs",
+            "Unreferenced blobs the garbage collector removed",
+            gc_freed_blobs.clone(),
+        );
+        let gc_freed_bytes = Counter::default();
+        registry.register(
+            "gc_freed_bytes",
+            "Bytes of the blobs the garbage collector removed",
+            gc_freed_bytes.clone(),
+        );
+        let check_quarantined = Counter::default();
+        registry.register(
+            "check_quarantined_blobs",
+            "Blobs a deep check found corrupt and moved to quarantine",
+            check_quarantined.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -226,6 +247,9 @@ impl Metrics {
             peer_rejected,
             peer_sent_bytes,
             import_files,
+            gc_freed_blobs,
+            gc_freed_bytes,
+            check_quarantined,
         };
         (metrics, more)
     }
