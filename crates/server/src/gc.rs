@@ -150,10 +150,8 @@ pub fn results(state: &AppState, f: &CheckFindings, deep: bool) -> Vec<CheckResu
         )
     });
 
-    let (lost, lazy): (Vec<_>, Vec<_>) = f
-        .unstored_references
-        .iter()
-        .partition(|m| !cache(&m.repo));
+    let (lost, lazy): (Vec<_>, Vec<_>) =
+        f.unstored_references.iter().partition(|m| !cache(&m.repo));
     out.push(if !lost.is_empty() {
         result(
             "manifest references",
@@ -269,8 +267,10 @@ pub fn results(state: &AppState, f: &CheckFindings, deep: bool) -> Vec<CheckResu
 pub async fn check(State(state): State<AppState>, Query(q): Query<CheckQuery>) -> Response {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
     let stats = state.registry.blob_store().stats();
-    let _ = tx.send(json!({"event": "plan", "deep": q.deep, "blobs": stats.blobs,
-        "bytes": stats.bytes}));
+    let _ = tx.send(
+        json!({"event": "plan", "deep": q.deep, "blobs": stats.blobs,
+        "bytes": stats.bytes}),
+    );
     tokio::spawn(async move {
         let progress_tx = tx.clone();
         let progress = move |n: u64| {
