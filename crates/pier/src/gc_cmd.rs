@@ -274,7 +274,6 @@ async fn check(args: &CheckArgs, url: &str) -> ExitCode {
     if !pending.is_empty() {
         take(&pending, &mut checks);
     }
-    drop(take);
     bar.finish_and_clear();
     let Some(checks) = checks else {
         eprintln!(
