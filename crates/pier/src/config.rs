@@ -45,6 +45,34 @@ pub struct Config {
     pub replicate_rules: Vec<pier_sync::rules::PushRule>,
     pub jobs: JobsConfig,
     pub gc: GcConfig,
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the bound on the blob store, kept by evicting mirrored blobs least recently
+/// used first (never hosted content, pinned images or blobs being read).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes the blob store may hold; unset for no bound.
+    pub max_size: Option<ByteSize>,
+    /// Free space to keep on the data directory's disk by evicting; unset for none.
+    pub min_free: Option<ByteSize>,
+    /// Images never evicted: `repository@digest` or `repository:tag` as stored
+    /// (`docker.io/library/alpine:3.20`).
+    pub pins: Vec<String>,
+    /// How often the bound is checked (and access times saved).
+    pub check_every: pier_sync::rules::HumanDuration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: None,
+            min_free: None,
+            pins: Vec::new(),
+            check_every: pier_sync::rules::HumanDuration(Duration::from_secs(30)),
+        }
+    }
 }
 
 /// `[gc]`: online garbage collection of blobs no manifest references.
@@ -311,6 +339,7 @@ impl Default for Config {
             replicate_rules: Vec::new(),
             jobs: JobsConfig::default(),
             gc: GcConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }

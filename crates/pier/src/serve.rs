@@ -277,6 +277,12 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     state.gc = Arc::new(pier_server::gc::GcSettings {
         grace: config.gc.grace.0,
     });
+    state.cache = Arc::new(pier_server::cache::CacheSettings {
+        max_bytes: config.cache.max_size.map(|b| b.0),
+        min_free: config.cache.min_free.map(|b| b.0),
+        pins: config.cache.pins.clone(),
+        every: config.cache.check_every.0,
+    });
     if let Some(every) = &config.gc.every {
         if !every.0.is_zero() {
             pier_server::gc::schedule(state.clone(), every.0);
@@ -382,6 +388,8 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         cluster_tasks.push(tokio::spawn(sync.clone().follow(m.changes())));
     }
     state.sync = Some(sync);
+    // The cache bound (and the flush of access times), with the pins the sync rules hold.
+    pier_server::cache::run(state.clone());
     cluster_tasks.push(runner.start());
     let job_runner = runner;
     let watcher = config.import.watch.clone().map(|dir| {

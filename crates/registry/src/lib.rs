@@ -6,6 +6,7 @@
 //! responses is the server's job. It also knows nothing of upstreams or peers: a mirror fills
 //! the same stores through the same calls.
 
+pub mod cache;
 pub mod error;
 pub mod gc;
 pub mod upload;
@@ -56,6 +57,8 @@ pub struct Registry {
     /// Held shared by writes that check a blob's link and then rely on its bytes, and
     /// exclusively by the garbage collector while it unlinks and deletes one blob (gc.rs).
     sweep_lock: SweepLock,
+    /// Readers of each blob and when blobs were last read (cache.rs).
+    reads: cache::Reads,
 }
 
 /// The lock between the collector's sweep and the registry's writes.
@@ -76,6 +79,7 @@ impl Registry {
             limits,
             uploads,
             sweep_lock,
+            reads: cache::Reads::default(),
         }
     }
 
@@ -117,8 +121,22 @@ impl Registry {
     }
 
     /// Bytes `start..end` of a blob; the caller has checked the range with [`Self::blob_size`].
+    /// The stream holds a reader's place on the blob until it is dropped, so cache eviction
+    /// leaves the blob alone meanwhile; the read counts as the blob's latest use.
     pub async fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> Result<ByteStream> {
-        Ok(self.blobs.read(digest, start, end).await?)
+        let guard = self.reads.enter(digest);
+        let stream = match self.blobs.read(digest, start, end).await {
+            Ok(s) => s,
+            // Evicted or collected between the caller's size check and the open.
+            Err(pier_store::StoreError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RegistryError::BlobUnknown)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Box::pin(futures::StreamExt::map(stream, move |chunk| {
+            let _held = &guard;
+            chunk
+        })))
     }
 
     /// Store a whole blob pushed in one request and link it into `repo`.

@@ -5,6 +5,7 @@
 //! Architecture invariant: this crate turns HTTP into registry calls and registry results into
 //! HTTP. It holds no storage logic, and failures become responses only in [`error`].
 
+pub mod cache;
 pub mod cluster;
 pub mod conn;
 pub mod error;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub sync: Option<Arc<pier_sync::SyncEngine>>,
     /// Garbage-collection settings (`[gc]`).
     pub gc: Arc<gc::GcSettings>,
+    /// The cache bound and pins (`[cache]`).
+    pub cache: Arc<cache::CacheSettings>,
 }
 
 impl AppState {
@@ -77,6 +80,7 @@ impl AppState {
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
             gc: Arc::new(gc::GcSettings::default()),
+            cache: Arc::new(cache::CacheSettings::default()),
         }
     }
 
@@ -97,6 +101,7 @@ impl AppState {
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
             gc: Arc::new(gc::GcSettings::default()),
+            cache: Arc::new(cache::CacheSettings::default()),
         }
     }
 }
@@ -148,6 +153,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
     m.store_blobs.set(stats.blobs as i64);
     m.store_bytes.set(stats.bytes as i64);
+    m.cache_bytes.set(stats.bytes as i64);
+    m.cache_max_bytes
+        .set(state.cache.max_bytes.map_or(0, |b| b as i64));
     m.upload_sessions
         .set(state.registry.uploads().open_sessions() as i64);
     if let Some(space) = &state.space {

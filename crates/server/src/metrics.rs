@@ -73,6 +73,10 @@ pub struct Metrics {
     pub gc_freed_blobs: Counter,
     pub gc_freed_bytes: Counter,
     pub check_quarantined: Counter,
+    pub cache_evicted_blobs: Counter,
+    pub cache_evicted_bytes: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_max_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -226,6 +230,30 @@ impl Metrics {
             "Blobs a deep check found corrupt and moved to quarantine",
             check_quarantined.clone(),
         );
+        let cache_evicted_blobs = Counter::default();
+        registry.register(
+            "cache_evicted_blobs",
+            "Mirrored blobs evicted to keep the store under [cache] max_size or min_free",
+            cache_evicted_blobs.clone(),
+        );
+        let cache_evicted_bytes = Counter::default();
+        registry.register(
+            "cache_evicted_bytes",
+            "Bytes of the evicted blobs",
+            cache_evicted_bytes.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes in the blob store, which [cache] max_size bounds",
+            cache_bytes.clone(),
+        );
+        let cache_max_bytes = Gauge::default();
+        registry.register(
+            "cache_max_bytes",
+            "[cache] max_size in bytes (0 when unbounded)",
+            cache_max_bytes.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -250,6 +278,10 @@ impl Metrics {
             gc_freed_blobs,
             gc_freed_bytes,
             check_quarantined,
+            cache_evicted_blobs,
+            cache_evicted_bytes,
+            cache_bytes,
+            cache_max_bytes,
         };
         (metrics, more)
     }

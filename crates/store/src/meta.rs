@@ -154,4 +154,18 @@ pub trait MetaStore: Send + Sync + 'static {
         let _ = (digest, at_ms);
         Err(StoreError::Unsupported("garbage collection"))
     }
+    // ---- cache eviction ----
+
+    /// Remember when blobs were last read (unix ms), so least-recently-used order survives a
+    /// restart. Called with batches gathered in memory; a later time replaces an earlier one.
+    async fn record_access(&self, accesses: &[(Digest, u64)]) -> Result<()> {
+        let _ = accesses;
+        Err(StoreError::Unsupported("blob access times"))
+    }
+
+    /// The last recorded read of each of `digests` (unix ms), `None` where none is recorded.
+    async fn access_times(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>> {
+        let _ = digests;
+        Err(StoreError::Unsupported("blob access times"))
+    }
 }

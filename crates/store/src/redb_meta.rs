@@ -11,7 +11,8 @@
 //! job (so finding due work is a range read, not a scan), `job_seq` "next" → the next id.
 //! Pins ([`PinStore`]): `pins` (repo, digest) → pin JSON.
 //! Garbage collection: `gc_marks` blob digest → unix ms since which it is deletable; cleared
-//! by `link_blob` and `put_manifest` in their own transactions.
+//! by `link_blob` and `put_manifest` in their own transactions. Cache eviction:
+//! `blob_access` blob digest → unix ms of its last read (flushed in batches).
 //!
 //! Imported archive files ([`ImportLog`]): `import_files` file digest → record JSON.
 //!
@@ -51,6 +52,7 @@ const JOB_SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("job_seq");
 const IMPORT_FILES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("import_files");
 const PINS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("pins");
 const GC_MARKS: TableDefinition<'_, &str, u64> = TableDefinition::new("gc_marks");
+const BLOB_ACCESS: TableDefinition<'_, &str, u64> = TableDefinition::new("blob_access");
 
 /// Opens the database again after an I/O failure. `None` for a database that lives only in
 /// memory: reopening it would lose everything.
@@ -120,6 +122,7 @@ impl RedbMetaStore {
         tx.open_table(IMPORT_FILES)?;
         tx.open_table(PINS)?;
         tx.open_table(GC_MARKS)?;
+        tx.open_table(BLOB_ACCESS)?;
         tx.commit()?;
         Ok(RedbMetaStore {
             db: Arc::new(RwLock::new(Some(Arc::new(db)))),
@@ -594,6 +597,34 @@ impl MetaStore for RedbMetaStore {
         .await
     }
 
+    async fn record_access(&self, accesses: &[(Digest, u64)]) -> Result<()> {
+        let accesses: Vec<(String, u64)> =
+            accesses.iter().map(|(d, t)| (d.to_string(), *t)).collect();
+        self.write(move |tx| {
+            let mut table = tx.open_table(BLOB_ACCESS)?;
+            for (d, t) in &accesses {
+                let old = table.get(d.as_str())?.map(|v| v.value());
+                if old.is_none_or(|o| o < *t) {
+                    table.insert(d.as_str(), *t)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn access_times(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>> {
+        self.read(|tx| {
+            let table = tx.open_table(BLOB_ACCESS)?;
+            let mut out = Vec::with_capacity(digests.len());
+            for d in digests {
+                out.push(table.get(d.to_string().as_str())?.map(|v| v.value()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn gc_sweep(&self, digest: &Digest, at_ms: u64) -> Result<Option<Vec<String>>> {
         let digest = digest.to_string();
         self.write(move |tx| {
@@ -603,6 +634,7 @@ impl MetaStore for RedbMetaStore {
                 return Ok(None);
             }
             marks.remove(digest.as_str())?;
+            tx.open_table(BLOB_ACCESS)?.remove(digest.as_str())?;
             let repos: Vec<String> = {
                 let table = tx.open_table(REPOS)?;
                 let mut repos = Vec::new();
