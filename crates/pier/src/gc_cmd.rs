@@ -305,3 +305,75 @@ async fn check(args: &CheckArgs, url: &str) -> ExitCode {
     };
     ExitCode::from(code)
 }
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "Exit status: 0 when the image is pinned (or unpinned); 1 when the node \
+    refused (the image is not stored there, say); 2 when the node cannot be reached."
+)]
+pub struct PinArgs {
+    /// The image as clients pull it through the node (docker.io/library/alpine:3.20,
+    /// team/app@sha256:…). It must be stored there already.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+    /// The node to ask.
+    #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
+    pub url: String,
+}
+
+/// `pier pin` (`unpin` false) or `pier unpin`.
+pub fn run_pin(args: PinArgs, unpin: bool) -> ExitCode {
+    let path = if unpin {
+        "/api/v1/unpin"
+    } else {
+        "/api/v1/pin"
+    };
+    let url = match endpoint(&args.url, path) {
+        Ok(u) => u,
+        Err(code) => return code,
+    };
+    let rt = match remote::runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            return remote::unreachable(&url, &format!("cannot start the async runtime: {e}"))
+        }
+    };
+    rt.block_on(async {
+        let client = match remote::client() {
+            Ok(c) => c,
+            Err(e) => return remote::unreachable(&url, &remote::cause(&e)),
+        };
+        let resp = match client
+            .post(&url)
+            .json(&serde_json::json!({ "image": args.image }))
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return remote::unreachable(&url, &remote::cause(&e)),
+        };
+        let status = resp.status();
+        let body = match remote::read_body(resp).await {
+            Ok(b) => b,
+            Err(e) => return remote::unreachable(&url, &e),
+        };
+        if !status.is_success() {
+            let message = remote::oci_error_message(&body)
+                .unwrap_or_else(|| format!("the node answered {status}"));
+            eprintln!("pier: {}: {message}", if unpin { "unpin" } else { "pin" });
+            return ExitCode::from(remote::EXIT_NOT_DONE);
+        }
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        let what = format!(
+            "{}@{}",
+            answer["repo"].as_str().unwrap_or("?"),
+            answer["digest"].as_str().unwrap_or("?")
+        );
+        match (unpin, answer["changed"].as_bool()) {
+            (false, _) => println!("pinned {what}"),
+            (true, Some(true)) => println!("unpinned {what}"),
+            (true, _) => println!("{what} was not pinned by pier pin"),
+        }
+        ExitCode::from(remote::EXIT_OK)
+    })
+}

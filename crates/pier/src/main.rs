@@ -54,6 +54,10 @@ enum Command {
     Gc(gc_cmd::GcArgs),
     /// Check a running node's stores: metadata against blobs, and with --deep every digest.
     Check(gc_cmd::CheckArgs),
+    /// Keep an image stored on a running node from cache eviction.
+    Pin(gc_cmd::PinArgs),
+    /// Let go of a `pier pin` (pins of sync rules stay).
+    Unpin(gc_cmd::PinArgs),
 }
 
 #[derive(Subcommand)]
@@ -166,6 +170,8 @@ fn main() -> std::process::ExitCode {
         Command::Sync(args) => return sync_cmd::run(args),
         Command::Gc(args) => return gc_cmd::run_gc(args),
         Command::Check(args) => return gc_cmd::run_check(args),
+        Command::Pin(args) => return gc_cmd::run_pin(args, false),
+        Command::Unpin(args) => return gc_cmd::run_pin(args, true),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -277,6 +277,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     state.gc = Arc::new(pier_server::gc::GcSettings {
         grace: config.gc.grace.0,
     });
+    state.pins = Some(pins.clone());
     state.cache = Arc::new(pier_server::cache::CacheSettings {
         max_bytes: config.cache.max_size.map(|b| b.0),
         min_free: config.cache.min_free.map(|b| b.0),

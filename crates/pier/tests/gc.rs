@@ -296,3 +296,50 @@ async fn check_deep_quarantines_a_corrupt_mirrored_blob_and_the_next_pull_fetche
     let clean = pier(&["check", "--deep", "--url", &node.url()]);
     assert_eq!(clean.status.code(), Some(0), "{clean:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_pin_and_unpin_hold_an_image_by_digest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = hosted_pier(tmp.path());
+    let http = http_client();
+    let base = node.url();
+    let (manifest, _, _) = push_image(&http, &base, "team/app", "v1", &[6u8; 4096]).await;
+
+    let pinned = pier(&["pin", "team/app:v1", "--url", &base]);
+    assert!(pinned.status.success(), "{pinned:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&pinned.stdout).trim(),
+        format!("pinned team/app@{manifest}")
+    );
+    let pins: serde_json::Value = http
+        .get(format!("{base}/api/v1/sync/pins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pins["pins"][0]["repo"], "team/app", "{pins}");
+    assert_eq!(pins["pins"][0]["digest"], manifest.as_str(), "{pins}");
+    assert_eq!(pins["pins"][0]["by"][0], "cli", "{pins}");
+
+    let unpinned = pier(&["unpin", "team/app:v1", "--url", &base]);
+    assert!(unpinned.status.success(), "{unpinned:?}");
+    assert!(String::from_utf8_lossy(&unpinned.stdout).starts_with("unpinned "));
+    let pins: serde_json::Value = http
+        .get(format!("{base}/api/v1/sync/pins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pins["pins"].as_array().map(Vec::len), Some(0), "{pins}");
+
+    let missing = pier(&["pin", "team/app:nope", "--url", &base]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("is not stored here"),
+        "{missing:?}"
+    );
+}

@@ -7,12 +7,20 @@
 //! again. Access times are flushed to the metadata store on every pass.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
-use pier_oci::Digest;
-use serde::Serialize;
+use axum::extract::State;
+use axum::http::{Method, StatusCode};
+use axum::Json;
+use pier_oci::{Digest, ErrorCode, Reference, Route};
+use serde::{Deserialize, Serialize};
 
+use crate::error::ApiError;
 use crate::AppState;
+
+/// Who holds a pin made by `pier pin`.
+pub const CLI_HOLDER: &str = "cli";
 
 /// `[cache]` as the server uses it.
 #[derive(Debug, Clone, Default)]
@@ -78,10 +86,11 @@ pub async fn evict_once(state: &AppState) -> Result<Evicted, pier_registry::Regi
     let meta = registry.meta_store();
     let cache_repo = |repo: &str| crate::gc::is_cache_repo(state, repo);
 
-    // Pinned manifests: the pull rules' and the configured ones (tags resolved now).
+    // Pinned manifests: the pull rules' and `pier pin`'s, and the configured ones (tags
+    // resolved now).
     let mut pinned: HashSet<(String, Digest)> = HashSet::new();
-    if let Some(sync) = &state.sync {
-        match sync.pins().await {
+    if let Some(pins) = &state.pins {
+        match pins.pins().await {
             Ok(pins) => {
                 for p in pins {
                     if let Ok(d) = p.digest.parse() {
@@ -249,4 +258,100 @@ pub fn run(state: AppState) {
             }
         }
     });
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PinRequest {
+    /// An image as clients pull it through this node (`docker.io/library/alpine:3.20`,
+    /// `team/app@sha256:…`).
+    pub image: String,
+}
+
+/// The answer of a pin or unpin: what is (or was) pinned.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct PinAnswer {
+    pub repo: String,
+    pub digest: String,
+    /// For an unpin: whether `pier pin` held it.
+    #[serde(default)]
+    pub changed: bool,
+}
+
+/// The stored repository and manifest digest an image names here.
+async fn resolve(state: &AppState, image: &str) -> Result<(String, Digest), ApiError> {
+    let (name, reference) = crate::warm::parse_image(image)?;
+    let route = Route::Manifest {
+        name: name.clone(),
+        reference: reference.clone(),
+    };
+    let repo = match crate::mirror::target(state, &route, &Method::GET, &crate::v2::Query::empty())
+        .await?
+    {
+        Some(r) => r.cache_repo,
+        None => name.to_string(),
+    };
+    let digest = match reference {
+        Reference::Digest(d) => d,
+        Reference::Tag(t) => state
+            .registry
+            .meta_store()
+            .resolve_tag(&repo, t.as_str())
+            .await
+            .map_err(pier_registry::RegistryError::from)?
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::ManifestUnknown,
+                    format!(
+                        "{image} is not stored here (as {repo}); pull it (or pier warm it) first"
+                    ),
+                )
+            })?,
+    };
+    Ok((repo, digest))
+}
+
+fn pin_store(state: &AppState) -> Result<&Arc<dyn pier_store::PinStore>, ApiError> {
+    state.pins.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            ErrorCode::Unsupported,
+            "this node keeps no pins",
+        )
+    })
+}
+
+/// `POST /api/v1/pin {"image": …}`: keep an image from eviction until it is unpinned.
+pub async fn pin(
+    State(state): State<AppState>,
+    Json(req): Json<PinRequest>,
+) -> Result<Json<PinAnswer>, ApiError> {
+    let pins = pin_store(&state)?.clone();
+    let (repo, digest) = resolve(&state, &req.image).await?;
+    pins.pin(&repo, &digest, CLI_HOLDER)
+        .await
+        .map_err(pier_registry::RegistryError::from)?;
+    Ok(Json(PinAnswer {
+        repo,
+        digest: digest.to_string(),
+        changed: true,
+    }))
+}
+
+/// `POST /api/v1/unpin {"image": …}`: drop `pier pin`'s pin (pull rules' pins stay).
+pub async fn unpin(
+    State(state): State<AppState>,
+    Json(req): Json<PinRequest>,
+) -> Result<Json<PinAnswer>, ApiError> {
+    let pins = pin_store(&state)?.clone();
+    let (repo, digest) = resolve(&state, &req.image).await?;
+    let changed = pins
+        .unpin(&repo, &digest, CLI_HOLDER)
+        .await
+        .map_err(pier_registry::RegistryError::from)?;
+    Ok(Json(PinAnswer {
+        repo,
+        digest: digest.to_string(),
+        changed,
+    }))
 }

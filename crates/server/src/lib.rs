@@ -65,6 +65,8 @@ pub struct AppState {
     pub gc: Arc<gc::GcSettings>,
     /// The cache bound and pins (`[cache]`).
     pub cache: Arc<cache::CacheSettings>,
+    /// Where pins live (`pier pin`), when the metadata store keeps them.
+    pub pins: Option<Arc<dyn pier_store::PinStore>>,
 }
 
 impl AppState {
@@ -81,6 +83,7 @@ impl AppState {
             sync: None,
             gc: Arc::new(gc::GcSettings::default()),
             cache: Arc::new(cache::CacheSettings::default()),
+            pins: None,
         }
     }
 
@@ -102,6 +105,7 @@ impl AppState {
             sync: None,
             gc: Arc::new(gc::GcSettings::default()),
             cache: Arc::new(cache::CacheSettings::default()),
+            pins: None,
         }
     }
 }
@@ -130,6 +134,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
         .route("/api/v1/gc", axum::routing::post(gc::gc))
         .route("/api/v1/check", axum::routing::post(gc::check))
+        .route("/api/v1/pin", axum::routing::post(cache::pin))
+        .route("/api/v1/unpin", axum::routing::post(cache::unpin))
         .fallback(registry_api)
         .with_state(state)
 }
