@@ -578,6 +578,23 @@ mod tests {
         assert!(format!("{err:#}").contains("lots"), "{err:#}");
     }
 
+    #[test]
+    fn gc_and_cache_tables_parse_with_defaults_and_refuse_unknown_keys() {
+        let c = Config::default();
+        assert_eq!(c.gc.grace.0, Duration::from_secs(3600));
+        assert!(c.gc.every.is_none() && c.cache.max_size.is_none());
+        let c = Config::parse(
+            "[gc]\ngrace = \"0s\"\nevery = \"24h\"\n[cache]\nmax_size = \"2GiB\"\n\
+             pins = [\"docker.io/library/alpine:3.20\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(c.gc.grace.0, Duration::ZERO);
+        assert_eq!(c.gc.every.map(|e| e.0), Some(Duration::from_secs(86_400)));
+        assert_eq!(c.cache.max_size, Some(ByteSize(2 << 30)));
+        let err = Config::parse("[cache]\nmax = 1").expect_err("unknown key");
+        assert!(format!("{err:#}").contains("max"), "{err:#}");
+    }
+
     /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the
     /// lines that are `# key = value` or `# [[table]]`), parse and pass the rules' checks.
     #[test]
