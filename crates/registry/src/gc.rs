@@ -349,7 +349,14 @@ impl Registry {
 
     /// Whether a stored blob's bytes hash to its digest.
     async fn verify(&self, b: &BlobEntry) -> Result<bool> {
-        let mut stream = self.blobs.read(&b.digest, 0, b.size).await?;
+        let mut stream = match self.blobs.read(&b.digest, 0, b.size).await {
+            Ok(s) => s,
+            // Collected or evicted since the listing: nothing left to verify.
+            Err(pier_store::StoreError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(true)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let mut h = Hasher::new(b.digest.algorithm());
         while let Some(chunk) = stream.next().await {
             match chunk {
