@@ -45,6 +45,55 @@ pub struct Config {
     #[serde(rename = "replicate")]
     pub replicate_rules: Vec<pier_sync::rules::PushRule>,
     pub jobs: JobsConfig,
+    pub gc: GcConfig,
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: the bound on the blob store, kept by evicting mirrored blobs least recently
+/// used first (never hosted content, pinned images or blobs being read).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Bytes the blob store may hold; unset for no bound.
+    pub max_size: Option<ByteSize>,
+    /// Free space to keep on the data directory's disk by evicting; unset for none.
+    pub min_free: Option<ByteSize>,
+    /// Images never evicted: `repository@digest` or `repository:tag` as stored
+    /// (`docker.io/library/alpine:3.20`).
+    pub pins: Vec<String>,
+    /// How often the bound is checked (and access times saved).
+    pub check_every: pier_sync::rules::HumanDuration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_size: None,
+            min_free: None,
+            pins: Vec::new(),
+            check_every: pier_sync::rules::HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[gc]`: online garbage collection of blobs no manifest references.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GcConfig {
+    /// Blobs written more recently than this are never collected, so a push has this long
+    /// between uploading a layer and putting the manifest that references it.
+    pub grace: pier_sync::rules::HumanDuration,
+    /// Collect on this schedule (e.g. "24h"); unset (the default) runs only on `pier gc`.
+    pub every: Option<pier_sync::rules::HumanDuration>,
+}
+
+impl Default for GcConfig {
+    fn default() -> Self {
+        GcConfig {
+            grace: pier_sync::rules::HumanDuration(Duration::from_secs(3600)),
+            every: None,
+        }
+    }
 }
 
 /// `[jobs]`: the durable job queue every kind of background work runs on.
@@ -291,6 +340,8 @@ impl Default for Config {
             sync_rules: Vec::new(),
             replicate_rules: Vec::new(),
             jobs: JobsConfig::default(),
+            gc: GcConfig::default(),
+            cache: CacheConfig::default(),
         }
     }
 }
@@ -540,6 +591,23 @@ mod tests {
         assert!(format!("{err:#}").contains("listn"), "{err:#}");
         let err = Config::parse("[registry]\nmax_manifest_size = \"lots\"").expect_err("bad size");
         assert!(format!("{err:#}").contains("lots"), "{err:#}");
+    }
+
+    #[test]
+    fn gc_and_cache_tables_parse_with_defaults_and_refuse_unknown_keys() {
+        let c = Config::default();
+        assert_eq!(c.gc.grace.0, Duration::from_secs(3600));
+        assert!(c.gc.every.is_none() && c.cache.max_size.is_none());
+        let c = Config::parse(
+            "[gc]\ngrace = \"0s\"\nevery = \"24h\"\n[cache]\nmax_size = \"2GiB\"\n\
+             pins = [\"docker.io/library/alpine:3.20\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(c.gc.grace.0, Duration::ZERO);
+        assert_eq!(c.gc.every.map(|e| e.0), Some(Duration::from_secs(86_400)));
+        assert_eq!(c.cache.max_size, Some(ByteSize(2 << 30)));
+        let err = Config::parse("[cache]\nmax = 1").expect_err("unknown key");
+        assert!(format!("{err:#}").contains("max"), "{err:#}");
     }
 
     /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the

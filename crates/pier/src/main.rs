@@ -1,11 +1,12 @@
 //! The `pier` command: `pier serve` runs a node, `pier config` writes client configuration,
 //! `pier bench` loads a registry (the work is in the pier-bench crate), `pier status`,
-//! `pier warm`, `pier import`, `pier export` and `pier sync` ask a running node. Later
-//! subcommands (check, gc) join here.
+//! `pier warm`, `pier import`, `pier export`, `pier sync`, `pier gc` and `pier check` ask a
+//! running node.
 
 mod clientconf;
 mod config;
 mod export_cmd;
+mod gc_cmd;
 mod import_cmd;
 mod remote;
 mod serve;
@@ -49,6 +50,14 @@ enum Command {
     Export(export_cmd::ExportArgs),
     /// The sync and replication jobs of a running node: status, retry, run a rule.
     Sync(sync_cmd::SyncArgs),
+    /// Free blobs no manifest references (on a running node), or with --dry-run say how much.
+    Gc(gc_cmd::GcArgs),
+    /// Check a running node's stores: metadata against blobs, and with --deep every digest.
+    Check(gc_cmd::CheckArgs),
+    /// Keep an image stored on a running node from cache eviction.
+    Pin(gc_cmd::PinArgs),
+    /// Let go of a `pier pin` (pins of sync rules stay).
+    Unpin(gc_cmd::PinArgs),
 }
 
 #[derive(Subcommand)]
@@ -173,6 +182,10 @@ fn main() -> std::process::ExitCode {
         Command::Import(args) => return import_cmd::run(args),
         Command::Export(args) => return export_cmd::run(args),
         Command::Sync(args) => return sync_cmd::run(args),
+        Command::Gc(args) => return gc_cmd::run_gc(args),
+        Command::Check(args) => return gc_cmd::run_check(args),
+        Command::Pin(args) => return gc_cmd::run_pin(args, false),
+        Command::Unpin(args) => return gc_cmd::run_pin(args, true),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -286,6 +286,39 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
+    state.gc = Arc::new(pier_server::gc::GcSettings {
+        grace: config.gc.grace.0,
+    });
+    state.pins = Some(pins.clone());
+    state.cache = Arc::new(pier_server::cache::CacheSettings {
+        max_bytes: config.cache.max_size.map(|b| b.0),
+        min_free: config.cache.min_free.map(|b| b.0),
+        pins: config.cache.pins.clone(),
+        every: config.cache.check_every.0,
+    });
+    if let Some(every) = &config.gc.every {
+        if !every.0.is_zero() {
+            pier_server::gc::schedule(state.clone(), every.0);
+        }
+    }
+    // A quick consistency pass (links against stored sizes, no hashing) in the background:
+    // what it finds is logged; `pier check` tells the rest.
+    {
+        let registry = state.registry.clone();
+        tokio::spawn(async move {
+            match registry.check(false, &|_| ()).await {
+                Ok(f) if f.missing_links.is_empty() && f.wrong_size.is_empty() => {
+                    tracing::info!(links = f.links, blobs = f.blobs, "store consistent");
+                }
+                Ok(f) => tracing::warn!(
+                    missing = f.missing_links.len(),
+                    wrong_size = f.wrong_size.len(),
+                    "blob links without their bytes; run pier check for details"
+                ),
+                Err(e) => tracing::warn!(error = %e, "start-up consistency check failed"),
+            }
+        });
+    }
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
         log: import_log,
@@ -368,6 +401,8 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         cluster_tasks.push(tokio::spawn(sync.clone().follow(m.changes())));
     }
     state.sync = Some(sync);
+    // The cache bound (and the flush of access times), with the pins the sync rules hold.
+    pier_server::cache::run(state.clone());
     cluster_tasks.push(runner.start());
     let job_runner = runner;
     let watcher = config.import.watch.clone().map(|dir| {

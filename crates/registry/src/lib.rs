@@ -6,7 +6,9 @@
 //! responses is the server's job. It also knows nothing of upstreams or peers: a mirror fills
 //! the same stores through the same calls.
 
+pub mod cache;
 pub mod error;
+pub mod gc;
 pub mod upload;
 
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use pier_oci::{Descriptor, Digest, Manifest, Reference, RepoName};
 use pier_store::{BlobStore, ByteStream, ManifestRecord, MetaStore, Page};
 
 pub use error::RegistryError;
+pub use gc::{CheckFindings, GcOptions, GcReport};
 pub use upload::{UploadCaps, Uploads};
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;
@@ -51,16 +54,32 @@ pub struct Registry {
     meta: Arc<dyn MetaStore>,
     limits: Limits,
     uploads: Uploads,
+    /// Held shared by writes that check a blob's link and then rely on its bytes, and
+    /// exclusively by the garbage collector while it unlinks and deletes one blob (gc.rs).
+    sweep_lock: SweepLock,
+    /// Readers of each blob and when blobs were last read (cache.rs).
+    reads: cache::Reads,
 }
+
+/// The lock between the collector's sweep and the registry's writes.
+pub(crate) type SweepLock = Arc<tokio::sync::RwLock<()>>;
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Registry {
-        let uploads = Uploads::new(blobs.clone(), meta.clone(), limits.max_blob_bytes);
+        let sweep_lock = SweepLock::default();
+        let uploads = Uploads::new(
+            blobs.clone(),
+            meta.clone(),
+            limits.max_blob_bytes,
+            sweep_lock.clone(),
+        );
         Registry {
             blobs,
             meta,
             limits,
             uploads,
+            sweep_lock,
+            reads: cache::Reads::default(),
         }
     }
 
@@ -102,8 +121,22 @@ impl Registry {
     }
 
     /// Bytes `start..end` of a blob; the caller has checked the range with [`Self::blob_size`].
+    /// The stream holds a reader's place on the blob until it is dropped, so cache eviction
+    /// leaves the blob alone meanwhile; the read counts as the blob's latest use.
     pub async fn read_blob(&self, digest: &Digest, start: u64, end: u64) -> Result<ByteStream> {
-        Ok(self.blobs.read(digest, start, end).await?)
+        let guard = self.reads.enter(digest);
+        let stream = match self.blobs.read(digest, start, end).await {
+            Ok(s) => s,
+            // Evicted or collected between the caller's size check and the open.
+            Err(pier_store::StoreError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RegistryError::BlobUnknown)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Box::pin(futures::StreamExt::map(stream, move |chunk| {
+            let _held = &guard;
+            chunk
+        })))
     }
 
     /// Store a whole blob pushed in one request and link it into `repo`.
@@ -113,6 +146,7 @@ impl Registry {
         digest: &Digest,
         body: ByteStream,
     ) -> Result<u64> {
+        let _sweep = self.sweep_lock.read().await;
         let (_, size) = self
             .blobs
             .put(Some(digest), body, self.limits.max_blob_bytes)
@@ -129,6 +163,7 @@ impl Registry {
         from: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>> {
+        let _sweep = self.sweep_lock.read().await;
         if self.meta.blob_link(from.as_str(), digest).await?.is_none() {
             return Ok(None);
         }
@@ -208,6 +243,8 @@ impl Registry {
         };
         let manifest = Manifest::parse(&bytes, content_type)
             .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
+        // From the check of the links to the store: a collector's sweep must not fall between.
+        let _sweep = self.sweep_lock.read().await;
         for blob in &manifest.blobs {
             // Foreign (non-distributable) layers live elsewhere by design.
             if blob.urls.as_ref().is_some_and(|u| !u.is_empty()) {

@@ -23,6 +23,7 @@ pub struct Uploads {
     caps: UploadCaps,
     live: Mutex<HashMap<String, Session>>,
     slots: Mutex<Slots>,
+    sweep_lock: crate::SweepLock,
 }
 
 /// How many upload sessions may be open at once. Each holds a buffer on disk and a little
@@ -98,6 +99,7 @@ impl Uploads {
         blobs: Arc<dyn BlobStore>,
         meta: Arc<dyn MetaStore>,
         limit: Option<u64>,
+        sweep_lock: crate::SweepLock,
     ) -> Uploads {
         Uploads {
             blobs,
@@ -106,6 +108,7 @@ impl Uploads {
             caps: UploadCaps::default(),
             live: Mutex::new(HashMap::new()),
             slots: Mutex::new(Slots::default()),
+            sweep_lock,
         }
     }
 
@@ -327,6 +330,9 @@ impl Uploads {
             record = self.append_locked(&mut hasher, record, chunk, body).await?;
         }
         let size = record.offset;
+        // The commit (which may find the blob already stored) and the link are one step for
+        // the collector: it never deletes the bytes between them.
+        let _sweep = self.sweep_lock.read().await;
         match self
             .blobs
             .upload_commit(id, size, digest, hasher.take())

@@ -207,6 +207,9 @@ impl From<RegistryError> for ApiError {
             | RegistryError::ManifestInvalid(_)
             | RegistryError::ManifestBlobUnknown(_) => StatusCode::BAD_REQUEST,
             RegistryError::Store(StoreError::NoSpace(_)) => return no_space(msg),
+            RegistryError::Store(StoreError::Unsupported(_)) => {
+                return ApiError::new(StatusCode::NOT_IMPLEMENTED, ErrorCode::Unsupported, msg)
+            }
             RegistryError::Store(_) => match e.blame() {
                 Blame::Client => StatusCode::BAD_REQUEST,
                 Blame::Internal if e.retryable() => StatusCode::SERVICE_UNAVAILABLE,

@@ -5,11 +5,13 @@
 //! Architecture invariant: this crate turns HTTP into registry calls and registry results into
 //! HTTP. It holds no storage logic, and failures become responses only in [`error`].
 
+pub mod cache;
 pub mod cluster;
 pub mod conn;
 pub mod error;
 pub mod events;
 pub mod export;
+pub mod gc;
 pub mod import;
 pub mod metrics;
 pub mod mirror;
@@ -62,6 +64,12 @@ pub struct AppState {
     pub sync: Option<Arc<pier_sync::SyncEngine>>,
     /// The last 5xx answers, for the dashboard.
     pub recent_errors: Arc<ui::RecentErrors>,
+    /// Garbage-collection settings (`[gc]`).
+    pub gc: Arc<gc::GcSettings>,
+    /// The cache bound and pins (`[cache]`).
+    pub cache: Arc<cache::CacheSettings>,
+    /// Where pins live (`pier pin`), when the metadata store keeps them.
+    pub pins: Option<Arc<dyn pier_store::PinStore>>,
 }
 
 impl AppState {
@@ -77,6 +85,9 @@ impl AppState {
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
             recent_errors: Arc::default(),
+            gc: Arc::new(gc::GcSettings::default()),
+            cache: Arc::new(cache::CacheSettings::default()),
+            pins: None,
         }
     }
 
@@ -97,6 +108,9 @@ impl AppState {
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
             recent_errors: Arc::default(),
+            gc: Arc::new(gc::GcSettings::default()),
+            cache: Arc::new(cache::CacheSettings::default()),
+            pins: None,
         }
     }
 }
@@ -128,6 +142,10 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/", get(ui::index))
         .route("/ui/app.js", get(ui::script))
         .route("/ui/app.css", get(ui::style))
+        .route("/api/v1/gc", axum::routing::post(gc::gc))
+        .route("/api/v1/check", axum::routing::post(gc::check))
+        .route("/api/v1/pin", axum::routing::post(cache::pin))
+        .route("/api/v1/unpin", axum::routing::post(cache::unpin))
         .fallback(registry_api)
         .with_state(state)
 }
@@ -151,6 +169,9 @@ async fn metrics(State(state): State<AppState>) -> Response {
     let m = &state.metrics;
     m.store_blobs.set(stats.blobs as i64);
     m.store_bytes.set(stats.bytes as i64);
+    m.cache_bytes.set(stats.bytes as i64);
+    m.cache_max_bytes
+        .set(state.cache.max_bytes.map_or(0, |b| b as i64));
     m.upload_sessions
         .set(state.registry.uploads().open_sessions() as i64);
     if let Some(space) = &state.space {

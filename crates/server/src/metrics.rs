@@ -70,6 +70,13 @@ pub struct Metrics {
     pub peer_rejected: Counter,
     pub peer_sent_bytes: Counter,
     pub import_files: Family<ResultLabels, Counter>,
+    pub gc_freed_blobs: Counter,
+    pub gc_freed_bytes: Counter,
+    pub check_quarantined: Counter,
+    pub cache_evicted_blobs: Counter,
+    pub cache_evicted_bytes: Counter,
+    pub cache_bytes: Gauge,
+    pub cache_max_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -205,6 +212,48 @@ impl Metrics {
              (imported, duplicate, failed, retry)",
             import_files.clone(),
         );
+        let gc_freed_blobs = Counter::default();
+        registry.register(
+            "gc_freed_blobs",
+            "Unreferenced blobs the garbage collector removed",
+            gc_freed_blobs.clone(),
+        );
+        let gc_freed_bytes = Counter::default();
+        registry.register(
+            "gc_freed_bytes",
+            "Bytes of the blobs the garbage collector removed",
+            gc_freed_bytes.clone(),
+        );
+        let check_quarantined = Counter::default();
+        registry.register(
+            "check_quarantined_blobs",
+            "Blobs a deep check found corrupt and moved to quarantine",
+            check_quarantined.clone(),
+        );
+        let cache_evicted_blobs = Counter::default();
+        registry.register(
+            "cache_evicted_blobs",
+            "Mirrored blobs evicted to keep the store under [cache] max_size or min_free",
+            cache_evicted_blobs.clone(),
+        );
+        let cache_evicted_bytes = Counter::default();
+        registry.register(
+            "cache_evicted_bytes",
+            "Bytes of the evicted blobs",
+            cache_evicted_bytes.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes in the blob store, which [cache] max_size bounds",
+            cache_bytes.clone(),
+        );
+        let cache_max_bytes = Gauge::default();
+        registry.register(
+            "cache_max_bytes",
+            "[cache] max_size in bytes (0 when unbounded)",
+            cache_max_bytes.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -226,6 +275,13 @@ impl Metrics {
             peer_rejected,
             peer_sent_bytes,
             import_files,
+            gc_freed_blobs,
+            gc_freed_bytes,
+            check_quarantined,
+            cache_evicted_blobs,
+            cache_evicted_bytes,
+            cache_bytes,
+            cache_max_bytes,
         };
         (metrics, more)
     }

@@ -65,6 +65,8 @@ pub struct CacheStatus {
     /// Bytes of blobs stored.
     pub bytes: u64,
     pub blobs: u64,
+    /// The bound `[cache] max_size` puts on the blob store; none when unbounded.
+    pub max_bytes: Option<u64>,
     /// Blob and manifest bytes served to clients since start, by where they came from.
     pub served_bytes: ServedBytes,
 }
@@ -210,6 +212,7 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
         cache: CacheStatus {
             bytes: stats.bytes,
             blobs: stats.blobs,
+            max_bytes: state.cache.max_bytes,
             served_bytes: ServedBytes {
                 local: served(&state, "local"),
                 peer: served(&state, "peer"),

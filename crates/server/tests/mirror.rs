@@ -295,6 +295,7 @@ struct Setup {
     pier: String,
     fake: Fake,
     blobs: Arc<dyn BlobStore>,
+    state: AppState,
     _dir: tempfile::TempDir,
 }
 
@@ -304,6 +305,7 @@ struct Options {
     tag_ttl: Duration,
     deny: Vec<String>,
     credentials: bool,
+    cache: pier_server::cache::CacheSettings,
 }
 
 impl Default for Options {
@@ -314,6 +316,7 @@ impl Default for Options {
             tag_ttl: Duration::from_secs(300),
             deny: Vec::new(),
             credentials: false,
+            cache: pier_server::cache::CacheSettings::default(),
         }
     }
 }
@@ -330,7 +333,9 @@ async fn setup(opts: Options) -> Setup {
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let blobs: Arc<dyn BlobStore> = FsBlobStore::open(dir.path()).await.expect("blobs");
-    let meta: Arc<dyn MetaStore> = Arc::new(RedbMetaStore::in_memory().expect("meta"));
+    let redb = RedbMetaStore::in_memory().expect("meta");
+    let pins: Arc<dyn pier_store::PinStore> = Arc::new(redb.clone());
+    let meta: Arc<dyn MetaStore> = Arc::new(redb);
     let registry = Arc::new(Registry::new(
         blobs.clone(),
         meta.clone(),
@@ -364,11 +369,14 @@ async fn setup(opts: Options) -> Setup {
     );
     let mut state = AppState::with_mirror(registry, mirror, metrics);
     state.hosted = Arc::new(vec!["mine/**".to_string()]);
-    let pier = serve(pier_server::router(state)).await;
+    state.cache = Arc::new(opts.cache);
+    state.pins = Some(pins);
+    let pier = serve(pier_server::router(state.clone())).await;
     Setup {
         pier,
         fake,
         blobs,
+        state,
         _dir: dir,
     }
 }
@@ -1039,4 +1047,156 @@ async fn status_shows_a_benched_endpoint_as_unhealthy() {
     assert_eq!(endpoints[0]["url"], dead.as_str(), "{st}");
     assert_eq!(endpoints[0]["healthy"], false, "{st}");
     assert_eq!(endpoints[1]["healthy"], true, "{st}");
+}
+
+/// Wait until no fill is running (a fill commits just after its clients got the last byte).
+async fn fills_done(pier: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !metrics(pier)
+        .await
+        .contains("pier_mirror_fills_in_flight 0")
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eviction_keeps_the_bound_pinned_hosted_and_blobs_being_read() {
+    const MIB: usize = 1 << 20;
+    let s = setup(Options {
+        cache: pier_server::cache::CacheSettings {
+            max_bytes: Some(40 * MIB as u64),
+            pins: vec!["up.example/team/pinned:v1".into()],
+            every: Duration::from_secs(3600),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let http = client();
+    // Four mirrored images (one pinned, one to be read slowly while eviction runs), one hosted.
+    let mut layers = HashMap::new();
+    for (i, (name, size)) in [("pinned", 8), ("reading", 32), ("old", 8), ("older", 8)]
+        .into_iter()
+        .enumerate()
+    {
+        let data = pseudo_random(size * MIB, 101 + 2 * i as u64);
+        let d = s.fake.add_blob(data.clone());
+        s.fake
+            .add_manifest(&format!("team/{name}"), "v1", &[(&d, data.len())]);
+        let (status, _, _) = get(&format!(
+            "{}/v2/up.example/team/{name}/manifests/v1",
+            s.pier
+        ))
+        .await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, body) =
+            get(&format!("{}/v2/up.example/team/{name}/blobs/{d}", s.pier)).await;
+        assert_eq!(
+            (status, body.expect("body") == data),
+            (StatusCode::OK, true)
+        );
+        layers.insert(name, (d, data));
+    }
+    let hosted = pseudo_random(8 * MIB, 200);
+    let hd = Digest::sha256(&hosted);
+    let resp = http
+        .post(format!("{}/v2/mine/app/blobs/uploads/?digest={hd}", s.pier))
+        .body(hosted.clone())
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    // And one pinned the way `pier pin` does it.
+    let resp = http
+        .post(format!("{}/api/v1/pin", s.pier))
+        .json(&serde_json::json!({"image": "up.example/team/old:v1"}))
+        .send()
+        .await
+        .expect("pin");
+    assert_eq!(resp.status(), StatusCode::OK);
+    fills_done(&s.pier).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while s.blobs.stats().bytes < 64 * MIB as u64 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = s.blobs.stats().bytes;
+    assert!(before >= 64 * MIB as u64, "{before} bytes stored");
+
+    // A slow ranged read of the 32 MiB layer: one chunk, then eviction, then the rest.
+    let (rd, rdata) = layers["reading"].clone();
+    let mut resp = http
+        .get(format!("{}/v2/up.example/team/reading/blobs/{rd}", s.pier))
+        .header("range", format!("bytes=1000-{}", rdata.len() - 1))
+        .send()
+        .await
+        .expect("ranged GET");
+    assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+    let mut got = resp
+        .chunk()
+        .await
+        .expect("chunk")
+        .expect("a first chunk")
+        .to_vec();
+    let first = pier_server::cache::evict_once(&s.state)
+        .await
+        .expect("evict");
+    assert!(first.blobs >= 1, "the older image went: {first:?}");
+    assert!(
+        s.blobs.stat(&rd).await.unwrap().is_some(),
+        "a blob being read stays"
+    );
+    while let Some(c) = resp.chunk().await.expect("the rest of the read") {
+        got.extend_from_slice(&c);
+    }
+    assert!(
+        got == rdata[1000..],
+        "the read completed with the right bytes"
+    );
+
+    // Once the read is over the bound is reached.
+    let second = pier_server::cache::evict_once(&s.state)
+        .await
+        .expect("evict");
+    let after = s.blobs.stats().bytes;
+    assert!(
+        after <= 40 * MIB as u64,
+        "{after} bytes stored after {second:?}"
+    );
+    assert!(
+        s.blobs.stat(&rd).await.unwrap().is_none(),
+        "then it is evicted"
+    );
+    assert!(
+        s.blobs.stat(&layers["pinned"].0).await.unwrap().is_some(),
+        "pinned stays"
+    );
+    assert!(s.blobs.stat(&hd).await.unwrap().is_some(), "hosted stays");
+    let (status, _, body) = get(&format!("{}/v2/mine/app/blobs/{hd}", s.pier)).await;
+    assert_eq!(
+        (status, body.expect("body") == hosted),
+        (StatusCode::OK, true)
+    );
+
+    // An evicted image pulls again, from the upstream.
+    let gets = s.fake.blob_gets.load(Ordering::SeqCst);
+    let (od, odata) = layers["older"].clone();
+    let (status, _, body) = get(&format!("{}/v2/up.example/team/older/blobs/{od}", s.pier)).await;
+    assert_eq!(
+        (status, body.expect("body") == odata),
+        (StatusCode::OK, true)
+    );
+    assert_eq!(
+        s.fake.blob_gets.load(Ordering::SeqCst),
+        gets + 1,
+        "fetched again"
+    );
+    let m = metrics(&s.pier).await;
+    assert!(m.contains("pier_cache_max_bytes 41943040"), "{m}");
+    let evicted = first.bytes + second.bytes;
+    assert!(
+        m.contains(&format!("pier_cache_evicted_bytes_total {evicted}")),
+        "{m}"
+    );
 }

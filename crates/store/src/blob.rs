@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::Stream;
 use pier_oci::{Digest, Hasher};
 
-use crate::{Result, Spool};
+use crate::{Result, Spool, StoreError};
 
 /// A stream of bytes moving into or out of the store. Errors are I/O errors: for a request body
 /// they mean the client's stream broke; for a read they mean the store failed mid-blob.
@@ -18,6 +18,15 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>
 pub struct StoreStats {
     pub blobs: u64,
     pub bytes: u64,
+}
+
+/// One stored blob, as a listing reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobEntry {
+    pub digest: Digest,
+    pub size: u64,
+    /// Unix milliseconds of when the bytes were last written (a blob's age, for the GC grace).
+    pub modified_ms: u64,
 }
 
 /// Content-addressed blob storage. A blob exists here once, whatever repositories link it;
@@ -84,4 +93,18 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn commit_spool(&self, spool: Spool, digest: &Digest, size: u64) -> Result<()>;
 
     fn stats(&self) -> StoreStats;
+
+    /// Stored blobs in digest order (as strings sort), after `after`, at most `n`. For garbage
+    /// collection and integrity checks, which page through the store rather than hold it.
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<BlobEntry>> {
+        let _ = (after, n);
+        Err(StoreError::Unsupported("listing blobs"))
+    }
+
+    /// Move a blob's bytes out of sight (a corrupt blob found by a deep check), keeping them
+    /// for inspection where the backend can. Returns whether the blob was there.
+    async fn quarantine(&self, digest: &Digest) -> Result<bool> {
+        let _ = digest;
+        Err(StoreError::Unsupported("quarantining blobs"))
+    }
 }

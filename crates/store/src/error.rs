@@ -41,6 +41,9 @@ pub enum StoreError {
     Corrupt(String),
     #[error("job {0} unknown")]
     JobUnknown(u64),
+    /// The backend does not implement this operation (yet).
+    #[error("this storage backend does not support {0}")]
+    Unsupported(&'static str),
 }
 
 impl StoreError {
@@ -57,7 +60,8 @@ impl StoreError {
             | StoreError::NoSpace(_)
             | StoreError::Db(_)
             | StoreError::DbIo(_)
-            | StoreError::Corrupt(_) => Blame::Internal,
+            | StoreError::Corrupt(_)
+            | StoreError::Unsupported(_) => Blame::Internal,
         }
     }
 

@@ -5,6 +5,8 @@
 //! hard link to a fully written, fsynced temporary file (atomic, and never replacing a blob that
 //! is already there), followed by an fsync of its directory;
 //! `tmp/` is emptied at start-up, so a crash leaves nothing half-written in sight.
+//! `quarantine/` holds blobs a deep check found corrupt, out of the store's sight, named
+//! `<alg>-<hex>-<unix ms>` so an operator can look at them (pier never reads them again).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -18,7 +20,7 @@ use futures::StreamExt;
 use pier_oci::{Algorithm, Digest, Hasher};
 use tokio::sync::mpsc;
 
-use crate::blob::{BlobStore, ByteStream, StoreStats};
+use crate::blob::{BlobEntry, BlobStore, ByteStream, StoreStats};
 use crate::space::Space;
 use crate::{Result, Spool, StoreError};
 
@@ -201,7 +203,14 @@ impl Inner {
                 self.blobs.fetch_add(1, Ordering::Relaxed);
                 self.bytes.fetch_add(size, Ordering::Relaxed);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                // Written again: it is young again, so the GC's grace period covers the push
+                // that is about to reference it, even if the bytes were stored long ago.
+                std::fs::File::options()
+                    .write(true)
+                    .open(&to)?
+                    .set_modified(std::time::SystemTime::now())?;
+            }
             Err(e) => return Err(e.into()),
         }
         // The temporary name goes; a crash before this leaves it to the start-up sweep of tmp/
@@ -516,4 +525,109 @@ impl BlobStore for FsBlobStore {
             bytes: self.inner.bytes.load(Ordering::Relaxed),
         }
     }
+
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<BlobEntry>> {
+        let root = self.inner.root.join("blobs");
+        let after = after.cloned();
+        blocking(move || list_blobs(&root, after.as_ref(), n)).await
+    }
+
+    async fn quarantine(&self, digest: &Digest) -> Result<bool> {
+        let from = self.blob_path(digest);
+        let dir = self.inner.root.join("quarantine");
+        let name = format!(
+            "{}-{}-{}",
+            digest.algorithm().as_str(),
+            digest.hex(),
+            crate::jobs::unix_ms()
+        );
+        let inner = self.inner.clone();
+        blocking(move || {
+            let len = match std::fs::metadata(&from) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e.into()),
+            };
+            std::fs::create_dir_all(&dir)?;
+            std::fs::rename(&from, dir.join(name))?;
+            if let Some(parent) = from.parent() {
+                fsync_dir(parent)?;
+            }
+            fsync_dir(&dir)?;
+            inner.blobs.fetch_sub(1, Ordering::Relaxed);
+            inner.bytes.fetch_sub(len, Ordering::Relaxed);
+            Ok(true)
+        })
+        .await
+    }
+}
+
+/// Names of the entries of `dir`, sorted (a missing directory has none).
+fn sorted_names(dir: &Path) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(names),
+        Err(e) => return Err(e.into()),
+    };
+    for entry in entries {
+        if let Some(name) = entry?.file_name().to_str() {
+            names.push(name.to_string());
+        }
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// Up to `n` blobs under `root` (`<alg>/<hh>/<hex>`) whose digest sorts after `after`. Only the
+/// directories at or past `after` are read, so each page costs about one prefix directory.
+fn list_blobs(root: &Path, after: Option<&Digest>, n: usize) -> Result<Vec<BlobEntry>> {
+    let mut out = Vec::new();
+    let after_alg = after.map(|d| d.algorithm().as_str().to_string());
+    let after_hex = after.map(|d| d.hex().to_string());
+    for alg in sorted_names(root)? {
+        if after_alg.as_deref().is_some_and(|a| alg.as_str() < a) {
+            continue;
+        }
+        let same_alg = after_alg.as_deref() == Some(alg.as_str());
+        for prefix in sorted_names(&root.join(&alg))? {
+            if same_alg
+                && after_hex
+                    .as_deref()
+                    .is_some_and(|h| prefix.as_str() < &h[..2])
+            {
+                continue;
+            }
+            let dir = root.join(&alg).join(&prefix);
+            for hex in sorted_names(&dir)? {
+                if same_alg && after_hex.as_deref().is_some_and(|h| hex.as_str() <= h) {
+                    continue;
+                }
+                // Anything that is not a digest's name is not a blob of ours.
+                let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() else {
+                    continue;
+                };
+                let meta = match std::fs::metadata(dir.join(&hex)) {
+                    Ok(m) => m,
+                    // Deleted between the listing and now.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                let modified_ms = meta
+                    .modified()
+                    .ok()
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                out.push(BlobEntry {
+                    digest,
+                    size: meta.len(),
+                    modified_ms,
+                });
+                if out.len() == n {
+                    return Ok(out);
+                }
+            }
+        }
+    }
+    Ok(out)
 }

@@ -21,7 +21,7 @@ pub mod redb_meta;
 pub mod space;
 pub mod spool;
 
-pub use blob::{BlobStore, ByteStream, StoreStats};
+pub use blob::{BlobEntry, BlobStore, ByteStream, StoreStats};
 pub use error::{Blame, StoreError};
 pub use fs::FsBlobStore;
 pub use imports::{ImportLog, ImportedFile, MemoryImportLog};

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use pier_oci::{Descriptor, Digest};
 use serde::{Deserialize, Serialize};
 
-use crate::Result;
+use crate::{Result, StoreError};
 
 /// What pier remembers about a manifest in a repository. The bytes are kept separately, exactly
 /// as received.
@@ -103,4 +103,69 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn upload(&self, id: &str) -> Result<Option<UploadRecord>>;
     async fn delete_upload(&self, id: &str) -> Result<()>;
     async fn uploads(&self) -> Result<Vec<UploadRecord>>;
+
+    // ---- garbage collection and integrity checks ----
+    //
+    // The collector's model (garage's): a blob first becomes "deletable since T" (a mark),
+    // and only a blob still marked is removed. Every write that makes a blob wanted again
+    // ([`MetaStore::link_blob`], [`MetaStore::put_manifest`] of a manifest referencing it)
+    // clears its mark in the same transaction, so a push racing the collector wins.
+
+    /// Every manifest of every repository, ordered by (repository, digest), after `after`, at
+    /// most `n`.
+    async fn manifest_page(
+        &self,
+        after: Option<(&str, &Digest)>,
+        n: usize,
+    ) -> Result<Vec<(String, ManifestRecord)>> {
+        let _ = (after, n);
+        Err(StoreError::Unsupported("listing manifests"))
+    }
+
+    /// Every blob link (repository, digest, size), ordered by (repository, digest), after
+    /// `after`, at most `n`.
+    async fn link_page(
+        &self,
+        after: Option<(&str, &Digest)>,
+        n: usize,
+    ) -> Result<Vec<(String, Digest, u64)>> {
+        let _ = (after, n);
+        Err(StoreError::Unsupported("listing blob links"))
+    }
+
+    /// Mark blobs deletable as of `at_ms` (unix milliseconds). A blob already marked keeps
+    /// the new time.
+    async fn gc_mark(&self, digests: &[Digest], at_ms: u64) -> Result<()> {
+        let _ = (digests, at_ms);
+        Err(StoreError::Unsupported("garbage collection marks"))
+    }
+
+    /// Clear marks (the collector found the blobs referenced after all).
+    async fn gc_unmark(&self, digests: &[Digest]) -> Result<()> {
+        let _ = digests;
+        Err(StoreError::Unsupported("garbage collection marks"))
+    }
+
+    /// In one transaction: if `digest` is still marked deletable as of `at_ms`, remove the
+    /// mark and every repository's link to it, and return those repositories; if the mark is
+    /// gone or newer (something wanted the blob since), change nothing and return `None`.
+    /// Only after `Some` may the caller delete the bytes.
+    async fn gc_sweep(&self, digest: &Digest, at_ms: u64) -> Result<Option<Vec<String>>> {
+        let _ = (digest, at_ms);
+        Err(StoreError::Unsupported("garbage collection"))
+    }
+    // ---- cache eviction ----
+
+    /// Remember when blobs were last read (unix ms), so least-recently-used order survives a
+    /// restart. Called with batches gathered in memory; a later time replaces an earlier one.
+    async fn record_access(&self, accesses: &[(Digest, u64)]) -> Result<()> {
+        let _ = accesses;
+        Err(StoreError::Unsupported("blob access times"))
+    }
+
+    /// The last recorded read of each of `digests` (unix ms), `None` where none is recorded.
+    async fn access_times(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>> {
+        let _ = digests;
+        Err(StoreError::Unsupported("blob access times"))
+    }
 }

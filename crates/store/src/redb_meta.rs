@@ -10,6 +10,9 @@
 //! newest job with that key, `job_due` (next attempt ms, id) → () for every queued or retrying
 //! job (so finding due work is a range read, not a scan), `job_seq` "next" → the next id.
 //! Pins ([`PinStore`]): `pins` (repo, digest) → pin JSON.
+//! Garbage collection: `gc_marks` blob digest → unix ms since which it is deletable; cleared
+//! by `link_blob` and `put_manifest` in their own transactions. Cache eviction:
+//! `blob_access` blob digest → unix ms of its last read (flushed in batches).
 //!
 //! Imported archive files ([`ImportLog`]): `import_files` file digest → record JSON.
 //!
@@ -48,6 +51,8 @@ const JOB_DUE: TableDefinition<'_, (u64, u64), ()> = TableDefinition::new("job_d
 const JOB_SEQ: TableDefinition<'_, &str, u64> = TableDefinition::new("job_seq");
 const IMPORT_FILES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("import_files");
 const PINS: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("pins");
+const GC_MARKS: TableDefinition<'_, &str, u64> = TableDefinition::new("gc_marks");
+const BLOB_ACCESS: TableDefinition<'_, &str, u64> = TableDefinition::new("blob_access");
 
 /// Opens the database again after an I/O failure. `None` for a database that lives only in
 /// memory: reopening it would lose everything.
@@ -116,6 +121,8 @@ impl RedbMetaStore {
         tx.open_table(JOB_SEQ)?;
         tx.open_table(IMPORT_FILES)?;
         tx.open_table(PINS)?;
+        tx.open_table(GC_MARKS)?;
+        tx.open_table(BLOB_ACCESS)?;
         tx.commit()?;
         Ok(RedbMetaStore {
             db: Arc::new(RwLock::new(Some(Arc::new(db)))),
@@ -298,6 +305,7 @@ impl MetaStore for RedbMetaStore {
             tx.open_table(REPOS)?.insert(repo.as_str(), ())?;
             tx.open_table(BLOB_LINKS)?
                 .insert((repo.as_str(), digest.as_str()), size)?;
+            tx.open_table(GC_MARKS)?.remove(digest.as_str())?;
             Ok(())
         })
         .await
@@ -333,8 +341,15 @@ impl MetaStore for RedbMetaStore {
         let tag = tag.map(str::to_string);
         let digest = record.digest.to_string();
         let subject = record.subject.as_ref().map(|s| s.to_string());
+        let references: Vec<String> = record.references.iter().map(|d| d.to_string()).collect();
         let rec = json(record)?;
         self.write(move |tx| {
+            {
+                let mut marks = tx.open_table(GC_MARKS)?;
+                for r in &references {
+                    marks.remove(r.as_str())?;
+                }
+            }
             tx.open_table(REPOS)?.insert(repo.as_str(), ())?;
             tx.open_table(MANIFEST_BYTES)?
                 .insert(digest.as_str(), bytes.as_ref())?;
@@ -500,6 +515,142 @@ impl MetaStore for RedbMetaStore {
                 out.push(unjson(v.value())?);
             }
             Ok(out)
+        })
+        .await
+    }
+    async fn manifest_page(
+        &self,
+        after: Option<(&str, &Digest)>,
+        n: usize,
+    ) -> Result<Vec<(String, ManifestRecord)>> {
+        let after = after.map(|(r, d)| (r.to_string(), d.to_string()));
+        self.read(|tx| {
+            let table = tx.open_table(MANIFESTS)?;
+            let start = match &after {
+                Some((r, d)) => Bound::Excluded((r.as_str(), d.as_str())),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
+                if out.len() == n {
+                    break;
+                }
+                let (k, v) = item?;
+                out.push((k.value().0.to_string(), unjson(v.value())?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn link_page(
+        &self,
+        after: Option<(&str, &Digest)>,
+        n: usize,
+    ) -> Result<Vec<(String, Digest, u64)>> {
+        let after = after.map(|(r, d)| (r.to_string(), d.to_string()));
+        self.read(|tx| {
+            let table = tx.open_table(BLOB_LINKS)?;
+            let start = match &after {
+                Some((r, d)) => Bound::Excluded((r.as_str(), d.as_str())),
+                None => Bound::Unbounded,
+            };
+            let mut out = Vec::new();
+            for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
+                if out.len() == n {
+                    break;
+                }
+                let (k, v) = item?;
+                let (repo, digest) = k.value();
+                out.push((
+                    repo.to_string(),
+                    digest.parse().map_err(corrupt)?,
+                    v.value(),
+                ));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn gc_mark(&self, digests: &[Digest], at_ms: u64) -> Result<()> {
+        let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
+        self.write(move |tx| {
+            let mut marks = tx.open_table(GC_MARKS)?;
+            for d in &digests {
+                marks.insert(d.as_str(), at_ms)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn gc_unmark(&self, digests: &[Digest]) -> Result<()> {
+        let digests: Vec<String> = digests.iter().map(|d| d.to_string()).collect();
+        self.write(move |tx| {
+            let mut marks = tx.open_table(GC_MARKS)?;
+            for d in &digests {
+                marks.remove(d.as_str())?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn record_access(&self, accesses: &[(Digest, u64)]) -> Result<()> {
+        let accesses: Vec<(String, u64)> =
+            accesses.iter().map(|(d, t)| (d.to_string(), *t)).collect();
+        self.write(move |tx| {
+            let mut table = tx.open_table(BLOB_ACCESS)?;
+            for (d, t) in &accesses {
+                let old = table.get(d.as_str())?.map(|v| v.value());
+                if old.is_none_or(|o| o < *t) {
+                    table.insert(d.as_str(), *t)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn access_times(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>> {
+        self.read(|tx| {
+            let table = tx.open_table(BLOB_ACCESS)?;
+            let mut out = Vec::with_capacity(digests.len());
+            for d in digests {
+                out.push(table.get(d.to_string().as_str())?.map(|v| v.value()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn gc_sweep(&self, digest: &Digest, at_ms: u64) -> Result<Option<Vec<String>>> {
+        let digest = digest.to_string();
+        self.write(move |tx| {
+            let mut marks = tx.open_table(GC_MARKS)?;
+            let still = marks.get(digest.as_str())?.map(|v| v.value());
+            if still != Some(at_ms) {
+                return Ok(None);
+            }
+            marks.remove(digest.as_str())?;
+            tx.open_table(BLOB_ACCESS)?.remove(digest.as_str())?;
+            let repos: Vec<String> = {
+                let table = tx.open_table(REPOS)?;
+                let mut repos = Vec::new();
+                for item in table.iter()? {
+                    repos.push(item?.0.value().to_string());
+                }
+                repos
+            };
+            let mut links = tx.open_table(BLOB_LINKS)?;
+            let mut unlinked = Vec::new();
+            for repo in repos {
+                if links.remove((repo.as_str(), digest.as_str()))?.is_some() {
+                    unlinked.push(repo);
+                }
+            }
+            Ok(Some(unlinked))
         })
         .await
     }

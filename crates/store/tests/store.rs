@@ -280,3 +280,92 @@ async fn racing_puts_of_one_blob_store_and_count_it_once() {
     assert_eq!(read_all(&store, &d, 0, 300_000).await, data);
     assert_eq!(files_under(&dir.path().join("tmp")), 0);
 }
+
+#[tokio::test]
+async fn listing_pages_through_blobs_in_digest_order_and_quarantine_hides_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = FsBlobStore::open(dir.path()).await.unwrap();
+    let mut digests = Vec::new();
+    for i in 0..25u32 {
+        let data = format!("blob number {i}").into_bytes();
+        let (d, _) = store.put(None, body(&[&data]), None).await.unwrap();
+        digests.push(d);
+    }
+    digests.sort_by_key(|d| d.to_string());
+    let mut seen = Vec::new();
+    let mut after: Option<Digest> = None;
+    loop {
+        let page = store.list(after.as_ref(), 7).await.unwrap();
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        after = Some(last.digest.clone());
+        seen.extend(page.into_iter().map(|b| b.digest));
+    }
+    assert_eq!(seen, digests, "every blob once, in order");
+
+    let victim = &digests[3];
+    assert!(store.quarantine(victim).await.unwrap());
+    assert_eq!(store.stat(victim).await.unwrap(), None);
+    assert!(!store.quarantine(victim).await.unwrap(), "already gone");
+    assert_eq!(store.stats().blobs, 24);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("quarantine"))
+            .unwrap()
+            .count(),
+        1
+    );
+    let all = store.list(None, 100).await.unwrap();
+    assert_eq!(all.len(), 24);
+    assert!(all.iter().all(|b| &b.digest != victim));
+}
+
+#[tokio::test]
+async fn a_gc_mark_holds_only_until_something_wants_the_blob() {
+    let meta = RedbMetaStore::in_memory().unwrap();
+    let d = Digest::sha256(b"layer");
+    meta.link_blob("team/a", &d, 5).await.unwrap();
+    meta.link_blob("team/b", &d, 5).await.unwrap();
+
+    // Marked, then linked again: the sweep finds no mark and changes nothing.
+    meta.gc_mark(std::slice::from_ref(&d), 100).await.unwrap();
+    meta.link_blob("team/c", &d, 5).await.unwrap();
+    assert_eq!(meta.gc_sweep(&d, 100).await.unwrap(), None);
+    assert_eq!(meta.blob_link("team/a", &d).await.unwrap(), Some(5));
+
+    // Marked, then a manifest referencing it: kept too.
+    meta.gc_mark(std::slice::from_ref(&d), 200).await.unwrap();
+    let record = ManifestRecord {
+        digest: Digest::sha256(b"manifest"),
+        media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+        size: 8,
+        artifact_type: None,
+        subject: None,
+        annotations: None,
+        references: vec![d.clone()],
+    };
+    meta.put_manifest("team/a", &record, Bytes::from_static(b"manifest"), None)
+        .await
+        .unwrap();
+    assert_eq!(meta.gc_sweep(&d, 200).await.unwrap(), None);
+
+    // A newer mark than the sweeper's is not its to act on.
+    meta.gc_mark(std::slice::from_ref(&d), 300).await.unwrap();
+    assert_eq!(meta.gc_sweep(&d, 299).await.unwrap(), None);
+    // The mark still holds: every link goes, once.
+    let mut repos = meta.gc_sweep(&d, 300).await.unwrap().expect("swept");
+    repos.sort();
+    assert_eq!(repos, ["team/a", "team/b", "team/c"]);
+    assert_eq!(meta.blob_link("team/b", &d).await.unwrap(), None);
+    assert_eq!(meta.gc_sweep(&d, 300).await.unwrap(), None);
+
+    let page = meta.manifest_page(None, 10).await.unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].0, "team/a");
+    meta.record_access(&[(d.clone(), 5), (d.clone(), 3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.access_times(std::slice::from_ref(&d)).await.unwrap(),
+        [Some(5)]
+    );
+}

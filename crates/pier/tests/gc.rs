@@ -1,0 +1,345 @@
+//! Storage upkeep as an operator meets it, with the real binary: `pier gc --dry-run` then
+//! `pier gc` against a running node (numbers reported, the deleted image's blobs gone), and
+//! `pier check --deep` finding a blob corrupted on disk: a hosted one is reported lost (exit
+//! 2, and a pull gets BLOB_UNKNOWN rather than bad bytes); a mirrored one is quarantined
+//! (exit 1) and the next pull fetches it from the upstream again (interop tier, with Debian's
+//! docker-registry as the upstream).
+
+mod common;
+mod mirror_support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{digest_of, error_code, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec};
+use common::{Pier, KIB, MIB};
+use mirror_support::{http_client, pull_http, start_mirror, upstream_table, Registry};
+use reqwest::StatusCode;
+
+fn pier(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(args)
+        .output()
+        .expect("run pier")
+}
+
+fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The file of a blob under a node's data directory.
+fn blob_file(data_dir: &Path, digest: &str) -> PathBuf {
+    let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
+    data_dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+fn flip_a_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).expect("read the blob file");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(path, bytes).expect("write the blob file");
+}
+
+/// A hosted node that collects without grace.
+fn hosted_pier(tmp: &Path) -> Pier {
+    let config = tmp.join("pier.toml");
+    std::fs::write(&config, "[gc]\ngrace = \"0s\"\n").expect("write config");
+    Pier::start_with(
+        &tmp.join("data"),
+        &tmp.join("pier.log"),
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--hosted".into(),
+            "**".into(),
+        ],
+    )
+}
+
+async fn push_blob(http: &reqwest::Client, base: &str, repo: &str, data: &[u8]) -> String {
+    let d = digest_of(data);
+    let resp = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/?digest={d}"))
+        .body(data.to_vec())
+        .send()
+        .await
+        .expect("push blob");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    d
+}
+
+/// Push a config and one layer, and a manifest over them tagged `tag`; its digest.
+async fn push_image(
+    http: &reqwest::Client,
+    base: &str,
+    repo: &str,
+    tag: &str,
+    layer: &[u8],
+) -> (String, String, String) {
+    let config = format!("{{\"architecture\":\"amd64\",\"tag\":\"{tag}\"}}").into_bytes();
+    let c = push_blob(http, base, repo, &config).await;
+    let l = push_blob(http, base, repo, layer).await;
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": c, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                    "digest": l, "size": layer.len()}],
+    })
+    .to_string();
+    let resp = http
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest.clone())
+        .send()
+        .await
+        .expect("push manifest");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    (digest_of(manifest.as_bytes()), c, l)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_dry_run_then_gc_frees_a_deleted_images_blobs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = hosted_pier(tmp.path());
+    let http = http_client();
+    let base = node.url();
+    let old_layer = vec![3u8; 300 * 1024];
+    let (old, old_config, old_l) = push_image(&http, &base, "team/app", "old", &old_layer).await;
+    let (_, _, new_l) = push_image(&http, &base, "team/app", "new", &[4u8; 1000]).await;
+    let resp = http
+        .delete(format!("{base}/v2/team/app/manifests/{old}"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let freed_bytes = old_layer.len() as u64
+        + std::fs::metadata(blob_file(node.data_dir(), &old_config))
+            .unwrap()
+            .len();
+
+    let plan = pier(&["gc", "--dry-run", "--json", "--url", &base]);
+    assert!(plan.status.success(), "{plan:?}");
+    let plan = json_of(&plan);
+    assert_eq!(plan["dry_run"], true);
+    assert_eq!(plan["blobs"], 2, "{plan}");
+    assert_eq!(plan["bytes"], freed_bytes, "{plan}");
+    assert!(
+        blob_file(node.data_dir(), &old_l).exists(),
+        "a dry run frees nothing"
+    );
+
+    let done = pier(&["gc", "--url", &base]);
+    let text = String::from_utf8_lossy(&done.stdout).to_string();
+    assert!(done.status.success(), "{done:?}");
+    assert!(
+        text.starts_with(&format!("freed 2 blobs, {freed_bytes} bytes")),
+        "{text}"
+    );
+    assert!(!blob_file(node.data_dir(), &old_l).exists());
+    let resp = http
+        .get(format!("{base}/v2/team/app/blobs/{old_l}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&resp.bytes().await.unwrap()), "BLOB_UNKNOWN");
+    // The image still tagged is whole.
+    let resp = http
+        .get(format!("{base}/v2/team/app/blobs/{new_l}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &[4u8; 1000]);
+
+    let again = json_of(&pier(&["gc", "--dry-run", "--json", "--url", &base]));
+    assert_eq!(
+        (again["blobs"].as_u64(), again["bytes"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let m = node.metrics(&http).await;
+    assert_eq!(m.sum("pier_gc_freed_blobs_total", &[]), 2.0, "{}", m.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_deep_reports_a_corrupt_hosted_blob_lost_and_pulls_get_blob_unknown() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = hosted_pier(tmp.path());
+    let http = http_client();
+    let base = node.url();
+    let (manifest, _, layer) = push_image(&http, &base, "team/app", "v1", &[5u8; 64 * 1024]).await;
+
+    let clean = pier(&["check", "--deep", "--url", &base]);
+    let text = String::from_utf8_lossy(&clean.stdout).to_string();
+    assert_eq!(clean.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("pass   blob digests: 2 blobs verified"),
+        "{text}"
+    );
+
+    flip_a_byte(&blob_file(node.data_dir(), &layer));
+    let found = pier(&["check", "--deep", "--json", "--url", &base]);
+    assert_eq!(found.status.code(), Some(2), "lost data exits 2: {found:?}");
+    let report = json_of(&found);
+    let digests = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "blob digests")
+        .expect("a digest check")
+        .clone();
+    assert_eq!(digests["status"], "fail", "{digests}");
+    let details = digests["details"].to_string();
+    assert!(
+        details.contains(&layer) && details.contains(&format!("team/app@{manifest}")),
+        "the report names the blob and the manifest that lost it: {details}"
+    );
+    assert!(!blob_file(node.data_dir(), &layer).exists());
+    assert!(
+        std::fs::read_dir(node.data_dir().join("quarantine"))
+            .unwrap()
+            .count()
+            == 1,
+        "the corrupt bytes are kept aside"
+    );
+    let resp = http
+        .get(format!("{base}/v2/team/app/blobs/{layer}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&resp.bytes().await.unwrap()), "BLOB_UNKNOWN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_deep_quarantines_a_corrupt_mirrored_blob_and_the_next_pull_fetches_it_again() {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
+        return;
+    };
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![
+                    LayerSpec::new("big.bin", 2 * MIB + 7, 501),
+                    LayerSpec::new("small.conf", 3 * KIB, 502),
+                ],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    let registry = Registry::start_in(tmp.path());
+    let http = http_client();
+    registry
+        .push(&http, "team/app", "v1", &layout, &image)
+        .await;
+    let upstream = format!("localhost:{}", registry.port());
+    let tables = upstream_table(&upstream, &[registry.url()], "");
+    let (node, _) = start_mirror(tmp.path(), false, &tables, &[]);
+    let query = format!("?ns={upstream}");
+    pull_http(&http, &node.url(), "team/app", "v1", &query, &image).await;
+    let layer = &image.layers[0].blob;
+    let url = format!("{}/v2/team/app/blobs/{}{query}", node.url(), layer.digest);
+    let first = http.get(&url).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(digest_of(&first), layer.digest);
+
+    let file = blob_file(node.data_dir(), &layer.digest);
+    // The fill commits just after the client has its last byte.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !file.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        file.exists(),
+        "the mirror cached the layer at {}",
+        file.display()
+    );
+    let before = node.metrics(&http).await;
+    let fetched = before.sum(
+        "pier_mirror_upstream_bytes_total",
+        &[("upstream", &upstream)],
+    );
+    flip_a_byte(&file);
+    let found = pier(&["check", "--deep", "--url", &node.url()]);
+    let text = String::from_utf8_lossy(&found.stdout).to_string();
+    assert_eq!(
+        found.status.code(),
+        Some(1),
+        "found and fixed exits 1:\n{text}"
+    );
+    assert!(text.contains("fixed  blob digests"), "{text}");
+    assert!(text.contains(&layer.digest), "{text}");
+
+    let again = http.get(&url).send().await.unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    let again = again.bytes().await.unwrap();
+    assert_eq!(digest_of(&again), layer.digest, "the right bytes");
+    let after = node.metrics(&http).await;
+    let fetched_again = after.sum(
+        "pier_mirror_upstream_bytes_total",
+        &[("upstream", &upstream)],
+    );
+    assert!(
+        fetched_again >= fetched + layer.size as f64,
+        "the upstream was asked again: {fetched} then {fetched_again} bytes"
+    );
+    let clean = pier(&["check", "--deep", "--url", &node.url()]);
+    assert_eq!(clean.status.code(), Some(0), "{clean:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_pin_and_unpin_hold_an_image_by_digest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let node = hosted_pier(tmp.path());
+    let http = http_client();
+    let base = node.url();
+    let (manifest, _, _) = push_image(&http, &base, "team/app", "v1", &[6u8; 4096]).await;
+
+    let pinned = pier(&["pin", "team/app:v1", "--url", &base]);
+    assert!(pinned.status.success(), "{pinned:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&pinned.stdout).trim(),
+        format!("pinned team/app@{manifest}")
+    );
+    let pins: serde_json::Value = http
+        .get(format!("{base}/api/v1/sync/pins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pins["pins"][0]["repo"], "team/app", "{pins}");
+    assert_eq!(pins["pins"][0]["digest"], manifest.as_str(), "{pins}");
+    assert_eq!(pins["pins"][0]["by"][0], "cli", "{pins}");
+
+    let unpinned = pier(&["unpin", "team/app:v1", "--url", &base]);
+    assert!(unpinned.status.success(), "{unpinned:?}");
+    assert!(String::from_utf8_lossy(&unpinned.stdout).starts_with("unpinned "));
+    let pins: serde_json::Value = http
+        .get(format!("{base}/api/v1/sync/pins"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pins["pins"].as_array().map(Vec::len), Some(0), "{pins}");
+
+    let missing = pier(&["pin", "team/app:nope", "--url", &base]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("is not stored here"),
+        "{missing:?}"
+    );
+}

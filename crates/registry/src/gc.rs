@@ -1,0 +1,410 @@
+//! Online garbage collection and integrity checks of the stores.
+//!
+//! The collector frees blobs that no manifest of any repository references, while pushes and
+//! pulls go on. It follows garage's model: a blob is first marked "deletable since T", and
+//! only a blob still marked is removed. The order of a run is what makes that safe:
+//!
+//! 1. list stored blobs older than the grace period (the candidates);
+//! 2. mark every candidate deletable since T (one transaction per batch);
+//! 3. only then read every manifest's references, and unmark the candidates referenced;
+//! 4. sweep each candidate still marked: under the registry's sweep lock, [`MetaStore::gc_sweep`]
+//!    unlinks it in one transaction that first re-checks the mark, then the bytes go.
+//!
+//! A manifest put before step 2 committed is seen by step 3; one put after it clears the
+//! marks of what it references in its own transaction ([`MetaStore::put_manifest`]), as does
+//! linking a blob (an upload's commit, a mount). The registry's writes that check links and
+//! then rely on the bytes (an upload's commit and link, a mount, a manifest put's check and
+//! store) hold the sweep lock shared, so a sweep never falls between their check and their
+//! write: a push that raced the collector either finds its blob linked (and the mark
+//! cleared) or gets `MANIFEST_BLOB_UNKNOWN` and pushes the blob again.
+//!
+//! The check pages through links, manifests and blobs: every link's bytes must exist with the
+//! linked size (a missing one is lost data), references no store holds are reported (normal
+//! for mirrored images not pulled in full), stored blobs that nothing links are reported (the
+//! collector frees them), and a deep check re-hashes every blob, quarantining one whose bytes
+//! do not match their digest.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::Duration;
+
+use futures::StreamExt;
+use pier_oci::{Digest, Hasher};
+use pier_store::blob::BlobEntry;
+use serde::{Deserialize, Serialize};
+
+use crate::{Registry, Result};
+
+/// Blobs and records read per page while walking the stores.
+const PAGE: usize = 1000;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How a collection runs.
+#[derive(Debug, Clone, Copy)]
+pub struct GcOptions {
+    /// Report what would be freed and free nothing.
+    pub dry_run: bool,
+    /// Blobs written more recently than this are never collected.
+    pub grace: Duration,
+}
+
+/// What a collection freed (or, in a dry run, would free).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Blobs freed.
+    pub blobs: u64,
+    /// Bytes freed.
+    pub bytes: u64,
+    /// Untagged manifests removed (none: untagged manifests are kept; see ARCHITECTURE.md).
+    pub manifests: u64,
+    /// Stored blobs looked at.
+    pub scanned: u64,
+    /// Unreferenced blobs kept because they are younger than the grace period.
+    pub young: u64,
+    /// Candidates that something wanted again while the collection ran, and so were kept.
+    pub rescued: u64,
+}
+
+impl Registry {
+    /// Collect unreferenced blobs (see the module header for why this is safe while pushes
+    /// run).
+    pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
+        let mut report = GcReport {
+            dry_run: opts.dry_run,
+            ..GcReport::default()
+        };
+        let now = unix_ms();
+        let cutoff = now.saturating_sub(opts.grace.as_millis() as u64);
+
+        // 1. Candidates: every blob older than the grace period. In a dry run also those the
+        //    references below rule out; they are filtered the same way.
+        let mut candidates: Vec<BlobEntry> = Vec::new();
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = self.blobs.list(after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.digest.clone());
+            let full = page.len() == PAGE;
+            for b in page {
+                report.scanned += 1;
+                if b.modified_ms <= cutoff {
+                    candidates.push(b);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+
+        // 2. Mark them deletable as of `now`, before reading references.
+        if !opts.dry_run {
+            for chunk in candidates.chunks(PAGE) {
+                let digests: Vec<Digest> = chunk.iter().map(|b| b.digest.clone()).collect();
+                self.meta.gc_mark(&digests, now).await?;
+            }
+        }
+
+        // 3. Everything any manifest references stays.
+        let referenced = self.referenced().await?;
+        let (kept, doomed): (Vec<BlobEntry>, Vec<BlobEntry>) = candidates
+            .into_iter()
+            .partition(|b| referenced.contains(&b.digest));
+        if !opts.dry_run {
+            for chunk in kept.chunks(PAGE) {
+                let digests: Vec<Digest> = chunk.iter().map(|b| b.digest.clone()).collect();
+                self.meta.gc_unmark(&digests).await?;
+            }
+        }
+        report.young = self.count_young_unreferenced(cutoff, &referenced).await?;
+
+        // 4. Sweep what is still marked.
+        for b in doomed {
+            if opts.dry_run {
+                report.blobs += 1;
+                report.bytes += b.size;
+                continue;
+            }
+            let _sweep = self.sweep_lock.write().await;
+            match self.meta.gc_sweep(&b.digest, now).await? {
+                Some(_unlinked) => {
+                    if self.blobs.delete(&b.digest).await? {
+                        report.blobs += 1;
+                        report.bytes += b.size;
+                    }
+                }
+                None => report.rescued += 1,
+            }
+        }
+        if !opts.dry_run && report.blobs > 0 {
+            tracing::info!(
+                blobs = report.blobs,
+                bytes = report.bytes,
+                rescued = report.rescued,
+                "garbage collected"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Every digest any manifest of any repository references.
+    async fn referenced(&self) -> Result<HashSet<Digest>> {
+        let mut referenced = HashSet::new();
+        let mut after: Option<(String, Digest)> = None;
+        loop {
+            let page = self
+                .meta
+                .manifest_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
+                .await?;
+            let Some((repo, last)) = page.last() else {
+                break;
+            };
+            after = Some((repo.clone(), last.digest.clone()));
+            let full = page.len() == PAGE;
+            for (_, record) in page {
+                referenced.extend(record.references);
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(referenced)
+    }
+
+    /// Unreferenced blobs the grace period protects (for the report only).
+    async fn count_young_unreferenced(
+        &self,
+        cutoff: u64,
+        referenced: &HashSet<Digest>,
+    ) -> Result<u64> {
+        let mut young = 0;
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = self.blobs.list(after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.digest.clone());
+            let full = page.len() == PAGE;
+            young += page
+                .iter()
+                .filter(|b| b.modified_ms > cutoff && !referenced.contains(&b.digest))
+                .count() as u64;
+            if !full {
+                break;
+            }
+        }
+        Ok(young)
+    }
+
+    /// Check metadata against blobs, and with `deep` every blob's digest (quarantining the
+    /// corrupt). `progress` is told each blob's size as the deep pass finishes it.
+    pub async fn check(
+        &self,
+        deep: bool,
+        progress: &(dyn Fn(u64) + Send + Sync),
+    ) -> Result<CheckFindings> {
+        let mut f = CheckFindings::default();
+
+        // Blob links: the bytes exist, at the linked size.
+        let mut linked: HashSet<Digest> = HashSet::new();
+        let mut after: Option<(String, Digest)> = None;
+        loop {
+            let page = self
+                .meta
+                .link_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
+                .await?;
+            let Some((repo, last, _)) = page.last() else {
+                break;
+            };
+            after = Some((repo.clone(), last.clone()));
+            let full = page.len() == PAGE;
+            for (repo, digest, size) in page {
+                f.links += 1;
+                match self.blobs.stat(&digest).await? {
+                    Some(s) if s == size => {}
+                    Some(s) => f.wrong_size.push(Missing {
+                        repo: repo.clone(),
+                        digest: digest.to_string(),
+                        detail: format!("linked as {size} bytes, {s} stored"),
+                    }),
+                    None => f.missing_links.push(Missing {
+                        repo: repo.clone(),
+                        digest: digest.to_string(),
+                        detail: "linked, no bytes".into(),
+                    }),
+                }
+                linked.insert(digest);
+            }
+            if !full {
+                break;
+            }
+        }
+
+        // Manifests: what they reference is a manifest of the repository or a stored blob.
+        let mut after: Option<(String, Digest)> = None;
+        let mut manifests_by_repo: BTreeMap<String, BTreeSet<Digest>> = BTreeMap::new();
+        let mut references: Vec<(String, Digest, Digest)> = Vec::new();
+        loop {
+            let page = self
+                .meta
+                .manifest_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
+                .await?;
+            let Some((repo, last)) = page.last() else {
+                break;
+            };
+            after = Some((repo.clone(), last.digest.clone()));
+            let full = page.len() == PAGE;
+            for (repo, record) in page {
+                f.manifests += 1;
+                manifests_by_repo
+                    .entry(repo.clone())
+                    .or_default()
+                    .insert(record.digest.clone());
+                for r in record.references {
+                    references.push((repo.clone(), record.digest.clone(), r));
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        for (repo, manifest, r) in &references {
+            if manifests_by_repo.get(repo).is_some_and(|m| m.contains(r)) {
+                continue;
+            }
+            if self.blobs.stat(r).await?.is_none() {
+                f.unstored_references.push(Missing {
+                    repo: repo.clone(),
+                    digest: r.to_string(),
+                    detail: format!("referenced by {manifest}"),
+                });
+            }
+        }
+
+        // Stored blobs: linked by some repository, and (deep) their bytes match their digest.
+        let mut after: Option<Digest> = None;
+        loop {
+            let page = self.blobs.list(after.as_ref(), PAGE).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.digest.clone());
+            let full = page.len() == PAGE;
+            for b in page {
+                f.blobs += 1;
+                f.bytes += b.size;
+                if !linked.contains(&b.digest) {
+                    f.unlinked_blobs += 1;
+                    f.unlinked_bytes += b.size;
+                }
+                if deep {
+                    let ok = self.verify(&b).await?;
+                    progress(b.size);
+                    if !ok && self.blobs.quarantine(&b.digest).await? {
+                        let users = references
+                            .iter()
+                            .filter(|(_, _, r)| *r == b.digest)
+                            .map(|(repo, m, _)| (repo.clone(), m.to_string()))
+                            .collect();
+                        f.quarantined.push(Quarantined {
+                            digest: b.digest.to_string(),
+                            size: b.size,
+                            manifests: users,
+                            repos: Vec::new(),
+                        });
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        // Which repositories linked what was quarantined (to tell mirrored from hosted).
+        if !f.quarantined.is_empty() {
+            let mut after: Option<(String, Digest)> = None;
+            loop {
+                let page = self
+                    .meta
+                    .link_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
+                    .await?;
+                let Some((repo, last, _)) = page.last() else {
+                    break;
+                };
+                after = Some((repo.clone(), last.clone()));
+                let full = page.len() == PAGE;
+                for (repo, digest, _) in page {
+                    let d = digest.to_string();
+                    if let Some(q) = f.quarantined.iter_mut().find(|q| q.digest == d) {
+                        q.repos.push(repo);
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+        Ok(f)
+    }
+
+    /// Whether a stored blob's bytes hash to its digest.
+    async fn verify(&self, b: &BlobEntry) -> Result<bool> {
+        let mut stream = match self.blobs.read(&b.digest, 0, b.size).await {
+            Ok(s) => s,
+            // Collected or evicted since the listing: nothing left to verify.
+            Err(pier_store::StoreError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(true)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut h = Hasher::new(b.digest.algorithm());
+        while let Some(chunk) = stream.next().await {
+            match chunk {
+                Ok(c) => h.update(&c),
+                // A blob that cannot be read to its end is as bad as a corrupt one.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(false),
+                Err(e) => return Err(pier_store::StoreError::Io(e).into()),
+            }
+        }
+        Ok(h.finish() == b.digest)
+    }
+}
+
+/// A link or reference whose bytes are not where they should be.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Missing {
+    pub repo: String,
+    pub digest: String,
+    pub detail: String,
+}
+
+/// A blob a deep check moved aside, and who used it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantined {
+    pub digest: String,
+    pub size: u64,
+    /// Repositories that linked it.
+    pub repos: Vec<String>,
+    /// (repository, manifest digest) of every manifest that references it.
+    pub manifests: Vec<(String, String)>,
+}
+
+/// What [`Registry::check`] found; the server turns it into named pass/warn/fail results.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckFindings {
+    pub links: u64,
+    pub manifests: u64,
+    pub blobs: u64,
+    pub bytes: u64,
+    /// Links whose bytes are gone.
+    pub missing_links: Vec<Missing>,
+    /// Links whose bytes have another size than linked.
+    pub wrong_size: Vec<Missing>,
+    /// References that are neither a manifest of the repository nor a stored blob.
+    pub unstored_references: Vec<Missing>,
+    /// Stored blobs no repository links.
+    pub unlinked_blobs: u64,
+    pub unlinked_bytes: u64,
+    /// Blobs whose bytes did not match their digest (deep only), now out of the store.
+    pub quarantined: Vec<Quarantined>,
+}

@@ -1,0 +1,225 @@
+//! Garbage collection at the registry level, over the real filesystem blob store and redb:
+//! a deleted manifest's blobs are freed after the grace period, and a collector running
+//! without grace beside pushes never leaves a manifest whose blob is gone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use pier_oci::{Digest, Reference, RepoName};
+use pier_registry::upload::ChunkInfo;
+use pier_registry::{GcOptions, Limits, Registry, RegistryError};
+use pier_store::{BlobStore, ByteStream, FsBlobStore, RedbMetaStore};
+
+fn body(data: Vec<u8>) -> ByteStream {
+    Box::pin(futures::stream::iter(vec![Ok(Bytes::from(data))]))
+}
+
+async fn registry(dir: &std::path::Path) -> Arc<Registry> {
+    let blobs: Arc<dyn BlobStore> = FsBlobStore::open(dir).await.expect("blobs");
+    let meta = RedbMetaStore::open(&dir.join("meta.redb")).expect("meta");
+    Arc::new(Registry::new(blobs, Arc::new(meta), Limits::default()))
+}
+
+fn manifest(config: &Digest, config_len: usize, layer: &Digest, layer_len: usize) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config.to_string(), "size": config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer.to_string(), "size": layer_len}],
+        })
+        .to_string(),
+    )
+}
+
+async fn read_all(r: &Registry, repo: &RepoName, d: &Digest) -> Result<Vec<u8>, RegistryError> {
+    let size = r.blob_size(repo, d).await?;
+    let mut s = r.read_blob(d, 0, size).await?;
+    let mut out = Vec::new();
+    while let Some(c) = s.next().await {
+        out.extend_from_slice(&c.expect("read"));
+    }
+    Ok(out)
+}
+
+/// Upload through a session (POST, PATCH, PUT) as clients push layers.
+async fn upload(r: &Registry, repo: &RepoName, data: &[u8]) -> Result<Digest, RegistryError> {
+    let d = Digest::sha256(data);
+    let s = r.uploads().start(repo, "test").await?;
+    r.uploads()
+        .append(repo, &s.id, ChunkInfo::default(), body(data.to_vec()))
+        .await?;
+    r.uploads().finish(repo, &s.id, &d, None).await?;
+    Ok(d)
+}
+
+#[tokio::test]
+async fn a_deleted_manifests_blobs_are_freed_after_the_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = registry(dir.path()).await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let config = b"{\"architecture\":\"amd64\"}".to_vec();
+    let layer = vec![7u8; 100_000];
+    let kept_layer = vec![9u8; 5_000];
+    let c = upload(&r, &repo, &config).await.unwrap();
+    let l = upload(&r, &repo, &layer).await.unwrap();
+    let k = upload(&r, &repo, &kept_layer).await.unwrap();
+    let gone = r
+        .put_manifest(
+            &repo,
+            &"v1".parse().unwrap(),
+            None,
+            manifest(&c, config.len(), &l, layer.len()),
+        )
+        .await
+        .unwrap();
+    r.put_manifest(
+        &repo,
+        &"v2".parse().unwrap(),
+        None,
+        manifest(&c, config.len(), &k, kept_layer.len()),
+    )
+    .await
+    .unwrap();
+    r.delete_manifest(&repo, &Reference::Digest(gone.digest))
+        .await
+        .unwrap();
+
+    // Within the grace period nothing goes.
+    let young = r
+        .gc(GcOptions {
+            dry_run: false,
+            grace: Duration::from_secs(3600),
+        })
+        .await
+        .unwrap();
+    assert_eq!((young.blobs, young.bytes, young.young), (0, 0, 1));
+    assert_eq!(read_all(&r, &repo, &l).await.unwrap(), layer);
+
+    let plan = r
+        .gc(GcOptions {
+            dry_run: true,
+            grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert_eq!((plan.blobs, plan.bytes), (1, layer.len() as u64));
+    assert_eq!(
+        read_all(&r, &repo, &l).await.unwrap(),
+        layer,
+        "a dry run frees nothing"
+    );
+
+    let done = r
+        .gc(GcOptions {
+            dry_run: false,
+            grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert_eq!((done.blobs, done.bytes), (1, layer.len() as u64));
+    assert!(matches!(
+        read_all(&r, &repo, &l).await,
+        Err(RegistryError::BlobUnknown)
+    ));
+    // The image still tagged keeps its layer and the shared config.
+    assert_eq!(read_all(&r, &repo, &k).await.unwrap(), kept_layer);
+    assert_eq!(read_all(&r, &repo, &c).await.unwrap(), config);
+    let again = r
+        .gc(GcOptions {
+            dry_run: false,
+            grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.blobs, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pushes_racing_a_collector_without_grace_never_lose_a_referenced_blob() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = registry(dir.path()).await;
+    let repo: RepoName = "team/race".parse().unwrap();
+    let mut pushed = Vec::new();
+    let mut refused = 0;
+    let mut freed = 0;
+    for i in 0..200u32 {
+        let config = format!("{{\"n\":{i}}}").into_bytes();
+        let layer: Vec<u8> = (0..20_000u32).map(|j| ((i * 31 + j) % 251) as u8).collect();
+        let c = upload(&r, &repo, &config).await.expect("upload config");
+        let l = upload(&r, &repo, &layer).await.expect("upload layer");
+        let tag: Reference = format!("v{i}").parse().unwrap();
+        // The collection and the manifest put start together, on different threads; a
+        // small random head start for one or the other moves the overlap around.
+        let collector = {
+            let r = r.clone();
+            let delay = Duration::from_micros(u64::from((i * 7919) % 3000));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                r.gc(GcOptions {
+                    dry_run: false,
+                    grace: Duration::ZERO,
+                })
+                .await
+                .expect("gc")
+            })
+        };
+        let put = {
+            let (r, repo, tag) = (r.clone(), repo.clone(), tag.clone());
+            let m = manifest(&c, config.len(), &l, layer.len());
+            let delay = Duration::from_micros(u64::from((i * 104_729) % 20_000));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                r.put_manifest(&repo, &tag, None, m).await
+            })
+        };
+        let (report, put) = (collector.await.unwrap(), put.await.unwrap());
+        freed += report.blobs;
+        match put {
+            Ok(_) => {
+                // Pullable, with the right bytes, whatever the collector did.
+                assert_eq!(read_all(&r, &repo, &l).await.expect("layer"), layer);
+                assert_eq!(read_all(&r, &repo, &c).await.expect("config"), config);
+                pushed.push((tag, c, config, l, layer));
+            }
+            Err(RegistryError::ManifestBlobUnknown(_)) => {
+                refused += 1;
+                // The client's answer to that: push the blobs again, then the manifest.
+                upload(&r, &repo, &config).await.expect("upload config");
+                upload(&r, &repo, &layer).await.expect("upload layer");
+                r.put_manifest(
+                    &repo,
+                    &tag,
+                    None,
+                    manifest(&c, config.len(), &l, layer.len()),
+                )
+                .await
+                .expect("the retried push");
+                pushed.push((tag, c, config, l, layer));
+            }
+            Err(e) => panic!("push {i} failed uncleanly: {e}"),
+        }
+    }
+    eprintln!(
+        "200 pushes: {} refused with MANIFEST_BLOB_UNKNOWN and pushed again; the collections \
+         freed {freed} blobs",
+        refused
+    );
+    // One more collection, then every pushed image is whole.
+    r.gc(GcOptions {
+        dry_run: false,
+        grace: Duration::ZERO,
+    })
+    .await
+    .unwrap();
+    for (tag, c, config, l, layer) in &pushed {
+        r.manifest(&repo, tag).await.expect("manifest");
+        assert_eq!(read_all(&r, &repo, l).await.expect("layer"), *layer);
+        assert_eq!(read_all(&r, &repo, c).await.expect("config"), *config);
+    }
+    assert_eq!(pushed.len(), 200);
+}

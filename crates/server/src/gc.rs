@@ -1,0 +1,333 @@
+//! `POST /api/v1/gc[?dry_run=true]` (collect unreferenced blobs now, or say what that would
+//! free) and `POST /api/v1/check[?deep=true]` (metadata against blobs, and with `deep` every
+//! blob's digest, quarantining the corrupt). `pier gc` and `pier check` are their clients.
+//!
+//! The check streams newline-delimited JSON: a `plan` (blobs and bytes to verify), `progress`
+//! events as blobs are verified, and a `report` whose `checks` are a list of named results,
+//! each `pass`, `warn`, `fixed` or `fail`, so more checks (the node's health) can join it.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::Response;
+use axum::Json;
+use pier_registry::gc::CheckFindings;
+use pier_registry::{GcOptions, GcReport};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Garbage-collection settings the API uses (`[gc]` in the configuration).
+#[derive(Debug, Clone)]
+pub struct GcSettings {
+    /// Blobs younger than this are never collected.
+    pub grace: Duration,
+}
+
+impl Default for GcSettings {
+    fn default() -> Self {
+        GcSettings {
+            grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct GcQuery {
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+pub async fn gc(
+    State(state): State<AppState>,
+    Query(q): Query<GcQuery>,
+) -> Result<Json<GcReport>, ApiError> {
+    let report = state
+        .registry
+        .gc(GcOptions {
+            dry_run: q.dry_run,
+            grace: state.gc.grace,
+        })
+        .await?;
+    if !q.dry_run {
+        state.metrics.gc_freed_bytes.inc_by(report.bytes);
+        state.metrics.gc_freed_blobs.inc_by(report.blobs);
+    }
+    Ok(Json(report))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct CheckQuery {
+    #[serde(default)]
+    pub deep: bool,
+}
+
+/// One named result of a check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub name: String,
+    /// `pass`, `warn`, `fixed` (found and repaired) or `fail` (lost data, or not repairable).
+    pub status: String,
+    pub message: String,
+    /// Details, one line each (what is missing where).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+fn result(name: &str, status: &str, message: String, details: Vec<String>) -> CheckResult {
+    CheckResult {
+        name: name.into(),
+        status: status.into(),
+        message,
+        details,
+    }
+}
+
+/// Whether a stored repository is a mirror's cache (`<upstream>/<name>`), whose missing
+/// content the mirror fetches again, rather than hosted content, which only a push brings.
+pub fn is_cache_repo(state: &AppState, repo: &str) -> bool {
+    let Some(mirror) = &state.mirror else {
+        return false;
+    };
+    if state
+        .hosted
+        .iter()
+        .any(|g| pier_mirror::glob::matches(g, repo))
+    {
+        return false;
+    }
+    repo.split_once('/')
+        .is_some_and(|(first, _)| mirror.has_upstream(first))
+}
+
+/// Turn what the registry found into named results.
+pub fn results(state: &AppState, f: &CheckFindings, deep: bool) -> Vec<CheckResult> {
+    let mut out = Vec::new();
+    let cache = |repo: &str| is_cache_repo(state, repo);
+
+    let (lost, refetch): (Vec<_>, Vec<_>) = f
+        .missing_links
+        .iter()
+        .chain(&f.wrong_size)
+        .partition(|m| !cache(&m.repo));
+    let details = |ms: &[&pier_registry::gc::Missing]| {
+        ms.iter()
+            .map(|m| format!("{}@{}: {}", m.repo, m.digest, m.detail))
+            .collect::<Vec<_>>()
+    };
+    out.push(if !lost.is_empty() {
+        result(
+            "blob links",
+            "fail",
+            format!(
+                "{} of {} linked blobs of hosted repositories have no (or wrong) bytes: lost",
+                lost.len(),
+                f.links
+            ),
+            details(&lost),
+        )
+    } else if !refetch.is_empty() {
+        result(
+            "blob links",
+            "warn",
+            format!(
+                "{} linked blobs of mirrored repositories have no bytes; the mirror fetches \
+                 them again when pulled",
+                refetch.len()
+            ),
+            details(&refetch),
+        )
+    } else {
+        result(
+            "blob links",
+            "pass",
+            format!("{} links, every blob stored", f.links),
+            Vec::new(),
+        )
+    });
+
+    let (lost, lazy): (Vec<_>, Vec<_>) =
+        f.unstored_references.iter().partition(|m| !cache(&m.repo));
+    out.push(if !lost.is_empty() {
+        result(
+            "manifest references",
+            "fail",
+            format!(
+                "{} references of hosted manifests name blobs that are not stored",
+                lost.len()
+            ),
+            details(&lost),
+        )
+    } else if !lazy.is_empty() {
+        result(
+            "manifest references",
+            "warn",
+            format!(
+                "{} of {} manifests' references are not stored yet (mirrored images not \
+                 pulled in full)",
+                lazy.len(),
+                f.manifests
+            ),
+            Vec::new(),
+        )
+    } else {
+        result(
+            "manifest references",
+            "pass",
+            format!("{} manifests, every reference stored", f.manifests),
+            Vec::new(),
+        )
+    });
+
+    out.push(if f.unlinked_blobs > 0 {
+        result(
+            "unlinked blobs",
+            "warn",
+            format!(
+                "{} stored blobs ({} bytes) no repository links; pier gc frees them",
+                f.unlinked_blobs, f.unlinked_bytes
+            ),
+            Vec::new(),
+        )
+    } else {
+        result(
+            "unlinked blobs",
+            "pass",
+            format!("{} blobs, {} bytes, all linked", f.blobs, f.bytes),
+            Vec::new(),
+        )
+    });
+
+    if deep {
+        let mut lost = Vec::new();
+        let mut fixed = Vec::new();
+        for q in &f.quarantined {
+            let hosted: Vec<&String> = q.repos.iter().filter(|r| !cache(r)).collect();
+            if hosted.is_empty() {
+                fixed.push(format!(
+                    "{} ({} bytes): quarantined; the mirror fetches it again",
+                    q.digest, q.size
+                ));
+            } else {
+                let manifests: Vec<String> = q
+                    .manifests
+                    .iter()
+                    .filter(|(r, _)| !cache(r))
+                    .map(|(r, m)| format!("{r}@{m}"))
+                    .collect();
+                lost.push(format!(
+                    "{} ({} bytes): quarantined, LOST for {}; manifests that lost it: {}",
+                    q.digest,
+                    q.size,
+                    hosted
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if manifests.is_empty() {
+                        "none".to_string()
+                    } else {
+                        manifests.join(", ")
+                    }
+                ));
+            }
+        }
+        out.push(if !lost.is_empty() {
+            let n = lost.len();
+            lost.extend(fixed);
+            result(
+                "blob digests",
+                "fail",
+                format!("{n} corrupt blobs of hosted repositories were lost"),
+                lost,
+            )
+        } else if !fixed.is_empty() {
+            result(
+                "blob digests",
+                "fixed",
+                format!("{} corrupt blobs quarantined", fixed.len()),
+                fixed,
+            )
+        } else {
+            result(
+                "blob digests",
+                "pass",
+                format!("{} blobs verified", f.blobs),
+                Vec::new(),
+            )
+        });
+    }
+    out
+}
+
+pub async fn check(State(state): State<AppState>, Query(q): Query<CheckQuery>) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    let stats = state.registry.blob_store().stats();
+    let _ = tx.send(
+        json!({"event": "plan", "deep": q.deep, "blobs": stats.blobs,
+        "bytes": stats.bytes}),
+    );
+    tokio::spawn(async move {
+        let progress_tx = tx.clone();
+        let progress = move |n: u64| {
+            let _ = progress_tx.send(json!({"event": "progress", "bytes": n}));
+        };
+        let found = state.registry.check(q.deep, &progress).await;
+        match found {
+            Ok(f) => {
+                for qd in &f.quarantined {
+                    tracing::warn!(digest = %qd.digest, repos = ?qd.repos, "corrupt blob quarantined");
+                }
+                state
+                    .metrics
+                    .check_quarantined
+                    .inc_by(f.quarantined.len() as u64);
+                let checks = results(&state, &f, q.deep);
+                let _ = tx.send(json!({"event": "report", "checks": checks}));
+            }
+            Err(e) => {
+                let _ = tx.send(json!({"event": "error", "message": e.to_string()}));
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let v = rx.recv().await?;
+        let mut line = v.to_string();
+        line.push('\n');
+        Some((Ok::<_, std::io::Error>(bytes::Bytes::from(line)), rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+/// Run a collection every `every`, until the process ends.
+pub fn schedule(state: AppState, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            match state
+                .registry
+                .gc(GcOptions {
+                    dry_run: false,
+                    grace: state.gc.grace,
+                })
+                .await
+            {
+                Ok(r) => {
+                    state.metrics.gc_freed_bytes.inc_by(r.bytes);
+                    state.metrics.gc_freed_blobs.inc_by(r.blobs);
+                }
+                Err(e) => tracing::warn!(error = %e, "scheduled garbage collection failed"),
+            }
+        }
+    });
+}
