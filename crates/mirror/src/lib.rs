@@ -12,7 +12,7 @@
 //! through `pier-upstream` and storage only through `pier-store`'s traits.
 
 pub mod fill;
-pub mod glob;
+pub use pier_oci::glob;
 pub mod metrics;
 pub mod pieces;
 pub mod replicate;
