@@ -287,13 +287,16 @@ impl Auth {
     }
 
     /// A token for `who` carrying, of each requested scope, the actions it is permitted
-    /// (a scope permitted nothing is left out; it is not an error).
+    /// (a scope permitted nothing is left out; it is not an error). `rules_name` gives the
+    /// name rules see for a scope's repository (a mirrored `library/nginx` is
+    /// `docker.io/library/nginx` to them); the token names it as the client asked.
     pub fn issue(
         &self,
         who: &Identity,
         service: &str,
         scopes: &[Scope],
         ip: IpAddr,
+        rules_name: impl Fn(&str) -> String,
     ) -> Result<token::Issued, AuthError> {
         let signer = self
             .signer
@@ -304,7 +307,9 @@ impl Auth {
             if s.kind != "repository" {
                 continue;
             }
-            let allowed = self.granted(who, &s.name, ip).intersect(s.actions);
+            let allowed = self
+                .granted(who, &rules_name(&s.name), ip)
+                .intersect(s.actions);
             if !allowed.is_empty() {
                 access.push(Access {
                     kind: "repository".into(),

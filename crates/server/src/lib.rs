@@ -1,10 +1,11 @@
 //! pier's HTTP front. `/v2/` is routed once, by [`pier_oci::route::parse`], and dispatched in
 //! [`v2`]; `/healthz`, `/readyz` and `/metrics` sit beside it. Every request gets a tracing span
-//! and is counted.
+//! and is counted. With auth on, [`auth::guard`] runs in front of every route.
 //!
 //! Architecture invariant: this crate turns HTTP into registry calls and registry results into
 //! HTTP. It holds no storage logic, and failures become responses only in [`error`].
 
+pub mod auth;
 pub mod cluster;
 pub mod conn;
 pub mod error;
@@ -59,6 +60,10 @@ pub struct AppState {
     pub import: Arc<import::ImportSettings>,
     /// The sync rules and the job queue's status, when the node runs them.
     pub sync: Option<Arc<pier_sync::SyncEngine>>,
+    /// Authentication and authorization; `None`: every request is allowed (docs/security.md).
+    pub auth: Option<Arc<auth::AuthGate>>,
+    /// Positive answers of private upstreams to clients' credentials.
+    pub private: Arc<auth::PrivateChecks>,
 }
 
 impl AppState {
@@ -73,6 +78,8 @@ impl AppState {
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
+            auth: None,
+            private: Arc::default(),
         }
     }
 
@@ -92,6 +99,8 @@ impl AppState {
             replicator: None,
             import: Arc::new(import::ImportSettings::default()),
             sync: None,
+            auth: None,
+            private: Arc::default(),
         }
     }
 }
@@ -118,7 +127,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sync/pins", get(sync::pins))
         .route("/api/v1/sync/retry", axum::routing::post(sync::retry))
         .route("/api/v1/sync/run/{name}", axum::routing::post(sync::run))
+        .route("/token", get(auth::token).post(auth::token))
         .fallback(registry_api)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
         .with_state(state)
 }
 

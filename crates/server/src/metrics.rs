@@ -39,7 +39,8 @@ pub struct StateLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// `imported`, `duplicate`, `failed` or `retry`.
+    /// `imported`, `duplicate`, `failed` or `retry` (imports); `allowed`, `unauthorized`,
+    /// `denied` or `rate_limited` (auth).
     pub result: &'static str,
 }
 
@@ -70,6 +71,7 @@ pub struct Metrics {
     pub peer_rejected: Counter,
     pub peer_sent_bytes: Counter,
     pub import_files: Family<ResultLabels, Counter>,
+    pub auth_requests: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -205,6 +207,13 @@ impl Metrics {
              (imported, duplicate, failed, retry)",
             import_files.clone(),
         );
+        let auth_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "auth_requests",
+            "Requests decided by authentication and authorization, by result (allowed, \
+             unauthorized, denied, rate_limited); counted only when auth is on",
+            auth_requests.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -226,6 +235,7 @@ impl Metrics {
             peer_rejected,
             peer_sent_bytes,
             import_files,
+            auth_requests,
         };
         (metrics, more)
     }
