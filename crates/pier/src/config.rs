@@ -648,6 +648,33 @@ mod tests {
         assert!(format!("{err:#}").contains("lots"), "{err:#}");
     }
 
+    /// The example's commented-out `[auth]` table, uncommented, parses and every rate in it
+    /// is valid.
+    #[test]
+    fn example_auth_parses() {
+        let example = include_str!("../../../docs/pier.example.toml");
+        let start = example.find("# [auth]\n").expect("an [auth] example");
+        let end = example.find("# (end of [auth])").expect("its end");
+        let text: String = example[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with(' '))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        let a = c.auth.expect("auth");
+        assert_eq!(a.rules.len(), 3);
+        assert_eq!(a.groups["ci"], ["alice", "bob"]);
+        assert!(a.external.is_some());
+        assert_eq!(
+            parse_rate(a.rate.per_ip.as_deref().expect("per_ip")).expect("rate"),
+            50.0
+        );
+        assert!((parse_rate("600/m").expect("rate") - 10.0).abs() < 1e-9);
+        assert!(parse_rate("fast").is_err());
+        assert!(Config::parse("[auth]\nbogus = 1").is_err());
+    }
+
     /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the
     /// lines that are `# key = value` or `# [[table]]`), parse and pass the rules' checks.
     #[test]
