@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 declare -A packages=([skopeo]=skopeo [containerd]=containerd [ctr]=containerd
     [docker-registry]=docker-registry [openssl]=openssl
     [docker]=docker.io [dockerd]=docker.io [podman]=podman [gzip]=gzip
-    [ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux)
+    [ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux [htpasswd]=apache2-utils)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")

@@ -555,11 +555,11 @@ async fn private(
     }
 }
 
+/// Whether the caller may see a repository in the catalog.
+pub(crate) type Visible = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// A filter for the catalog: the repositories the caller may pull (`None`: all).
-pub(crate) fn catalog_filter(
-    state: &AppState,
-    req: &Request<Body>,
-) -> Option<Box<dyn Fn(&str) -> bool + Send + Sync>> {
+pub(crate) fn catalog_filter(state: &AppState, req: &Request<Body>) -> Option<Visible> {
     let gate = state.auth.clone()?;
     let caller = req
         .extensions()

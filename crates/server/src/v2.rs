@@ -170,7 +170,7 @@ fn link_next(path: &str, n: usize, last: &str) -> HeaderValue {
 async fn catalog(
     state: &AppState,
     q: &Query,
-    visible: Option<Box<dyn Fn(&str) -> bool + Send + Sync>>,
+    visible: Option<crate::auth::Visible>,
 ) -> Result<Response> {
     let (n, last) = pagination(q)?;
     let mut page = state.registry.catalog(last.as_deref(), n).await?;
