@@ -412,14 +412,20 @@ pub(crate) async fn authorize(
         _ => Actions::PUSH,
     };
     let Some(name) = route.name() else {
-        // `/v2/` and `/v2/_catalog`: any caller pier knows; anonymous ones only if
-        // anonymous callers have some grant (else the challenge starts a client's login).
+        // `/v2/` challenges every caller without credentials, as Docker Hub and
+        // distribution do: clients (containers/image, containerd, Docker) learn from this
+        // one request whether and how to authenticate, and one that got 200 here never
+        // sends the credentials it has. Clients without credentials then fetch an anonymous
+        // token, or go on without one. `/v2/_catalog` is open to anonymous callers when
+        // some rule grants them anything (and lists what they may pull).
         let Some(gate) = state.auth.as_deref() else {
             return Ok(());
         };
-        if caller.failed.is_some()
-            || (caller.identity.is_anonymous() && !gate.auth.anonymous_has_grants())
-        {
+        let anonymous_refused = match route {
+            Route::Base => true,
+            _ => !gate.auth.anonymous_has_grants(),
+        };
+        if caller.failed.is_some() || (caller.identity.is_anonymous() && anonymous_refused) {
             let error = caller
                 .failed
                 .as_ref()

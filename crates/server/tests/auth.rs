@@ -803,6 +803,70 @@ async fn with_no_anonymous_grant_v2_challenges_and_metrics_stay_open() {
 }
 
 #[tokio::test]
+async fn v2_challenges_callers_without_credentials_even_when_anonymous_may_pull() {
+    let (_up, upstream) = start_upstream().await;
+    let files = Files::new(USERS);
+    let mut s = matrix_settings(&files);
+    s.rules.push(rule(&["team/**"], "pull", &["anonymous"]));
+    let p = pier(
+        &upstream,
+        Opts {
+            auth: Some(s),
+            private: false,
+            gate: no_gate(),
+        },
+    )
+    .await;
+    p.seed("team/app", &Cred::Basic("admin", "admin-pw")).await;
+    let r = p.call(Method::GET, "/v2/", &Cred::None, Vec::new()).await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "UNAUTHORIZED")
+    );
+    // What anonymous callers are granted works without a token, and with an anonymous one.
+    let r = p
+        .call(
+            Method::GET,
+            "/v2/team/app/manifests/v1",
+            &Cred::None,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = p
+        .call(
+            Method::GET,
+            "/token?scope=repository:team/app:pull",
+            &Cred::None,
+            Vec::new(),
+        )
+        .await;
+    let token = r.json()["token"].as_str().expect("token").to_string();
+    let r = p
+        .call(
+            Method::GET,
+            "/v2/",
+            &Cred::Bearer(token.clone()),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = p
+        .call(
+            Method::GET,
+            "/v2/team/app/manifests/v1",
+            &Cred::Bearer(token),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let r = p
+        .call(Method::GET, "/v2/_catalog", &Cred::None, Vec::new())
+        .await;
+    assert_eq!(r.json()["repositories"], serde_json::json!(["team/app"]));
+}
+
+#[tokio::test]
 async fn without_the_token_service_clients_are_challenged_for_basic() {
     let (_up, upstream) = start_upstream().await;
     let files = Files::new(USERS);
@@ -860,10 +924,14 @@ async fn a_burst_beyond_the_rate_gets_429_with_retry_after() {
     )
     .await;
     for i in 0..3 {
-        let r = p.call(Method::GET, "/v2/", &Cred::None, Vec::new()).await;
+        let r = p
+            .call(Method::GET, "/v2/_catalog", &Cred::None, Vec::new())
+            .await;
         assert_eq!(r.status, 200, "request {i} of the burst");
     }
-    let r = p.call(Method::GET, "/v2/", &Cred::None, Vec::new()).await;
+    let r = p
+        .call(Method::GET, "/v2/_catalog", &Cred::None, Vec::new())
+        .await;
     assert_eq!(
         (r.status.as_u16(), r.code().as_str()),
         (429, "TOOMANYREQUESTS")

@@ -154,7 +154,7 @@ pub struct Pier {
 
 impl Pier {
     /// Start pier on a free port with `data_dir` as its data directory, every repository hosted
-    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200. stdout and stderr go, appended across restarts, to
+    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200 (401 with auth on). stdout and stderr go, appended across restarts, to
     /// `<data_dir's parent>/<data_dir's name>.pier.log`.
     pub fn start(data_dir: &Path) -> Pier {
         let parent = data_dir
@@ -209,7 +209,8 @@ impl Pier {
             };
             let child = pier.child.as_mut().expect("just spawned");
             match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
-                http_status(port, "/v2/") == Some(200)
+                // 401: a node with auth on challenges every caller without credentials.
+                matches!(http_status(port, "/v2/"), Some(200 | 401))
             }) {
                 Startup::Ready => {
                     let log = pier.log_since(log_start);
@@ -231,7 +232,7 @@ impl Pier {
                 Startup::TimedOut => {
                     pier.kill();
                     panic!(
-                        "pier did not answer GET /v2/ with 200 within {READY_TIMEOUT:?}:\n{}",
+                        "pier did not answer GET /v2/ with 200 (or 401) within {READY_TIMEOUT:?}:\n{}",
                         pier.log_since(log_start)
                     );
                 }
