@@ -1,14 +1,17 @@
-//! Auth with a real client: the `pier` binary started with `--htpasswd` (a file `htpasswd -B`
+//! Auth with real programs: the `pier` binary started with `--htpasswd` (a file `htpasswd -B`
 //! wrote) and `[auth]` rules, skopeo logging in through pier's token service to push and to
-//! pull, and the CLI's credentials. Runs only with `PIER_INTEROP=1` (scripts/test.sh sets it
-//! and installs skopeo and apache2-utils).
+//! pull, the CLI's credentials, and a private upstream served by Debian's docker-registry
+//! with htpasswd auth. Runs only with `PIER_INTEROP=1` (scripts/test.sh sets it and installs
+//! skopeo, docker-registry and apache2-utils).
 
 mod common;
+mod mirror_support;
 
 use std::process::Command;
 
 use common::clients::{oci_ref, Skopeo};
-use common::{digest_of, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec, Pier};
+use common::{digest_of, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec, Pier, Upload};
+use mirror_support::{http_client, start_mirror, upstream_table, Registry};
 
 const RULES: &str = r#"
 [auth.groups]
@@ -141,4 +144,104 @@ async fn skopeo_logs_in_through_the_token_service() {
     assert!(!out.status.success(), "status as a non-admin: {out:?}");
     let out = status(Some(("writer", "writer-pw")));
     assert!(out.status.success(), "status as admin: {out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_upstream_serves_its_cached_image_only_to_its_own_users() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "htpasswd"]) else {
+        return;
+    };
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("secret.bin", 700_000, 31)],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    let http = http_client();
+
+    // The upstream's storage is filled without auth, then served with htpasswd auth: pier's
+    // own robot user and alice may pull, nobody else.
+    let storage = tmp.path().join("storage");
+    {
+        let open = Registry::start(&tmp.path().join("open-registry"), &storage, "");
+        common::push_image(
+            &http,
+            &open.url(),
+            "team/private",
+            "v1",
+            &layout,
+            &image,
+            Upload::PostThenPut,
+        )
+        .await;
+    }
+    let users = tmp.path().join("upstream-htpasswd");
+    htpasswd(&users, "robot", "robot-pw", true);
+    htpasswd(&users, "alice", "alice-pw", false);
+    let registry = Registry::start(
+        &tmp.path().join("registry"),
+        &storage,
+        &format!(
+            "auth:\n  htpasswd:\n    realm: upstream\n    path: {}\n",
+            users.display()
+        ),
+    );
+    let table = upstream_table(
+        "private.test",
+        &[registry.url()],
+        "username = \"robot\"\npassword = \"robot-pw\"\nprivate = true\nprivate_check_ttl = 60\n",
+    );
+    let (pier, _) = start_mirror(tmp.path(), false, &table, &[]);
+    let layer = &image.layers[0].blob.digest;
+    let get = |path: String, user: Option<(&str, &str)>| {
+        let mut req = http
+            .get(format!("{}{path}", pier.url()))
+            .header(reqwest::header::ACCEPT, mirror_support::MANIFEST_ACCEPT);
+        if let Some((u, p)) = user {
+            req = req.basic_auth(u, Some(p));
+        }
+        async move {
+            let resp = req.send().await.expect("GET through pier");
+            let status = resp.status().as_u16();
+            let headers = resp.headers().clone();
+            (status, headers, resp.bytes().await.expect("body"))
+        }
+    };
+    let manifest = "/v2/private.test/team/private/manifests/v1".to_string();
+    let blob = format!("/v2/private.test/team/private/blobs/{layer}");
+
+    let (status, _, body) = get(manifest.clone(), Some(("alice", "alice-pw"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.as_ref(), image.manifest_bytes.as_slice());
+    let (status, _, body) = get(blob.clone(), Some(("alice", "alice-pw"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(digest_of(&body), *layer);
+
+    // Cached now; still refused to a client the upstream does not accept.
+    let (status, headers, _) = get(blob.clone(), None).await;
+    assert_eq!(status, 401);
+    assert_eq!(
+        headers["www-authenticate"].to_str().expect("ascii"),
+        "Basic realm=\"private.test\""
+    );
+    for path in [&blob, &manifest] {
+        let (status, _, body) = get(path.clone(), Some(("mallory", "guess"))).await;
+        assert_eq!(status, 403, "{path}");
+        assert!(
+            String::from_utf8_lossy(&body).contains("DENIED"),
+            "{path}: {body:?}"
+        );
+    }
+    let (status, _, body) = get(blob.clone(), Some(("alice", "alice-pw"))).await;
+    assert_eq!(status, 200);
+    assert_eq!(digest_of(&body), *layer);
+    let gets = registry
+        .wait_blob_gets("team/private", layer, |g| !g.is_empty())
+        .await;
+    assert_eq!(gets.len(), 1, "the upstream sent the blob once: {gets:?}");
 }

@@ -406,9 +406,11 @@ pub(crate) async fn authorize(
     req: RequestFacts,
 ) -> Result<(), ApiError> {
     let RequestFacts { caller, path, host } = req;
-    let action = match *method {
-        Method::GET | Method::HEAD => Actions::PULL,
-        Method::DELETE => Actions::DELETE,
+    let action = match (route, method) {
+        // An upload session is the pusher's: its status and its cancel need push.
+        (Route::Upload { .. }, _) => Actions::PUSH,
+        (_, &Method::GET | &Method::HEAD) => Actions::PULL,
+        (_, &Method::DELETE) => Actions::DELETE,
         _ => Actions::PUSH,
     };
     let Some(name) = route.name() else {
