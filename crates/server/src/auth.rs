@@ -566,16 +566,40 @@ async fn private(
 /// Whether the caller may see a repository in the catalog.
 pub(crate) type Visible = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
-/// A filter for the catalog: the repositories the caller may pull (`None`: all).
+/// A filter for the catalog: the repositories the caller may pull (`None`: all). A private
+/// upstream's cached repositories are listed only to users a rule names for them: nobody's
+/// upstream credentials are checked for a whole catalog.
 pub(crate) fn catalog_filter(state: &AppState, req: &Request<Body>) -> Option<Visible> {
-    let gate = state.auth.clone()?;
+    let private: Vec<String> = state
+        .mirror
+        .as_ref()
+        .map(|m| {
+            m.upstreams()
+                .iter()
+                .filter(|u| u.private)
+                .map(|u| format!("{}/", u.name()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let is_private = move |repo: &str| private.iter().any(|p| repo.starts_with(p.as_str()));
+    let Some(gate) = state.auth.clone() else {
+        return Some(Box::new(move |repo: &str| !is_private(repo)));
+    };
     let caller = req
         .extensions()
         .get::<Caller>()
         .cloned()
         .unwrap_or_else(|| identify(Some(&gate), req));
     Some(Box::new(move |repo: &str| {
-        granted(&gate, &caller, repo, repo).contains(Actions::PULL)
+        if is_private(repo) {
+            caller.failed.is_none()
+                && gate
+                    .auth
+                    .granted_by_name(&caller.identity, repo, caller.ip)
+                    .contains(Actions::PULL)
+        } else {
+            granted(&gate, &caller, repo, repo).contains(Actions::PULL)
+        }
     }))
 }
 

@@ -1178,6 +1178,13 @@ async fn a_private_upstream_image_is_served_only_to_clients_it_accepts() {
         1,
         "one upstream fetch of the blob"
     );
+
+    // Nor does the catalog name the private repository.
+    let r = p
+        .call(Method::GET, "/v2/_catalog", &alice, Vec::new())
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["repositories"], serde_json::json!([]));
 }
 
 #[tokio::test]
@@ -1210,6 +1217,18 @@ async fn rules_naming_a_user_cover_a_private_upstream_but_broad_grants_do_not() 
         )
         .await;
     assert_eq!(r.status, 200);
+    let r = p
+        .call(
+            Method::GET,
+            "/v2/_catalog",
+            &Cred::Basic("reader", "reader-pw"),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(
+        r.json()["repositories"],
+        serde_json::json!(["up.example/lib/app"])
+    );
     // `admin`'s grant is by name too; a user only `authenticated` covers is checked upstream.
     let files2 = Files::new(&[("carol", "c-pw")]);
     let mut s = matrix_settings(&files2);
@@ -1232,6 +1251,15 @@ async fn rules_naming_a_user_cover_a_private_upstream_but_broad_grants_do_not() 
         )
         .await;
     assert_eq!((r.status.as_u16(), r.code().as_str()), (403, "DENIED"));
+    let r = p
+        .call(
+            Method::GET,
+            "/v2/_catalog",
+            &Cred::Basic("carol", "c-pw"),
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.json()["repositories"], serde_json::json!([]));
 }
 
 #[tokio::test]
