@@ -334,6 +334,8 @@ pub struct AuthConfig {
     pub metrics_open: bool,
     /// Client networks (CIDR) allowed at all; every address when empty.
     pub allow: Vec<String>,
+    /// Proxies (CIDR) whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
     /// Request rate limits.
     pub rate: RateConfig,
     /// Group name to its users.
@@ -355,6 +357,7 @@ impl Default for AuthConfig {
             external: None,
             metrics_open: true,
             allow: Vec::new(),
+            trusted_proxies: Vec::new(),
             rate: RateConfig::default(),
             groups: Default::default(),
             rules: Vec::new(),

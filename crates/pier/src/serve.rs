@@ -710,6 +710,7 @@ fn auth_gate(config: &Config) -> anyhow::Result<Option<pier_server::auth::AuthGa
     let auth = pier_auth::Auth::new(settings).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut gate = pier_server::auth::AuthGate::new(auth);
     gate.metrics_open = a.metrics_open;
+    gate.trusted_proxies = nets(&a.trusted_proxies, "[auth] trusted_proxies")?;
     let limiter = |rate: &Option<String>| -> anyhow::Result<Option<pier_server::auth::Limiter>> {
         rate.as_deref()
             .map(|r| {

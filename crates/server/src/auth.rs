@@ -41,6 +41,37 @@ pub struct AuthGate {
     pub per_user: Option<Limiter>,
     /// The token realm in challenges is `https://` (the listener serves TLS).
     pub https: bool,
+    /// Proxies whose `X-Forwarded-For` names the client (`[auth] trusted_proxies`).
+    pub trusted_proxies: Vec<pier_auth::IpNet>,
+}
+
+impl AuthGate {
+    /// The client's address: the TCP peer's, or, when the peer is a trusted proxy, the last
+    /// address in `X-Forwarded-For` that is not one (the first any proxy of ours saw).
+    pub fn client_ip<B>(&self, req: &Request<B>) -> IpAddr {
+        let peer = client_ip(req);
+        let trusted = |ip: IpAddr| {
+            !self.trusted_proxies.is_empty()
+                && pier_auth::rules::ip_allowed(&self.trusted_proxies, ip)
+        };
+        if !trusted(peer) {
+            return peer;
+        }
+        let hops: Vec<IpAddr> = req
+            .headers()
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|a| a.trim().parse().ok())
+            .collect();
+        hops.iter()
+            .rev()
+            .find(|ip| !trusted(**ip))
+            .or(hops.first())
+            .copied()
+            .unwrap_or(peer)
+    }
 }
 
 impl AuthGate {
@@ -51,6 +82,7 @@ impl AuthGate {
             per_ip: None,
             per_user: None,
             https: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -134,7 +166,7 @@ pub fn client_ip<B>(req: &Request<B>) -> IpAddr {
 
 /// Identify the caller of `req` (without deciding anything).
 fn identify(gate: Option<&AuthGate>, req: &Request<Body>) -> Caller {
-    let ip = client_ip(req);
+    let ip = gate.map_or_else(|| client_ip(req), |g| g.client_ip(req));
     let mut caller = Caller {
         identity: Identity::Anonymous,
         ip,
@@ -174,10 +206,11 @@ pub async fn guard(State(state): State<AppState>, mut req: Request<Body>, next: 
         req.extensions_mut().insert(caller);
         return next.run(req).await;
     };
-    let ip = client_ip(&req);
+    let ip = gate.client_ip(&req);
     let path = req.uri().path().to_string();
     if !gate.auth.client_allowed(ip) {
-        let caller = identify(None, &req);
+        let mut caller = identify(None, &req);
+        caller.ip = ip;
         return refuse(&state, &caller, req.method(), &path, "address not allowed");
     }
     if let Some(l) = &gate.per_ip {
@@ -625,7 +658,7 @@ async fn issue(state: &AppState, req: Request<Body>) -> Result<Response, ApiErro
     if !gate.auth.token_service() {
         return Err(not_here());
     }
-    let ip = client_ip(&req);
+    let ip = gate.client_ip(&req);
     let host = host(req.headers(), req.uri());
     let basic = match credentials(req.headers()) {
         Some(Credentials::Basic(u, p)) => Some((u, p)),

@@ -1038,6 +1038,64 @@ async fn a_denied_address_is_refused_before_any_work() {
     );
 }
 
+#[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_the_client() {
+    let (_up, upstream) = start_upstream().await;
+    let files = Files::new(USERS);
+    let mut s = matrix_settings(&files);
+    s.allow = vec!["10.0.0.0/8".parse().expect("net")];
+    let p = pier(
+        &upstream,
+        Opts {
+            auth: Some(s),
+            private: false,
+            gate: Box::new(|g| g.trusted_proxies = vec!["192.0.2.1/32".parse().expect("net")]),
+        },
+    )
+    .await;
+    let call = |peer: &'static str, xff: &'static str| {
+        let p = &p;
+        async move {
+            let mut req = Request::builder()
+                .uri("/v2/")
+                .header("x-forwarded-for", xff)
+                .header(
+                    "authorization",
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode("reader:reader-pw")
+                    ),
+                )
+                .body(Body::empty())
+                .expect("request");
+            let addr: SocketAddr = format!("{peer}:40000").parse().expect("addr");
+            req.extensions_mut().insert(ConnectInfo(addr));
+            p.router
+                .clone()
+                .oneshot(req)
+                .await
+                .expect("infallible")
+                .status()
+        }
+    };
+    assert_eq!(
+        call("192.0.2.1", "10.1.1.1").await,
+        200,
+        "through the proxy"
+    );
+    assert_eq!(
+        call("192.0.2.9", "10.1.1.1").await,
+        403,
+        "an untrusted peer's header is ignored"
+    );
+    // A client's own X-Forwarded-For comes before the proxy's entry: the proxy's wins.
+    assert_eq!(
+        call("192.0.2.1", "10.9.9.9, 198.51.100.7").await,
+        403,
+        "spoofed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Identities change while running.
 
