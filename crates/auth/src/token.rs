@@ -129,6 +129,16 @@ impl Signer {
         })
     }
 
+    /// The public key as a JWK (`kty: EC`, P-256), for whoever verifies pier's tokens.
+    pub fn public_jwk(&self) -> serde_json::Value {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        // The uncompressed point is 0x04 || x || y.
+        serde_json::json!({
+            "kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": self.kid,
+            "x": b64(&self.public[1..33]), "y": b64(&self.public[33..65]),
+        })
+    }
+
     pub fn issue(
         &self,
         subject: &str,
@@ -435,12 +445,7 @@ mod tests {
     fn external_issuer_by_jwks() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (s, _) = signer(dir.path(), "ext.pem", 300);
-        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
-        // The uncompressed point is 0x04 || x || y.
-        let jwks = serde_json::json!({"keys": [{
-            "kty": "EC", "crv": "P-256", "kid": s.kid, "alg": "ES256", "use": "sig",
-            "x": b64(&s.public[1..33]), "y": b64(&s.public[33..65]),
-        }]});
+        let jwks = serde_json::json!({"keys": [s.public_jwk()]});
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, jwks.to_string()).expect("write");
         let mut v = Verifier::default();

@@ -902,6 +902,89 @@ async fn without_the_token_service_clients_are_challenged_for_basic() {
     assert_eq!(r.status, 404);
 }
 
+#[tokio::test]
+async fn tokens_of_an_external_issuer_grant_their_access_claims() {
+    let (_up, upstream) = start_upstream().await;
+    let files = Files::new(USERS);
+    let keys = tempfile::tempdir().expect("tempdir");
+    let issuer = Signer::load(&TokenSettings {
+        issuer: "https://auth.example".into(),
+        ttl: Duration::from_secs(300),
+        key_file: keys.path().join("issuer.pem"),
+        generate: true,
+        service: None,
+    })
+    .expect("issuer key");
+    let jwks = keys.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        serde_json::json!({"keys": [issuer.public_jwk()]}).to_string(),
+    )
+    .expect("write jwks");
+    let mut s = matrix_settings(&files);
+    s.external = Some(pier_auth::ExternalIssuer {
+        public_key: None,
+        jwks: Some(jwks),
+        issuer: "https://auth.example".into(),
+        audience: "registry.example".into(),
+    });
+    let p = pier(
+        &upstream,
+        Opts {
+            auth: Some(s),
+            private: false,
+            gate: no_gate(),
+        },
+    )
+    .await;
+    p.seed("team/app", &Cred::Basic("admin", "admin-pw")).await;
+    let token = |aud: &str, access| {
+        issuer
+            .issue("ci-bot", aud, access, SystemTime::now())
+            .expect("issue")
+            .token
+    };
+    let pull = || vec![repo_access("team/app", &["pull"])];
+    let good = Cred::Bearer(token("registry.example", pull()));
+    let r = p
+        .call(Method::GET, "/v2/team/app/manifests/v1", &good, Vec::new())
+        .await;
+    assert_eq!(r.status, 200);
+    let r = p
+        .call(
+            Method::POST,
+            "/v2/team/app/blobs/uploads/",
+            &good,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "UNAUTHORIZED")
+    );
+    assert!(r
+        .header("www-authenticate")
+        .unwrap_or_default()
+        .contains("error=\"insufficient_scope\""));
+    let wrong_audience = Cred::Bearer(token("elsewhere", pull()));
+    let r = p
+        .call(
+            Method::GET,
+            "/v2/team/app/manifests/v1",
+            &wrong_audience,
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code().as_str()),
+        (401, "UNAUTHORIZED")
+    );
+    assert!(r
+        .header("www-authenticate")
+        .unwrap_or_default()
+        .contains("error=\"invalid_token\""));
+}
+
 // ---------------------------------------------------------------------------------------
 // Limits.
 
