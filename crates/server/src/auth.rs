@@ -223,7 +223,9 @@ pub async fn guard(State(state): State<AppState>, mut req: Request<Body>, next: 
         return next.run(req).await;
     }
     let caller = identify(Some(&gate), &req);
-    if let (Some(l), false) = (&gate.per_user, caller.identity.is_anonymous()) {
+    // Anonymous callers, with or without an anonymous token, are held by the address limit.
+    let named = !caller.identity.is_anonymous() && caller.identity.name() != "anonymous";
+    if let (Some(l), true) = (&gate.per_user, named) {
         if let Err(wait) = l.check(caller.identity.name()) {
             return too_many(&state, wait, &format!("user {}", caller.identity.name()));
         }
