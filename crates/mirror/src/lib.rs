@@ -12,7 +12,7 @@
 //! through `pier-upstream` and storage only through `pier-store`'s traits.
 
 pub mod fill;
-pub mod glob;
+pub use pier_oci::glob;
 pub mod metrics;
 pub mod pieces;
 pub mod replicate;
@@ -90,6 +90,11 @@ pub struct UpstreamEntry {
     pub allow: Vec<String>,
     /// Repository globs that may not be mirrored; wins over `allow`.
     pub deny: Vec<String>,
+    /// Its images are served only to clients whose own credentials it accepts for the
+    /// repository (checked by the HTTP front, docs/security.md).
+    pub private: bool,
+    /// How long a positive private check is remembered.
+    pub private_check_ttl: Duration,
 }
 
 impl UpstreamEntry {

@@ -6,6 +6,7 @@
 
 pub mod digest;
 pub mod error;
+pub mod glob;
 pub mod manifest;
 pub mod media;
 pub mod name;

@@ -39,6 +39,36 @@ impl RateLimit {
         })
     }
 
+    /// A bucket of `burst` units that refills at `per_sec`, starting full: request limits,
+    /// where a client that was quiet may send a burst at once.
+    pub fn with_burst(per_sec: f64, burst: f64) -> Arc<RateLimit> {
+        let burst = burst.max(1.0);
+        Arc::new(RateLimit {
+            bytes_per_sec: per_sec.max(f64::MIN_POSITIVE),
+            burst,
+            bucket: Mutex::new(Bucket {
+                tokens: burst,
+                at: Instant::now(),
+            }),
+        })
+    }
+
+    /// Take `n` units if the bucket holds them; otherwise take nothing and say how long
+    /// until it would (a refusal, for callers that answer 429 instead of waiting).
+    pub fn try_take(&self, n: f64) -> Result<(), Duration> {
+        let mut b = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let accrued = now.duration_since(b.at).as_secs_f64() * self.bytes_per_sec;
+        b.tokens = (b.tokens + accrued).min(self.burst);
+        b.at = now;
+        if b.tokens >= n {
+            b.tokens -= n;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((n - b.tokens) / self.bytes_per_sec))
+        }
+    }
+
     pub fn bytes_per_sec(&self) -> u64 {
         self.bytes_per_sec as u64
     }
@@ -92,6 +122,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_bucket_allows_its_burst_then_refuses_until_it_refills() {
+        let limit = RateLimit::with_burst(2.0, 3.0);
+        for _ in 0..3 {
+            assert_eq!(limit.try_take(1.0), Ok(()));
+        }
+        let wait = limit.try_take(1.0).expect_err("empty");
+        assert!((0.49..=0.51).contains(&wait.as_secs_f64()), "{wait:?}");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(limit.try_take(1.0), Ok(()));
+        assert!(limit.try_take(1.0).is_err());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn streams_sharing_a_limit_stay_within_it_together() {

@@ -45,6 +45,8 @@ pub struct Config {
     #[serde(rename = "replicate")]
     pub replicate_rules: Vec<pier_sync::rules::PushRule>,
     pub jobs: JobsConfig,
+    /// Authentication and authorization; off when absent (and no `--htpasswd`).
+    pub auth: Option<AuthConfig>,
     pub gc: GcConfig,
     pub cache: CacheConfig,
 }
@@ -214,6 +216,17 @@ pub struct UpstreamConfig {
     /// Repository globs that may not be mirrored; wins over `allow`.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// Serve its cached images only to clients whose own credentials it accepts for the
+    /// repository (docs/security.md).
+    #[serde(default)]
+    pub private: bool,
+    /// Seconds a positive private check is remembered per client and repository.
+    #[serde(default = "default_private_check_ttl")]
+    pub private_check_ttl: u64,
+}
+
+fn default_private_check_ttl() -> u64 {
+    60
 }
 
 impl UpstreamConfig {
@@ -226,6 +239,8 @@ impl UpstreamConfig {
             tag_ttl: None,
             allow: Vec::new(),
             deny: Vec::new(),
+            private: false,
+            private_check_ttl: default_private_check_ttl(),
         }
     }
 
@@ -342,8 +357,117 @@ impl Default for Config {
             jobs: JobsConfig::default(),
             gc: GcConfig::default(),
             cache: CacheConfig::default(),
+            auth: None,
         }
     }
+}
+
+/// `[auth]`: who may do what (docs/security.md). With the table absent and no `--htpasswd`,
+/// every request is allowed, as before.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// An htpasswd file of bcrypt lines (`htpasswd -B`), read again when it changes.
+    pub htpasswd: Option<PathBuf>,
+    /// Issue tokens at `/token` and challenge clients with `Bearer` (else `Basic`).
+    pub token_service: bool,
+    /// Seconds a token pier issues is valid.
+    pub token_ttl: u64,
+    /// The `iss` of the tokens pier issues.
+    pub issuer: String,
+    /// The `service` of the challenge and the audience of tokens; default: the host the
+    /// client called.
+    pub service: Option<String>,
+    /// PKCS#8 PEM EC P-256 private key; default `<data_dir>/auth/token-key.pem`, generated
+    /// when absent.
+    pub signing_key: Option<PathBuf>,
+    /// Accept tokens of an external issuer too.
+    pub external: Option<ExternalAuthConfig>,
+    /// `/metrics`, `/healthz`, `/readyz` without credentials; otherwise they need admin.
+    pub metrics_open: bool,
+    /// Client networks (CIDR) allowed at all; every address when empty.
+    pub allow: Vec<String>,
+    /// Proxies (CIDR) whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<String>,
+    /// Request rate limits.
+    pub rate: RateConfig,
+    /// Group name to its users.
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// Grants; with none, every authenticated user may do everything.
+    #[serde(rename = "rule")]
+    pub rules: Vec<AuthRuleConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            htpasswd: None,
+            token_service: true,
+            token_ttl: 300,
+            issuer: "pier".into(),
+            service: None,
+            signing_key: None,
+            external: None,
+            metrics_open: true,
+            allow: Vec::new(),
+            trusted_proxies: Vec::new(),
+            rate: RateConfig::default(),
+            groups: Default::default(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// `[auth.external]`: an existing token server whose tokens pier accepts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalAuthConfig {
+    #[serde(default)]
+    pub public_key: Option<PathBuf>,
+    #[serde(default)]
+    pub jwks: Option<PathBuf>,
+    pub issuer: String,
+    pub audience: String,
+}
+
+/// `[auth.rate]`: token buckets per client address and per user (`"50/s"`, `"600/m"`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateConfig {
+    pub per_ip: Option<String>,
+    pub per_user: Option<String>,
+    /// Requests a bucket holds (a burst allowed at once); default one second's worth.
+    pub burst: Option<u32>,
+}
+
+/// `[[auth.rule]]`: `grant` actions on `repos` to subjects `to`, from networks `allow`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthRuleConfig {
+    pub repos: Vec<String>,
+    pub grant: Vec<String>,
+    pub to: Vec<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+}
+
+/// `"50/s"`, `"600/m"`, `"3600/h"` as requests per second.
+pub fn parse_rate(s: &str) -> anyhow::Result<f64> {
+    let (n, unit) = s
+        .split_once('/')
+        .ok_or_else(|| anyhow::anyhow!("rate {s:?}: expected N/s, N/m or N/h"))?;
+    let n: f64 = n
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("rate {s:?}: {n:?} is not a number"))?;
+    let per = match unit.trim() {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        u => anyhow::bail!("rate {s:?}: unit {u:?} is not s, m or h"),
+    };
+    anyhow::ensure!(n > 0.0, "rate {s:?} must be positive");
+    Ok(n / per)
 }
 
 /// `[cluster]`: this node's place in a cluster (docs/cluster.md). With no `join` and no
@@ -608,6 +732,33 @@ mod tests {
         assert_eq!(c.cache.max_size, Some(ByteSize(2 << 30)));
         let err = Config::parse("[cache]\nmax = 1").expect_err("unknown key");
         assert!(format!("{err:#}").contains("max"), "{err:#}");
+    }
+
+    /// The example's commented-out `[auth]` table, uncommented, parses and every rate in it
+    /// is valid.
+    #[test]
+    fn example_auth_parses() {
+        let example = include_str!("../../../docs/pier.example.toml");
+        let start = example.find("# [auth]\n").expect("an [auth] example");
+        let end = example.find("# (end of [auth])").expect("its end");
+        let text: String = example[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| !l.starts_with(' '))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        let a = c.auth.expect("auth");
+        assert_eq!(a.rules.len(), 3);
+        assert_eq!(a.groups["ci"], ["alice", "bob"]);
+        assert!(a.external.is_some());
+        assert_eq!(
+            parse_rate(a.rate.per_ip.as_deref().expect("per_ip")).expect("rate"),
+            50.0
+        );
+        assert!((parse_rate("600/m").expect("rate") - 10.0).abs() < 1e-9);
+        assert!(parse_rate("fast").is_err());
+        assert!(Config::parse("[auth]\nbogus = 1").is_err());
     }
 
     /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the

@@ -168,6 +168,10 @@ pub struct ServeArgs {
     /// Never swarm: each node streams a large blob from its owner (sets `[cluster] swarm`).
     #[arg(long)]
     pub no_swarm: bool,
+    /// Require credentials: an htpasswd file of bcrypt lines (`htpasswd -B`); sets
+    /// `[auth] htpasswd` (turning auth on with its defaults when there is no `[auth]`).
+    #[arg(long, value_name = "FILE")]
+    pub htpasswd: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {

@@ -42,9 +42,24 @@ pub fn base_url(given: &str) -> Result<String, String> {
 
 /// The HTTP client for talking to a node. Connecting is bounded, so a wrong address fails in
 /// seconds; reading is not, since a warm may wait minutes for one large placement. TCP
-/// keepalive still notices a node whose host vanished mid-stream.
+/// keepalive still notices a node whose host vanished mid-stream. With `PIER_USERNAME` and
+/// `PIER_PASSWORD` in the environment every request carries them as Basic credentials (a
+/// node with auth on wants an admin user for `/api/v1/*`).
 pub fn client() -> Result<reqwest::Client, reqwest::Error> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let (Ok(user), Ok(password)) = (
+        std::env::var("PIER_USERNAME"),
+        std::env::var("PIER_PASSWORD"),
+    ) {
+        use base64::Engine as _;
+        let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Basic {v}")) {
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
+    }
     reqwest::Client::builder()
+        .default_headers(headers)
         .connect_timeout(Duration::from_secs(10))
         .tcp_keepalive(Duration::from_secs(30))
         .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))

@@ -83,6 +83,9 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(format) = args.log_format {
         config.log_format = format;
     }
+    if let Some(h) = &args.htpasswd {
+        config.auth.get_or_insert_with(Default::default).htpasswd = Some(h.clone());
+    }
     let flag_upstreams = args
         .upstream
         .iter()
@@ -172,6 +175,8 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             tag_ttl: Duration::from_secs(u.tag_ttl.unwrap_or(config.mirror.tag_ttl)),
             allow: u.allow.clone(),
             deny: u.deny.clone(),
+            private: u.private,
+            private_check_ttl: Duration::from_secs(u.private_check_ttl),
         });
     }
     let default_upstream = Some(config.mirror.default_upstream.clone()).filter(|d| !d.is_empty());
@@ -319,6 +324,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             }
         });
     }
+    state.auth = auth_gate(&config)?.map(Arc::new);
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
         log: import_log,
@@ -738,4 +744,99 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = &'stati
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+/// The `[auth]` table (and `--htpasswd`) as the HTTP front runs it; `None` when auth is off.
+fn auth_gate(config: &Config) -> anyhow::Result<Option<pier_server::auth::AuthGate>> {
+    use pier_auth::{Actions, AuthSettings, ExternalIssuer, IpNet, Rule, TokenSettings};
+    let Some(a) = &config.auth else {
+        return Ok(None);
+    };
+    let nets = |list: &[String], what: &str| -> anyhow::Result<Vec<IpNet>> {
+        list.iter()
+            .map(|n| {
+                // A bare address is a network of one.
+                n.parse::<IpNet>()
+                    .or_else(|_| n.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| anyhow::anyhow!("{what}: {n:?} is not a CIDR network or address"))
+            })
+            .collect()
+    };
+    let mut rules = Vec::new();
+    for (i, r) in a.rules.iter().enumerate() {
+        let what = format!("[[auth.rule]] #{}", i + 1);
+        let mut grant = Actions::NONE;
+        for g in &r.grant {
+            match g.as_str() {
+                "pull" | "push" | "delete" | "admin" => {
+                    grant = grant.union(Actions::parse(g).unwrap_or_default())
+                }
+                other => {
+                    anyhow::bail!("{what}: grant {other:?} is not one of pull, push, delete, admin")
+                }
+            }
+        }
+        let to =
+            r.to.iter()
+                .map(|s| {
+                    s.parse()
+                        .map_err(|e: String| anyhow::anyhow!("{what}: {e}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+        anyhow::ensure!(!r.repos.is_empty(), "{what}: repos is empty");
+        rules.push(Rule {
+            repos: r.repos.clone(),
+            grant,
+            to,
+            allow: nets(&r.allow, &what)?,
+        });
+    }
+    let token = a.token_service.then(|| TokenSettings {
+        issuer: a.issuer.clone(),
+        ttl: Duration::from_secs(a.token_ttl.max(1)),
+        key_file: a
+            .signing_key
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("auth").join("token-key.pem")),
+        generate: a.signing_key.is_none(),
+        service: a.service.clone(),
+    });
+    let external = a.external.as_ref().map(|e| ExternalIssuer {
+        public_key: e.public_key.clone(),
+        jwks: e.jwks.clone(),
+        issuer: e.issuer.clone(),
+        audience: e.audience.clone(),
+    });
+    let settings = AuthSettings {
+        htpasswd: a.htpasswd.clone(),
+        groups: a.groups.clone().into_iter().collect(),
+        rules,
+        allow: nets(&a.allow, "[auth] allow")?,
+        token,
+        external,
+    };
+    let auth = pier_auth::Auth::new(settings).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut gate = pier_server::auth::AuthGate::new(auth);
+    gate.metrics_open = a.metrics_open;
+    // Challenges name the token service with the scheme clients reach this listener by.
+    gate.https = config.tls.cert.is_some();
+    gate.trusted_proxies = nets(&a.trusted_proxies, "[auth] trusted_proxies")?;
+    let limiter = |rate: &Option<String>| -> anyhow::Result<Option<pier_server::auth::Limiter>> {
+        rate.as_deref()
+            .map(|r| {
+                let per_sec = crate::config::parse_rate(r)?;
+                let burst = a.rate.burst.unwrap_or(per_sec.ceil() as u32);
+                Ok(pier_server::auth::Limiter::new(per_sec, burst))
+            })
+            .transpose()
+    };
+    gate.per_ip = limiter(&a.rate.per_ip)?;
+    gate.per_user = limiter(&a.rate.per_user)?;
+    tracing::info!(
+        token_service = a.token_service,
+        rules = a.rules.len(),
+        htpasswd = a.htpasswd.is_some(),
+        "auth on"
+    );
+    Ok(Some(gate))
 }

@@ -175,6 +175,7 @@ fn assert_refused(what: &str, outcome: &common::clients::Outcome) {
         lower.contains("unauthorized")
             || lower.contains("denied")
             || lower.contains("authentication required")
+            || lower.contains("invalid username/password")
             || lower.contains("401")
             || lower.contains("403"),
         "{what} was refused for another reason than authorization:\n{}",
@@ -508,45 +509,36 @@ async fn containerd_pulls_with_credentials_over_tls() {
 }
 
 /// The address the Docker test serves on: Docker treats every registry on 127.0.0.0/8 as
-/// insecure and would not verify the certificate there, so pier listens on an address of a
-/// dummy interface this test creates.
+/// insecure and would not verify the certificate there, so pier listens on an address this
+/// test adds to the loopback interface.
 const DOCKER_IP: &str = "10.213.7.1";
 
-/// A dummy interface holding [`DOCKER_IP`], removed on drop.
-struct DummyAddress;
+/// [`DOCKER_IP`] on `lo`, removed on drop.
+struct LoopbackAddress;
 
-impl DummyAddress {
-    fn add() -> DummyAddress {
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("run ip");
-            (
-                out.status.success(),
-                String::from_utf8_lossy(&out.stderr).into_owned(),
-            )
-        };
-        let _ = ip(&["link", "del", "pier-sec0"]);
-        for args in [
-            &["link", "add", "pier-sec0", "type", "dummy"][..],
-            &[
-                "addr",
-                "add",
-                &format!("{DOCKER_IP}/32"),
-                "dev",
-                "pier-sec0",
-            ],
-            &["link", "set", "pier-sec0", "up"],
-        ] {
-            let (ok, err) = ip(args);
-            assert!(ok, "ip {args:?}: {err} (the Docker TLS test needs root)");
-        }
-        DummyAddress
+impl LoopbackAddress {
+    fn add() -> LoopbackAddress {
+        let cidr = format!("{DOCKER_IP}/32");
+        let _ = Command::new("ip")
+            .args(["addr", "del", &cidr, "dev", "lo"])
+            .output();
+        let out = Command::new("ip")
+            .args(["addr", "add", &cidr, "dev", "lo"])
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip addr add {cidr} dev lo: {} (the Docker TLS test needs root)",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopbackAddress
     }
 }
 
-impl Drop for DummyAddress {
+impl Drop for LoopbackAddress {
     fn drop(&mut self) {
         let _ = Command::new("ip")
-            .args(["link", "del", "pier-sec0"])
+            .args(["addr", "del", &format!("{DOCKER_IP}/32"), "dev", "lo"])
             .output();
     }
 }
@@ -571,10 +563,10 @@ async fn docker_logs_in_pushes_and_pulls_over_tls() {
         return;
     };
     if !nix_is_root() {
-        println!("SKIPPED: the Docker TLS test needs root (a dummy interface, /etc/docker)");
+        println!("SKIPPED: the Docker TLS test needs root (an address on lo, /etc/docker)");
         return;
     }
-    let _address = DummyAddress::add();
+    let _address = LoopbackAddress::add();
     let skopeo = Skopeo::new(tmp.path());
     let (layout, image) = small_image(&tmp.path().join("src"), 81);
     let secure = Secure::start(&tmp.path().join("pier"), DOCKER_IP);

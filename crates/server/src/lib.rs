@@ -1,10 +1,11 @@
 //! pier's HTTP front. `/v2/` is routed once, by [`pier_oci::route::parse`], and dispatched in
 //! [`v2`]; `/healthz`, `/readyz` and `/metrics` sit beside it. Every request gets a tracing span
-//! and is counted.
+//! and is counted. With auth on, [`auth::guard`] runs in front of every route.
 //!
 //! Architecture invariant: this crate turns HTTP into registry calls and registry results into
 //! HTTP. It holds no storage logic, and failures become responses only in [`error`].
 
+pub mod auth;
 pub mod cache;
 pub mod cluster;
 pub mod conn;
@@ -70,6 +71,10 @@ pub struct AppState {
     pub cache: Arc<cache::CacheSettings>,
     /// Where pins live (`pier pin`), when the metadata store keeps them.
     pub pins: Option<Arc<dyn pier_store::PinStore>>,
+    /// Authentication and authorization; `None`: every request is allowed (docs/security.md).
+    pub auth: Option<Arc<auth::AuthGate>>,
+    /// Positive answers of private upstreams to clients' credentials.
+    pub private: Arc<auth::PrivateChecks>,
 }
 
 impl AppState {
@@ -88,6 +93,8 @@ impl AppState {
             gc: Arc::new(gc::GcSettings::default()),
             cache: Arc::new(cache::CacheSettings::default()),
             pins: None,
+            auth: None,
+            private: Arc::default(),
         }
     }
 
@@ -111,6 +118,8 @@ impl AppState {
             gc: Arc::new(gc::GcSettings::default()),
             cache: Arc::new(cache::CacheSettings::default()),
             pins: None,
+            auth: None,
+            private: Arc::default(),
         }
     }
 }
@@ -146,7 +155,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/check", axum::routing::post(gc::check))
         .route("/api/v1/pin", axum::routing::post(cache::pin))
         .route("/api/v1/unpin", axum::routing::post(cache::unpin))
+        .route("/token", get(auth::token).post(auth::token))
         .fallback(registry_api)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
         .with_state(state)
 }
 

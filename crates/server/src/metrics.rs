@@ -39,7 +39,8 @@ pub struct StateLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
-    /// `imported`, `duplicate`, `failed` or `retry`.
+    /// `imported`, `duplicate`, `failed` or `retry` (imports); `allowed`, `unauthorized`,
+    /// `denied` or `rate_limited` (auth).
     pub result: &'static str,
 }
 
@@ -77,6 +78,7 @@ pub struct Metrics {
     pub cache_evicted_bytes: Counter,
     pub cache_bytes: Gauge,
     pub cache_max_bytes: Gauge,
+    pub auth_requests: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -254,6 +256,13 @@ impl Metrics {
             "[cache] max_size in bytes (0 when unbounded)",
             cache_max_bytes.clone(),
         );
+        let auth_requests = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "auth_requests",
+            "Requests decided by authentication and authorization, by result (allowed, \
+             unauthorized, denied, rate_limited); counted only when auth is on",
+            auth_requests.clone(),
+        );
         let metrics = Metrics {
             registry,
             requests,
@@ -282,6 +291,7 @@ impl Metrics {
             cache_evicted_bytes,
             cache_bytes,
             cache_max_bytes,
+            auth_requests,
         };
         (metrics, more)
     }

@@ -52,6 +52,10 @@ impl Query {
             .collect()
     }
 
+    pub(crate) fn remove(&mut self, key: &str) {
+        self.0.retain(|(k, _)| k != key);
+    }
+
     pub(crate) fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -62,13 +66,18 @@ impl Query {
 
 pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Result<Response> {
     let method = req.method().clone();
-    let q = Query::of(&req);
-    if let Some(target) = crate::mirror::target(&state, &route, &method, &q).await? {
+    let mut q = Query::of(&req);
+    let target = crate::mirror::target(&state, &route, &method, &q).await?;
+    let facts = crate::auth::RequestFacts::of(&state, &req);
+    crate::auth::authorize(&state, &route, &method, &mut q, target.as_ref(), facts).await?;
+    if let Some(target) = target {
         return crate::mirror::dispatch(&state, target, route, req, &q).await;
     }
     match (route, &method) {
         (Route::Base, &Method::GET | &Method::HEAD) => Ok(json(StatusCode::OK, "{}".into())),
-        (Route::Catalog, &Method::GET) => catalog(&state, &q).await,
+        (Route::Catalog, &Method::GET) => {
+            catalog(&state, &q, crate::auth::catalog_filter(&state, &req)).await
+        }
         (Route::Tags { name }, &Method::GET) => tags(&state, &name, &q).await,
         (Route::Manifest { name, reference }, &Method::GET | &Method::HEAD) => {
             get_manifest(&state, &name, &reference, method == Method::HEAD).await
@@ -156,14 +165,24 @@ fn link_next(path: &str, n: usize, last: &str) -> HeaderValue {
     hv(&format!("<{path}?{q}>; rel=\"next\""))
 }
 
-async fn catalog(state: &AppState, q: &Query) -> Result<Response> {
+/// The catalog; with auth on, only what the caller may pull (`visible`). A page is filtered
+/// after it is read, so it may hold fewer than `n` names while `Link` says there are more.
+async fn catalog(
+    state: &AppState,
+    q: &Query,
+    visible: Option<crate::auth::Visible>,
+) -> Result<Response> {
     let (n, last) = pagination(q)?;
-    let page = state.registry.catalog(last.as_deref(), n).await?;
+    let mut page = state.registry.catalog(last.as_deref(), n).await?;
+    let last_seen = page.items.last().cloned();
+    if let Some(visible) = &visible {
+        page.items.retain(|r| visible(r));
+    }
     let body = serde_json::json!({ "repositories": page.items }).to_string();
     let mut resp = json(StatusCode::OK, body);
-    if let (true, Some(l)) = (page.more, page.items.last()) {
+    if let (true, Some(l)) = (page.more, last_seen) {
         resp.headers_mut()
-            .insert(header::LINK, link_next("/v2/_catalog", n, l));
+            .insert(header::LINK, link_next("/v2/_catalog", n, &l));
     }
     Ok(resp)
 }

@@ -360,6 +360,8 @@ async fn setup(opts: Options) -> Setup {
             tag_ttl: opts.tag_ttl,
             allow: Vec::new(),
             deny: opts.deny,
+            private: false,
+            private_check_ttl: Duration::from_secs(60),
         }],
         Some("up.example".into()),
         blobs.clone(),

@@ -314,6 +314,37 @@ impl Upstream {
         &self.config.name
     }
 
+    /// Whether the registry lets `username` pull `repo`, asked with those credentials (a
+    /// one-entry tag list, which any registry answers per repository and which Docker Hub
+    /// does not count as a pull). `Ok(false)` when it refuses them or does not know the
+    /// repository; an error when it could not be asked.
+    pub async fn can_pull(&self, repo: &str, username: &str, password: &str) -> Result<bool> {
+        let mut config = self.config.clone();
+        config.username = Some(username.to_string());
+        config.password = Some(password.to_string());
+        config.attempts = 1;
+        let asker = Upstream {
+            config,
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| Endpoint {
+                    base: e.base.clone(),
+                    benched_until: Mutex::new(None),
+                })
+                .collect(),
+            client: self.client.clone(),
+            tokens: TokenCache::default(),
+            basic_seen: AtomicBool::new(false),
+            observer: Arc::new(NoObserver),
+        };
+        match asker.tags(repo, "n=1").await {
+            Ok(_) => Ok(true),
+            Err(UpstreamError::Denied(_) | UpstreamError::NotFound) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn config(&self) -> &UpstreamConfig {
         &self.config
     }

@@ -156,7 +156,7 @@ pub struct Pier {
 
 impl Pier {
     /// Start pier on a free port with `data_dir` as its data directory, every repository hosted
-    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200. stdout and stderr go, appended across restarts, to
+    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200 (401 with auth on). stdout and stderr go, appended across restarts, to
     /// `<data_dir's parent>/<data_dir's name>.pier.log`.
     pub fn start(data_dir: &Path) -> Pier {
         let parent = data_dir
@@ -180,8 +180,9 @@ impl Pier {
     /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
     /// `--listen` and `--data-dir`.
     pub fn start_with(data_dir: &Path, log_path: &Path, args: &[String]) -> Pier {
+        // 401: a node with auth on challenges every caller without credentials.
         Pier::start_probed(data_dir, log_path, args, "127.0.0.1", &|port| {
-            http_status(port, "/v2/") == Some(200)
+            matches!(http_status(port, "/v2/"), Some(200 | 401))
         })
     }
 

@@ -1,5 +1,5 @@
-//! Repository globs for allow and deny lists: `*` matches within one path component, `**`
-//! matches across components.
+//! Repository globs for allow and deny lists and authorization rules: `*` matches within one
+//! path component, `**` matches across components.
 
 /// Whether `pattern` matches all of `name`.
 pub fn matches(pattern: &str, name: &str) -> bool {
