@@ -84,4 +84,10 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn commit_spool(&self, spool: Spool, digest: &Digest, size: u64) -> Result<()>;
 
     fn stats(&self) -> StoreStats;
+
+    /// A URL the client may fetch the blob from directly (a presigned object URL), when the
+    /// store is configured to hand them out. GETs of the blob then answer with a redirect.
+    async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>> {
+        Ok(None)
+    }
 }
