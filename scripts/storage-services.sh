@@ -68,7 +68,9 @@ storage_services_start() {
     STORAGE_MOTO_PID=$!
 
     mkdir -p "$STORAGE_DIR/pg" "$STORAGE_DIR/pg-socket"
-    [[ $(id -u) -eq 0 ]] && chown postgres "$STORAGE_DIR/pg" "$STORAGE_DIR/pg-socket"
+    if [[ $(id -u) -eq 0 ]]; then
+        chown postgres "$STORAGE_DIR/pg" "$STORAGE_DIR/pg-socket"
+    fi
     storage_as_pg "$bin/initdb" -D "$STORAGE_DIR/pg" -A trust -U pier -E UTF8 --no-sync \
         >"$STORAGE_DIR/initdb.log" 2>&1 || { cat "$STORAGE_DIR/initdb.log" >&2; return 1; }
     # fsync off: a test database that dies with the machine loses nothing anyone needs.
@@ -103,7 +105,9 @@ storage_services_stop() {
             >/dev/null 2>&1
         STORAGE_PG_DATA=
     fi
-    [[ -n ${STORAGE_DIR:-} ]] && rm -rf "$STORAGE_DIR"
+    if [[ -n ${STORAGE_DIR:-} ]]; then
+        rm -rf "$STORAGE_DIR"
+    fi
     STORAGE_DIR=
 }
 

@@ -30,9 +30,17 @@ if ((${#missing[@]})); then
         $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
+# A real S3-compatible server and a real PostgreSQL for the storage tests, the HA tier and the
+# API tier's second run (scripts/storage-services.sh; stopped when this script exits).
+source scripts/storage-services.sh
+trap storage_services_stop EXIT
+storage_services_start
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (interop and cluster tiers on)"
 PIER_INTEROP=1 PIER_CLUSTER=1 cargo test --workspace
+echo "== cargo test: the API tier again, on S3 + PostgreSQL"
+PIER_TEST_BACKEND=s3pg cargo test -p pier-server --test api
