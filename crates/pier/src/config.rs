@@ -604,8 +604,12 @@ mod tests {
     #[test]
     fn storage_backends_parse_and_unknown_keys_fail() {
         let example = include_str!("../../../docs/pier.example.toml");
-        let start = example.find("# [storage.s3]").expect("a [storage.s3] example");
-        let end = example[start..].find("\n[").map_or(example.len(), |e| start + e);
+        let start = example
+            .find("# [storage.s3]")
+            .expect("a [storage.s3] example");
+        let end = example[start..]
+            .find("\n[")
+            .map_or(example.len(), |e| start + e);
         let tables: String = example[start..end]
             .lines()
             .filter_map(|l| l.strip_prefix("# "))
@@ -616,14 +620,20 @@ mod tests {
         assert_eq!(c.storage.blobs, BlobBackend::S3);
         assert_eq!(c.storage.meta, MetaBackend::Postgres);
         let s3 = c.storage.s3.expect("[storage.s3]");
-        assert_eq!((s3.bucket.as_str(), s3.path_style, s3.redirect), ("pier", true, false));
+        assert_eq!(
+            (s3.bucket.as_str(), s3.path_style, s3.redirect),
+            ("pier", true, false)
+        );
         assert_eq!(s3.prefix, "site-a/");
         assert_eq!(
             c.storage.postgres.expect("[storage.postgres]").url,
             "postgres://pier@127.0.0.1:5432/pier"
         );
         let d = Config::parse("").unwrap();
-        assert_eq!((d.storage.blobs, d.storage.meta), (BlobBackend::Fs, MetaBackend::Redb));
+        assert_eq!(
+            (d.storage.blobs, d.storage.meta),
+            (BlobBackend::Fs, MetaBackend::Redb)
+        );
         let err = Config::parse("[storage.s3]\nbucket = \"b\"\nbuckt = \"c\"").expect_err("typo");
         assert!(format!("{err:#}").contains("buckt"), "{err:#}");
         let err = Config::parse("[storage]\nblobs = \"gcs\"").expect_err("unknown backend");

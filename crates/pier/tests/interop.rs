@@ -557,7 +557,11 @@ async fn skopeo_and_containerd_on_s3_and_postgres() {
         "--hosted".to_string(),
         "**".to_string(),
     ];
-    let pier = Pier::start_with(&tmp.path().join("data"), &tmp.path().join("pier.log"), &flags);
+    let pier = Pier::start_with(
+        &tmp.path().join("data"),
+        &tmp.path().join("pier.log"),
+        &flags,
+    );
     let host = pier.host();
     let http = reqwest::Client::new();
 

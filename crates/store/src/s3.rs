@@ -40,6 +40,9 @@ use pier_oci::{Algorithm, Digest, Hasher};
 use crate::blob::{BlobStore, ByteStream, StoreStats};
 use crate::{Result, Spool, StoreError};
 
+/// One chunk object of an upload session: (offset, size).
+type Chunk = (u64, u64);
+
 /// Size of each multipart part (S3's minimum is 5 MiB for all but the last).
 const PART: usize = 8 * 1024 * 1024;
 /// Parts uploading at once per stream: the body is read no further ahead than this.
@@ -218,7 +221,7 @@ impl S3BlobStore {
 
     /// The chunks covering exactly `0..len`: every acknowledged byte once, in order. Chunks
     /// past `len` (written, never acknowledged) are returned apart.
-    fn acknowledged(chunks: &[(u64, u64)], len: u64) -> Result<(Vec<(u64, u64)>, Vec<u64>)> {
+    fn acknowledged(chunks: &[Chunk], len: u64) -> Result<(Vec<Chunk>, Vec<u64>)> {
         let mut covered = 0u64;
         let mut keep = Vec::new();
         let mut stale = Vec::new();

@@ -166,7 +166,7 @@ async fn s3_upload_chunks_may_reach_different_nodes_and_unacknowledged_bytes_are
     let d = Digest::sha256(&whole);
     let id = uuid::Uuid::new_v4().to_string();
     a.upload_create(&id).await.unwrap();
-    assert_eq!(b.upload_ids().await.unwrap(), [id.clone()]);
+    assert_eq!(b.upload_ids().await.unwrap(), std::slice::from_ref(&id));
 
     let (n1, _) = a
         .upload_append(&id, 0, None, body(&whole[..100_000], 8192), None)
