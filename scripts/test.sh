@@ -42,6 +42,11 @@ if ! python3 -c 'import helm_python, kubernetes_validate, playwright' 2>/dev/nul
         "${python_packages[@]}" 2>/dev/null ||
         python3 -m pip install --quiet --disable-pip-version-check "${python_packages[@]}"
 fi
+# A real S3-compatible server and a real PostgreSQL for the storage tests, the HA tier and the
+# API tier's second run (scripts/storage-services.sh; stopped when this script exits).
+source scripts/storage-services.sh
+trap storage_services_stop EXIT
+storage_services_start
 
 echo "== cargo fmt --check"
 cargo fmt --all --check
@@ -49,3 +54,5 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (interop and cluster tiers on)"
 PIER_INTEROP=1 PIER_CLUSTER=1 cargo test --workspace
+echo "== cargo test: the API tier again, on S3 + PostgreSQL"
+PIER_TEST_BACKEND=s3pg cargo test -p pier-server --test api

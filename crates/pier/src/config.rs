@@ -595,14 +595,86 @@ pub struct StorageConfig {
     /// Free space the data directory's filesystem keeps: below it pushes and mirror fills are
     /// refused (507) and `/readyz` fails, so the disk never fills to the last byte. 0 for none.
     pub min_free_space: ByteSize,
+    /// Where blob bytes live: `fs` (under the data directory) or `s3` (`[storage.s3]`).
+    pub blobs: BlobBackend,
+    /// Where metadata lives: `redb` (a file in the data directory) or `postgres`
+    /// (`[storage.postgres]`). `s3` with `postgres` is the highly available mode: any number of
+    /// nodes on one bucket and one database.
+    pub meta: MetaBackend,
+    pub s3: Option<S3Config>,
+    pub postgres: Option<PostgresConfig>,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             min_free_space: ByteSize(256 * 1024 * 1024),
+            blobs: BlobBackend::Fs,
+            meta: MetaBackend::Redb,
+            s3: None,
+            postgres: None,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlobBackend {
+    Fs,
+    S3,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetaBackend {
+    Redb,
+    Postgres,
+}
+
+/// `[storage.s3]`: the bucket blobs go to when `blobs = "s3"`. Credentials left out come from
+/// the usual AWS environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_SESSION_TOKEN`, `AWS_REGION`, `AWS_ENDPOINT`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// `http(s)://host:port` of an S3-compatible server; leave out for AWS.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Path-style addressing (`endpoint/bucket/key`), as most S3-compatible servers want;
+    /// `false` for virtual-host style (`bucket.endpoint/key`).
+    #[serde(default)]
+    pub path_style: bool,
+    /// Prepended to every key (`"site-a/"`), so several deployments can share a bucket.
+    #[serde(default)]
+    pub prefix: String,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+    #[serde(default)]
+    pub session_token: Option<String>,
+    /// Answer blob GETs with a redirect (307) to a presigned URL of the object, so the bytes
+    /// flow from the bucket to the client without passing through pier.
+    #[serde(default)]
+    pub redirect: bool,
+    /// How long a presigned URL stays valid, in seconds.
+    #[serde(default = "default_redirect_ttl")]
+    pub redirect_ttl: u64,
+}
+
+fn default_redirect_ttl() -> u64 {
+    20 * 60
+}
+
+/// `[storage.postgres]`: the database metadata goes to when `meta = "postgres"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database` (or a `key=value` connection string).
+    pub url: String,
 }
 
 impl Default for RegistryConfig {
@@ -759,6 +831,47 @@ mod tests {
         assert!((parse_rate("600/m").expect("rate") - 10.0).abs() < 1e-9);
         assert!(parse_rate("fast").is_err());
         assert!(Config::parse("[auth]\nbogus = 1").is_err());
+    }
+
+    /// The example's commented-out `[storage.s3]` and `[storage.postgres]` tables, uncommented,
+    /// choose the HA backends; a typo in them is an error naming the key.
+    #[test]
+    fn storage_backends_parse_and_unknown_keys_fail() {
+        let example = include_str!("../../../docs/pier.example.toml");
+        let start = example
+            .find("# [storage.s3]")
+            .expect("a [storage.s3] example");
+        let end = example[start..]
+            .find("\n[")
+            .map_or(example.len(), |e| start + e);
+        let tables: String = example[start..end]
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let text = format!("[storage]\nblobs = \"s3\"\nmeta = \"postgres\"\n{tables}");
+        let c = Config::parse(&text).unwrap_or_else(|e| panic!("{e:#}\n{text}"));
+        assert_eq!(c.storage.blobs, BlobBackend::S3);
+        assert_eq!(c.storage.meta, MetaBackend::Postgres);
+        let s3 = c.storage.s3.expect("[storage.s3]");
+        assert_eq!(
+            (s3.bucket.as_str(), s3.path_style, s3.redirect),
+            ("pier", true, false)
+        );
+        assert_eq!(s3.prefix, "site-a/");
+        assert_eq!(
+            c.storage.postgres.expect("[storage.postgres]").url,
+            "postgres://pier@127.0.0.1:5432/pier"
+        );
+        let d = Config::parse("").unwrap();
+        assert_eq!(
+            (d.storage.blobs, d.storage.meta),
+            (BlobBackend::Fs, MetaBackend::Redb)
+        );
+        let err = Config::parse("[storage.s3]\nbucket = \"b\"\nbuckt = \"c\"").expect_err("typo");
+        assert!(format!("{err:#}").contains("buckt"), "{err:#}");
+        let err = Config::parse("[storage]\nblobs = \"gcs\"").expect_err("unknown backend");
+        assert!(format!("{err:#}").contains("gcs"), "{err:#}");
     }
 
     /// The example's commented-out `[[sync]]` and `[[replicate]]` tables, uncommented (the

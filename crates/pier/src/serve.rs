@@ -7,7 +7,7 @@ use anyhow::Context;
 use pier_peer::tls::CertFiles;
 use pier_registry::{Limits, Registry, UploadCaps};
 use pier_server::AppState;
-use pier_store::{FsBlobStore, RedbMetaStore, Space};
+use pier_store::{FsBlobStore, PgMetaStore, RedbMetaStore, S3BlobStore, S3Options, Space};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -19,7 +19,9 @@ use pier_server::metrics::Metrics;
 use pier_store::{BlobStore, MetaStore};
 use pier_upstream::Upstream;
 
-use crate::config::{ClusterConfig, Config, LogFormat, ServerConfig, UpstreamConfig};
+use crate::config::{
+    BlobBackend, ClusterConfig, Config, LogFormat, MetaBackend, ServerConfig, UpstreamConfig,
+};
 use crate::ServeArgs;
 use pier_cluster::membership::{Membership, MembershipConfig};
 use pier_cluster::{ClusterSecret, MemberState};
@@ -115,6 +117,36 @@ fn init_logging(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The blob store `[storage] blobs` names.
+async fn open_blobs(config: &Config, space: &Arc<Space>) -> anyhow::Result<Arc<dyn BlobStore>> {
+    Ok(match config.storage.blobs {
+        BlobBackend::Fs => FsBlobStore::open_with(&config.data_dir, Some(space.clone()))
+            .await
+            .context("cannot open the blob store")?,
+        BlobBackend::S3 => {
+            let s3 = config.storage.s3.as_ref().ok_or_else(|| {
+                anyhow::anyhow!("storage.blobs = \"s3\" needs a [storage.s3] table")
+            })?;
+            let options = S3Options {
+                bucket: s3.bucket.clone(),
+                endpoint: s3.endpoint.clone(),
+                region: s3.region.clone(),
+                path_style: s3.path_style,
+                prefix: s3.prefix.clone(),
+                access_key_id: s3.access_key_id.clone(),
+                secret_access_key: s3.secret_access_key.clone(),
+                session_token: s3.session_token.clone(),
+                redirect: s3
+                    .redirect
+                    .then(|| std::time::Duration::from_secs(s3.redirect_ttl)),
+            };
+            S3BlobStore::open(options, config.data_dir.join("spool"))
+                .await
+                .with_context(|| format!("cannot open the S3 bucket {}", s3.bucket))?
+        }
+    })
+}
+
 async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
@@ -122,9 +154,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         &config.data_dir,
         config.storage.min_free_space.0,
     ));
-    let blobs = FsBlobStore::open_with(&config.data_dir, Some(space.clone()))
-        .await
-        .context("cannot open the blob store")?;
+    let blobs = open_blobs(&config, &space).await?;
     let db_path = config.data_dir.join("meta.redb");
     let meta = RedbMetaStore::open(&db_path).with_context(|| {
         format!(
@@ -139,9 +169,21 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     // One durable job queue for every kind of background work (replication to owners now).
     let job_store: Arc<dyn pier_store::JobStore> = Arc::new(meta.clone());
     let import_log: Arc<dyn pier_store::ImportLog> = Arc::new(meta.clone());
-    let pins: Arc<dyn pier_store::PinStore> = Arc::new(meta.clone());
-    let meta: Arc<dyn MetaStore> = Arc::new(meta);
-    let blobs: Arc<dyn BlobStore> = blobs;
+    // The job queue and the import log stay in this node's redb in every mode; repositories,
+    // tags, manifests, uploads and pins move to PostgreSQL when `meta = "postgres"`.
+    let (meta, pins): (Arc<dyn MetaStore>, Arc<dyn pier_store::PinStore>) =
+        match config.storage.meta {
+            MetaBackend::Redb => (Arc::new(meta.clone()), Arc::new(meta)),
+            MetaBackend::Postgres => {
+                let pg = config.storage.postgres.as_ref().ok_or_else(|| {
+                    anyhow::anyhow!("storage.meta = \"postgres\" needs a [storage.postgres] table")
+                })?;
+                let store = PgMetaStore::connect(&pg.url)
+                    .await
+                    .context("cannot open the PostgreSQL metadata database")?;
+                (Arc::new(store.clone()), Arc::new(store))
+            }
+        };
     let caps = UploadCaps {
         total: config.registry.max_upload_sessions,
         per_client: config.registry.max_upload_sessions_per_client,

@@ -523,3 +523,63 @@ async fn podman_pushes_and_pulls_back() {
     );
     println!("podman load, push and pull took {:?}", t0.elapsed());
 }
+
+/// The same clients against a pier whose blobs are in S3 and whose metadata is in PostgreSQL
+/// (scripts/storage-services.sh): a skopeo round trip and a containerd pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_and_containerd_on_s3_and_postgres() {
+    let Some(tmp) = interop_tempdir(&["skopeo", "containerd", "ctr"]) else {
+        return;
+    };
+    let Some(storage) = common::SharedStorage::from_env("interop on S3 + PostgreSQL") else {
+        return;
+    };
+    let t0 = Instant::now();
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![(
+            "app",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![
+                    LayerSpec::new("big.bin", 20 * MIB + 7, 31),
+                    LayerSpec::new("small.bin", 3 * KIB, 32),
+                ],
+            )),
+        )],
+    );
+    let image = layout.image("app").clone();
+    let config = tmp.path().join("pier.toml");
+    std::fs::write(&config, storage.deployment_config().await).expect("write the pier config");
+    let flags = [
+        "--config".to_string(),
+        config.display().to_string(),
+        "--hosted".to_string(),
+        "**".to_string(),
+    ];
+    let pier = Pier::start_with(
+        &tmp.path().join("data"),
+        &tmp.path().join("pier.log"),
+        &flags,
+    );
+    let host = pier.host();
+    let http = reqwest::Client::new();
+
+    let skopeo = Skopeo::new(tmp.path());
+    let pushed = format!("docker://{host}/s3pg/app:1");
+    skopeo.copy(&oci_ref(&layout.dir, "app"), &pushed).await;
+    let raw = skopeo.inspect_raw(&pushed).await;
+    assert_eq!(raw, image.manifest_bytes, "manifest bytes as pushed");
+    let back = skopeo.writable_dir(&tmp.path().join("back"));
+    skopeo.copy(&pushed, &oci_ref(&back, "pulled")).await;
+    assert_eq!(layout_ref(&back, "pulled"), image.manifest.digest);
+    assert_same_blobs(&layout, &back, &image.digests());
+    assert_blobs_served(&http, &pier.url(), "s3pg/app", "", &image.blobs()).await;
+
+    let containerd = Containerd::start(&tmp.path().join("ctrd"));
+    let reference = format!("{host}/s3pg/app:1");
+    containerd.pull_plain_http(&reference).await;
+    containerd.assert_unpacked(&image);
+    drop(containerd);
+    println!("S3 + PostgreSQL interop took {:?}", t0.elapsed());
+}

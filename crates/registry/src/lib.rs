@@ -139,6 +139,12 @@ impl Registry {
         })))
     }
 
+    /// Where a client may fetch a blob straight from the store instead (a presigned URL), if
+    /// the store hands those out.
+    pub async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>> {
+        Ok(self.blobs.redirect_url(digest).await?)
+    }
+
     /// Store a whole blob pushed in one request and link it into `repo`.
     pub async fn put_blob(
         &self,

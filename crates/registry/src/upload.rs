@@ -2,8 +2,11 @@
 //!
 //! The acknowledged offset of each session is durable in the metadata store and is only moved
 //! after the chunk's bytes are fsynced, so after a crash a session resumes from the last
-//! acknowledged byte. The running sha256 state is kept in memory between chunks; after a restart
-//! (or a broken chunk) it is gone and the commit re-reads the buffer instead.
+//! acknowledged byte. The running sha256 state is kept in memory between chunks, with the offset
+//! it has hashed up to; after a restart (or a broken chunk) it is gone and the commit re-reads
+//! the buffer instead. With shared storage (S3 and PostgreSQL) the chunks of one session may
+//! reach different nodes: a node's state whose offset is not the session's acknowledged offset
+//! (another node appended since) is dropped, never used.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,7 +17,8 @@ use pier_store::{BlobStore, ByteStream, MetaStore, StoreError, UploadRecord};
 
 use crate::{RegistryError, Result};
 
-type Session = Arc<tokio::sync::Mutex<Option<Hasher>>>;
+/// A session's in-memory state: the hash of its first `n` bytes, as `(n, state)`.
+type Session = Arc<tokio::sync::Mutex<Option<(u64, Hasher)>>>;
 
 pub struct Uploads {
     blobs: Arc<dyn BlobStore>,
@@ -85,6 +89,14 @@ pub struct ChunkInfo {
     pub start: Option<u64>,
     /// Inclusive end from `Content-Range`, if given.
     pub end: Option<u64>,
+}
+
+/// Take a session's hash state if it covers exactly the `offset` acknowledged bytes.
+fn current(hasher: &mut Option<(u64, Hasher)>, offset: u64) -> Option<Hasher> {
+    hasher
+        .take()
+        .filter(|(at, _)| *at == offset)
+        .map(|(_, h)| h)
 }
 
 fn now() -> u64 {
@@ -159,6 +171,12 @@ impl Uploads {
             }
         }
         for b in buffers.difference(&known) {
+            // With shared storage another node may have opened this session since the records
+            // were listed: look again before removing its buffer.
+            if self.meta.upload(b).await?.is_some() {
+                report.resumable += 1;
+                continue;
+            }
             self.blobs.upload_delete(b).await?;
             report.dropped_buffers += 1;
         }
@@ -252,7 +270,7 @@ impl Uploads {
             updated: now(),
         };
         self.meta.put_upload(&record).await?;
-        *self.session(&id).lock().await = Some(Hasher::new(Algorithm::Sha256));
+        *self.session(&id).lock().await = Some((0, Hasher::new(Algorithm::Sha256)));
         Ok(record)
     }
 
@@ -266,7 +284,7 @@ impl Uploads {
 
     async fn append_locked(
         &self,
-        hasher: &mut Option<Hasher>,
+        hasher: &mut Option<(u64, Hasher)>,
         mut record: UploadRecord,
         chunk: ChunkInfo,
         body: ByteStream,
@@ -278,7 +296,7 @@ impl Uploads {
                 });
             }
         }
-        let state = hasher.take();
+        let state = current(hasher, record.offset);
         let (len, state) = self
             .blobs
             .upload_append(&record.id, record.offset, state, body, self.limit)
@@ -296,7 +314,7 @@ impl Uploads {
         record.offset = len;
         record.updated = now();
         self.meta.put_upload(&record).await?;
-        *hasher = state;
+        *hasher = state.map(|h| (len, h));
         Ok(record)
     }
 
@@ -335,7 +353,7 @@ impl Uploads {
         let _sweep = self.sweep_lock.read().await;
         match self
             .blobs
-            .upload_commit(id, size, digest, hasher.take())
+            .upload_commit(id, size, digest, current(&mut hasher, size))
             .await
         {
             Ok(()) => {}

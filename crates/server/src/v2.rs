@@ -338,6 +338,17 @@ async fn get_blob(
         Err(e) => return Err(e.into()),
     };
     let range = blob_range(headers, size)?;
+    if !head {
+        if let Some(url) = state.registry.blob_redirect(digest).await? {
+            // The client follows with the same Range header, which the store honours.
+            return Ok(Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header(header::LOCATION, hv(&url))
+                .header("docker-content-digest", hv(&digest.to_string()))
+                .body(Body::empty())
+                .unwrap_or_default());
+        }
+    }
     let (builder, start, end) = blob_headers(digest, size, range);
     if head || start == end {
         return Ok(builder.body(Body::empty()).unwrap_or_default());

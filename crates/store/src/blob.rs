@@ -107,4 +107,10 @@ pub trait BlobStore: Send + Sync + 'static {
         let _ = digest;
         Err(StoreError::Unsupported("quarantining blobs"))
     }
+
+    /// A URL the client may fetch the blob from directly (a presigned object URL), when the
+    /// store is configured to hand them out. GETs of the blob then answer with a redirect.
+    async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>> {
+        Ok(None)
+    }
 }

@@ -16,8 +16,10 @@ pub mod fs;
 pub mod imports;
 pub mod jobs;
 pub mod meta;
+pub mod pg;
 pub mod pins;
 pub mod redb_meta;
+pub mod s3;
 pub mod space;
 pub mod spool;
 
@@ -29,8 +31,10 @@ pub use jobs::{
     Job, JobFailure, JobHandler, JobRunner, JobState, JobStore, RetryPolicy, RunnerConfig,
 };
 pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+pub use pg::{MetaEvent, PgMetaStore};
 pub use pins::{Pin, PinStore};
 pub use redb_meta::RedbMetaStore;
+pub use s3::{S3BlobStore, S3Options};
 pub use space::{Space, SpaceState};
 pub use spool::Spool;
 

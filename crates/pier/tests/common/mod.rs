@@ -1347,3 +1347,68 @@ pub async fn wait_for_file(path: &Path, limit: Duration) -> bool {
     }
     path.exists()
 }
+
+// ---------------------------------------------------------------------------------------------
+// S3 + PostgreSQL
+// ---------------------------------------------------------------------------------------------
+
+/// Where the S3 server and PostgreSQL of scripts/storage-services.sh are, or `None` (after
+/// printing SKIPPED for `what`) when they are not set.
+pub struct SharedStorage {
+    pub s3_endpoint: String,
+    pub s3_bucket: String,
+    pub pg_admin_url: String,
+}
+
+impl SharedStorage {
+    pub fn from_env(what: &str) -> Option<SharedStorage> {
+        match (
+            std::env::var("PIER_TEST_S3_ENDPOINT"),
+            std::env::var("PIER_TEST_S3_BUCKET"),
+            std::env::var("PIER_TEST_PG_URL"),
+        ) {
+            (Ok(s3_endpoint), Ok(s3_bucket), Ok(pg_admin_url)) => Some(SharedStorage {
+                s3_endpoint,
+                s3_bucket,
+                pg_admin_url,
+            }),
+            _ => {
+                eprintln!(
+                    "SKIPPED: {what}: PIER_TEST_S3_ENDPOINT, PIER_TEST_S3_BUCKET and \
+                     PIER_TEST_PG_URL are not set (scripts/storage-services.sh starts them)"
+                );
+                None
+            }
+        }
+    }
+
+    /// A `[storage]` config for one deployment: a fresh database and a fresh key prefix. Every
+    /// node given the same text shares one bucket prefix and one database.
+    pub async fn deployment_config(&self) -> String {
+        let (client, conn) = tokio_postgres::connect(&self.pg_admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to PIER_TEST_PG_URL");
+        let conn = tokio::spawn(conn);
+        let name = format!("pier_{}", uuid::Uuid::new_v4().simple());
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create the test database");
+        drop(client);
+        let _ = conn.await;
+        let (base, _) = self
+            .pg_admin_url
+            .rsplit_once('/')
+            .expect("PIER_TEST_PG_URL ends in /database");
+        format!(
+            "[storage]\nblobs = \"s3\"\nmeta = \"postgres\"\nmin_free_space = 0\n\n\
+             [storage.s3]\nbucket = \"{bucket}\"\nendpoint = \"{endpoint}\"\n\
+             region = \"us-east-1\"\npath_style = true\nprefix = \"{prefix}/\"\n\
+             access_key_id = \"pier-test\"\nsecret_access_key = \"pier-test\"\n\n\
+             [storage.postgres]\nurl = \"{base}/{name}\"\n",
+            bucket = self.s3_bucket,
+            endpoint = self.s3_endpoint,
+            prefix = name,
+        )
+    }
+}

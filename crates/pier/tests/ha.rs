@@ -1,0 +1,278 @@
+//! HA tier: two real `pier serve` processes on one S3 bucket and one PostgreSQL database, as
+//! behind one load balancer. What one node acknowledged, the other serves at once; the chunks
+//! of one upload may reach either node; a node killed mid-push loses nothing acknowledged.
+//!
+//! Needs the S3 server and PostgreSQL of scripts/storage-services.sh (`PIER_TEST_S3_ENDPOINT`,
+//! `PIER_TEST_S3_BUCKET`, `PIER_TEST_PG_URL`); says SKIPPED without them.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{
+    digest_of, gen_bytes, header, put_manifest, Pier, SharedStorage, KIB, MIB, OCI_CONFIG,
+    OCI_LAYER_TAR, OCI_MANIFEST,
+};
+use reqwest::{header as h, StatusCode};
+use serde_json::json;
+
+const REPO: &str = "ha/app";
+
+fn start(dir: &Path, name: &str, config: &Path) -> Pier {
+    let data = dir.join(name);
+    Pier::start_with(
+        &data,
+        &dir.join(format!("{name}.pier.log")),
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--hosted".into(),
+            "**".into(),
+        ],
+    )
+}
+
+/// `POST` a session at `base`; returns its `Location` path.
+async fn open_upload(http: &reqwest::Client, base: &str) -> String {
+    let resp = http
+        .post(format!("{base}/v2/{REPO}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED, "POST upload at {base}");
+    let loc = header(&resp, "location");
+    assert!(
+        loc.starts_with('/'),
+        "Location {loc:?} is a path any node answers"
+    );
+    loc
+}
+
+/// `PATCH` a chunk to `base` at `start`; asserts 202 and the acknowledged range.
+async fn patch(http: &reqwest::Client, base: &str, loc: &str, start: u64, bytes: &[u8]) {
+    let end = start + bytes.len() as u64 - 1;
+    let resp = http
+        .patch(format!("{base}{loc}"))
+        .header(h::CONTENT_TYPE, "application/octet-stream")
+        .header(h::CONTENT_RANGE, format!("{start}-{end}"))
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let range = header(&resp, "range");
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "PATCH {start}-{end} at {base}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+    assert_eq!(range, format!("0-{end}"), "PATCH at {base}");
+}
+
+/// `PUT ?digest=` (with an optional last chunk) at `base`; asserts 201.
+async fn close(http: &reqwest::Client, base: &str, loc: &str, digest: &str, last: &[u8]) {
+    let sep = if loc.contains('?') { '&' } else { '?' };
+    let resp = http
+        .put(format!("{base}{loc}{sep}digest={digest}"))
+        .header(h::CONTENT_TYPE, "application/octet-stream")
+        .body(last.to_vec())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "PUT {digest} at {base}: {}",
+        resp.text().await.unwrap_or_default()
+    );
+}
+
+/// A monolithic push of `bytes` to `base`.
+async fn push_blob(http: &reqwest::Client, base: &str, bytes: &[u8]) -> String {
+    let digest = digest_of(bytes);
+    let resp = http
+        .post(format!("{base}/v2/{REPO}/blobs/uploads/?digest={digest}"))
+        .header(h::CONTENT_TYPE, "application/octet-stream")
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::CREATED,
+        "monolithic push at {base}"
+    );
+    digest
+}
+
+/// `GET` a blob from `base`; asserts its bytes.
+async fn pull_blob(http: &reqwest::Client, base: &str, digest: &str, want: &[u8]) {
+    let resp = http
+        .get(format!("{base}/v2/{REPO}/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK, "GET blob {digest} at {base}");
+    let got = resp.bytes().await.unwrap();
+    assert!(
+        got.as_ref() == want,
+        "blob {digest} from {base}: wrong bytes ({} of {})",
+        got.len(),
+        want.len()
+    );
+}
+
+/// An image manifest over a config and one layer, pushed as `tag` to `base`.
+async fn push_image(
+    http: &reqwest::Client,
+    base: &str,
+    tag: &str,
+    config: &[u8],
+    layer: &[u8],
+) -> Vec<u8> {
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": { "mediaType": OCI_CONFIG, "digest": digest_of(config), "size": config.len() },
+        "layers": [{ "mediaType": OCI_LAYER_TAR, "digest": digest_of(layer), "size": layer.len() }],
+    }))
+    .unwrap();
+    put_manifest(http, base, REPO, tag, OCI_MANIFEST, &manifest).await;
+    manifest
+}
+
+async fn pull_manifest(http: &reqwest::Client, base: &str, tag: &str, want: &[u8]) {
+    let resp = http
+        .get(format!("{base}/v2/{REPO}/manifests/{tag}"))
+        .header(h::ACCEPT, OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "GET manifest {tag} at {base}"
+    );
+    assert_eq!(
+        resp.bytes().await.unwrap().as_ref(),
+        want,
+        "manifest {tag} at {base}"
+    );
+}
+
+#[tokio::test]
+async fn two_nodes_on_one_bucket_and_one_database_serve_each_others_pushes() {
+    let Some(storage) = SharedStorage::from_env("the HA tier") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pier.toml");
+    std::fs::write(&config, storage.deployment_config().await).unwrap();
+    let mut a = start(dir.path(), "a", &config);
+    let mut b = start(dir.path(), "b", &config);
+    let (ua, ub) = (a.url(), b.url());
+    let http = reqwest::Client::new();
+
+    // Pushes alternate between the nodes; each is pulled from the other at once.
+    let mut pushed = Vec::new();
+    for i in 0..4u64 {
+        let (to, from) = if i % 2 == 0 { (&ua, &ub) } else { (&ub, &ua) };
+        let config_blob = format!("{{\"n\":{i}}}").into_bytes();
+        let layer = gen_bytes(i, 300 * KIB + i);
+        push_blob(&http, to, &config_blob).await;
+        push_blob(&http, to, &layer).await;
+        let tag = format!("v{i}");
+        let manifest = push_image(&http, to, &tag, &config_blob, &layer).await;
+        pull_manifest(&http, from, &tag, &manifest).await;
+        pull_blob(&http, from, &digest_of(&layer), &layer).await;
+        pushed.push((tag, manifest, layer));
+    }
+
+    // One chunked upload whose chunks reach both nodes: PATCH to A, PATCH to B, PUT to A. The
+    // chunks are larger than one multipart part, so the commit streams them together.
+    let big = gen_bytes(77, 12 * MIB + 3);
+    let digest = digest_of(&big);
+    let loc = open_upload(&http, &ua).await;
+    let (c1, c2) = (5 * MIB as usize + 11, 10 * MIB as usize);
+    patch(&http, &ua, &loc, 0, &big[..c1]).await;
+    patch(&http, &ub, &loc, c1 as u64, &big[c1..c2]).await;
+    // The session's state is shared: B reports A's and its own bytes.
+    let status = http.get(format!("{ub}{loc}")).send().await.unwrap();
+    assert_eq!(status.status(), StatusCode::NO_CONTENT);
+    assert_eq!(header(&status, "range"), format!("0-{}", c2 - 1));
+    close(&http, &ua, &loc, &digest, &big[c2..]).await;
+    pull_blob(&http, &ub, &digest, &big).await;
+
+    // Node B is killed (SIGKILL) in the middle of a chunk of an upload it acknowledged a
+    // chunk of; the survivor resumes the session from the acknowledged byte.
+    let killed = gen_bytes(99, 3 * MIB);
+    let kd = digest_of(&killed);
+    let loc = open_upload(&http, &ub).await;
+    let first = MIB as usize;
+    patch(&http, &ub, &loc, 0, &killed[..first]).await;
+    let (tx, rx) = futures::channel::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    let stream_body = reqwest::Body::wrap_stream(rx);
+    let in_flight = {
+        let http = http.clone();
+        let url = format!("{ub}{loc}");
+        tokio::spawn(async move {
+            http.patch(url)
+                .header(h::CONTENT_TYPE, "application/octet-stream")
+                .body(stream_body)
+                .send()
+                .await
+        })
+    };
+    let mut tx = tx;
+    use futures::SinkExt;
+    tx.send(Ok(killed[first..first + 512 * KIB as usize].to_vec()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill();
+    drop(tx);
+    let cut = in_flight.await.unwrap();
+    assert!(
+        cut.as_ref()
+            .map_or(true, |r| r.status() != StatusCode::ACCEPTED),
+        "the chunk cut by the kill was not acknowledged"
+    );
+    let status = http.get(format!("{ua}{loc}")).send().await.unwrap();
+    assert_eq!(
+        status.status(),
+        StatusCode::NO_CONTENT,
+        "A knows B's session"
+    );
+    assert_eq!(header(&status, "range"), format!("0-{}", first - 1));
+    patch(&http, &ua, &loc, first as u64, &killed[first..]).await;
+    close(&http, &ua, &loc, &kd, &[]).await;
+    pull_blob(&http, &ua, &kd, &killed).await;
+
+    // The survivor serves everything acknowledged, B's pushes included.
+    for (tag, manifest, layer) in &pushed {
+        pull_manifest(&http, &ua, tag, manifest).await;
+        pull_blob(&http, &ua, &digest_of(layer), layer).await;
+    }
+    pull_blob(&http, &ua, &digest, &big).await;
+    let tags: serde_json::Value = http
+        .get(format!("{ua}/v2/{REPO}/tags/list"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tags["tags"], json!(["v0", "v1", "v2", "v3"]));
+
+    // B comes back and serves the same; its start-up cleanup keeps A's open session.
+    let open = open_upload(&http, &ua).await;
+    patch(&http, &ua, &open, 0, b"still open").await;
+    let b = start(dir.path(), "b", &config);
+    pull_blob(&http, &b.url(), &kd, &killed).await;
+    close(&http, &b.url(), &open, &digest_of(b"still open"), &[]).await;
+    pull_blob(&http, &ua, &digest_of(b"still open"), b"still open").await;
+    a.stop();
+}
