@@ -138,6 +138,11 @@ async fn add_upstream_image(
     (via, img)
 }
 
+/// The images so far (the lock is not held while they are pulled).
+fn snapshot(images: &Mutex<Vec<(String, WrittenImage)>>) -> Vec<(String, WrittenImage)> {
+    images.lock().unwrap().clone()
+}
+
 /// Bytes of the blobs that some running node cannot serve with the right bytes.
 async fn bytes_lost(c: &Cluster, images: &[(String, WrittenImage)]) -> (u64, Vec<String>) {
     let mut lost = 0;
@@ -335,7 +340,7 @@ async fn drills() {
         let full = since.elapsed();
         load.avoid.lock().unwrap().clear();
         let (attempted, failed, errors) = load.take();
-        let (lost, what) = bytes_lost(&c, &images.lock().unwrap().clone()).await;
+        let (lost, what) = bytes_lost(&c, &snapshot(&images)).await;
         outcomes.push(Outcome {
             drill: if matches!(fault, Fault::Kill) {
                 "node loss"
@@ -420,7 +425,7 @@ async fn drills() {
         .await;
         let full = since.elapsed();
         let (attempted, failed, errors) = load.take();
-        let (lost, what) = bytes_lost(&c, &images.lock().unwrap().clone()).await;
+        let (lost, what) = bytes_lost(&c, &snapshot(&images)).await;
         outcomes.push(Outcome {
             drill: "upstream outage",
             fault: format!("iptables DROP of the upstream for {}s", HOLD.as_secs()),
@@ -475,7 +480,7 @@ async fn drills() {
         .await;
         let full = since.elapsed();
         let (attempted, failed, errors) = load.take();
-        let (lost, what) = bytes_lost(&c, &images.lock().unwrap().clone()).await;
+        let (lost, what) = bytes_lost(&c, &snapshot(&images)).await;
         outcomes.push(Outcome {
             drill: "disk full",
             fault: format!(
@@ -514,7 +519,7 @@ async fn drills() {
         let full = since.elapsed();
         let slowest = Duration::from_millis(load.slowest_ms.load(Ordering::Relaxed) as u64);
         let (attempted, failed, errors) = load.take();
-        let (lost, what) = bytes_lost(&c, &images.lock().unwrap().clone()).await;
+        let (lost, what) = bytes_lost(&c, &snapshot(&images)).await;
         outcomes.push(Outcome {
             drill: "slow peer",
             fault: "n4's link shaped to 8 Mbit/s for 12 s (tc tbf)".into(),
@@ -552,7 +557,7 @@ async fn drills() {
         let full = since.elapsed();
         load.avoid.lock().unwrap().clear();
         let (attempted, failed, errors) = load.take();
-        let (lost, what) = bytes_lost(&c, &images.lock().unwrap().clone()).await;
+        let (lost, what) = bytes_lost(&c, &snapshot(&images)).await;
         outcomes.push(Outcome {
             drill: "node restart",
             fault: "SIGTERM n4, start it again on its data".into(),
