@@ -1,94 +1,16 @@
 //! Mutual TLS between peers (`--peer-tls-cert`, `--peer-tls-key`, `--peer-tls-ca`), on two real
-//! nodes on 127.0.0.1: with certificates from one CA (made here with openssl) they join and
+//! nodes on 127.0.0.1: with certificates from one CA (made with openssl, common/certs.rs) they join and
 //! a hosted image pushed to one is pulled from the other through the peer listener; the peer
 //! port then refuses plain HTTP, a TLS client without a certificate, and one whose certificate
 //! another CA issued, before any request is read.
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::certs::make_certs;
 use common::{free_port, push_image, write_layout, Entry, ImageSpec, LayerSpec, Pier, Upload, MIB};
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run openssl (scripts/test.sh installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A CA and, signed by it, certificates for `names` valid for 127.0.0.1; plus `stranger`,
-/// signed by a CA of its own.
-fn make_certs(dir: &Path, names: &[&str]) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    for ca in ["ca", "other-ca"] {
-        let (key, pem, subj) = (
-            format!("{ca}.key"),
-            format!("{ca}.pem"),
-            format!("/CN={ca}"),
-        );
-        let mut a = vec!["req", "-x509"];
-        a.extend(ec);
-        a.extend(["-keyout", &key, "-out", &pem, "-days", "2", "-subj", &subj]);
-        openssl(dir, &a);
-    }
-    for (name, ca) in names
-        .iter()
-        .map(|n| (*n, "ca"))
-        .chain([("stranger", "other-ca")])
-    {
-        let (key, csr, pem) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.pem"),
-        );
-        let mut a = vec!["req"];
-        a.extend(ec);
-        a.extend(["-keyout", &key, "-out", &csr, "-subj"]);
-        let subj = format!("/CN={name}");
-        a.push(&subj);
-        openssl(dir, &a);
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &format!("{ca}.pem"),
-                "-CAkey",
-                &format!("{ca}.key"),
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                "ext",
-            ],
-        );
-    }
-}
 
 fn curl_status(args: &[&str]) -> String {
     let out = Command::new("curl")
