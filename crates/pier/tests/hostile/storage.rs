@@ -410,8 +410,13 @@ async fn a_mirror_fill_into_a_full_disk_is_not_corrupt_and_fills_once_space_retu
     );
     assert!(m.sum("pier_store_errors_total", &[("kind", "no_space")]) >= 1.0);
 
-    // While full, the next fill is refused up front with the cause.
-    let resp = http.get(&url).send().await.expect("GET while full");
+    // While full, the next fill is refused up front with the cause. On a new connection: the
+    // one the broken body above came on may be closing as it is picked from the pool.
+    let fresh = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("a client");
+    let resp = fresh.get(&url).send().await.expect("GET while full");
     assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
     assert!(error_message(resp)
         .await
