@@ -11,30 +11,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
-use common::{
-    drop_slowly, interop_tempdir, pier_cli, push_image, wait_for_file, write_layout, Entry,
-    ImageSpec, LayerSpec, Pier, Upload, WrittenImage, MIB,
-};
+use common::{drop_slowly, interop_tempdir, pier_cli, push_image, wait_for_file, Pier, Upload};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn small_image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
-    let layout = write_layout(
-        dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4099, seed),
-                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
-    );
-    let image = layout.image("v1").clone();
-    (layout, image)
-}
 
 /// A plain registry (no upstreams) watching `watch`.
 fn start(dir: &Path, watch: &Path) -> Pier {
@@ -70,7 +49,7 @@ async fn skopeo_archives_in_the_folder_are_pulled_by_containerd_podman_and_docke
         return;
     };
     let t0 = Instant::now();
-    let (layout, image) = small_image(&tmp.path().join("src"), 51);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 51);
     let skopeo = Skopeo::new(tmp.path());
     let out = skopeo.writable_dir(&tmp.path().join("archives"));
     let docker_archive = out.join("docker.tar");
@@ -176,7 +155,7 @@ async fn docker_save_is_imported_and_exports_load_in_docker_and_podman() {
         return;
     };
     let t0 = Instant::now();
-    let (layout, image) = small_image(&tmp.path().join("src"), 61);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 61);
     let watch = tmp.path().join("incoming");
     std::fs::create_dir_all(&watch).expect("create the folder");
     let pier = start(&tmp.path().join("pier"), &watch);

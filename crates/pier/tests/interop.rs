@@ -245,25 +245,6 @@ fn start_hosted(tmp: &Path) -> Pier {
     Pier::start_with(&tmp.join("data"), &tmp.join("pier.log"), &flags)
 }
 
-/// A small one-image layout tagged `v1`: what Docker and podman load, push and pull back.
-fn small_image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
-    let layout = write_layout(
-        dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4099, seed),
-                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
-    );
-    let image = layout.image("v1").clone();
-    (layout, image)
-}
-
 /// What pier serves for `repo:tag`: the manifest's digest (checked against its bytes), its
 /// config and its layers.
 async fn served_manifest(
@@ -378,7 +359,7 @@ async fn docker_pushes_and_pulls_a_hosted_image() {
         return;
     };
     let t0 = Instant::now();
-    let (layout, image) = small_image(&tmp.path().join("src"), 31);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 31);
     let pier = start_hosted(&tmp.path().join("pier"));
     let (host, base) = (pier.host(), pier.url());
     let http = reqwest::Client::new();
@@ -444,7 +425,7 @@ async fn podman_pushes_and_pulls_back() {
         return;
     };
     let t0 = Instant::now();
-    let (layout, image) = small_image(&tmp.path().join("src"), 41);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 41);
     let pier = start_hosted(&tmp.path().join("pier"));
     let (host, base) = (pier.host(), pier.url());
     let http = reqwest::Client::new();

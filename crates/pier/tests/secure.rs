@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::certs::make_certs_for;
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
-use common::{interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec, Pier, WrittenImage, MIB};
+use common::{interop_tempdir, Pier};
 
 /// The users of every test and their passwords.
 const USERS: &[(&str, &str)] = &[
@@ -146,24 +146,6 @@ impl Secure {
     }
 }
 
-fn small_image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
-    let layout = write_layout(
-        dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4099, seed),
-                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
-    );
-    let image = layout.image("v1").clone();
-    (layout, image)
-}
-
 fn assert_refused(what: &str, outcome: &common::clients::Outcome) {
     assert!(
         !outcome.success,
@@ -193,7 +175,7 @@ async fn skopeo_with_credentials_over_tls_and_an_htpasswd_edited_while_running()
         return;
     };
     let skopeo = Skopeo::new(tmp.path());
-    let (layout, image) = small_image(&tmp.path().join("src"), 51);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 51);
     let secure = Secure::start(&tmp.path().join("pier"), "127.0.0.1");
     let certs = secure.cert_dir().display().to_string();
     let dest = format!("docker://{}/team/app:v1", secure.host());
@@ -304,7 +286,7 @@ async fn podman_logs_in_pushes_and_pulls_over_tls() {
     let Some(tmp) = interop_tempdir(&["podman", "gzip", "openssl", "curl", "htpasswd"]) else {
         return;
     };
-    let (layout, image) = small_image(&tmp.path().join("src"), 61);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 61);
     let secure = Secure::start(&tmp.path().join("pier"), "127.0.0.1");
     let certs = secure.cert_dir().display().to_string();
     let host = secure.host();
@@ -442,7 +424,7 @@ async fn containerd_pulls_with_credentials_over_tls() {
         return;
     };
     let skopeo = Skopeo::new(tmp.path());
-    let (layout, image) = small_image(&tmp.path().join("src"), 71);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 71);
     let secure = Secure::start(&tmp.path().join("pier"), "127.0.0.1");
     let certs = secure.cert_dir().display().to_string();
     let host = secure.host();
@@ -568,7 +550,7 @@ async fn docker_logs_in_pushes_and_pulls_over_tls() {
     }
     let _address = LoopbackAddress::add();
     let skopeo = Skopeo::new(tmp.path());
-    let (layout, image) = small_image(&tmp.path().join("src"), 81);
+    let (layout, image) = common::small_image(&tmp.path().join("src"), 81);
     let secure = Secure::start(&tmp.path().join("pier"), DOCKER_IP);
     let certs = secure.cert_dir().display().to_string();
     let host = secure.host();

@@ -800,6 +800,26 @@ pub fn blob_path(layout_dir: &Path, digest: &str) -> PathBuf {
     layout_dir.join("blobs").join("sha256").join(hex)
 }
 
+/// A small one-image layout tagged `v1` (a 4 KiB and a 2 MiB layer): what the client tests
+/// load, push and pull back.
+pub fn small_image(dir: &Path, seed: u64) -> (Layout, WrittenImage) {
+    let layout = write_layout(
+        dir,
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![
+                    LayerSpec::new("etc/app.conf", 4099, seed),
+                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
+                ],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    (layout, image)
+}
+
 /// Write an OCI image layout: `oci-layout`, `index.json` naming each entry by its tag in an
 /// `org.opencontainers.image.ref.name` annotation, and `blobs/sha256/*`. Layers are streamed
 /// to disk, so a layer of hundreds of MiB needs only a few MiB of memory.
