@@ -32,6 +32,8 @@ use crate::{Result, StoreError};
 const POOL_SIZE: usize = 16;
 /// The channel change notices go out on.
 const CHANNEL: &str = "pier_meta";
+/// How long `connect` waits for the notice connection to listen.
+const LISTEN_START: Duration = Duration::from_secs(10);
 /// Advisory lock key taken while migrating ("pier" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7069_6572;
 
@@ -174,7 +176,15 @@ impl PgMetaStore {
         let (events, _) = broadcast::channel(1024);
         let store = PgMetaStore { pool, events };
         store.migrate().await?;
-        tokio::spawn(listen(config, store.events.clone()));
+        // Return only once the notice connection listens, so that a change made after
+        // `connect` returns is always heard. A listener that cannot start in time keeps trying
+        // in the background; subscribers then get `Lagged` when it does.
+        let (ready, listening) = tokio::sync::oneshot::channel();
+        tokio::spawn(listen(config, store.events.clone(), ready));
+        match tokio::time::timeout(LISTEN_START, listening).await {
+            Ok(Ok(())) => {}
+            _ => tracing::warn!("postgres notice connection not listening yet; retrying"),
+        }
         Ok(store)
     }
 
@@ -238,7 +248,12 @@ impl PgMetaStore {
 
 /// Keep a connection that `LISTEN`s and pass each notice on; reconnect when it drops, telling
 /// subscribers they may have missed some.
-async fn listen(config: tokio_postgres::Config, events: broadcast::Sender<MetaEvent>) {
+async fn listen(
+    config: tokio_postgres::Config,
+    events: broadcast::Sender<MetaEvent>,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
     loop {
         match config.connect(NoTls).await {
             Ok((client, mut connection)) => {
@@ -255,6 +270,9 @@ async fn listen(config: tokio_postgres::Config, events: broadcast::Sender<MetaEv
                     }
                 };
                 if ok {
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(());
+                    }
                     while let Some(m) = messages.next().await {
                         match m {
                             Ok(AsyncMessage::Notification(n)) => {
