@@ -198,6 +198,23 @@ const HEDGE_MIN: Duration = Duration::from_millis(50);
 const HEDGE_MAX: Duration = Duration::from_millis(1000);
 const HEDGE_DEFAULT: Duration = Duration::from_millis(250);
 
+/// A peer's clock as [`PeerClient::health`] read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerClock {
+    /// The peer's unix milliseconds.
+    pub peer_ms: u64,
+    /// This node's unix milliseconds halfway through the round trip.
+    pub local_ms: u64,
+    pub round_trip_ms: u64,
+}
+
+impl PeerClock {
+    /// How far the peer's clock is ahead of this node's (negative: behind), in milliseconds.
+    pub fn skew_ms(&self) -> i64 {
+        self.peer_ms as i64 - self.local_ms as i64
+    }
+}
+
 /// The client. Cheap to clone.
 #[derive(Clone)]
 pub struct PeerClient {
@@ -517,6 +534,36 @@ impl PeerClient {
             digest,
             cache,
         }))
+    }
+
+    /// Ask `peer` whether it answers, and its clock: the peer's unix milliseconds, and the
+    /// local unix milliseconds halfway through the round trip (so their difference is the
+    /// skew, within half the round trip).
+    pub async fn health(&self, peer: &NodeId) -> Result<PeerClock, PeerError> {
+        let now_ms = || {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64)
+        };
+        let sent = now_ms();
+        let req = self.request(reqwest::Method::GET, peer, "/peer/v1/health");
+        let resp = self
+            .send("health", peer, req, self.timeouts.first_byte)
+            .await?;
+        let resp = Self::check(peer, resp).await?;
+        let body: serde_json::Value = tokio::time::timeout(self.timeouts.first_byte, resp.json())
+            .await
+            .map_err(|_| PeerError::Timeout(peer.name.clone(), "health body".into()))?
+            .map_err(|e| PeerError::Protocol(peer.name.clone(), chain(&e)))?;
+        let received = now_ms();
+        let peer_ms = body["time_ms"].as_u64().ok_or_else(|| {
+            PeerError::Protocol(peer.name.clone(), "health answer has no time_ms".into())
+        })?;
+        Ok(PeerClock {
+            peer_ms,
+            local_ms: sent + (received.saturating_sub(sent)) / 2,
+            round_trip_ms: received.saturating_sub(sent),
+        })
     }
 
     /// Report to a swarm's coordinator and learn the swarm's state. `first`: the coordinator

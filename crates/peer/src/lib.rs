@@ -20,8 +20,8 @@ use std::sync::Arc;
 use pier_cluster::{placement, ClusterSecret, Member, MemberState, NodeId};
 
 pub use client::{
-    BlobAnswer, Holding, ManifestAnswer, PeerClient, PeerError, PeerTimeouts, PullRequest,
-    SwarmAnswer, SwarmHolder, SwarmReport, PIECE_HEADER,
+    BlobAnswer, Holding, ManifestAnswer, PeerClient, PeerClock, PeerError, PeerTimeouts,
+    PullRequest, SwarmAnswer, SwarmHolder, SwarmReport, PIECE_HEADER,
 };
 
 /// The membership as the rest of pier needs it. Implemented by the gossip membership and by a

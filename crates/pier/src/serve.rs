@@ -367,6 +367,16 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         });
     }
     state.auth = auth_gate(&config)?.map(Arc::new);
+    let watch_health = Arc::new(pier_server::import::watch::WatchHealth::default());
+    state.health = Arc::new(pier_server::health::HealthSettings {
+        data_dir: Some(config.data_dir.clone()),
+        listen: Some((listener.local_addr()?, tls.is_some())),
+        watch: config
+            .import
+            .watch
+            .clone()
+            .map(|dir| (dir, watch_health.clone())),
+    });
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
         log: import_log,
@@ -465,6 +475,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
                 AfterImport::Delete => After::Delete,
                 AfterImport::Move => After::Move,
             },
+            health: watch_health,
         };
         tokio::spawn(pier_server::import::watch::run(
             state.clone(),

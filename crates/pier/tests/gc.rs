@@ -49,7 +49,11 @@ fn flip_a_byte(path: &Path) {
 /// A hosted node that collects without grace.
 fn hosted_pier(tmp: &Path) -> Pier {
     let config = tmp.join("pier.toml");
-    std::fs::write(&config, "[gc]\ngrace = \"0s\"\n").expect("write config");
+    std::fs::write(
+        &config,
+        "[gc]\ngrace = \"0s\"\n[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
+    )
+    .expect("write config");
     Pier::start_with(
         &tmp.join("data"),
         &tmp.join("pier.log"),
@@ -341,5 +345,65 @@ async fn pier_pin_and_unpin_hold_an_image_by_digest() {
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("is not stored here"),
         "{missing:?}"
+    );
+}
+
+/// The node's health checks: a healthy hosted node passes every line (exit 0); a node whose
+/// upstream does not answer and whose watched folder cannot be created fails with a line
+/// naming each (exit 2).
+#[tokio::test]
+async fn check_names_an_unreachable_upstream_and_a_broken_watch_folder() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let healthy_dir = tmp.path().join("healthy");
+    std::fs::create_dir_all(&healthy_dir).expect("mkdir");
+    let healthy = hosted_pier(&healthy_dir);
+    let out = pier(&["check", "--url", &healthy.url()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    for name in ["data directory:", "free disk:", "listeners:"] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("pass") && l.contains(name)),
+            "no passing {name} line:\n{text}"
+        );
+    }
+
+    let broken = tmp.path().join("broken");
+    std::fs::create_dir_all(&broken).expect("mkdir");
+    // A closed port: nothing listens there.
+    let closed = common::free_port();
+    // The watched folder's parent is a file, so the folder can never be made.
+    std::fs::write(broken.join("not-a-dir"), b"x").expect("write");
+    let config = broken.join("pier.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n\
+             [import]\nwatch = \"{}\"\n\
+             [[upstream]]\nname = \"dead.example\"\nendpoints = [\"http://127.0.0.1:{closed}\"]\n",
+            broken.join("not-a-dir/inbox").display()
+        ),
+    )
+    .expect("write config");
+    let node = Pier::start_with(
+        &broken.join("data"),
+        &broken.join("pier.log"),
+        &["--config".into(), config.display().to_string()],
+    );
+    let out = pier(&["check", "--url", &node.url()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let fail_line = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with("fail") && l.contains(name))
+            .unwrap_or_else(|| panic!("no failing {name} line:\n{text}"))
+            .to_string()
+    };
+    assert!(fail_line("upstreams:").contains("dead.example"), "{text}");
+    assert!(fail_line("watch folder:").contains("not running"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("pass") && l.contains("data directory:")),
+        "{text}"
     );
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod export;
 pub mod gc;
+pub mod health;
 pub mod import;
 pub mod metrics;
 pub mod mirror;
@@ -75,6 +76,8 @@ pub struct AppState {
     pub auth: Option<Arc<auth::AuthGate>>,
     /// Positive answers of private upstreams to clients' credentials.
     pub private: Arc<auth::PrivateChecks>,
+    /// What the node health checks of `pier check` look at.
+    pub health: Arc<health::HealthSettings>,
 }
 
 impl AppState {
@@ -95,6 +98,7 @@ impl AppState {
             pins: None,
             auth: None,
             private: Arc::default(),
+            health: Arc::default(),
         }
     }
 
@@ -120,6 +124,7 @@ impl AppState {
             pins: None,
             auth: None,
             private: Arc::default(),
+            health: Arc::default(),
         }
     }
 }

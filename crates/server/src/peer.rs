@@ -53,6 +53,7 @@ pub fn router(state: PeerState) -> Router {
         .route("/peer/v1/manifests/{reference}", get(manifest))
         .route("/peer/v1/pull", post(pull))
         .route("/peer/v1/swarm/{digest}", post(swarm))
+        .route("/peer/v1/health", get(health))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -97,6 +98,15 @@ async fn authenticate(State(state): State<PeerState>, req: Request<Body>, next: 
             .into_response()
         }
     }
+}
+
+/// `GET /peer/v1/health`: this node answers, with its clock (unix milliseconds), so that
+/// `pier check` on another node can tell the skew between them.
+async fn health() -> Json<serde_json::Value> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Json(serde_json::json!({ "time_ms": now }))
 }
 
 fn mirror_of(state: &PeerState) -> Result<&Arc<pier_mirror::Mirror>> {

@@ -273,6 +273,22 @@ impl Upstream {
             .collect()
     }
 
+    /// Ask every endpoint for `/v2/` at once, without credentials and without benching
+    /// anything: each endpoint with the status it answered (200, or 401 from a registry that
+    /// wants a login, both mean it is there) or why it could not be reached within `limit`.
+    pub async fn probe(&self, limit: Duration) -> Vec<(String, std::result::Result<u16, String>)> {
+        let asks = self.endpoints.iter().map(|e| async move {
+            let url = format!("{}/v2/", e.base);
+            let answer = match tokio::time::timeout(limit, self.client.get(&url).send()).await {
+                Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
+                Ok(Err(err)) => Err(causes(&err)),
+                Ok(Ok(resp)) => Ok(resp.status().as_u16()),
+            };
+            (e.base.clone(), answer)
+        });
+        futures::future::join_all(asks).await
+    }
+
     pub fn new(config: UpstreamConfig, observer: Arc<dyn Observer>) -> Result<Arc<Upstream>> {
         if config.endpoints.is_empty() {
             return Err(UpstreamError::Protocol(format!(

@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::Watcher;
@@ -35,6 +37,50 @@ pub struct WatchConfig {
     /// How often the folder is listed even without file system events.
     pub rescan: Duration,
     pub after: After,
+    /// What `pier check` reads of the watcher.
+    pub health: Arc<WatchHealth>,
+}
+
+/// The watcher as `pier check` sees it: whether it runs, whether file system events arrive.
+#[derive(Debug, Default)]
+pub struct WatchHealth {
+    running: AtomicBool,
+    /// True while file system events are subscribed (else the folder is only listed).
+    events_on: AtomicBool,
+    events: AtomicU64,
+    /// Why the watcher stopped, or why it has no events.
+    problem: Mutex<Option<String>>,
+}
+
+impl WatchHealth {
+    pub fn running(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+    pub fn events_on(&self) -> bool {
+        self.events_on.load(Ordering::Relaxed)
+    }
+    /// File system events received so far.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::Relaxed)
+    }
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    fn set_problem(&self, why: String) {
+        *self.problem.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+    }
+}
+
+/// Clears `running` however the loop ends.
+struct Running(Arc<WatchHealth>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Whether a name is one writers use for files not yet complete, or a hidden file.
@@ -66,15 +112,24 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Watch `cfg.dir` until `stop` turns true.
 pub async fn run(state: AppState, cfg: WatchConfig, mut stop: tokio_watch::Receiver<bool>) {
+    let health = cfg.health.clone();
+    health.running.store(true, Ordering::Relaxed);
+    let _running = Running(health.clone());
     for sub in ["", "done", "failed"] {
         if let Err(e) = tokio::fs::create_dir_all(cfg.dir.join(sub)).await {
             tracing::error!(dir = %cfg.dir.display(), error = %e,
                 "cannot create the import folder; not watching it");
+            health.set_problem(format!(
+                "cannot create {}: {e}",
+                cfg.dir.join(sub).display()
+            ));
             return;
         }
     }
     let (tx, mut events) = mpsc::channel::<()>(1);
+    let counter = health.clone();
     let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        counter.events.fetch_add(1, Ordering::Relaxed);
         // A full channel already holds a wake-up; the listing sees everything.
         let _ = tx.try_send(());
     })
@@ -83,10 +138,14 @@ pub async fn run(state: AppState, cfg: WatchConfig, mut stop: tokio_watch::Recei
             .map(|()| w)
     });
     let _watcher = match watcher {
-        Ok(w) => Some(w),
+        Ok(w) => {
+            health.events_on.store(true, Ordering::Relaxed);
+            Some(w)
+        }
         Err(e) => {
             tracing::warn!(dir = %cfg.dir.display(), error = %e,
                 "no file system events for the import folder; listing it every rescan");
+            health.set_problem(format!("no file system events: {e}"));
             None
         }
     };
