@@ -79,7 +79,13 @@ pub struct CheckResult {
     pub details: Vec<String>,
 }
 
-fn result(name: &str, status: &str, message: String, details: Vec<String>) -> CheckResult {
+/// A named result (also the health checks', [`crate::health`]).
+pub(crate) fn result(
+    name: &str,
+    status: &str,
+    message: String,
+    details: Vec<String>,
+) -> CheckResult {
     CheckResult {
         name: name.into(),
         status: status.into(),

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
 
-use crate::gc::CheckResult;
+use crate::gc::{result, CheckResult};
 use crate::import::watch::WatchHealth;
 use crate::AppState;
 
@@ -40,15 +40,6 @@ pub struct HealthSettings {
     pub listen: Option<(SocketAddr, bool)>,
     /// The watched folder and its watcher's state.
     pub watch: Option<(PathBuf, Arc<WatchHealth>)>,
-}
-
-fn result(name: &str, status: &str, message: String, details: Vec<String>) -> CheckResult {
-    CheckResult {
-        name: name.into(),
-        status: status.into(),
-        message,
-        details,
-    }
 }
 
 /// Every health check that applies to this node, in a fixed order.
