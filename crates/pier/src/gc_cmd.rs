@@ -2,8 +2,9 @@
 //! that would free), and to check its stores, deep (every digest) with a progress bar.
 //!
 //! `pier check` prints one line per named check (`pass`, `warn`, `fixed`, `fail`) and exits
-//! 0 when nothing needed repair, 1 when something was found and fixed (quarantined blobs the
-//! mirror fetches again), 2 when data is lost (or the node could not be asked).
+//! for monitoring: 0 when every check passed, 1 on a warning or something found and fixed
+//! (quarantined blobs the mirror fetches again), 2 on a failure: data lost, a broken
+//! condition, or a node that could not be asked (then one `fail` line names the listener).
 
 use std::io::IsTerminal as _;
 use std::process::ExitCode;
@@ -32,8 +33,9 @@ pub struct GcArgs {
 
 #[derive(clap::Args)]
 #[command(
-    after_help = "Exit status: 0 clean; 1 problems found and fixed (corrupt blobs \
-    quarantined, to be fetched again); 2 data lost, or the node cannot be reached."
+    after_help = "Exit status: 0 every check passed; 1 a warning, or problems found and \
+    fixed (corrupt blobs quarantined, to be fetched again); 2 a check failed (data lost, a \
+    broken condition), or the node cannot be reached."
 )]
 pub struct CheckArgs {
     /// Also re-hash every blob and quarantine those whose bytes do not match their digest.
@@ -204,14 +206,44 @@ pub fn run_check(args: CheckArgs) -> ExitCode {
 /// The longest event line accepted.
 const MAX_LINE: usize = 16 << 20;
 
+/// The node could not be asked: one failing `listener` line (so a monitor reading the output
+/// sees which check failed) besides the message on stderr, and exit 2.
+fn unreachable(args: &CheckArgs, url: &str, cause: &str) -> ExitCode {
+    let line = CheckResult {
+        name: "listener".into(),
+        status: "fail".into(),
+        message: format!("cannot reach {url}: {cause}"),
+        details: Vec::new(),
+    };
+    print_checks(args, &[line]);
+    remote::unreachable(url, cause)
+}
+
+fn print_checks(args: &CheckArgs, checks: &[CheckResult]) {
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "checks": checks }))
+                .unwrap_or_default()
+        );
+    } else {
+        for c in checks {
+            println!("{:<6} {}: {}", c.status, c.name, c.message);
+            for d in &c.details {
+                println!("         {d}");
+            }
+        }
+    }
+}
+
 async fn check(args: &CheckArgs, url: &str) -> ExitCode {
     let client = match remote::client() {
         Ok(c) => c,
-        Err(e) => return remote::unreachable(url, &remote::cause(&e)),
+        Err(e) => return unreachable(args, url, &remote::cause(&e)),
     };
     let mut resp = match client.post(url).send().await {
         Ok(r) => r,
-        Err(e) => return remote::unreachable(url, &remote::cause(&e)),
+        Err(e) => return unreachable(args, url, &remote::cause(&e)),
     };
     let status = resp.status();
     if !status.is_success() {
@@ -264,7 +296,8 @@ async fn check(args: &CheckArgs, url: &str) -> ExitCode {
             Ok(None) => break,
             Err(e) => {
                 bar.finish_and_clear();
-                return remote::unreachable(
+                return unreachable(
+                    args,
                     url,
                     &format!("the stream broke before its report: {}", remote::cause(&e)),
                 );
@@ -282,23 +315,13 @@ async fn check(args: &CheckArgs, url: &str) -> ExitCode {
         );
         return ExitCode::from(remote::EXIT_UNREACHABLE);
     };
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({ "checks": checks }))
-                .unwrap_or_default()
-        );
-    } else {
-        for c in &checks {
-            println!("{:<6} {}: {}", c.status, c.name, c.message);
-            for d in &c.details {
-                println!("         {d}");
-            }
-        }
-    }
+    print_checks(args, &checks);
     let code = if checks.iter().any(|c| c.status == "fail") {
         2
-    } else if checks.iter().any(|c| c.status == "fixed") {
+    } else if checks
+        .iter()
+        .any(|c| c.status == "fixed" || c.status == "warn")
+    {
         1
     } else {
         0

@@ -407,3 +407,148 @@ async fn check_names_an_unreachable_upstream_and_a_broken_watch_folder() {
         "{text}"
     );
 }
+
+/// Bind-mounts `dir` on itself read-only; unmounted on drop. New files under it fail with
+/// EROFS while files pier already holds open stay writable, as on a disk remounted read-only.
+struct ReadOnly(PathBuf);
+
+impl ReadOnly {
+    fn bind(dir: &Path) -> ReadOnly {
+        let run = |args: &[&str]| {
+            let status = Command::new("mount")
+                .args(args)
+                .arg(dir)
+                .arg(dir)
+                .status()
+                .expect("run mount");
+            assert!(status.success(), "mount {args:?} {}", dir.display());
+        };
+        run(&["--bind"]);
+        let ro = ReadOnly(dir.to_path_buf());
+        let status = Command::new("mount")
+            .args(["-o", "remount,ro,bind"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "remount {} read-only", dir.display());
+        ro
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The lines of `pier check` with `status` whose check is `name`.
+fn lines_of<'a>(text: &'a str, status: &str, name: &str) -> Option<&'a str> {
+    text.lines()
+        .find(|l| l.starts_with(status) && l.contains(&format!(" {name}:")))
+}
+
+/// The conditions an operator's monitor must see, each on a line of its own with the exit
+/// status it keys on: two nodes in a cluster pass (0); the data disk below twice its floor
+/// warns (1); then, with the peer SIGKILLed, the disk below its floor and the data directory
+/// read-only, `peers`, `free disk` and `data directory` fail (2); and a node that is not
+/// running gives one failing `listener` line (2). Needs root for the mounts.
+#[tokio::test]
+async fn check_fails_on_a_read_only_data_dir_a_dead_peer_and_a_full_disk() {
+    if !common::require(&["mount", "umount", "df"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = common::Tmpfs::mount(&tmp.path().join("disk"), 96);
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "a cluster secret of some length\n").expect("write secret");
+    let config = tmp.path().join("pier.toml");
+    std::fs::write(
+        &config,
+        "[storage]\nmin_free_space = \"24MiB\"\n\
+         [mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
+    )
+    .expect("write config");
+    let peer_ports = [common::free_port(), common::free_port()];
+    let node = |i: usize, data: &Path| -> Pier {
+        let name = format!("n{}", i + 1);
+        let mut args: Vec<String> = [
+            "--config",
+            &config.display().to_string(),
+            "--hosted",
+            "**",
+            "--node-name",
+            &name,
+            "--peer-listen",
+            &format!("127.0.0.1:{}", peer_ports[i]),
+            "--cluster-secret-file",
+            &secret.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if i > 0 {
+            args.extend(["--join".into(), format!("127.0.0.1:{}", peer_ports[0])]);
+        }
+        Pier::start_with(data, &tmp.path().join(format!("{name}.log")), &args)
+    };
+    let data = disk.dir.join("data");
+    let mut n1 = node(0, &data);
+    let mut n2 = node(1, &tmp.path().join("n2"));
+    let url = n1.url();
+    let check = || {
+        let out = pier(&["check", "--url", &url]);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+
+    // Both alive: every line passes.
+    let started = std::time::Instant::now();
+    let text = loop {
+        let (code, text) = check();
+        if code == Some(0) && lines_of(&text, "pass", "peers").is_some() {
+            break text;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "two live nodes do not pass (exit {code:?}):\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(lines_of(&text, "pass", "clock skew").is_some(), "{text}");
+    assert!(!text.contains("warn") && !text.contains("fail"), "{text}");
+
+    // Below twice the floor (48 MiB): a warning, exit 1.
+    let _warn_filler = disk.fill_to("filler-1", 36 * MIB);
+    let (code, text) = check();
+    assert_eq!(code, Some(1), "a warning exits 1:\n{text}");
+    let line = lines_of(&text, "warn", "free disk").unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("twice the floor of 24 MiB"), "{line}");
+
+    // The peer dies, the disk falls below its floor, the data directory turns read-only.
+    n2.kill();
+    let _fail_filler = disk.fill_to("filler-2", 8 * MIB);
+    let read_only = ReadOnly::bind(&data);
+    let (code, text) = check();
+    assert_eq!(code, Some(2), "failures exit 2:\n{text}");
+    let line = lines_of(&text, "fail", "data directory").unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("does not take writes"), "{line}");
+    assert!(line.to_lowercase().contains("read-only"), "{line}");
+    let line = lines_of(&text, "fail", "free disk").unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("below the floor of 24 MiB"), "{line}");
+    let line = lines_of(&text, "fail", "peers").unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("1 of 1 peers are down"), "{line}");
+    assert!(
+        text.contains(&format!("n2 (127.0.0.1:{})", peer_ports[1])),
+        "the dead peer is named:\n{text}"
+    );
+    drop(read_only);
+
+    // A node that is not running: one failing line for the listener.
+    n1.kill();
+    let (code, text) = check();
+    assert_eq!(code, Some(2), "{text}");
+    let line = lines_of(&text, "fail", "listener").unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(&format!("cannot reach {url}")), "{line}");
+}

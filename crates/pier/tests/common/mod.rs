@@ -1432,3 +1432,55 @@ impl SharedStorage {
         )
     }
 }
+
+/// A tmpfs of `size` MiB mounted at a fresh directory; unmounted on drop.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size_mib: u64) -> Tmpfs {
+        std::fs::create_dir_all(dir).expect("create the mount point");
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount a tmpfs at {}", dir.display());
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Free bytes as `df` reports them.
+    pub fn free(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(&self.dir)
+            .output()
+            .expect("run df");
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or_else(|| panic!("df output: {text}"))
+    }
+
+    /// Write a filler file so that about `leave` bytes stay free.
+    pub fn fill_to(&self, name: &str, leave: u64) -> PathBuf {
+        let path = self.dir.join(name);
+        let mut f = std::fs::File::create(&path).expect("create the filler");
+        let chunk = vec![0x5au8; MIB as usize];
+        while self.free() > leave + MIB {
+            f.write_all(&chunk).expect("write the filler");
+        }
+        f.sync_all().expect("sync the filler");
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
