@@ -117,7 +117,7 @@ impl Registry {
     /// reader or something linked or referenced it since `mark_ms` (when the caller marked
     /// it with [`pier_store::MetaStore::gc_mark`]). Returns whether it went.
     pub async fn evict_blob(&self, digest: &Digest, mark_ms: u64) -> Result<bool> {
-        let _sweep = self.sweep_lock.write().await;
+        let _sweep = self.sweep_lock.sweep(digest).await?;
         if self.reads.readers(digest) > 0 {
             self.meta.gc_unmark(std::slice::from_ref(digest)).await?;
             return Ok(false);

@@ -7,8 +7,9 @@
 //! 1. list stored blobs older than the grace period (the candidates);
 //! 2. mark every candidate deletable since T (one transaction per batch);
 //! 3. only then read every manifest's references, and unmark the candidates referenced;
-//! 4. sweep each candidate still marked: under the registry's sweep lock, [`MetaStore::gc_sweep`]
-//!    unlinks it in one transaction that first re-checks the mark, then the bytes go.
+//! 4. sweep each candidate still marked: under the registry's sweep lock (sweep.rs: this
+//!    process's, and with shared stores every node's), [`MetaStore::gc_sweep`] unlinks it in
+//!    one transaction that first re-checks the mark, then the bytes go.
 //!
 //! A manifest put before step 2 committed is seen by step 3; one put after it clears the
 //! marks of what it references in its own transaction ([`MetaStore::put_manifest`]), as does
@@ -129,7 +130,7 @@ impl Registry {
                 report.bytes += b.size;
                 continue;
             }
-            let _sweep = self.sweep_lock.write().await;
+            let _sweep = self.sweep_lock.sweep(&b.digest).await?;
             match self.meta.gc_sweep(&b.digest, now).await? {
                 Some(_unlinked) => {
                     if self.blobs.delete(&b.digest).await? {

@@ -9,6 +9,7 @@
 pub mod cache;
 pub mod error;
 pub mod gc;
+mod sweep;
 pub mod upload;
 
 use std::sync::Arc;
@@ -61,12 +62,11 @@ pub struct Registry {
     reads: cache::Reads,
 }
 
-/// The lock between the collector's sweep and the registry's writes.
-pub(crate) type SweepLock = Arc<tokio::sync::RwLock<()>>;
+pub(crate) use sweep::SweepLock;
 
 impl Registry {
     pub fn new(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>, limits: Limits) -> Registry {
-        let sweep_lock = SweepLock::default();
+        let sweep_lock = SweepLock::new(meta.clone());
         let uploads = Uploads::new(
             blobs.clone(),
             meta.clone(),
@@ -152,7 +152,7 @@ impl Registry {
         digest: &Digest,
         body: ByteStream,
     ) -> Result<u64> {
-        let _sweep = self.sweep_lock.read().await;
+        let _sweep = self.sweep_lock.write(std::slice::from_ref(digest)).await?;
         let (_, size) = self
             .blobs
             .put(Some(digest), body, self.limits.max_blob_bytes)
@@ -169,7 +169,7 @@ impl Registry {
         from: &RepoName,
         digest: &Digest,
     ) -> Result<Option<u64>> {
-        let _sweep = self.sweep_lock.read().await;
+        let _sweep = self.sweep_lock.write(std::slice::from_ref(digest)).await?;
         if self.meta.blob_link(from.as_str(), digest).await?.is_none() {
             return Ok(None);
         }
@@ -250,7 +250,8 @@ impl Registry {
         let manifest = Manifest::parse(&bytes, content_type)
             .map_err(|e| RegistryError::ManifestInvalid(e.to_string()))?;
         // From the check of the links to the store: a collector's sweep must not fall between.
-        let _sweep = self.sweep_lock.read().await;
+        let held: Vec<Digest> = manifest.blobs.iter().map(|b| b.digest.clone()).collect();
+        let _sweep = self.sweep_lock.write(&held).await?;
         for blob in &manifest.blobs {
             // Foreign (non-distributable) layers live elsewhere by design.
             if blob.urls.as_ref().is_some_and(|u| !u.is_empty()) {

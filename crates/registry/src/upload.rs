@@ -350,7 +350,7 @@ impl Uploads {
         let size = record.offset;
         // The commit (which may find the blob already stored) and the link are one step for
         // the collector: it never deletes the bytes between them.
-        let _sweep = self.sweep_lock.read().await;
+        let _sweep = self.sweep_lock.write(std::slice::from_ref(digest)).await?;
         match self
             .blobs
             .upload_commit(id, size, digest, current(&mut hasher, size))

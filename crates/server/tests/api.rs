@@ -1,6 +1,10 @@
 //! The in-process HTTP tier: the whole router, over a real filesystem blob store and an in-memory
-//! metadata store, driven with `tower::ServiceExt::oneshot`. Every test asserts what a client
-//! would notice: the status, the OCI error code, headers, and the exact bytes.
+//! metadata store (or S3 and PostgreSQL with `PIER_TEST_BACKEND=s3pg`), driven with
+//! `tower::ServiceExt::oneshot`. Every test asserts what a client would notice: the status, the
+//! OCI error code, headers, and the exact bytes.
+
+#[path = "../../store/tests/support/backend.rs"]
+mod backend;
 
 mod support {
     use std::sync::Arc;
@@ -12,9 +16,7 @@ mod support {
     use http_body_util::BodyExt;
     use pier_registry::{Limits, Registry};
     use pier_server::AppState;
-    use pier_store::{
-        BlobStore, FsBlobStore, MetaStore, PgMetaStore, RedbMetaStore, S3BlobStore, S3Options,
-    };
+    use pier_store::{FsBlobStore, RedbMetaStore};
     use serde_json::{json, Value};
     use sha2::Digest as _;
     use tower::ServiceExt;
@@ -156,60 +158,6 @@ mod support {
             .expect("metric value is a number")
     }
 
-    /// The stores every test app runs on: the filesystem and redb, or, with
-    /// `PIER_TEST_BACKEND=s3pg`, S3 (`PIER_TEST_S3_ENDPOINT`, `PIER_TEST_S3_BUCKET`) and
-    /// PostgreSQL (`PIER_TEST_PG_URL`) as scripts/storage-services.sh starts them. Each app
-    /// gets its own key prefix and its own database.
-    async fn stores(dir: &std::path::Path) -> (Arc<dyn BlobStore>, Arc<dyn MetaStore>) {
-        match std::env::var("PIER_TEST_BACKEND").as_deref() {
-            Ok("s3pg") => {
-                let var = |k: &str| {
-                    std::env::var(k)
-                        .unwrap_or_else(|_| panic!("PIER_TEST_BACKEND=s3pg needs {k} set"))
-                };
-                let options = S3Options {
-                    bucket: var("PIER_TEST_S3_BUCKET"),
-                    endpoint: Some(var("PIER_TEST_S3_ENDPOINT")),
-                    region: Some("us-east-1".into()),
-                    path_style: true,
-                    prefix: format!("api-{}/", uuid::Uuid::new_v4().simple()),
-                    ..S3Options::default()
-                };
-                let blobs = S3BlobStore::open(options, dir.join("spool"))
-                    .await
-                    .expect("S3 blob store");
-                let url = fresh_database(&var("PIER_TEST_PG_URL")).await;
-                let meta = PgMetaStore::connect(&url)
-                    .await
-                    .expect("postgres meta store");
-                (blobs, Arc::new(meta))
-            }
-            Ok("fs") | Err(_) => {
-                let blobs = FsBlobStore::open(dir).await.expect("blob store");
-                let meta = Arc::new(RedbMetaStore::in_memory().expect("meta store"));
-                (blobs, meta)
-            }
-            Ok(other) => panic!("PIER_TEST_BACKEND={other}: use fs or s3pg"),
-        }
-    }
-
-    /// Create an empty database next to the one `admin` names; returns its URL.
-    async fn fresh_database(admin: &str) -> String {
-        let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls)
-            .await
-            .expect("connect to PIER_TEST_PG_URL");
-        tokio::spawn(conn);
-        let name = format!("pier_{}", uuid::Uuid::new_v4().simple());
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create a test database");
-        let (base, _) = admin
-            .rsplit_once('/')
-            .expect("PIER_TEST_PG_URL ends in /database");
-        format!("{base}/{name}")
-    }
-
     impl App {
         pub async fn new() -> App {
             App::with_limits(Limits {
@@ -221,7 +169,7 @@ mod support {
 
         pub async fn with_limits(limits: Limits) -> App {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (blobs, meta) = stores(dir.path()).await;
+            let (blobs, meta) = crate::backend::stores(dir.path()).await;
             let registry = Arc::new(Registry::new(blobs, meta, limits));
             let state = AppState::new(registry);
             App {

@@ -30,7 +30,7 @@ pub use imports::{ImportLog, ImportedFile, MemoryImportLog};
 pub use jobs::{
     Job, JobFailure, JobHandler, JobRunner, JobState, JobStore, RetryPolicy, RunnerConfig,
 };
-pub use meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+pub use meta::{BlobHold, ManifestRecord, MetaStore, Page, UploadRecord};
 pub use pg::{MetaEvent, PgMetaStore};
 pub use pins::{Pin, PinStore};
 pub use redb_meta::RedbMetaStore;

@@ -63,6 +63,9 @@ pub struct Page {
     pub more: bool,
 }
 
+/// A hold on blobs from [`MetaStore::hold_blobs`]; dropping it releases them.
+pub type BlobHold = Box<dyn Send + Sync>;
+
 /// Repositories, tags, manifests, blob links, referrers and upload sessions.
 ///
 /// Each mutating call is one transaction: when it returns `Ok`, the change is durable.
@@ -167,5 +170,16 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn access_times(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>> {
         let _ = digests;
         Err(StoreError::Unsupported("blob access times"))
+    }
+
+    // ---- between nodes sharing the store ----
+
+    /// Hold `digests` against a sweep by any node that shares this store, until the returned
+    /// hold drops: shared by a write that checks blobs and then links or references them,
+    /// exclusive (one digest at a time) by a sweep while it unlinks and deletes a blob. `None`
+    /// for a store only this process uses, where the registry's own lock already excludes.
+    async fn hold_blobs(&self, digests: &[Digest], exclusive: bool) -> Result<Option<BlobHold>> {
+        let _ = (digests, exclusive);
+        Ok(None)
     }
 }

@@ -10,6 +10,12 @@
 //! missing migration runs in one transaction under an advisory lock, so nodes starting together
 //! apply it once.
 //!
+//! Garbage collection keeps redb's model: `gc_marks` says since when a blob is deletable,
+//! linking a blob or storing a manifest that references it deletes its mark in the same
+//! transaction, and a sweep removes a blob's links only if its mark is unchanged. Between
+//! nodes, [`MetaStore::hold_blobs`] is a PostgreSQL advisory lock per blob (shared for
+//! writers, exclusive for a sweep), held on a connection of its own until the hold drops.
+//!
 //! Changes to tags and manifests are announced with `NOTIFY pier_meta` inside their
 //! transaction (delivered only if it commits); [`PgMetaStore::events`] hands them to whatever
 //! in-memory state a node wants to keep fresh.
@@ -24,7 +30,7 @@ use pier_oci::Digest;
 use tokio::sync::broadcast;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::meta::{ManifestRecord, MetaStore, Page, UploadRecord};
+use crate::meta::{BlobHold, ManifestRecord, MetaStore, Page, UploadRecord};
 use crate::pins::{Pin, PinStore};
 use crate::{Result, StoreError};
 
@@ -36,9 +42,12 @@ const CHANNEL: &str = "pier_meta";
 const LISTEN_START: Duration = Duration::from_secs(10);
 /// Advisory lock key taken while migrating ("pier" in ASCII).
 const MIGRATION_LOCK: i64 = 0x7069_6572;
+/// First key of the two-key advisory locks that hold blobs against a sweep ("blob").
+const HOLD_SPACE: i32 = 0x626c_6f62;
 
 /// The migrations, in order; version N is `MIGRATIONS[N - 1]`. Never edit one that shipped.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE repos (
     name TEXT COLLATE "C" PRIMARY KEY
 );
@@ -81,7 +90,19 @@ CREATE TABLE pins (
     record TEXT NOT NULL,
     PRIMARY KEY (repo, digest)
 );
-"#];
+"#,
+    r#"
+CREATE TABLE gc_marks (
+    digest TEXT COLLATE "C" PRIMARY KEY,
+    at_ms BIGINT NOT NULL
+);
+CREATE TABLE blob_access (
+    digest TEXT COLLATE "C" PRIMARY KEY,
+    at_ms BIGINT NOT NULL
+);
+CREATE INDEX blob_links_by_digest ON blob_links (digest);
+"#,
+];
 
 /// A change another node made (or this one): the `NOTIFY` payload, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -336,10 +357,16 @@ impl MetaStore for PgMetaStore {
         )
         .await
         .map_err(db)?;
+        let d = digest.to_string();
+        // The mark goes first: a sweep of this blob in progress holds its row, so this waits
+        // for it and then links after it, as redb's one writer at a time would.
+        tx.execute("DELETE FROM gc_marks WHERE digest = $1", &[&d])
+            .await
+            .map_err(db)?;
         tx.execute(
             "INSERT INTO blob_links (repo, digest, size) VALUES ($1, $2, $3) \
              ON CONFLICT (repo, digest) DO UPDATE SET size = EXCLUDED.size",
-            &[&repo, &digest.to_string(), &size_i64(size)?],
+            &[&repo, &d, &size_i64(size)?],
         )
         .await
         .map_err(db)?;
@@ -379,8 +406,17 @@ impl MetaStore for PgMetaStore {
     ) -> Result<()> {
         let digest = record.digest.to_string();
         let rec = json(record)?;
+        let references: Vec<String> = record.references.iter().map(|d| d.to_string()).collect();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        if !references.is_empty() {
+            tx.execute(
+                "DELETE FROM gc_marks WHERE digest = ANY($1)",
+                &[&references],
+            )
+            .await
+            .map_err(db)?;
+        }
         tx.execute(
             "INSERT INTO repos (name) VALUES ($1) ON CONFLICT DO NOTHING",
             &[&repo],
@@ -617,6 +653,224 @@ impl MetaStore for PgMetaStore {
             .map_err(db)?;
         rows.iter().map(|r| unjson(r.get::<_, &str>(0))).collect()
     }
+
+    async fn manifest_page(
+        &self,
+        after: Option<(&str, &Digest)>,
+        n: usize,
+    ) -> Result<Vec<(String, ManifestRecord)>> {
+        let (repo, digest) = after_key(after);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT repo, record FROM manifests \
+                 WHERE $1::TEXT IS NULL OR (repo, digest) > ($1, $2) \
+                 ORDER BY repo, digest LIMIT $3",
+                &[&repo, &digest, &limit_exact(n)],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), unjson(r.get::<_, &str>(1))?)))
+            .collect()
+    }
+
+    async fn link_page(
+        &self,
+        after: Option<(&str, &Digest)>,
+        n: usize,
+    ) -> Result<Vec<(String, Digest, u64)>> {
+        let (repo, digest) = after_key(after);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT repo, digest, size FROM blob_links \
+                 WHERE $1::TEXT IS NULL OR (repo, digest) > ($1, $2) \
+                 ORDER BY repo, digest LIMIT $3",
+                &[&repo, &digest, &limit_exact(n)],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.get(0),
+                    r.get::<_, &str>(1).parse().map_err(corrupt)?,
+                    r.get::<_, i64>(2) as u64,
+                ))
+            })
+            .collect()
+    }
+
+    async fn gc_mark(&self, digests: &[Digest], at_ms: u64) -> Result<()> {
+        let digests = strings(digests);
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO gc_marks (digest, at_ms) SELECT d, $2 FROM unnest($1::TEXT[]) d \
+                 ON CONFLICT (digest) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+                &[&digests, &size_i64(at_ms)?],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn gc_unmark(&self, digests: &[Digest]) -> Result<()> {
+        let digests = strings(digests);
+        let client = self.client().await?;
+        client
+            .execute("DELETE FROM gc_marks WHERE digest = ANY($1)", &[&digests])
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn gc_sweep(&self, digest: &Digest, at_ms: u64) -> Result<Option<Vec<String>>> {
+        let d = digest.to_string();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        let marked = tx
+            .execute(
+                "DELETE FROM gc_marks WHERE digest = $1 AND at_ms = $2",
+                &[&d, &size_i64(at_ms)?],
+            )
+            .await
+            .map_err(db)?;
+        if marked == 0 {
+            return Ok(None);
+        }
+        tx.execute("DELETE FROM blob_access WHERE digest = $1", &[&d])
+            .await
+            .map_err(db)?;
+        let rows = tx
+            .query(
+                "DELETE FROM blob_links WHERE digest = $1 RETURNING repo",
+                &[&d],
+            )
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let mut repos: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        repos.sort();
+        Ok(Some(repos))
+    }
+
+    async fn record_access(&self, accesses: &[(Digest, u64)]) -> Result<()> {
+        // One row per digest (the latest), or the upsert would touch a row twice.
+        let mut latest: std::collections::BTreeMap<String, u64> = Default::default();
+        for (d, t) in accesses {
+            let e = latest.entry(d.to_string()).or_insert(*t);
+            *e = (*e).max(*t);
+        }
+        if latest.is_empty() {
+            return Ok(());
+        }
+        let times = latest
+            .values()
+            .map(|t| size_i64(*t))
+            .collect::<Result<Vec<i64>>>()?;
+        let digests: Vec<String> = latest.into_keys().collect();
+        let client = self.client().await?;
+        client
+            .execute(
+                "INSERT INTO blob_access (digest, at_ms) \
+                 SELECT * FROM unnest($1::TEXT[], $2::BIGINT[]) \
+                 ON CONFLICT (digest) DO UPDATE \
+                 SET at_ms = GREATEST(blob_access.at_ms, EXCLUDED.at_ms)",
+                &[&digests, &times],
+            )
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn access_times(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>> {
+        let keys = strings(digests);
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT digest, at_ms FROM blob_access WHERE digest = ANY($1)",
+                &[&keys],
+            )
+            .await
+            .map_err(db)?;
+        let found: std::collections::HashMap<String, u64> = rows
+            .iter()
+            .map(|r| (r.get(0), r.get::<_, i64>(1) as u64))
+            .collect();
+        Ok(keys.iter().map(|k| found.get(k).copied()).collect())
+    }
+
+    async fn hold_blobs(&self, digests: &[Digest], exclusive: bool) -> Result<Option<BlobHold>> {
+        let mut keys: Vec<i32> = digests.iter().map(hold_key).collect();
+        // In one order everywhere, so two writers never wait on each other in a cycle.
+        keys.sort_unstable();
+        keys.dedup();
+        let client = self.client().await?;
+        let sql = if exclusive {
+            "SELECT pg_advisory_lock($1, $2)"
+        } else {
+            "SELECT pg_advisory_lock_shared($1, $2)"
+        };
+        for k in &keys {
+            // On an error the locks taken so far go with the connection.
+            if let Err(e) = client.execute(sql, &[&HOLD_SPACE, k]).await {
+                drop(PgHold(Some(client)));
+                return Err(db(e));
+            }
+        }
+        Ok(Some(Box::new(PgHold(Some(client)))))
+    }
+}
+
+/// The advisory lock key of a blob: 32 bits of its digest (a collision only makes one wait).
+fn hold_key(d: &Digest) -> i32 {
+    let hex = d.hex();
+    let n = u32::from_str_radix(hex.get(..8).unwrap_or("0"), 16).unwrap_or(0);
+    n as i32
+}
+
+/// A connection holding advisory locks. Dropped, it releases them and goes back to the pool;
+/// if that cannot be done, the connection is closed, which releases them too.
+struct PgHold(Option<deadpool_postgres::Object>);
+
+impl Drop for PgHold {
+    fn drop(&mut self) {
+        let Some(client) = self.0.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move {
+                    if client
+                        .batch_execute("SELECT pg_advisory_unlock_all()")
+                        .await
+                        .is_err()
+                    {
+                        drop(deadpool_postgres::Object::take(client));
+                    }
+                });
+            }
+            Err(_) => drop(deadpool_postgres::Object::take(client)),
+        }
+    }
+}
+
+fn strings(digests: &[Digest]) -> Vec<String> {
+    digests.iter().map(|d| d.to_string()).collect()
+}
+
+/// A page's start as query parameters: `(None, "")` for the first page.
+fn after_key(after: Option<(&str, &Digest)>) -> (Option<String>, String) {
+    match after {
+        Some((r, d)) => (Some(r.to_string()), d.to_string()),
+        None => (None, String::new()),
+    }
+}
+
+fn limit_exact(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 fn unix_ms() -> u64 {

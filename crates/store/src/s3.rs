@@ -37,7 +37,7 @@ use object_store::signer::Signer;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use pier_oci::{Algorithm, Digest, Hasher};
 
-use crate::blob::{BlobStore, ByteStream, StoreStats};
+use crate::blob::{BlobEntry, BlobStore, ByteStream, StoreStats};
 use crate::{Result, Spool, StoreError};
 
 /// One chunk object of an upload session: (offset, size).
@@ -327,11 +327,35 @@ impl S3BlobStore {
             range: Some(GetRange::Bounded(range)),
             ..Default::default()
         };
-        let got = self.store.get_opts(key, opts).await.map_err(s3_err)?;
+        let got = match self.store.get_opts(key, opts).await {
+            Ok(got) => got,
+            // Gone (collected or evicted since the caller looked): as a missing file reads.
+            Err(e) if is_not_found(&e) => {
+                return Err(StoreError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("s3: {e}"),
+                )))
+            }
+            Err(e) => return Err(s3_err(e)),
+        };
         Ok(Box::pin(
             got.into_stream()
                 .map_err(|e| std::io::Error::other(format!("s3: {e}"))),
         ))
+    }
+
+    /// Lower the counters for a blob of `size` bytes that left.
+    fn uncount(&self, size: u64) {
+        let _ = self
+            .blobs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+        let _ = self
+            .bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(size))
+            });
     }
 
     /// Count a blob that was just made visible, unless it was there before.
@@ -476,16 +500,7 @@ impl BlobStore for S3BlobStore {
             return Ok(false);
         };
         delete_quietly(&self.store, &key).await?;
-        let _ = self
-            .blobs
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(1))
-            });
-        let _ = self
-            .bytes
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                Some(n.saturating_sub(size))
-            });
+        self.uncount(size);
         Ok(true)
     }
 
@@ -628,6 +643,62 @@ impl BlobStore for S3BlobStore {
 
     async fn redirect_url(&self, digest: &Digest) -> Result<Option<String>> {
         self.presigned(digest).await
+    }
+
+    async fn list(&self, after: Option<&Digest>, n: usize) -> Result<Vec<BlobEntry>> {
+        let dir = self.key("blobs");
+        let head = format!("{dir}/");
+        // Keys sort as digests do: `blobs/<alg>/<hex>` against `<alg>:<hex>`.
+        let mut listing = match after {
+            Some(d) => self.store.list_with_offset(Some(&dir), &self.blob_key(d)),
+            None => self.store.list(Some(&dir)),
+        };
+        let mut out = Vec::new();
+        while out.len() < n {
+            let Some(meta) = listing.next().await else {
+                break;
+            };
+            let meta = meta.map_err(s3_err)?;
+            // Anything that is not a digest's key is not a blob of ours.
+            let Some((alg, hex)) = meta
+                .location
+                .as_ref()
+                .strip_prefix(head.as_str())
+                .and_then(|rest| rest.split_once('/'))
+            else {
+                continue;
+            };
+            let Ok(digest) = format!("{alg}:{hex}").parse::<Digest>() else {
+                continue;
+            };
+            out.push(BlobEntry {
+                digest,
+                size: meta.size,
+                modified_ms: u64::try_from(meta.last_modified.timestamp_millis()).unwrap_or(0),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn quarantine(&self, digest: &Digest) -> Result<bool> {
+        let key = self.blob_key(digest);
+        let Some(size) = self.head(&key).await? else {
+            return Ok(false);
+        };
+        let aside = self.key(&format!(
+            "quarantine/{}-{}-{}",
+            digest.algorithm().as_str(),
+            digest.hex(),
+            crate::jobs::unix_ms()
+        ));
+        match self.store.copy(&key, &aside).await {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => return Ok(false),
+            Err(e) => return Err(s3_err(e)),
+        }
+        delete_quietly(&self.store, &key).await?;
+        self.uncount(size);
+        Ok(true)
     }
 }
 

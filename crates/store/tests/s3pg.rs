@@ -4,6 +4,9 @@
 //!
 //! Two store values on one bucket prefix (or one database) stand for two pier nodes.
 
+#[path = "support/backend.rs"]
+mod backend;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -285,20 +288,6 @@ async fn s3_spool_commits_to_the_bucket_while_readers_keep_reading() {
     assert_eq!(read_all(&*store, &d, 0, bytes.len() as u64).await, bytes);
 }
 
-async fn fresh_database(admin: &str) -> String {
-    let (client, conn) = tokio_postgres::connect(admin, tokio_postgres::NoTls)
-        .await
-        .expect("connect to PIER_TEST_PG_URL");
-    tokio::spawn(conn);
-    let name = format!("pier_{}", uuid::Uuid::new_v4().simple());
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let (base, _) = admin.rsplit_once('/').unwrap();
-    format!("{base}/{name}")
-}
-
 fn record(d: &Digest, subject: Option<&Digest>) -> ManifestRecord {
     ManifestRecord {
         digest: d.clone(),
@@ -314,11 +303,11 @@ fn record(d: &Digest, subject: Option<&Digest>) -> ManifestRecord {
 #[tokio::test]
 async fn postgres_keeps_manifests_tags_and_referrers_together() {
     let Some(admin) = pg_env() else { return };
-    let url = fresh_database(&admin).await;
+    let url = backend::fresh_database(&admin).await;
     // Two nodes starting at once apply the schema once.
     let (a, b) = tokio::join!(PgMetaStore::connect(&url), PgMetaStore::connect(&url));
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(a.schema_version().await.unwrap(), 1);
+    assert_eq!(a.schema_version().await.unwrap(), 2);
     let mut events = b.events();
 
     let base = Digest::sha256(b"base");
@@ -420,13 +409,13 @@ async fn postgres_keeps_manifests_tags_and_referrers_together() {
 
     // A reconnect applies nothing twice.
     let c = PgMetaStore::connect(&url).await.unwrap();
-    assert_eq!(c.schema_version().await.unwrap(), 1);
+    assert_eq!(c.schema_version().await.unwrap(), 2);
 }
 
 #[tokio::test]
 async fn postgres_pins_are_held_by_each_holder() {
     let Some(admin) = pg_env() else { return };
-    let url = fresh_database(&admin).await;
+    let url = backend::fresh_database(&admin).await;
     let a = PgMetaStore::connect(&url).await.unwrap();
     let b = PgMetaStore::connect(&url).await.unwrap();
     let d = Digest::sha256(b"m");
@@ -444,4 +433,187 @@ async fn postgres_pins_are_held_by_each_holder() {
     assert!(a.unpin("r", &d, "sync:b").await.unwrap());
     assert!(a.pins().await.unwrap().is_empty());
     assert!(a.pinned("r", &d).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn s3_lists_blobs_in_digest_order_and_quarantine_hides_one() {
+    let Some((endpoint, bucket)) = s3_env() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = format!("t-{}/", uuid::Uuid::new_v4().simple());
+    let store = s3(&endpoint, &bucket, &prefix, dir.path()).await;
+    let mut digests = Vec::new();
+    for i in 0..25u32 {
+        let bytes = format!("blob number {i}").into_bytes();
+        let (d, _) = store.put(None, body(&bytes, 5), None).await.unwrap();
+        digests.push(d);
+    }
+    // An upload session's objects are not blobs.
+    store.upload_create("a-session").await.unwrap();
+    digests.sort_by_key(|d| d.to_string());
+    let mut seen = Vec::new();
+    let mut after: Option<Digest> = None;
+    loop {
+        let page = store.list(after.as_ref(), 7).await.unwrap();
+        assert!(page.len() <= 7);
+        let Some(last) = page.last() else { break };
+        after = Some(last.digest.clone());
+        for b in &page {
+            assert!(b.modified_ms > 0, "{b:?}");
+            assert_eq!(Some(b.size), store.stat(&b.digest).await.unwrap());
+        }
+        seen.extend(page.into_iter().map(|b| b.digest));
+    }
+    assert_eq!(seen, digests, "every blob once, in order");
+
+    let victim = &digests[3];
+    let size = store.stat(victim).await.unwrap().unwrap();
+    let before = store.stats();
+    assert!(store.quarantine(victim).await.unwrap());
+    assert_eq!(store.stat(victim).await.unwrap(), None);
+    assert!(!store.quarantine(victim).await.unwrap(), "already gone");
+    assert_eq!(store.stats().blobs, before.blobs - 1);
+    assert_eq!(store.stats().bytes, before.bytes - size);
+    let all = store.list(None, 100).await.unwrap();
+    assert_eq!(all.len(), 24);
+    assert!(all.iter().all(|b| &b.digest != victim));
+    // A read of a blob that went reads as a missing file, as the deep check expects.
+    match store.read(victim, 0, size).await {
+        Err(StoreError::Io(e)) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{e}"),
+        Err(e) => panic!("not a missing object: {e}"),
+        Ok(_) => panic!("a quarantined blob still reads"),
+    }
+}
+
+#[tokio::test]
+async fn postgres_gc_marks_yield_to_links_and_manifests_and_a_sweep_needs_its_own_mark() {
+    let Some(admin) = pg_env() else { return };
+    let url = backend::fresh_database(&admin).await;
+    let (a, b) = (
+        PgMetaStore::connect(&url).await.unwrap(),
+        PgMetaStore::connect(&url).await.unwrap(),
+    );
+    let [linked, referenced, idle] =
+        ["linked", "referenced", "idle"].map(|x| Digest::sha256(x.as_bytes()));
+    for d in [&linked, &referenced, &idle] {
+        a.link_blob("lib/app", d, 7).await.unwrap();
+        a.link_blob("lib/other", d, 7).await.unwrap();
+    }
+    a.gc_mark(&[linked.clone(), referenced.clone(), idle.clone()], 100)
+        .await
+        .unwrap();
+    // Another node links one and stores a manifest referencing another: their marks go.
+    b.link_blob("team/new", &linked, 7).await.unwrap();
+    let mut rec = record(&Digest::sha256(b"manifest"), None);
+    rec.references = vec![referenced.clone()];
+    b.put_manifest("team/new", &rec, Bytes::from_static(b"m"), Some("v1"))
+        .await
+        .unwrap();
+    assert_eq!(a.gc_sweep(&linked, 100).await.unwrap(), None);
+    assert_eq!(a.gc_sweep(&referenced, 100).await.unwrap(), None);
+    // A mark renewed since is not the sweep's to act on; its own is.
+    a.gc_mark(std::slice::from_ref(&idle), 200).await.unwrap();
+    assert_eq!(a.gc_sweep(&idle, 100).await.unwrap(), None);
+    b.record_access(&[(idle.clone(), 5), (idle.clone(), 9)])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.access_times(&[idle.clone(), linked.clone()])
+            .await
+            .unwrap(),
+        vec![Some(9), None]
+    );
+    a.record_access(&[(idle.clone(), 7)]).await.unwrap();
+    assert_eq!(
+        a.access_times(std::slice::from_ref(&idle)).await.unwrap(),
+        vec![Some(9)],
+        "the later read stays"
+    );
+    assert_eq!(
+        a.gc_sweep(&idle, 200).await.unwrap(),
+        Some(vec!["lib/app".to_string(), "lib/other".to_string()])
+    );
+    assert_eq!(a.gc_sweep(&idle, 200).await.unwrap(), None, "once");
+    assert_eq!(a.blob_link("lib/app", &idle).await.unwrap(), None);
+    assert_eq!(
+        a.access_times(std::slice::from_ref(&idle)).await.unwrap(),
+        vec![None]
+    );
+    a.gc_mark(std::slice::from_ref(&linked), 300).await.unwrap();
+    a.gc_unmark(std::slice::from_ref(&linked)).await.unwrap();
+    assert_eq!(a.gc_sweep(&linked, 300).await.unwrap(), None);
+
+    // Pages of links and manifests, in (repository, digest) order.
+    let mut links = Vec::new();
+    let mut after: Option<(String, Digest)> = None;
+    loop {
+        let page = b
+            .link_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), 2)
+            .await
+            .unwrap();
+        let Some((r, d, _)) = page.last() else { break };
+        after = Some((r.clone(), d.clone()));
+        links.extend(page.into_iter().map(|(r, d, _)| (r, d.to_string())));
+    }
+    let mut expected = vec![
+        ("lib/app".to_string(), linked.to_string()),
+        ("lib/app".to_string(), referenced.to_string()),
+        ("lib/other".to_string(), linked.to_string()),
+        ("lib/other".to_string(), referenced.to_string()),
+        ("team/new".to_string(), linked.to_string()),
+    ];
+    expected.sort();
+    assert_eq!(links, expected);
+    let manifests = b.manifest_page(None, 10).await.unwrap();
+    assert_eq!(manifests.len(), 1);
+    assert_eq!(manifests[0].0, "team/new");
+    assert_eq!(manifests[0].1.references, vec![referenced.clone()]);
+    let after = (manifests[0].0.as_str(), &manifests[0].1.digest);
+    assert!(b.manifest_page(Some(after), 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn postgres_holds_keep_a_sweep_on_one_node_out_of_a_write_on_another() {
+    let Some(admin) = pg_env() else { return };
+    let url = backend::fresh_database(&admin).await;
+    let (a, b) = (
+        PgMetaStore::connect(&url).await.unwrap(),
+        PgMetaStore::connect(&url).await.unwrap(),
+    );
+    let d = Digest::sha256(b"held");
+    let other = Digest::sha256(b"other");
+    let writer = a
+        .hold_blobs(&[d.clone(), other.clone()], false)
+        .await
+        .unwrap()
+        .expect("postgres holds");
+    // A second writer shares the hold.
+    let second = b.hold_blobs(std::slice::from_ref(&d), false).await.unwrap();
+    drop(second);
+    let sweeper = {
+        let (b, d) = (b.clone(), d.clone());
+        tokio::spawn(async move { b.hold_blobs(std::slice::from_ref(&d), true).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!sweeper.is_finished(), "the sweep waits for the writer");
+    drop(writer);
+    let swept = tokio::time::timeout(Duration::from_secs(10), sweeper)
+        .await
+        .expect("the sweep goes on once the writer is done")
+        .unwrap()
+        .unwrap();
+    // And now a writer waits for the sweep.
+    let late = {
+        let (a, d) = (a.clone(), d.clone());
+        tokio::spawn(async move { a.hold_blobs(std::slice::from_ref(&d), false).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!late.is_finished(), "a writer waits for the sweep");
+    drop(swept);
+    tokio::time::timeout(Duration::from_secs(10), late)
+        .await
+        .expect("the writer goes on once the sweep is done")
+        .unwrap()
+        .unwrap();
 }
