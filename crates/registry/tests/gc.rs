@@ -1,6 +1,11 @@
-//! Garbage collection at the registry level, over the real filesystem blob store and redb:
-//! a deleted manifest's blobs are freed after the grace period, and a collector running
-//! without grace beside pushes never leaves a manifest whose blob is gone.
+//! Garbage collection at the registry level, over the real filesystem blob store and redb, or
+//! with `PIER_TEST_BACKEND=s3pg` over S3 and PostgreSQL: a deleted manifest's blobs are freed
+//! after the grace period, and a collector running without grace beside pushes never leaves a
+//! manifest whose blob is gone. On S3 + PostgreSQL the collector runs on a second node sharing
+//! the stores, as in a highly available deployment.
+
+#[path = "../../store/tests/support/backend.rs"]
+mod backend;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +15,32 @@ use futures::StreamExt;
 use pier_oci::{Digest, Reference, RepoName};
 use pier_registry::upload::ChunkInfo;
 use pier_registry::{GcOptions, Limits, Registry, RegistryError};
-use pier_store::{BlobStore, ByteStream, FsBlobStore, RedbMetaStore};
+use pier_store::ByteStream;
 
 fn body(data: Vec<u8>) -> ByteStream {
     Box::pin(futures::stream::iter(vec![Ok(Bytes::from(data))]))
 }
 
 async fn registry(dir: &std::path::Path) -> Arc<Registry> {
-    let blobs: Arc<dyn BlobStore> = FsBlobStore::open(dir).await.expect("blobs");
-    let meta = RedbMetaStore::open(&dir.join("meta.redb")).expect("meta");
-    Arc::new(Registry::new(blobs, Arc::new(meta), Limits::default()))
+    let (blobs, meta) = backend::stores(dir).await;
+    Arc::new(Registry::new(blobs, meta, Limits::default()))
+}
+
+/// Two nodes: on S3 + PostgreSQL two registries sharing one key prefix and one database; on
+/// the filesystem (one process's own stores) the same registry twice.
+async fn two_nodes(dir: &std::path::Path) -> (Arc<Registry>, Arc<Registry>) {
+    if !backend::s3pg() {
+        let r = registry(dir).await;
+        return (r.clone(), r);
+    }
+    let shared = backend::Shared::new().await;
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        let (blobs, meta) = shared.open(&dir.join(name)).await;
+        nodes.push(Arc::new(Registry::new(blobs, meta, Limits::default())));
+    }
+    let b = nodes.pop().expect("b");
+    (nodes.pop().expect("a"), b)
 }
 
 fn manifest(config: &Digest, config_len: usize, layer: &Digest, layer_len: usize) -> Bytes {
@@ -142,12 +163,17 @@ async fn a_deleted_manifests_blobs_are_freed_after_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pushes_racing_a_collector_without_grace_never_lose_a_referenced_blob() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = registry(dir.path()).await;
+    // Pushes go to `r`, the collector runs on `collecting` (the same node on the filesystem).
+    let (r, collecting) = two_nodes(dir.path()).await;
     let repo: RepoName = "team/race".parse().unwrap();
     let mut pushed = Vec::new();
     let mut refused = 0;
     let mut freed = 0;
-    for i in 0..200u32 {
+    // Each collection lists the whole bucket on S3: fewer rounds there keep the run short.
+    let rounds = if backend::s3pg() { 60 } else { 200 };
+    // How long a collection takes here: the manifest put's head start is spread over it.
+    let mut span = Duration::from_millis(20);
+    for i in 0..rounds {
         let config = format!("{{\"n\":{i}}}").into_bytes();
         let layer: Vec<u8> = (0..20_000u32).map(|j| ((i * 31 + j) % 251) as u8).collect();
         let c = upload(&r, &repo, &config).await.expect("upload config");
@@ -156,28 +182,32 @@ async fn pushes_racing_a_collector_without_grace_never_lose_a_referenced_blob() 
         // The collection and the manifest put start together, on different threads; a
         // small random head start for one or the other moves the overlap around.
         let collector = {
-            let r = r.clone();
+            let r = collecting.clone();
             let delay = Duration::from_micros(u64::from((i * 7919) % 3000));
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
-                r.gc(GcOptions {
-                    dry_run: false,
-                    grace: Duration::ZERO,
-                })
-                .await
-                .expect("gc")
+                let started = std::time::Instant::now();
+                let report = r
+                    .gc(GcOptions {
+                        dry_run: false,
+                        grace: Duration::ZERO,
+                    })
+                    .await
+                    .expect("gc");
+                (report, started.elapsed())
             })
         };
         let put = {
             let (r, repo, tag) = (r.clone(), repo.clone(), tag.clone());
             let m = manifest(&c, config.len(), &l, layer.len());
-            let delay = Duration::from_micros(u64::from((i * 104_729) % 20_000));
+            let delay = span.mul_f64(f64::from((i * 104_729) % 1000) / 1000.0);
             tokio::spawn(async move {
                 tokio::time::sleep(delay).await;
                 r.put_manifest(&repo, &tag, None, m).await
             })
         };
-        let (report, put) = (collector.await.unwrap(), put.await.unwrap());
+        let ((report, took), put) = (collector.await.unwrap(), put.await.unwrap());
+        span = span.max(took);
         freed += report.blobs;
         match put {
             Ok(_) => {
@@ -205,21 +235,22 @@ async fn pushes_racing_a_collector_without_grace_never_lose_a_referenced_blob() 
         }
     }
     eprintln!(
-        "200 pushes: {} refused with MANIFEST_BLOB_UNKNOWN and pushed again; the collections \
+        "{rounds} pushes: {} refused with MANIFEST_BLOB_UNKNOWN and pushed again; the collections \
          freed {freed} blobs",
         refused
     );
     // One more collection, then every pushed image is whole.
-    r.gc(GcOptions {
-        dry_run: false,
-        grace: Duration::ZERO,
-    })
-    .await
-    .unwrap();
+    collecting
+        .gc(GcOptions {
+            dry_run: false,
+            grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
     for (tag, c, config, l, layer) in &pushed {
         r.manifest(&repo, tag).await.expect("manifest");
         assert_eq!(read_all(&r, &repo, l).await.expect("layer"), *layer);
         assert_eq!(read_all(&r, &repo, c).await.expect("config"), *config);
     }
-    assert_eq!(pushed.len(), 200);
+    assert_eq!(pushed.len(), rounds as usize);
 }

@@ -14,7 +14,9 @@
 //! linking a blob or storing a manifest that references it deletes its mark in the same
 //! transaction, and a sweep removes a blob's links only if its mark is unchanged. Between
 //! nodes, [`MetaStore::hold_blobs`] is a PostgreSQL advisory lock per blob (shared for
-//! writers, exclusive for a sweep), held on a connection of its own until the hold drops.
+//! writers, exclusive for a sweep), held on a connection of its own until the hold drops; a
+//! mark takes the same lock exclusively until it commits, so that a write's clearing of marks
+//! and the marking never cross (redb gets that from running one write at a time).
 //!
 //! Changes to tags and manifests are announced with `NOTIFY pier_meta` inside their
 //! transaction (delivered only if it commits); [`PgMetaStore::events`] hands them to whatever
@@ -44,6 +46,8 @@ const LISTEN_START: Duration = Duration::from_secs(10);
 const MIGRATION_LOCK: i64 = 0x7069_6572;
 /// First key of the two-key advisory locks that hold blobs against a sweep ("blob").
 const HOLD_SPACE: i32 = 0x626c_6f62;
+/// Blobs marked per transaction (each holds one advisory lock per blob until it commits).
+const MARK_GROUP: usize = 100;
 
 /// The migrations, in order; version N is `MIGRATIONS[N - 1]`. Never edit one that shipped.
 const MIGRATIONS: &[&str] = &[
@@ -703,16 +707,33 @@ impl MetaStore for PgMetaStore {
     }
 
     async fn gc_mark(&self, digests: &[Digest], at_ms: u64) -> Result<()> {
-        let digests = strings(digests);
-        let client = self.client().await?;
-        client
-            .execute(
-                "INSERT INTO gc_marks (digest, at_ms) SELECT d, $2 FROM unnest($1::TEXT[]) d \
-                 ON CONFLICT (digest) DO UPDATE SET at_ms = EXCLUDED.at_ms",
-                &[&digests, &size_i64(at_ms)?],
+        let at = size_i64(at_ms)?;
+        let mut client = self.client().await?;
+        for group in digests.chunks(MARK_GROUP) {
+            let mut keys: Vec<i32> = group.iter().map(hold_key).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let tx = client.transaction().await.map_err(db)?;
+            // Each blob's hold, exclusive until the marks commit: a write holding it (from
+            // its check to its commit) finishes first, so its manifest is seen by the
+            // collector's read of references, or it starts after and clears the mark. Without
+            // this, a manifest's clearing of a mark not yet made and the mark could cross.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock($1, k) \
+                 FROM (SELECT k FROM unnest($2::INT4[]) AS k ORDER BY k) AS held",
+                &[&HOLD_SPACE, &keys],
             )
             .await
             .map_err(db)?;
+            tx.execute(
+                "INSERT INTO gc_marks (digest, at_ms) SELECT d, $2 FROM unnest($1::TEXT[]) d \
+                 ON CONFLICT (digest) DO UPDATE SET at_ms = EXCLUDED.at_ms",
+                &[&strings(group), &at],
+            )
+            .await
+            .map_err(db)?;
+            tx.commit().await.map_err(db)?;
+        }
         Ok(())
     }
 
