@@ -1,6 +1,8 @@
 //! HA tier: two real `pier serve` processes on one S3 bucket and one PostgreSQL database, as
 //! behind one load balancer. What one node acknowledged, the other serves at once; the chunks
-//! of one upload may reach either node; a node killed mid-push loses nothing acknowledged.
+//! of one upload may reach either node; a node killed mid-push loses nothing acknowledged; `pier
+//! gc` on one node frees what was deleted through the other, and `pier check --deep` finds an
+//! object overwritten in the bucket.
 //!
 //! Needs the S3 server and PostgreSQL of scripts/storage-services.sh (`PIER_TEST_S3_ENDPOINT`,
 //! `PIER_TEST_S3_BUCKET`, `PIER_TEST_PG_URL`); says SKIPPED without them.
@@ -14,6 +16,7 @@ use common::{
     digest_of, gen_bytes, header, put_manifest, Pier, SharedStorage, KIB, MIB, OCI_CONFIG,
     OCI_LAYER_TAR, OCI_MANIFEST,
 };
+use object_store::ObjectStoreExt as _;
 use reqwest::{header as h, StatusCode};
 use serde_json::json;
 
@@ -275,4 +278,138 @@ async fn two_nodes_on_one_bucket_and_one_database_serve_each_others_pushes() {
     close(&http, &b.url(), &open, &digest_of(b"still open"), &[]).await;
     pull_blob(&http, &ua, &digest_of(b"still open"), b"still open").await;
     a.stop();
+}
+
+/// The `[storage.s3]` key prefix a deployment config names.
+fn s3_prefix(config: &str) -> String {
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("prefix = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .expect("a prefix in the deployment config")
+        .to_string()
+}
+
+fn pier_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = common::pier_cli(args);
+    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "pier {args:?}: not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), value)
+}
+
+/// Upkeep on shared stores, with the real binary: an image deleted through node A is
+/// collected by `pier gc` asked of node B (its layer gone from both, the image still tagged
+/// whole on both); then a blob whose object in the bucket the test overwrites with bad bytes
+/// is found by `pier check --deep` on A, reported lost (a hosted blob, exit 2) with the
+/// manifest that lost it, and neither node serves the bad bytes.
+#[tokio::test]
+async fn gc_on_one_node_frees_an_image_deleted_on_the_other_and_check_deep_finds_a_bad_object() {
+    let Some(storage) = SharedStorage::from_env("the HA tier") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("pier.toml");
+    let mut text = storage.deployment_config().await;
+    let prefix = s3_prefix(&text);
+    text.push_str(
+        "\n[gc]\ngrace = \"0s\"\n\n[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    let a = start(dir.path(), "a", &config);
+    let b = start(dir.path(), "b", &config);
+    let (ua, ub) = (a.url(), b.url());
+    let http = reqwest::Client::new();
+
+    let config_blob = b"{\"architecture\":\"amd64\"}".to_vec();
+    let (gone, kept) = (gen_bytes(1, 200 * KIB), gen_bytes(2, 150 * KIB + 1));
+    for blob in [&config_blob, &gone, &kept] {
+        push_blob(&http, &ua, blob).await;
+    }
+    let m1 = push_image(&http, &ua, "v1", &config_blob, &gone).await;
+    let m2 = push_image(&http, &ub, "v2", &config_blob, &kept).await;
+    let resp = http
+        .delete(format!("{ua}/v2/{REPO}/manifests/{}", digest_of(&m1)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::ACCEPTED, "DELETE v1 at A");
+
+    let (code, report) = pier_json(&["gc", "--json", "--url", &ub]);
+    assert_eq!(code, Some(0), "{report}");
+    assert_eq!(
+        report["blobs"], 1,
+        "only the deleted image's layer: {report}"
+    );
+    assert_eq!(report["bytes"], gone.len(), "{report}");
+    for base in [&ua, &ub] {
+        let resp = http
+            .get(format!("{base}/v2/{REPO}/blobs/{}", digest_of(&gone)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "collected at {base}");
+        pull_manifest(&http, base, "v2", &m2).await;
+        pull_blob(&http, base, &digest_of(&kept), &kept).await;
+        pull_blob(&http, base, &digest_of(&config_blob), &config_blob).await;
+    }
+
+    let (code, report) = pier_json(&["check", "--deep", "--json", "--url", &ua]);
+    assert_eq!(code, Some(0), "clean before the damage: {report}");
+
+    // Bad bytes of the same length where the layer's object is, written as any S3 client
+    // (a failing disk under the S3 server, an operator's mistake) could.
+    let mut bad = kept.clone();
+    bad[1000] ^= 0xff;
+    let key = format!(
+        "{prefix}blobs/sha256/{}",
+        &digest_of(&kept)["sha256:".len()..]
+    );
+    let bucket = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name(&storage.s3_bucket)
+        .with_endpoint(&storage.s3_endpoint)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_virtual_hosted_style_request(false)
+        .with_access_key_id("pier-test")
+        .with_secret_access_key("pier-test")
+        .build()
+        .expect("an S3 client");
+    bucket
+        .put(&object_store::path::Path::from(key.as_str()), bad.into())
+        .await
+        .unwrap_or_else(|e| panic!("overwrite {key}: {e}"));
+
+    let (code, report) = pier_json(&["check", "--deep", "--json", "--url", &ua]);
+    assert_eq!(code, Some(2), "a lost hosted blob exits 2: {report}");
+    let digests = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "blob digests")
+        .expect("a digest check")
+        .clone();
+    assert_eq!(digests["status"], "fail", "{digests}");
+    let details = digests["details"].to_string();
+    assert!(
+        details.contains(&digest_of(&kept))
+            && details.contains(&format!("{REPO}@{}", digest_of(&m2))),
+        "the report names the blob and the manifest that lost it: {details}"
+    );
+    for base in [&ua, &ub] {
+        let resp = http
+            .get(format!("{base}/v2/{REPO}/blobs/{}", digest_of(&kept)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            resp.status(),
+            StatusCode::NOT_FOUND,
+            "the bad bytes are not served at {base}"
+        );
+    }
 }
