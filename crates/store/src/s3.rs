@@ -15,6 +15,8 @@
 //!   into a multipart upload of the blob key, hashing on the way, and completes it only when the
 //!   digest matches (a session of one chunk whose hash is known is copied server-side instead).
 //! - `tmp/<uuid>`: whole blobs whose digest was not known in advance, while they are hashed.
+//! - `quarantine/<alg>-<hex>-<unix ms>`: a blob a deep check found corrupt, copied out of
+//!   `blobs/` for inspection (nothing reads it again).
 //!
 //! Spools (mirror fills that others read while they are written) are local files under the
 //! node's data directory, uploaded when committed.
