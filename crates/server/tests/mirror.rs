@@ -1,7 +1,11 @@
 //! The mirror, in process: pier's whole router on a loopback port in front of a fake upstream
 //! registry that counts what it is asked and can fail in the ways real upstreams do (down,
 //! corrupt bytes, cut streams, bearer tokens, moved tags). Real-registry interop lives in
-//! crates/pier/tests/mirror.rs.
+//! crates/pier/tests/mirror.rs. The stores are the filesystem and redb, or S3 and PostgreSQL
+//! with `PIER_TEST_BACKEND=s3pg` (scripts/test.sh runs the eviction test that way too).
+
+#[path = "../../store/tests/support/backend.rs"]
+mod backend;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -332,10 +336,7 @@ async fn setup(opts: Options) -> Setup {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let blobs: Arc<dyn BlobStore> = FsBlobStore::open(dir.path()).await.expect("blobs");
-    let redb = RedbMetaStore::in_memory().expect("meta");
-    let pins: Arc<dyn pier_store::PinStore> = Arc::new(redb.clone());
-    let meta: Arc<dyn MetaStore> = Arc::new(redb);
+    let (blobs, meta, pins) = crate::backend::stores_with_pins(dir.path()).await;
     let registry = Arc::new(Registry::new(
         blobs.clone(),
         meta.clone(),

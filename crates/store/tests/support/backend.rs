@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pier_store::{
-    BlobStore, FsBlobStore, MetaStore, PgMetaStore, RedbMetaStore, S3BlobStore, S3Options,
+    BlobStore, FsBlobStore, MetaStore, PgMetaStore, PinStore, RedbMetaStore, S3BlobStore,
+    S3Options,
 };
 
 /// Whether `PIER_TEST_BACKEND` asks for S3 + PostgreSQL (anything but `fs` or unset panics).
@@ -60,6 +61,15 @@ impl Shared {
 
     /// The stores as one node opens them (`dir`: that node's local directory, for spools).
     pub async fn open(&self, dir: &Path) -> (Arc<dyn BlobStore>, Arc<dyn MetaStore>) {
+        let (blobs, meta, _) = self.open_with_pins(dir).await;
+        (blobs, meta)
+    }
+
+    /// [`Shared::open`], with the pin store (the metadata database) as well.
+    pub async fn open_with_pins(
+        &self,
+        dir: &Path,
+    ) -> (Arc<dyn BlobStore>, Arc<dyn MetaStore>, Arc<dyn PinStore>) {
         let options = S3Options {
             bucket: var("PIER_TEST_S3_BUCKET"),
             endpoint: Some(var("PIER_TEST_S3_ENDPOINT")),
@@ -74,17 +84,25 @@ impl Shared {
         let meta = PgMetaStore::connect(&self.pg_url)
             .await
             .expect("postgres meta store");
-        (blobs, Arc::new(meta))
+        (blobs, Arc::new(meta.clone()), Arc::new(meta))
     }
 }
 
 /// A test's stores on the backend `PIER_TEST_BACKEND` names (redb in memory on fs).
 pub async fn stores(dir: &Path) -> (Arc<dyn BlobStore>, Arc<dyn MetaStore>) {
+    let (blobs, meta, _) = stores_with_pins(dir).await;
+    (blobs, meta)
+}
+
+/// [`stores`], with the pin store (the same database) as well.
+pub async fn stores_with_pins(
+    dir: &Path,
+) -> (Arc<dyn BlobStore>, Arc<dyn MetaStore>, Arc<dyn PinStore>) {
     if s3pg() {
-        Shared::new().await.open(dir).await
+        Shared::new().await.open_with_pins(dir).await
     } else {
         let blobs = FsBlobStore::open(dir).await.expect("blob store");
-        let meta = Arc::new(RedbMetaStore::in_memory().expect("meta store"));
-        (blobs, meta)
+        let redb = RedbMetaStore::in_memory().expect("meta store");
+        (blobs, Arc::new(redb.clone()), Arc::new(redb))
     }
 }
