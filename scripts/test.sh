@@ -54,6 +54,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test (interop and cluster tiers on)"
 PIER_INTEROP=1 PIER_CLUSTER=1 cargo test --workspace
-echo "== cargo test: the API tier and the collector's races again, on S3 + PostgreSQL"
-PIER_TEST_BACKEND=s3pg cargo test -p pier-server --test api
+echo "== cargo test: the API and mirror tiers (eviction too) and the collector's races again, on S3 + PostgreSQL"
+PIER_TEST_BACKEND=s3pg cargo test -p pier-server --test api --test mirror
 PIER_TEST_BACKEND=s3pg cargo test -p pier-registry --test gc

@@ -24,7 +24,7 @@ use pier_oci::{Digest, Route};
 use pier_registry::{Limits, Registry};
 use pier_server::metrics::Metrics;
 use pier_server::AppState;
-use pier_store::{BlobStore, FsBlobStore, MetaStore, RedbMetaStore};
+use pier_store::BlobStore;
 use pier_upstream::{Upstream, UpstreamConfig};
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

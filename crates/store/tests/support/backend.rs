@@ -10,8 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use pier_store::{
-    BlobStore, FsBlobStore, MetaStore, PgMetaStore, PinStore, RedbMetaStore, S3BlobStore,
-    S3Options,
+    BlobStore, FsBlobStore, MetaStore, PgMetaStore, PinStore, RedbMetaStore, S3BlobStore, S3Options,
 };
 
 /// Whether `PIER_TEST_BACKEND` asks for S3 + PostgreSQL (anything but `fs` or unset panics).
