@@ -495,6 +495,7 @@ impl Mirror {
                         .collect()
                 })
                 .unwrap_or_default(),
+            stored_ms: pier_store::jobs::unix_ms(),
         };
         self.meta
             .put_manifest(repo, &record, bytes.clone(), tag)

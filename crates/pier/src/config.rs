@@ -87,6 +87,9 @@ pub struct GcConfig {
     pub grace: pier_sync::rules::HumanDuration,
     /// Collect on this schedule (e.g. "24h"); unset (the default) runs only on `pier gc`.
     pub every: Option<pier_sync::rules::HumanDuration>,
+    /// Remove hosted manifests no tag has pointed at for this long (e.g. "30d") at each
+    /// collection; unset (the default) keeps untagged manifests forever.
+    pub untagged_after: Option<pier_sync::rules::HumanDuration>,
 }
 
 impl Default for GcConfig {
@@ -94,6 +97,7 @@ impl Default for GcConfig {
         GcConfig {
             grace: pier_sync::rules::HumanDuration(Duration::from_secs(3600)),
             every: None,
+            untagged_after: None,
         }
     }
 }

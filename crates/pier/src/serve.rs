@@ -335,6 +335,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     state.hosted = Arc::new(config.mirror.hosted.clone());
     state.gc = Arc::new(pier_server::gc::GcSettings {
         grace: config.gc.grace.0,
+        untagged_after: config.gc.untagged_after.as_ref().map(|d| d.0),
     });
     state.pins = Some(pins.clone());
     state.cache = Arc::new(pier_server::cache::CacheSettings {

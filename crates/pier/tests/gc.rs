@@ -552,3 +552,72 @@ async fn check_fails_on_a_read_only_data_dir_a_dead_peer_and_a_full_disk() {
     let line = lines_of(&text, "fail", "listener").unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains(&format!("cannot reach {url}")), "{line}");
 }
+
+/// `[gc] untagged_after` through the real binary: an image whose tag moved on to a new push
+/// is removed by `pier gc` once older than the retention, with its layer; the tagged image
+/// stays whole, and the metric counts the removal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_a_manifest_untagged_past_the_retention_and_its_layer() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("pier.toml");
+    std::fs::write(
+        &config,
+        "[gc]\ngrace = \"0s\"\nuntagged_after = \"1s\"\n\
+         [mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
+    )
+    .expect("write config");
+    let node = Pier::start_with(
+        &tmp.path().join("data"),
+        &tmp.path().join("pier.log"),
+        &[
+            "--config".into(),
+            config.display().to_string(),
+            "--hosted".into(),
+            "**".into(),
+        ],
+    );
+    let http = http_client();
+    let base = node.url();
+    let (old, _, old_l) = push_image(&http, &base, "team/app", "v1", &[6u8; 20_000]).await;
+    // The same tag, a new image: the old manifest is untagged now.
+    let (new, _, new_l) = push_image(&http, &base, "team/app", "v1", &[7u8; 30_000]).await;
+    assert_ne!(old, new);
+    let young = json_of(&pier(&["gc", "--dry-run", "--json", "--url", &base]));
+    assert_eq!(young["manifests"], 0, "younger than the retention: {young}");
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
+
+    let done = pier(&["gc", "--json", "--url", &base]);
+    assert!(done.status.success(), "{done:?}");
+    let report = json_of(&done);
+    assert_eq!(report["manifests"], 1, "{report}");
+    assert!(!blob_file(node.data_dir(), &old_l).exists(), "{report}");
+    let resp = http
+        .get(format!("{base}/v2/team/app/manifests/{old}"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(&resp.bytes().await.unwrap()), "MANIFEST_UNKNOWN");
+    let resp = http
+        .get(format!("{base}/v2/team/app/manifests/v1"))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(digest_of(&resp.bytes().await.unwrap()), new);
+    let resp = http
+        .get(format!("{base}/v2/team/app/blobs/{new_l}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.bytes().await.unwrap().as_ref(), &[7u8; 30_000]);
+    let m = node.metrics(&http).await;
+    assert_eq!(
+        m.sum("pier_gc_removed_manifests_total", &[]),
+        1.0,
+        "{}",
+        m.0
+    );
+}

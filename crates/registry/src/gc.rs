@@ -38,7 +38,7 @@ use crate::{Registry, Result};
 /// Blobs and records read per page while walking the stores.
 const PAGE: usize = 1000;
 
-fn unix_ms() -> u64 {
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -61,7 +61,8 @@ pub struct GcReport {
     pub blobs: u64,
     /// Bytes freed.
     pub bytes: u64,
-    /// Untagged manifests removed (none: untagged manifests are kept; see ARCHITECTURE.md).
+    /// Untagged manifests removed (by [`Registry::prune_untagged`], which the caller runs
+    /// first when a retention is configured).
     pub manifests: u64,
     /// Stored blobs looked at.
     pub scanned: u64,
@@ -150,6 +151,86 @@ impl Registry {
             );
         }
         Ok(report)
+    }
+
+    /// Untagged-manifest retention: remove manifests of the repositories `in_scope` says
+    /// (hosted ones; a mirror's cache has eviction instead) that no tag points at, that were
+    /// stored more than `older_than` ago, that no other manifest of their repository names (an
+    /// index's children stay while the index does) and whose subject, if they have one, is
+    /// gone (a signature stays while what it signs does). Each removal re-checks, in its own
+    /// transaction, that the manifest is still untagged and not stored again since
+    /// ([`MetaStore::delete_untagged_manifest`]). Returns how many went (or, with `dry_run`,
+    /// would go); their blobs are then the collector's.
+    ///
+    /// [`MetaStore::delete_untagged_manifest`]: pier_store::MetaStore::delete_untagged_manifest
+    pub async fn prune_untagged(
+        &self,
+        older_than: Duration,
+        dry_run: bool,
+        in_scope: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Result<u64> {
+        let cutoff = unix_ms().saturating_sub(older_than.as_millis() as u64);
+        let mut by_repo: BTreeMap<String, Vec<pier_store::ManifestRecord>> = BTreeMap::new();
+        let mut after: Option<(String, Digest)> = None;
+        loop {
+            let page = self
+                .meta
+                .manifest_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
+                .await?;
+            let Some((repo, last)) = page.last() else {
+                break;
+            };
+            after = Some((repo.clone(), last.digest.clone()));
+            let full = page.len() == PAGE;
+            for (repo, record) in page {
+                if in_scope(&repo) {
+                    by_repo.entry(repo).or_default().push(record);
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        let mut removed = 0;
+        for (repo, records) in by_repo {
+            let present: HashSet<&Digest> = records.iter().map(|r| &r.digest).collect();
+            let named: HashSet<&Digest> = records.iter().flat_map(|r| &r.references).collect();
+            let mut tagged: HashSet<Digest> = HashSet::new();
+            let mut last: Option<String> = None;
+            loop {
+                let page = self.meta.tags(&repo, last.as_deref(), PAGE).await?;
+                for tag in &page.items {
+                    if let Some(d) = self.meta.resolve_tag(&repo, tag).await? {
+                        tagged.insert(d);
+                    }
+                }
+                last = page.items.last().cloned();
+                if !page.more || last.is_none() {
+                    break;
+                }
+            }
+            for r in &records {
+                let old = r.stored_ms != 0 && r.stored_ms <= cutoff;
+                let wanted = tagged.contains(&r.digest)
+                    || named.contains(&r.digest)
+                    || r.subject.as_ref().is_some_and(|s| present.contains(s));
+                if !old || wanted {
+                    continue;
+                }
+                if dry_run
+                    || self
+                        .meta
+                        .delete_untagged_manifest(&repo, &r.digest, cutoff)
+                        .await?
+                {
+                    removed += 1;
+                }
+            }
+        }
+        if !dry_run && removed > 0 {
+            tracing::info!(manifests = removed, "untagged manifests removed");
+        }
+        Ok(removed)
     }
 
     /// Every digest any manifest of any repository references.

@@ -291,6 +291,7 @@ impl Registry {
             subject: subject.clone(),
             annotations: manifest.annotations,
             references,
+            stored_ms: gc::unix_ms(),
         };
         let tag = match reference {
             Reference::Tag(t) => Some(t.as_str()),

@@ -254,3 +254,169 @@ async fn pushes_racing_a_collector_without_grace_never_lose_a_referenced_blob() 
     }
     assert_eq!(pushed.len(), rounds as usize);
 }
+
+/// A manifest (as the registry stores it) over `config` and `layer`, with an optional subject.
+fn manifest_with_subject(
+    config: &Digest,
+    config_len: usize,
+    layer: &Digest,
+    layer_len: usize,
+    subject: &Digest,
+    subject_len: usize,
+) -> Bytes {
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": "application/vnd.example.signature",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config.to_string(), "size": config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                        "digest": layer.to_string(), "size": layer_len}],
+            "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": subject.to_string(), "size": subject_len},
+        })
+        .to_string(),
+    )
+}
+
+/// Untagged-manifest retention: a manifest whose tag moved on, and an untagged index, go once
+/// older than the retention (their layers with the next collection), the index's child with
+/// the pass after; the tagged manifest, a signature of it and an untagged manifest younger
+/// than the retention stay; a dry run removes nothing; repositories out of scope are left
+/// alone.
+#[tokio::test]
+async fn untagged_manifests_past_the_retention_go_and_what_is_wanted_stays() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = registry(dir.path()).await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let config = b"{\"architecture\":\"amd64\"}".to_vec();
+    let (old_layer, new_layer, sig_layer) = (vec![1u8; 3000], vec![2u8; 4000], vec![3u8; 50]);
+    let c = upload(&r, &repo, &config).await.unwrap();
+    let l1 = upload(&r, &repo, &old_layer).await.unwrap();
+    let l2 = upload(&r, &repo, &new_layer).await.unwrap();
+    let ls = upload(&r, &repo, &sig_layer).await.unwrap();
+    let v1: Reference = "v1".parse().unwrap();
+    let old = r
+        .put_manifest(
+            &repo,
+            &v1,
+            None,
+            manifest(&c, config.len(), &l1, old_layer.len()),
+        )
+        .await
+        .unwrap();
+    let new_bytes = manifest(&c, config.len(), &l2, new_layer.len());
+    let new = r
+        .put_manifest(&repo, &v1, None, new_bytes.clone())
+        .await
+        .unwrap();
+    let sig_bytes = manifest_with_subject(
+        &c,
+        config.len(),
+        &ls,
+        sig_layer.len(),
+        &new.digest,
+        new_bytes.len(),
+    );
+    let sig_digest = Digest::sha256(&sig_bytes);
+    r.put_manifest(
+        &repo,
+        &Reference::Digest(sig_digest.clone()),
+        None,
+        sig_bytes,
+    )
+    .await
+    .unwrap();
+    // An untagged index naming an untagged child: the child stays while the index does.
+    let child_layer = vec![5u8; 700];
+    let lc = upload(&r, &repo, &child_layer).await.unwrap();
+    let child_bytes = manifest(&c, config.len(), &lc, child_layer.len());
+    let child = Digest::sha256(&child_bytes);
+    r.put_manifest(
+        &repo,
+        &Reference::Digest(child.clone()),
+        None,
+        child_bytes.clone(),
+    )
+    .await
+    .unwrap();
+    let index_bytes = Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "digest": child.to_string(), "size": child_bytes.len(),
+                           "platform": {"architecture": "amd64", "os": "linux"}}],
+        })
+        .to_string(),
+    );
+    let index = Digest::sha256(&index_bytes);
+    r.put_manifest(&repo, &Reference::Digest(index.clone()), None, index_bytes)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Stored just now: younger than the retention.
+    let young_layer = vec![4u8; 10];
+    let ly = upload(&r, &repo, &young_layer).await.unwrap();
+    let young_bytes = manifest(&c, config.len(), &ly, young_layer.len());
+    let young = Digest::sha256(&young_bytes);
+    r.put_manifest(&repo, &Reference::Digest(young.clone()), None, young_bytes)
+        .await
+        .unwrap();
+
+    let everything = |_: &str| true;
+    let nothing = |_: &str| false;
+    let retention = Duration::from_secs(1);
+    let pruned = r.prune_untagged(retention, false, &nothing).await.unwrap();
+    assert_eq!(pruned, 0, "out of scope");
+    let planned = r
+        .prune_untagged(retention, true, &everything)
+        .await
+        .unwrap();
+    assert_eq!(
+        planned, 2,
+        "a dry run counts the old manifest and the index"
+    );
+    let still = r
+        .manifest(&repo, &Reference::Digest(old.digest.clone()))
+        .await;
+    still.expect("a dry run removes nothing");
+    let pruned = r
+        .prune_untagged(retention, false, &everything)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 2);
+    for gone in [&old.digest, &index] {
+        let got = r.manifest(&repo, &Reference::Digest(gone.clone())).await;
+        assert!(matches!(got, Err(RegistryError::ManifestUnknown)), "{gone}");
+    }
+    let got = r.manifest(&repo, &Reference::Digest(child.clone())).await;
+    got.expect("the index's child stays while the index does");
+    let pruned = r
+        .prune_untagged(retention, false, &everything)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1, "then it goes too");
+    for kept in [&new.digest, &sig_digest, &young] {
+        let got = r.manifest(&repo, &Reference::Digest(kept.clone())).await;
+        got.unwrap_or_else(|e| panic!("{kept} stays: {e}"));
+    }
+    r.manifest(&repo, &v1)
+        .await
+        .expect("the tag still resolves");
+    let report = r
+        .gc(GcOptions {
+            dry_run: false,
+            grace: Duration::ZERO,
+        })
+        .await
+        .unwrap();
+    let freed = (old_layer.len() + child_layer.len()) as u64;
+    assert_eq!((report.blobs, report.bytes), (2, freed));
+    let got = read_all(&r, &repo, &l1).await;
+    assert!(matches!(got, Err(RegistryError::BlobUnknown)));
+    for (d, want) in [(&l2, &new_layer), (&ls, &sig_layer), (&ly, &young_layer)] {
+        assert_eq!(read_all(&r, &repo, d).await.unwrap(), *want);
+    }
+}

@@ -27,12 +27,15 @@ use crate::AppState;
 pub struct GcSettings {
     /// Blobs younger than this are never collected.
     pub grace: Duration,
+    /// Hosted manifests untagged (and stored) longer than this are removed first.
+    pub untagged_after: Option<Duration>,
 }
 
 impl Default for GcSettings {
     fn default() -> Self {
         GcSettings {
             grace: Duration::from_secs(3600),
+            untagged_after: None,
         }
     }
 }
@@ -47,18 +50,36 @@ pub async fn gc(
     State(state): State<AppState>,
     Query(q): Query<GcQuery>,
 ) -> Result<Json<GcReport>, ApiError> {
-    let report = state
+    Ok(Json(collect(&state, q.dry_run).await?))
+}
+
+/// One collection as configured: untagged hosted manifests past `[gc] untagged_after` first
+/// (when set), then unreferenced blobs; counted in the metrics unless a dry run.
+pub async fn collect(state: &AppState, dry_run: bool) -> pier_registry::Result<GcReport> {
+    let manifests = match state.gc.untagged_after {
+        Some(after) => {
+            let hosted = |repo: &str| !is_cache_repo(state, repo);
+            state
+                .registry
+                .prune_untagged(after, dry_run, &hosted)
+                .await?
+        }
+        None => 0,
+    };
+    let mut report = state
         .registry
         .gc(GcOptions {
-            dry_run: q.dry_run,
+            dry_run,
             grace: state.gc.grace,
         })
         .await?;
-    if !q.dry_run {
+    report.manifests = manifests;
+    if !dry_run {
         state.metrics.gc_freed_bytes.inc_by(report.bytes);
         state.metrics.gc_freed_blobs.inc_by(report.blobs);
+        state.metrics.gc_removed_manifests.inc_by(manifests);
     }
-    Ok(Json(report))
+    Ok(report)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -325,19 +346,8 @@ pub fn schedule(state: AppState, every: Duration) {
         tick.tick().await;
         loop {
             tick.tick().await;
-            match state
-                .registry
-                .gc(GcOptions {
-                    dry_run: false,
-                    grace: state.gc.grace,
-                })
-                .await
-            {
-                Ok(r) => {
-                    state.metrics.gc_freed_bytes.inc_by(r.bytes);
-                    state.metrics.gc_freed_blobs.inc_by(r.blobs);
-                }
-                Err(e) => tracing::warn!(error = %e, "scheduled garbage collection failed"),
+            if let Err(e) = collect(&state, false).await {
+                tracing::warn!(error = %e, "scheduled garbage collection failed");
             }
         }
     });

@@ -73,6 +73,7 @@ pub struct Metrics {
     pub import_files: Family<ResultLabels, Counter>,
     pub gc_freed_blobs: Counter,
     pub gc_freed_bytes: Counter,
+    pub gc_removed_manifests: Counter,
     pub check_quarantined: Counter,
     pub cache_evicted_blobs: Counter,
     pub cache_evicted_bytes: Counter,
@@ -220,6 +221,12 @@ impl Metrics {
             "Unreferenced blobs the garbage collector removed",
             gc_freed_blobs.clone(),
         );
+        let gc_removed_manifests = Counter::default();
+        registry.register(
+            "gc_removed_manifests",
+            "Untagged hosted manifests removed by retention ([gc] untagged_after)",
+            gc_removed_manifests.clone(),
+        );
         let gc_freed_bytes = Counter::default();
         registry.register(
             "gc_freed_bytes",
@@ -286,6 +293,7 @@ impl Metrics {
             import_files,
             gc_freed_blobs,
             gc_freed_bytes,
+            gc_removed_manifests,
             check_quarantined,
             cache_evicted_blobs,
             cache_evicted_bytes,

@@ -25,6 +25,10 @@ pub struct ManifestRecord {
     /// Blobs and manifests this manifest references (for garbage collection).
     #[serde(default)]
     pub references: Vec<Digest>,
+    /// Unix milliseconds of when this manifest was last stored (pushed or fetched again); 0
+    /// for a record stored before pier kept the time, which untagged retention never removes.
+    #[serde(default)]
+    pub stored_ms: u64,
 }
 
 impl ManifestRecord {
@@ -157,6 +161,20 @@ pub trait MetaStore: Send + Sync + 'static {
         let _ = (digest, at_ms);
         Err(StoreError::Unsupported("garbage collection"))
     }
+    /// In one transaction: if no tag of `repo` points at manifest `digest` and it was stored
+    /// (with a known time) at or before `stored_before_ms`, remove it as
+    /// [`MetaStore::delete_manifest`] does and return true; otherwise change nothing. For
+    /// untagged-manifest retention: a push that tags or stores it again meanwhile keeps it.
+    async fn delete_untagged_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        stored_before_ms: u64,
+    ) -> Result<bool> {
+        let _ = (repo, digest, stored_before_ms);
+        Err(StoreError::Unsupported("untagged-manifest retention"))
+    }
+
     // ---- cache eviction ----
 
     /// Remember when blobs were last read (unix ms), so least-recently-used order survives a

@@ -321,6 +321,60 @@ async fn listen(
     }
 }
 
+/// Remove manifest `d` from `repo` with every tag on it and its referrer entry, announcing
+/// each change; false if it was not there.
+async fn remove_manifest(
+    tx: &deadpool_postgres::Transaction<'_>,
+    repo: &str,
+    d: &str,
+) -> Result<bool> {
+    let Some(row) = tx
+        .query_opt(
+            "DELETE FROM manifests WHERE repo = $1 AND digest = $2 RETURNING record",
+            &[&repo, &d],
+        )
+        .await
+        .map_err(db)?
+    else {
+        return Ok(false);
+    };
+    let rec: ManifestRecord = unjson(row.get::<_, &str>(0))?;
+    let tags = tx
+        .query(
+            "DELETE FROM tags WHERE repo = $1 AND digest = $2 RETURNING tag",
+            &[&repo, &d],
+        )
+        .await
+        .map_err(db)?;
+    for t in &tags {
+        notify(
+            tx,
+            &MetaEvent::Tag {
+                repo: repo.into(),
+                tag: t.get(0),
+            },
+        )
+        .await?;
+    }
+    if let Some(subject) = rec.subject {
+        tx.execute(
+            "DELETE FROM referrers WHERE repo = $1 AND subject = $2 AND digest = $3",
+            &[&repo, &subject.to_string(), &d],
+        )
+        .await
+        .map_err(db)?;
+    }
+    notify(
+        tx,
+        &MetaEvent::Manifest {
+            repo: repo.into(),
+            digest: d.to_string(),
+        },
+    )
+    .await?;
+    Ok(true)
+}
+
 async fn notify(tx: &deadpool_postgres::Transaction<'_>, event: &MetaEvent) -> Result<()> {
     tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &event.payload()])
         .await
@@ -519,9 +573,26 @@ impl MetaStore for PgMetaStore {
         let d = digest.to_string();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
+        if !remove_manifest(&tx, repo, &d).await? {
+            return Ok(false);
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn delete_untagged_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        stored_before_ms: u64,
+    ) -> Result<bool> {
+        let d = digest.to_string();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db)?;
+        // The row held: a push storing this manifest again waits, and then stores it anew.
         let Some(row) = tx
             .query_opt(
-                "DELETE FROM manifests WHERE repo = $1 AND digest = $2 RETURNING record",
+                "SELECT record FROM manifests WHERE repo = $1 AND digest = $2 FOR UPDATE",
                 &[&repo, &d],
             )
             .await
@@ -530,39 +601,19 @@ impl MetaStore for PgMetaStore {
             return Ok(false);
         };
         let rec: ManifestRecord = unjson(row.get::<_, &str>(0))?;
-        let tags = tx
-            .query(
-                "DELETE FROM tags WHERE repo = $1 AND digest = $2 RETURNING tag",
+        if rec.stored_ms == 0 || rec.stored_ms > stored_before_ms {
+            return Ok(false);
+        }
+        let tagged = tx
+            .query_opt(
+                "SELECT 1 FROM tags WHERE repo = $1 AND digest = $2 LIMIT 1",
                 &[&repo, &d],
             )
             .await
             .map_err(db)?;
-        for t in &tags {
-            notify(
-                &tx,
-                &MetaEvent::Tag {
-                    repo: repo.into(),
-                    tag: t.get(0),
-                },
-            )
-            .await?;
+        if tagged.is_some() || !remove_manifest(&tx, repo, &d).await? {
+            return Ok(false);
         }
-        if let Some(subject) = rec.subject {
-            tx.execute(
-                "DELETE FROM referrers WHERE repo = $1 AND subject = $2 AND digest = $3",
-                &[&repo, &subject.to_string(), &d],
-            )
-            .await
-            .map_err(db)?;
-        }
-        notify(
-            &tx,
-            &MetaEvent::Manifest {
-                repo: repo.into(),
-                digest: d.clone(),
-            },
-        )
-        .await?;
         tx.commit().await.map_err(db)?;
         Ok(true)
     }

@@ -399,39 +399,32 @@ impl MetaStore for RedbMetaStore {
 
     async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
         let (repo, digest) = (repo.to_string(), digest.to_string());
+        self.write(move |tx| remove_manifest(tx, &repo, &digest))
+            .await
+    }
+
+    async fn delete_untagged_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        stored_before_ms: u64,
+    ) -> Result<bool> {
+        let (repo, digest) = (repo.to_string(), digest.to_string());
         self.write(move |tx| {
-            let rec = {
-                let mut manifests = tx.open_table(MANIFESTS)?;
-                let removed = manifests.remove((repo.as_str(), digest.as_str()))?;
-                match removed {
-                    Some(v) => unjson::<ManifestRecord>(v.value())?,
-                    None => return Ok(false),
-                }
+            let rec = match tx
+                .open_table(MANIFESTS)?
+                .get((repo.as_str(), digest.as_str()))?
+            {
+                Some(v) => unjson::<ManifestRecord>(v.value())?,
+                None => return Ok(false),
             };
-            let mut tags = tx.open_table(TAGS)?;
-            let doomed: Vec<String> = {
-                let mut doomed = Vec::new();
-                for item in tags.range::<(&str, &str)>((repo.as_str(), "")..)? {
-                    let (k, v) = item?;
-                    let (r, t) = k.value();
-                    if r != repo {
-                        break;
-                    }
-                    if v.value() == digest {
-                        doomed.push(t.to_string());
-                    }
-                }
-                doomed
-            };
-            for t in doomed {
-                tags.remove((repo.as_str(), t.as_str()))?;
+            if rec.stored_ms == 0 || rec.stored_ms > stored_before_ms {
+                return Ok(false);
             }
-            if let Some(subject) = rec.subject {
-                let s = subject.to_string();
-                tx.open_table(REFERRERS)?
-                    .remove((repo.as_str(), s.as_str(), digest.as_str()))?;
+            if !tags_of(&tx.open_table(TAGS)?, &repo, &digest)?.is_empty() {
+                return Ok(false);
             }
-            Ok(true)
+            remove_manifest(tx, &repo, &digest)
         })
         .await
     }
@@ -654,6 +647,48 @@ impl MetaStore for RedbMetaStore {
         })
         .await
     }
+}
+
+/// The tags of `repo` that point at `digest`.
+fn tags_of(
+    tags: &impl ReadableTable<(&'static str, &'static str), &'static str>,
+    repo: &str,
+    digest: &str,
+) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    for item in tags.range::<(&str, &str)>((repo, "")..)? {
+        let (k, v) = item?;
+        let (r, t) = k.value();
+        if r != repo {
+            break;
+        }
+        if v.value() == digest {
+            found.push(t.to_string());
+        }
+    }
+    Ok(found)
+}
+
+/// Remove a manifest from `repo` with every tag on it and its referrer entry.
+fn remove_manifest(tx: &redb::WriteTransaction, repo: &str, digest: &str) -> Result<bool> {
+    let rec = {
+        let mut manifests = tx.open_table(MANIFESTS)?;
+        let removed = manifests.remove((repo, digest))?;
+        match removed {
+            Some(v) => unjson::<ManifestRecord>(v.value())?,
+            None => return Ok(false),
+        }
+    };
+    let mut tags = tx.open_table(TAGS)?;
+    for t in tags_of(&tags, repo, digest)? {
+        tags.remove((repo, t.as_str()))?;
+    }
+    if let Some(subject) = rec.subject {
+        let s = subject.to_string();
+        tx.open_table(REFERRERS)?
+            .remove((repo, s.as_str(), digest))?;
+    }
+    Ok(true)
 }
 
 /// One job from the `jobs` table.

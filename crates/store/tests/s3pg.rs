@@ -297,6 +297,7 @@ fn record(d: &Digest, subject: Option<&Digest>) -> ManifestRecord {
         subject: subject.cloned(),
         annotations: None,
         references: vec![],
+        stored_ms: 0,
     }
 }
 

@@ -159,6 +159,7 @@ fn record(data: &[u8], subject: Option<Digest>) -> ManifestRecord {
         subject,
         annotations: None,
         references: vec![],
+        stored_ms: 0,
     }
 }
 
@@ -342,6 +343,7 @@ async fn a_gc_mark_holds_only_until_something_wants_the_blob() {
         subject: None,
         annotations: None,
         references: vec![d.clone()],
+        stored_ms: 0,
     };
     meta.put_manifest("team/a", &record, Bytes::from_static(b"manifest"), None)
         .await

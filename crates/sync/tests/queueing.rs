@@ -54,6 +54,7 @@ async fn put(meta: &RedbMetaStore, repo: &str, tag: &str, body: &[u8]) -> Digest
         subject: None,
         annotations: None,
         references: Vec::new(),
+        stored_ms: 0,
     };
     meta.put_manifest(repo, &record, Bytes::copy_from_slice(body), Some(tag))
         .await
