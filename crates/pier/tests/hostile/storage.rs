@@ -3,9 +3,7 @@
 //! their space back, keep what is stored readable, and recover by themselves when space is
 //! freed.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
