@@ -266,6 +266,21 @@ impl Registry {
                 return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
             }
         }
+        // And the bytes behind the links: a write that linked outside the sweep lock (an
+        // import, say, of a blob already stored) may have linked one a sweep had just taken.
+        let stats = futures::future::join_all(
+            manifest
+                .blobs
+                .iter()
+                .filter(|b| b.urls.as_ref().is_none_or(|u| u.is_empty()))
+                .map(|b| async move { (b, self.blobs.stat(&b.digest).await) }),
+        )
+        .await;
+        for (blob, stat) in stats {
+            if stat?.is_none() {
+                return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
+            }
+        }
         for child in &manifest.manifests {
             if self
                 .meta

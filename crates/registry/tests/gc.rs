@@ -420,3 +420,33 @@ async fn untagged_manifests_past_the_retention_go_and_what_is_wanted_stays() {
         assert_eq!(read_all(&r, &repo, d).await.unwrap(), *want);
     }
 }
+
+/// A manifest put checks the bytes behind its blobs' links, not only the links: a link left
+/// without bytes (a write that linked outside the sweep lock just after a sweep took the
+/// blob) gets MANIFEST_BLOB_UNKNOWN, so the client pushes the blob again, instead of an
+/// acknowledged image with a layer nobody can pull.
+#[tokio::test]
+async fn a_manifest_put_refuses_a_blob_linked_without_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let r = registry(dir.path()).await;
+    let repo: RepoName = "team/app".parse().unwrap();
+    let config = b"{}".to_vec();
+    let layer = vec![8u8; 2048];
+    let c = upload(&r, &repo, &config).await.unwrap();
+    let l = upload(&r, &repo, &layer).await.unwrap();
+    assert!(
+        r.blob_store().delete(&l).await.unwrap(),
+        "the bytes go, the link stays"
+    );
+    let tag: Reference = "v1".parse().unwrap();
+    let m = manifest(&c, config.len(), &l, layer.len());
+    match r.put_manifest(&repo, &tag, None, m.clone()).await {
+        Err(RegistryError::ManifestBlobUnknown(d)) => assert_eq!(d, l),
+        other => panic!("a layer without bytes was accepted: {other:?}"),
+    }
+    upload(&r, &repo, &layer).await.unwrap();
+    r.put_manifest(&repo, &tag, None, m)
+        .await
+        .expect("pushed again, accepted");
+    assert_eq!(read_all(&r, &repo, &l).await.unwrap(), layer);
+}
