@@ -1340,6 +1340,53 @@ async fn manifest_push_errors() {
 }
 
 #[tokio::test]
+async fn descriptor_sizes_must_be_the_stored_sizes() {
+    let app = App::new().await;
+    let config = b"{}".to_vec();
+    let layer = b"a layer".to_vec();
+    app.push_blob("r", &config).await;
+    app.push_blob("r", &layer).await;
+    let mut lying_config = desc(OCI_CONFIG, &config);
+    lying_config["size"] = json!(999);
+    let lying = image(OCI_MANIFEST, lying_config, vec![desc(OCI_LAYER, &layer)]).to_string();
+    let mut short_layer = desc(OCI_LAYER, &layer);
+    short_layer["size"] = json!(1);
+    let short = image(OCI_MANIFEST, desc(OCI_CONFIG, &config), vec![short_layer]).to_string();
+    for (what, body) in [("config says 999", &lying), ("layer says 1", &short)] {
+        let r = app.put_manifest("r", "t", OCI_MANIFEST, body.clone()).await;
+        r.error(400, "MANIFEST_INVALID", what);
+        assert!(
+            r.text().contains("the stored content has"),
+            "{what}: the message says why: {}",
+            r.text()
+        );
+    }
+    app.get("/v2/r/manifests/t").await.error(
+        404,
+        "MANIFEST_UNKNOWN",
+        "nothing stored under the tag",
+    );
+    app.get(&format!("/v2/r/manifests/{}", sha256(lying.as_bytes())))
+        .await
+        .error(404, "MANIFEST_UNKNOWN", "nothing stored under the digest");
+    // An index's descriptor of a child manifest is held to the child's size too.
+    let (child, child_bytes) = app.push_image("r", "child", "c").await;
+    let mut wrong_child = desc(OCI_MANIFEST, &child_bytes);
+    wrong_child["size"] = json!(child_bytes.len() + 1);
+    app.put_manifest(
+        "r",
+        "all",
+        OCI_INDEX,
+        index(OCI_INDEX, vec![wrong_child]).to_string(),
+    )
+    .await
+    .error(400, "MANIFEST_INVALID", "index with a wrong child size");
+    let right = index(OCI_INDEX, vec![desc(OCI_MANIFEST, &child_bytes)]);
+    assert_eq!(right["manifests"][0]["digest"], json!(child));
+    app.push_manifest("r", "all", &right).await;
+}
+
+#[tokio::test]
 async fn manifest_size_limit_is_inclusive() {
     let app = App::new().await;
     let config = br#"{"os":"linux"}"#.to_vec();
