@@ -886,6 +886,15 @@ fn auth_gate(config: &Config) -> anyhow::Result<Option<pier_server::auth::AuthGa
     };
     gate.per_ip = limiter(&a.rate.per_ip)?;
     gate.per_user = limiter(&a.rate.per_user)?;
+    anyhow::ensure!(
+        !a.rate.failed_login_window.0.is_zero(),
+        "[auth.rate] failed_login_window must be longer than 0 (set failed_logins_per_ip and failed_logins_per_user to 0 to turn the limits off)"
+    );
+    gate.logins = pier_auth::FailedLogins::new(pier_auth::LoginLimits {
+        per_ip: a.rate.failed_logins_per_ip,
+        per_user: a.rate.failed_logins_per_user,
+        window: a.rate.failed_login_window.0,
+    });
     tracing::info!(
         token_service = a.token_service,
         rules = a.rules.len(),
