@@ -37,6 +37,8 @@ mod support {
     pub struct App {
         pub state: AppState,
         router: Router,
+        /// The test's database on PostgreSQL, dropped with the app.
+        pub db: crate::backend::Guard,
         _dir: tempfile::TempDir,
     }
 
@@ -169,12 +171,13 @@ mod support {
 
         pub async fn with_limits(limits: Limits) -> App {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (blobs, meta) = crate::backend::stores(dir.path()).await;
+            let (blobs, meta, db) = crate::backend::stores(dir.path()).await;
             let registry = Arc::new(Registry::new(blobs, meta, limits));
             let state = AppState::new(registry);
             App {
                 router: pier_server::router(state.clone()),
                 state,
+                db,
                 _dir: dir,
             }
         }
@@ -193,6 +196,7 @@ mod support {
             App {
                 router: pier_server::router(state.clone()),
                 state,
+                db: None,
                 _dir: dir,
             }
         }
@@ -2045,4 +2049,34 @@ async fn below_the_free_space_floor_pushes_get_507_and_readiness_says_why() {
     let st = app.get("/api/v1/status").await.json();
     assert_eq!(st["cache"]["blobs"], json!(1), "{st}");
     assert_eq!(st["cache"]["bytes"], json!(data.len()), "{st}");
+}
+
+#[tokio::test]
+async fn the_test_database_is_dropped_with_its_app() {
+    if !backend::s3pg() {
+        eprintln!("skipped: runs with PIER_TEST_BACKEND=s3pg (a database per test)");
+        return;
+    }
+    let app = App::new().await;
+    app.push_image("r", "t", "kept").await;
+    let name = app.db.as_ref().expect("a database").db.name.clone();
+    let admin = std::env::var("PIER_TEST_PG_URL").expect("PIER_TEST_PG_URL");
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let databases = || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname = $1",
+                &[&name],
+            )
+            .await
+            .expect("query")
+            .get(0);
+        n
+    };
+    assert_eq!(databases().await, 1, "{name} is there while the app is");
+    drop(app);
+    assert_eq!(databases().await, 0, "{name} went with its app");
 }

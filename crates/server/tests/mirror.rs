@@ -300,6 +300,7 @@ struct Setup {
     fake: Fake,
     blobs: Arc<dyn BlobStore>,
     state: AppState,
+    _db: crate::backend::Guard,
     _dir: tempfile::TempDir,
 }
 
@@ -336,7 +337,7 @@ async fn setup(opts: Options) -> Setup {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (blobs, meta, pins) = crate::backend::stores_with_pins(dir.path()).await;
+    let (blobs, meta, pins, db) = crate::backend::stores_with_pins(dir.path()).await;
     let registry = Arc::new(Registry::new(
         blobs.clone(),
         meta.clone(),
@@ -380,6 +381,7 @@ async fn setup(opts: Options) -> Setup {
         fake,
         blobs,
         state,
+        _db: db,
         _dir: dir,
     }
 }
