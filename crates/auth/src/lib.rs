@@ -9,6 +9,7 @@
 //! It takes credentials, tokens and addresses and returns identities and decisions.
 
 pub mod htpasswd;
+pub mod login;
 pub mod rules;
 pub mod token;
 
@@ -19,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 pub use htpasswd::Htpasswd;
 pub use ipnet::IpNet;
+pub use login::{FailedLogins, Limited, LimitedBy, LoginLimits};
 pub use rules::{Policy, Rule, Subject};
 pub use token::{Access, Claims, ExternalIssuer, Scope, Signer, Verifier};
 

@@ -14,6 +14,21 @@ pub struct NodeId {
     pub zone: Option<String>,
 }
 
+/// The generation of a node's next life: its start time in ms, unless its last life (as the
+/// caller kept it) had that or a later one, because the clock went back or the restart came
+/// within the same millisecond. Members take the higher generation of a name as the live one
+/// and remember a dead one for an hour, so a smaller one would not rejoin for that long. The
+/// margin over the last life covers renewals it made after the caller last kept it.
+pub fn next_generation(now_ms: u64, last: Option<u64>) -> u64 {
+    match last {
+        Some(last) => now_ms.max(last.saturating_add(GENERATION_MARGIN)),
+        None => now_ms,
+    }
+}
+
+/// How far a new life's generation stays above the last one kept (renewals add 1 each).
+pub const GENERATION_MARGIN: u64 = 1_000;
+
 /// What the cluster believes of a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum MemberState {
@@ -39,4 +54,22 @@ pub struct Member {
     pub id: NodeId,
     pub state: MemberState,
     pub since: SystemTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_life_is_always_above_the_last() {
+        assert_eq!(next_generation(5_000_000, None), 5_000_000);
+        assert_eq!(next_generation(5_000_000, Some(4_000_000)), 5_000_000);
+        // The clock went back an hour across the restart.
+        let last = 5_000_000 + 3_600_000;
+        assert_eq!(
+            next_generation(5_000_000, Some(last)),
+            last + GENERATION_MARGIN
+        );
+        assert_eq!(next_generation(0, Some(u64::MAX)), u64::MAX);
+    }
 }

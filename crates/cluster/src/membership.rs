@@ -11,8 +11,9 @@
 //! one that does not open is dropped and counted, so a node with another secret can neither
 //! join nor poison anyone's view.
 //!
-//! Identities. A node is its name; `generation` (start time in ms) tells its lives apart and
-//! the higher one wins, so a restarted node replaces its previous self at once. A node that
+//! Identities. A node is its name; `generation` (start time in ms, kept by the caller so a
+//! restart is always above the last life: `identity::next_generation`) tells its lives apart
+//! and the higher one wins, so a restarted node replaces its previous self at once. A node that
 //! the cluster declared dead while it was in fact alive (hung, partitioned, too lossy) is told
 //! so (`notify_down_members`) and renews itself as generation + 1, which rejoins it at once.
 //!

@@ -451,6 +451,13 @@ impl Mirror {
             }
             None => Digest::sha256(&fetched.bytes),
         };
+        if let Err(e) = self
+            .check_sizes(r, &fetched.bytes, &fetched.media_type)
+            .await
+        {
+            self.metrics.corrupt(r.upstream_name());
+            return Err(e);
+        }
         self.store_manifest(
             &r.cache_repo,
             digest,
@@ -459,6 +466,50 @@ impl Mirror {
             tag,
         )
         .await
+    }
+
+    /// Refuse an upstream manifest whose blob descriptors give sizes the blobs do not have:
+    /// clients bound their reads by a descriptor's size, so a wrong one is never passed on.
+    /// A blob is measured in the store when it is there, else by a HEAD to the upstream (all at
+    /// once); one the upstream cannot size is left to the fill, which checks the bytes.
+    async fn check_sizes(&self, r: &MirrorRef, bytes: &[u8], media_type: &str) -> Result<()> {
+        let Ok(parsed) = Manifest::parse(bytes, Some(media_type)) else {
+            return Ok(());
+        };
+        let measured = futures::future::join_all(
+            parsed
+                .blobs
+                .iter()
+                .filter(|b| b.urls.as_ref().is_none_or(|u| u.is_empty()))
+                .map(|b| self.measure(r, &b.digest)),
+        )
+        .await;
+        let blobs = parsed
+            .blobs
+            .iter()
+            .filter(|b| b.urls.as_ref().is_none_or(|u| u.is_empty()));
+        for (blob, size) in blobs.zip(measured) {
+            if let Some(size) = size.filter(|s| *s != blob.size) {
+                return Err(MirrorError::Corrupt(format!(
+                    "the sizes its manifest of {} gives: the descriptor of {} says {} bytes, the blob has {size}",
+                    r.repo, blob.digest, blob.size
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// A blob's size from the store, else from the upstream; `None` when neither can tell.
+    async fn measure(&self, r: &MirrorRef, digest: &Digest) -> Option<u64> {
+        if let Ok(Some(size)) = self.blobs.stat(digest).await {
+            return Some(size);
+        }
+        r.upstream
+            .client
+            .head_blob(&r.repo, digest)
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Keep a verified manifest's exact bytes under `repo` (with `tag`): a cache repository's,

@@ -434,14 +434,32 @@ pub struct ExternalAuthConfig {
     pub audience: String,
 }
 
-/// `[auth.rate]`: token buckets per client address and per user (`"50/s"`, `"600/m"`).
-#[derive(Debug, Clone, Default, Deserialize)]
+/// `[auth.rate]`: token buckets per client address and per user (`"50/s"`, `"600/m"`), and
+/// the failed logins allowed per address and per user within a window (0: no limit).
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateConfig {
     pub per_ip: Option<String>,
     pub per_user: Option<String>,
     /// Requests a bucket holds (a burst allowed at once); default one second's worth.
     pub burst: Option<u32>,
+    pub failed_logins_per_ip: u32,
+    pub failed_logins_per_user: u32,
+    pub failed_login_window: pier_sync::rules::HumanDuration,
+}
+
+impl Default for RateConfig {
+    fn default() -> Self {
+        let d = pier_auth::LoginLimits::default();
+        RateConfig {
+            per_ip: None,
+            per_user: None,
+            burst: None,
+            failed_logins_per_ip: d.per_ip,
+            failed_logins_per_user: d.per_user,
+            failed_login_window: pier_sync::rules::HumanDuration(d.window),
+        }
+    }
 }
 
 /// `[[auth.rule]]`: `grant` actions on `repos` to subjects `to`, from networks `allow`.
@@ -832,6 +850,15 @@ mod tests {
             parse_rate(a.rate.per_ip.as_deref().expect("per_ip")).expect("rate"),
             50.0
         );
+        assert_eq!(
+            (a.rate.failed_logins_per_ip, a.rate.failed_logins_per_user),
+            (10, 20)
+        );
+        assert_eq!(a.rate.failed_login_window.0, Duration::from_secs(300));
+        // Failed logins are limited without any [auth.rate] table.
+        let d = Config::parse("[auth]\nhtpasswd = \"/x\"").expect("parses");
+        let d = d.auth.expect("auth").rate;
+        assert_eq!((d.failed_logins_per_ip, d.failed_logins_per_user), (10, 20));
         assert!((parse_rate("600/m").expect("rate") - 10.0).abs() < 1e-9);
         assert!(parse_rate("fast").is_err());
         assert!(Config::parse("[auth]\nbogus = 1").is_err());

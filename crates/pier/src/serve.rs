@@ -1,6 +1,7 @@
 //! `pier serve`: load configuration, open the stores, recover upload sessions, listen, and shut
 //! down gracefully on SIGTERM or SIGINT.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -261,7 +262,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         dropped_buffers = recovery.dropped_buffers,
         "upload sessions recovered"
     );
-    let cluster = start_cluster(&config.cluster, peer_metrics).await?;
+    let cluster = start_cluster(&config.cluster, &config.data_dir, peer_metrics).await?;
     if let Some(c) = &cluster {
         mirror.set_cluster(c.cluster.clone());
     }
@@ -543,10 +544,65 @@ struct ClusterParts {
     tls: Option<Arc<rustls::ServerConfig>>,
 }
 
+/// The generation this node's last life kept in `file`, if any.
+fn read_generation(file: &Path) -> anyhow::Result<Option<u64>> {
+    match std::fs::read_to_string(file) {
+        Ok(text) => text.trim().parse().map(Some).with_context(|| {
+            format!(
+                "{} does not hold a generation (a number); remove it to start afresh",
+                file.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", file.display())),
+    }
+}
+
+/// Keep `generation` in `file` durably (temporary file, fsync, rename, directory fsync).
+fn write_generation(file: &Path, generation: u64) -> anyhow::Result<()> {
+    let dir = file
+        .parent()
+        .context("the generation file has a directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join("generation.tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(format!("{generation}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, file)?;
+        std::fs::File::open(dir)?.sync_all()
+    };
+    write().with_context(|| format!("cannot write {}", file.display()))
+}
+
+/// A renewal (after a false death) raises the generation while running; keep that too, so
+/// the next life starts above it.
+fn keep_renewed_generations(membership: Arc<Membership>, file: PathBuf, mut kept: u64) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = membership.local().generation;
+            if now > kept {
+                let file = file.clone();
+                match tokio::task::spawn_blocking(move || write_generation(&file, now)).await {
+                    Ok(Ok(())) => kept = now,
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot keep the renewed generation")
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    });
+}
+
 /// Join the cluster (when configured): bind the peer port (TCP for peer HTTP, UDP for gossip),
 /// work out the address peers reach this node at, and start gossip.
 async fn start_cluster(
     c: &ClusterConfig,
+    data_dir: &Path,
     peer_metrics: Arc<pier_peer::metrics::PeerMetrics>,
 ) -> anyhow::Result<Option<ClusterParts>> {
     if !c.enabled() {
@@ -582,9 +638,14 @@ async fn start_cluster(
             .to_string_lossy()
             .into_owned(),
     };
-    let generation = std::time::SystemTime::now()
+    let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let generation_file = data_dir.join("cluster").join("generation");
+    let generation =
+        pier_cluster::identity::next_generation(now_ms, read_generation(&generation_file)?);
+    // Kept before gossip starts, so no life is announced that the next could fall below.
+    write_generation(&generation_file, generation)?;
     let identity = pier_cluster::NodeId {
         name: name.clone(),
         generation,
@@ -596,6 +657,7 @@ async fn start_cluster(
     let membership = Membership::start(mcfg, udp, secret.gossip_key())
         .await
         .context("cannot start gossip")?;
+    keep_renewed_generations(membership.clone(), generation_file, generation);
     let view: Arc<dyn pier_peer::View> = membership.clone();
     let cluster = pier_peer::Cluster::new(
         view,
@@ -886,6 +948,15 @@ fn auth_gate(config: &Config) -> anyhow::Result<Option<pier_server::auth::AuthGa
     };
     gate.per_ip = limiter(&a.rate.per_ip)?;
     gate.per_user = limiter(&a.rate.per_user)?;
+    anyhow::ensure!(
+        !a.rate.failed_login_window.0.is_zero(),
+        "[auth.rate] failed_login_window must be longer than 0 (set failed_logins_per_ip and failed_logins_per_user to 0 to turn the limits off)"
+    );
+    gate.logins = pier_auth::FailedLogins::new(pier_auth::LoginLimits {
+        per_ip: a.rate.failed_logins_per_ip,
+        per_user: a.rate.failed_logins_per_user,
+        window: a.rate.failed_login_window.0,
+    });
     tracing::info!(
         token_service = a.token_service,
         rules = a.rules.len(),

@@ -810,3 +810,70 @@ async fn client_disconnect_mid_chunk_discards_the_partial_chunk() {
     let exit = pier.stop();
     assert_eq!(exit.code(), Some(0), "exit: {exit}");
 }
+
+/// The generation a node announces itself with, from its own status.
+async fn own_generation(http: &reqwest::Client, pier: &Pier, name: &str) -> u64 {
+    let status: serde_json::Value = http
+        .get(format!("{}/api/v1/status", pier.url()))
+        .send()
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("status JSON");
+    status["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["name"] == name)
+        .and_then(|m| m["generation"].as_u64())
+        .unwrap_or_else(|| panic!("{name} is not among its own members: {status}"))
+}
+
+/// A node whose clock went back across a restart still starts a generation above its last
+/// life's (members take the higher one as the live node, and would keep the old one for an
+/// hour); the one it starts with is kept in the data directory.
+#[tokio::test]
+async fn a_restart_always_gets_a_larger_generation() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let secret = tmp.path().join("secret");
+    std::fs::write(&secret, "a cluster secret of some length\n").expect("secret");
+    let data = tmp.path().join("node");
+    let args: Vec<String> = [
+        "--node-name",
+        "gen-node",
+        "--peer-listen",
+        &format!("127.0.0.1:{}", common::free_port()),
+        "--cluster-secret-file",
+        &secret.display().to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = tmp.path().join("node.log");
+    let http = reqwest::Client::new();
+    // The last life ran with a clock an hour ahead of the one this start sees.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let last = now_ms + 3_600_000;
+    std::fs::create_dir_all(data.join("cluster")).expect("mkdir");
+    std::fs::write(data.join("cluster/generation"), format!("{last}\n")).expect("write");
+    let mut pier = Pier::start_with(&data, &log, &args);
+    let first = own_generation(&http, &pier, "gen-node").await;
+    assert!(
+        first > last,
+        "generation {first} is not above the last life's {last}"
+    );
+    pier.stop();
+    let kept: u64 = std::fs::read_to_string(data.join("cluster/generation"))
+        .expect("kept")
+        .trim()
+        .parse()
+        .expect("a number");
+    assert_eq!(kept, first, "the generation announced is the one kept");
+    let pier = Pier::start_with(&data, &log, &args);
+    let second = own_generation(&http, &pier, "gen-node").await;
+    assert!(second > first, "restart: {second} is not above {first}");
+}

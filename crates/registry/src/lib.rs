@@ -277,19 +277,18 @@ impl Registry {
         )
         .await;
         for (blob, stat) in stats {
-            if stat?.is_none() {
+            let Some(stored) = stat? else {
                 return Err(RegistryError::ManifestBlobUnknown(blob.digest.clone()));
-            }
+            };
+            // A client trusts a descriptor's size to bound what it reads; a wrong one would
+            // be served to every puller as a promise the registry never checked.
+            check_size(blob, stored)?;
         }
         for child in &manifest.manifests {
-            if self
-                .meta
-                .manifest(repo.as_str(), &child.digest)
-                .await?
-                .is_none()
-            {
+            let Some(record) = self.meta.manifest(repo.as_str(), &child.digest).await? else {
                 return Err(RegistryError::ManifestBlobUnknown(child.digest.clone()));
-            }
+            };
+            check_size(child, record.size)?;
         }
         let references = manifest
             .blobs
@@ -359,4 +358,15 @@ impl Registry {
             .map(ManifestRecord::descriptor)
             .collect())
     }
+}
+
+/// A descriptor must give the size of what it names: clients bound their reads by it.
+fn check_size(descriptor: &Descriptor, stored: u64) -> Result<()> {
+    if descriptor.size == stored {
+        return Ok(());
+    }
+    Err(RegistryError::ManifestInvalid(format!(
+        "the descriptor of {} says {} bytes; the stored content has {stored}",
+        descriptor.digest, descriptor.size
+    )))
 }

@@ -21,17 +21,21 @@ fn body(data: Vec<u8>) -> ByteStream {
     Box::pin(futures::stream::iter(vec![Ok(Bytes::from(data))]))
 }
 
-async fn registry(dir: &std::path::Path) -> Arc<Registry> {
-    let (blobs, meta) = backend::stores(dir).await;
-    Arc::new(Registry::new(blobs, meta, Limits::default()))
+/// A registry, and the guard of its stores to keep while it is used.
+async fn registry(dir: &std::path::Path) -> (Arc<Registry>, backend::Guard) {
+    let (blobs, meta, guard) = backend::stores(dir).await;
+    (
+        Arc::new(Registry::new(blobs, meta, Limits::default())),
+        guard,
+    )
 }
 
 /// Two nodes: on S3 + PostgreSQL two registries sharing one key prefix and one database; on
 /// the filesystem (one process's own stores) the same registry twice.
-async fn two_nodes(dir: &std::path::Path) -> (Arc<Registry>, Arc<Registry>) {
+async fn two_nodes(dir: &std::path::Path) -> (Arc<Registry>, Arc<Registry>, backend::Guard) {
     if !backend::s3pg() {
-        let r = registry(dir).await;
-        return (r.clone(), r);
+        let (r, guard) = registry(dir).await;
+        return (r.clone(), r, guard);
     }
     let shared = backend::Shared::new().await;
     let mut nodes = Vec::new();
@@ -40,7 +44,7 @@ async fn two_nodes(dir: &std::path::Path) -> (Arc<Registry>, Arc<Registry>) {
         nodes.push(Arc::new(Registry::new(blobs, meta, Limits::default())));
     }
     let b = nodes.pop().expect("b");
-    (nodes.pop().expect("a"), b)
+    (nodes.pop().expect("a"), b, Some(shared))
 }
 
 fn manifest(config: &Digest, config_len: usize, layer: &Digest, layer_len: usize) -> Bytes {
@@ -81,7 +85,7 @@ async fn upload(r: &Registry, repo: &RepoName, data: &[u8]) -> Result<Digest, Re
 #[tokio::test]
 async fn a_deleted_manifests_blobs_are_freed_after_the_grace_period() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = registry(dir.path()).await;
+    let (r, _db) = registry(dir.path()).await;
     let repo: RepoName = "team/app".parse().unwrap();
     let config = b"{\"architecture\":\"amd64\"}".to_vec();
     let layer = vec![7u8; 100_000];
@@ -164,7 +168,7 @@ async fn a_deleted_manifests_blobs_are_freed_after_the_grace_period() {
 async fn pushes_racing_a_collector_without_grace_never_lose_a_referenced_blob() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Pushes go to `r`, the collector runs on `collecting` (the same node on the filesystem).
-    let (r, collecting) = two_nodes(dir.path()).await;
+    let (r, collecting, _db) = two_nodes(dir.path()).await;
     let repo: RepoName = "team/race".parse().unwrap();
     let mut pushed = Vec::new();
     let mut refused = 0;
@@ -288,7 +292,7 @@ fn manifest_with_subject(
 #[tokio::test]
 async fn untagged_manifests_past_the_retention_go_and_what_is_wanted_stays() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = registry(dir.path()).await;
+    let (r, _db) = registry(dir.path()).await;
     let repo: RepoName = "team/app".parse().unwrap();
     let config = b"{\"architecture\":\"amd64\"}".to_vec();
     let (old_layer, new_layer, sig_layer) = (vec![1u8; 3000], vec![2u8; 4000], vec![3u8; 50]);
@@ -428,7 +432,7 @@ async fn untagged_manifests_past_the_retention_go_and_what_is_wanted_stays() {
 #[tokio::test]
 async fn a_manifest_put_refuses_a_blob_linked_without_bytes() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let r = registry(dir.path()).await;
+    let (r, _db) = registry(dir.path()).await;
     let repo: RepoName = "team/app".parse().unwrap();
     let config = b"{}".to_vec();
     let layer = vec![8u8; 2048];

@@ -18,7 +18,7 @@ use axum::http::{header, HeaderMap, Method, Request, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use pier_auth::{Actions, Auth, Identity, Scope};
+use pier_auth::{Actions, Auth, FailedLogins, Identity, LimitedBy, LoginLimits, Scope};
 use pier_mirror::{MirrorError, MirrorRef};
 use pier_oci::{ErrorCode, Route};
 use pier_peer::rate::RateLimit;
@@ -43,6 +43,8 @@ pub struct AuthGate {
     pub https: bool,
     /// Proxies whose `X-Forwarded-For` names the client (`[auth] trusted_proxies`).
     pub trusted_proxies: Vec<pier_auth::IpNet>,
+    /// Wrong passwords per address and per user (`[auth.rate] failed_logins_*`).
+    pub logins: FailedLogins,
 }
 
 impl AuthGate {
@@ -83,6 +85,7 @@ impl AuthGate {
             per_user: None,
             https: false,
             trusted_proxies: Vec::new(),
+            logins: FailedLogins::new(LoginLimits::default()),
         }
     }
 }
@@ -222,7 +225,17 @@ pub async fn guard(State(state): State<AppState>, mut req: Request<Body>, next: 
         // The token service reads the credentials itself.
         return next.run(req).await;
     }
+    // A password is not even checked while its address or its user is over the failures
+    // allowed: guessing stops, and so does the bcrypt work it would cost.
+    if let Some(Credentials::Basic(user, _)) = credentials(req.headers()) {
+        if let Err(refused) = login_allowed(&state, &gate, ip, &user, req.method(), &path) {
+            return refused.into_response();
+        }
+    }
     let caller = identify(Some(&gate), &req);
+    if let (Some(_), Some((user, _))) = (&caller.failed, &caller.basic) {
+        gate.logins.failed(ip, user, now());
+    }
     // Anonymous callers, with or without an anonymous token, are held by the address limit.
     let named = !caller.identity.is_anonymous() && caller.identity.name() != "anonymous";
     if let (Some(l), true) = (&gate.per_user, named) {
@@ -252,6 +265,50 @@ pub async fn guard(State(state): State<AppState>, mut req: Request<Body>, next: 
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// The clock failed logins are counted by: tokio's, so a test may pause it.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// A password attempt for `user` from `ip`, or 429 while either had too many failures.
+fn login_allowed(
+    state: &AppState,
+    gate: &AuthGate,
+    ip: IpAddr,
+    user: &str,
+    method: &Method,
+    what: &str,
+) -> Result<(), ApiError> {
+    let Err(limited) = gate.logins.check(ip, user, now()) else {
+        return Ok(());
+    };
+    let who = match limited.by {
+        LimitedBy::Address => format!("address {ip}"),
+        LimitedBy::User => format!("user {user}"),
+    };
+    let caller = Caller {
+        identity: Identity::Anonymous,
+        ip,
+        basic: None,
+        failed: None,
+        bearer: false,
+    };
+    let why = format!("too many failed logins for {who}");
+    audit(&caller, method, what, "rate_limited", &why);
+    count(state, "rate_limited");
+    let secs = retry_secs(limited.wait);
+    Err(ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyRequests,
+        format!("{why}; retry in {secs} s"),
+    )
+    .with_header("retry-after", secs.to_string()))
+}
+
+fn retry_secs(wait: Duration) -> u64 {
+    wait.as_secs_f64().ceil().max(1.0) as u64
 }
 
 fn count(state: &AppState, result: &'static str) {
@@ -324,7 +381,7 @@ fn unauthorized_error(
 
 fn too_many(state: &AppState, wait: Duration, who: &str) -> Response {
     count(state, "rate_limited");
-    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let secs = retry_secs(wait);
     ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::TooManyRequests,
@@ -705,9 +762,12 @@ async fn issue(state: &AppState, req: Request<Body>) -> Result<Response, ApiErro
     };
     let who = match &creds {
         None => Identity::Anonymous,
-        Some((u, p)) => match gate.auth.basic(u, p) {
+        Some((u, p)) => match login_allowed(state, &gate, ip, u, &Method::GET, "/token")
+            .map(|()| gate.auth.basic(u, p))?
+        {
             Ok(id) => id,
             Err(e) => {
+                gate.logins.failed(ip, u, now());
                 let caller = Caller {
                     identity: Identity::Anonymous,
                     ip,

@@ -47,7 +47,8 @@ pub struct MemberStatus {
     pub state: &'static str,
     /// When it entered that state (RFC 3339, UTC).
     pub since: String,
-    /// Its generation: the start time of the process, in ms since the epoch.
+    /// Its generation: the start time of the process, in ms since the epoch, or above the
+    /// last one its data directory kept.
     pub generation: u64,
 }
 

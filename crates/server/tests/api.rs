@@ -37,6 +37,8 @@ mod support {
     pub struct App {
         pub state: AppState,
         router: Router,
+        /// The test's database on PostgreSQL, dropped with the app.
+        pub db: crate::backend::Guard,
         _dir: tempfile::TempDir,
     }
 
@@ -169,12 +171,13 @@ mod support {
 
         pub async fn with_limits(limits: Limits) -> App {
             let dir = tempfile::tempdir().expect("tempdir");
-            let (blobs, meta) = crate::backend::stores(dir.path()).await;
+            let (blobs, meta, db) = crate::backend::stores(dir.path()).await;
             let registry = Arc::new(Registry::new(blobs, meta, limits));
             let state = AppState::new(registry);
             App {
                 router: pier_server::router(state.clone()),
                 state,
+                db,
                 _dir: dir,
             }
         }
@@ -193,6 +196,7 @@ mod support {
             App {
                 router: pier_server::router(state.clone()),
                 state,
+                db: None,
                 _dir: dir,
             }
         }
@@ -1340,6 +1344,53 @@ async fn manifest_push_errors() {
 }
 
 #[tokio::test]
+async fn descriptor_sizes_must_be_the_stored_sizes() {
+    let app = App::new().await;
+    let config = b"{}".to_vec();
+    let layer = b"a layer".to_vec();
+    app.push_blob("r", &config).await;
+    app.push_blob("r", &layer).await;
+    let mut lying_config = desc(OCI_CONFIG, &config);
+    lying_config["size"] = json!(999);
+    let lying = image(OCI_MANIFEST, lying_config, vec![desc(OCI_LAYER, &layer)]).to_string();
+    let mut short_layer = desc(OCI_LAYER, &layer);
+    short_layer["size"] = json!(1);
+    let short = image(OCI_MANIFEST, desc(OCI_CONFIG, &config), vec![short_layer]).to_string();
+    for (what, body) in [("config says 999", &lying), ("layer says 1", &short)] {
+        let r = app.put_manifest("r", "t", OCI_MANIFEST, body.clone()).await;
+        r.error(400, "MANIFEST_INVALID", what);
+        assert!(
+            r.text().contains("the stored content has"),
+            "{what}: the message says why: {}",
+            r.text()
+        );
+    }
+    app.get("/v2/r/manifests/t").await.error(
+        404,
+        "MANIFEST_UNKNOWN",
+        "nothing stored under the tag",
+    );
+    app.get(&format!("/v2/r/manifests/{}", sha256(lying.as_bytes())))
+        .await
+        .error(404, "MANIFEST_UNKNOWN", "nothing stored under the digest");
+    // An index's descriptor of a child manifest is held to the child's size too.
+    let (child, child_bytes) = app.push_image("r", "child", "c").await;
+    let mut wrong_child = desc(OCI_MANIFEST, &child_bytes);
+    wrong_child["size"] = json!(child_bytes.len() + 1);
+    app.put_manifest(
+        "r",
+        "all",
+        OCI_INDEX,
+        index(OCI_INDEX, vec![wrong_child]).to_string(),
+    )
+    .await
+    .error(400, "MANIFEST_INVALID", "index with a wrong child size");
+    let right = index(OCI_INDEX, vec![desc(OCI_MANIFEST, &child_bytes)]);
+    assert_eq!(right["manifests"][0]["digest"], json!(child));
+    app.push_manifest("r", "all", &right).await;
+}
+
+#[tokio::test]
 async fn manifest_size_limit_is_inclusive() {
     let app = App::new().await;
     let config = br#"{"os":"linux"}"#.to_vec();
@@ -1998,4 +2049,34 @@ async fn below_the_free_space_floor_pushes_get_507_and_readiness_says_why() {
     let st = app.get("/api/v1/status").await.json();
     assert_eq!(st["cache"]["blobs"], json!(1), "{st}");
     assert_eq!(st["cache"]["bytes"], json!(data.len()), "{st}");
+}
+
+#[tokio::test]
+async fn the_test_database_is_dropped_with_its_app() {
+    if !backend::s3pg() {
+        eprintln!("skipped: runs with PIER_TEST_BACKEND=s3pg (a database per test)");
+        return;
+    }
+    let app = App::new().await;
+    app.push_image("r", "t", "kept").await;
+    let name = app.db.as_ref().expect("a database").db.name.clone();
+    let admin = std::env::var("PIER_TEST_PG_URL").expect("PIER_TEST_PG_URL");
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(conn);
+    let databases = || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname = $1",
+                &[&name],
+            )
+            .await
+            .expect("query")
+            .get(0);
+        n
+    };
+    assert_eq!(databases().await, 1, "{name} is there while the app is");
+    drop(app);
+    assert_eq!(databases().await, 0, "{name} went with its app");
 }

@@ -18,7 +18,9 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use pier_auth::{Access, Actions, AuthSettings, Rule, Signer, TokenSettings};
+use pier_auth::{
+    Access, Actions, AuthSettings, FailedLogins, LoginLimits, Rule, Signer, TokenSettings,
+};
 use pier_mirror::metrics::MirrorMetrics;
 use pier_mirror::{Mirror, UpstreamEntry};
 use pier_oci::{Digest, Route};
@@ -1041,6 +1043,134 @@ async fn a_burst_beyond_the_rate_gets_429_with_retry_after() {
         (r.status.as_u16(), r.code().as_str()),
         (429, "TOOMANYREQUESTS")
     );
+}
+
+#[tokio::test]
+async fn wrong_passwords_are_limited_per_address_and_per_user() {
+    let (_up, upstream) = start_upstream().await;
+    let files = Files::new(USERS);
+    let p = pier(
+        &upstream,
+        Opts {
+            auth: Some(matrix_settings(&files)),
+            private: false,
+            gate: Box::new(|g| {
+                g.logins = FailedLogins::new(LoginLimits {
+                    per_ip: 3,
+                    per_user: 5,
+                    window: Duration::from_secs(600),
+                });
+            }),
+        },
+    )
+    .await;
+    let call = |ip: &'static str, cred: Cred| {
+        let p = &p;
+        async move {
+            p.call_from(ip, Method::GET, "/v2/", &cred, Body::empty())
+                .await
+        }
+    };
+    let limited = |r: &Resp, what: &str| {
+        assert_eq!(
+            (r.status.as_u16(), r.code().as_str()),
+            (429, "TOOMANYREQUESTS"),
+            "{what}"
+        );
+        let after: u64 = r
+            .header("retry-after")
+            .and_then(|v| v.parse().ok())
+            .expect("Retry-After");
+        assert!((1..=600).contains(&after), "{what}: Retry-After {after}");
+    };
+    for i in 0..3 {
+        let r = call("127.0.0.2", Cred::Basic("writer", "guess")).await;
+        assert_eq!(r.status, 401, "wrong password {i}");
+    }
+    limited(
+        &call("127.0.0.2", Cred::Basic("writer", "guess")).await,
+        "a fourth guess",
+    );
+    // While the address is limited its passwords are not checked, right ones included, at
+    // the token service too; other addresses are not held by it.
+    limited(
+        &call("127.0.0.2", Cred::Basic("writer", "writer-pw")).await,
+        "the right password from the limited address",
+    );
+    let r = p
+        .call_from(
+            "127.0.0.2",
+            Method::GET,
+            "/token?service=pier.test&scope=repository:team/app:pull",
+            &Cred::Basic("writer", "writer-pw"),
+            Body::empty(),
+        )
+        .await;
+    limited(
+        &r,
+        "a token for the right password from the limited address",
+    );
+    assert_eq!(
+        call("127.0.0.3", Cred::Basic("writer", "writer-pw"))
+            .await
+            .status,
+        200
+    );
+
+    // Per user: guesses for reader spread over addresses, none over its own limit.
+    for ip in [
+        "127.0.0.4",
+        "127.0.0.4",
+        "127.0.0.5",
+        "127.0.0.5",
+        "127.0.0.6",
+    ] {
+        let r = call(ip, Cred::Basic("reader", "guess")).await;
+        assert_eq!(r.status, 401, "guess for reader from {ip}");
+    }
+    limited(
+        &call("127.0.0.7", Cred::Basic("reader", "reader-pw")).await,
+        "reader from a fresh address",
+    );
+    assert_eq!(
+        call("127.0.0.7", Cred::Basic("writer", "writer-pw"))
+            .await
+            .status,
+        200,
+        "another user from that address"
+    );
+    assert_eq!(p.metric("rate_limited"), 4);
+}
+
+#[tokio::test]
+async fn failed_logins_are_limited_by_default() {
+    let (_up, upstream) = start_upstream().await;
+    let files = Files::new(USERS);
+    let p = pier(
+        &upstream,
+        Opts {
+            auth: Some(matrix_settings(&files)),
+            private: false,
+            gate: no_gate(),
+        },
+    )
+    .await;
+    let mut statuses = Vec::new();
+    for _ in 0..60 {
+        let r = p
+            .call_from(
+                "127.0.0.9",
+                Method::GET,
+                "/v2/",
+                &Cred::Basic("admin", "guess"),
+                Body::empty(),
+            )
+            .await;
+        statuses.push(r.status.as_u16());
+    }
+    let limit = LoginLimits::default().per_ip as usize;
+    assert!(statuses[..limit].iter().all(|s| *s == 401), "{statuses:?}");
+    assert!(statuses[limit..].iter().all(|s| *s == 429), "{statuses:?}");
 }
 
 #[tokio::test]

@@ -300,6 +300,7 @@ struct Setup {
     fake: Fake,
     blobs: Arc<dyn BlobStore>,
     state: AppState,
+    _db: crate::backend::Guard,
     _dir: tempfile::TempDir,
 }
 
@@ -336,7 +337,7 @@ async fn setup(opts: Options) -> Setup {
     )
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let (blobs, meta, pins) = crate::backend::stores_with_pins(dir.path()).await;
+    let (blobs, meta, pins, db) = crate::backend::stores_with_pins(dir.path()).await;
     let registry = Arc::new(Registry::new(
         blobs.clone(),
         meta.clone(),
@@ -380,6 +381,7 @@ async fn setup(opts: Options) -> Setup {
         fake,
         blobs,
         state,
+        _db: db,
         _dir: dir,
     }
 }
@@ -506,6 +508,57 @@ async fn corrupt_upstream_bytes_abort_the_response_and_nothing_is_cached() {
         m.contains(r#"pier_mirror_corrupt_total{upstream="up.example"} 1"#),
         "{m}"
     );
+}
+
+#[tokio::test]
+async fn a_mirrored_manifest_with_wrong_descriptor_sizes_is_not_served() {
+    let s = setup(Options::default()).await;
+    let layer = s.fake.add_blob(b"ab".to_vec());
+    let liar = s.fake.add_manifest("team/liar", "v1", &[(&layer, 999)]);
+    let by_tag = format!("{}/v2/up.example/team/liar/manifests/v1", s.pier);
+    let by_digest = format!("{}/v2/up.example/team/liar/manifests/{liar}", s.pier);
+    for url in [&by_tag, &by_digest] {
+        let (status, _, body) = get(url).await;
+        assert_eq!(
+            (status, code(&body).as_str()),
+            (StatusCode::BAD_GATEWAY, "UNAVAILABLE")
+        );
+        let text = String::from_utf8_lossy(body.as_ref().expect("body")).into_owned();
+        assert!(
+            text.contains(&format!("{layer} says 999 bytes, the blob has 2")),
+            "the message says which descriptor: {text}"
+        );
+    }
+    assert!(
+        s.state
+            .registry
+            .meta_store()
+            .manifest("up.example/team/liar", &liar)
+            .await
+            .expect("meta")
+            .is_none(),
+        "nothing cached"
+    );
+    let m = metrics(&s.pier).await;
+    assert!(
+        m.contains(r#"pier_mirror_corrupt_total{upstream="up.example"} 2"#),
+        "{m}"
+    );
+    // A blob the cache already holds is measured there: cached, then described wrongly.
+    let (status, _, _) = get(&format!("{}/v2/up.example/team/liar/blobs/{layer}", s.pier)).await;
+    assert_eq!(status, 200);
+    fills_done(&s.pier).await;
+    s.fake.blobs.lock().expect("lock").clear();
+    s.fake.add_manifest("team/liar", "v2", &[(&layer, 3)]);
+    let (status, _, body) = get(&format!("{}/v2/up.example/team/liar/manifests/v2", s.pier)).await;
+    assert_eq!(
+        (status, code(&body).as_str()),
+        (StatusCode::BAD_GATEWAY, "UNAVAILABLE")
+    );
+    // The same image with the true size is served.
+    s.fake.add_manifest("team/liar", "v3", &[(&layer, 2)]);
+    let (status, _, _) = get(&format!("{}/v2/up.example/team/liar/manifests/v3", s.pier)).await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! happy-path test never does. A full disk during pushes and fills (a small tmpfs data
 //! directory), abusive connections (slowloris, idle floods, stalled bodies), namespaces that are
 //! not pier's to serve, many fills at once against a memory budget, and upstreams that send
-//! endless or lying bodies. Every case asserts what a user would notice: statuses, error bodies,
+//! endless or lying bodies, and manifests whose descriptors lie about sizes. Every case asserts what a user would notice: statuses, error bodies,
 //! the bytes served, `/readyz`, and recovery without a restart.
 //!
 //! Cases that need root (tmpfs mounts) or real clients run only with `PIER_INTEROP=1`
@@ -14,6 +14,7 @@ mod common;
 mod mirror_support;
 
 mod connections;
+mod descriptors;
 mod memory;
 mod routing;
 mod storage;
