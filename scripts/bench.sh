@@ -94,6 +94,19 @@ peak_kib() {
     echo "$total"
 }
 
+# CPU seconds (user + system) a set of processes has used so far, from /proc/PID/stat: the
+# fields after the command name's last ")" put utime and stime 12th and 13th. A process's
+# figure covers all its threads; nginx's workers are listed with their master.
+cpu_s() {
+    local ticks=0 p
+    for p in "$@"; do
+        ticks=$((ticks + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+    done
+    echo "scale=3; $ticks / $(getconf CLK_TCK)" | bc
+}
+# CPU seconds per GiB: before, after, bytes moved.
+per_gib() { echo "scale=3; ($2 - $1) * 1073741824 / $3" | bc; }
+
 echo "== content: ${BIG_MB} MiB and ${MID_MB} MiB blobs, one image" >&2
 head -c "${BIG_MB}M" /dev/urandom >"$WORK/big"
 head -c "${MID_MB}M" /dev/urandom >"$WORK/mid"
@@ -163,39 +176,45 @@ trap 'kill $(cat "$WORK/nginx/nginx.pid" 2>/dev/null) 2>/dev/null || true; clean
 
 declare -A R
 
-# 1. One big blob, one stream (best of 3).
-single() {
-    local best=0 s
+PIER_PID=$(pid_of_port $P_PIER) DIST_PID=$(pid_of_port $P_DIST)
+
+# 1. One big blob, one stream: the best of 3 GB/s, and the server's CPU s/GiB over all three.
+single() { # url pids...
+    local url=$1 best=0 s before
+    shift
+    before=$(cpu_s "$@")
     for _ in 1 2 3; do
-        s=$(curl -fs -o /dev/null -w '%{speed_download}' "$1")
+        s=$(curl -fs -o /dev/null -w '%{speed_download}' "$url")
         (($(echo "$s > $best" | bc))) && best=$s
     done
-    echo "scale=2; $best / 1000000000" | bc
+    echo "$(echo "scale=2; $best / 1000000000" | bc) $(per_gib "$before" "$(cpu_s "$@")" $((3 * BIG_MB * 1048576)))"
 }
 echo "== single-stream ${BIG_MB} MiB GET" >&2
-R[single_pier]=$(single "http://127.0.0.1:$P_PIER/v2/bench/app/blobs/$BIG")
-R[single_dist]=$(single "http://127.0.0.1:$P_DIST/v2/bench/app/blobs/$BIG")
-R[single_nginx]=$(single "http://127.0.0.1:$P_NGINX/v2/bench/app/blobs/$BIG")
+read -r R[single_pier] R[single_cpu_pier] <<<"$(single "http://127.0.0.1:$P_PIER/v2/bench/app/blobs/$BIG" "$PIER_PID")"
+read -r R[single_dist] R[single_cpu_dist] <<<"$(single "http://127.0.0.1:$P_DIST/v2/bench/app/blobs/$BIG" "$DIST_PID")"
+# shellcheck disable=SC2086
+read -r R[single_nginx] R[single_cpu_nginx] <<<"$(single "http://127.0.0.1:$P_NGINX/v2/bench/app/blobs/$BIG" $NGINX_PIDS)"
 
 # 2. Many clients downloading the mid blob at once: aggregate MB/s and the server's peak RSS.
 many() { # port pids...
     local port=$1
     shift
     reset_peak "$@"
-    local start end
+    local start end before
+    before=$(cpu_s "$@")
     start=$(date +%s.%N)
     for _ in $(seq "$CLIENTS"); do
         curl -fs -o /dev/null "http://127.0.0.1:$port/v2/bench/app/blobs/$MID" &
     done
     wait
     end=$(date +%s.%N)
-    echo "$(echo "scale=0; $CLIENTS * $MID_MB * 1048576 / ($end - $start) / 1000000" | bc) $(($(peak_kib "$@") / 1024))"
+    echo "$(echo "scale=0; $CLIENTS * $MID_MB * 1048576 / ($end - $start) / 1000000" | bc) $(($(peak_kib "$@") / 1024)) $(per_gib "$before" "$(cpu_s "$@")" $((CLIENTS * MID_MB * 1048576)))"
 }
 echo "== $CLIENTS concurrent ${MID_MB} MiB GETs" >&2
-read -r R[many_pier] R[rss_pier] <<<"$(many $P_PIER "$(pid_of_port $P_PIER)")"
-read -r R[many_dist] R[rss_dist] <<<"$(many $P_DIST "$(pid_of_port $P_DIST)")"
+read -r R[many_pier] R[rss_pier] R[many_cpu_pier] <<<"$(many $P_PIER "$PIER_PID")"
+read -r R[many_dist] R[rss_dist] R[many_cpu_dist] <<<"$(many $P_DIST "$DIST_PID")"
 # shellcheck disable=SC2086
-read -r R[many_nginx] R[rss_nginx] <<<"$(many $P_NGINX $NGINX_PIDS)"
+read -r R[many_nginx] R[rss_nginx] R[many_cpu_nginx] <<<"$(many $P_NGINX $NGINX_PIDS)"
 
 # 3. Manifest GET by tag, 64 connections.
 manifest_rps() {
@@ -208,16 +227,16 @@ R[manifest_nginx]=$(manifest_rps "http://127.0.0.1:$P_NGINX/v2/bench/app/manifes
 
 # 4. Pushes, with `pier bench push`: generated images of 3 fresh layers, 4 pushers at once.
 # Each run's JSON is kept, so a later run can be compared (`pier bench ... --compare FILE`).
-push_mbps() { # port name
-    "$PIER" bench --registry "http://127.0.0.1:$1" --no-progress --json \
+push_mbps() { # port name: MB/s and the server's CPU s/GiB (pier bench --server-pid)
+    "$PIER" bench --registry "http://127.0.0.1:$1" --no-progress --json --server-pid "$(pid_of_port "$1")" \
         -c 4 -n "$PUSH_IMAGES" push --repo "push/$2" --layers 3 --layer-size "$PUSH_LAYER" \
         >"$OUT/push-$2.json"
     python3 -c 'import json,sys; s=json.load(open(sys.argv[1]))["summary"]; \
-assert s["errors"] == 0, s["errors_by_kind"]; print(round(s["mb_per_s"]))' "$OUT/push-$2.json"
+assert s["errors"] == 0, s["errors_by_kind"]; print(round(s["mb_per_s"]), s["cpu_s_per_gib"])' "$OUT/push-$2.json"
 }
 echo "== pushes" >&2
-R[push_pier]=$(push_mbps $P_PIER pier)
-R[push_dist]=$(push_mbps $P_DIST distribution)
+read -r R[push_pier] R[push_cpu_pier] <<<"$(push_mbps $P_PIER pier)"
+read -r R[push_dist] R[push_cpu_dist] <<<"$(push_mbps $P_DIST distribution)"
 
 # 5-7. Mirrors: pier mirroring distribution, and distribution's proxy mode, of the same content.
 echo "== mirrors" >&2
@@ -225,10 +244,15 @@ start_pier $P_MIRROR "$WORK/mirror-data" --upstream "localhost:$P_DIST=http://12
 start_dist $P_PROXY "$WORK/proxy-data" "http://127.0.0.1:$P_DIST"
 NS="ns=localhost:$P_DIST"
 # Cold big blob through each mirror, against the same GET straight from the upstream.
-R[direct_big]=$(single "http://127.0.0.1:$P_DIST/v2/bench/app/blobs/$BIG")
-cold() { curl -fs -o /dev/null -w '%{speed_download}' "$1" | awk '{printf "%.2f", $1 / 1e9}'; }
-R[cold_pier]=$(cold "http://127.0.0.1:$P_MIRROR/v2/bench/app/blobs/$BIG?$NS")
-R[cold_proxy]=$(cold "http://127.0.0.1:$P_PROXY/v2/bench/app/blobs/$BIG")
+read -r R[direct_big] _ <<<"$(single "http://127.0.0.1:$P_DIST/v2/bench/app/blobs/$BIG" "$DIST_PID")"
+cold() { # url pid: GB/s and the mirror's own CPU s/GiB (its upstream's is not counted)
+    local before gbps
+    before=$(cpu_s "$2")
+    gbps=$(curl -fs -o /dev/null -w '%{speed_download}' "$1" | awk '{printf "%.2f", $1 / 1e9}')
+    echo "$gbps $(per_gib "$before" "$(cpu_s "$2")" $((BIG_MB * 1048576)))"
+}
+read -r R[cold_pier] R[cold_cpu_pier] <<<"$(cold "http://127.0.0.1:$P_MIRROR/v2/bench/app/blobs/$BIG?$NS" "$(pid_of_port $P_MIRROR)")"
+read -r R[cold_proxy] R[cold_cpu_proxy] <<<"$(cold "http://127.0.0.1:$P_PROXY/v2/bench/app/blobs/$BIG" "$(pid_of_port $P_PROXY)")"
 # Warm manifest pulls by tag.
 curl -fs -o /dev/null -H "Accept: $MT" "http://127.0.0.1:$P_MIRROR/v2/bench/app/manifests/v1?$NS"
 curl -fs -o /dev/null -H "Accept: $MT" "http://127.0.0.1:$P_PROXY/v2/bench/app/manifests/v1"
@@ -262,7 +286,9 @@ herd() { # url
 R[herd_pier]=$(herd "http://127.0.0.1:$P_MIRROR/v2/bench/app/blobs/$MID?$NS")
 R[herd_proxy]=$(herd "http://127.0.0.1:$P_PROXY/v2/bench/app/blobs/$MID")
 
-ratio() { echo "scale=2; $1 / $2" | bc; }
+ratio() { # a / b, or a dash when b is zero (a server that used less than a tick)
+    if (($(echo "$2 == 0" | bc))); then echo "—"; else echo "scale=2; $1 / $2" | bc; fi
+}
 {
     echo "| work | nginx | distribution | distribution proxy | pier | pier vs distribution |"
     echo "|---|---|---|---|---|---|"
@@ -274,6 +300,10 @@ ratio() { echo "scale=2; $1 / $2" | bc; }
     echo "| cold ${BIG_MB} MiB blob through the mirror (GB/s; direct from upstream: ${R[direct_big]}) | — | — | ${R[cold_proxy]} | ${R[cold_pier]} | pier $(ratio "${R[cold_pier]}" "${R[direct_big]}")x of direct, proxy $(ratio "${R[cold_proxy]}" "${R[direct_big]}")x |"
     echo "| warm manifest GET by tag through the mirror, 64 connections (req/s) | — | — | ${R[warm_proxy]} | ${R[warm_pier]} | $(ratio "${R[warm_pier]}" "${R[warm_proxy]}")x of proxy |"
     echo "| upstream GETs caused by 16 concurrent cold GETs of one blob | — | — | ${R[herd_proxy]} | ${R[herd_pier]} | |"
+    echo "| server CPU s/GiB: single-stream GET | ${R[single_cpu_nginx]} | ${R[single_cpu_dist]} | — | ${R[single_cpu_pier]} | $(ratio "${R[single_cpu_pier]}" "${R[single_cpu_nginx]}")x of nginx |"
+    echo "| server CPU s/GiB: $CLIENTS concurrent GETs | ${R[many_cpu_nginx]} | ${R[many_cpu_dist]} | — | ${R[many_cpu_pier]} | $(ratio "${R[many_cpu_pier]}" "${R[many_cpu_nginx]}")x of nginx |"
+    echo "| server CPU s/GiB: push | — | ${R[push_cpu_dist]} | — | ${R[push_cpu_pier]} | $(ratio "${R[push_cpu_pier]}" "${R[push_cpu_dist]}")x |"
+    echo "| mirror CPU s/GiB: cold blob (the mirror only) | — | — | ${R[cold_cpu_proxy]} | ${R[cold_cpu_pier]} | $(ratio "${R[cold_cpu_pier]}" "${R[cold_cpu_proxy]}")x of proxy |"
 } >"$OUT/results.md"
 
 python3 - "$OUT/results.json" <<PY

@@ -511,7 +511,14 @@ fn hash_all(
 /// Read the archive `input` once, storing its blobs through `sink`, and say what images it
 /// holds. Manifests are not stored: the caller makes them visible once everything they
 /// reference is, children before indexes.
-pub fn read_archive(input: impl Read, sink: &mut dyn BlobSink) -> Result<Contents, ArchiveError> {
+///
+/// A compressed archive is inflated on a thread of its own, a few buffers ahead of the tar
+/// reader, so decompression and the hashing and writing of layers use two cores rather than
+/// taking turns on one (see [`inflate_on_a_thread`]).
+pub fn read_archive(
+    input: impl Read + Send,
+    sink: &mut dyn BlobSink,
+) -> Result<Contents, ArchiveError> {
     let mut file = HashingReader {
         inner: input,
         hasher: Some(Hasher::new(Algorithm::Sha256)),
@@ -533,14 +540,14 @@ pub fn read_archive(input: impl Read, sink: &mut dyn BlobSink) -> Result<Content
         links: HashMap::new(),
         held: 0,
     };
-    {
-        let rest = (&head[..filled]).chain(&mut file);
-        let decoded: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(rest),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(rest)),
-            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(rest)?),
-        };
-        walk_tar(decoded, &mut walk)?;
+    let head = &head[..filled];
+    match compression {
+        Compression::None => walk_tar(head.chain(&mut file), &mut walk)?,
+        Compression::Gzip | Compression::Zstd => {
+            inflate_on_a_thread(head, &mut file, compression, |inflated| {
+                walk_tar(inflated, &mut walk)
+            })?
+        }
     }
     // Whatever follows the tar's end (padding to a record, say) belongs to the file's digest.
     io::copy(&mut file, &mut io::sink())?;
@@ -559,6 +566,112 @@ pub fn read_archive(input: impl Read, sink: &mut dyn BlobSink) -> Result<Content
         images,
         skipped,
     })
+}
+
+/// Inflated bytes move from the inflating thread to the tar reader in buffers of this size…
+const INFLATED_BUFFER: usize = 256 * 1024;
+/// …at most this many of them waiting, so the thread is at most 2 MiB ahead.
+const INFLATED_AHEAD: usize = 8;
+
+/// Run `consume` over the inflated bytes of `head` followed by `file`, inflating on a thread of
+/// its own. The thread keeps `file` until it is done with it, then returns: when `consume`
+/// finished early (a tar ends before the compressed stream does), the receiver is dropped, the
+/// thread's next send fails, and it stops inflating, so what follows is left in `file` for the
+/// caller to hash, just as when one thread did both. An error of the inflater reaches
+/// `consume` as a read error, where the tar reader reports it.
+fn inflate_on_a_thread<R: Read + Send>(
+    head: &[u8],
+    file: &mut R,
+    compression: Compression,
+    consume: impl FnOnce(ChannelReader) -> Result<(), ArchiveError>,
+) -> Result<(), ArchiveError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(INFLATED_AHEAD);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let rest = head.chain(file);
+            let mut inflater: Box<dyn Read + '_> = match compression {
+                Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(rest)),
+                Compression::Zstd => match zstd::stream::read::Decoder::new(rest) {
+                    Ok(d) => Box::new(d),
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                },
+                Compression::None => Box::new(rest),
+            };
+            loop {
+                let mut buf = vec![0u8; INFLATED_BUFFER];
+                let mut filled = 0;
+                // Fill the buffer: inflaters hand out small reads.
+                let end = loop {
+                    match inflater.read(&mut buf[filled..]) {
+                        Ok(0) => break Ok(true),
+                        Ok(n) => {
+                            filled += n;
+                            if filled == buf.len() {
+                                break Ok(false);
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => break Err(e),
+                    }
+                };
+                buf.truncate(filled);
+                let sent = match end {
+                    Ok(done) => {
+                        let sent = filled == 0 || tx.send(Ok(buf)).is_ok();
+                        if done {
+                            return;
+                        }
+                        sent
+                    }
+                    Err(e) => {
+                        if filled > 0 && tx.send(Ok(buf)).is_err() {
+                            return;
+                        }
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                if !sent {
+                    return;
+                }
+            }
+        });
+        consume(ChannelReader {
+            rx,
+            current: Vec::new(),
+            at: 0,
+        })
+    })
+}
+
+/// The tar reader's end of [`inflate_on_a_thread`]: the buffers the thread sends, as a `Read`.
+struct ChannelReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(Ok(next)) => {
+                    self.current = next;
+                    self.at = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                // The thread ended: the inflated stream is over.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
 }
 
 fn walk_tar(decoded: impl Read, walk: &mut Walk<'_>) -> Result<(), ArchiveError> {

@@ -385,3 +385,47 @@ fn broken_archives_fail_with_a_reason() {
         "{err}"
     );
 }
+
+/// Layers many times the inflating thread's look-ahead, in both compressions, and bytes after
+/// the compressed stream: every layer arrives whole and the file's digest covers every byte.
+#[test]
+fn large_compressed_archives_arrive_whole_through_the_inflating_thread() {
+    // Incompressible-looking layer content, so the compressed file is large too.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect()
+    };
+    let l1 = layer("a.bin", &noise(5 << 20));
+    let l2 = layer("b.bin", &noise(3 << 20));
+    let (tar, _) = legacy_archive(&l1, &l2, json!(["team/big:v1"]));
+    for c in [Compression::Gzip, Compression::Zstd] {
+        let mut archive = compress(tar.clone(), c);
+        let compressed = archive.len();
+        // What a transfer may leave after the stream: it is the file's, hashed, never read.
+        if c == Compression::Zstd {
+            archive.extend_from_slice(&[0u8; 1000]);
+        }
+        let mut sink = MemSink::default();
+        let got = read(&archive, &mut sink).unwrap_or_else(|e| panic!("{c:?}: {e}"));
+        assert_eq!(got.compression, c);
+        assert_eq!(got.file_digest, Digest::sha256(&archive), "{c:?}");
+        assert_eq!(got.file_size, archive.len() as u64, "{c:?} of {compressed}");
+        assert_eq!(sink.blobs.get(&Digest::sha256(&l1)), Some(&l1), "{c:?}");
+        assert_eq!(sink.blobs.get(&Digest::sha256(&l2)), Some(&l2), "{c:?}");
+    }
+    // A stream broken in the middle of a layer fails, and does not hang the reader.
+    let gz = compress(tar, Compression::Gzip);
+    let mut bad = gz.clone();
+    let mid = bad.len() / 2;
+    for b in &mut bad[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    read(&bad, &mut MemSink::default()).expect_err("a corrupt deflate stream");
+}

@@ -115,6 +115,11 @@ pub struct OutputArgs {
     /// --json).
     #[arg(long, global = true)]
     pub no_progress: bool,
+    /// The registry's process on this host (repeatable; its child processes count too, so
+    /// nginx's master pid covers its workers): the report adds the server's CPU seconds (user
+    /// + system, from /proc) during the run and per GiB moved.
+    #[arg(long, global = true, value_name = "PID")]
+    pub server_pid: Vec<u32>,
 }
 
 #[derive(Subcommand, Debug, Clone)]

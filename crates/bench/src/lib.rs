@@ -8,7 +8,7 @@
 //!
 //! Modules: `args` (the command line), `client` (HTTP and registry auth), `content` (generated
 //! layers), `scenario` (what one operation does), `runner` (workers, phases, ramp, progress),
-//! `stats` (recording), `report` (summaries, table, JSON, comparison), `units` (sizes and
+//! `stats` (recording), `cpu` (the server's CPU time from /proc), `report` (summaries, table, JSON, comparison), `units` (sizes and
 //! durations).
 //!
 //! Only loopback or a registry you own should be the target: the loops are bounded, but the
@@ -17,6 +17,7 @@
 pub mod args;
 pub mod client;
 pub mod content;
+pub mod cpu;
 pub mod error;
 pub mod report;
 pub mod runner;

@@ -83,6 +83,13 @@ pub struct Summary {
     pub latency_ms: Latency,
     pub errors_by_kind: BTreeMap<String, u64>,
     pub by_kind: BTreeMap<String, KindSummary>,
+    /// CPU seconds (user + system) the server's processes (`--server-pid`) used during the
+    /// run; absent without `--server-pid`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_cpu_s: Option<f64>,
+    /// `server_cpu_s` per GiB (2^30 bytes) of `bytes`: what each byte costs the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_s_per_gib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
@@ -154,6 +161,7 @@ impl Summary {
         counters: &Counters,
         elapsed: Duration,
         concurrency: usize,
+        server_cpu_s: Option<f64>,
     ) -> Summary {
         let seconds = elapsed.as_secs_f64();
         let total = stats.registry_total();
@@ -180,6 +188,10 @@ impl Summary {
                 .iter()
                 .map(|(kind, k)| (kind.as_str().to_string(), KindSummary::new(k, seconds)))
                 .collect(),
+            server_cpu_s: server_cpu_s.map(round3),
+            cpu_s_per_gib: server_cpu_s
+                .and_then(|cpu| crate::cpu::per_gib(cpu, bytes))
+                .map(round3),
         }
     }
 
@@ -426,6 +438,13 @@ impl Report {
                 .map(|(kind, n)| format!("{kind} {n}"))
                 .collect();
             let _ = writeln!(out, "errors: {}", list.join(", "));
+        }
+        if let Some(cpu) = s.server_cpu_s {
+            let per_gib = match s.cpu_s_per_gib {
+                Some(v) => format!("{v:.3} s per GiB"),
+                None => "nothing moved".into(),
+            };
+            let _ = writeln!(out, "server cpu: {cpu:.2} s (user + system), {per_gib}");
         }
         if let Some(pushed) = &self.pushed {
             let _ = writeln!(out, "pushed: {pushed}");

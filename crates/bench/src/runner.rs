@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::BenchArgs;
+use crate::cpu::ServerCpu;
 use crate::error::BenchError;
 use crate::report::{round3, Limit, RampReport, RampStep, Report, Summary, FORMAT};
 use crate::scenario::{Worker, Workload};
@@ -37,11 +38,19 @@ struct Phase {
     stats: Stats,
     counters: Arc<Counters>,
     elapsed: Duration,
+    /// The server's CPU seconds over the phase, with `--server-pid`.
+    server_cpu_s: Option<f64>,
 }
 
 impl Phase {
     fn summary(&self, concurrency: usize) -> Summary {
-        Summary::new(&self.stats, &self.counters, self.elapsed, concurrency)
+        Summary::new(
+            &self.stats,
+            &self.counters,
+            self.elapsed,
+            concurrency,
+            self.server_cpu_s,
+        )
     }
 }
 
@@ -69,6 +78,7 @@ pub async fn run(args: &BenchArgs, stop: CancellationToken) -> Result<Report, Be
             "--requests and --duration must be more than zero".into(),
         ));
     }
+    let cpu = ServerCpu::new(&args.output.server_pid).map_err(BenchError::Usage)?;
     let workload = Arc::new(Workload::prepare(args).await?);
     if stop.is_cancelled() {
         return Err(BenchError::Interrupted);
@@ -96,6 +106,7 @@ pub async fn run(args: &BenchArgs, stop: CancellationToken) -> Result<Report, Be
         while concurrency <= spec.max {
             let phase = run_phase(
                 &workload,
+                cpu.as_ref(),
                 concurrency,
                 Bound::Duration(load.step_duration),
                 &stop,
@@ -143,7 +154,16 @@ pub async fn run(args: &BenchArgs, stop: CancellationToken) -> Result<Report, Be
                 (Bound::Duration(d), Limit::Duration(d.as_secs_f64()))
             }
         };
-        let phase = run_phase(&workload, concurrency, bound, &stop, progress, "").await;
+        let phase = run_phase(
+            &workload,
+            cpu.as_ref(),
+            concurrency,
+            bound,
+            &stop,
+            progress,
+            "",
+        )
+        .await;
         (phase.summary(concurrency), limit, None)
     };
 
@@ -168,6 +188,7 @@ pub async fn run(args: &BenchArgs, stop: CancellationToken) -> Result<Report, Be
 /// Run `concurrency` workers until `bound` or `stop`.
 async fn run_phase(
     workload: &Arc<Workload>,
+    cpu: Option<&ServerCpu>,
     concurrency: usize,
     bound: Bound,
     stop: &CancellationToken,
@@ -192,6 +213,7 @@ async fn run_phase(
         Bound::Duration(_) => None,
     };
     let taken = Arc::new(AtomicU64::new(0));
+    let cpu_before = cpu.map(ServerCpu::seconds);
     let started = Instant::now();
     let bar = progress_bar(progress, bound);
     let ticker = tokio::spawn(tick(
@@ -223,6 +245,9 @@ async fn run_phase(
         }
     }
     let elapsed = started.elapsed();
+    let server_cpu_s = cpu
+        .zip(cpu_before)
+        .map(|(cpu, before)| cpu.seconds() - before);
     phase_stop.cancel();
     if let Some(deadline) = deadline {
         deadline.abort();
@@ -233,6 +258,7 @@ async fn run_phase(
         stats,
         counters,
         elapsed,
+        server_cpu_s,
     }
 }
 

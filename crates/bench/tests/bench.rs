@@ -591,3 +591,79 @@ async fn inconsistent_arguments_are_refused() {
         );
     }
 }
+
+#[tokio::test]
+async fn server_pid_adds_the_servers_cpu_per_gib() {
+    let pier = start_pier().await;
+    // The server runs inside this test process, so its pid is ours.
+    let pid = std::process::id().to_string();
+    let push = pier
+        .bench(&[
+            "push",
+            "--repo",
+            "bench/cpu",
+            "--layer-size",
+            "4MiB",
+            "-n",
+            "8",
+            "--server-pid",
+            &pid,
+        ])
+        .await;
+    assert_clean(&push);
+    let s = &push.summary;
+    let cpu = s
+        .server_cpu_s
+        .expect("--server-pid reports the server's CPU");
+    let per_gib = s.cpu_s_per_gib.expect("bytes moved, so a per-GiB figure");
+    assert!(cpu > 0.0, "hashing 32 MiB costs some CPU: {cpu}");
+    let gib = s.bytes as f64 / (1u64 << 30) as f64;
+    assert!(
+        (per_gib - cpu / gib).abs() <= 0.01 * per_gib + 0.001,
+        "{per_gib} vs {cpu} / {gib}"
+    );
+    assert!(
+        push.to_table().contains("server cpu: "),
+        "{}",
+        push.to_table()
+    );
+    let json: serde_json::Value = serde_json::from_str(&push.to_json().unwrap()).unwrap();
+    assert!(json["summary"]["cpu_s_per_gib"].as_f64().is_some());
+
+    // Without the flag the figures are absent, not zero.
+    let plain = pier
+        .bench(&[
+            "push",
+            "--repo",
+            "bench/cpu",
+            "--layer-size",
+            "4KiB",
+            "-n",
+            "1",
+        ])
+        .await;
+    assert_eq!(plain.summary.server_cpu_s, None);
+    assert!(!plain.to_table().contains("server cpu"));
+    let json = plain.to_json().unwrap();
+    assert!(!json.contains("cpu_s_per_gib"), "{json}");
+}
+
+#[tokio::test]
+async fn a_server_pid_that_is_not_running_is_refused_before_the_run() {
+    let pier = start_pier().await;
+    let argv = [
+        "pier-bench",
+        "--registry",
+        &pier.url,
+        "push",
+        "-n",
+        "1",
+        "--server-pid",
+        "4294967295",
+    ];
+    let cli = Cli::try_parse_from(argv).unwrap();
+    let err = pier_bench::run(&cli.bench, CancellationToken::new())
+        .await
+        .expect_err("no such process");
+    assert!(err.to_string().contains("--server-pid 4294967295"), "{err}");
+}

@@ -95,6 +95,13 @@ async fn import_bench() {
     .expect("write the config");
     let flags = ["--config".to_string(), config.display().to_string()];
     let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    // The node's CPU seconds (user + system) per GiB of tar imported: what each byte costs it.
+    let cpu = pier_bench::cpu::ServerCpu::new(&[pier.pid()])
+        .expect("read the node's /proc")
+        .expect("one pid");
+    let cpu_per_gib = |before: f64, bytes: u64| {
+        pier_bench::cpu::per_gib(cpu.seconds() - before, bytes).unwrap_or(0.0)
+    };
     let mut lines = Vec::new();
     let mut say = |line: String| {
         println!("{line}");
@@ -123,6 +130,7 @@ async fn import_bench() {
         mbps(size, disk)
     ));
 
+    let cpu_before = cpu.seconds();
     let started = Instant::now();
     let out = pier_cli(&[
         "import",
@@ -132,6 +140,7 @@ async fn import_bench() {
         &plain.display().to_string(),
     ]);
     let took = started.elapsed();
+    let plain_cpu = cpu_per_gib(cpu_before, size);
     assert!(
         out.status.success(),
         "pier import: {}",
@@ -142,7 +151,7 @@ async fn import_bench() {
     let node_s = report["seconds"].as_f64().unwrap_or(0.0);
     say(format!(
         "pier import, docker save {:.0} MiB, uncompressed: {:.2} s end to end = {:.0} MB/s \
-         (node: {node_s:.2} s = {:.0} MB/s)",
+         (node: {node_s:.2} s = {:.0} MB/s); node CPU {plain_cpu:.2} s/GiB",
         size as f64 / MIB as f64,
         took.as_secs_f64(),
         mbps(size, took),
@@ -153,6 +162,7 @@ async fn import_bench() {
         let zsize = std::fs::metadata(&zst).expect("stat").len();
         let staged = watch.join(".bench-web.tar.zst");
         std::fs::rename(&zst, &staged).expect("stage in the folder");
+        let cpu_before = cpu.seconds();
         let started = Instant::now();
         std::fs::rename(&staged, watch.join("web.tar.zst")).expect("rename into the folder");
         assert!(
@@ -161,10 +171,12 @@ async fn import_bench() {
             pier.log()
         );
         let took = started.elapsed();
+        let zstd_cpu = cpu_per_gib(cpu_before, size);
         let work = took.saturating_sub(Duration::from_secs(1));
         say(format!(
             "watched folder, docker save zstd ({:.0} MiB compressed, {:.0} MiB of tar): {:.2} s \
-             from rename to done/ = {:.0} MB/s of tar; less the 1 s stability wait: {:.0} MB/s",
+             from rename to done/ = {:.0} MB/s of tar; less the 1 s stability wait: {:.0} MB/s; \
+             node CPU {zstd_cpu:.2} s/GiB of tar",
             zsize as f64 / MIB as f64,
             size as f64 / MIB as f64,
             took.as_secs_f64(),
