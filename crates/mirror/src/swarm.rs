@@ -12,8 +12,9 @@
 //! carries a share of the load.
 //!
 //! Every piece is checked against its digest before a byte of it is written; a holder that
-//! sends a bad piece, or fails to send one, is not asked again by this fill and the piece is
-//! taken elsewhere. The whole blob is hashed in order as the pieces join up, and it becomes
+//! sends a bad piece is not asked again by this fill (and is reported to the coordinator, which
+//! stops offering it), while one that fails to send a piece (a timeout, a refused connection)
+//! is only benched for [`BENCH`] and then asked again; either way the piece is taken elsewhere. The whole blob is hashed in order as the pieces join up, and it becomes
 //! visible only when that digest matches. If the coordinator stops answering, the next owner
 //! takes over: fetchers report to it instead, and when it is this node, it takes the pieces no
 //! one holds from its upstream, piece by piece.
@@ -67,6 +68,42 @@ const STALL: Duration = Duration::from_secs(60);
 const BOARD_TTL: Duration = Duration::from_secs(60);
 /// Stored blobs whose piece digests are kept for swarms.
 const STORED_PIECES: usize = 64;
+/// How long a holder that failed to send a piece (as opposed to sending a bad one) is not
+/// asked: long enough that a dead peer costs a failed request or two before gossip declares it
+/// dead, short enough that a peer that was only slow for a moment rejoins the swarm.
+const BENCH: Duration = Duration::from_secs(3);
+
+/// The holders a fill is not asking, and why. A bad piece is proof of a bad peer (a corrupt
+/// disk, a bug, an attacker) and excludes it for the rest of the fill; a failed request is
+/// not: a timeout under load or a restart looks the same, so it only benches the peer.
+#[derive(Debug, Default)]
+struct Shunned {
+    bad: HashSet<String>,
+    benched: HashMap<String, Instant>,
+}
+
+impl Shunned {
+    /// `name` sent a piece that failed its digest.
+    fn corrupt(&mut self, name: &str) {
+        self.benched.remove(name);
+        self.bad.insert(name.to_string());
+    }
+
+    /// `name` failed to send a piece at `now`.
+    fn failed(&mut self, name: &str, now: Instant) {
+        self.benched.insert(name.to_string(), now + BENCH);
+    }
+
+    /// Whether `name` is not to be asked at `now`.
+    fn avoid(&self, name: &str, now: Instant) -> bool {
+        self.bad.contains(name) || self.benched.get(name).is_some_and(|until| now < *until)
+    }
+
+    /// What the coordinator hears: only the proven bad, so a benched peer is still offered.
+    fn reported(&self) -> Vec<String> {
+        self.bad.iter().cloned().collect()
+    }
+}
 
 /// What a coordinator knows of one swarm.
 pub(crate) struct Board {
@@ -378,7 +415,7 @@ impl Mirror {
             coord_failures: 0,
             holders: HashMap::new(),
             assigned: HashSet::new(),
-            bad: HashSet::new(),
+            shunned: Shunned::default(),
             in_flight: HashMap::new(),
             load: HashMap::new(),
             upstream_in_flight: 0,
@@ -447,8 +484,8 @@ struct SwarmRun<'a> {
     holders: HashMap<String, Bits>,
     /// Pieces the coordinator handed this node to take from it.
     assigned: HashSet<u32>,
-    /// Holders this fill no longer asks: they sent a bad piece or failed to send one.
-    bad: HashSet<String>,
+    /// Holders this fill is not asking: for good after a bad piece, for a while after a failure.
+    shunned: Shunned,
     in_flight: HashMap<u32, From>,
     /// Pieces in flight per holder.
     load: HashMap<From, usize>,
@@ -541,7 +578,7 @@ impl SwarmRun<'_> {
             known: self.pieces.digests_known(),
             upstream: Some(self.r.upstream_name().to_string()),
             repo: Some(self.r.cache_repo.clone()),
-            bad: self.bad.iter().cloned().collect(),
+            bad: self.shunned.reported(),
         };
         let first = self.coord_failures > 0;
         match self
@@ -603,6 +640,7 @@ impl SwarmRun<'_> {
 
     fn schedule_pass(&mut self, unasked: bool) {
         let count = self.pieces.count();
+        let now = Instant::now();
         while self.in_flight.len() < IN_FLIGHT {
             let mut best: Option<(usize, u32, From)> = None;
             let mut looked = 0;
@@ -616,7 +654,7 @@ impl SwarmRun<'_> {
                 let holders: Vec<&String> = self
                     .holders
                     .iter()
-                    .filter(|(n, h)| h.get(i) && !self.bad.contains(*n))
+                    .filter(|(n, h)| h.get(i) && !self.shunned.avoid(n, now))
                     .map(|(n, _)| n)
                     .collect();
                 let choice = if self.pieces.digest(i).is_none() || holders.is_empty() {
@@ -670,7 +708,8 @@ impl SwarmRun<'_> {
         let fut: BoxFuture<'static, PieceResult> = match &from {
             From::Peer(name) => {
                 let Some(node) = self.cluster.member(name) else {
-                    self.bad.insert(name.clone());
+                    // Not a member just now (left, or not yet seen again): ask again later.
+                    self.shunned.failed(name, Instant::now());
                     return;
                 };
                 let client = self.cluster.client().clone();
@@ -741,7 +780,7 @@ impl SwarmRun<'_> {
                                 *h = Bits::new(h.len());
                             }
                         } else {
-                            self.bad.insert(n.clone());
+                            self.shunned.failed(n, Instant::now());
                         }
                     }
                     From::Upstream => {
@@ -759,7 +798,7 @@ impl SwarmRun<'_> {
             (Some(want), From::Peer(n)) if want != got => {
                 self.mirror.metrics.piece("corrupt");
                 tracing::warn!(digest = %self.digest, piece = i, peer = %n, "piece failed its digest; that peer is not asked again by this fill");
-                self.bad.insert(n.clone());
+                self.shunned.corrupt(n);
                 return Ok(false);
             }
             (Some(want), From::Upstream) if want != got => {
@@ -865,4 +904,36 @@ async fn take_exactly(
         }
     }
     Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_holder_is_benched_then_asked_again_and_a_bad_one_never() {
+        let t0 = Instant::now();
+        let mut s = Shunned::default();
+        s.failed("slow", t0);
+        assert!(s.avoid("slow", t0));
+        assert!(s.avoid("slow", t0 + BENCH - Duration::from_millis(1)));
+        assert!(!s.avoid("slow", t0 + BENCH), "a timeout is not a verdict");
+        // A benched peer is not reported: the coordinator keeps offering it to others.
+        assert!(s.reported().is_empty());
+
+        s.corrupt("liar");
+        for later in [t0, t0 + BENCH, t0 + BENCH * 100] {
+            assert!(s.avoid("liar", later));
+        }
+        assert_eq!(s.reported(), vec!["liar".to_string()]);
+
+        // A peer benched first and then caught sending a bad piece stays out.
+        s.failed("both", t0);
+        s.corrupt("both");
+        assert!(s.avoid("both", t0 + BENCH * 10));
+        // And a bad one failing later is still bad.
+        s.failed("liar", t0);
+        assert!(s.avoid("liar", t0 + BENCH * 10));
+        assert!(!s.avoid("stranger", t0));
+    }
 }
