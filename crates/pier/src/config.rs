@@ -512,6 +512,25 @@ pub struct ClusterConfig {
     pub replicate_all: bool,
 }
 
+impl ClusterConfig {
+    /// The node's name: `node_name` when set, else the host name. It names the node in and
+    /// out of a cluster (the status document, the dashboard, the logs).
+    pub fn name(&self) -> String {
+        match &self.node_name {
+            Some(n) if !n.trim().is_empty() => n.trim().to_string(),
+            _ => rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
+        }
+    }
+
+    /// The node's zone, when one is set.
+    pub fn zone(&self) -> Option<String> {
+        self.zone.clone().filter(|z| !z.trim().is_empty())
+    }
+}
+
 impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {

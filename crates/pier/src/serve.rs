@@ -333,6 +333,10 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
+    state.node = Arc::new(pier_server::status::NodeIdentity {
+        name: config.cluster.name(),
+        zone: config.cluster.zone(),
+    });
     state.gc = Arc::new(pier_server::gc::GcSettings {
         grace: config.gc.grace.0,
         untagged_after: config.gc.untagged_after.as_ref().map(|d| d.0),
@@ -575,13 +579,7 @@ async fn start_cluster(
         .await
         .with_context(|| format!("cannot listen for gossip on {bound} (UDP)"))?;
     let advertise = advertise_addr(c, bound).await?;
-    let name = match &c.node_name {
-        Some(n) if !n.trim().is_empty() => n.trim().to_string(),
-        _ => rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
-    };
+    let name = c.name();
     let generation = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -589,7 +587,7 @@ async fn start_cluster(
         name: name.clone(),
         generation,
         addr: advertise,
-        zone: c.zone.clone().filter(|z| !z.is_empty()),
+        zone: c.zone(),
     };
     let mut mcfg = MembershipConfig::new(identity, c.join.clone());
     mcfg.probe_period = Duration::from_millis(c.probe_period_ms.max(50));

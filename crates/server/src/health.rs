@@ -280,7 +280,7 @@ async fn upstreams(state: &AppState) -> Option<CheckResult> {
         let mut ok = 0;
         for (url, answer) in endpoints {
             match answer {
-                Ok(200 | 401 | 403) => ok += 1,
+                Ok(s) if pier_upstream::probe_answered(*s) => ok += 1,
                 Ok(status) => details.push(format!("{name}: {url}/v2/ answered {status}")),
                 Err(e) => details.push(format!("{name}: {url}/v2/: {e}")),
             }
