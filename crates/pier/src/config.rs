@@ -227,6 +227,10 @@ pub struct UpstreamConfig {
     /// Seconds a positive private check is remembered per client and repository.
     #[serde(default = "default_private_check_ttl")]
     pub private_check_ttl: u64,
+    /// One of [`BUILTIN_UPSTREAMS`] that no table or flag names: nobody asked for it, so
+    /// `pier check` only warns when it is unreachable (unless it served pulls lately).
+    #[serde(skip)]
+    pub builtin: bool,
 }
 
 fn default_private_check_ttl() -> u64 {
@@ -245,6 +249,7 @@ impl UpstreamConfig {
             deny: Vec::new(),
             private: false,
             private_check_ttl: default_private_check_ttl(),
+            builtin: false,
         }
     }
 
@@ -308,7 +313,9 @@ impl Config {
         };
         if self.mirror.builtin_upstreams {
             for (name, url) in BUILTIN_UPSTREAMS {
-                put(UpstreamConfig::new(name, vec![url.to_string()]));
+                let mut builtin = UpstreamConfig::new(name, vec![url.to_string()]);
+                builtin.builtin = true;
+                put(builtin);
             }
         }
         for u in self.upstreams.iter().chain(flags) {

@@ -229,6 +229,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         "mirroring"
     );
     let upstream_names: Vec<String> = entries.iter().map(|e| e.name().to_string()).collect();
+    let upstream_names_builtin: Vec<String> = upstreams
+        .iter()
+        .filter(|u| u.builtin)
+        .map(|u| u.name.clone())
+        .collect();
     let meta_for_jobs = meta.clone();
     let target_timeouts = pier_upstream::Timeouts {
         connect: Duration::from_secs(config.mirror.upstream_connect_timeout.max(1)),
@@ -381,6 +386,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             .watch
             .clone()
             .map(|dir| (dir, watch_health.clone())),
+        unlisted_builtins: upstream_names_builtin.clone(),
     });
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
