@@ -222,6 +222,34 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         });
     }
     let default_upstream = Some(config.mirror.default_upstream.clone()).filter(|d| !d.is_empty());
+    // Where a push lands is the first surprise of a new registry: say it at start.
+    let hosted_globs = if config.mirror.hosted.is_empty() {
+        "none declared".to_string()
+    } else {
+        config.mirror.hosted.join(",")
+    };
+    match &default_upstream {
+        Some(d) => {
+            // Docker Hub alone respells single names (`myapp` is its `library/myapp`).
+            let single = if d == "docker.io" {
+                " and single names (myapp)"
+            } else {
+                ""
+            };
+            tracing::info!(
+                hosted = %hosted_globs,
+                default_upstream = %d,
+                "pushes: accepted into hosted namespaces ({hosted_globs}){single}; other names \
+                 without a registry prefix (team/app) are {d}'s and refused unless hosted \
+                 (--hosted 'team/**' or [mirror] hosted)"
+            )
+        }
+        None => tracing::info!(
+            hosted = %hosted_globs,
+            default_upstream = "none",
+            "pushes: every repository not routed to an upstream is hosted here"
+        ),
+    }
     tracing::info!(
         upstreams = %upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(","),
         default = default_upstream.as_deref().unwrap_or("none"),
