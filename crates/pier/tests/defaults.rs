@@ -66,8 +66,16 @@ async fn defaults_take_a_push_of_a_single_name_and_refuse_docker_hubs_names() {
     );
     let (layout, image) = small_image(&tmp.path().join("src"), 61);
     let http = reqwest::Client::new();
-    common::push_image(&http, &node.url(), "myapp", "1", &layout, &image, Upload::Monolithic)
-        .await;
+    common::push_image(
+        &http,
+        &node.url(),
+        "myapp",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
     let got = http
         .get(format!("{}/v2/myapp/manifests/1", node.url()))
         .header("accept", &image.manifest.media_type)
@@ -75,7 +83,10 @@ async fn defaults_take_a_push_of_a_single_name_and_refuse_docker_hubs_names() {
         .await
         .expect("pull the manifest");
     assert_eq!(got.status(), 200);
-    assert_eq!(got.bytes().await.expect("body").to_vec(), image.manifest_bytes);
+    assert_eq!(
+        got.bytes().await.expect("body").to_vec(),
+        image.manifest_bytes
+    );
 
     // A name Docker Hub serves as spelled stays refused, and the answer names the fix.
     let refused = http
@@ -94,7 +105,11 @@ async fn defaults_take_a_push_of_a_single_name_and_refuse_docker_hubs_names() {
         .send()
         .await
         .expect("start an upload");
-    assert_eq!(refused.status(), 403, "Docker Hub's spelling stays Docker Hub's");
+    assert_eq!(
+        refused.status(),
+        403,
+        "Docker Hub's spelling stays Docker Hub's"
+    );
     // A single name is this registry's own before anything is pushed to it too: a read is a
     // local 404, not a question to Docker Hub.
     let unknown = http
@@ -125,7 +140,10 @@ async fn the_readme_first_push_works_with_skopeo_against_defaults() {
     let dest = format!("docker://localhost:{}/myapp:v1", node.port());
     skopeo.copy(&oci_ref(&layout.dir, "v1"), &dest).await;
     let raw = skopeo.inspect_raw(&dest).await;
-    assert_eq!(raw, image.manifest_bytes, "the pushed manifest, byte for byte");
+    assert_eq!(
+        raw, image.manifest_bytes,
+        "the pushed manifest, byte for byte"
+    );
     let refused = skopeo
         .try_run(&[
             "copy",
@@ -135,5 +153,9 @@ async fn the_readme_first_push_works_with_skopeo_against_defaults() {
         ])
         .await;
     assert!(!refused.success, "{}", refused.output);
-    assert!(refused.output.contains("default upstream docker.io"), "{}", refused.output);
+    assert!(
+        refused.output.contains("default upstream docker.io"),
+        "{}",
+        refused.output
+    );
 }

@@ -689,8 +689,10 @@ async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
     for i in 0..3u8 {
         let data = vec![i; 1000 + usize::from(i)];
         let d = push_blob(&http, &origin.url(), "team/app", &data).await;
-        layers.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
-                                       "digest": d, "size": data.len()}));
+        layers.push(
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": d, "size": data.len()}),
+        );
     }
     let manifest = serde_json::json!({
         "schemaVersion": 2,
@@ -732,10 +734,14 @@ async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
     assert!(!text.lines().any(|l| l.starts_with("fail")), "{text}");
     let warn = lines_of(&text, "warn", "upstreams").unwrap_or_else(|| panic!("{text}"));
     assert!(
-        warn.contains("6 built-in upstreams") && warn.contains("[mirror] builtin_upstreams = false"),
+        warn.contains("6 built-in upstreams")
+            && warn.contains("[mirror] builtin_upstreams = false"),
         "{text}"
     );
-    assert!(warn.contains("quay.io") && !warn.contains("docker.io"), "{text}");
+    assert!(
+        warn.contains("quay.io") && !warn.contains("docker.io"),
+        "{text}"
+    );
     let refs = lines_of(&text, "pass", "manifest references").unwrap_or_else(|| panic!("{text}"));
     assert!(
         refs.contains("4 references of 1 of 1 manifests are not stored yet"),

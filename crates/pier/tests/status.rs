@@ -499,7 +499,15 @@ async fn a_node_outside_a_cluster_goes_by_its_node_name_and_zone() {
     let node = Pier::start_with(
         &dir.path().join("data"),
         &dir.path().join("pier.log"),
-        &["--hosted", "**", "--node-name", "uinode", "--zone", "rack-7"].map(String::from),
+        &[
+            "--hosted",
+            "**",
+            "--node-name",
+            "uinode",
+            "--zone",
+            "rack-7",
+        ]
+        .map(String::from),
     );
     let http = reqwest::Client::new();
     let doc = status_of(&http, &node).await;
@@ -574,14 +582,23 @@ async fn upstream_health_is_unknown_until_a_request_sees_it() {
         .iter()
         .flat_map(|u| u["endpoints"].as_array().expect("endpoints"))
         .collect();
-    assert_eq!(all.len(), 9, "seven built-in upstreams and two configured: {doc}");
+    assert_eq!(
+        all.len(),
+        9,
+        "seven built-in upstreams and two configured: {doc}"
+    );
     for e in &all {
         assert_eq!(e["state"], "unknown", "{doc}");
         assert_eq!(e["healthy"], false, "never seen is not healthy: {doc}");
     }
     let m = node.metrics(&http).await;
     let docker = [("upstream", "docker.io"), ("state", "unknown")];
-    assert_eq!(m.sum("pier_upstream_endpoint_state", &docker), 1.0, "{}", m.0);
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &docker),
+        1.0,
+        "{}",
+        m.0
+    );
     assert_eq!(
         m.sum(
             "pier_upstream_endpoint_state",
@@ -601,14 +618,18 @@ async fn upstream_health_is_unknown_until_a_request_sees_it() {
     assert!(
         summary
             .lines()
-            .any(|l| l.contains("https://registry-1.docker.io") && l.ends_with("unknown (not tried yet)")),
+            .any(|l| l.contains("https://registry-1.docker.io")
+                && l.ends_with("unknown (not tried yet)")),
         "{summary}"
     );
     assert!(!summary.contains("healthy"), "{summary}");
 
     // One pull through each configured upstream: the live one answers, the dead one fails.
     let got = http
-        .get(format!("{}/v2/team/app/blobs/{digest}?ns=up.test", node.url()))
+        .get(format!(
+            "{}/v2/team/app/blobs/{digest}?ns=up.test",
+            node.url()
+        ))
         .send()
         .await
         .expect("pull through up.test");
@@ -617,7 +638,10 @@ async fn upstream_health_is_unknown_until_a_request_sees_it() {
     // A blob nobody stores: the one above is in the node's store now, whatever the upstream.
     let elsewhere = common::digest_of(b"only the dead upstream would have this");
     let failed = http
-        .get(format!("{}/v2/team/app/blobs/{elsewhere}?ns=dead.test", node.url()))
+        .get(format!(
+            "{}/v2/team/app/blobs/{elsewhere}?ns=dead.test",
+            node.url()
+        ))
         .send()
         .await
         .expect("pull through dead.test");
@@ -625,18 +649,46 @@ async fn upstream_health_is_unknown_until_a_request_sees_it() {
 
     let doc = status_of(&http, &node).await;
     let up = endpoint(&doc, "up.test", &origin.url());
-    assert_eq!((&up["state"], &up["healthy"]), (&json!("healthy"), &json!(true)), "{doc}");
+    assert_eq!(
+        (&up["state"], &up["healthy"]),
+        (&json!("healthy"), &json!(true)),
+        "{doc}"
+    );
     let down = endpoint(&doc, "dead.test", &dead);
-    assert_eq!((&down["state"], &down["healthy"]), (&json!("unhealthy"), &json!(false)), "{doc}");
+    assert_eq!(
+        (&down["state"], &down["healthy"]),
+        (&json!("unhealthy"), &json!(false)),
+        "{doc}"
+    );
     let docker = endpoint(&doc, "docker.io", "https://registry-1.docker.io");
     assert_eq!(docker["state"], "unknown", "still never asked: {doc}");
     let m = node.metrics(&http).await;
     let up_labels = [("upstream", "up.test")];
-    assert_eq!(m.sum("pier_upstream_endpoint_healthy", &up_labels), 1.0, "{}", m.0);
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_healthy", &up_labels),
+        1.0,
+        "{}",
+        m.0
+    );
     let healthy = [("upstream", "up.test"), ("state", "healthy")];
-    assert_eq!(m.sum("pier_upstream_endpoint_state", &healthy), 1.0, "{}", m.0);
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &healthy),
+        1.0,
+        "{}",
+        m.0
+    );
     let unhealthy = [("upstream", "dead.test"), ("state", "unhealthy")];
-    assert_eq!(m.sum("pier_upstream_endpoint_state", &unhealthy), 1.0, "{}", m.0);
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &unhealthy),
+        1.0,
+        "{}",
+        m.0
+    );
     let unknown = [("upstream", "dead.test"), ("state", "unknown")];
-    assert_eq!(m.sum("pier_upstream_endpoint_state", &unknown), 0.0, "{}", m.0);
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &unknown),
+        0.0,
+        "{}",
+        m.0
+    );
 }

@@ -195,7 +195,10 @@ async fn dashboard_names_a_lone_node_and_shows_unasked_upstreams_as_unknown() {
     // A pull through the dead upstream: that endpoint is now known to be down.
     let missing = format!("sha256:{}", "ab".repeat(32));
     let resp = reqwest::Client::new()
-        .get(format!("{}/v2/team/app/blobs/{missing}?ns=dead.test", node.url()))
+        .get(format!(
+            "{}/v2/team/app/blobs/{missing}?ns=dead.test",
+            node.url()
+        ))
         .send()
         .await
         .unwrap();

@@ -311,7 +311,11 @@ async fn upstreams(state: &AppState) -> Option<CheckResult> {
             "{} built-in {} nobody configured or pulled from in the last hour {} unreachable \
              ({}); turn the built-ins off with [mirror] builtin_upstreams = false",
             idle_down.len(),
-            if idle_down.len() == 1 { "upstream" } else { "upstreams" },
+            if idle_down.len() == 1 {
+                "upstream"
+            } else {
+                "upstreams"
+            },
             if idle_down.len() == 1 { "is" } else { "are" },
             idle_down.join(", ")
         )

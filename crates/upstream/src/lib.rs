@@ -423,7 +423,11 @@ impl Upstream {
         config.attempts = 1;
         let asker = Upstream {
             config,
-            endpoints: self.endpoints.iter().map(|e| Endpoint::new(&e.base)).collect(),
+            endpoints: self
+                .endpoints
+                .iter()
+                .map(|e| Endpoint::new(&e.base))
+                .collect(),
             client: self.client.clone(),
             tokens: TokenCache::default(),
             basic_seen: AtomicBool::new(false),
