@@ -24,6 +24,13 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointStateLabels {
+    pub upstream: String,
+    pub endpoint: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointResultLabels {
     pub upstream: String,
     pub endpoint: String,
@@ -43,6 +50,7 @@ pub struct MirrorMetrics {
     pub upstream_requests: Family<EndpointResultLabels, Counter>,
     pub upstream_duration: Family<EndpointLabels, Histogram>,
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+    pub endpoint_state: Family<EndpointStateLabels, Gauge>,
     pub fill_memory: Gauge,
     pub negative_hits: Counter,
     pub swarm_pieces: Family<ResultLabel, Counter>,
@@ -66,6 +74,7 @@ impl MirrorMetrics {
                 Histogram::new(exponential_buckets(0.001, 4.0, 9))
             }),
             endpoint_healthy: Family::default(),
+            endpoint_state: Family::default(),
             fill_memory: Gauge::default(),
             negative_hits: Counter::default(),
             swarm_pieces: Family::default(),
@@ -103,8 +112,13 @@ impl MirrorMetrics {
         );
         registry.register(
             "upstream_endpoint_healthy",
-            "1 while an upstream endpoint is in use, 0 while it is benched after failures",
+            "1 once an upstream endpoint answered, 0 while it is benched or its last request failed; absent until a request or probe has reached it",
             m.endpoint_healthy.clone(),
+        );
+        registry.register(
+            "upstream_endpoint_state",
+            "1 for an upstream endpoint's observed health (state: healthy, unhealthy, unknown until a request or probe has reached it), 0 for the others",
+            m.endpoint_state.clone(),
         );
         registry.register(
             "mirror_fill_memory_bytes",
@@ -162,14 +176,21 @@ impl MirrorMetrics {
             .inc();
     }
 
-    /// Mark every configured endpoint healthy at start.
+    /// A configured endpoint at start: its health is unknown until something reaches it.
     pub fn endpoint_known(&self, upstream: &str, endpoint: &str) {
-        self.endpoint_healthy
-            .get_or_create(&EndpointLabels {
-                upstream: upstream.to_string(),
-                endpoint: endpoint.to_string(),
-            })
-            .set(1);
+        self.endpoint_state_is(upstream, endpoint, pier_upstream::Health::Unknown);
+    }
+
+    fn endpoint_state_is(&self, upstream: &str, endpoint: &str, now: pier_upstream::Health) {
+        for h in pier_upstream::Health::ALL {
+            self.endpoint_state
+                .get_or_create(&EndpointStateLabels {
+                    upstream: upstream.to_string(),
+                    endpoint: endpoint.to_string(),
+                    state: h.as_str(),
+                })
+                .set(i64::from(h == now));
+        }
     }
 }
 
@@ -197,5 +218,11 @@ impl pier_upstream::Observer for MirrorMetrics {
                 endpoint: endpoint.to_string(),
             })
             .set(i64::from(healthy));
+        let now = if healthy {
+            pier_upstream::Health::Healthy
+        } else {
+            pier_upstream::Health::Unhealthy
+        };
+        self.endpoint_state_is(upstream, endpoint, now);
     }
 }

@@ -227,6 +227,10 @@ pub struct UpstreamConfig {
     /// Seconds a positive private check is remembered per client and repository.
     #[serde(default = "default_private_check_ttl")]
     pub private_check_ttl: u64,
+    /// One of [`BUILTIN_UPSTREAMS`] that no table or flag names: nobody asked for it, so
+    /// `pier check` only warns when it is unreachable (unless it served pulls lately).
+    #[serde(skip)]
+    pub builtin: bool,
 }
 
 fn default_private_check_ttl() -> u64 {
@@ -245,6 +249,7 @@ impl UpstreamConfig {
             deny: Vec::new(),
             private: false,
             private_check_ttl: default_private_check_ttl(),
+            builtin: false,
         }
     }
 
@@ -308,7 +313,9 @@ impl Config {
         };
         if self.mirror.builtin_upstreams {
             for (name, url) in BUILTIN_UPSTREAMS {
-                put(UpstreamConfig::new(name, vec![url.to_string()]));
+                let mut builtin = UpstreamConfig::new(name, vec![url.to_string()]);
+                builtin.builtin = true;
+                put(builtin);
             }
         }
         for u in self.upstreams.iter().chain(flags) {
@@ -528,6 +535,25 @@ pub struct ClusterConfig {
     /// Whether hosted pushes and imports go to every node (a built-in `[[replicate]]` rule
     /// named `cluster`) when no rule of the configuration targets `cluster`.
     pub replicate_all: bool,
+}
+
+impl ClusterConfig {
+    /// The node's name: `node_name` when set, else the host name. It names the node in and
+    /// out of a cluster (the status document, the dashboard, the logs).
+    pub fn name(&self) -> String {
+        match &self.node_name {
+            Some(n) if !n.trim().is_empty() => n.trim().to_string(),
+            _ => rustix::system::uname()
+                .nodename()
+                .to_string_lossy()
+                .into_owned(),
+        }
+    }
+
+    /// The node's zone, when one is set.
+    pub fn zone(&self) -> Option<String> {
+        self.zone.clone().filter(|z| !z.trim().is_empty())
+    }
 }
 
 impl Default for ClusterConfig {

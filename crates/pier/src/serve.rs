@@ -223,6 +223,34 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         });
     }
     let default_upstream = Some(config.mirror.default_upstream.clone()).filter(|d| !d.is_empty());
+    // Where a push lands is the first surprise of a new registry: say it at start.
+    let hosted_globs = if config.mirror.hosted.is_empty() {
+        "none declared".to_string()
+    } else {
+        config.mirror.hosted.join(",")
+    };
+    match &default_upstream {
+        Some(d) => {
+            // Docker Hub alone respells single names (`myapp` is its `library/myapp`).
+            let single = if d == "docker.io" {
+                " and single names (myapp)"
+            } else {
+                ""
+            };
+            tracing::info!(
+                hosted = %hosted_globs,
+                default_upstream = %d,
+                "pushes: accepted into hosted namespaces ({hosted_globs}){single}; other names \
+                 without a registry prefix (team/app) are {d}'s and refused unless hosted \
+                 (--hosted 'team/**' or [mirror] hosted)"
+            )
+        }
+        None => tracing::info!(
+            hosted = %hosted_globs,
+            default_upstream = "none",
+            "pushes: every repository not routed to an upstream is hosted here"
+        ),
+    }
     tracing::info!(
         upstreams = %upstreams.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(","),
         default = default_upstream.as_deref().unwrap_or("none"),
@@ -230,6 +258,11 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         "mirroring"
     );
     let upstream_names: Vec<String> = entries.iter().map(|e| e.name().to_string()).collect();
+    let upstream_names_builtin: Vec<String> = upstreams
+        .iter()
+        .filter(|u| u.builtin)
+        .map(|u| u.name.clone())
+        .collect();
     let meta_for_jobs = meta.clone();
     let target_timeouts = pier_upstream::Timeouts {
         connect: Duration::from_secs(config.mirror.upstream_connect_timeout.max(1)),
@@ -334,6 +367,10 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     let mut stopped = stop_rx.clone();
     let mut state = AppState::with_mirror(registry, mirror, metrics).with_space(space);
     state.hosted = Arc::new(config.mirror.hosted.clone());
+    state.node = Arc::new(pier_server::status::NodeIdentity {
+        name: config.cluster.name(),
+        zone: config.cluster.zone(),
+    });
     state.gc = Arc::new(pier_server::gc::GcSettings {
         grace: config.gc.grace.0,
         untagged_after: config.gc.untagged_after.as_ref().map(|d| d.0),
@@ -378,6 +415,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             .watch
             .clone()
             .map(|dir| (dir, watch_health.clone())),
+        unlisted_builtins: upstream_names_builtin.clone(),
     });
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
@@ -631,13 +669,7 @@ async fn start_cluster(
         .await
         .with_context(|| format!("cannot listen for gossip on {bound} (UDP)"))?;
     let advertise = advertise_addr(c, bound).await?;
-    let name = match &c.node_name {
-        Some(n) if !n.trim().is_empty() => n.trim().to_string(),
-        _ => rustix::system::uname()
-            .nodename()
-            .to_string_lossy()
-            .into_owned(),
-    };
+    let name = c.name();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -650,7 +682,7 @@ async fn start_cluster(
         name: name.clone(),
         generation,
         addr: advertise,
-        zone: c.zone.clone().filter(|z| !z.is_empty()),
+        zone: c.zone(),
     };
     let mut mcfg = MembershipConfig::new(identity, c.join.clone());
     mcfg.probe_period = Duration::from_millis(c.probe_period_ms.max(50));

@@ -143,6 +143,8 @@ struct Upstream {
 #[derive(Debug, Deserialize)]
 struct Endpoint {
     url: Option<String>,
+    /// `healthy`, `unhealthy` or `unknown`; older nodes send only `healthy`.
+    state: Option<String>,
     healthy: Option<bool>,
 }
 
@@ -254,10 +256,12 @@ fn render(status: &Status) -> String {
                     rows.push([name.clone(), "-".to_string(), "-".to_string()]);
                 }
                 for e in endpoints {
-                    let health = match e.healthy {
-                        Some(true) => "healthy",
-                        Some(false) => "UNHEALTHY (benched)",
-                        None => "-",
+                    let health = match (e.state.as_deref(), e.healthy) {
+                        (Some("healthy"), _) | (None, Some(true)) => "healthy",
+                        (Some("unhealthy"), _) | (None, Some(false)) => "UNHEALTHY",
+                        (Some("unknown"), _) => "unknown (not tried yet)",
+                        (Some(other), _) => other,
+                        (None, None) => "-",
                     };
                     rows.push([
                         name.clone(),

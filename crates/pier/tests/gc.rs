@@ -621,3 +621,142 @@ async fn gc_removes_a_manifest_untagged_past_the_retention_and_its_layer() {
         m.0
     );
 }
+
+/// `pier serve` as a child with `env` set, on a free port; killed on drop.
+struct Serving {
+    child: std::process::Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Serving {
+    fn start(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Serving {
+        let port = common::free_port();
+        let log = dir.join("serve.log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(args)
+            .env_remove("PIER_LOG")
+            .envs(env.iter().copied());
+        let mut child = common::spawn_logged(&mut cmd, common::append_log(&log));
+        let ready = common::wait_startup(
+            &mut child,
+            common::READY_TIMEOUT,
+            std::time::Duration::from_millis(50),
+            || common::http_status(port, "/v2/") == Some(200),
+        );
+        assert!(
+            matches!(ready, common::Startup::Ready),
+            "pier did not start:\n{}",
+            common::read_log(&log, 0)
+        );
+        Serving {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        }
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        common::print_log_tail_if_panicking("pier", &self.log, 40);
+    }
+}
+
+/// An air-gapped node as an operator sets it up: only `--upstream docker.io=...` given, the six
+/// other built-in upstreams unreachable (every HTTPS request goes to a proxy that is not
+/// there). `pier check` warns about those and says how to turn them off, but does not fail;
+/// it fails once the upstream the operator configured stops answering. A mirrored manifest
+/// whose config and layers were not pulled counts as one manifest, not as its references.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let http = http_client();
+    let origin_dir = tmp.path().join("origin");
+    std::fs::create_dir_all(&origin_dir).expect("mkdir");
+    let mut origin = hosted_pier(&origin_dir);
+    // One image of a config and three layers, stored at the origin.
+    let config = br#"{"architecture":"amd64"}"#.to_vec();
+    let c = push_blob(&http, &origin.url(), "team/app", &config).await;
+    let mut layers = Vec::new();
+    for i in 0..3u8 {
+        let data = vec![i; 1000 + usize::from(i)];
+        let d = push_blob(&http, &origin.url(), "team/app", &data).await;
+        layers.push(
+            serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar",
+                                       "digest": d, "size": data.len()}),
+        );
+    }
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": c, "size": config.len()},
+        "layers": layers,
+    })
+    .to_string();
+    let put = http
+        .put(format!("{}/v2/team/app/manifests/v1", origin.url()))
+        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+        .body(manifest)
+        .send()
+        .await
+        .expect("push manifest");
+    assert_eq!(put.status(), StatusCode::CREATED);
+
+    let dead_proxy = format!("http://127.0.0.1:{}", common::free_port());
+    let dir = tmp.path().join("node");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let node = Serving::start(
+        &dir,
+        &["--upstream".into(), format!("docker.io={}", origin.url())],
+        &[("HTTPS_PROXY", &dead_proxy), ("https_proxy", &dead_proxy)],
+    );
+    // The manifest only, through the default upstream: its four blobs are not stored here.
+    let got = http
+        .get(format!("{}/v2/team/app/manifests/v1", node.url))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("pull the manifest");
+    assert_eq!(got.status(), StatusCode::OK);
+
+    let out = pier(&["check", "--url", &node.url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "warnings only:\n{text}");
+    assert!(!text.lines().any(|l| l.starts_with("fail")), "{text}");
+    let warn = lines_of(&text, "warn", "upstreams").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        warn.contains("6 built-in upstreams")
+            && warn.contains("[mirror] builtin_upstreams = false"),
+        "{text}"
+    );
+    assert!(
+        warn.contains("quay.io") && !warn.contains("docker.io"),
+        "{text}"
+    );
+    let refs = lines_of(&text, "pass", "manifest references").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        refs.contains("4 references of 1 of 1 manifests are not stored yet"),
+        "{text}"
+    );
+
+    // The upstream the operator named is gone: that is a failure.
+    origin.kill();
+    let out = pier(&["check", "--url", &node.url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let fail = lines_of(&text, "fail", "upstreams").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        fail.contains("1 of 1 configured or used upstreams unreachable: docker.io"),
+        "{text}"
+    );
+    assert!(text.contains("builtin_upstreams = false"), "{text}");
+}

@@ -478,3 +478,217 @@ async fn warm_refuses_replicas_with_all_nodes_before_asking() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(requests_of(&requests).is_empty(), "nothing was asked");
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the status document says about a node outside a cluster and its upstreams
+// ---------------------------------------------------------------------------------------------
+
+async fn status_of(http: &reqwest::Client, node: &Pier) -> Value {
+    http.get(format!("{}/api/v1/status", node.url()))
+        .send()
+        .await
+        .expect("GET /api/v1/status")
+        .json()
+        .await
+        .expect("status JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_outside_a_cluster_goes_by_its_node_name_and_zone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Pier::start_with(
+        &dir.path().join("data"),
+        &dir.path().join("pier.log"),
+        &[
+            "--hosted",
+            "**",
+            "--node-name",
+            "uinode",
+            "--zone",
+            "rack-7",
+        ]
+        .map(String::from),
+    );
+    let http = reqwest::Client::new();
+    let doc = status_of(&http, &node).await;
+    assert_eq!(doc["node"]["name"], "uinode", "{doc}");
+    assert_eq!(doc["node"]["zone"], "rack-7", "{doc}");
+    assert_eq!(doc["members"][0]["name"], "uinode", "{doc}");
+    assert_eq!(
+        doc["members"].as_array().map(Vec::len),
+        Some(1),
+        "a cluster of one: {doc}"
+    );
+
+    let out = pier_async(&["status", "--url", &node.url()]).await;
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        text(&out.stdout).starts_with("node       uinode, zone rack-7, pier "),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// The state of the endpoint `url` of upstream `name` in a status document.
+fn endpoint<'a>(doc: &'a Value, name: &str, url: &str) -> &'a Value {
+    doc["upstreams"]
+        .as_array()
+        .and_then(|ups| ups.iter().find(|u| u["name"] == name))
+        .and_then(|u| u["endpoints"].as_array())
+        .and_then(|eps| eps.iter().find(|e| e["url"] == url))
+        .unwrap_or_else(|| panic!("no endpoint {url} of {name}: {doc}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_health_is_unknown_until_a_request_sees_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let http = reqwest::Client::new();
+    // The upstream that answers: another pier, holding one blob.
+    let origin = Pier::start(&dir.path().join("origin"));
+    let blob = b"a blob behind a healthy upstream".to_vec();
+    let digest = common::digest_of(&blob);
+    let pushed = http
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={digest}",
+            origin.url()
+        ))
+        .body(blob.clone())
+        .send()
+        .await
+        .expect("push the blob");
+    assert_eq!(pushed.status(), StatusCode::CREATED);
+    let dead = dead_url();
+    let config = dir.path().join("pier.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[upstream]]\nname = \"up.test\"\nendpoints = [\"{}\"]\n\n\
+             [[upstream]]\nname = \"dead.test\"\nendpoints = [\"{dead}\"]\n",
+            origin.url()
+        ),
+    )
+    .expect("write config");
+    let node = Pier::start_with(
+        &dir.path().join("data"),
+        &dir.path().join("pier.log"),
+        &["--config".to_string(), path_arg(&config)],
+    );
+
+    // Nothing was asked yet: every endpoint, the built-in ones included, is unknown.
+    let doc = status_of(&http, &node).await;
+    let all: Vec<&Value> = doc["upstreams"]
+        .as_array()
+        .expect("upstreams")
+        .iter()
+        .flat_map(|u| u["endpoints"].as_array().expect("endpoints"))
+        .collect();
+    assert_eq!(
+        all.len(),
+        9,
+        "seven built-in upstreams and two configured: {doc}"
+    );
+    for e in &all {
+        assert_eq!(e["state"], "unknown", "{doc}");
+        assert_eq!(e["healthy"], false, "never seen is not healthy: {doc}");
+    }
+    let m = node.metrics(&http).await;
+    let docker = [("upstream", "docker.io"), ("state", "unknown")];
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &docker),
+        1.0,
+        "{}",
+        m.0
+    );
+    assert_eq!(
+        m.sum(
+            "pier_upstream_endpoint_state",
+            &[("upstream", "docker.io"), ("state", "healthy")]
+        ),
+        0.0,
+        "{}",
+        m.0
+    );
+    assert!(
+        !m.0.contains("pier_upstream_endpoint_healthy{"),
+        "no endpoint is called healthy or benched before anything reached it:\n{}",
+        m.0
+    );
+    let out = pier_async(&["status", "--url", &node.url()]).await;
+    let summary = text(&out.stdout);
+    assert!(
+        summary
+            .lines()
+            .any(|l| l.contains("https://registry-1.docker.io")
+                && l.ends_with("unknown (not tried yet)")),
+        "{summary}"
+    );
+    assert!(!summary.contains("healthy"), "{summary}");
+
+    // One pull through each configured upstream: the live one answers, the dead one fails.
+    let got = http
+        .get(format!(
+            "{}/v2/team/app/blobs/{digest}?ns=up.test",
+            node.url()
+        ))
+        .send()
+        .await
+        .expect("pull through up.test");
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(got.bytes().await.expect("body").to_vec(), blob);
+    // A blob nobody stores: the one above is in the node's store now, whatever the upstream.
+    let elsewhere = common::digest_of(b"only the dead upstream would have this");
+    let failed = http
+        .get(format!(
+            "{}/v2/team/app/blobs/{elsewhere}?ns=dead.test",
+            node.url()
+        ))
+        .send()
+        .await
+        .expect("pull through dead.test");
+    assert!(failed.status().is_server_error(), "{}", failed.status());
+
+    let doc = status_of(&http, &node).await;
+    let up = endpoint(&doc, "up.test", &origin.url());
+    assert_eq!(
+        (&up["state"], &up["healthy"]),
+        (&json!("healthy"), &json!(true)),
+        "{doc}"
+    );
+    let down = endpoint(&doc, "dead.test", &dead);
+    assert_eq!(
+        (&down["state"], &down["healthy"]),
+        (&json!("unhealthy"), &json!(false)),
+        "{doc}"
+    );
+    let docker = endpoint(&doc, "docker.io", "https://registry-1.docker.io");
+    assert_eq!(docker["state"], "unknown", "still never asked: {doc}");
+    let m = node.metrics(&http).await;
+    let up_labels = [("upstream", "up.test")];
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_healthy", &up_labels),
+        1.0,
+        "{}",
+        m.0
+    );
+    let healthy = [("upstream", "up.test"), ("state", "healthy")];
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &healthy),
+        1.0,
+        "{}",
+        m.0
+    );
+    let unhealthy = [("upstream", "dead.test"), ("state", "unhealthy")];
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &unhealthy),
+        1.0,
+        "{}",
+        m.0
+    );
+    let unknown = [("upstream", "dead.test"), ("state", "unknown")];
+    assert_eq!(
+        m.sum("pier_upstream_endpoint_state", &unknown),
+        0.0,
+        "{}",
+        m.0
+    );
+}

@@ -3,7 +3,8 @@
 //! 127.0.0.1, sees all three members alive and a non-zero byte count served from the node,
 //! presses retry on a replication job that failed because its target registry was down (it is
 //! up by then: Debian's docker-registry), and sees the job succeed. The screenshot is kept under
-//! the target directory as the test's artifact.
+//! the target directory as the test's artifact. A second test opens a lone node's dashboard
+//! (`tests/ui/node.py`): its `--node-name` in the header, upstreams nobody asked `unknown`.
 //!
 //! Runs with `PIER_INTEROP=1` (scripts/test.sh installs chromium, playwright and
 //! docker-registry).
@@ -164,4 +165,62 @@ async fn dashboard_shows_the_cluster_and_retries_a_failed_job_in_chromium() {
         screenshot.display()
     );
     println!("dashboard screenshot: {}", screenshot.display());
+}
+
+/// A node that joins no cluster, named with `--node-name`: the header shows that name, and
+/// upstreams nothing has asked yet (the built-in ones on a fresh node) say `unknown` rather
+/// than healthy, while one a pull has reached says what the pull saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_names_a_lone_node_and_shows_unasked_upstreams_as_unknown() {
+    let Some(tmp) = interop_tempdir(&["chromium", "python3"]) else {
+        return;
+    };
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let config = tmp.path().join("pier.toml");
+    std::fs::write(
+        &config,
+        format!("[[upstream]]\nname = \"dead.test\"\nendpoints = [\"{dead}\"]\n"),
+    )
+    .unwrap();
+    let node = Pier::start_with(
+        &tmp.path().join("data"),
+        &tmp.path().join("pier.log"),
+        &[
+            "--node-name".to_string(),
+            "uinode".to_string(),
+            "--config".to_string(),
+            config.display().to_string(),
+        ],
+    );
+    // A pull through the dead upstream: that endpoint is now known to be down.
+    let missing = format!("sha256:{}", "ab".repeat(32));
+    let resp = reqwest::Client::new()
+        .get(format!(
+            "{}/v2/team/app/blobs/{missing}?ns=dead.test",
+            node.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_server_error(), "{}", resp.status());
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/node.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(node.url())
+        .arg("uinode")
+        .args([
+            "docker.io=unknown (not tried yet)",
+            "quay.io=unknown (not tried yet)",
+            "dead.test=unhealthy",
+        ])
+        .output()
+        .expect("run python3 tests/ui/node.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "the dashboard check failed:\n{text}");
 }

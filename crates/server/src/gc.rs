@@ -192,13 +192,20 @@ pub fn results(state: &AppState, f: &CheckFindings, deep: bool) -> Vec<CheckResu
         )
     } else if !lazy.is_empty() {
         // A mirror fetches what is pulled: this is its normal state, not a problem.
+        // `lazy` holds one entry per reference: count the manifests they belong to (each
+        // entry's detail names its manifest) so the count never exceeds the total.
+        let manifests: std::collections::HashSet<(&str, &str)> = lazy
+            .iter()
+            .map(|m| (m.repo.as_str(), m.detail.as_str()))
+            .collect();
         result(
             "manifest references",
             "pass",
             format!(
-                "{} of {} manifests' references are not stored yet (mirrored images not \
+                "{} references of {} of {} manifests are not stored yet (mirrored images not \
                  pulled in full)",
                 lazy.len(),
+                manifests.len(),
                 f.manifests
             ),
             Vec::new(),

@@ -40,7 +40,13 @@ pub struct HealthSettings {
     pub listen: Option<(SocketAddr, bool)>,
     /// The watched folder and its watcher's state.
     pub watch: Option<(PathBuf, Arc<WatchHealth>)>,
+    /// Built-in upstreams (`[mirror] builtin_upstreams`) that no table or flag names: one of
+    /// them unreachable is a warning, not a failure, unless it served a pull lately.
+    pub unlisted_builtins: Vec<String>,
 }
+
+/// An unlisted built-in upstream that served a pull this recently counts as one in use.
+pub const IN_USE_WITHIN: Duration = Duration::from_secs(3600);
 
 /// Every health check that applies to this node, in a fixed order.
 pub async fn checks(state: &AppState) -> Vec<CheckResult> {
@@ -260,49 +266,77 @@ async fn listeners(state: &AppState) -> Option<CheckResult> {
 }
 
 /// `/v2/` of every endpoint of every upstream. 200, or 401/403 from a registry that wants
-/// credentials, means it is there.
+/// credentials, means it is there. An upstream that does not answer fails the check when the
+/// operator configured it or it served a pull within [`IN_USE_WITHIN`]; a built-in one nobody
+/// named or used only warns, and says how to turn the built-ins off.
 async fn upstreams(state: &AppState) -> Option<CheckResult> {
     let mirror = state.mirror.as_ref()?;
     let upstreams = mirror.upstreams();
     if upstreams.is_empty() {
         return None;
     }
-    let asked = join_all(
-        upstreams
-            .iter()
-            .map(|u| async move { (u.name().to_string(), u.client.probe(PROBE_LIMIT).await) }),
-    )
+    let asked = join_all(upstreams.iter().map(|u| async move {
+        let idle_builtin = state.health.unlisted_builtins.iter().any(|b| b == u.name())
+            && !u.client.served_within(IN_USE_WITHIN);
+        (
+            u.name().to_string(),
+            idle_builtin,
+            u.client.probe(PROBE_LIMIT).await,
+        )
+    }))
     .await;
     let mut down = Vec::new();
+    let mut idle_down = Vec::new();
     let mut degraded = Vec::new();
     let mut details = Vec::new();
-    for (name, endpoints) in &asked {
+    for (name, idle_builtin, endpoints) in &asked {
         let mut ok = 0;
         for (url, answer) in endpoints {
             match answer {
-                Ok(200 | 401 | 403) => ok += 1,
+                Ok(s) if pier_upstream::probe_answered(*s) => ok += 1,
                 Ok(status) => details.push(format!("{name}: {url}/v2/ answered {status}")),
                 Err(e) => details.push(format!("{name}: {url}/v2/: {e}")),
             }
         }
-        if ok == 0 {
+        if ok == 0 && *idle_builtin {
+            idle_down.push(name.as_str());
+        } else if ok == 0 {
             down.push(name.as_str());
         } else if ok < endpoints.len() {
             degraded.push(name.as_str());
         }
     }
+    let idle_note = || {
+        format!(
+            "{} built-in {} nobody configured or pulled from in the last hour {} unreachable \
+             ({}); turn the built-ins off with [mirror] builtin_upstreams = false",
+            idle_down.len(),
+            if idle_down.len() == 1 {
+                "upstream"
+            } else {
+                "upstreams"
+            },
+            if idle_down.len() == 1 { "is" } else { "are" },
+            idle_down.join(", ")
+        )
+    };
     Some(if !down.is_empty() {
+        if !idle_down.is_empty() {
+            details.push(idle_note());
+        }
+        let in_use = asked.len() - idle_down.len();
         result(
             "upstreams",
             "fail",
             format!(
-                "{} of {} upstreams unreachable: {}",
+                "{} of {in_use} configured or used upstreams unreachable: {}",
                 down.len(),
-                asked.len(),
                 down.join(", ")
             ),
             details,
         )
+    } else if !idle_down.is_empty() {
+        result("upstreams", "warn", idle_note(), details)
     } else if !degraded.is_empty() {
         result(
             "upstreams",

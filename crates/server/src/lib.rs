@@ -78,6 +78,8 @@ pub struct AppState {
     pub private: Arc<auth::PrivateChecks>,
     /// What the node health checks of `pier check` look at.
     pub health: Arc<health::HealthSettings>,
+    /// This node's name and zone as configured (`--node-name`, `--zone`), in a cluster or not.
+    pub node: Arc<status::NodeIdentity>,
 }
 
 impl AppState {
@@ -99,6 +101,7 @@ impl AppState {
             auth: None,
             private: Arc::default(),
             health: Arc::default(),
+            node: Arc::default(),
         }
     }
 
@@ -125,6 +128,7 @@ impl AppState {
             auth: None,
             private: Arc::default(),
             health: Arc::default(),
+            node: Arc::default(),
         }
     }
 }

@@ -19,7 +19,11 @@ type Result<T> = std::result::Result<T, ApiError>;
 ///    registry pier does not mirror is a 404 `NAME_UNKNOWN`, so containerd falls back to the
 ///    registry itself instead of being given another registry's image;
 /// 2. a first path segment naming an upstream (`/v2/ghcr.io/org/app/...`);
-/// 3. a name matching `[mirror] hosted`, or a repository already pushed here, is hosted;
+/// 3. a name matching `[mirror] hosted`, or a repository already pushed here, is hosted; so is
+///    a single name (`myapp`) that the default upstream would only serve respelled (Docker
+///    Hub's `library/myapp`): clients that use pier as their mirror always send the full
+///    spelling, so `myapp` is this registry's own name, for pushes and reads alike, while
+///    `library/myapp` stays Docker Hub's;
 /// 4. for reads, the default upstream (Docker's `registry-mirrors`, which sends `library/nginx`
 ///    and no `ns`). Blob and referrers reads take this route only once a manifest of the
 ///    repository came through it: clients fetch a manifest before its blobs, and a pusher's
@@ -59,6 +63,14 @@ pub(crate) async fn target(
         .hosted
         .iter()
         .any(|g| pier_mirror::glob::matches(g, name.as_str()))
+    {
+        return Ok(None);
+    }
+    if mirror
+        .default_route(name)
+        .ok()
+        .flatten()
+        .is_some_and(|r| r.repo != name.as_str())
     {
         return Ok(None);
     }

@@ -28,11 +28,28 @@ pub struct Status {
     pub upstreams: Vec<UpstreamStatus>,
 }
 
+/// What the node is called, set once at start: `--node-name` (default: the host name) and
+/// `--zone`, whether or not the node joins a cluster.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub name: String,
+    pub zone: Option<String>,
+}
+
+impl Default for NodeIdentity {
+    fn default() -> Self {
+        NodeIdentity {
+            name: host_name(),
+            zone: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
-    /// The host name.
+    /// `--node-name` (`[cluster] node_name`), by default the host name.
     pub name: String,
-    /// The node's zone; none until the node is part of a cluster with zones.
+    /// The node's zone (`--zone`); none when not set.
     pub zone: Option<String>,
     pub version: &'static str,
 }
@@ -91,7 +108,10 @@ pub struct UpstreamStatus {
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointStatus {
     pub url: String,
-    /// False while the endpoint is benched after a failure (it is retried after a cool-down).
+    /// `healthy` (its last answer came), `unhealthy` (benched, or its last request or probe
+    /// failed) or `unknown` (nothing has reached it yet).
+    pub state: &'static str,
+    /// True only when `state` is `healthy`: never for an endpoint nothing has reached.
     pub healthy: bool,
 }
 
@@ -136,7 +156,8 @@ fn upstreams(state: &AppState) -> Vec<UpstreamStatus> {
                 .into_iter()
                 .map(|e| EndpointStatus {
                     url: e.url,
-                    healthy: e.healthy,
+                    state: e.health.as_str(),
+                    healthy: e.health == pier_upstream::Health::Healthy,
                 })
                 .collect(),
         })
@@ -182,17 +203,17 @@ pub async fn status(State(state): State<AppState>) -> Json<Status> {
             )
         }
         None => {
-            let name = host_name();
+            let name = state.node.name.clone();
             (
                 NodeStatus {
                     name: name.clone(),
-                    zone: None,
+                    zone: state.node.zone.clone(),
                     version: env!("CARGO_PKG_VERSION"),
                 },
                 vec![MemberStatus {
                     name,
                     address: None,
-                    zone: None,
+                    zone: state.node.zone.clone(),
                     state: "alive",
                     since: rfc3339(*STARTED),
                     generation: 0,

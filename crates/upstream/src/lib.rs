@@ -18,7 +18,7 @@ mod push;
 
 pub use push::MountOutcome;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -176,8 +176,15 @@ pub fn manifest_accept() -> HeaderValue {
 pub trait Observer: Send + Sync {
     /// A request got response headers (`result` is the status class or `error`).
     fn request(&self, upstream: &str, endpoint: &str, result: &'static str, elapsed: Duration);
-    /// An endpoint was benched (`false`) or is answering again (`true`).
+    /// An endpoint's observed health changed: it failed (`false`, benched or a probe
+    /// failed) or answered (`true`). Never called for an endpoint nothing has reached yet.
     fn health(&self, upstream: &str, endpoint: &str, healthy: bool);
+}
+
+/// Whether a `/v2/` probe's status means the registry is there: 200, or 401/403 from one
+/// that wants credentials.
+pub fn probe_answered(status: u16) -> bool {
+    matches!(status, 200 | 401 | 403)
 }
 
 /// An observer that ignores everything.
@@ -191,38 +198,91 @@ impl Observer for NoObserver {
 struct Endpoint {
     base: String,
     benched_until: Mutex<Option<Instant>>,
+    /// What the last request or probe saw ([`Health`] as a number): nothing yet, an answer,
+    /// or a failure.
+    seen: AtomicU8,
 }
 
 impl Endpoint {
-    fn healthy(&self) -> bool {
+    fn new(base: &str) -> Endpoint {
+        Endpoint {
+            base: base.trim_end_matches('/').to_string(),
+            benched_until: Mutex::new(None),
+            seen: AtomicU8::new(Health::Unknown as u8),
+        }
+    }
+
+    /// Not benched now: tried in its configured place.
+    fn in_rotation(&self) -> bool {
         let until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
         until.is_none_or(|t| t <= Instant::now())
     }
 
-    /// Bench the endpoint for `cooldown`. Returns whether it was healthy until now.
-    fn bench(&self, cooldown: Duration, why: &str) -> bool {
+    fn health(&self) -> Health {
+        if !self.in_rotation() {
+            return Health::Unhealthy;
+        }
+        Health::from_u8(self.seen.load(Ordering::Relaxed))
+    }
+
+    /// Record what a request or probe saw. Returns whether that changed the endpoint's health.
+    fn observe(&self, health: Health) -> bool {
+        self.seen.swap(health as u8, Ordering::Relaxed) != health as u8
+    }
+
+    /// Bench the endpoint for `cooldown`.
+    fn bench(&self, cooldown: Duration, why: &str) {
         let mut until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
         let was_healthy = until.is_none_or(|t| t <= Instant::now());
         if was_healthy {
             tracing::warn!(endpoint = %self.base, cooldown_s = cooldown.as_secs(), why, "upstream endpoint benched");
         }
         *until = Some(Instant::now() + cooldown);
-        was_healthy
     }
 
-    /// Mark the endpoint answering. Returns whether it was benched until now.
-    fn restore(&self) -> bool {
+    /// Take the endpoint off the bench: it answered.
+    fn restore(&self) {
         let mut until = self.benched_until.lock().unwrap_or_else(|e| e.into_inner());
-        until.take().is_some()
+        until.take();
     }
+}
+
+/// An endpoint's health as observed: `Unknown` until a request or probe has reached it (or
+/// failed to), `Healthy` while its last answer came, `Unhealthy` while benched or since its
+/// last request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Unknown = 0,
+    Healthy = 1,
+    Unhealthy = 2,
+}
+
+impl Health {
+    fn from_u8(n: u8) -> Health {
+        match n {
+            1 => Health::Healthy,
+            2 => Health::Unhealthy,
+            _ => Health::Unknown,
+        }
+    }
+
+    /// `healthy`, `unhealthy` or `unknown`, as the status document and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Unknown => "unknown",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+
+    pub const ALL: [Health; 3] = [Health::Healthy, Health::Unhealthy, Health::Unknown];
 }
 
 /// One endpoint as the status page shows it.
 #[derive(Debug, Clone)]
 pub struct EndpointHealth {
     pub url: String,
-    /// False while the endpoint is benched after a failure.
-    pub healthy: bool,
+    pub health: Health,
 }
 
 /// One upstream registry.
@@ -235,6 +295,8 @@ pub struct Upstream {
     /// once, which a streamed upload (whose body cannot be sent twice) needs.
     basic_seen: AtomicBool,
     observer: Arc<dyn Observer>,
+    /// When a request (not a probe) last got a 2xx answer from any endpoint.
+    last_served: Mutex<Option<Instant>>,
 }
 
 /// What a request needs to be allowed: the repository, the token scope (`None`: whatever
@@ -262,28 +324,54 @@ enum Attempt {
 }
 
 impl Upstream {
-    /// Each endpoint in failover order with its passive health.
+    /// Each endpoint in failover order with its observed health.
     pub fn endpoint_health(&self) -> Vec<EndpointHealth> {
         self.endpoints
             .iter()
             .map(|e| EndpointHealth {
                 url: e.base.clone(),
-                healthy: e.healthy(),
+                health: e.health(),
             })
             .collect()
     }
 
+    /// Whether a request to this upstream got a 2xx answer within the last `within`
+    /// (probes do not count: they say it is there, not that anyone uses it).
+    pub fn served_within(&self, within: Duration) -> bool {
+        let last = self.last_served.lock().unwrap_or_else(|e| e.into_inner());
+        last.is_some_and(|t| t.elapsed() <= within)
+    }
+
+    /// Record what endpoint `i` was seen doing, telling the observer when that changed.
+    fn observe(&self, i: usize, health: Health) {
+        let ep = &self.endpoints[i];
+        if ep.observe(health) && health != Health::Unknown {
+            self.observer
+                .health(&self.config.name, &ep.base, health == Health::Healthy);
+        }
+    }
+
     /// Ask every endpoint for `/v2/` at once, without credentials and without benching
-    /// anything: each endpoint with the status it answered (200, or 401 from a registry that
-    /// wants a login, both mean it is there) or why it could not be reached within `limit`.
+    /// anything: each endpoint with the status it answered (200, or 401/403 from a registry
+    /// that wants a login, all mean it is there) or why it could not be reached within
+    /// `limit`. What it saw becomes the endpoint's observed health (a benched endpoint stays
+    /// unhealthy until a real request gets through).
     pub async fn probe(&self, limit: Duration) -> Vec<(String, std::result::Result<u16, String>)> {
-        let asks = self.endpoints.iter().map(|e| async move {
+        let asks = self.endpoints.iter().enumerate().map(|(i, e)| async move {
             let url = format!("{}/v2/", e.base);
             let answer = match tokio::time::timeout(limit, self.client.get(&url).send()).await {
                 Err(_) => Err(format!("no answer within {} ms", limit.as_millis())),
                 Ok(Err(err)) => Err(causes(&err)),
                 Ok(Ok(resp)) => Ok(resp.status().as_u16()),
             };
+            match answer {
+                Ok(s) if probe_answered(s) => {
+                    if e.in_rotation() {
+                        self.observe(i, Health::Healthy);
+                    }
+                }
+                _ => self.observe(i, Health::Unhealthy),
+            }
             (e.base.clone(), answer)
         });
         futures::future::join_all(asks).await
@@ -308,14 +396,7 @@ impl Upstream {
             .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| UpstreamError::Protocol(format!("http client: {e}")))?;
-        let endpoints = config
-            .endpoints
-            .iter()
-            .map(|b| Endpoint {
-                base: b.trim_end_matches('/').to_string(),
-                benched_until: Mutex::new(None),
-            })
-            .collect();
+        let endpoints = config.endpoints.iter().map(|b| Endpoint::new(b)).collect();
         Ok(Arc::new(Upstream {
             config,
             endpoints,
@@ -323,6 +404,7 @@ impl Upstream {
             tokens: TokenCache::default(),
             basic_seen: AtomicBool::new(false),
             observer,
+            last_served: Mutex::new(None),
         }))
     }
 
@@ -344,15 +426,13 @@ impl Upstream {
             endpoints: self
                 .endpoints
                 .iter()
-                .map(|e| Endpoint {
-                    base: e.base.clone(),
-                    benched_until: Mutex::new(None),
-                })
+                .map(|e| Endpoint::new(&e.base))
                 .collect(),
             client: self.client.clone(),
             tokens: TokenCache::default(),
             basic_seen: AtomicBool::new(false),
             observer: Arc::new(NoObserver),
+            last_served: Mutex::new(None),
         };
         match asker.tags(repo, "n=1").await {
             Ok(_) => Ok(true),
@@ -373,7 +453,7 @@ impl Upstream {
         let rotated: Vec<usize> = (0..n).map(|i| (start + i) % n).collect();
         let (mut healthy, benched): (Vec<usize>, Vec<usize>) = rotated
             .into_iter()
-            .partition(|&i| self.endpoints[i].healthy());
+            .partition(|&i| self.endpoints[i].in_rotation());
         if after.is_none() {
             healthy.sort_unstable();
         }
@@ -382,10 +462,8 @@ impl Upstream {
     }
 
     fn bench(&self, endpoint: usize, why: &str) {
-        let ep = &self.endpoints[endpoint];
-        if ep.bench(self.config.cooldown, why) {
-            self.observer.health(&self.config.name, &ep.base, false);
-        }
+        self.endpoints[endpoint].bench(self.config.cooldown, why);
+        self.observe(endpoint, Health::Unhealthy);
     }
 
     async fn send_once(
@@ -582,11 +660,15 @@ impl Upstream {
                     Attempt::Done(resp, ep) => {
                         let status = resp.status();
                         let endpoint = &self.endpoints[ep];
+                        if !status.is_server_error() {
+                            // It answered: whatever the answer means for this request, the
+                            // endpoint is up.
+                            endpoint.restore();
+                            self.observe(ep, Health::Healthy);
+                        }
                         if status.is_success() {
-                            if endpoint.restore() {
-                                self.observer
-                                    .health(&self.config.name, &endpoint.base, true);
-                            }
+                            *self.last_served.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(Instant::now());
                             return Ok((resp, ep));
                         }
                         match status {

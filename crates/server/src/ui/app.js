@@ -82,11 +82,12 @@ function drawStatus(s) {
   $("free-bytes").textContent = bytes(s.storage.free_bytes);
   $("writable").textContent = s.storage.writable ? "writable" : "refusing writes";
   const ups = [];
-  for (const u of s.upstreams) for (const e of u.endpoints) ups.push({ name: u.name, url: e.url, healthy: e.healthy });
+  for (const u of s.upstreams) for (const e of u.endpoints) ups.push({ name: u.name, url: e.url, state: e.state || (e.healthy ? "healthy" : "unhealthy") });
   fill("upstreams", ups, (tr, u) => {
     cell(tr, u.name);
     cell(tr, u.url);
-    cell(tr, u.healthy ? "healthy" : "benched", u.healthy ? "state alive" : "state dead");
+    const look = { healthy: "state alive", unhealthy: "state dead", unknown: "state unknown" };
+    cell(tr, u.state === "unknown" ? "unknown (not tried yet)" : u.state, look[u.state] || "state");
   });
 }
 
