@@ -304,7 +304,7 @@ async fn an_archive_inflating_past_max_size_fails_and_keeps_nothing() {
             if meta.is_dir() {
                 stack.push(entry.path());
             } else if entry.path().extension().is_none_or(|e| e != "redb") {
-                assert!(meta.len() < MIB as u64, "{} kept", entry.path().display());
+                assert!(meta.len() < MIB, "{} kept", entry.path().display());
             }
         }
     }
