@@ -610,6 +610,8 @@ pub struct ImportConfig {
     pub prefix: String,
     /// `keep`, `delete` or `move` (into `done/`) an imported archive.
     pub after: AfterImport,
+    /// The most bytes one archive may write once inflated; past it the import fails.
+    pub max_size: ByteSize,
 }
 
 impl Default for ImportConfig {
@@ -620,6 +622,7 @@ impl Default for ImportConfig {
             rescan_seconds: 10,
             prefix: String::new(),
             after: AfterImport::Move,
+            max_size: ByteSize(pier_server::import::DEFAULT_MAX_SIZE),
         }
     }
 }

@@ -24,7 +24,8 @@ pub struct ExportArgs {
     /// The archive to write.
     #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
-    /// The node to export from.
+    /// The node to export from; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
 }

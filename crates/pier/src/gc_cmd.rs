@@ -23,7 +23,8 @@ pub struct GcArgs {
     /// Report what would be freed, and free nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// The node to ask.
+    /// The node to ask; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
     /// Print the node's report as JSON.
@@ -41,7 +42,8 @@ pub struct CheckArgs {
     /// Also re-hash every blob and quarantine those whose bytes do not match their digest.
     #[arg(long)]
     pub deep: bool,
-    /// The node to ask.
+    /// The node to ask; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
     /// Print the results as JSON.
@@ -339,7 +341,8 @@ pub struct PinArgs {
     /// team/app@sha256:…). It must be stored there already.
     #[arg(value_name = "IMAGE")]
     pub image: String,
-    /// The node to ask.
+    /// The node to ask; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
 }

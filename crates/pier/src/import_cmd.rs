@@ -24,7 +24,8 @@ pub struct ImportArgs {
     /// Archives to import.
     #[arg(value_name = "FILE", required = true)]
     pub files: Vec<PathBuf>,
-    /// The node to import into.
+    /// The node to import into; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
     /// Print each file's report as a JSON line instead of a sentence.

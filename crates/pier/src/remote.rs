@@ -1,6 +1,7 @@
 //! What the commands that talk to a running node (`pier status`, `pier warm`) share: the
-//! default address, the check of `--url`, the HTTP client, the exit statuses, and how a
-//! failure to reach the node or an OCI error answer is told in one line.
+//! default address, the check of `--url`, the credentials from the environment, the HTTP
+//! client, the exit statuses, and how a failure to reach the node or an OCI error answer is
+//! told in one line.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -21,7 +22,10 @@ pub const MAX_BODY: usize = 16 << 20;
 
 /// The node's base URL from `--url`: `host:port` means plain HTTP, a trailing `/` is dropped,
 /// and a path is kept (a node behind a proxy may live under one). Schemes other than http and
-/// https are refused, since nothing could be asked there.
+/// https are refused, since nothing could be asked there. So is a URL with credentials in it
+/// (`http://user:pw@host`): every user of the machine reads them in the process list, so
+/// they come from the environment instead ([`credentials`]), which is checked here too, so
+/// that an unreadable password file fails every command before it asks anything.
 pub fn base_url(given: &str) -> Result<String, String> {
     let trimmed = given.trim();
     let (scheme, rest) = match trimmed.split_once("://") {
@@ -37,20 +41,57 @@ pub fn base_url(given: &str) -> Result<String, String> {
     if rest.is_empty() || rest.starts_with('/') {
         return Err(format!("--url {given}: expected [http[s]://]host[:port]"));
     }
+    let authority = rest.split('/').next().unwrap_or(rest);
+    if let Some((userinfo, host)) = authority.rsplit_once('@') {
+        let user = userinfo.split(':').next().unwrap_or("");
+        return Err(format!(
+            "--url: credentials in the URL are refused, since the process list shows them to \
+             every user of this machine; give {scheme}://{host}{} and the credentials as \
+             PIER_USERNAME={user} with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment",
+            &rest[authority.len()..]
+        ));
+    }
+    credentials()?;
     Ok(format!("{scheme}://{rest}"))
+}
+
+/// The user and password every request carries as Basic credentials, from the environment:
+/// `PIER_USERNAME` with `PIER_PASSWORD`, or with `PIER_PASSWORD_FILE` (a file holding the
+/// password; one trailing newline is not part of it), as `docker login --password-stdin`
+/// style tools keep a password out of the process list. None when no user is given.
+pub fn credentials() -> Result<Option<(String, String)>, String> {
+    let Ok(user) = std::env::var("PIER_USERNAME") else {
+        return Ok(None);
+    };
+    if let Ok(password) = std::env::var("PIER_PASSWORD") {
+        return Ok(Some((user, password)));
+    }
+    let Some(file) = std::env::var_os("PIER_PASSWORD_FILE") else {
+        return Err(
+            "PIER_USERNAME is set but neither PIER_PASSWORD nor PIER_PASSWORD_FILE is".to_string(),
+        );
+    };
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        format!(
+            "PIER_PASSWORD_FILE {}: cannot read the password: {e}",
+            std::path::Path::new(&file).display()
+        )
+    })?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&text);
+    Ok(Some((user, password.to_string())))
 }
 
 /// The HTTP client for talking to a node. Connecting is bounded, so a wrong address fails in
 /// seconds; reading is not, since a warm may wait minutes for one large placement. TCP
-/// keepalive still notices a node whose host vanished mid-stream. With `PIER_USERNAME` and
-/// `PIER_PASSWORD` in the environment every request carries them as Basic credentials (a
-/// node with auth on wants an admin user for `/api/v1/*`).
+/// keepalive still notices a node whose host vanished mid-stream. With [`credentials`] in
+/// the environment every request carries them as Basic credentials (a node with auth on
+/// wants an admin user for `/api/v1/*`); [`base_url`] has already refused unreadable ones.
 pub fn client() -> Result<reqwest::Client, reqwest::Error> {
     let mut headers = reqwest::header::HeaderMap::new();
-    if let (Ok(user), Ok(password)) = (
-        std::env::var("PIER_USERNAME"),
-        std::env::var("PIER_PASSWORD"),
-    ) {
+    if let Ok(Some((user, password))) = credentials() {
         use base64::Engine as _;
         let v = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
         if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Basic {v}")) {

@@ -420,6 +420,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     state.import = Arc::new(pier_server::import::ImportSettings {
         prefix: config.import.prefix.clone(),
         log: import_log,
+        max_size: config.import.max_size.0,
     });
     let mut cluster_tasks = Vec::new();
     if let Some(c) = cluster {

@@ -19,7 +19,8 @@ use crate::remote;
     status document."
 )]
 pub struct StatusArgs {
-    /// The node to ask.
+    /// The node to ask; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
     /// Print the status document as JSON, as the node sent it.

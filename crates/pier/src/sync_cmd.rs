@@ -22,6 +22,8 @@ pub enum SyncCommand {
     /// One row per job: id, kind, image, target, state, attempts, last error. Exits 1 when
     /// any job has failed.
     Status {
+        /// The node to ask; credentials, when auth is on, come from PIER_USERNAME with
+        /// PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
         #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
         url: String,
         /// Print the rows as JSON, as the node sent them.
@@ -30,6 +32,8 @@ pub enum SyncCommand {
     },
     /// Queue failed jobs again: the one with ID, or every failed one with --failed.
     Retry {
+        /// The node to ask; credentials, when auth is on, come from PIER_USERNAME with
+        /// PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
         #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
         url: String,
         /// The job to retry.
@@ -45,6 +49,8 @@ pub enum SyncCommand {
     },
     /// Run a `[[sync]]` or `[[replicate]]` rule now.
     Run {
+        /// The node to ask; credentials, when auth is on, come from PIER_USERNAME with
+        /// PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
         #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
         url: String,
         /// The rule's name.

@@ -30,7 +30,8 @@ pub struct WarmArgs {
     /// Put every blob on every node of the cluster.
     #[arg(long, conflicts_with = "replicas")]
     pub all_nodes: bool,
-    /// The node to ask.
+    /// The node to ask; credentials, when auth is on, come from PIER_USERNAME
+    /// with PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
     #[arg(long, value_name = "URL", default_value = remote::DEFAULT_URL)]
     pub url: String,
     /// Print the node's events as JSON lines, as received, instead of progress bars.

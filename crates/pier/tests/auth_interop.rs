@@ -144,6 +144,19 @@ async fn skopeo_logs_in_through_the_token_service() {
     assert!(!out.status.success(), "status as a non-admin: {out:?}");
     let out = status(Some(("writer", "writer-pw")));
     assert!(out.status.success(), "status as admin: {out:?}");
+
+    // The password from a file, so that it is in neither the process list nor the
+    // environment of every child; a trailing newline (as `echo` writes) is not part of it.
+    let password_file = tmp.path().join("admin-password");
+    std::fs::write(&password_file, "writer-pw\n").expect("write the password file");
+    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(["status", "--url", &pier.url()])
+        .env("PIER_USERNAME", "writer")
+        .env_remove("PIER_PASSWORD")
+        .env("PIER_PASSWORD_FILE", &password_file)
+        .output()
+        .expect("run pier status");
+    assert!(out.status.success(), "status with a password file: {out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -103,3 +103,72 @@ fn config_refuses_a_pier_url_with_another_scheme() {
         );
     }
 }
+
+#[test]
+fn a_password_in_the_url_is_refused_by_every_command_that_takes_one() {
+    // Nothing listens on port 9 of loopback; the refusal comes before any request.
+    let url = "http://admin:s3cret-pw@127.0.0.1:9";
+    let commands: &[&[&str]] = &[
+        &["status", "--url", url],
+        &["import", "--url", url, "image.tar"],
+        &["export", "--url", url, "-o", "out.tar", "app:v1"],
+        &["warm", "--url", url, "app:v1"],
+        &["sync", "status", "--url", url],
+        &["gc", "--url", url],
+        &["check", "--url", url],
+    ];
+    for args in commands {
+        let out = Command::new(env!("CARGO_BIN_EXE_pier"))
+            .args(*args)
+            .env_remove("PIER_USERNAME")
+            .env_remove("PIER_PASSWORD")
+            .env_remove("PIER_PASSWORD_FILE")
+            .output()
+            .expect("run pier");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("credentials in the URL are refused")
+                && stderr.contains("PIER_USERNAME=admin")
+                && stderr.contains("PIER_PASSWORD_FILE")
+                && stderr.contains("http://127.0.0.1:9"),
+            "{args:?}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("s3cret-pw"),
+            "{args:?} repeats the password: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn an_unreadable_password_file_is_named_before_anything_is_asked() {
+    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(["status", "--url", "http://127.0.0.1:9"])
+        .env("PIER_USERNAME", "admin")
+        .env_remove("PIER_PASSWORD")
+        .env("PIER_PASSWORD_FILE", "/nonexistent/pier-password")
+        .output()
+        .expect("run pier");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("PIER_PASSWORD_FILE /nonexistent/pier-password: cannot read the password"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_help_of_a_command_with_url_says_where_credentials_come_from() {
+    for command in ["status", "import", "export", "warm", "gc", "check"] {
+        let out = pier(&[command, "--help"]);
+        let help = text(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            help.contains("PIER_USERNAME with PIER_PASSWORD or PIER_PASSWORD_FILE"),
+            "pier {command} --help: {help}"
+        );
+    }
+}

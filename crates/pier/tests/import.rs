@@ -262,3 +262,50 @@ async fn an_export_imports_into_another_node_as_the_same_image() {
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     assert!(!missing.exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_inflating_past_max_size_fails_and_keeps_nothing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (layout, img) = image(&tmp.path().join("src"), 7);
+    let archive = tmp.path().join("big.tar");
+    write_docker_save(&layout, &img, &["team/big:v1"], &archive);
+    // The image's 5 MiB layer is more than this node takes from one archive.
+    let pier = start(&tmp.path().join("pier"), None, "max_size = \"2MiB\"\n");
+    let (url, http) = (pier.url(), reqwest::Client::new());
+
+    let out = pier_cli(&[
+        "import",
+        "--url",
+        &url,
+        "--json",
+        &archive.display().to_string(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+    assert_eq!(report["result"], "failed", "{report}");
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("[import] max_size (2097152 bytes)"),
+        "{report}"
+    );
+    let resp = http
+        .get(format!("{url}/v2/team/big/manifests/v1"))
+        .send()
+        .await
+        .expect("GET manifest");
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // The layer's bytes written before the refusal are gone: no file under the data
+    // directory but the metadata database holds a MiB.
+    let mut stack = vec![tmp.path().join("pier/data")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the data dir") {
+            let entry = entry.expect("entry");
+            let meta = entry.metadata().expect("metadata");
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if entry.path().extension().is_none_or(|e| e != "redb") {
+                assert!(meta.len() < MIB, "{} kept", entry.path().display());
+            }
+        }
+    }
+}

@@ -12,7 +12,8 @@
 pub mod watch;
 
 use std::io::{self, Read};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -41,14 +42,83 @@ pub struct ImportSettings {
     pub prefix: String,
     /// The files imported so far.
     pub log: Arc<dyn ImportLog>,
+    /// The most bytes one archive may write to the blob store once inflated (`[import]
+    /// max_size`); an archive that would write more fails and keeps nothing of the blob it was
+    /// writing.
+    pub max_size: u64,
 }
+
+/// `[import] max_size` by default: room for the largest real images (CUDA and ML images
+/// reach 20-30 GB inflated), yet a decompression bomb stops long before it fills a disk.
+pub const DEFAULT_MAX_SIZE: u64 = 64 << 30;
+
+/// Inflated bytes past which an archive must not have inflated more than [`MAX_RATIO`]
+/// times the bytes read of its file: below it a ratio proves nothing (a small layer of zeros
+/// compresses a thousandfold), above it only a bomb does so.
+pub const RATIO_FLOOR: u64 = 1 << 30;
+
+/// The most an archive's inflated bytes may be of its file's bytes read so far, once past
+/// [`RATIO_FLOOR`]. Real layers compress 2-10x; gzip's own limit is about 1,030x.
+pub const MAX_RATIO: u64 = 100;
 
 impl Default for ImportSettings {
     fn default() -> Self {
         ImportSettings {
             prefix: String::new(),
             log: Arc::new(MemoryImportLog::default()),
+            max_size: DEFAULT_MAX_SIZE,
         }
+    }
+}
+
+/// Counts the bytes read of an archive file, before any decompression.
+struct CountingReader {
+    inner: Box<dyn Read + Send>,
+    read: Arc<AtomicU64>,
+}
+
+impl Read for CountingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// The size guards of one import: what was written so far against `[import] max_size`, and
+/// against the file's bytes read. The first refusal is kept, since the archive reader only
+/// sees an I/O error and would call it retryable.
+struct SizeGuard {
+    max_size: u64,
+    file_read: Arc<AtomicU64>,
+    written: u64,
+    refused: Arc<Mutex<Option<String>>>,
+}
+
+impl SizeGuard {
+    fn add(&mut self, n: usize) -> Result<(), String> {
+        self.written += n as u64;
+        let read = self.file_read.load(Ordering::Relaxed).max(1);
+        let why = if self.written > self.max_size {
+            format!(
+                "the archive inflates to more than [import] max_size ({} bytes); nothing of it \
+                 was kept past the blob being written",
+                self.max_size
+            )
+        } else if self.written > RATIO_FLOOR && self.written / read > MAX_RATIO {
+            format!(
+                "the archive inflated {} bytes from {read} bytes of the file, more than \
+                 {MAX_RATIO} times, as only a decompression bomb does",
+                self.written
+            )
+        } else {
+            return Ok(());
+        };
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(why.clone());
+        Err(why)
     }
 }
 
@@ -136,6 +206,7 @@ struct StoreSink {
     rt: Handle,
     blobs: Arc<dyn BlobStore>,
     limit: Option<u64>,
+    guard: SizeGuard,
 }
 
 fn sink_err(e: StoreError) -> SinkError {
@@ -182,6 +253,12 @@ impl BlobSink for StoreSink {
                 }
             }
             buf.truncate(filled);
+            if failed.is_none() {
+                if let Err(why) = self.guard.add(filled) {
+                    failed = Some(io::Error::other(why));
+                    buf.clear();
+                }
+            }
             let end = filled < CHUNK || failed.is_some();
             if !buf.is_empty() && tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                 // The store gave up on this blob; its error says why.
@@ -250,18 +327,36 @@ pub async fn import_reader(
 ) -> ImportReport {
     let started = Instant::now();
     let mut report = ImportReport::new(file);
+    let file_read = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(Mutex::new(None));
+    let reader = CountingReader {
+        inner: reader,
+        read: file_read.clone(),
+    };
     let sink = StoreSink {
         rt: Handle::current(),
         blobs: state.registry.blob_store().clone(),
         limit: state.registry.limits().max_blob_bytes,
+        guard: SizeGuard {
+            max_size: state.import.max_size,
+            file_read,
+            written: 0,
+            refused: refused.clone(),
+        },
     };
     let read = tokio::task::spawn_blocking(move || {
         let mut sink = sink;
         read_archive(reader, &mut sink)
     })
     .await;
+    let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).take();
     let contents = match read {
         Ok(Ok(c)) => c,
+        Ok(Err(_)) if refused.is_some() => {
+            report.result = Outcome::Failed;
+            report.error = refused;
+            return finish(state, report, started);
+        }
         Ok(Err(e)) => {
             report.result = if e.is_retryable() {
                 Outcome::Retry
