@@ -1,8 +1,10 @@
 //! Free space on the data directory's filesystem, and whether pier may write there now.
 //!
 //! Writes are refused up front (with [`StoreError::NoSpace`]) while free space is below the
-//! configured floor, or after a write failed for lack of space until enough space has come
-//! back: filling the disk to the last byte would also starve the metadata database. A
+//! configured floor, or after a write failed for lack of space until free space is a margin
+//! above the floor again: filling the disk to the last byte would also starve the metadata
+//! database. Recovery is judged once the failed write's partial bytes are given back, so one
+//! request that needed more than was free fails alone and writes that fit keep going. A
 //! background task calls [`Space::refresh`] every few seconds; nothing needs a restart.
 
 use std::path::PathBuf;
@@ -11,8 +13,9 @@ use std::sync::Mutex;
 
 use crate::{Result, StoreError};
 
-/// After a write failed for lack of space, how much more than was free right after it must
-/// come back before writes are tried again (at least; the floor counts if it is larger).
+/// After a write failed for lack of space, how far above the floor free space must be (with
+/// the failed write's partial bytes given back) before writes are tried again: a disk that
+/// something else keeps filling is not hammered with writes that fail one after the other.
 const RECOVER_MARGIN: u64 = 16 * 1024 * 1024;
 
 /// What [`Space`] knows right now.
@@ -33,9 +36,9 @@ pub struct Space {
     root: PathBuf,
     min_free: u64,
     free: AtomicU64,
-    /// Free bytes measured right after the last write that failed for lack of space, while
-    /// that failure still stands.
-    full_at: Mutex<Option<u64>>,
+    /// A write failed for lack of space and free space has not come back above
+    /// `min_free + RECOVER_MARGIN` since.
+    full: Mutex<bool>,
     errors: AtomicU64,
 }
 
@@ -56,7 +59,7 @@ impl Space {
             root: root.into(),
             min_free,
             free: AtomicU64::new(u64::MAX),
-            full_at: Mutex::new(None),
+            full: Mutex::new(false),
             errors: AtomicU64::new(0),
         };
         let _ = space.refresh();
@@ -66,34 +69,41 @@ impl Space {
     /// Measure free space again; clears a past "disk full" once enough space is back.
     pub fn refresh(&self) -> std::io::Result<u64> {
         let free = free_bytes(&self.root)?;
-        self.free.store(free, Ordering::Relaxed);
-        let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(base) = *full_at {
-            if free >= base.saturating_add(RECOVER_MARGIN.max(self.min_free)) {
-                tracing::info!(free_bytes = free, "free space is back; writes resume");
-                *full_at = None;
-            }
-        }
+        self.settle(free);
         Ok(free)
     }
 
-    /// Note that a write failed for lack of space (call after its partial bytes are gone).
+    /// Free space a standing "disk full" must reach again before writes resume.
+    fn recover_at(&self) -> u64 {
+        self.min_free.saturating_add(RECOVER_MARGIN)
+    }
+
+    /// Take `free` as the free space now, and clear a standing "disk full" if it is enough.
+    fn settle(&self, free: u64) {
+        self.free.store(free, Ordering::Relaxed);
+        let mut full = self.full.lock().unwrap_or_else(|e| e.into_inner());
+        if *full && free >= self.recover_at() {
+            tracing::info!(free_bytes = free, "free space is back; writes resume");
+            *full = false;
+        }
+    }
+
+    /// Note that a write failed for lack of space. Called once its partial bytes are gone
+    /// (a spool's are gone when its last handle closes, see [`Space::rebase`]): if enough is
+    /// free then, the failure was that one request's, which needed more than there was, and
+    /// writes that fit go on.
     pub fn record_no_space(&self) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         let free = free_bytes(&self.root).unwrap_or(0);
-        self.free.store(free, Ordering::Relaxed);
-        *self.full_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(free);
+        *self.full.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        self.settle(free);
     }
 
-    /// Measure again the free space a standing "disk full" is judged against, once the failed
-    /// write's partial bytes are gone (a spool's when its last handle closes): getting those
-    /// back is not space freed.
+    /// Measure again once a failed write's partial bytes are gone (a spool's when its last
+    /// handle closes), so a "disk full" that only that write caused clears at once.
     pub fn rebase(&self) {
-        let mut full_at = self.full_at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(base) = full_at.as_mut() {
-            let free = free_bytes(&self.root).unwrap_or(0);
-            self.free.store(free, Ordering::Relaxed);
-            *base = (*base).max(free);
+        if let Ok(free) = free_bytes(&self.root) {
+            self.settle(free);
         }
     }
 
@@ -120,14 +130,14 @@ impl Space {
 
     pub fn state(&self) -> SpaceState {
         let free = self.free.load(Ordering::Relaxed);
-        let full_at = *self.full_at.lock().unwrap_or_else(|e| e.into_inner());
+        let full = *self.full.lock().unwrap_or_else(|e| e.into_inner());
         let reason = if free < self.min_free {
             Some(format!(
                 "disk: {} free, below min_free_space {}",
                 mib(free),
                 mib(self.min_free)
             ))
-        } else if full_at.is_some() {
+        } else if full {
             Some(format!(
                 "disk: a write failed with no space left on device ({} free now); waiting for \
                  space to be freed",
@@ -160,10 +170,18 @@ mod tests {
         assert!(!space.state().writable);
     }
 
+    /// A space whose floor sits `above` bytes below what is free now (so the test does not
+    /// depend on how full the disk running it is).
+    fn space_with_headroom(dir: &std::path::Path, above: u64) -> Space {
+        let free = free_bytes(dir).unwrap();
+        assert!(free > above, "the test needs {above} bytes free");
+        Space::new(dir, free - above)
+    }
+
     #[test]
-    fn a_failed_write_refuses_until_space_comes_back() {
+    fn a_failed_write_refuses_until_space_is_a_margin_above_the_floor() {
         let dir = tempfile::tempdir().unwrap();
-        let space = Space::new(dir.path(), 0);
+        let space = space_with_headroom(dir.path(), RECOVER_MARGIN / 2);
         space.check().unwrap();
         space.record_no_space();
         let e = space.check().unwrap_err();
@@ -171,11 +189,18 @@ mod tests {
         // Nothing was freed: a refresh does not clear it.
         space.refresh().unwrap();
         assert!(space.check().is_err());
-        // Pretend the failure happened with the disk far fuller than it is now.
-        *space.full_at.lock().unwrap() = Some(0);
-        space.refresh().unwrap();
-        if space.state().free_bytes >= RECOVER_MARGIN {
-            space.check().unwrap();
-        }
+        // Space back above the floor plus the margin clears it.
+        space.settle(space.recover_at());
+        space.check().unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_that_needed_more_than_was_free_does_not_refuse_writes_that_fit() {
+        let dir = tempfile::tempdir().unwrap();
+        // Far more than the floor plus the margin is free once the write's bytes are gone.
+        let space = space_with_headroom(dir.path(), 4 * RECOVER_MARGIN);
+        space.record_no_space();
+        space.check().unwrap();
+        assert_eq!(space.state().no_space_errors, 1);
     }
 }

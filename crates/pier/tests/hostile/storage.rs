@@ -386,3 +386,56 @@ async fn a_mirror_fill_into_a_full_disk_is_not_corrupt_and_fills_once_space_retu
     }
     assert_eq!(m.sum("pier_mirror_corrupt_total", &[]), 0.0);
 }
+
+#[tokio::test]
+async fn one_push_larger_than_the_disk_fails_alone_and_later_pushes_that_fit_go_through() {
+    if !require(&["mount", "umount", "df"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let disk = Tmpfs::mount(&tmp.path().join("disk"), 100);
+    let pier = start_pier(&disk, tmp.path(), "", &[]);
+    let http = http_client();
+    push(&http, &pier, "team/app", "v1", 1).await;
+
+    // A monolithic push of more than the whole disk holds: 507, its bytes given back.
+    let before = disk.free();
+    let big = gen_bytes(9, 150 * MIB);
+    let resp = http
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={}",
+            pier.url(),
+            digest_of(&big)
+        ))
+        .body(big)
+        .send()
+        .await
+        .expect("push the oversized blob: pier answers rather than dropping the connection");
+    assert_eq!(resp.status(), StatusCode::INSUFFICIENT_STORAGE);
+    assert!(error_message(resp)
+        .await
+        .contains("no space left on device"));
+    let after = disk.free();
+    assert!(
+        after + 2 * MIB >= before,
+        "free space {} MiB after the failed push, {} MiB before it",
+        after / MIB,
+        before / MIB
+    );
+
+    // That request needed more than there was; nothing else is short of space. The node stays
+    // ready and takes the next push, with no wait and nothing deleted.
+    let (status, body) = readyz(&http, &pier).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "ready with {} MiB free: {body}",
+        after / MIB
+    );
+    push(&http, &pier, "team/app", "v2", 2).await;
+    assert_pulls(&http, &pier, "team/app", "v2", 2).await;
+    assert_pulls(&http, &pier, "team/app", "v1", 1).await;
+    let m = pier.metrics(&http).await;
+    assert_eq!(m.sum("pier_storage_writable", &[]), 1.0);
+    assert!(m.sum("pier_store_errors_total", &[("kind", "no_space")]) >= 1.0);
+}
