@@ -139,6 +139,24 @@ impl Registry {
         })))
     }
 
+    /// The blob's file, for a server that hands bytes to the kernel instead of copying them,
+    /// with the guard that keeps the blob counted as being read (eviction skips it) until the
+    /// response is done. `None` when the store does not keep blobs in local files.
+    pub async fn open_blob_file(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<(std::fs::File, cache::ReadGuard)>> {
+        let guard = self.reads.enter(digest);
+        match self.blobs.open_file(digest).await {
+            Ok(Some(f)) => Ok(Some((f, guard))),
+            Ok(None) => Ok(None),
+            Err(pier_store::StoreError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(RegistryError::BlobUnknown)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Where a client may fetch a blob straight from the store instead (a presigned URL), if
     /// the store hands those out.
     pub async fn blob_redirect(&self, digest: &Digest) -> Result<Option<String>> {

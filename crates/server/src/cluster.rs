@@ -11,7 +11,7 @@ use pier_mirror::BlobSource;
 use pier_oci::{Digest, ErrorCode, Reference, RepoName};
 
 use crate::error::ApiError;
-use crate::v2::{blob_headers, blob_range, manifest_response, stream_response};
+use crate::v2::{blob_headers, blob_range, local_response, manifest_response, stream_response};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -111,6 +111,7 @@ pub(crate) async fn hosted_blob(
     name: &RepoName,
     digest: &Digest,
     headers: &HeaderMap,
+    zero_copy: Option<&crate::zerocopy::ZeroCopy>,
     head: bool,
 ) -> Result<Option<Response>> {
     let Some(mirror) = &state.mirror else {
@@ -151,10 +152,7 @@ pub(crate) async fn hosted_blob(
             let source = fill.origin();
             stream_response(state, builder, fill.read(start, Some(end)), source)
         }
-        None => {
-            let stream = state.registry.read_blob(digest, start, end).await?;
-            stream_response(state, builder, stream, "local")
-        }
+        None => local_response(state, zero_copy, builder, digest, start, end).await?,
     }))
 }
 

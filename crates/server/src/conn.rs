@@ -93,7 +93,10 @@ pub async fn serve_tls(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_timeout);
+        .header_read_timeout(limits.header_timeout)
+        // Body frames queued as they are, never flattened into hyper's buffer: the zero-copy
+        // socket recognises its stand-in frames by their addresses.
+        .writev(true);
     builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
@@ -130,12 +133,18 @@ pub async fn serve_tls(
         };
         let tls = tls.clone();
         tokio::spawn(async move {
-            let io: Box<dyn Io> = match tls {
-                None => Box::new(stream),
+            let (io, zero_copy): (Box<dyn Io>, _) = match tls {
+                None => {
+                    let zc = crate::zerocopy::ZeroCopy::default();
+                    (
+                        Box::new(crate::zerocopy::FileSocket::new(stream, zc.clone())),
+                        Some(zc),
+                    )
+                }
                 Some(acceptor) => {
                     let limit = limits.header_timeout.unwrap_or(Duration::from_secs(10));
                     match tokio::time::timeout(limit, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => Box::new(s),
+                        Ok(Ok(s)) => (Box::new(s), None),
                         Ok(Err(e)) => {
                             tracing::warn!(%peer, error = %e, "TLS handshake failed");
                             return;
@@ -147,7 +156,7 @@ pub async fn serve_tls(
                     }
                 }
             };
-            conn.run(io, peer).await;
+            conn.run(io, zero_copy, peer).await;
             drop(permit);
         });
     }
@@ -209,7 +218,12 @@ impl Drop for InFlight {
 }
 
 impl Conn {
-    async fn run(self, stream: Box<dyn Io>, peer: SocketAddr) {
+    async fn run(
+        self,
+        stream: Box<dyn Io>,
+        zero_copy: Option<crate::zerocopy::ZeroCopy>,
+        peer: SocketAddr,
+    ) {
         let Conn {
             builder,
             app,
@@ -230,6 +244,12 @@ impl Conn {
             hyper::service::service_fn(move |mut req: Request<Incoming>| {
                 let guard = InFlight::new(activity.clone());
                 req.extensions_mut().insert(ConnectInfo(peer));
+                // HTTP/2 frames its own data, copying it: only HTTP/1 responses send from files.
+                if let Some(zc) = &zero_copy {
+                    if req.version() <= axum::http::Version::HTTP_11 {
+                        req.extensions_mut().insert(zc.clone());
+                    }
+                }
                 let req = req.map(|b| {
                     Body::new(StallBody::new(
                         b,

@@ -24,6 +24,7 @@ pub mod sync;
 pub mod ui;
 pub mod v2;
 pub mod warm;
+pub mod zerocopy;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -8,7 +8,9 @@ use pier_mirror::{BlobSource, Freshness, MirrorError, MirrorRef};
 use pier_oci::{ErrorCode, Route};
 
 use crate::error::ApiError;
-use crate::v2::{blob_headers, blob_range, hv, json, manifest_response, stream_response, Query};
+use crate::v2::{
+    blob_headers, blob_range, hv, json, local_response, manifest_response, stream_response, Query,
+};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -216,8 +218,8 @@ pub(crate) async fn dispatch(
                     if start == end {
                         return Ok(builder.body(Body::empty()).unwrap_or_default());
                     }
-                    let stream = state.registry.read_blob(&digest, start, end).await?;
-                    Ok(stream_response(state, builder, stream, "local"))
+                    let zero_copy = req.extensions().get::<crate::zerocopy::ZeroCopy>();
+                    local_response(state, zero_copy, builder, &digest, start, end).await
                 }
                 BlobSource::Filling {
                     fill,

@@ -25,7 +25,11 @@ use pier_peer::{PullRequest, SwarmReport, PIECE_HEADER};
 use pier_store::ByteStream;
 
 use crate::error::ApiError;
-use crate::v2::{blob_headers, blob_range, hv, manifest_response, stream_response, Query};
+use crate::v2::{
+    blob_headers, blob_range, file_response, hv, manifest_response, served_counters,
+    stream_response, Query,
+};
+use crate::zerocopy::ZeroCopy;
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -179,7 +183,8 @@ async fn blob(
             _ => true,
         };
         if linked {
-            return stored_response(&state, &digest, size, req.headers(), head).await;
+            return stored_response(&state, &digest, size, req.headers(), zero_copy(&req), head)
+                .await;
         }
     }
     let mirror = mirror_of(&state)?;
@@ -206,7 +211,7 @@ async fn blob(
         .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?
     {
         BlobSource::Local { size } => {
-            stored_response(&state, &digest, size, req.headers(), false).await
+            stored_response(&state, &digest, size, req.headers(), zero_copy(&req), false).await
         }
         // Two nodes that disagree for a moment about who owns the blob could each be asked to
         // fill it by the other: never hand a node its own bytes back.
@@ -232,12 +237,17 @@ fn to_peer(state: &PeerState, stream: ByteStream) -> ByteStream {
     limited(stream, state.upload_limit.clone())
 }
 
+fn zero_copy(req: &Request<Body>) -> Option<ZeroCopy> {
+    req.extensions().get::<ZeroCopy>().cloned()
+}
+
 /// A blob answered from this node's store.
 async fn stored_response(
     state: &PeerState,
     digest: &Digest,
     size: u64,
     headers: &HeaderMap,
+    zero_copy: Option<ZeroCopy>,
     head: bool,
 ) -> Result<Response> {
     let app = &state.app;
@@ -249,6 +259,28 @@ async fn stored_response(
     if head || start == end {
         return Ok(builder.body(Body::empty()).unwrap_or_default());
     }
+    // The upload cap paces a stream chunk by chunk; uncapped, the kernel sends from the file.
+    let builder = match state.upload_limit {
+        Some(_) => builder,
+        None => {
+            let mut counters = served_counters(app, "local");
+            counters.push(app.metrics.peer_sent_bytes.clone());
+            match file_response(
+                app,
+                zero_copy.as_ref(),
+                builder,
+                digest,
+                start,
+                end,
+                counters,
+            )
+            .await?
+            {
+                Ok(resp) => return Ok(resp),
+                Err(builder) => builder,
+            }
+        }
+    };
     let stream = app.registry.read_blob(digest, start, end).await?;
     Ok(stream_response(
         app,

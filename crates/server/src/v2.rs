@@ -14,6 +14,7 @@ use pier_store::ByteStream;
 use crate::error::ApiError;
 use crate::metrics::{KindLabels, ServedLabels};
 use crate::ranges::{parse_content_range, parse_range, RangeError};
+use crate::zerocopy::{FileBody, ZeroCopy};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -98,6 +99,7 @@ pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Resu
                 &name,
                 &digest,
                 req.headers(),
+                req.extensions().get::<ZeroCopy>(),
                 method == Method::HEAD,
             )
             .await
@@ -325,12 +327,15 @@ async fn get_blob(
     name: &RepoName,
     digest: &Digest,
     headers: &HeaderMap,
+    zero_copy: Option<&ZeroCopy>,
     head: bool,
 ) -> Result<Response> {
     let size = match state.registry.blob_size(name, digest).await {
         Ok(size) => size,
         Err(e @ RegistryError::BlobUnknown) => {
-            return match crate::cluster::hosted_blob(state, name, digest, headers, head).await? {
+            let hosted =
+                crate::cluster::hosted_blob(state, name, digest, headers, zero_copy, head).await?;
+            return match hosted {
                 Some(resp) => Ok(resp),
                 None => Err(e.into()),
             };
@@ -353,8 +358,48 @@ async fn get_blob(
     if head || start == end {
         return Ok(builder.body(Body::empty()).unwrap_or_default());
     }
+    local_response(state, zero_copy, builder, digest, start, end).await
+}
+
+/// Bytes `start..end` of a blob in this node's store as a response: sent from its file by the
+/// kernel where the connection and the store allow it, read through memory otherwise.
+pub(crate) async fn local_response(
+    state: &AppState,
+    zero_copy: Option<&ZeroCopy>,
+    builder: http::response::Builder,
+    digest: &Digest,
+    start: u64,
+    end: u64,
+) -> Result<Response> {
+    let counters = served_counters(state, "local");
+    let builder =
+        match file_response(state, zero_copy, builder, digest, start, end, counters).await? {
+            Ok(resp) => return Ok(resp),
+            Err(builder) => builder,
+        };
     let stream = state.registry.read_blob(digest, start, end).await?;
     Ok(stream_response(state, builder, stream, "local"))
+}
+
+/// Bytes `start..end` of a stored blob sent from its file, counted in `counters`; the builder
+/// back when the connection or the store cannot send from files.
+pub(crate) async fn file_response(
+    state: &AppState,
+    zero_copy: Option<&ZeroCopy>,
+    builder: http::response::Builder,
+    digest: &Digest,
+    start: u64,
+    end: u64,
+    counters: Vec<prometheus_client::metrics::counter::Counter>,
+) -> Result<std::result::Result<Response, http::response::Builder>> {
+    let Some(zc) = zero_copy else {
+        return Ok(Err(builder));
+    };
+    let Some((file, guard)) = state.registry.open_blob_file(digest).await? else {
+        return Ok(Err(builder));
+    };
+    let body = FileBody::new(file, start, end, zc.clone(), counters, Box::new(guard));
+    Ok(Ok(builder.body(Body::new(body)).unwrap_or_default()))
 }
 
 /// The range a blob GET asks for, checked against the blob's size.
@@ -418,26 +463,34 @@ pub(crate) fn stream_response(
     stream: ByteStream,
     source: &'static str,
 ) -> Response {
-    let counter = state
-        .metrics
-        .served_bytes
-        .get_or_create(&ServedLabels {
-            kind: "blob",
-            source,
-        })
-        .clone();
-    let by_source = state
-        .metrics
-        .blob_served_bytes
-        .get_or_create(&crate::metrics::SourceLabels { source })
-        .clone();
+    let counters = served_counters(state, source);
     let stream = stream.inspect(move |chunk| {
         if let Ok(c) = chunk {
-            counter.inc_by(c.len() as u64);
-            by_source.inc_by(c.len() as u64);
+            for counter in &counters {
+                counter.inc_by(c.len() as u64);
+            }
         }
     });
     builder.body(Body::from_stream(stream)).unwrap_or_default()
+}
+
+/// The counters a blob response from `source` adds its bytes to.
+pub(crate) fn served_counters(
+    state: &AppState,
+    source: &'static str,
+) -> Vec<prometheus_client::metrics::counter::Counter> {
+    let m = &state.metrics;
+    vec![
+        m.served_bytes
+            .get_or_create(&ServedLabels {
+                kind: "blob",
+                source,
+            })
+            .clone(),
+        m.blob_served_bytes
+            .get_or_create(&crate::metrics::SourceLabels { source })
+            .clone(),
+    ]
 }
 
 /// The request body as a stream of bytes, counted as received blob bytes.

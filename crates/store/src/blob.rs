@@ -113,4 +113,11 @@ pub trait BlobStore: Send + Sync + 'static {
     async fn redirect_url(&self, _digest: &Digest) -> Result<Option<String>> {
         Ok(None)
     }
+
+    /// An open handle on the blob's bytes when the store keeps them in a local file, so a
+    /// server can hand the file to the kernel (sendfile) instead of copying it through memory.
+    /// `None` where the bytes live elsewhere. A missing blob is `Io(NotFound)`, as in `read`.
+    async fn open_file(&self, _digest: &Digest) -> Result<Option<std::fs::File>> {
+        Ok(None)
+    }
 }

@@ -348,6 +348,11 @@ impl BlobStore for FsBlobStore {
         Ok(Box::pin(stream))
     }
 
+    async fn open_file(&self, digest: &Digest) -> Result<Option<std::fs::File>> {
+        let path = self.blob_path(digest);
+        Ok(Some(blocking(move || Ok(File::open(path)?)).await?))
+    }
+
     async fn put(
         &self,
         expected: Option<&Digest>,
