@@ -131,16 +131,31 @@ impl HttpBody for FileBody {
 pub struct FileSocket {
     stream: TcpStream,
     queue: ZeroCopy,
+    /// Whether TCP_CORK is on: while a file range is being sent, only full segments leave, as
+    /// nginx's `tcp_nopush` does; off again once no frame is waiting, so the tail goes out.
+    corked: bool,
 }
 
 impl FileSocket {
     pub fn new(stream: TcpStream, queue: ZeroCopy) -> FileSocket {
-        FileSocket { stream, queue }
+        FileSocket {
+            stream,
+            queue,
+            corked: false,
+        }
+    }
+
+    fn cork(&mut self, on: bool) {
+        if self.corked != on {
+            // A socket that refuses the option still sends correctly, only in smaller pieces.
+            let _ = rustix::net::sockopt::set_tcp_cork(&self.stream, on);
+            self.corked = on;
+        }
     }
 
     /// Send from the front frame's file, `at` bytes into the frame, at most `max` bytes.
     fn poll_send_file(
-        &self,
+        &mut self,
         cx: &mut Context<'_>,
         at: usize,
         max: usize,
@@ -160,6 +175,7 @@ impl FileSocket {
             }
             (front.file.clone(), front.offset + at as u64, max)
         };
+        self.cork(true);
         loop {
             ready!(self.stream.poll_write_ready(cx))?;
             let sent = self.stream.try_io(Interest::WRITABLE, || {
@@ -175,12 +191,18 @@ impl FileSocket {
                     )))
                 }
                 Ok(n) => {
-                    let mut q = self.queue.queue();
-                    if let Some(front) = q.front_mut() {
-                        front.sent += n;
-                        if front.sent == front.len {
-                            q.pop_front();
+                    let drained = {
+                        let mut q = self.queue.queue();
+                        if let Some(front) = q.front_mut() {
+                            front.sent += n;
+                            if front.sent == front.len {
+                                q.pop_front();
+                            }
                         }
+                        q.is_empty()
+                    };
+                    if drained {
+                        self.cork(false);
                     }
                     return Poll::Ready(Ok(n));
                 }
