@@ -28,11 +28,13 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use pier_cluster::NodeId;
-use pier_oci::{Algorithm, Digest, Hasher};
+use pier_oci::{Digest, Hasher};
 use pier_peer::{Cluster, PeerError, SwarmAnswer, SwarmHolder, SwarmReport};
 
 use crate::fill::{Fill, FillError};
-use crate::pieces::{Bits, PieceHasher, Pieces, PIECE_SIZE, SWARM_MIN};
+use crate::pieces::{
+    Bits, PieceDigest, PieceHasher, Pieces, PIECE_ALGORITHM, PIECE_SIZE, SWARM_MIN,
+};
 use crate::sources::upstream_error;
 use crate::{BlobSource, Mirror, MirrorError, MirrorRef, Result};
 
@@ -126,7 +128,7 @@ impl Board {
     }
 }
 
-fn digest_strings(d: Vec<Option<Digest>>) -> Vec<Option<String>> {
+fn digest_strings(d: Vec<Option<PieceDigest>>) -> Vec<Option<String>> {
     d.into_iter().map(|d| d.map(|d| d.to_string())).collect()
 }
 
@@ -510,8 +512,8 @@ impl SwarmRun<'_> {
             if i >= count as usize {
                 break;
             }
-            if let Some(d) = d.and_then(|d| d.parse::<Digest>().ok()) {
-                if d.algorithm() == Algorithm::Sha256 && self.pieces.digest(i as u32).is_none() {
+            if let Some(d) = d.and_then(|d| d.parse::<PieceDigest>().ok()) {
+                if self.pieces.digest(i as u32).is_none() {
                     self.pieces.set_digest(i as u32, d);
                 }
             }
@@ -793,8 +795,14 @@ impl SwarmRun<'_> {
                 return Ok(false);
             }
         };
-        let got = Digest::compute(Algorithm::Sha256, &bytes);
-        match (self.pieces.digest(i), &from) {
+        // Checked with the algorithm the coordinator's digest names; a piece nobody has a digest
+        // for yet (taken from the upstream) gets one in this node's algorithm.
+        let want = self.pieces.digest(i);
+        let algorithm = want
+            .as_ref()
+            .map_or(PIECE_ALGORITHM, PieceDigest::algorithm);
+        let got = PieceDigest::compute(algorithm, &bytes);
+        match (want, &from) {
             (Some(want), From::Peer(n)) if want != got => {
                 self.mirror.metrics.piece("corrupt");
                 tracing::warn!(digest = %self.digest, piece = i, peer = %n, "piece failed its digest; that peer is not asked again by this fill");

@@ -174,7 +174,7 @@ pub struct SwarmAnswer {
     /// `false`: the blob is too small to be worth swarming; fetch it directly.
     pub swarm: bool,
     pub piece_size: u64,
-    /// Digests (`sha256:…`) of pieces `digests_from..`, `None` where the coordinator has not
+    /// Digests (`blake3:…`, or `sha256:…`) of pieces `digests_from..`, `None` where the coordinator has not
     /// hashed the piece yet.
     pub digests_from: u32,
     pub digests: Vec<Option<String>>,
