@@ -85,14 +85,14 @@ impl std::str::FromStr for PieceDigest {
 /// A piece digest being computed.
 enum PieceHash {
     Blake3(Box<blake3::Hasher>),
-    Sha256(Hasher),
+    Sha256(Box<Hasher>),
 }
 
 impl PieceHash {
     fn new(algorithm: PieceAlgorithm) -> PieceHash {
         match algorithm {
             PieceAlgorithm::Blake3 => PieceHash::Blake3(Box::new(blake3::Hasher::new())),
-            PieceAlgorithm::Sha256 => PieceHash::Sha256(Hasher::new(Algorithm::Sha256)),
+            PieceAlgorithm::Sha256 => PieceHash::Sha256(Box::new(Hasher::new(Algorithm::Sha256))),
         }
     }
 
