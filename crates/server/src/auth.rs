@@ -26,7 +26,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::ApiError;
 use crate::metrics::ResultLabels;
-use crate::v2::Query;
+use crate::respond::Query;
 use crate::AppState;
 
 /// Buckets kept per limiter before idle ones are dropped.

@@ -284,12 +284,13 @@ async fn resolve(state: &AppState, image: &str) -> Result<(String, Digest), ApiE
         name: name.clone(),
         reference: reference.clone(),
     };
-    let repo = match crate::mirror::target(state, &route, &Method::GET, &crate::v2::Query::empty())
-        .await?
-    {
-        Some(r) => r.cache_repo,
-        None => name.to_string(),
-    };
+    let repo =
+        match crate::mirror::target(state, &route, &Method::GET, &crate::respond::Query::empty())
+            .await?
+        {
+            Some(r) => r.cache_repo,
+            None => name.to_string(),
+        };
     let digest = match reference {
         Reference::Digest(d) => d,
         Reference::Tag(t) => state

@@ -11,7 +11,9 @@ use pier_mirror::BlobSource;
 use pier_oci::{Digest, ErrorCode, Reference, RepoName};
 
 use crate::error::ApiError;
-use crate::v2::{blob_headers, blob_range, local_response, manifest_response, stream_response};
+use crate::respond::{
+    blob_headers, blob_range, local_response, manifest_response, stream_response,
+};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, ApiError>;

@@ -115,18 +115,6 @@ impl ApiError {
     }
 }
 
-/// The status of an import's answer: 200 when the file was imported or was a duplicate, 422
-/// for a file that is not an importable archive, 503 when the store failed and the same file
-/// may be sent again later. The body is the import report in every case.
-pub fn import_status(result: crate::import::Outcome) -> StatusCode {
-    use crate::import::Outcome;
-    match result {
-        Outcome::Imported | Outcome::Duplicate => StatusCode::OK,
-        Outcome::Failed => StatusCode::UNPROCESSABLE_ENTITY,
-        Outcome::Retry => StatusCode::SERVICE_UNAVAILABLE,
-    }
-}
-
 /// The disk is full (or below its free-space floor): `507 Insufficient Storage`, retryable
 /// once space is freed. Reads keep working.
 fn no_space(msg: String) -> ApiError {

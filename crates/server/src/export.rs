@@ -146,7 +146,7 @@ fn add_bytes(parts: &mut Vec<Part>, total: &mut u64, path: &str, data: Bytes) ->
 
 pub async fn export(State(state): State<AppState>, req: Request<Body>) -> Response {
     // Only the query is needed; the request (whose body is not Sync) is not held across awaits.
-    let q = crate::v2::Query::of(&req);
+    let q = crate::respond::Query::of(&req);
     drop(req);
     match build(&state, &q).await {
         Ok(r) => r,
@@ -154,7 +154,7 @@ pub async fn export(State(state): State<AppState>, req: Request<Body>) -> Respon
     }
 }
 
-async fn build(state: &AppState, q: &crate::v2::Query) -> Result<Response> {
+async fn build(state: &AppState, q: &crate::respond::Query) -> Result<Response> {
     let wanted = q.all("image");
     if wanted.is_empty() {
         return Err(bad("name at least one image: ?image=NAME:TAG"));
@@ -173,13 +173,17 @@ async fn build(state: &AppState, q: &crate::v2::Query) -> Result<Response> {
             name: name.clone(),
             reference: reference.clone(),
         };
-        let place =
-            match crate::mirror::target(state, &route, &Method::GET, &crate::v2::Query::empty())
-                .await?
-            {
-                Some(r) => Place::Mirrored(r),
-                None => Place::Hosted(name.clone()),
-            };
+        let place = match crate::mirror::target(
+            state,
+            &route,
+            &Method::GET,
+            &crate::respond::Query::empty(),
+        )
+        .await?
+        {
+            Some(r) => Place::Mirrored(r),
+            None => Place::Hosted(name.clone()),
+        };
         let (media_type, bytes) = manifest_bytes(state, &place, &reference).await?;
         let digest = Digest::sha256(&bytes);
         let size = bytes.len() as u64;

@@ -16,10 +16,12 @@ use axum::response::Response;
 use axum::Json;
 use pier_registry::gc::CheckFindings;
 use pier_registry::{GcOptions, GcReport};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::ApiError;
+use crate::health::result;
+pub use crate::health::CheckResult;
 use crate::AppState;
 
 /// Garbage-collection settings the API uses (`[gc]` in the configuration).
@@ -86,33 +88,6 @@ pub async fn collect(state: &AppState, dry_run: bool) -> pier_registry::Result<G
 pub struct CheckQuery {
     #[serde(default)]
     pub deep: bool,
-}
-
-/// One named result of a check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CheckResult {
-    pub name: String,
-    /// `pass`, `warn`, `fixed` (found and repaired) or `fail` (lost data, or not repairable).
-    pub status: String,
-    pub message: String,
-    /// Details, one line each (what is missing where).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub details: Vec<String>,
-}
-
-/// A named result (also the health checks', [`crate::health`]).
-pub(crate) fn result(
-    name: &str,
-    status: &str,
-    message: String,
-    details: Vec<String>,
-) -> CheckResult {
-    CheckResult {
-        name: name.into(),
-        status: status.into(),
-        message,
-        details,
-    }
 }
 
 /// Whether a stored repository is a mirror's cache (`<upstream>/<name>`), whose missing

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
+use serde::{Deserialize, Serialize};
 
-use crate::gc::{result, CheckResult};
 use crate::import::watch::WatchHealth;
 use crate::AppState;
 
@@ -47,6 +47,33 @@ pub struct HealthSettings {
 
 /// An unlisted built-in upstream that served a pull this recently counts as one in use.
 pub const IN_USE_WITHIN: Duration = Duration::from_secs(3600);
+
+/// One named result of a check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckResult {
+    pub name: String,
+    /// `pass`, `warn`, `fixed` (found and repaired) or `fail` (lost data, or not repairable).
+    pub status: String,
+    pub message: String,
+    /// Details, one line each (what is missing where).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<String>,
+}
+
+/// A named result (also the consistency check's, [`crate::gc`]).
+pub(crate) fn result(
+    name: &str,
+    status: &str,
+    message: String,
+    details: Vec<String>,
+) -> CheckResult {
+    CheckResult {
+        name: name.into(),
+        status: status.into(),
+        message,
+        details,
+    }
+}
 
 /// Every health check that applies to this node, in a fixed order.
 pub async fn checks(state: &AppState) -> Vec<CheckResult> {

@@ -146,6 +146,18 @@ impl Outcome {
     }
 }
 
+/// The status of an import's answer: 200 when the file was imported or was a duplicate, 422
+/// for a file that is not an importable archive, 503 when the store failed and the same file
+/// may be sent again later. The body is the import report in every case.
+pub fn import_status(result: Outcome) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    match result {
+        Outcome::Imported | Outcome::Duplicate => StatusCode::OK,
+        Outcome::Failed => StatusCode::UNPROCESSABLE_ENTITY,
+        Outcome::Retry => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
 /// One image an import made visible.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImportedImage {
@@ -512,8 +524,13 @@ async fn make_visible(
                 reference: Reference::Tag(tag.clone()),
             };
             // The same decision as a push of that name: one name means one image.
-            match crate::mirror::target(state, &route, &Method::PUT, &crate::v2::Query::empty())
-                .await
+            match crate::mirror::target(
+                state,
+                &route,
+                &Method::PUT,
+                &crate::respond::Query::empty(),
+            )
+            .await
             {
                 Ok(None) => {}
                 Ok(Some(r)) => {
@@ -577,14 +594,14 @@ async fn make_visible(
 }
 
 /// `POST /api/v1/import[?name=FILE]`: the body is an archive; the answer is its
-/// [`ImportReport`] (the status says whether it was imported, see `error::import_status`).
+/// [`ImportReport`] (the status says whether it was imported, see [`import_status`]).
 pub async fn import(State(state): State<AppState>, req: Request<Body>) -> Response {
-    let q = crate::v2::Query::of(&req);
+    let q = crate::respond::Query::of(&req);
     let name = q.get("name").unwrap_or("upload").to_string();
     let stream = req.into_body().into_data_stream().map_err(io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
     let report = import_reader(&state, &name, Box::new(reader)).await;
-    let status = crate::error::import_status(report.result);
+    let status = import_status(report.result);
     let body = serde_json::to_string(&report).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod peer;
 pub mod ranges;
+pub mod respond;
 pub mod status;
 pub mod sync;
 pub mod ui;

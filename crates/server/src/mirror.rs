@@ -8,7 +8,7 @@ use pier_mirror::{BlobSource, Freshness, MirrorError, MirrorRef};
 use pier_oci::{ErrorCode, Route};
 
 use crate::error::ApiError;
-use crate::v2::{
+use crate::respond::{
     blob_headers, blob_range, hv, json, local_response, manifest_response, stream_response, Query,
 };
 use crate::AppState;
@@ -293,7 +293,7 @@ pub(crate) async fn dispatch(
                             "cache repository name",
                         )
                     })?;
-                    crate::v2::referrers(state, &cache, &digest, q).await
+                    crate::respond::referrers(state, &cache, &digest, q).await
                 }
                 Err(e) => Err(ApiError::from_mirror(e.into())),
             }

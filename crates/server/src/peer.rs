@@ -25,7 +25,7 @@ use pier_peer::{PullRequest, SwarmReport, PIECE_HEADER};
 use pier_store::ByteStream;
 
 use crate::error::ApiError;
-use crate::v2::{
+use crate::respond::{
     blob_headers, blob_range, file_response, hv, manifest_response, served_counters,
     stream_response, Query,
 };

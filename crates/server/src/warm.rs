@@ -175,12 +175,13 @@ async fn plan(state: &AppState, req: &WarmRequest) -> Result<Response> {
         name: name.clone(),
         reference: reference.clone(),
     };
-    let place = match crate::mirror::target(state, &route, &Method::GET, &crate::v2::Query::empty())
-        .await?
-    {
-        Some(r) => Place::Mirrored(r),
-        None => Place::Hosted(name),
-    };
+    let place =
+        match crate::mirror::target(state, &route, &Method::GET, &crate::respond::Query::empty())
+            .await?
+        {
+            Some(r) => Place::Mirrored(r),
+            None => Place::Hosted(name),
+        };
     let blobs = image_blobs(state, &place, &reference).await?;
     let cluster = state.mirror.as_ref().and_then(|m| m.cluster()).cloned();
     let me = cluster.as_ref().map(|c| c.local());
