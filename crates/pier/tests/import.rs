@@ -420,3 +420,58 @@ async fn every_import_is_a_job_row_that_outlives_a_restart() {
         assert_eq!(after[file]["id"], row["id"], "{file} keeps its id");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_file_the_store_cannot_take_is_a_retrying_row_until_the_queue_imports_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let watch = tmp.path().join("incoming");
+    std::fs::create_dir_all(&watch).expect("create the folder");
+    let (layout, img) = image(&tmp.path().join("src"), 41);
+    let archive = tmp.path().join("late.tar");
+    write_docker_save(&layout, &img, &["site/late:1"], &archive);
+    let dir = tmp.path().join("pier");
+    // Below its free-space floor the node takes no blob: the import meets a store failure.
+    let full = "[storage]\nmin_free_space = \"1000000TiB\"\n";
+    let mut pier = start(&dir, Some(&watch), full);
+    let http = reqwest::Client::new();
+    std::fs::copy(&archive, watch.join("late.tar")).expect("copy");
+    let started = std::time::Instant::now();
+    let row = loop {
+        let rows = import_rows(&http, &pier.url()).await;
+        if let Some(row) = rows.get("late.tar").filter(|r| r["state"] == "retrying") {
+            break row.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no retrying row: {rows:?}\n{}",
+            pier.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        row["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{row}"
+    );
+    assert!(
+        watch.join("late.tar").exists(),
+        "the file stays in the folder"
+    );
+
+    // With room again (after a restart), the queue imports it when it is due.
+    pier.stop();
+    let pier = start(&dir, Some(&watch), "");
+    assert!(
+        wait_for_file(&watch.join("done/late.tar"), Duration::from_secs(90)).await,
+        "{}",
+        pier.log()
+    );
+    let rows = import_rows(&http, &pier.url()).await;
+    assert_eq!(rows.len(), 1, "one row for the file: {rows:?}");
+    let done = &rows["late.tar"];
+    assert_eq!(done["id"], row["id"], "{done}");
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["images"], serde_json::json!(["site/late:1"]), "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    let (_, blobs) = served(&http, &pier.url(), "site/late", "1").await;
+    assert_eq!(blobs, img.blob_digests());
+}
