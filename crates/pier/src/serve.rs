@@ -421,6 +421,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         prefix: config.import.prefix.clone(),
         log: import_log,
         max_size: config.import.max_size.0,
+        jobs: Some(runner.clone()),
     });
     let mut cluster_tasks = Vec::new();
     if let Some(c) = cluster {
@@ -502,12 +503,10 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     state.sync = Some(sync);
     // The cache bound (and the flush of access times), with the pins the sync rules hold.
     pier_server::cache::run(state.clone());
-    cluster_tasks.push(runner.start());
-    let job_runner = runner;
-    let watcher = config.import.watch.clone().map(|dir| {
+    let watch_cfg = config.import.watch.clone().map(|dir| {
         use crate::config::AfterImport;
         use pier_server::import::watch::{After, WatchConfig};
-        let cfg = WatchConfig {
+        WatchConfig {
             dir,
             stable: Duration::from_secs(config.import.stable_seconds),
             rescan: Duration::from_secs(config.import.rescan_seconds.max(1)),
@@ -517,7 +516,19 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
                 AfterImport::Move => After::Move,
             },
             health: watch_health,
-        };
+        }
+    });
+    // Imports are rows of the queue; the runner imports again a watched file that is due.
+    runner.register(
+        pier_server::import::job::KIND,
+        Arc::new(pier_server::import::job::ImportJobs {
+            state: state.clone(),
+            watch: watch_cfg.clone(),
+        }),
+    );
+    cluster_tasks.push(runner.start());
+    let job_runner = runner;
+    let watcher = watch_cfg.map(|cfg| {
         tokio::spawn(pier_server::import::watch::run(
             state.clone(),
             cfg,

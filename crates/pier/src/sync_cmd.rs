@@ -19,8 +19,8 @@ pub struct SyncArgs {
 
 #[derive(clap::Subcommand)]
 pub enum SyncCommand {
-    /// One row per job: id, kind, image, target, state, attempts, last error. Exits 1 when
-    /// any job has failed.
+    /// One row per job: id, kind, state, attempts, the file (imports), image, target, last
+    /// error. Exits 1 when any job has failed.
     Status {
         /// The node to ask; credentials, when auth is on, come from PIER_USERNAME with
         /// PIER_PASSWORD or PIER_PASSWORD_FILE in the environment, never from the URL.
@@ -170,37 +170,41 @@ async fn status(base: &str, json: bool) -> ExitCode {
     })
 }
 
-/// The rows as a table, newest job last.
+/// The rows as a table, newest job last. A FILE column (the archive an import came from)
+/// appears when there are imports.
 fn render(rows: &[JobRow]) -> String {
     if rows.is_empty() {
         return "no jobs\n".to_string();
     }
-    let header = [
-        "ID",
-        "KIND",
-        "STATE",
-        "TRIES",
-        "IMAGE",
-        "TARGET",
-        "LAST ERROR",
-    ];
-    let cells: Vec<[String; 7]> = rows
+    let files = rows.iter().any(|r| !r.file.is_empty());
+    let mut header = vec!["ID", "KIND", "STATE", "TRIES"];
+    if files {
+        header.push("FILE");
+    }
+    header.extend(["IMAGE", "TARGET", "LAST ERROR"]);
+    let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            [
+            let mut row = vec![
                 r.id.to_string(),
                 r.kind.clone(),
                 r.state.to_string(),
                 r.attempts.to_string(),
+            ];
+            if files {
+                row.push(r.file.clone());
+            }
+            row.extend([
                 r.image.clone(),
                 r.target.clone(),
                 r.last_error.clone().unwrap_or_default(),
-            ]
+            ]);
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row.iter()).take(6) {
+        for (w, c) in widths.iter_mut().zip(row.iter()).take(header.len() - 1) {
             *w = (*w).max(c.chars().count());
         }
     }
@@ -290,15 +294,39 @@ mod tests {
             attempts: 2,
             last_error: Some("upstream unavailable: 503".into()),
             rule: "dc2".into(),
+            file: String::new(),
+            images: Vec::new(),
             created_ms: 0,
             updated_ms: 0,
             next_at_ms: 0,
         };
-        let table = render(&[row]);
+        let table = render(std::slice::from_ref(&row));
         let lines: Vec<&str> = table.lines().collect();
         assert!(lines[0].starts_with("ID  KIND"), "{table}");
         assert!(lines[1].contains("retrying"), "{table}");
         assert!(lines[1].ends_with("upstream unavailable: 503"), "{table}");
+        assert!(!lines[0].contains("FILE"), "{table}");
         assert_eq!(render(&[]), "no jobs\n");
+
+        // Imports add the file they came from.
+        let import = JobRow {
+            id: 13,
+            kind: "import".into(),
+            image: "team/app:1".into(),
+            target: String::new(),
+            state: pier_store::JobState::Succeeded,
+            attempts: 1,
+            last_error: None,
+            file: "app.tar".into(),
+            images: vec!["team/app:1".into()],
+            ..row
+        };
+        let table = render(&[import]);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].starts_with("ID  KIND    STATE      TRIES  FILE"),
+            "{table}"
+        );
+        assert!(lines[1].contains("app.tar  team/app:1"), "{table}");
     }
 }

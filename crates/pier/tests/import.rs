@@ -309,3 +309,169 @@ async fn an_archive_inflating_past_max_size_fails_and_keeps_nothing() {
         }
     }
 }
+
+/// The import rows of `GET /api/v1/sync/jobs`, by file name.
+async fn import_rows(
+    http: &reqwest::Client,
+    base: &str,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let resp = http
+        .get(format!("{base}/api/v1/sync/jobs"))
+        .send()
+        .await
+        .expect("GET /api/v1/sync/jobs");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let answer: serde_json::Value = resp.json().await.expect("JSON");
+    answer["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter(|j| j["kind"] == "import")
+        .map(|j| (j["file"].as_str().unwrap_or("").to_string(), j.clone()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_import_is_a_job_row_that_outlives_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let watch = tmp.path().join("incoming");
+    std::fs::create_dir_all(&watch).expect("create the folder");
+    let (layout, img) = image(&tmp.path().join("src"), 21);
+    let good = tmp.path().join("good.tar");
+    write_docker_save(&layout, &img, &["site/app:v1"], &good);
+    let (layout2, img2) = image(&tmp.path().join("src2"), 31);
+    let by_hand = tmp.path().join("by-hand.tar");
+    write_docker_save(&layout2, &img2, &["team/tool:2"], &by_hand);
+    let dir = tmp.path().join("pier");
+    let mut pier = start(&dir, Some(&watch), "");
+    let (url, http) = (pier.url(), reqwest::Client::new());
+
+    std::fs::copy(&good, watch.join("good.tar")).expect("copy");
+    let bytes = std::fs::read(&good).expect("read");
+    std::fs::write(watch.join("bad.tar"), &bytes[..bytes.len() / 2]).expect("write");
+    for landed in ["done/good.tar", "failed/bad.tar.reason"] {
+        assert!(
+            wait_for_file(&watch.join(landed), Duration::from_secs(30)).await,
+            "{landed}:\n{}",
+            pier.log()
+        );
+    }
+    let out = pier_cli(&["import", "--url", &url, &by_hand.display().to_string()]);
+    assert!(out.status.success(), "pier import: {}", text(&out.stderr));
+
+    let check = |rows: &std::collections::BTreeMap<String, serde_json::Value>| {
+        let files: Vec<&str> = rows.keys().map(String::as_str).collect();
+        assert_eq!(files, ["bad.tar", "by-hand.tar", "good.tar"], "{rows:?}");
+        let good = &rows["good.tar"];
+        assert_eq!(good["state"], "succeeded", "{good}");
+        assert_eq!(good["images"], serde_json::json!(["site/app:v1"]), "{good}");
+        assert_eq!(good["last_error"], serde_json::Value::Null, "{good}");
+        let bad = &rows["bad.tar"];
+        assert_eq!(bad["state"], "failed", "{bad}");
+        let why = bad["last_error"].as_str().unwrap_or("");
+        assert!(why.contains("reading the archive failed"), "{bad}");
+        let cli = &rows["by-hand.tar"];
+        assert_eq!(cli["state"], "succeeded", "{cli}");
+        assert_eq!(cli["images"], serde_json::json!(["team/tool:2"]), "{cli}");
+    };
+    let before = import_rows(&http, &url).await;
+    check(&before);
+
+    // `pier sync status` shows the same rows; a failed import makes it exit 1.
+    let out = pier_cli(&["sync", "status", "--url", &url]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let table = text(&out.stdout);
+    let line = |file: &str| {
+        table
+            .lines()
+            .find(|l| l.contains(file))
+            .unwrap_or_else(|| panic!("no row for {file}:\n{table}"))
+            .to_string()
+    };
+    for (file, words) in [
+        ("good.tar", vec!["import", "succeeded", "site/app:v1"]),
+        (
+            "bad.tar",
+            vec!["import", "failed", "reading the archive failed"],
+        ),
+        ("by-hand.tar", vec!["import", "succeeded", "team/tool:2"]),
+    ] {
+        let l = line(file);
+        for w in words {
+            assert!(l.contains(w), "{w} in the row of {file}:\n{table}");
+        }
+    }
+
+    // A failed import is not queued again behind the operator's back: its file is in failed/.
+    let id = before["bad.tar"]["id"].as_u64().expect("id").to_string();
+    let out = pier_cli(&["sync", "retry", "--url", &url, &id]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("failed/"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    pier.stop();
+    let pier = start(&dir, Some(&watch), "");
+    let after = import_rows(&http, &pier.url()).await;
+    check(&after);
+    for (file, row) in &before {
+        assert_eq!(after[file]["id"], row["id"], "{file} keeps its id");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_file_the_store_cannot_take_is_a_retrying_row_until_the_queue_imports_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let watch = tmp.path().join("incoming");
+    std::fs::create_dir_all(&watch).expect("create the folder");
+    let (layout, img) = image(&tmp.path().join("src"), 41);
+    let archive = tmp.path().join("late.tar");
+    write_docker_save(&layout, &img, &["site/late:1"], &archive);
+    let dir = tmp.path().join("pier");
+    // Below its free-space floor the node takes no blob: the import meets a store failure.
+    let full = "[storage]\nmin_free_space = \"1000000TiB\"\n";
+    let mut pier = start(&dir, Some(&watch), full);
+    let http = reqwest::Client::new();
+    std::fs::copy(&archive, watch.join("late.tar")).expect("copy");
+    let started = std::time::Instant::now();
+    let row = loop {
+        let rows = import_rows(&http, &pier.url()).await;
+        if let Some(row) = rows.get("late.tar").filter(|r| r["state"] == "retrying") {
+            break row.clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no retrying row: {rows:?}\n{}",
+            pier.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        row["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{row}"
+    );
+    assert!(
+        watch.join("late.tar").exists(),
+        "the file stays in the folder"
+    );
+
+    // With room again (after a restart), the queue imports it when it is due.
+    pier.stop();
+    let pier = start(&dir, Some(&watch), "");
+    assert!(
+        wait_for_file(&watch.join("done/late.tar"), Duration::from_secs(90)).await,
+        "{}",
+        pier.log()
+    );
+    let rows = import_rows(&http, &pier.url()).await;
+    assert_eq!(rows.len(), 1, "one row for the file: {rows:?}");
+    let done = &rows["late.tar"];
+    assert_eq!(done["id"], row["id"], "{done}");
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["images"], serde_json::json!(["site/late:1"]), "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    let (_, blobs) = served(&http, &pier.url(), "site/late", "1").await;
+    assert_eq!(blobs, img.blob_digests());
+}

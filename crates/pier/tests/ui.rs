@@ -4,7 +4,9 @@
 //! presses retry on a replication job that failed because its target registry was down (it is
 //! up by then: Debian's docker-registry), and sees the job succeed. The screenshot is kept under
 //! the target directory as the test's artifact. A second test opens a lone node's dashboard
-//! (`tests/ui/node.py`): its `--node-name` in the header, upstreams nobody asked `unknown`.
+//! (`tests/ui/node.py`): its `--node-name` in the header, upstreams nobody asked `unknown`. A
+//! third drops a good and a broken archive into a node's watched folder and finds a row for
+//! each in the jobs table (`tests/ui/imports.py`).
 //!
 //! Runs with `PIER_INTEROP=1` (scripts/test.sh installs chromium, playwright and
 //! docker-registry).
@@ -18,8 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_port, interop_tempdir, push_image, write_layout, Entry, ImageSpec, LayerSpec, Pier,
-    Upload, MIB,
+    free_port, interop_tempdir, push_image, wait_for_file, write_docker_save, write_layout, Entry,
+    ImageSpec, LayerSpec, Pier, Upload, MIB,
 };
 use mirror_support::Registry;
 
@@ -216,6 +218,73 @@ async fn dashboard_names_a_lone_node_and_shows_unasked_upstreams_as_unknown() {
         ])
         .output()
         .expect("run python3 tests/ui/node.py");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "the dashboard check failed:\n{text}");
+}
+
+/// A lone node with a watched folder: the dashboard's "Sync and import jobs" table has a row
+/// per imported file, the good one succeeded with its image, the broken one failed with the
+/// reason and no retry button (its file is in `failed/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_lists_each_watched_import_with_its_fate() {
+    let Some(tmp) = interop_tempdir(&["chromium", "python3"]) else {
+        return;
+    };
+    let watch = tmp.path().join("incoming");
+    std::fs::create_dir_all(&watch).unwrap();
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("app.bin", MIB + 5, 51)],
+            )),
+        )],
+    );
+    let archive = tmp.path().join("app.tar");
+    write_docker_save(&layout, layout.image("v1"), &["site/app:v1"], &archive);
+    let config = tmp.path().join("pier.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\
+             [import]\nstable_seconds = 1\nrescan_seconds = 1\nwatch = {:?}\n",
+            watch.display().to_string()
+        ),
+    )
+    .unwrap();
+    let node = Pier::start_with(
+        &tmp.path().join("data"),
+        &tmp.path().join("pier.log"),
+        &["--config".to_string(), config.display().to_string()],
+    );
+    std::fs::copy(&archive, watch.join("good.tar")).unwrap();
+    let bytes = std::fs::read(&archive).unwrap();
+    std::fs::write(watch.join("bad.tar"), &bytes[..bytes.len() / 2]).unwrap();
+    for landed in ["done/good.tar", "failed/bad.tar.reason"] {
+        assert!(
+            wait_for_file(&watch.join(landed), Duration::from_secs(30)).await,
+            "{landed}:\n{}",
+            node.log()
+        );
+    }
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/imports.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg(node.url())
+        .args([
+            "good.tar=succeeded=site/app:v1",
+            "bad.tar=failed=reading the archive failed",
+        ])
+        .output()
+        .expect("run python3 tests/ui/imports.py");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

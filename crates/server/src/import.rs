@@ -9,6 +9,7 @@
 //! digest was imported before (under any name) is recognised by the import log and changes
 //! nothing.
 
+pub mod job;
 pub mod watch;
 
 use std::io::{self, Read};
@@ -46,6 +47,8 @@ pub struct ImportSettings {
     /// max_size`); an archive that would write more fails and keeps nothing of the blob it was
     /// writing.
     pub max_size: u64,
+    /// The job queue every import is a row of ([`job`]); `None` records nothing.
+    pub jobs: Option<Arc<pier_store::JobRunner>>,
 }
 
 /// `[import] max_size` by default: room for the largest real images (CUDA and ML images
@@ -67,6 +70,7 @@ impl Default for ImportSettings {
             prefix: String::new(),
             log: Arc::new(MemoryImportLog::default()),
             max_size: DEFAULT_MAX_SIZE,
+            jobs: None,
         }
     }
 }
@@ -600,7 +604,21 @@ pub async fn import(State(state): State<AppState>, req: Request<Body>) -> Respon
     let name = q.get("name").unwrap_or("upload").to_string();
     let stream = req.into_body().into_data_stream().map_err(io::Error::other);
     let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+    let row = job::begin(
+        &state,
+        &job::upload_key(&name),
+        &job::ImportPayload {
+            file: name.clone(),
+            ..job::ImportPayload::default()
+        },
+    )
+    .await;
     let report = import_reader(&state, &name, Box::new(reader)).await;
+    if let job::Begun::Row(id) = row {
+        // Nothing keeps an upload to try it again: a store failure fails its row (the client
+        // is told it may send the file again).
+        job::end(&state, id, &report, None).await;
+    }
     let status = import_status(report.result);
     let body = serde_json::to_string(&report).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()

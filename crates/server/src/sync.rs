@@ -1,6 +1,7 @@
 //! The sync API: `GET /api/v1/sync/jobs` (every job as a status row, the JSON
 //! `pier sync status --json` prints), `POST /api/v1/sync/retry` (failed jobs queued again: one
-//! by `{"id": N}`, or all with `{"failed": true}`) and `POST /api/v1/sync/run/{name}` (a rule
+//! by `{"id": N}`, or all with `{"failed": true}`; a failed import is not, its file being
+//! in the watched folder's `failed/` or never kept) and `POST /api/v1/sync/run/{name}` (a rule
 //! run now), and `GET /api/v1/sync/pins` (what pull rules keep from eviction). `pier sync` is
 //! the client.
 
@@ -77,7 +78,32 @@ pub async fn retry(
             ))
         }
     };
-    let queued = engine(&state)?.retry(id).await?;
+    let engine = engine(&state)?;
+    let store = engine.runner().store();
+    let queued = match id {
+        Some(id) => {
+            if let Some(why) = store
+                .job(id)
+                .await?
+                .and_then(|j| crate::import::job::not_retryable(&j))
+            {
+                return Err(ApiError::new(StatusCode::CONFLICT, ErrorCode::Denied, why));
+            }
+            engine.retry(Some(id)).await?
+        }
+        None => {
+            // Every failed job but imports, whose files the queue no longer has.
+            let mut queued = 0;
+            for job in store.jobs().await? {
+                if job.state == pier_store::JobState::Failed
+                    && crate::import::job::not_retryable(&job).is_none()
+                {
+                    queued += engine.retry(Some(job.id)).await?;
+                }
+            }
+            queued
+        }
+    };
     Ok(Json(Queued { queued }))
 }
 

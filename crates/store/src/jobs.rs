@@ -94,6 +94,18 @@ pub trait JobStore: Send + Sync {
     /// job, due now.
     async fn enqueue(&self, kind: &str, key: &str, payload: serde_json::Value) -> Result<u64>;
 
+    /// Add a job its caller does itself (an import, whose bytes only the caller has): it is
+    /// running from the start, so the runner takes it only once it is made due again (a
+    /// retry, or a restart that found it running). `None` when a job with the key is still
+    /// queued, running or retrying. Unlike [`enqueue`](Self::enqueue), an earlier job with the
+    /// key that is over stays as history.
+    async fn record(
+        &self,
+        kind: &str,
+        key: &str,
+        payload: serde_json::Value,
+    ) -> Result<Option<u64>>;
+
     async fn job(&self, id: u64) -> Result<Option<Job>>;
 
     /// Every job, by id.
@@ -236,6 +248,46 @@ mod tests {
             .await
             .unwrap();
         assert_ne!(other, last);
+    }
+
+    #[tokio::test]
+    async fn a_recorded_job_runs_where_it_was_recorded_and_stays_as_history() {
+        let store = RedbMetaStore::in_memory().unwrap();
+        let k = "import /in/app.tar";
+        let first = store
+            .record("import", k, json!({"file": "app.tar"}))
+            .await
+            .unwrap()
+            .expect("a new job");
+        let job = store.job(first).await.unwrap().unwrap();
+        assert_eq!((job.state, job.attempts), (JobState::Running, 0));
+        assert!(store.due(unix_ms(), 10).await.unwrap().is_empty());
+        assert_eq!(store.next_due().await.unwrap(), None);
+        // While it runs, the same work is not recorded twice.
+        assert_eq!(store.record("import", k, json!(null)).await.unwrap(), None);
+
+        set_state(&store, first, JobState::Failed).await;
+        let second = store
+            .record("import", k, json!({"file": "app.tar"}))
+            .await
+            .unwrap()
+            .expect("a new job once the first is over");
+        assert!(second > first);
+        let states: Vec<(u64, JobState)> = store
+            .jobs()
+            .await
+            .unwrap()
+            .iter()
+            .map(|j| (j.id, j.state))
+            .collect();
+        assert_eq!(
+            states,
+            [(first, JobState::Failed), (second, JobState::Running)],
+            "the earlier job is history, not replaced"
+        );
+        // A stop mid-import leaves it running: the next start makes it due.
+        assert_eq!(store.recover().await.unwrap(), 1);
+        assert_eq!(store.due(unix_ms(), 10).await.unwrap()[0].id, second);
     }
 
     #[tokio::test]

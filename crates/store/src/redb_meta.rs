@@ -823,6 +823,47 @@ impl JobStore for RedbMetaStore {
         .await
     }
 
+    async fn record(
+        &self,
+        kind: &str,
+        key: &str,
+        payload: serde_json::Value,
+    ) -> Result<Option<u64>> {
+        let (kind, key) = (kind.to_string(), key.to_string());
+        let now = unix_ms();
+        self.write(move |tx| {
+            let current = tx
+                .open_table(JOB_KEYS)?
+                .get(key.as_str())?
+                .map(|v| v.value());
+            if let Some(id) = current {
+                let jobs = tx.open_table(JOBS)?;
+                if load_job(&jobs, id)?.is_some_and(|j| j.state.is_active()) {
+                    return Ok(None);
+                }
+            }
+            let id = next_job_id(tx)?;
+            save_job(
+                tx,
+                &Job {
+                    id,
+                    kind: kind.clone(),
+                    key: key.clone(),
+                    payload: payload.clone(),
+                    state: JobState::Running,
+                    attempts: 0,
+                    last_error: None,
+                    next_at_ms: now,
+                    created_ms: now,
+                    updated_ms: now,
+                },
+            )?;
+            tx.open_table(JOB_KEYS)?.insert(key.as_str(), id)?;
+            Ok(Some(id))
+        })
+        .await
+    }
+
     async fn job(&self, id: u64) -> Result<Option<Job>> {
         self.read(|tx| load_job(&tx.open_table(JOBS)?, id)).await
     }

@@ -7,6 +7,9 @@
 //! network share. A file is stable when its size and modification time have not changed for
 //! `stable`; names that writers use while a file is incomplete (`*.tmp`, `*.part`, rsync's
 //! `.name.XXXXXX`, any dot file) are never taken. Files are imported one at a time.
+//!
+//! Each file taken is a row of the job queue ([`super::job`]); a file the store could not
+//! take is left to the queue, which imports it again when its row is due.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +20,8 @@ use std::time::{Duration, Instant, SystemTime};
 use notify::Watcher;
 use tokio::sync::{mpsc, watch as tokio_watch};
 
-use super::{import_reader, Outcome};
+use super::job::{self, Begun, ImportPayload};
+use super::{import_reader, ImportReport, Outcome};
 use crate::AppState;
 
 /// What happens to an archive once it is imported (or found to be a duplicate).
@@ -162,15 +166,44 @@ pub async fn run(state: AppState, cfg: WatchConfig, mut stop: tokio_watch::Recei
             }
             seen.remove(&path);
             let meta = tokio::fs::metadata(&path).await.ok();
-            let outcome = import_path(&state, &cfg, &path).await;
+            let as_seen = (
+                meta.as_ref().map_or(0, |m| m.len()),
+                meta.as_ref().and_then(|m| m.modified().ok()),
+            );
+            let payload = ImportPayload {
+                file: file_name(&path),
+                path: Some(path.display().to_string()),
+                ..ImportPayload::default()
+            };
+            let row = match job::begin(&state, &job::watched_key(&path), &payload).await {
+                Begun::Busy => {
+                    // A job of the queue has this file (one a stop interrupted, or one
+                    // retrying after a store failure): it imports it.
+                    settled.insert(path, (as_seen.0, as_seen.1, None));
+                    continue;
+                }
+                Begun::Row(id) => Some(id),
+                Begun::NoRow => None,
+            };
+            let report = import_path(&state, &cfg, &path).await;
+            let outcome = report.result;
+            if let Some(id) = row {
+                let retry_at = pier_store::jobs::unix_ms()
+                    .saturating_add(job::retry_delay(&cfg).as_millis() as u64);
+                job::end(&state, id, &report, Some(retry_at)).await;
+            }
             match (outcome, cfg.after) {
+                // The row is retrying: the queue imports the file again when it is due.
+                (Outcome::Retry, _) if row.is_some() => {
+                    settled.insert(path, (as_seen.0, as_seen.1, None));
+                }
                 (Outcome::Retry, _) => {
                     settled.insert(
                         path,
                         (
                             meta.as_ref().map_or(0, |m| m.len()),
                             meta.and_then(|m| m.modified().ok()),
-                            Some(Instant::now() + cfg.rescan.max(Duration::from_secs(30))),
+                            Some(Instant::now() + job::retry_delay(&cfg)),
                         ),
                     );
                 }
@@ -265,12 +298,15 @@ async fn scan(
     ready
 }
 
-/// Import one file and put it where its outcome says.
-async fn import_path(state: &AppState, cfg: &WatchConfig, path: &Path) -> Outcome {
-    let name = path
-        .file_name()
+fn file_name(path: &Path) -> String {
+    path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// Import one file and put it where its outcome says.
+pub(crate) async fn import_path(state: &AppState, cfg: &WatchConfig, path: &Path) -> ImportReport {
+    let name = file_name(path);
     let report = match std::fs::File::open(path) {
         Ok(f) => {
             let reader = std::io::BufReader::with_capacity(1 << 20, f);
@@ -278,7 +314,10 @@ async fn import_path(state: &AppState, cfg: &WatchConfig, path: &Path) -> Outcom
         }
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot open the archive");
-            return Outcome::Retry;
+            let mut report = ImportReport::new(&name);
+            report.result = Outcome::Retry;
+            report.error = Some(format!("cannot open the archive: {e}"));
+            return report;
         }
     };
     let moved = match (report.result, cfg.after) {
@@ -298,7 +337,7 @@ async fn import_path(state: &AppState, cfg: &WatchConfig, path: &Path) -> Outcom
     if let Err(e) = moved {
         tracing::warn!(file = %path.display(), error = %e, "cannot move the archive after import");
     }
-    report.result
+    report
 }
 
 /// Rename `path` into `dir` as `name`, or `name.1`, `name.2`… if that is taken; returns where.

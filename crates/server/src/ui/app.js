@@ -133,12 +133,14 @@ function drawJobs(answer) {
     cell(tr, j.id);
     cell(tr, j.kind);
     cell(tr, j.image, "image");
-    cell(tr, j.target);
+    // An import has no target; its row names the file it came from.
+    cell(tr, j.kind === "import" ? j.file : j.target);
     cell(tr, j.state, "state job-" + j.state);
     cell(tr, j.attempts);
     cell(tr, j.last_error, "error");
     const td = cell(tr, "");
-    if (j.state === "failed") {
+    // A failed import is not retried by the queue (its file is in failed/, or was an upload).
+    if (j.state === "failed" && j.kind !== "import") {
       const b = document.createElement("button");
       b.textContent = "retry";
       b.className = "retry";

@@ -360,6 +360,11 @@ impl JobRunner {
         policy: RetryPolicy,
     ) {
         let now = self.now();
+        // A handler may have written what it found into the payload while it ran (an
+        // import's images); the outcome keeps that, not the payload it was handed.
+        if let Ok(Some(stored)) = self.store.job(job.id).await {
+            job.payload = stored.payload;
+        }
         job.attempts = job.attempts.saturating_add(1);
         job.updated_ms = now;
         let succeeded = outcome.is_ok();
