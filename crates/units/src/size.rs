@@ -128,93 +128,130 @@ impl<'de> Deserialize<'de> for Rate {
 mod tests {
     use super::*;
 
+    use crate::command_line::parse_size;
+
     const K: u64 = 1 << 10;
     const M: u64 = 1 << 20;
     const G: u64 = 1 << 30;
     const T: u64 = 1 << 40;
+    const NO: Option<u64> = None;
 
-    fn check<T: FromStr<Err = String> + PartialEq + Clone + std::fmt::Debug>(
-        cases: &[(&str, Result<T, &str>)],
-    ) {
-        for (s, want) in cases {
-            let want = want.clone().map_err(|e| e.to_string());
-            assert_eq!(s.parse::<T>(), want, "{s:?}");
+    /// Each input as a `ByteSize`, as a `Rate` and as a size of `pier bench`'s flags reads it
+    /// (`NO`: refused; the messages are in `messages_name_the_input`).
+    #[test]
+    fn sizes_in_each_syntax() {
+        #[rustfmt::skip]
+        let cases = [
+            // input                  ByteSize                    Rate             command line
+            ("17",                    Some(17),                   Some(17),        Some(17)),
+            ("0",                     Some(0),                    Some(0),         Some(0)),
+            ("512B",                  Some(512),                  Some(512),       Some(512)),
+            ("512 b",                 Some(512),                  Some(512),       Some(512)),
+            ("  4MiB  ",              Some(4 * M),                Some(4 * M),     Some(4 * M)),
+            ("3MIB",                  Some(3 * M),                Some(3 * M),     Some(3 * M)),
+            ("2kib",                  Some(2 * K),                Some(2 * K),     Some(2 * K)),
+            ("200MiB",                Some(200 * M),              Some(200 * M),   Some(200 * M)),
+            ("2 GiB",                 Some(2 * G),                Some(2 * G),     Some(2 * G)),
+            ("1 GB",                  Some(1_000_000_000),        Some(1_000_000_000), Some(1_000_000_000)),
+            ("4kB",                   Some(4_000),                Some(4_000),     Some(4_000)),
+            ("4KB",                   Some(4_000),                Some(4_000),     Some(4_000)),
+            ("3mb",                   Some(3_000_000),            Some(3_000_000), Some(3_000_000)),
+            // A bare letter: a power of 1000 in the configuration, of 1024 on the command line.
+            ("4k",                    Some(4_000),                Some(4_000),     Some(4 * K)),
+            ("4K",                    Some(4_000),                Some(4_000),     Some(4 * K)),
+            ("3M",                    Some(3_000_000),            Some(3_000_000), Some(3 * M)),
+            ("2g",                    Some(2_000_000_000),        Some(2_000_000_000), Some(2 * G)),
+            // Rates stop at G.
+            ("2T",                    Some(2_000_000_000_000),    NO,              Some(2 * T)),
+            ("2TB",                   Some(2_000_000_000_000),    NO,              Some(2_000_000_000_000)),
+            ("2TiB",                  Some(2 * T),                NO,              Some(2 * T)),
+            // Only a rate may end in `/s`.
+            ("1MB/s",                 NO,                         Some(1_000_000), NO),
+            ("1 MB/s",                NO,                         Some(1_000_000), NO),
+            ("1MB /s",                NO,                         Some(1_000_000), NO),
+            ("100/s",                 NO,                         Some(100),       NO),
+            ("1MiB/s",                NO,                         Some(M),         NO),
+            ("1MB/S",                 NO,                         NO,              NO),
+            ("1MB/m",                 NO,                         NO,              NO),
+            // Only the command line takes fractions, rounded to the nearest byte.
+            ("1.5MiB",                NO,                         NO,              Some(3 << 19)),
+            ("0.5k",                  NO,                         NO,              Some(512)),
+            (".5k",                   NO,                         NO,              Some(512)),
+            ("1.",                    NO,                         NO,              Some(1)),
+            ("1.0001k",               NO,                         NO,              Some(1024)),
+            ("0.5",                   NO,                         NO,              Some(1)),
+            ("0.4",                   NO,                         NO,              Some(0)),
+            // The largest number; one more is the same float on the command line.
+            ("18446744073709551615",  Some(u64::MAX),             Some(u64::MAX),  Some(u64::MAX)),
+            ("18446744073709551616",  NO,                         NO,              Some(u64::MAX)),
+            ("99999999999999 TiB",    NO,                         NO,              NO),
+            ("20000000TiB",           NO,                         NO,              NO),
+            ("MiB",                   NO,                         NO,              NO),
+            ("",                      NO,                         NO,              NO),
+            ("-1",                    NO,                         NO,              NO),
+            (".",                     NO,                         NO,              NO),
+            ("1.2.3k",                NO,                         NO,              NO),
+            ("4 parsecs",             NO,                         NO,              NO),
+            ("1e3",                   NO,                         NO,              NO),
+            ("1PiB",                  NO,                         NO,              NO),
+            ("1Ki",                   NO,                         NO,              NO),
+        ];
+        for (s, size, rate, flag) in cases {
+            assert_eq!(
+                s.parse::<ByteSize>().ok(),
+                size.map(ByteSize),
+                "ByteSize {s:?}"
+            );
+            assert_eq!(s.parse::<Rate>().ok(), rate.map(Rate), "Rate {s:?}");
+            assert_eq!(parse_size(s).ok(), flag, "command line {s:?}");
         }
     }
 
     #[test]
-    fn sizes() {
-        check::<ByteSize>(&[
-            ("4MiB", Ok(ByteSize(4 * M))),
-            ("1 GB", Ok(ByteSize(1_000_000_000))),
-            ("17", Ok(ByteSize(17))),
-            ("2kib", Ok(ByteSize(2 * K))),
-            ("512B", Ok(ByteSize(512))),
-            ("512 b", Ok(ByteSize(512))),
-            ("0", Ok(ByteSize(0))),
-            ("  4MiB  ", Ok(ByteSize(4 * M))),
-            ("18446744073709551615", Ok(ByteSize(u64::MAX))),
-            // A bare letter, and a letter with B, are powers of 1000.
-            ("4k", Ok(ByteSize(4_000))),
-            ("4K", Ok(ByteSize(4_000))),
-            ("4kB", Ok(ByteSize(4_000))),
-            ("4KB", Ok(ByteSize(4_000))),
-            ("3M", Ok(ByteSize(3_000_000))),
-            ("3mb", Ok(ByteSize(3_000_000))),
-            ("2g", Ok(ByteSize(2_000_000_000))),
-            ("2T", Ok(ByteSize(2_000_000_000_000))),
-            ("2TB", Ok(ByteSize(2_000_000_000_000))),
-            ("3MIB", Ok(ByteSize(3 * M))),
-            ("2GiB", Ok(ByteSize(2 * G))),
-            ("2TiB", Ok(ByteSize(2 * T))),
+    fn messages_name_the_input() {
+        let size = |s: &str| s.parse::<ByteSize>().unwrap_err();
+        let rate = |s: &str| s.parse::<Rate>().unwrap_err();
+        let flag = |s: &str| parse_size(s).unwrap_err();
+        for (got, want) in [
+            (size("MiB"), "\"MiB\" is not a size such as 4MiB"),
+            (size(" -1 "), "\"-1\" is not a size such as 4MiB"),
             (
-                "4 parsecs",
-                Err("unknown size unit \"parsecs\" in \"4 parsecs\""),
-            ),
-            ("MiB", Err("\"MiB\" is not a size such as 4MiB")),
-            ("", Err("\"\" is not a size such as 4MiB")),
-            ("-1", Err("\"-1\" is not a size such as 4MiB")),
-            (
-                "99999999999999 TiB",
-                Err("\"99999999999999 TiB\" is too large"),
+                size("18446744073709551616"),
+                "\"18446744073709551616\" is not a size such as 4MiB",
             ),
             (
-                "18446744073709551616",
-                Err("\"18446744073709551616\" is not a size such as 4MiB"),
+                size("4 parsecs"),
+                "unknown size unit \"parsecs\" in \"4 parsecs\"",
             ),
-            // Whole numbers only, and no prefix above T.
-            ("1.5MiB", Err("unknown size unit \".5mib\" in \"1.5MiB\"")),
-            ("1PiB", Err("unknown size unit \"pib\" in \"1PiB\"")),
-            ("1Ki", Err("unknown size unit \"ki\" in \"1Ki\"")),
-            ("1MiB/s", Err("unknown size unit \"mib/s\" in \"1MiB/s\"")),
-        ]);
-    }
-
-    #[test]
-    fn rates() {
-        check::<Rate>(&[
-            ("50MiB", Ok(Rate(50 * M))),
-            ("1MB/s", Ok(Rate(1_000_000))),
-            ("1 MB/s", Ok(Rate(1_000_000))),
-            ("1MB /s", Ok(Rate(1_000_000))),
-            (" 1MB/s ", Ok(Rate(1_000_000))),
-            ("100", Ok(Rate(100))),
-            ("100/s", Ok(Rate(100))),
-            ("100b", Ok(Rate(100))),
-            ("8k", Ok(Rate(8_000))),
-            ("8KiB", Ok(Rate(8 * K))),
-            ("2G", Ok(Rate(2_000_000_000))),
-            ("2gib/s", Ok(Rate(2 * G))),
-            // Up to gigabytes, whole numbers, and the message names what is left of `/s`.
-            ("1T", Err("unknown size unit \"t\" in \"1T\"")),
-            ("1TB", Err("unknown size unit \"tb\" in \"1TB\"")),
-            ("1TiB/s", Err("unknown size unit \"tib\" in \"1TiB\"")),
-            ("1.5MB", Err("unknown size unit \".5mb\" in \"1.5MB\"")),
-            ("fast/s", Err("\"fast\" is not a rate such as 50MiB")),
-            ("1MB/m", Err("unknown size unit \"mb/m\" in \"1MB/m\"")),
-            ("1MB/S", Err("unknown size unit \"mb/s\" in \"1MB/S\"")),
-            ("99999999999 GiB", Err("\"99999999999 GiB\" is too large")),
-        ]);
+            (size("1.5MiB"), "unknown size unit \".5mib\" in \"1.5MiB\""),
+            (size("1MiB/s"), "unknown size unit \"mib/s\" in \"1MiB/s\""),
+            (
+                size("99999999999999 TiB"),
+                "\"99999999999999 TiB\" is too large",
+            ),
+            // A rate's messages name what is left once `/s` is taken off.
+            (rate("fast/s"), "\"fast\" is not a rate such as 50MiB"),
+            (rate("1TiB/s"), "unknown size unit \"tib\" in \"1TiB\""),
+            (rate("1T"), "unknown size unit \"t\" in \"1T\""),
+            (rate("1MB/S"), "unknown size unit \"mb/s\" in \"1MB/S\""),
+            (rate("99999999999 GiB"), "\"99999999999 GiB\" is too large"),
+            (
+                flag("MiB"),
+                "\"MiB\" is not a size (e.g. 512, 64KiB, 200MiB, 1GB)",
+            ),
+            (
+                flag("1.2.3k"),
+                "\"1.2.3k\" is not a size (e.g. 512, 64KiB, 200MiB, 1GB)",
+            ),
+            (
+                flag("3 parsecs"),
+                "unknown size unit \"parsecs\" in \"3 parsecs\"",
+            ),
+            (flag("1e3"), "unknown size unit \"e3\" in \"1e3\""),
+            (flag("20000000TiB"), "\"20000000TiB\" is too large"),
+        ] {
+            assert_eq!(got, want);
+        }
     }
 
     #[derive(Debug, Deserialize)]
