@@ -1,5 +1,6 @@
-//! The command line of `pier bench`: the registry and credentials, the load shape, the output,
-//! and one scenario. The binary flattens [`BenchArgs`] into its `bench` subcommand.
+//! The command line of `pier bench`: the registry and credentials, the load shape (with
+//! `--ramp`'s `START:STEP:MAX`), the output, and one scenario. The binary flattens
+//! [`BenchArgs`] into its `bench` subcommand.
 //!
 //! Options that are not about one scenario are `global`, so they may be written before or after
 //! the scenario name (`pier bench --concurrency 8 pull …` and `pier bench pull … -c 8`).
@@ -11,8 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use pier_oci::{Reference, RepoName};
-
-use crate::units::{parse_duration, parse_ramp, parse_size, RampSpec};
+use pier_units::command_line::{parse_duration, parse_size};
 
 /// Generate load against any OCI registry (pier or not) and report throughput and latency.
 ///
@@ -266,6 +266,34 @@ impl fmt::Display for ImageRef {
     }
 }
 
+/// `START:STEP:MAX` of `--ramp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RampSpec {
+    pub start: usize,
+    pub step: usize,
+    pub max: usize,
+}
+
+pub fn parse_ramp(s: &str) -> Result<RampSpec, String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("{s:?} is not START:STEP:MAX (e.g. 1:4:64)");
+    let [start, step, max] = parts[..] else {
+        return Err(bad());
+    };
+    let n = |p: &str| p.trim().parse::<usize>().map_err(|_| bad());
+    let spec = RampSpec {
+        start: n(start)?,
+        step: n(step)?,
+        max: n(max)?,
+    };
+    if spec.start == 0 || spec.step == 0 || spec.max < spec.start {
+        return Err(format!(
+            "{s:?}: START and STEP must be at least 1 and MAX at least START"
+        ));
+    }
+    Ok(spec)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -331,5 +359,20 @@ mod tests {
             "3"
         ])
         .is_err());
+    }
+
+    #[test]
+    fn ramps() {
+        assert_eq!(
+            parse_ramp("1:4:64"),
+            Ok(RampSpec {
+                start: 1,
+                step: 4,
+                max: 64
+            })
+        );
+        assert!(parse_ramp("0:1:4").is_err());
+        assert!(parse_ramp("8:1:4").is_err());
+        assert!(parse_ramp("1:4").is_err());
     }
 }

@@ -8,8 +8,8 @@
 //!
 //! Modules: `args` (the command line), `client` (HTTP and registry auth), `content` (generated
 //! layers), `scenario` (what one operation does), `runner` (workers, phases, ramp, progress),
-//! `stats` (recording), `cpu` (the server's CPU time from /proc), `report` (summaries, table, JSON, comparison), `units` (sizes and
-//! durations).
+//! `stats` (recording), `cpu` (the server's CPU time from /proc), `report` (summaries, table,
+//! JSON, comparison). Sizes and durations are read and printed by `pier_units::command_line`.
 //!
 //! Only loopback or a registry you own should be the target: the loops are bounded, but the
 //! load is real.
@@ -23,7 +23,6 @@ pub mod report;
 pub mod runner;
 pub mod scenario;
 pub mod stats;
-pub mod units;
 
 use tokio_util::sync::CancellationToken;
 

@@ -11,11 +11,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
+use pier_units::command_line::{format_bytes, format_ms};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BenchError;
 use crate::stats::{Counters, KindStats, Stats};
-use crate::units::{format_bytes, format_ms};
 
 /// The version of the JSON layout.
 pub const FORMAT: u32 = 1;

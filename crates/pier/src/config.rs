@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use pier_units::{ByteSize, HumanDuration};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -64,7 +65,7 @@ pub struct CacheConfig {
     /// (`docker.io/library/alpine:3.20`).
     pub pins: Vec<String>,
     /// How often the bound is checked (and access times saved).
-    pub check_every: pier_sync::rules::HumanDuration,
+    pub check_every: HumanDuration,
 }
 
 impl Default for CacheConfig {
@@ -73,7 +74,7 @@ impl Default for CacheConfig {
             max_size: None,
             min_free: None,
             pins: Vec::new(),
-            check_every: pier_sync::rules::HumanDuration(Duration::from_secs(30)),
+            check_every: HumanDuration(Duration::from_secs(30)),
         }
     }
 }
@@ -84,18 +85,18 @@ impl Default for CacheConfig {
 pub struct GcConfig {
     /// Blobs written more recently than this are never collected, so a push has this long
     /// between uploading a layer and putting the manifest that references it.
-    pub grace: pier_sync::rules::HumanDuration,
+    pub grace: HumanDuration,
     /// Collect on this schedule (e.g. "24h"); unset (the default) runs only on `pier gc`.
-    pub every: Option<pier_sync::rules::HumanDuration>,
+    pub every: Option<HumanDuration>,
     /// Remove hosted manifests no tag has pointed at for this long (e.g. "30d") at each
     /// collection; unset (the default) keeps untagged manifests forever.
-    pub untagged_after: Option<pier_sync::rules::HumanDuration>,
+    pub untagged_after: Option<HumanDuration>,
 }
 
 impl Default for GcConfig {
     fn default() -> Self {
         GcConfig {
-            grace: pier_sync::rules::HumanDuration(Duration::from_secs(3600)),
+            grace: HumanDuration(Duration::from_secs(3600)),
             every: None,
             untagged_after: None,
         }
@@ -112,7 +113,7 @@ pub struct JobsConfig {
     /// Succeeded jobs kept as history (their status rows), at most…
     pub keep_succeeded: usize,
     /// …and for at most this long.
-    pub keep_succeeded_for: pier_sync::rules::HumanDuration,
+    pub keep_succeeded_for: HumanDuration,
 }
 
 impl Default for JobsConfig {
@@ -120,7 +121,7 @@ impl Default for JobsConfig {
         JobsConfig {
             concurrency: 16,
             keep_succeeded: 10_000,
-            keep_succeeded_for: pier_sync::rules::HumanDuration(Duration::from_secs(7 * 86_400)),
+            keep_succeeded_for: HumanDuration(Duration::from_secs(7 * 86_400)),
         }
     }
 }
@@ -452,7 +453,7 @@ pub struct RateConfig {
     pub burst: Option<u32>,
     pub failed_logins_per_ip: u32,
     pub failed_logins_per_user: u32,
-    pub failed_login_window: pier_sync::rules::HumanDuration,
+    pub failed_login_window: HumanDuration,
 }
 
 impl Default for RateConfig {
@@ -464,7 +465,7 @@ impl Default for RateConfig {
             burst: None,
             failed_logins_per_ip: d.per_ip,
             failed_logins_per_user: d.per_user,
-            failed_login_window: pier_sync::rules::HumanDuration(d.window),
+            failed_login_window: HumanDuration(d.window),
         }
     }
 }
@@ -753,53 +754,6 @@ impl Config {
     }
 }
 
-/// A size in bytes, written in TOML as an integer or a string such as `"4MiB"` or `"1 GB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ByteSize(pub u64);
-
-impl std::str::FromStr for ByteSize {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size such as 4MiB"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            "t" | "tb" => 1_000_000_000_000,
-            "tib" => 1 << 40,
-            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-        };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
-    }
-}
-
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(ByteSize(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
 mod seconds {
     use std::time::Duration;
 
@@ -813,21 +767,6 @@ mod seconds {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        for (s, n) in [
-            ("4MiB", 4 << 20),
-            ("1 GB", 1_000_000_000),
-            ("17", 17),
-            ("2kib", 2048),
-        ] {
-            assert_eq!(s.parse::<ByteSize>(), Ok(ByteSize(n)), "{s}");
-        }
-        assert!("4 parsecs".parse::<ByteSize>().is_err());
-        assert!("MiB".parse::<ByteSize>().is_err());
-        assert!("99999999999999 TiB".parse::<ByteSize>().is_err());
-    }
 
     #[test]
     fn example_file_parses_and_unknown_keys_fail() {

@@ -6,101 +6,12 @@
 use std::time::Duration;
 
 use pier_store::RetryPolicy;
+use pier_units::{HumanDuration, Rate};
 use serde::{Deserialize, Deserializer};
 
 use crate::filter::TagFilter;
 use crate::schedule::Schedule;
 use crate::SyncError;
-
-/// A duration written as seconds (`90`) or with a unit (`"500ms"`, `"90s"`, `"10m"`, `"6h"`,
-/// `"7d"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl std::str::FromStr for HumanDuration {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration such as 90s, 10m or 6h"))?;
-        let ms: u64 = match unit.trim() {
-            "ms" => 1,
-            "" | "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            other => return Err(format!("unknown duration unit {other:?} in {s:?}")),
-        };
-        n.checked_mul(ms)
-            .map(|ms| HumanDuration(Duration::from_millis(ms)))
-            .ok_or_else(|| format!("{s:?} is too long"))
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(HumanDuration(Duration::from_secs(n))),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// A rate in bytes per second, written as an integer or a size such as `"50MiB"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rate(pub u64);
-
-impl std::str::FromStr for Rate {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let s = s.strip_suffix("/s").unwrap_or(s);
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a rate such as 50MiB"))?;
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "k" | "kb" => 1_000,
-            "kib" => 1 << 10,
-            "m" | "mb" => 1_000_000,
-            "mib" => 1 << 20,
-            "g" | "gb" => 1_000_000_000,
-            "gib" => 1 << 30,
-            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
-        };
-        n.checked_mul(mult)
-            .map(Rate)
-            .ok_or_else(|| format!("{s:?} is too large"))
-    }
-}
-
-impl<'de> Deserialize<'de> for Rate {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Rate(n)),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
 
 /// How a rule's failing jobs are retried: `retries` after the first attempt (then the job is
 /// failed), the first `retry_initial` after the first failure, doubling up to `retry_max`.
@@ -423,25 +334,6 @@ fn check_name(name: &str) -> Result<(), SyncError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_and_rates() {
-        for (s, ms) in [
-            ("90", 90_000),
-            ("500ms", 500),
-            ("10m", 600_000),
-            ("2h", 7_200_000),
-        ] {
-            assert_eq!(
-                s.parse::<HumanDuration>(),
-                Ok(HumanDuration(Duration::from_millis(ms))),
-                "{s}"
-            );
-        }
-        assert!("10 fortnights".parse::<HumanDuration>().is_err());
-        assert_eq!("50MiB".parse::<Rate>(), Ok(Rate(50 << 20)));
-        assert_eq!("1MB/s".parse::<Rate>(), Ok(Rate(1_000_000)));
-    }
 
     #[test]
     fn platforms_filter_index_entries() {

@@ -5,7 +5,8 @@
 
 use std::time::Duration;
 
-use crate::rules::HumanDuration;
+use pier_units::HumanDuration;
+
 use crate::SyncError;
 
 /// A rule's schedule.
