@@ -16,6 +16,7 @@ pub use pier_oci::glob;
 pub mod metrics;
 pub mod pieces;
 pub mod replicate;
+pub mod room;
 mod sources;
 mod swarm;
 
@@ -36,6 +37,7 @@ use pier_peer::Cluster;
 use crate::fill::{Fill, FillError, MemoryBudget};
 use crate::metrics::MirrorMetrics;
 use crate::pieces::{PieceHasher, Pieces};
+use crate::room::{Reservations, Room};
 use crate::sources::Source;
 use pier_peer::rate::{limited, RateLimit};
 
@@ -175,6 +177,8 @@ pub struct Mirror {
     metrics: Arc<MirrorMetrics>,
     policy: FillPolicy,
     budget: Arc<MemoryBudget>,
+    /// Bytes the fills in flight will add to the blob store.
+    reservations: Arc<Reservations>,
     negative: Mutex<HashMap<NegativeKey, Instant>>,
     /// The cluster this node belongs to, once it has joined one.
     cluster: OnceLock<Arc<Cluster>>,
@@ -239,6 +243,7 @@ impl Mirror {
         policy: FillPolicy,
     ) -> Arc<Mirror> {
         let budget = MemoryBudget::new(policy.memory, metrics.fill_memory.clone());
+        let reservations = Reservations::new(metrics.fill_reserved.clone());
         let upstreams = upstreams
             .into_iter()
             .map(|u| (u.name().to_string(), Arc::new(u)))
@@ -254,6 +259,7 @@ impl Mirror {
             metrics,
             policy,
             budget,
+            reservations,
             negative: Mutex::new(HashMap::new()),
             cluster: OnceLock::new(),
             resolving: Mutex::new(HashMap::new()),
@@ -271,6 +277,18 @@ impl Mirror {
 
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {
         self.cluster.get()
+    }
+
+    /// Tell `room` (the bounded cache) of every fill as it is admitted and as it ends, with the
+    /// bytes all fills in flight will add. Set once, at start-up.
+    pub fn set_room(&self, room: Arc<dyn Room>) {
+        self.reservations.set_room(room);
+    }
+
+    /// Bytes the fills in flight will add to the blob store (the sizes their sources
+    /// announced).
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reservations.bytes()
     }
 
     /// Bytes of fill batches held in memory now.
@@ -1046,6 +1064,8 @@ impl Mirror {
         // Where the body must end: what the source announced, else the hard cap. A body that
         // goes past it is cut there, so an endless body cannot fill the disk.
         let cut_at = size.unwrap_or(max);
+        // Held until the bytes are committed (or given up): the cache makes room for them now.
+        let _reserved = self.reservations.reserve(size.unwrap_or(0));
         let spool = self.blobs.spool().await.map_err(FillError::store)?;
         let _ = fill.spool.set(spool.clone());
         // A blob large enough to swarm is hashed piece by piece as it goes by, so the nodes

@@ -52,6 +52,7 @@ pub struct MirrorMetrics {
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub endpoint_state: Family<EndpointStateLabels, Gauge>,
     pub fill_memory: Gauge,
+    pub fill_reserved: Gauge,
     pub negative_hits: Counter,
     pub swarm_pieces: Family<ResultLabel, Counter>,
     pub swarm_fills: Counter,
@@ -76,6 +77,7 @@ impl MirrorMetrics {
             endpoint_healthy: Family::default(),
             endpoint_state: Family::default(),
             fill_memory: Gauge::default(),
+            fill_reserved: Gauge::default(),
             negative_hits: Counter::default(),
             swarm_pieces: Family::default(),
             swarm_fills: Counter::default(),
@@ -124,6 +126,11 @@ impl MirrorMetrics {
             "mirror_fill_memory_bytes",
             "Bytes of fill batches held in memory (recent windows and write backlogs), within [mirror] fill_memory",
             m.fill_memory.clone(),
+        );
+        registry.register(
+            "mirror_fill_reserved_bytes",
+            "Bytes the fills in flight will add to the blob store (the sizes their sources announced)",
+            m.fill_reserved.clone(),
         );
         registry.register(
             "mirror_negative_hits",

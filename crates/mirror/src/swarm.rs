@@ -388,6 +388,8 @@ impl Mirror {
                 coord.name, first.piece_size
             )));
         }
+        // Held until the bytes are committed (or given up): the cache makes room for them now.
+        let _reserved = self.reservations.reserve(size);
         let pieces = fill
             .pieces
             .get_or_init(|| Arc::new(Pieces::new(size, first.piece_size)))

@@ -1049,3 +1049,151 @@ async fn podman_pulls_through_the_registries_conf_mirror() {
     assert_fetched_once_by_pier(&registry, pushed, "library/pierdemo", &image);
     println!("podman pull through registries.conf: {:?}", t0.elapsed());
 }
+
+/// Bytes of the blob files under `data_dir/blobs`: what the cache holds on disk.
+fn blob_bytes_on_disk(data_dir: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => walk(&e.path()),
+                Ok(m) => m.len(),
+                // Evicted between the listing and the stat.
+                Err(_) => 0,
+            })
+            .sum()
+    }
+    walk(&data_dir.join("blobs"))
+}
+
+/// `[cache] max_size` holds at every moment, not only when the (here hourly) timer fires: a
+/// mirror bounded to 40 MiB pulls 6 images of 2 × 8 MiB layers (2.4 times the bound), three
+/// one after another with skopeo and three at once over HTTP, while the blob store's size on
+/// disk is sampled every 100 ms. No sample is above the bound plus the layers that can be in
+/// flight at once, the store is within the bound once the pulls end, and every pull gets
+/// its image byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_bound_holds_while_pulls_fill_it() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
+        return;
+    };
+    let t0 = Instant::now();
+    const BOUND: u64 = 40 * MIB;
+    const LAYER: u64 = 8 * MIB;
+    let tags = ["a", "b", "c", "d", "e", "f"];
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        tags.iter()
+            .enumerate()
+            .map(|(i, tag)| {
+                let seed = 2000 + 10 * i as u64;
+                let layers = vec![
+                    LayerSpec::new("one.bin", LAYER, seed),
+                    LayerSpec::new("two.bin", LAYER, seed + 1),
+                ];
+                (*tag, Entry::Image(ImageSpec::linux("amd64", layers)))
+            })
+            .collect(),
+    );
+    let registry = Registry::start_in(tmp.path());
+    let http = http_client();
+    for tag in tags {
+        registry
+            .push(
+                &http,
+                &format!("team/{tag}"),
+                "v1",
+                &layout,
+                layout.image(tag),
+            )
+            .await;
+    }
+    let tables = format!(
+        "[cache]\nmax_size = \"40MiB\"\ncheck_every = \"1h\"\n\n{}",
+        upstream_table("bound.test", &[registry.url()], "")
+    );
+    let (pier, _) = start_mirror(tmp.path(), false, &tables, &[]);
+
+    let data_dir = pier.data_dir().to_path_buf();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut samples = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                samples.push(blob_bytes_on_disk(&data_dir));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            samples
+        })
+    };
+
+    // One after another: skopeo takes an image's two layers at once.
+    let skopeo = Skopeo::new(tmp.path());
+    for tag in &tags[..3] {
+        let back = skopeo.writable_dir(&tmp.path().join(format!("back-{tag}")));
+        let from = format!("docker://{}/bound.test/team/{tag}:v1", pier.host());
+        skopeo.copy(&from, &oci_ref(&back, "v1")).await;
+        assert_same_blobs(&layout, &back, &layout.image(tag).blob_digests());
+    }
+    // Three at once, each fetching its blobs in turn.
+    let base = pier.url();
+    let repos: Vec<String> = tags[3..]
+        .iter()
+        .map(|tag| format!("bound.test/team/{tag}"))
+        .collect();
+    futures::future::join_all(
+        repos
+            .iter()
+            .zip(&tags[3..])
+            .map(|(repo, tag)| pull_http(&http, &base, repo, "v1", "", layout.image(tag))),
+    )
+    .await;
+    // The store as the pulls left it, a moment later.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let samples = sampler.await.expect("sampler");
+    let after = blob_bytes_on_disk(pier.data_dir());
+
+    // At most three layers are filled at once (and the configs are a few hundred bytes).
+    let in_flight = 3 * LAYER;
+    let max = samples.iter().copied().max().unwrap_or(0);
+    let mib = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "cache bound {:.0} MiB: {} samples, the largest {:.1} MiB, {:.1} MiB after the pulls ({:?})",
+        mib(BOUND),
+        samples.len(),
+        mib(max),
+        mib(after),
+        t0.elapsed()
+    );
+    assert!(
+        max <= BOUND + in_flight + MIB,
+        "the store held {:.1} MiB during the pulls, more than the {:.0} MiB bound plus {:.0} MiB \
+         of fills in flight",
+        mib(max),
+        mib(BOUND),
+        mib(in_flight)
+    );
+    assert!(
+        after <= BOUND,
+        "the store holds {:.1} MiB after the pulls, more than the {:.0} MiB bound",
+        mib(after),
+        mib(BOUND)
+    );
+    let m = pier.metrics(&http).await;
+    assert!(
+        m.sum("pier_cache_evicted_blobs_total", &[]) > 0.0
+            && m.sum("pier_cache_passes_total", &[("trigger", "fill")]) > 0.0,
+        "fills started eviction passes that evicted blobs:\n{}",
+        m.0
+    );
+    assert_eq!(
+        m.sum("pier_mirror_fill_reserved_bytes", &[]),
+        0.0,
+        "no fill holds a reservation once the pulls are over"
+    );
+}

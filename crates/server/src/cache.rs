@@ -15,6 +15,7 @@ use axum::http::{Method, StatusCode};
 use axum::Json;
 use pier_oci::{Digest, ErrorCode, Reference, Route};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::error::ApiError;
 use crate::AppState;
@@ -31,7 +32,7 @@ pub struct CacheSettings {
     pub min_free: Option<u64>,
     /// Images always kept, as `repository@digest` or `repository:tag` of cached repositories.
     pub pins: Vec<String>,
-    /// How often the bound is checked.
+    /// How often the bound is checked (besides at once when a fill would pass it).
     pub every: Duration,
 }
 
@@ -53,23 +54,55 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// How many bytes to free now, if any.
-fn excess(state: &AppState) -> u64 {
-    let s = &state.cache;
-    let bytes = state.registry.blob_store().stats().bytes;
+/// How many bytes to free now, if any, with `stored` bytes in the blob store, `free` on its
+/// disk (when measured) and `reserved` on their way in (the fills in flight): enough that the
+/// store with what is coming is at 90 % of `max_bytes`, and that free space once it has come
+/// is 10 % above `min_free`. Reserved bytes a fill has written already are counted against
+/// free space twice, which errs towards evicting a little more.
+fn excess(s: &CacheSettings, stored: u64, free: Option<u64>, reserved: u64) -> u64 {
     let mut need = 0;
     if let Some(max) = s.max_bytes {
-        if bytes > max {
-            need = bytes - max / 10 * 9;
+        let coming = stored + reserved;
+        if coming > max {
+            need = coming - max / 10 * 9;
         }
     }
-    if let (Some(floor), Some(space)) = (s.min_free, &state.space) {
-        let free = space.state().free_bytes;
-        if free < floor {
-            need = need.max(floor - free + floor / 10);
+    if let (Some(floor), Some(free)) = (s.min_free, free) {
+        if free < floor + reserved {
+            need = need.max(floor + reserved - free + floor / 10);
         }
     }
     need
+}
+
+/// [`excess`] of the node now.
+fn excess_now(state: &AppState) -> u64 {
+    excess(
+        &state.cache,
+        state.registry.blob_store().stats().bytes,
+        state.space.as_ref().map(|s| s.state().free_bytes),
+        state.mirror.as_ref().map_or(0, |m| m.reserved_bytes()),
+    )
+}
+
+/// What fills poke: a pass starts at once when a fill is admitted (or ends) with the store
+/// past its bound, counting what the fills in flight will add.
+struct Bound {
+    settings: Arc<CacheSettings>,
+    registry: Arc<pier_registry::Registry>,
+    space: Option<Arc<pier_store::Space>>,
+    wake: Arc<Notify>,
+}
+
+impl pier_mirror::room::Room for Bound {
+    fn changed(&self, reserved: u64) {
+        let stored = self.registry.blob_store().stats().bytes;
+        let free = self.space.as_ref().map(|s| s.state().free_bytes);
+        if excess(&self.settings, stored, free, reserved) > 0 {
+            // One stored permit: pokes while a pass runs make one more pass, not many.
+            self.wake.notify_one();
+        }
+    }
 }
 
 /// One pass: evict until under the bound (or nothing evictable is left).
@@ -79,7 +112,7 @@ pub async fn evict_once(state: &AppState) -> Result<Evicted, pier_registry::Regi
         tracing::warn!(error = %e, "flushing blob access times failed");
     }
     let mut done = Evicted::default();
-    let need = excess(state);
+    let need = excess_now(state);
     if need == 0 {
         return Ok(done);
     }
@@ -247,12 +280,31 @@ pub async fn evict_once(state: &AppState) -> Result<Evicted, pier_registry::Regi
     Ok(done)
 }
 
-/// Check the bound every `[cache]` interval until the process ends.
+/// Check the bound every `[cache]` interval, and at once when a fill would take the store
+/// past it, until the process ends. One pass at a time.
 pub fn run(state: AppState) {
+    let wake = Arc::new(Notify::new());
+    let bounded = state.cache.max_bytes.is_some() || state.cache.min_free.is_some();
+    if let (Some(mirror), true) = (&state.mirror, bounded) {
+        mirror.set_room(Arc::new(Bound {
+            settings: state.cache.clone(),
+            registry: state.registry.clone(),
+            space: state.space.clone(),
+            wake: wake.clone(),
+        }));
+    }
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(state.cache.every.max(Duration::from_secs(1)));
         loop {
-            tick.tick().await;
+            let trigger = tokio::select! {
+                _ = tick.tick() => "timer",
+                () = wake.notified() => "fill",
+            };
+            state
+                .metrics
+                .cache_passes
+                .get_or_create(&crate::metrics::TriggerLabels { trigger })
+                .inc();
             if let Err(e) = evict_once(&state).await {
                 tracing::warn!(error = %e, "cache eviction failed");
             }

@@ -49,6 +49,12 @@ pub struct KindLabels {
     pub kind: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// `timer` (`[cache] check_every`) or `fill` (a fill would take the store past the bound).
+    pub trigger: &'static str,
+}
+
 /// The metrics the HTTP layer records, and the registry they are exposed from.
 pub struct Metrics {
     registry: Registry,
@@ -77,6 +83,7 @@ pub struct Metrics {
     pub check_quarantined: Counter,
     pub cache_evicted_blobs: Counter,
     pub cache_evicted_bytes: Counter,
+    pub cache_passes: Family<TriggerLabels, Counter>,
     pub cache_bytes: Gauge,
     pub cache_max_bytes: Gauge,
     pub auth_requests: Family<ResultLabels, Counter>,
@@ -251,6 +258,12 @@ impl Metrics {
             "Bytes of the evicted blobs",
             cache_evicted_bytes.clone(),
         );
+        let cache_passes = Family::<TriggerLabels, Counter>::default();
+        registry.register(
+            "cache_passes",
+            "Eviction passes, by what started them (timer, or a fill that would pass the bound)",
+            cache_passes.clone(),
+        );
         let cache_bytes = Gauge::default();
         registry.register(
             "cache_bytes",
@@ -297,6 +310,7 @@ impl Metrics {
             check_quarantined,
             cache_evicted_blobs,
             cache_evicted_bytes,
+            cache_passes,
             cache_bytes,
             cache_max_bytes,
             auth_requests,
