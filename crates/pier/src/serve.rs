@@ -521,7 +521,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
     // Imports are rows of the queue; the runner imports again a watched file that is due.
     runner.register(
         pier_server::import::job::KIND,
-        Arc::new(pier_server::import::job::ImportJobs {
+        Arc::new(pier_server::import::watch::ImportJobs {
             state: state.clone(),
             watch: watch_cfg.clone(),
         }),

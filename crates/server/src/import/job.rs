@@ -6,18 +6,16 @@
 //! as before) or the request that streams the upload. It is recorded running
 //! ([`JobStore::record`](pier_store::JobStore::record)) and moved to succeeded or failed by the
 //! code that did it. What comes after is the queue's, like any job: a watched file that met a
-//! store failure is left `retrying`, and [`ImportJobs`] imports it again when it is due; so is
-//! a job a stop interrupted. An upload is not kept, so nothing can run it again.
+//! store failure is left `retrying`, and the watched folder's handler
+//! ([`super::watch::ImportJobs`]) imports it again when it is due; so is a job a stop
+//! interrupted. An upload is not kept, so nothing can run it again. This module only keeps
+//! the rows: it knows nothing of the folder.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use async_trait::async_trait;
-use pier_store::jobs::{unix_ms, Job, JobFailure, JobHandler, JobState, RetryPolicy};
+use pier_store::jobs::{unix_ms, Job, JobState};
 use serde::{Deserialize, Serialize};
 
-use super::watch::{import_path, WatchConfig};
 use super::{ImportReport, Outcome};
 use crate::AppState;
 
@@ -47,11 +45,11 @@ pub struct ImportPayload {
 }
 
 impl ImportPayload {
-    fn of(job: &Job) -> ImportPayload {
+    pub fn of(job: &Job) -> ImportPayload {
         serde_json::from_value(job.payload.clone()).unwrap_or_default()
     }
 
-    fn fill(&mut self, report: &ImportReport) {
+    pub fn fill(&mut self, report: &ImportReport) {
         self.result = Some(report.result.as_str().to_string());
         if report.digest.is_some() {
             self.digest = report.digest.clone();
@@ -136,72 +134,6 @@ pub async fn end(state: &AppState, id: u64, report: &ImportReport, retry_at: Opt
     }
     if job.state == JobState::Retrying {
         runner.wake();
-    }
-}
-
-/// The runner's handler for import jobs it takes: a watched file due again (after a store
-/// failure, or a stop mid-import) is imported again from where it was; an upload cannot be.
-pub struct ImportJobs {
-    pub state: AppState,
-    /// The watched folder, when this node has one.
-    pub watch: Option<WatchConfig>,
-}
-
-/// How long a watched file that met a store failure waits before it is imported again.
-pub fn retry_delay(cfg: &WatchConfig) -> Duration {
-    cfg.rescan.max(Duration::from_secs(30))
-}
-
-#[async_trait]
-impl JobHandler for ImportJobs {
-    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
-        let payload = ImportPayload::of(job);
-        let Some(path) = payload.path.as_ref().map(PathBuf::from) else {
-            return Err(JobFailure::fatal(
-                "the import of this upload did not finish, and an upload is not kept: send the \
-                 file again (pier import FILE)",
-            ));
-        };
-        let Some(cfg) = &self.watch else {
-            return Err(JobFailure::fatal(
-                "this node no longer watches a folder for archives",
-            ));
-        };
-        if !path.exists() {
-            return Err(JobFailure::fatal(format!(
-                "{} is no longer in the watched folder",
-                payload.file
-            )));
-        }
-        let report = import_path(&self.state, cfg, &path).await;
-        if let Some(runner) = &self.state.import.jobs {
-            let mut payload = payload;
-            payload.fill(&report);
-            let mut row = job.clone();
-            row.payload = serde_json::to_value(&payload).unwrap_or_default();
-            if let Err(e) = runner.store().update(&row).await {
-                tracing::warn!(id = job.id, error = %e, "recording what the import found failed");
-            }
-        }
-        let why = report.error.unwrap_or_default();
-        match report.result {
-            Outcome::Imported | Outcome::Duplicate => Ok(()),
-            Outcome::Failed => Err(JobFailure::fatal(why)),
-            Outcome::Retry => Err(JobFailure::retry(why)),
-        }
-    }
-
-    fn retry_policy(&self, _job: &Job) -> Option<RetryPolicy> {
-        // The watched folder's own pace: the same wait every time, for as long as it takes.
-        let delay = self
-            .watch
-            .as_ref()
-            .map_or(Duration::from_secs(30), retry_delay);
-        Some(RetryPolicy {
-            first_delay: delay,
-            max_delay: delay,
-            max_attempts: 0,
-        })
     }
 }
 

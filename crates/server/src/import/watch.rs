@@ -23,6 +23,8 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use super::job::{self, Begun, ImportPayload};
 use super::{import_reader, ImportReport, Outcome};
 use crate::AppState;
+use async_trait::async_trait;
+use pier_store::jobs::{Job, JobFailure, JobHandler, RetryPolicy};
 
 /// What happens to an archive once it is imported (or found to be a duplicate).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,7 +191,7 @@ pub async fn run(state: AppState, cfg: WatchConfig, mut stop: tokio_watch::Recei
             let outcome = report.result;
             if let Some(id) = row {
                 let retry_at = pier_store::jobs::unix_ms()
-                    .saturating_add(job::retry_delay(&cfg).as_millis() as u64);
+                    .saturating_add(retry_delay(&cfg).as_millis() as u64);
                 job::end(&state, id, &report, Some(retry_at)).await;
             }
             match (outcome, cfg.after) {
@@ -203,7 +205,7 @@ pub async fn run(state: AppState, cfg: WatchConfig, mut stop: tokio_watch::Recei
                         (
                             meta.as_ref().map_or(0, |m| m.len()),
                             meta.and_then(|m| m.modified().ok()),
-                            Some(Instant::now() + job::retry_delay(&cfg)),
+                            Some(Instant::now() + retry_delay(&cfg)),
                         ),
                     );
                 }
@@ -358,6 +360,72 @@ fn move_into(path: &Path, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
         "{} already holds 1000 files named {name}",
         dir.display()
     )))
+}
+
+/// The runner's handler for import jobs it takes: a watched file due again (after a store
+/// failure, or a stop mid-import) is imported again from where it was; an upload cannot be.
+pub struct ImportJobs {
+    pub state: AppState,
+    /// The watched folder, when this node has one.
+    pub watch: Option<WatchConfig>,
+}
+
+/// How long a watched file that met a store failure waits before it is imported again.
+pub fn retry_delay(cfg: &WatchConfig) -> Duration {
+    cfg.rescan.max(Duration::from_secs(30))
+}
+
+#[async_trait]
+impl JobHandler for ImportJobs {
+    async fn run(&self, job: &Job) -> Result<(), JobFailure> {
+        let payload = ImportPayload::of(job);
+        let Some(path) = payload.path.as_ref().map(PathBuf::from) else {
+            return Err(JobFailure::fatal(
+                "the import of this upload did not finish, and an upload is not kept: send the \
+                 file again (pier import FILE)",
+            ));
+        };
+        let Some(cfg) = &self.watch else {
+            return Err(JobFailure::fatal(
+                "this node no longer watches a folder for archives",
+            ));
+        };
+        if !path.exists() {
+            return Err(JobFailure::fatal(format!(
+                "{} is no longer in the watched folder",
+                payload.file
+            )));
+        }
+        let report = import_path(&self.state, cfg, &path).await;
+        if let Some(runner) = &self.state.import.jobs {
+            let mut payload = payload;
+            payload.fill(&report);
+            let mut row = job.clone();
+            row.payload = serde_json::to_value(&payload).unwrap_or_default();
+            if let Err(e) = runner.store().update(&row).await {
+                tracing::warn!(id = job.id, error = %e, "recording what the import found failed");
+            }
+        }
+        let why = report.error.unwrap_or_default();
+        match report.result {
+            Outcome::Imported | Outcome::Duplicate => Ok(()),
+            Outcome::Failed => Err(JobFailure::fatal(why)),
+            Outcome::Retry => Err(JobFailure::retry(why)),
+        }
+    }
+
+    fn retry_policy(&self, _job: &Job) -> Option<RetryPolicy> {
+        // The watched folder's own pace: the same wait every time, for as long as it takes.
+        let delay = self
+            .watch
+            .as_ref()
+            .map_or(Duration::from_secs(30), retry_delay);
+        Some(RetryPolicy {
+            first_delay: delay,
+            max_delay: delay,
+            max_attempts: 0,
+        })
+    }
 }
 
 #[cfg(test)]
