@@ -3,12 +3,12 @@
 //! progress bar. The archive is written beside FILE under a temporary name and renamed into
 //! place only once complete and fsynced, so FILE is never a partial archive.
 
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use tokio::io::AsyncWriteExt;
 
+use crate::progress;
 use crate::remote;
 
 #[derive(clap::Args)]
@@ -31,18 +31,10 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: ExportArgs) -> ExitCode {
-    let base = match remote::base_url(&args.url) {
-        Ok(base) => base,
-        Err(message) => {
-            eprintln!("pier: {message}");
-            return ExitCode::from(remote::EXIT_UNREACHABLE);
-        }
-    };
-    let endpoint = format!("{base}/api/v1/export");
-    match remote::runtime() {
-        Ok(rt) => rt.block_on(export(&args, &endpoint)),
-        Err(e) => remote::unreachable(&endpoint, &format!("cannot start the async runtime: {e}")),
-    }
+    let url = args.url.clone();
+    progress::run(&url, "/api/v1/export", |endpoint| async move {
+        export(&args, &endpoint).await
+    })
 }
 
 fn partial_path(out: &Path) -> PathBuf {
@@ -67,26 +59,16 @@ async fn export(args: &ExportArgs, endpoint: &str) -> ExitCode {
     let status = resp.status();
     if status != reqwest::StatusCode::OK {
         let body = remote::read_body(resp).await.unwrap_or_default();
-        let message = remote::oci_error_message(&body)
-            .unwrap_or_else(|| format!("the node answered {status}"));
-        eprintln!("pier: export: {message}");
-        return ExitCode::from(remote::EXIT_NOT_DONE);
+        return progress::not_done(format_args!("export: {}", progress::refusal(status, &body)));
     }
     let len = resp.content_length();
     let shown = args.output.display().to_string();
-    let bar = if std::io::stderr().is_terminal() {
-        let bar =
-            indicatif::ProgressBar::with_draw_target(len, indicatif::ProgressDrawTarget::stderr());
-        if let Ok(style) = indicatif::ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar.set_prefix(shown.clone());
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress::bar(
+        progress::bars_wanted(false),
+        len,
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+        shown.clone(),
+    );
     let part = partial_path(&args.output);
     let written = async {
         let mut f = tokio::fs::File::create(&part)
@@ -126,12 +108,11 @@ async fn export(args: &ExportArgs, endpoint: &str) -> ExitCode {
                 args.images.len(),
                 total as f64 / 1e6
             );
-            ExitCode::from(remote::EXIT_OK)
+            progress::done(true)
         }
         Err(message) => {
             let _ = tokio::fs::remove_file(&part).await;
-            eprintln!("pier: export: {message}");
-            ExitCode::from(remote::EXIT_NOT_DONE)
+            progress::not_done(format_args!("export: {message}"))
         }
     }
 }

@@ -3,14 +3,13 @@
 //! each became: imported (with the images), a duplicate of a file imported before, or failed
 //! with the reason.
 
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use futures::StreamExt;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 
+use crate::progress::{self, Outcome, Tally};
 use crate::remote;
 
 #[derive(clap::Args)]
@@ -60,26 +59,10 @@ struct ReportImage {
 }
 
 pub fn run(args: ImportArgs) -> ExitCode {
-    let base = match remote::base_url(&args.url) {
-        Ok(base) => base,
-        Err(message) => {
-            eprintln!("pier: {message}");
-            return ExitCode::from(remote::EXIT_UNREACHABLE);
-        }
-    };
-    let endpoint = format!("{base}/api/v1/import");
-    match remote::runtime() {
-        Ok(rt) => rt.block_on(import_all(&args, &endpoint)),
-        Err(e) => remote::unreachable(&endpoint, &format!("cannot start the async runtime: {e}")),
-    }
-}
-
-enum Sent {
-    /// The node answered with a report; whether the file is in.
-    Answered(bool),
-    /// The file could not be read here.
-    Unreadable,
-    Unreachable(String),
+    let url = args.url.clone();
+    progress::run(&url, "/api/v1/import", |endpoint| async move {
+        import_all(&args, &endpoint).await
+    })
 }
 
 async fn import_all(args: &ImportArgs, endpoint: &str) -> ExitCode {
@@ -87,78 +70,55 @@ async fn import_all(args: &ImportArgs, endpoint: &str) -> ExitCode {
         Ok(client) => client,
         Err(e) => return remote::unreachable(endpoint, &remote::cause(&e)),
     };
-    let bars = !args.json && std::io::stderr().is_terminal();
-    let mut all_ok = true;
-    let mut reached = false;
+    let bars = progress::bars_wanted(args.json);
+    let mut tally = Tally::new("import", endpoint);
     for file in &args.files {
-        match import_one(&client, endpoint, file, args.json, bars).await {
-            Sent::Answered(ok) => {
-                reached = true;
-                all_ok &= ok;
-            }
-            Sent::Unreadable => all_ok = false,
-            Sent::Unreachable(cause) if !reached => return remote::unreachable(endpoint, &cause),
-            Sent::Unreachable(cause) => {
-                eprintln!(
-                    "pier: import {}: cannot reach {endpoint}: {cause}",
-                    file.display()
-                );
-                all_ok = false;
-            }
+        let outcome = import_one(&client, endpoint, file, args.json, bars).await;
+        if let Err(code) = tally.count(file.display(), outcome) {
+            return code;
         }
     }
-    ExitCode::from(if all_ok {
-        remote::EXIT_OK
-    } else {
-        remote::EXIT_NOT_DONE
-    })
+    tally.exit()
 }
 
-fn bytes_bar(len: u64, prefix: String, bars: bool) -> ProgressBar {
-    if !bars {
-        return ProgressBar::hidden();
-    }
-    let bar = ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-    ) {
-        bar.set_style(style.progress_chars("=> "));
-    }
-    bar.set_prefix(prefix);
-    bar
-}
-
+/// What became of one file: answered ok when the node's report says the file is in; not
+/// asked when the file could not be read here.
 async fn import_one(
     client: &reqwest::Client,
     endpoint: &str,
     path: &Path,
     json: bool,
     bars: bool,
-) -> Sent {
+) -> Outcome {
     let shown = path.display().to_string();
     let file = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) => {
             eprintln!("pier: import {shown}: {e}");
-            return Sent::Unreadable;
+            return Outcome::NotAsked;
         }
     };
     let size = match file.metadata().await {
         Ok(m) if m.is_file() => m.len(),
         Ok(_) => {
             eprintln!("pier: import {shown}: not a regular file");
-            return Sent::Unreadable;
+            return Outcome::NotAsked;
         }
         Err(e) => {
             eprintln!("pier: import {shown}: {e}");
-            return Sent::Unreadable;
+            return Outcome::NotAsked;
         }
     };
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| shown.clone());
-    let bar = bytes_bar(size, name.clone(), bars);
+    let bar = progress::bar(
+        bars,
+        Some(size),
+        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
+        name.clone(),
+    );
     let counted = bar.clone();
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 1 << 20).inspect(move |c| {
         if let Ok(c) = c {
@@ -176,28 +136,26 @@ async fn import_one(
     bar.finish_and_clear();
     let resp = match sent {
         Ok(resp) => resp,
-        Err(e) => return Sent::Unreachable(remote::cause(&e)),
+        Err(e) => return Outcome::Unreachable(remote::cause(&e)),
     };
     let status = resp.status();
     let body = match remote::read_body(resp).await {
         Ok(body) => body,
         Err(cause) => {
             eprintln!("pier: import {shown}: reading the answer failed: {cause}");
-            return Sent::Answered(false);
+            return Outcome::Answered(false);
         }
     };
     let Ok(report) = serde_json::from_slice::<Report>(&body) else {
-        let message = remote::oci_error_message(&body)
-            .unwrap_or_else(|| format!("the node answered {status}"));
-        eprintln!("pier: import {shown}: {message}");
-        return Sent::Answered(false);
+        eprintln!("pier: import {shown}: {}", progress::refusal(status, &body));
+        return Outcome::Answered(false);
     };
     if json {
         println!("{}", String::from_utf8_lossy(&body).trim_end());
     } else {
         print_report(&shown, &report);
     }
-    Sent::Answered(report.result == "imported" || report.result == "duplicate")
+    Outcome::Answered(report.result == "imported" || report.result == "duplicate")
 }
 
 fn print_report(file: &str, r: &Report) {

@@ -8,6 +8,7 @@ mod config;
 mod export_cmd;
 mod gc_cmd;
 mod import_cmd;
+mod progress;
 mod remote;
 mod serve;
 mod status_cmd;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use pier_sync::JobRow;
 use serde::Deserialize;
 
+use crate::progress;
 use crate::remote;
 
 #[derive(clap::Args)]
@@ -78,12 +79,9 @@ pub fn run(args: SyncArgs) -> ExitCode {
         | SyncCommand::Retry { url, .. }
         | SyncCommand::Run { url, .. } => url.clone(),
     };
-    let base = match remote::base_url(&url) {
+    let base = match progress::base(&url) {
         Ok(base) => base,
-        Err(message) => {
-            eprintln!("pier: {message}");
-            return ExitCode::from(remote::EXIT_UNREACHABLE);
-        }
+        Err(code) => return code,
     };
     let rt = match remote::runtime() {
         Ok(rt) => rt,
@@ -141,10 +139,7 @@ async fn status(base: &str, json: bool) -> ExitCode {
     let url = format!("{base}/api/v1/sync/jobs");
     let body = match ask(reqwest::Method::GET, &url, None).await {
         Answer::Ok(b) => b,
-        Answer::No(why) => {
-            eprintln!("pier: {why}");
-            return ExitCode::from(remote::EXIT_NOT_DONE);
-        }
+        Answer::No(why) => return progress::not_done(why),
         Answer::Unreachable(cause) => return remote::unreachable(&url, &cause),
     };
     let jobs: Jobs = match serde_json::from_slice(&body) {
@@ -163,11 +158,7 @@ async fn status(base: &str, json: bool) -> ExitCode {
         .jobs
         .iter()
         .any(|j| j.state == pier_store::JobState::Failed);
-    ExitCode::from(if failed {
-        remote::EXIT_NOT_DONE
-    } else {
-        remote::EXIT_OK
-    })
+    progress::done(!failed)
 }
 
 /// The rows as a table, newest job last. A FILE column (the archive an import came from)
@@ -239,24 +230,20 @@ async fn retry(base: &str, id: Option<u64>, failed: bool) -> ExitCode {
             Ok(q) => q.queued,
             Err(e) => return remote::unreachable(&url, &format!("not a retry answer: {e}")),
         },
-        Answer::No(why) => {
-            eprintln!("pier: {why}");
-            return ExitCode::from(remote::EXIT_NOT_DONE);
-        }
+        Answer::No(why) => return progress::not_done(why),
         Answer::Unreachable(cause) => return remote::unreachable(&url, &cause),
     };
     match id {
-        Some(id) if queued == 0 => {
-            eprintln!("pier: job {id} is not a failed job (no such job, or it has not failed)");
-            ExitCode::from(remote::EXIT_NOT_DONE)
-        }
+        Some(id) if queued == 0 => progress::not_done(format_args!(
+            "job {id} is not a failed job (no such job, or it has not failed)"
+        )),
         Some(id) => {
             println!("job {id} queued again");
-            ExitCode::from(remote::EXIT_OK)
+            progress::done(true)
         }
         None => {
             println!("{queued} failed job(s) queued again");
-            ExitCode::from(remote::EXIT_OK)
+            progress::done(true)
         }
     }
 }
@@ -267,14 +254,11 @@ async fn run_rule(base: &str, name: &str) -> ExitCode {
         Answer::Ok(b) => match serde_json::from_slice::<Queued>(&b) {
             Ok(q) => {
                 println!("rule {name}: {} job(s) queued", q.queued);
-                ExitCode::from(remote::EXIT_OK)
+                progress::done(true)
             }
             Err(e) => remote::unreachable(&url, &format!("not a run answer: {e}")),
         },
-        Answer::No(why) => {
-            eprintln!("pier: rule {name}: {why}");
-            ExitCode::from(remote::EXIT_NOT_DONE)
-        }
+        Answer::No(why) => progress::not_done(format_args!("rule {name}: {why}")),
         Answer::Unreachable(cause) => remote::unreachable(&url, &cause),
     }
 }

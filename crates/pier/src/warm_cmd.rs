@@ -5,12 +5,12 @@
 //! The exit status is 0 only when every image's summary says ok: the point of warming is that
 //! the blobs are where they were asked to be, so anything less must be visible to a script.
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Deserialize;
 
+use crate::progress::{self, Outcome, Tally};
 use crate::remote;
 
 #[derive(clap::Args)]
@@ -43,26 +43,10 @@ pub struct WarmArgs {
 const MAX_LINE: usize = 1 << 20;
 
 pub fn run(args: WarmArgs) -> ExitCode {
-    let base = match remote::base_url(&args.url) {
-        Ok(base) => base,
-        Err(message) => {
-            eprintln!("pier: {message}");
-            return ExitCode::from(remote::EXIT_UNREACHABLE);
-        }
-    };
-    let endpoint = format!("{base}/api/v1/warm");
-    match remote::runtime() {
-        Ok(rt) => rt.block_on(warm_all(&args, &endpoint)),
-        Err(e) => remote::unreachable(&endpoint, &format!("cannot start the async runtime: {e}")),
-    }
-}
-
-/// What became of one image.
-enum Outcome {
-    /// The node answered; `ok` when its summary said every placement was made.
-    Answered { ok: bool },
-    /// No answer at all: the request could not be sent.
-    Unreachable(String),
+    let url = args.url.clone();
+    progress::run(&url, "/api/v1/warm", |endpoint| async move {
+        warm_all(&args, &endpoint).await
+    })
 }
 
 async fn warm_all(args: &WarmArgs, endpoint: &str) -> ExitCode {
@@ -70,33 +54,18 @@ async fn warm_all(args: &WarmArgs, endpoint: &str) -> ExitCode {
         Ok(client) => client,
         Err(e) => return remote::unreachable(endpoint, &remote::cause(&e)),
     };
-    let bars = !args.json && std::io::stderr().is_terminal();
-    let mut all_ok = true;
-    let mut reached = false;
+    let bars = progress::bars_wanted(args.json);
+    let mut tally = Tally::new("warm", endpoint);
     for image in &args.images {
-        match warm_one(&client, endpoint, image, args, bars).await {
-            Outcome::Answered { ok } => {
-                reached = true;
-                all_ok &= ok;
-            }
-            // A node that never answered is down or the URL is wrong: asking again for the
-            // next image would only repeat the same message.
-            Outcome::Unreachable(cause) if !reached => {
-                return remote::unreachable(endpoint, &cause);
-            }
-            Outcome::Unreachable(cause) => {
-                eprintln!("pier: warm {image}: cannot reach {endpoint}: {cause}");
-                all_ok = false;
-            }
+        let outcome = warm_one(&client, endpoint, image, args, bars).await;
+        if let Err(code) = tally.count(image, outcome) {
+            return code;
         }
     }
-    ExitCode::from(if all_ok {
-        remote::EXIT_OK
-    } else {
-        remote::EXIT_NOT_DONE
-    })
+    tally.exit()
 }
 
+/// What became of one image: answered ok when its summary said every placement was made.
 async fn warm_one(
     client: &reqwest::Client,
     endpoint: &str,
@@ -116,10 +85,8 @@ async fn warm_one(
     let status = resp.status();
     if status != reqwest::StatusCode::OK {
         let body = remote::read_body(resp).await.unwrap_or_default();
-        let message = remote::oci_error_message(&body)
-            .unwrap_or_else(|| format!("the node answered {status}"));
-        eprintln!("pier: warm {image}: {message}");
-        return Outcome::Answered { ok: false };
+        eprintln!("pier: warm {image}: {}", progress::refusal(status, &body));
+        return Outcome::Answered(false);
     }
 
     let mut warm = Warm::new(image, bars, args.json);
@@ -152,8 +119,7 @@ async fn warm_one(
     if !pending.is_empty() {
         warm.line(&pending);
     }
-    let ok = warm.finish(ended);
-    Outcome::Answered { ok }
+    Outcome::Answered(warm.finish(ended))
 }
 
 /// One event of the stream. Unknown events and fields are ignored: the stream may grow.
@@ -191,19 +157,13 @@ struct Warm<'a> {
 
 impl<'a> Warm<'a> {
     fn new(image: &'a str, bars: bool, json: bool) -> Warm<'a> {
-        let bar = if bars {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            if let Ok(style) =
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} placements {msg}")
-            {
-                bar.set_style(style.progress_chars("=> "));
-            }
-            bar.set_prefix(image.to_string());
-            bar.set_message("(planning)");
-            bar
-        } else {
-            ProgressBar::hidden()
-        };
+        let bar = progress::bar(
+            bars,
+            None,
+            "{prefix} [{bar:30}] {pos}/{len} placements {msg}",
+            image.to_string(),
+        );
+        bar.set_message("(planning)");
         Warm {
             image,
             json,

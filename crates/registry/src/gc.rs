@@ -11,6 +11,12 @@
 //!    process's, and with shared stores every node's), [`MetaStore::gc_sweep`] unlinks it in
 //!    one transaction that first re-checks the mark, then the bytes go.
 //!
+//! Step 3 is one walk over every manifest (`Registry::each_manifest`, which the check and
+//! the untagged-manifest retention page through too). With a retention it prunes first, in
+//! the same walk: the manifests of the repositories in its scope are held, those untagged too
+//! long are removed, and the prune hands back what it removed, so only the references of
+//! what is left stay without the manifests being read again.
+//!
 //! A manifest put before step 2 committed is seen by step 3; one put after it clears the
 //! marks of what it references in its own transaction ([`MetaStore::put_manifest`]), as does
 //! linking a blob (an upload's commit, a mount). The registry's writes that check links and
@@ -31,6 +37,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use pier_oci::{Digest, Hasher};
 use pier_store::blob::BlobEntry;
+use pier_store::ManifestRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::{Registry, Result};
@@ -53,6 +60,19 @@ pub struct GcOptions {
     pub grace: Duration,
 }
 
+/// Untagged-manifest retention, run by a collection as it reads references
+/// ([`Registry::gc_with_retention`]).
+#[derive(Clone, Copy)]
+pub struct Untagged<'a> {
+    /// Manifests untagged and stored longer ago than this go.
+    pub older_than: Duration,
+    /// The repositories it applies to.
+    pub in_scope: &'a (dyn Fn(&str) -> bool + Send + Sync),
+}
+
+/// Manifest records of some repositories, by repository, as one walk read them.
+type ByRepo = BTreeMap<String, Vec<ManifestRecord>>;
+
 /// What a collection freed (or, in a dry run, would free).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GcReport {
@@ -61,8 +81,8 @@ pub struct GcReport {
     pub blobs: u64,
     /// Bytes freed.
     pub bytes: u64,
-    /// Untagged manifests removed (by [`Registry::prune_untagged`], which the caller runs
-    /// first when a retention is configured).
+    /// Untagged manifests removed (or, in a dry run, that would go) by the retention
+    /// [`Registry::gc_with_retention`] was given.
     pub manifests: u64,
     /// Stored blobs looked at.
     pub scanned: u64,
@@ -76,6 +96,17 @@ impl Registry {
     /// Collect unreferenced blobs (see the module header for why this is safe while pushes
     /// run).
     pub async fn gc(&self, opts: GcOptions) -> Result<GcReport> {
+        self.gc_with_retention(opts, None).await
+    }
+
+    /// [`Registry::gc`], with `untagged` first removing the manifests it names (as
+    /// [`Registry::prune_untagged`] does) in the walk that reads references, so that what
+    /// only they referenced is collected in the same run.
+    pub async fn gc_with_retention(
+        &self,
+        opts: GcOptions,
+        untagged: Option<Untagged<'_>>,
+    ) -> Result<GcReport> {
         let mut report = GcReport {
             dry_run: opts.dry_run,
             ..GcReport::default()
@@ -111,8 +142,9 @@ impl Registry {
             }
         }
 
-        // 3. Everything any manifest references stays.
-        let referenced = self.referenced().await?;
+        // 3. Everything any manifest references stays, once the retention has pruned.
+        let (referenced, pruned) = self.referenced(untagged, opts.dry_run).await?;
+        report.manifests = pruned;
         let (kept, doomed): (Vec<BlobEntry>, Vec<BlobEntry>) = candidates
             .into_iter()
             .partition(|b| referenced.contains(&b.digest));
@@ -169,8 +201,77 @@ impl Registry {
         dry_run: bool,
         in_scope: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Result<u64> {
+        let mut by_repo = ByRepo::new();
+        self.each_manifest(|repo, record| {
+            if in_scope(&repo) {
+                by_repo.entry(repo).or_default().push(record);
+            }
+        })
+        .await?;
+        let removed = self.prune(&by_repo, older_than, dry_run).await?;
+        Ok(removed.len() as u64)
+    }
+
+    /// The retention's decisions over the manifests one walk read: which of `by_repo` go.
+    /// Returns the (repository, digest) of each removed (or, with `dry_run`, that would be).
+    async fn prune(
+        &self,
+        by_repo: &ByRepo,
+        older_than: Duration,
+        dry_run: bool,
+    ) -> Result<HashSet<(String, Digest)>> {
         let cutoff = unix_ms().saturating_sub(older_than.as_millis() as u64);
-        let mut by_repo: BTreeMap<String, Vec<pier_store::ManifestRecord>> = BTreeMap::new();
+        let mut removed = HashSet::new();
+        for (repo, records) in by_repo {
+            let present: HashSet<&Digest> = records.iter().map(|r| &r.digest).collect();
+            let named: HashSet<&Digest> = records.iter().flat_map(|r| &r.references).collect();
+            let tagged = self.tagged(repo).await?;
+            for r in records {
+                let old = r.stored_ms != 0 && r.stored_ms <= cutoff;
+                let wanted = tagged.contains(&r.digest)
+                    || named.contains(&r.digest)
+                    || r.subject.as_ref().is_some_and(|s| present.contains(s));
+                if !old || wanted {
+                    continue;
+                }
+                if dry_run
+                    || self
+                        .meta
+                        .delete_untagged_manifest(repo, &r.digest, cutoff)
+                        .await?
+                {
+                    removed.insert((repo.clone(), r.digest.clone()));
+                }
+            }
+        }
+        if !dry_run && !removed.is_empty() {
+            tracing::info!(manifests = removed.len(), "untagged manifests removed");
+        }
+        Ok(removed)
+    }
+
+    /// Every manifest a tag of `repo` points at, read a page of tags at a time.
+    async fn tagged(&self, repo: &str) -> Result<HashSet<Digest>> {
+        let mut tagged = HashSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self.meta.tag_page(repo, after.as_deref(), PAGE).await?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let full = page.len() == PAGE;
+            tagged.extend(page.into_iter().map(|(_, digest)| digest));
+            if !full {
+                break;
+            }
+        }
+        Ok(tagged)
+    }
+
+    /// Every manifest of every repository, in (repository, digest) order, read a page at a
+    /// time: the one walk the collector, the retention and the check share.
+    async fn each_manifest(&self, mut each: impl FnMut(String, ManifestRecord)) -> Result<()> {
         let mut after: Option<(String, Digest)> = None;
         loop {
             let page = self
@@ -183,78 +284,46 @@ impl Registry {
             after = Some((repo.clone(), last.digest.clone()));
             let full = page.len() == PAGE;
             for (repo, record) in page {
-                if in_scope(&repo) {
-                    by_repo.entry(repo).or_default().push(record);
-                }
+                each(repo, record);
             }
             if !full {
                 break;
             }
         }
-        let mut removed = 0;
-        for (repo, records) in by_repo {
-            let present: HashSet<&Digest> = records.iter().map(|r| &r.digest).collect();
-            let named: HashSet<&Digest> = records.iter().flat_map(|r| &r.references).collect();
-            let mut tagged: HashSet<Digest> = HashSet::new();
-            let mut last: Option<String> = None;
-            loop {
-                let page = self.meta.tags(&repo, last.as_deref(), PAGE).await?;
-                for tag in &page.items {
-                    if let Some(d) = self.meta.resolve_tag(&repo, tag).await? {
-                        tagged.insert(d);
-                    }
-                }
-                last = page.items.last().cloned();
-                if !page.more || last.is_none() {
-                    break;
-                }
-            }
-            for r in &records {
-                let old = r.stored_ms != 0 && r.stored_ms <= cutoff;
-                let wanted = tagged.contains(&r.digest)
-                    || named.contains(&r.digest)
-                    || r.subject.as_ref().is_some_and(|s| present.contains(s));
-                if !old || wanted {
-                    continue;
-                }
-                if dry_run
-                    || self
-                        .meta
-                        .delete_untagged_manifest(&repo, &r.digest, cutoff)
-                        .await?
-                {
-                    removed += 1;
-                }
-            }
-        }
-        if !dry_run && removed > 0 {
-            tracing::info!(manifests = removed, "untagged manifests removed");
-        }
-        Ok(removed)
+        Ok(())
     }
 
-    /// Every digest any manifest of any repository references.
-    async fn referenced(&self) -> Result<HashSet<Digest>> {
+    /// Every digest any manifest of any repository references, and how many manifests
+    /// `untagged` pruned first (or, in a dry run, would prune). The manifests of the
+    /// repositories in its scope are held until the prune has decided; a removed one's
+    /// references do not count. A dry run removes nothing, so all references count.
+    async fn referenced(
+        &self,
+        untagged: Option<Untagged<'_>>,
+        dry_run: bool,
+    ) -> Result<(HashSet<Digest>, u64)> {
         let mut referenced = HashSet::new();
-        let mut after: Option<(String, Digest)> = None;
-        loop {
-            let page = self
-                .meta
-                .manifest_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
-                .await?;
-            let Some((repo, last)) = page.last() else {
-                break;
-            };
-            after = Some((repo.clone(), last.digest.clone()));
-            let full = page.len() == PAGE;
-            for (_, record) in page {
+        let mut scoped = ByRepo::new();
+        self.each_manifest(|repo, record| {
+            if untagged.is_some_and(|u| (u.in_scope)(&repo)) {
+                scoped.entry(repo).or_default().push(record);
+            } else {
                 referenced.extend(record.references);
             }
-            if !full {
-                break;
+        })
+        .await?;
+        let Some(u) = untagged else {
+            return Ok((referenced, 0));
+        };
+        let removed = self.prune(&scoped, u.older_than, dry_run).await?;
+        for (repo, records) in scoped {
+            for r in records {
+                if dry_run || !removed.contains(&(repo.clone(), r.digest)) {
+                    referenced.extend(r.references);
+                }
             }
         }
-        Ok(referenced)
+        Ok((referenced, removed.len() as u64))
     }
 
     /// Unreferenced blobs the grace period protects (for the report only).
@@ -326,33 +395,19 @@ impl Registry {
         }
 
         // Manifests: what they reference is a manifest of the repository or a stored blob.
-        let mut after: Option<(String, Digest)> = None;
         let mut manifests_by_repo: BTreeMap<String, BTreeSet<Digest>> = BTreeMap::new();
         let mut references: Vec<(String, Digest, Digest)> = Vec::new();
-        loop {
-            let page = self
-                .meta
-                .manifest_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
-                .await?;
-            let Some((repo, last)) = page.last() else {
-                break;
-            };
-            after = Some((repo.clone(), last.digest.clone()));
-            let full = page.len() == PAGE;
-            for (repo, record) in page {
-                f.manifests += 1;
-                manifests_by_repo
-                    .entry(repo.clone())
-                    .or_default()
-                    .insert(record.digest.clone());
-                for r in record.references {
-                    references.push((repo.clone(), record.digest.clone(), r));
-                }
+        self.each_manifest(|repo, record| {
+            f.manifests += 1;
+            manifests_by_repo
+                .entry(repo.clone())
+                .or_default()
+                .insert(record.digest.clone());
+            for r in record.references {
+                references.push((repo.clone(), record.digest.clone(), r));
             }
-            if !full {
-                break;
-            }
-        }
+        })
+        .await?;
         for (repo, manifest, r) in &references {
             if manifests_by_repo.get(repo).is_some_and(|m| m.contains(r)) {
                 continue;

@@ -19,7 +19,7 @@ use pier_oci::{Descriptor, Digest, Manifest, Reference, RepoName};
 use pier_store::{BlobStore, ByteStream, ManifestRecord, MetaStore, Page};
 
 pub use error::RegistryError;
-pub use gc::{CheckFindings, GcOptions, GcReport};
+pub use gc::{CheckFindings, GcOptions, GcReport, Untagged};
 pub use upload::{UploadCaps, Uploads};
 
 pub type Result<T, E = RegistryError> = std::result::Result<T, E>;

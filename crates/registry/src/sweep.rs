@@ -21,16 +21,13 @@ pub(crate) struct SweepLock {
     meta: Arc<dyn MetaStore>,
 }
 
-/// What a writer or a sweep holds; dropping it lets the other side on.
+/// What a writer or a sweep holds; dropping it lets the other side on. A writer holds this
+/// process's lock shared, a sweep alone: exactly one of the two guards is there.
 pub(crate) struct Held {
-    // The store's hold goes first, then this process's lock.
+    // Fields drop in order: the store's hold goes first, then this process's lock.
     _shared: Option<BlobHold>,
-    _local: Local,
-}
-
-enum Local {
-    Write(#[allow(dead_code)] OwnedRwLockReadGuard<()>),
-    Sweep(#[allow(dead_code)] OwnedRwLockWriteGuard<()>),
+    _write: Option<OwnedRwLockReadGuard<()>>,
+    _sweep: Option<OwnedRwLockWriteGuard<()>>,
 }
 
 impl SweepLock {
@@ -43,24 +40,26 @@ impl SweepLock {
 
     /// Held by a write that checks `digests` and then links or references them.
     pub(crate) async fn write(&self, digests: &[Digest]) -> Result<Held> {
-        let local = Local::Write(self.local.clone().read_owned().await);
+        let local = self.local.clone().read_owned().await;
         let shared = self.meta.hold_blobs(digests, false).await?;
         Ok(Held {
             _shared: shared,
-            _local: local,
+            _write: Some(local),
+            _sweep: None,
         })
     }
 
     /// Held by a sweep while it unlinks and deletes `digest`.
     pub(crate) async fn sweep(&self, digest: &Digest) -> Result<Held> {
-        let local = Local::Sweep(self.local.clone().write_owned().await);
+        let local = self.local.clone().write_owned().await;
         let shared = self
             .meta
             .hold_blobs(std::slice::from_ref(digest), true)
             .await?;
         Ok(Held {
             _shared: shared,
-            _local: local,
+            _write: None,
+            _sweep: Some(local),
         })
     }
 }

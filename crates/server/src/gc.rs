@@ -15,7 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::Response;
 use axum::Json;
 use pier_registry::gc::CheckFindings;
-use pier_registry::{GcOptions, GcReport};
+use pier_registry::{GcOptions, GcReport, Untagged};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -55,31 +55,24 @@ pub async fn gc(
     Ok(Json(collect(&state, q.dry_run).await?))
 }
 
-/// One collection as configured: untagged hosted manifests past `[gc] untagged_after` first
-/// (when set), then unreferenced blobs; counted in the metrics unless a dry run.
+/// One collection as configured: untagged hosted manifests past `[gc] untagged_after` (when
+/// set) pruned as it reads references, then unreferenced blobs; counted in the metrics unless
+/// a dry run.
 pub async fn collect(state: &AppState, dry_run: bool) -> pier_registry::Result<GcReport> {
-    let manifests = match state.gc.untagged_after {
-        Some(after) => {
-            let hosted = |repo: &str| !is_cache_repo(state, repo);
-            state
-                .registry
-                .prune_untagged(after, dry_run, &hosted)
-                .await?
-        }
-        None => 0,
+    let hosted = |repo: &str| !is_cache_repo(state, repo);
+    let untagged = state.gc.untagged_after.map(|older_than| Untagged {
+        older_than,
+        in_scope: &hosted,
+    });
+    let opts = GcOptions {
+        dry_run,
+        grace: state.gc.grace,
     };
-    let mut report = state
-        .registry
-        .gc(GcOptions {
-            dry_run,
-            grace: state.gc.grace,
-        })
-        .await?;
-    report.manifests = manifests;
+    let report = state.registry.gc_with_retention(opts, untagged).await?;
     if !dry_run {
         state.metrics.gc_freed_bytes.inc_by(report.bytes);
         state.metrics.gc_freed_blobs.inc_by(report.blobs);
-        state.metrics.gc_removed_manifests.inc_by(manifests);
+        state.metrics.gc_removed_manifests.inc_by(report.manifests);
     }
     Ok(report)
 }

@@ -129,6 +129,18 @@ pub trait MetaStore: Send + Sync + 'static {
         Err(StoreError::Unsupported("listing manifests"))
     }
 
+    /// Every tag of `repo` with the manifest it points at, ordered by tag, after `after`, at
+    /// most `n` (a whole page of tags resolved in one read, for untagged-manifest retention).
+    async fn tag_page(
+        &self,
+        repo: &str,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, Digest)>> {
+        let _ = (repo, after, n);
+        Err(StoreError::Unsupported("listing tags with their manifests"))
+    }
+
     /// Every blob link (repository, digest, size), ordered by (repository, digest), after
     /// `after`, at most `n`.
     async fn link_page(

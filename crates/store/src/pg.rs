@@ -730,6 +730,26 @@ impl MetaStore for PgMetaStore {
             .collect()
     }
 
+    async fn tag_page(
+        &self,
+        repo: &str,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, Digest)>> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT tag, digest FROM tags WHERE repo = $1 AND ($2::TEXT IS NULL OR tag > $2) \
+                 ORDER BY tag LIMIT $3",
+                &[&repo, &after, &limit_exact(n)],
+            )
+            .await
+            .map_err(db)?;
+        rows.iter()
+            .map(|r| Ok((r.get(0), r.get::<_, &str>(1).parse().map_err(corrupt)?)))
+            .collect()
+    }
+
     async fn link_page(
         &self,
         after: Option<(&str, &Digest)>,

@@ -536,6 +536,35 @@ impl MetaStore for RedbMetaStore {
         .await
     }
 
+    async fn tag_page(
+        &self,
+        repo: &str,
+        after: Option<&str>,
+        n: usize,
+    ) -> Result<Vec<(String, Digest)>> {
+        self.read(|tx| {
+            let table = tx.open_table(TAGS)?;
+            let start = match after {
+                Some(t) => Bound::Excluded((repo, t)),
+                None => Bound::Included((repo, "")),
+            };
+            let mut out = Vec::new();
+            for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
+                if out.len() == n {
+                    break;
+                }
+                let (k, v) = item?;
+                let (r, tag) = k.value();
+                if r != repo {
+                    break;
+                }
+                out.push((tag.to_string(), v.value().parse().map_err(corrupt)?));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn link_page(
         &self,
         after: Option<(&str, &Digest)>,

@@ -375,6 +375,31 @@ async fn postgres_keeps_manifests_tags_and_referrers_together() {
     let p = b.tags("lib/app", Some("b"), 10).await.unwrap();
     assert_eq!(p.items, ["sig", "v1", "v2"]);
     assert!(!p.more);
+    // Tags with their manifests, a page at a time, in the same order.
+    let p = b.tag_page("lib/app", None, 3).await.unwrap();
+    assert_eq!(
+        p,
+        [
+            ("C".to_string(), base.clone()),
+            ("a".into(), base.clone()),
+            ("b".into(), base.clone())
+        ]
+    );
+    let p = b.tag_page("lib/app", Some("b"), 10).await.unwrap();
+    assert_eq!(
+        p,
+        [
+            ("sig".to_string(), sig.clone()),
+            ("v1".into(), base.clone()),
+            ("v2".into(), base.clone())
+        ]
+    );
+    assert!(b
+        .tag_page("lib/app", Some("v2"), 10)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(b.tag_page("lib", None, 10).await.unwrap().is_empty());
     a.link_blob("lib/other", &base, 4).await.unwrap();
     let repos = b.repos(None, 10).await.unwrap();
     assert_eq!(repos.items, ["lib/app", "lib/other"]);

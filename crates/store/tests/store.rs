@@ -193,6 +193,30 @@ async fn tags_paginate_and_manifest_delete_cascades() {
         (p.items.clone(), p.more),
         (vec!["v2".to_string(), "v3".to_string()], false)
     );
+    // Tags with their manifests, a page at a time, and only the repository's own.
+    let pairs = |tags: &[&str]| -> Vec<(String, Digest)> {
+        tags.iter()
+            .map(|t| (t.to_string(), m1.digest.clone()))
+            .collect()
+    };
+    let p = meta.tag_page("a/b", None, 2).await.expect("tag page");
+    assert_eq!(p, pairs(&["latest", "v1"]));
+    let p = meta.tag_page("a/b", Some("v1"), 2).await.expect("tag page");
+    assert_eq!(p, pairs(&["v2", "v3"]));
+    assert!(meta
+        .tag_page("a/b", Some("v3"), 2)
+        .await
+        .expect("tag page")
+        .is_empty());
+    assert_eq!(
+        meta.tag_page("a/bc", None, 10).await.expect("tag page"),
+        pairs(&["zz"])
+    );
+    assert!(meta
+        .tag_page("a", None, 10)
+        .await
+        .expect("tag page")
+        .is_empty());
     assert_eq!(
         meta.repos(None, 10).await.expect("repos").items,
         vec!["a/b", "a/bc"]
