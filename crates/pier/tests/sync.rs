@@ -452,6 +452,72 @@ async fn referrers_go_along_and_deletes_follow_when_the_rule_says_so() {
         .await,
         "the image itself stays"
     );
+
+    // A tag deleted here is deleted there; the image and its other tag stay. (The remote is
+    // the CNCF distribution registry, which deletes by digest only: the tag is moved to a
+    // placeholder that is then deleted.)
+    common::put_manifest(
+        &http,
+        &pier.url(),
+        "team/app",
+        "2",
+        common::OCI_MANIFEST,
+        &image.manifest_bytes,
+    )
+    .await;
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the second tag",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.iter().any(|r| r["image"] == "team/app:2") && all_succeeded(&pushes)
+        },
+    )
+    .await;
+    assert!(remote_has(&http, &remote.url(), "site-a/team/app", "2").await);
+    let resp = http
+        .delete(format!("{}/v2/team/app/manifests/1", pier.url()))
+        .send()
+        .await
+        .expect("DELETE tag 1");
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
+    let rows = wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(30),
+        "the tag's delete",
+        |rows| {
+            let deletes = of_kind(rows, "replicate-delete");
+            deletes.len() == 2 && all_succeeded(&deletes)
+        },
+    )
+    .await;
+    assert!(
+        of_kind(&rows, "replicate-delete")
+            .iter()
+            .any(|r| r["image"] == "team/app:1"),
+        "{rows:#?}"
+    );
+    assert!(
+        !remote_has(&http, &remote.url(), "site-a/team/app", "1").await,
+        "tag 1 is gone at the remote"
+    );
+    assert_eq!(
+        remote_digest(&http, &remote.url(), "site-a/team/app", "2").await,
+        image.manifest.digest,
+        "tag 2 still names the image"
+    );
+    let tags: Value = http
+        .get(format!("{}/v2/site-a/team/app/tags/list", remote.url()))
+        .send()
+        .await
+        .expect("GET the remote's tags")
+        .json()
+        .await
+        .expect("tags JSON");
+    assert_eq!(tags["tags"], serde_json::json!(["2"]), "{tags}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

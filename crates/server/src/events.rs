@@ -24,3 +24,11 @@ pub async fn deleted(state: &AppState, repo: &str, digest: &Digest) {
         sync.deleted(repo, digest).await;
     }
 }
+
+/// Tag `tag` was deleted from `repo` (its manifest stays): rules that propagate deletes queue
+/// the tag's delete.
+pub async fn tag_deleted(state: &AppState, repo: &str, tag: &str) {
+    if let Some(sync) = &state.sync {
+        sync.tag_deleted(repo, tag).await;
+    }
+}

@@ -48,8 +48,13 @@ pub async fn dispatch(state: AppState, route: Route, req: Request<Body>) -> Resu
         }
         (Route::Manifest { name, reference }, &Method::DELETE) => {
             state.registry.delete_manifest(&name, &reference).await?;
-            if let Reference::Digest(digest) = &reference {
-                crate::events::deleted(&state, name.as_str(), digest).await;
+            match &reference {
+                Reference::Digest(digest) => {
+                    crate::events::deleted(&state, name.as_str(), digest).await
+                }
+                Reference::Tag(tag) => {
+                    crate::events::tag_deleted(&state, name.as_str(), tag.as_str()).await
+                }
             }
             Ok(StatusCode::ACCEPTED.into_response())
         }

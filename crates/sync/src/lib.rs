@@ -309,9 +309,26 @@ impl SyncEngine {
     /// A manifest was deleted from `repo`: queue the delete at the targets of the rules that
     /// propagate deletes.
     pub async fn deleted(&self, repo: &str, digest: &Digest) {
+        self.queue_deletes(repo, None, Some(digest)).await;
+    }
+
+    /// Tag `tag` was deleted from `repo` (the manifest stays): queue the tag's delete at the
+    /// targets of the rules that propagate deletes.
+    pub async fn tag_deleted(&self, repo: &str, tag: &str) {
+        self.queue_deletes(repo, Some(tag), None).await;
+    }
+
+    /// One delete job per rule that propagates deletes of `repo` to a registry: of `tag`, or
+    /// of the manifest `digest`.
+    async fn queue_deletes(&self, repo: &str, tag: Option<&str>, digest: Option<&Digest>) {
         if self.is_cache(repo) {
             return;
         }
+        let what = match (tag, digest) {
+            (Some(tag), _) => format!("{repo}:{tag}"),
+            (None, Some(digest)) => format!("{repo}@{digest}"),
+            (None, None) => return,
+        };
         for state in &self.push {
             let rule = &state.rule;
             if !rule.deletes || !rule.matches(repo) {
@@ -325,18 +342,18 @@ impl SyncEngine {
             let target_repo = format!("{}{repo}", rule.prefix);
             let payload = Payload {
                 rule: rule.name.clone(),
-                image: format!("{repo}@{digest}"),
+                image: what.clone(),
                 target: url.clone(),
                 repo: repo.to_string(),
-                tag: None,
-                digest: Some(digest.to_string()),
+                tag: tag.map(str::to_string),
+                digest: digest.map(Digest::to_string),
                 target_repo: Some(target_repo),
                 node: None,
                 upstream: None,
             };
-            let key = format!("{KIND_DELETE} {} {repo}@{digest}", rule.name);
+            let key = format!("{KIND_DELETE} {} {what}", rule.name);
             if let Err(e) = self.enqueue(KIND_DELETE, &key, &payload).await {
-                tracing::warn!(rule = %rule.name, repo, %digest, error = %e, "queueing a delete failed");
+                tracing::warn!(rule = %rule.name, image = %what, error = %e, "queueing a delete failed");
             }
         }
     }

@@ -76,7 +76,6 @@ impl SyncEngine {
         let Some(client) = &state.client else {
             return Err(JobFailure::fatal("the rule's target is not a registry"));
         };
-        let digest = parse_digest(p.digest.as_deref())?;
         let target_repo = p
             .target_repo
             .clone()
@@ -84,11 +83,27 @@ impl SyncEngine {
         let _permit = self
             .permit(&state.rule.target.label(), state.rule.concurrency)
             .await;
+        let meta = self.parts.registry.meta_store();
+        if let Some(tag) = &p.tag {
+            // Tagged again since the delete: the target keeps the tag (the push queued
+            // its own replication).
+            if meta
+                .resolve_tag(&p.repo, tag)
+                .await
+                .map_err(store_failure)?
+                .is_some()
+            {
+                return Ok(());
+            }
+            return client
+                .delete_tag(&target_repo, tag)
+                .await
+                .map(|_| ())
+                .map_err(|e| retryable("delete of the tag at the target", e));
+        }
+        let digest = parse_digest(p.digest.as_deref())?;
         // Pushed again since the delete: the target keeps it.
-        if self
-            .parts
-            .registry
-            .meta_store()
+        if meta
             .manifest(&p.repo, &digest)
             .await
             .map_err(store_failure)?

@@ -216,6 +216,60 @@ impl Upstream {
         }
     }
 
+    /// Remove tag `tag` from `repo`, leaving the manifest it pointed at (other tags or
+    /// digests may still use it). `DELETE /v2/<repo>/manifests/<tag>` is tried first (the OCI
+    /// distribution spec allows it; pier, zot and Harbor accept it). A registry that refuses
+    /// a tag as the reference (the CNCF distribution registry answers 400 DIGEST_INVALID) is
+    /// given a placeholder instead: an empty OCI manifest, unique to this tag, is put under the
+    /// tag (moving the tag off the image) and then deleted by its digest, which takes the tag
+    /// with it. Returns whether the registry had the tag.
+    pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        match self
+            .request(
+                Method::DELETE,
+                &path,
+                &Access::push(repo, None),
+                HeaderMap::new(),
+                None,
+                None,
+            )
+            .await
+        {
+            Ok(_) => return Ok(true),
+            Err(UpstreamError::NotFound) => return Ok(false),
+            Err(UpstreamError::Protocol(why)) => {
+                tracing::debug!(repo, tag, %why, "the target refused a delete by tag; moving the tag to a placeholder");
+            }
+            Err(e) => return Err(e),
+        }
+        if self.manifest_digest(repo, tag).await?.is_none() {
+            return Ok(false);
+        }
+        let config = Bytes::from_static(EMPTY_CONFIG);
+        let config_digest = Digest::sha256(&config);
+        if !self.has_blob(repo, &config_digest).await? {
+            if let MountOutcome::Upload(location) =
+                self.start_upload(repo, &config_digest, None).await?
+            {
+                let size = config.len() as u64;
+                self.finish_upload(repo, &location, &config_digest, size, config.into())
+                    .await?;
+            }
+        }
+        let placeholder = tag_placeholder(repo, tag, &config_digest);
+        let digest = Digest::sha256(&placeholder);
+        self.put_manifest(
+            repo,
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            Bytes::from(placeholder),
+        )
+        .await?;
+        self.delete_manifest(repo, &digest).await?;
+        Ok(true)
+    }
+
     /// A `Location` made absolute against the endpoint that sent it.
     fn absolute(&self, endpoint: usize, location: &str) -> String {
         if location.starts_with("http://") || location.starts_with("https://") {
@@ -234,6 +288,27 @@ impl Upstream {
             }
         }
     }
+}
+
+/// The config of a tag's placeholder: OCI's empty descriptor content.
+const EMPTY_CONFIG: &[u8] = b"{}";
+
+/// The manifest [`Upstream::delete_tag`] puts under a tag to delete it from a registry that
+/// deletes by digest only: empty, and unique to the repository and tag, so deleting it by
+/// digest takes no other tag along.
+fn tag_placeholder(repo: &str, tag: &str, config: &Digest) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.empty.v1+json",
+            "digest": config.to_string(),
+            "size": EMPTY_CONFIG.len(),
+        },
+        "layers": [],
+        "annotations": { "io.pier.tag-delete": format!("{repo}:{tag}") },
+    }))
+    .expect("a JSON value serializes")
 }
 
 /// The error for a non-success answer to a request sent once.
