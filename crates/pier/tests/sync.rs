@@ -677,6 +677,93 @@ async fn a_target_that_is_down_is_retried_with_backoff_until_it_returns() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_replicated_before_a_restart_is_mounted_after_it_not_sent_again() {
+    let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
+        return;
+    };
+    let http = http_client();
+    let remote = Registry::start_in(tmp.path());
+    let mut pier = start_pier(tmp.path(), &replicate_rule("dc2", &remote.url(), ""));
+    let layout = one_image(
+        tmp.path(),
+        "src",
+        vec![LayerSpec::new("a.bin", 2 * MIB, 11)],
+    );
+    let image = layout.image("v1").clone();
+    push_image(
+        &http,
+        &pier.url(),
+        "team/app",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the first image",
+        |rows| all_succeeded(&of_kind(rows, "replicate")),
+    )
+    .await;
+    pier.stop();
+
+    // After the restart the process remembers nothing; the finished job says where the
+    // blobs went.
+    let flags = [
+        "--config".to_string(),
+        tmp.path().join("pier.toml").display().to_string(),
+        "--hosted".to_string(),
+        "**".to_string(),
+    ];
+    let dir = tmp.path().join("pier");
+    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    push_image(
+        &http,
+        &pier.url(),
+        "team/other",
+        "1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the same image in another repository",
+        |rows| {
+            let pushes = of_kind(rows, "replicate");
+            pushes.iter().any(|r| r["image"] == "team/other:1") && all_succeeded(&pushes)
+        },
+    )
+    .await;
+    assert_eq!(
+        remote_digest(&http, &remote.url(), "team/other", "1").await,
+        image.manifest.digest
+    );
+    let accesses = remote.accesses();
+    let mounted = accesses
+        .iter()
+        .filter(|a| {
+            a.method == "POST" && a.path == "/v2/team/other/blobs/uploads/" && a.status == 201
+        })
+        .count();
+    let uploaded = accesses
+        .iter()
+        .filter(|a| a.method == "PUT" && a.path.starts_with("/v2/team/other/blobs/uploads/"))
+        .count();
+    assert_eq!(
+        (mounted, uploaded),
+        (2, 0),
+        "the layer and the config are mounted from team/app, not uploaded again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() {
     let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
         return;

@@ -160,6 +160,9 @@ type TurnLock = Arc<tokio::sync::Mutex<()>>;
 
 /// How many mount sources are remembered; beyond it the map starts afresh.
 const MOUNTS_KEPT: usize = 100_000;
+/// Repositories whose finished replication jobs are looked through for a mount source the
+/// memory does not hold.
+const MOUNT_LOOKUPS: usize = 64;
 
 impl SyncEngine {
     /// Check the rules, make a client per registry target and register the job kinds on the
@@ -689,11 +692,54 @@ impl SyncEngine {
         }
     }
 
-    fn mount_source(&self, target: &str, digest: &Digest) -> Option<String> {
-        let mounts = self.mounts.lock().unwrap_or_else(|e| e.into_inner());
-        mounts
-            .get(&(target.to_string(), digest.to_string()))
+    /// A repository of registry `target` that holds blob `digest`, to mount it from: the one
+    /// it was last sent to or seen in by this process, or else (after a restart) the target
+    /// repository of a replication job that succeeded to that registry from a repository
+    /// here that links the blob. The newest jobs are asked first, at most
+    /// [`MOUNT_LOOKUPS`] repositories. A wrong guess costs nothing: the registry then opens
+    /// an upload instead of mounting.
+    async fn mount_source(&self, target: &str, digest: &Digest) -> Option<String> {
+        let key = (target.to_string(), digest.to_string());
+        if let Some(repo) = self
+            .mounts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
             .cloned()
+        {
+            return Some(repo);
+        }
+        let jobs = match self.parts.runner.store().jobs().await {
+            Ok(jobs) => jobs,
+            Err(e) => {
+                tracing::debug!(error = %e, "reading the job queue for a mount source failed");
+                return None;
+            }
+        };
+        let meta = self.parts.registry.meta_store();
+        let mut asked = HashSet::new();
+        for job in jobs.iter().rev() {
+            if job.kind != KIND_PUSH || job.state != JobState::Succeeded {
+                continue;
+            }
+            let Ok(p) = serde_json::from_value::<Payload>(job.payload.clone()) else {
+                continue;
+            };
+            let Some(target_repo) = p.target_repo.filter(|_| p.target == target) else {
+                continue;
+            };
+            if !asked.insert(p.repo.clone()) {
+                continue;
+            }
+            if asked.len() > MOUNT_LOOKUPS {
+                break;
+            }
+            if let Ok(Some(_)) = meta.blob_link(&p.repo, digest).await {
+                self.remember_mount(target, digest, &target_repo);
+                return Some(target_repo);
+            }
+        }
+        None
     }
 
     fn remember_mount(&self, target: &str, digest: &Digest, repo: &str) {

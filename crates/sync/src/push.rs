@@ -245,6 +245,7 @@ impl Send<'_> {
         let from = self
             .engine
             .mount_source(self.url, digest)
+            .await
             .filter(|f| f != self.target_repo);
         let size = self
             .engine
