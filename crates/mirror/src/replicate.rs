@@ -7,6 +7,9 @@
 //! signed pull request naming this node as the source, and succeeds once N answers that it
 //! holds X durably. A target that is down is retried with backoff while it is still an owner;
 //! a job whose target is no longer an owner ends (the new owner got a job of its own).
+//!
+//! Repositories that a `cluster` replication rule sends to every node are left to that rule:
+//! one decision says where a hosted image lives, its owners or every node, never both.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +34,13 @@ struct Payload {
     pull: PullRequest,
 }
 
+/// Whether every node gets a repository's images by another way (the sync engine's
+/// `cluster` rule): its content is then not also copied to its owners.
+pub type Everywhere = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
 pub struct Replicator {
     cluster: Arc<Cluster>,
+    everywhere: Everywhere,
     meta: Arc<dyn MetaStore>,
     runner: Arc<JobRunner>,
     /// Repository name prefixes that are mirror caches (`docker.io/`): not replicated, since
@@ -47,9 +55,11 @@ impl Replicator {
         meta: Arc<dyn MetaStore>,
         runner: Arc<JobRunner>,
         upstreams: Vec<String>,
+        everywhere: Everywhere,
     ) -> Arc<Replicator> {
         let this = Arc::new(Replicator {
             cluster,
+            everywhere,
             meta,
             runner: runner.clone(),
             cache_prefixes: upstreams.into_iter().map(|u| format!("{u}/")).collect(),
@@ -62,8 +72,10 @@ impl Replicator {
         this
     }
 
-    fn is_cache(&self, repo: &str) -> bool {
-        self.cache_prefixes.iter().any(|p| repo.starts_with(p))
+    /// Whether `repo` is none of this module's business: a mirror cache (fetched again when
+    /// needed) or hosted content every node is sent anyway.
+    fn skips(&self, repo: &str) -> bool {
+        self.cache_prefixes.iter().any(|p| repo.starts_with(p)) || (self.everywhere)(repo)
     }
 
     /// A manifest was pushed to `repo` (with `tag`): queue copies of it and of everything it
@@ -89,7 +101,7 @@ impl Replicator {
         digest: &Digest,
         tag: Option<&str>,
     ) -> Result<usize, pier_store::StoreError> {
-        if !self.cluster.has_peers() || self.is_cache(repo) {
+        if !self.cluster.has_peers() || self.skips(repo) {
             return Ok(0);
         }
         let Some(record) = self.meta.manifest(repo, digest).await? else {
@@ -200,7 +212,7 @@ impl Replicator {
                 break;
             }
             for repo in &page.items {
-                if self.is_cache(repo) {
+                if self.skips(repo) {
                     continue;
                 }
                 let tags = self.meta.tags(repo, None, 100_000).await?;

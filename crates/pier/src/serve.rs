@@ -423,6 +423,16 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
         max_size: config.import.max_size.0,
         jobs: Some(runner.clone()),
     });
+    // The sync rules, with the built-in `cluster` rule when a cluster has no rule of its own.
+    let mut push_rules = config.replicate_rules.clone();
+    if cluster_view.is_some()
+        && config.cluster.replicate_all
+        && !push_rules
+            .iter()
+            .any(|r| r.target == pier_sync::rules::Target::Cluster)
+    {
+        push_rules.push(pier_sync::rules::PushRule::default_cluster());
+    }
     let mut cluster_tasks = Vec::new();
     if let Some(c) = cluster {
         let peer_state = pier_server::peer::PeerState {
@@ -458,27 +468,25 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             c.membership.clone(),
             state.metrics.clone(),
         )));
+        // One decision of where a hosted image lives: a repository a `cluster` rule sends
+        // to every node is not also copied to its owners.
+        let everywhere: Vec<pier_sync::rules::PushRule> = push_rules
+            .iter()
+            .filter(|r| r.target == pier_sync::rules::Target::Cluster)
+            .cloned()
+            .collect();
         let replicator = pier_mirror::replicate::Replicator::new(
             c.cluster.clone(),
             meta_for_jobs.clone(),
             runner.clone(),
             upstream_names.clone(),
+            Arc::new(move |repo: &str| everywhere.iter().any(|r| r.matches(repo))),
         );
         cluster_tasks.push(tokio::spawn(
             replicator.clone().follow(c.membership.changes()),
         ));
         state.replicator = Some(replicator);
         membership = Some(c.membership);
-    }
-    // The sync rules, with the built-in `cluster` rule when a cluster has no rule of its own.
-    let mut push_rules = config.replicate_rules.clone();
-    if cluster_view.is_some()
-        && config.cluster.replicate_all
-        && !push_rules
-            .iter()
-            .any(|r| r.target == pier_sync::rules::Target::Cluster)
-    {
-        push_rules.push(pier_sync::rules::PushRule::default_cluster());
     }
     let sync = pier_sync::SyncEngine::new(
         config.sync_rules.clone(),

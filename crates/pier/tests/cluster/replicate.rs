@@ -192,6 +192,16 @@ async fn an_imported_tarball_reaches_every_node_and_a_node_that_was_down_gets_it
             for n in ["n2", "n3", "n4"] {
                 assert!(targets.contains(&n), "no succeeded job for {n}: {jobs:#?}");
             }
+            // One decision of where the image lives: every node, by the rule, and not its
+            // owners besides.
+            let owners: Vec<&serde_json::Value> = rows
+                .iter()
+                .filter(|r| r["kind"] == "replicate-blob" || r["kind"] == "replicate-manifest")
+                .collect();
+            assert!(
+                owners.is_empty(),
+                "beside the cluster rule, copies to owners were queued as well: {owners:#?}"
+            );
             println!(
                 "n4 caught up {:.2?} after it was started again",
                 back.elapsed()
