@@ -369,6 +369,31 @@ fn summary(name: &str, o: &SwarmOutcome, total: u64, mbit: u64, owner: &str) -> 
     ]
 }
 
+/// A run's CPU line: seconds (user + system) per node, their sum, and the most any node that
+/// pulled spent per GiB it received; the first owner apart (it also filled from upstream).
+fn cpu_line(name: &str, cpu: &[(String, f64)], total: u64, owner: &str) -> String {
+    let pullers: Vec<f64> = cpu
+        .iter()
+        .filter(|(r, _)| r != owner)
+        .map(|(_, s)| *s)
+        .collect();
+    let max = pullers.iter().copied().fold(0.0, f64::max);
+    let min = pullers.iter().copied().fold(f64::INFINITY, f64::min);
+    let owner_s = cpu
+        .iter()
+        .find(|(r, _)| r == owner)
+        .map_or(0.0, |(_, s)| *s);
+    let sum: f64 = cpu.iter().map(|(_, s)| s).sum();
+    let per_gib = |s: f64| pier_bench::cpu::per_gib(s, total).unwrap_or(f64::NAN);
+    format!(
+        "{name}: CPU per node (user+sys) max {max:.2} s min {:.2} s = {:.2} s/GiB received at most; \
+         first owner {owner} {owner_s:.2} s ({:.2} s/GiB); all nodes {sum:.2} s",
+        if min.is_finite() { min } else { 0.0 },
+        per_gib(max),
+        per_gib(owner_s),
+    )
+}
+
 /// The swarm benchmark: `PIER_CLUSTER_BENCH_NODES` nodes (8) with links shaped to
 /// `PIER_CLUSTER_BENCH_MBIT` (1000) both ways, the upstream too. Cold pull of one
 /// `PIER_CLUSTER_BENCH_SWARM_MIB` (1024) layer on every node at once with swarming on, then
@@ -440,7 +465,21 @@ async fn swarm_bench() {
             pullers.retain(|r| !owners.iter().any(|o| o == r));
         }
         let owner_before = c.check(&owner, c.node(&owner).metrics(&c.http).await).await;
+        // Each node's CPU (user + system, read from /proc: every node shares this host's
+        // cores, which is what bounds a swarm here).
+        let cpu_before: Vec<(String, pier_bench::cpu::ServerCpu, f64)> = roles
+            .iter()
+            .filter_map(|r| {
+                let cpu = pier_bench::cpu::ServerCpu::new(&[c.node(r).pid()]).ok()??;
+                let before = cpu.seconds();
+                Some((r.to_string(), cpu, before))
+            })
+            .collect();
         let mut o = cold_swarm(&c, &pullers, "bench/swarm", &blobs, None).await;
+        let cpu: Vec<(String, f64)> = cpu_before
+            .iter()
+            .map(|(r, cpu, before)| (r.clone(), cpu.seconds() - before))
+            .collect();
         if !pullers.iter().any(|p| *p == owner) {
             // Warm: the owners served without pulling; count what the first sent meanwhile.
             let m = c.check(&owner, c.node(&owner).metrics(&c.http).await).await;
@@ -459,7 +498,8 @@ async fn swarm_bench() {
         println!("{run}:\n{}", o.table());
         let total: u64 = blobs.iter().map(|b| b.size).sum();
         lines.extend(summary(run, &o, total, mbit, &owner));
-        for l in &lines[lines.len() - 2..] {
+        lines.push(cpu_line(run, &cpu, total, &owner));
+        for l in &lines[lines.len() - 3..] {
             println!("{l}");
         }
     }
