@@ -18,20 +18,24 @@ use pier_store::{ByteStream, Spool};
 
 use crate::pieces::Pieces;
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
 /// Bytes per read from a spool.
 const CHUNK: u64 = 256 * 1024;
 /// Most bytes of recent batches one fill keeps in memory for readers, budget permitting.
 const RECENT_BYTES: u64 = 48 * 1024 * 1024;
 
-/// The memory all fills together may hold in batches (recent windows and write backlogs).
-/// A batch is charged from the moment it is gathered until its last copy is dropped (by the
-/// window, the writer and any reader holding a slice), so what is charged is what is held.
+/// The memory all fills together may hold: the batches being gathered, recent windows, write
+/// backlogs, the spool reads on their way to clients and each source connection's buffers.
+/// A batch is charged from the moment its buffer is allocated until its last copy is dropped
+/// (by the window, the writer and any reader holding a slice), so what is charged is what is
+/// held.
 pub struct MemoryBudget {
     limit: u64,
     used: AtomicU64,
     gauge: Gauge,
+    /// Woken whenever a charge is given back, for those waiting for room.
+    freed: Notify,
 }
 
 impl MemoryBudget {
@@ -40,27 +44,44 @@ impl MemoryBudget {
             limit,
             used: AtomicU64::new(0),
             gauge,
+            freed: Notify::new(),
         })
     }
 
-    /// Charge `batch` to the budget if it fits: the returned bytes release their charge when
-    /// the last copy is dropped. The batch back, uncharged, when the budget is spent.
-    pub(crate) fn charge(self: &Arc<Self>, batch: Bytes) -> Result<Bytes, Bytes> {
-        let len = batch.len() as u64;
-        let fits = self
-            .used
+    /// Take `len` bytes of the budget if they fit now.
+    pub(crate) fn try_reserve(self: &Arc<Self>, len: u64) -> Option<Reservation> {
+        self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 (u + len <= self.limit).then_some(u + len)
             })
-            .is_ok();
-        if !fits {
-            return Err(batch);
-        }
+            .ok()?;
         self.gauge.inc_by(len as i64);
-        Ok(Bytes::from_owner(Charged {
-            bytes: batch,
+        Some(Reservation {
+            len,
             budget: self.clone(),
-        }))
+        })
+    }
+
+    /// Take `len` bytes of the budget (at most all of it), waiting until others give back
+    /// enough. Everything charged is given back without anyone waiting for the budget (a
+    /// writer drains its queue, a client reads what it was sent), so the wait ends.
+    pub(crate) async fn reserve(self: &Arc<Self>, len: u64) -> Reservation {
+        let len = len.min(self.limit);
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(r) = self.try_reserve(len) {
+                return r;
+            }
+            freed.await;
+        }
+    }
+
+    /// Whether less than `len` bytes of the budget are left: fills then keep in memory only
+    /// what is not on disk yet.
+    pub(crate) fn short_of(&self, len: u64) -> bool {
+        self.used() + len > self.limit
     }
 
     pub fn used(&self) -> u64 {
@@ -68,23 +89,39 @@ impl MemoryBudget {
     }
 }
 
-/// A batch's bytes and the budget they are charged to.
+/// Bytes of the budget taken for memory that is (or is about to be) held.
+pub(crate) struct Reservation {
+    len: u64,
+    budget: Arc<MemoryBudget>,
+}
+
+impl Reservation {
+    /// `bytes`, holding this reservation until their last copy is dropped.
+    pub(crate) fn hold(self, bytes: Bytes) -> Bytes {
+        Bytes::from_owner(Charged {
+            bytes,
+            _charge: self,
+        })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.len, Ordering::AcqRel);
+        self.budget.gauge.dec_by(self.len as i64);
+        self.budget.freed.notify_waiters();
+    }
+}
+
+/// A batch's bytes and the charge they hold.
 struct Charged {
     bytes: Bytes,
-    budget: Arc<MemoryBudget>,
+    _charge: Reservation,
 }
 
 impl AsRef<[u8]> for Charged {
     fn as_ref(&self) -> &[u8] {
         &self.bytes
-    }
-}
-
-impl Drop for Charged {
-    fn drop(&mut self) {
-        let len = self.bytes.len() as u64;
-        self.budget.used.fetch_sub(len, Ordering::AcqRel);
-        self.budget.gauge.dec_by(len as i64);
     }
 }
 
@@ -167,15 +204,18 @@ pub struct Fill {
     recent: Mutex<VecDeque<(u64, Bytes)>>,
     /// The blob's pieces, for a blob large enough to be swarmed (set once its size is known).
     pub(crate) pieces: OnceLock<Arc<Pieces>>,
+    /// What readers' spool reads are charged to, like the fill's batches.
+    budget: Arc<MemoryBudget>,
 }
 
 impl Fill {
-    pub(crate) fn new() -> Arc<Fill> {
+    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Arc<Fill> {
         Arc::new(Fill {
             progress: watch::Sender::new(Progress::default()),
             spool: OnceLock::new(),
             recent: Mutex::new(VecDeque::new()),
             pieces: OnceLock::new(),
+            budget,
         })
     }
 
@@ -342,10 +382,14 @@ impl Fill {
                             s.done = true;
                             return Some((Err(std::io::Error::other("spool missing")), s));
                         };
+                        // The chunk is charged until the client has taken it: a reader
+                        // that finds the budget spent waits for room (the fill itself
+                        // does not wait for readers, so the room comes).
+                        let charge = s.fill.budget.reserve(len as u64).await;
                         match spool.read_at(s.pos, len).await {
                             Ok(b) => {
                                 s.pos += b.len() as u64;
-                                return Some((Ok::<Bytes, _>(b), s));
+                                return Some((Ok::<Bytes, _>(charge.hold(b)), s));
                             }
                             Err(e) => {
                                 s.done = true;
@@ -435,22 +479,21 @@ fn async_stream_pieces(
 mod tests {
     use super::*;
 
+    fn charge(budget: &Arc<MemoryBudget>, bytes: Vec<u8>) -> Option<Bytes> {
+        let r = budget.try_reserve(bytes.len() as u64)?;
+        Some(r.hold(Bytes::from(bytes)))
+    }
+
     #[test]
     fn the_budget_refuses_past_its_limit_and_frees_when_the_last_copy_drops() {
         let gauge = Gauge::default();
         let budget = MemoryBudget::new(10, gauge.clone());
-        let a = budget
-            .charge(Bytes::from(vec![1u8; 6]))
-            .expect("6 of 10 fit");
+        let a = charge(&budget, vec![1u8; 6]).expect("6 of 10 fit");
         let copy = a.slice(2..4);
-        assert!(
-            budget.charge(Bytes::from(vec![2u8; 5])).is_err(),
-            "11 of 10"
-        );
-        let b = budget
-            .charge(Bytes::from(vec![3u8; 4]))
-            .expect("10 of 10 fit");
+        assert!(charge(&budget, vec![2u8; 5]).is_none(), "11 of 10");
+        let b = charge(&budget, vec![3u8; 4]).expect("10 of 10 fit");
         assert_eq!((budget.used(), gauge.get()), (10, 10));
+        assert!(budget.short_of(1));
         drop(a);
         // A reader's slice still holds the batch's memory.
         assert_eq!(budget.used(), 10);
@@ -459,5 +502,28 @@ mod tests {
         assert_eq!((budget.used(), gauge.get()), (4, 4));
         drop(b);
         assert_eq!((budget.used(), gauge.get()), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_reservation_waits_for_room_and_never_asks_more_than_the_budget() {
+        let budget = MemoryBudget::new(10, Gauge::default());
+        let held = budget.try_reserve(8).expect("8 of 10");
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move { budget.reserve(5).await.len })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished(), "5 more than fit was granted");
+        drop(held);
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter got its room once it was given back")
+            .expect("waiter");
+        assert_eq!(got, 5);
+        // More than the whole budget is clamped to it, so it cannot wait forever.
+        let all = tokio::time::timeout(std::time::Duration::from_secs(5), budget.reserve(100))
+            .await
+            .expect("a reservation larger than the budget");
+        assert_eq!((all.len, budget.used()), (10, 10));
     }
 }

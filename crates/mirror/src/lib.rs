@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 use pier_cluster::NodeId;
 use pier_peer::Cluster;
 
-use crate::fill::{Fill, FillError, MemoryBudget};
+use crate::fill::{Fill, FillError, MemoryBudget, Reservation};
 use crate::metrics::MirrorMetrics;
 use crate::pieces::{PieceHasher, Pieces};
 use crate::room::{Reservations, Room};
@@ -43,6 +43,11 @@ use pier_peer::rate::{limited, RateLimit};
 
 /// Bytes a fill gathers from the upstream before handing them to its writer thread.
 const FILL_BATCH: usize = 512 * 1024;
+/// Memory a fill holds besides its batches, charged for as long as it reads its source: hyper
+/// reads the body into a buffer that grows to 408 KiB on a fast connection, a frame is in
+/// flight, and the fill's writer thread, its connections and tasks hold the rest (measured:
+/// about 0.8 MiB per fill at 128 concurrent fills, beyond what the batches are charged).
+const SOURCE_BUFFERS: u64 = 1024 * 1024;
 /// Batches the disk may lag behind the network before the fill stops reading the upstream.
 /// Queued batches are charged to the fill memory budget like the recent window's.
 const WRITE_BACKLOG: usize = 32;
@@ -943,7 +948,7 @@ impl Mirror {
             match fills.get(digest) {
                 Some(f) => (f.clone(), false),
                 None => {
-                    let f = Fill::new();
+                    let f = Fill::new(self.budget.clone());
                     fills.insert(digest.clone(), f.clone());
                     (f, true)
                 }
@@ -1052,6 +1057,9 @@ impl Mirror {
         sources: &[Source],
         cluster: Option<&Cluster>,
     ) -> Result<(), FillError> {
+        // The source connection's own buffers are charged for as long as the fill reads: a
+        // fill that finds the budget spent waits here, before asking any source.
+        let _connection = self.budget.reserve(SOURCE_BUFFERS).await;
         let (mut idx, size, body) = sources::open_first(sources, 0, cluster, digest, 0).await?;
         let mut body = self.limit_upstream(&sources[idx], body);
         let max = self.policy.max_blob_bytes;
@@ -1091,6 +1099,7 @@ impl Mirror {
         let writer_spool = spool.clone();
         let progress = fill.clone();
         let writer_pieces = pieces.clone();
+        let writer_budget = self.budget.clone();
         let writer = tokio::task::spawn_blocking(move || -> Result<u64, FillError> {
             let mut pos = 0u64;
             while let Some(chunk) = rx.blocking_recv() {
@@ -1102,6 +1111,11 @@ impl Mirror {
                     p.mark_written(pos);
                 }
                 progress.progress.send_modify(|p| p.written = pos);
+                // With the budget short, the window keeps only what is not on disk yet: the
+                // bytes just written go back to the budget (once no reader holds them).
+                if writer_budget.short_of(FILL_BATCH as u64) {
+                    progress.forget_written(false);
+                }
             }
             writer_spool.sync().map_err(FillError::store)?;
             Ok(pos)
@@ -1117,7 +1131,7 @@ impl Mirror {
         };
         let mut upstream_bytes = counter(&sources[idx]);
         let mut streamed: Result<(), FillError> = Ok(());
-        let mut pending = BytesMut::with_capacity(FILL_BATCH);
+        let mut pending: Option<Batch> = None;
         let mut source_ended = false;
         loop {
             let next = if source_ended {
@@ -1125,7 +1139,7 @@ impl Mirror {
             } else {
                 body.next().await
             };
-            let got = received + pending.len() as u64;
+            let got = received + pending.as_ref().map_or(0, |b| b.buf.len() as u64);
             // A source that fails, or ends before the size it announced, is replaced by the next
             // one from the byte where it stopped; the hash goes on over the joined bytes.
             let broke = match &next {
@@ -1167,7 +1181,7 @@ impl Mirror {
                     }
                 }
             }
-            let flush = match &next {
+            let handed = match &next {
                 Some(Ok(c)) => {
                     if got + c.len() as u64 > cut_at {
                         streamed = Err(FillError::TooLarge(match size {
@@ -1183,54 +1197,21 @@ impl Mirror {
                     if let Some(h) = &mut piece_hasher {
                         h.update(c);
                     }
-                    pending.extend_from_slice(c);
-                    pending.len() >= FILL_BATCH
+                    self.gather(fill, &tx, &mut pending, &mut received, c.clone())
+                        .await
                 }
                 // Handled above: the fill resumed from another source or stopped.
-                Some(Err(_)) => false,
+                Some(Err(_)) => true,
                 None => {
                     source_ended = true;
-                    !pending.is_empty()
+                    match pending.take() {
+                        Some(batch) => hand_over(fill, &tx, &mut received, batch).await,
+                        None => true,
+                    }
                 }
             };
-            if flush {
-                let batch = pending.split().freeze();
-                let len = batch.len() as u64;
-                // Within the budget the batch is kept for readers and queued for the disk.
-                // Past it, the fill first gives back what of its window is on disk; if that
-                // is not enough, the batch goes to the disk alone: the fill waits until the
-                // writer has caught up, so it holds one uncharged batch at most, and readers
-                // read it from the spool once written.
-                let charged = match self.budget.charge(batch) {
-                    Ok(b) => Ok(b),
-                    Err(b) => {
-                        fill.forget_written(false);
-                        self.budget.charge(b)
-                    }
-                };
-                let batch = match charged {
-                    Ok(b) => {
-                        fill.remember(received, b.clone());
-                        b
-                    }
-                    Err(b) => {
-                        let mut progress = fill.progress.subscribe();
-                        // A writer that failed stops receiving: stop waiting for it then.
-                        let caught_up = tokio::select! {
-                            r = progress.wait_for(|p| p.written >= received) => r.is_ok(),
-                            () = tx.closed() => false,
-                        };
-                        if !caught_up {
-                            break;
-                        }
-                        b
-                    }
-                };
-                received += len;
-                fill.progress.send_modify(|p| p.received = received);
-                if tx.send(batch).await.is_err() {
-                    break;
-                }
+            if !handed {
+                break;
             }
             if source_ended {
                 break;
@@ -1287,6 +1268,56 @@ impl Mirror {
         Ok(())
     }
 
+    /// Add frame `c` to the batch being gathered, handing each full batch to the window and
+    /// the writer. A batch's buffer is charged to the budget when it is allocated, at its
+    /// full size. When the budget has no room even after this fill gives back what of its
+    /// window is on disk, the frame goes to the writer as it is (it is the connection's buffer,
+    /// charged with the source), and the fill waits until it is written before reading on:
+    /// the upstream read waits for the disk and readers read the spool. `false` once the writer
+    /// is gone.
+    async fn gather(
+        &self,
+        fill: &Arc<Fill>,
+        tx: &mpsc::Sender<Bytes>,
+        pending: &mut Option<Batch>,
+        received: &mut u64,
+        mut c: Bytes,
+    ) -> bool {
+        while !c.is_empty() {
+            if pending.is_none() {
+                let room = self.budget.try_reserve(FILL_BATCH as u64).or_else(|| {
+                    fill.forget_written(false);
+                    self.budget.try_reserve(FILL_BATCH as u64)
+                });
+                match room {
+                    Some(charge) => {
+                        *pending = Some(Batch {
+                            buf: BytesMut::with_capacity(FILL_BATCH),
+                            charge,
+                        })
+                    }
+                    None => {
+                        return writer_caught_up(fill, tx, *received).await
+                            && send_batch(fill, tx, received, c, false).await
+                            && writer_caught_up(fill, tx, *received).await;
+                    }
+                }
+            }
+            let Some(batch) = pending.as_mut() else {
+                continue;
+            };
+            let take = (FILL_BATCH - batch.buf.len()).min(c.len());
+            batch.buf.extend_from_slice(&c.split_to(take));
+            if batch.buf.len() == FILL_BATCH {
+                let Some(full) = pending.take() else { continue };
+                if !hand_over(fill, tx, received, full).await {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     /// `body`, held to the node's upstream download cap when it comes from an upstream.
     fn limit_upstream(&self, source: &Source, body: sources::Body) -> sources::Body {
         match source {
@@ -1318,6 +1349,50 @@ impl Mirror {
             }
             Err(e) => Err(MirrorError::Upstream(e)),
         }
+    }
+}
+
+/// A batch being gathered and its charge (the buffer's full capacity).
+struct Batch {
+    buf: BytesMut,
+    charge: Reservation,
+}
+
+/// Keep `batch` in the fill's window and queue it for the disk.
+async fn hand_over(
+    fill: &Arc<Fill>,
+    tx: &mpsc::Sender<Bytes>,
+    received: &mut u64,
+    batch: Batch,
+) -> bool {
+    let bytes = batch.charge.hold(batch.buf.freeze());
+    send_batch(fill, tx, received, bytes, true).await
+}
+
+/// Queue `bytes` (the fill's next) for the disk, remembering them for readers if `keep`.
+async fn send_batch(
+    fill: &Arc<Fill>,
+    tx: &mpsc::Sender<Bytes>,
+    received: &mut u64,
+    bytes: Bytes,
+    keep: bool,
+) -> bool {
+    if keep {
+        fill.remember(*received, bytes.clone());
+    }
+    *received += bytes.len() as u64;
+    let r = *received;
+    fill.progress.send_modify(|p| p.received = r);
+    tx.send(bytes).await.is_ok()
+}
+
+/// Wait until the writer has written the first `upto` bytes; `false` if it stopped (a writer
+/// that failed stops receiving).
+async fn writer_caught_up(fill: &Arc<Fill>, tx: &mpsc::Sender<Bytes>, upto: u64) -> bool {
+    let mut progress = fill.progress.subscribe();
+    tokio::select! {
+        r = progress.wait_for(|p| p.written >= upto) => r.is_ok(),
+        () = tx.closed() => false,
     }
 }
 

@@ -175,7 +175,24 @@ pub struct ServeArgs {
     pub htpasswd: Option<PathBuf>,
 }
 
+/// glibc's malloc, left to itself, raises its mmap threshold each time a large block is freed,
+/// so after the first fills every 512 KiB batch comes from an arena and, freed, stays in the
+/// process (peak RSS ran 60-90 MiB past what fills held). A fixed threshold of 128 KiB maps
+/// every batch and spool read on its own and gives it back when dropped; two arenas keep the
+/// many fill writer threads from each holding memory of its own.
+#[allow(unsafe_code)]
+fn tame_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called first thing in main, before any
+    // other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    tame_malloc();
     let cli = Cli::parse();
     let result = match cli.command.unwrap_or(Command::Serve(Box::default())) {
         Command::Serve(args) => serve::run(*args),

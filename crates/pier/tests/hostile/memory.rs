@@ -232,23 +232,30 @@ async fn get_error(http: &reqwest::Client, url: &str) -> (reqwest::StatusCode, V
     (status, body, text)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
-    const FILLS: u64 = 20;
-    const LEN: u64 = 64 * MIB;
-    const BUDGET: u64 = 64 * MIB;
+/// `fills` concurrent cold fills of distinct `len`-byte blobs through a pier with `fill_memory`
+/// of `budget` bytes (`None`: the default, 256 MiB): every blob is served whole with its digest
+/// and cached, the budget is all given back, and the process's peak resident memory stays
+/// within its idle baseline plus the budget plus 32 MiB.
+async fn concurrent_fills_stay_within_the_budget(fills: u64, len: u64, budget: Option<u64>) {
+    const SLACK: u64 = 32 * MIB;
     let tmp = tempfile::tempdir().expect("tempdir");
     let up = Upstream::start().await;
     let mut blobs = Vec::new();
-    for i in 0..FILLS {
+    for i in 0..fills {
         let seed = 1000 + i;
-        let digest = gen_digest(b"", seed, LEN);
-        up.add(&digest, Blob::Bytes { seed, len: LEN });
+        let digest = gen_digest(b"", seed, len);
+        up.add(&digest, Blob::Bytes { seed, len });
         blobs.push(digest);
     }
-    let pier = start_pier(tmp.path(), "fill_memory = \"64MiB\"", &[up.url()]);
+    let config = budget.map_or(String::new(), |b| {
+        format!("fill_memory = \"{}MiB\"", b / MIB)
+    });
+    let budget = budget.unwrap_or(256 * MIB);
+    let pier = start_pier(tmp.path(), &config, &[up.url()]);
     let pid = pier.pid();
-    // Idle baseline once the process has settled.
+    let http = reqwest::Client::new();
+    // Idle baseline once the process has settled (and has answered one request).
+    let _ = pier.metrics(&http).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let baseline = rss(pid);
     let peak = Arc::new(AtomicU64::new(baseline));
@@ -258,11 +265,34 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 peak.fetch_max(rss(pid), Ordering::Relaxed);
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(Duration::from_millis(5));
             }
         })
     };
-    let http = reqwest::Client::new();
+    // What the budget's gauge showed at its highest, to tell charged memory from the rest.
+    let charged = Arc::new(AtomicU64::new(0));
+    let gauge = {
+        let (charged, stop, http, pier_url) = (
+            charged.clone(),
+            stop.clone(),
+            http.clone(),
+            format!("{}/metrics", pier.url()),
+        );
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = http.get(&pier_url).send().await {
+                    let text = r.text().await.unwrap_or_default();
+                    let m = Metrics(text);
+                    charged.fetch_max(
+                        m.sum("pier_mirror_fill_memory_bytes", &[]) as u64,
+                        Ordering::Relaxed,
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let began = Instant::now();
     let mut tasks = Vec::new();
     for (i, digest) in blobs.iter().enumerate() {
         let (http, url, digest) = (http.clone(), blob_url(&pier, digest), digest.clone());
@@ -283,14 +313,16 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
     for t in tasks {
         t.await.expect("reader task");
     }
+    let took = began.elapsed();
     stop.store(true, Ordering::Relaxed);
     sampler.join().expect("sampler");
+    gauge.await.expect("gauge sampler");
     let peak = peak.load(Ordering::Relaxed);
     // Readers get a blob's last byte once its digest matched, before the fill's fsync and
     // commit; a fill gives its memory back when it ends, so wait for every fill to end.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut m = pier.metrics(&http).await;
-    while m.sum("pier_mirror_fills_in_flight", &[]) > 0.0 && std::time::Instant::now() < deadline {
+    while m.sum("pier_mirror_fills_in_flight", &[]) > 0.0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
         m = pier.metrics(&http).await;
     }
@@ -300,28 +332,26 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
         "every fill ended within 60 s of its last reader"
     );
     let held = m.sum("pier_mirror_fill_memory_bytes", &[]);
-    // Budget plus, per fill, the batch being gathered, one batch on its way to disk, and the
-    // network and spool buffers of one upstream connection and one client; plus slack for
-    // the allocator and the runtime's threads.
-    let per_fill = 4 * MIB;
-    let slack = 48 * MIB;
-    let bound = baseline + BUDGET + FILLS * per_fill + slack;
+    let bound = baseline + budget + SLACK;
     println!(
-        "fills: {FILLS} x {} MiB, fill_memory {} MiB: baseline RSS {} MiB, peak {} MiB, bound {} MiB",
-        LEN / MIB,
-        BUDGET / MIB,
+        "fills: {fills} x {} MiB, fill_memory {} MiB: baseline RSS {} MiB, peak {} MiB \
+         (charged at most {} MiB), bound {} MiB; {:.1} s, {:.0} MB/s",
+        len / MIB,
+        budget / MIB,
         baseline / MIB,
         peak / MIB,
-        bound / MIB
+        charged.load(Ordering::Relaxed) / MIB,
+        bound / MIB,
+        took.as_secs_f64(),
+        (fills * len) as f64 / took.as_secs_f64() / 1e6
     );
     assert!(
         peak <= bound,
-        "peak RSS {} MiB exceeds baseline {} MiB + budget {} MiB + {FILLS} x {} MiB + {} MiB",
+        "peak RSS {} MiB exceeds baseline {} MiB + budget {} MiB + {} MiB",
         peak / MIB,
         baseline / MIB,
-        BUDGET / MIB,
-        per_fill / MIB,
-        slack / MIB
+        budget / MIB,
+        SLACK / MIB
     );
     assert_eq!(held, 0.0, "fill memory still held after every fill ended");
     // Every blob is cached: the next reads come from disk, not the upstream.
@@ -334,6 +364,21 @@ async fn twenty_concurrent_fills_stay_within_the_fill_memory_budget() {
             "{digest} fetched twice"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn eight_fills_of_128_mib_stay_within_the_default_fill_memory() {
+    concurrent_fills_stay_within_the_budget(8, 128 * MIB, None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_fills_stay_within_a_64_mib_fill_memory() {
+    concurrent_fills_stay_within_the_budget(32, 32 * MIB, Some(64 * MIB)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_and_twenty_eight_fills_stay_within_a_64_mib_fill_memory() {
+    concurrent_fills_stay_within_the_budget(128, 16 * MIB, Some(64 * MIB)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
