@@ -16,7 +16,10 @@
 #     swarming on and then off; then warm (the layer already on its two owners) and a mixed
 #     image (four layers, 8/4/2/1 sixteenths of the size). For each: completion p50/p99/max,
 #     the per-node minimum (size / link rate) and the ratio, upstream bytes as a multiple of the
-#     content, bytes uploaded per node (max/min) and the first owner's share.
+#     content, bytes uploaded per node (max/min) and the first owner's share, and each node's
+#     CPU. Each node's client runs inside the node's namespace, as containerd runs beside its
+#     node, so the links carry only what the nodes exchange; CLIENTS=outside runs them in the
+#     test process instead, where each node's own download also crosses its link.
 #
 #   scripts/cluster-bench.sh                        # everything, at the sizes above
 #   ONLY=swarm scripts/cluster-bench.sh             # the swarm runs only
@@ -64,11 +67,11 @@ trap 'umount "$TMPFS"; rmdir "$TMPFS"' EXIT
     echo
     echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
         "trials=${TRIALS:-10} blob=${BLOB_MIB:-1024}MiB nodes=${NODES:-8} mbit=${MBIT:-1000}" \
-        "swarm=${SWARM_MIB:-1024}MiB only=${ONLY:-all}"
+        "swarm=${SWARM_MIB:-1024}MiB clients=${CLIENTS:-node} only=${ONLY:-all}"
 } >>"$RESULTS"
 TMPDIR=$TMPFS PIER_CLUSTER=1 PIER_CLUSTER_BENCH=1 PIER_CLUSTER_BENCH_OUT=$RESULTS \
     PIER_CLUSTER_BENCH_TRIALS=${TRIALS:-10} PIER_CLUSTER_BENCH_BLOB_MIB=${BLOB_MIB:-1024} \
     PIER_CLUSTER_BENCH_NODES=${NODES:-8} PIER_CLUSTER_BENCH_MBIT=${MBIT:-1000} \
-    PIER_CLUSTER_BENCH_SWARM_MIB=${SWARM_MIB:-1024} \
+    PIER_CLUSTER_BENCH_SWARM_MIB=${SWARM_MIB:-1024} PIER_CLUSTER_BENCH_CLIENTS=${CLIENTS:-node} \
     cargo test --release -q -p pier --test cluster -- --nocapture --test-threads 1 "${filters[@]}"
 echo "results appended to $RESULTS"

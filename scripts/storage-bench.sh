@@ -7,8 +7,10 @@
 #   scripts/storage-bench.sh               # a 512 MiB blob, 8 images of 3 x 16 MiB layers
 #   BENCH_QUICK=1 scripts/storage-bench.sh # smaller, to check the script
 #
-# The S3 server runs on this machine with pier and the load generators, and moto is written in
-# Python: the S3 numbers show what pier does against that server here, not against AWS.
+# The S3 servers run on this machine with pier and the load generators: moto (Python, the one
+# the test suite uses) and s3s-fs (Rust, compiled in release, files on this disk; installed with
+# `cargo install` into target/s3s-fs on first use, a few minutes). The S3 numbers show what pier
+# does against those servers here, not against AWS; s3s-fs is the nearer to a real one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,9 +54,26 @@ wait_http() {
     exit 1
 }
 
-# A deployment config on S3 + PostgreSQL: a fresh database and key prefix.
+# s3s-fs, pinned (its newest release needs a newer toolchain than this project's).
+S3S_FS_VERSION=0.14.1
+S3S_FS=$ROOT/target/s3s-fs/bin/s3s-fs
+if [[ ! -x $S3S_FS ]]; then
+    echo "== installing s3s-fs $S3S_FS_VERSION (cargo install, release)" >&2
+    cargo install -q "s3s-fs@$S3S_FS_VERSION" --features binary --locked --root "$ROOT/target/s3s-fs"
+fi
+S3S_PORT=$(storage_free_port)
+mkdir -p "$WORK/s3s/$PIER_TEST_S3_BUCKET"
+"$S3S_FS" --host 127.0.0.1 --port "$S3S_PORT" --access-key "$AWS_ACCESS_KEY_ID" \
+    --secret-key "$AWS_SECRET_ACCESS_KEY" "$WORK/s3s" >"$WORK/s3s-fs.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 100); do
+    curl -s -o /dev/null "http://127.0.0.1:$S3S_PORT/" && break
+    sleep 0.1
+done
+
+# A deployment config on S3 (at endpoint $1) + PostgreSQL: a fresh database and key prefix.
 s3pg_config() {
-    local name base
+    local name base endpoint=$1
     name=pier_bench_$(date +%s)_$RANDOM
     psql "$PIER_TEST_PG_URL" -qc "CREATE DATABASE $name" >/dev/null
     base=${PIER_TEST_PG_URL%/*}
@@ -65,7 +84,7 @@ meta = "postgres"
 
 [storage.s3]
 bucket = "$PIER_TEST_S3_BUCKET"
-endpoint = "$PIER_TEST_S3_ENDPOINT"
+endpoint = "$endpoint"
 region = "us-east-1"
 path_style = true
 prefix = "$name/"
@@ -106,12 +125,15 @@ push_mbps() { # port name
 assert s["errors"] == 0, s["errors_by_kind"]; print(round(s["mb_per_s"]))' "$OUT/push-$2.json"
 }
 
-for backend in fs s3pg; do
+for backend in fs s3pg s3fs; do
     port=$(free_port)
     args=(serve --listen "127.0.0.1:$port" --data-dir "$WORK/$backend" --hosted '**')
-    if [[ $backend == s3pg ]]; then
-        s3pg_config >"$WORK/s3pg.toml"
-        args+=(--config "$WORK/s3pg.toml")
+    case $backend in
+        s3pg) s3pg_config "$PIER_TEST_S3_ENDPOINT" >"$WORK/$backend.toml" ;;
+        s3fs) s3pg_config "http://127.0.0.1:$S3S_PORT" >"$WORK/$backend.toml" ;;
+    esac
+    if [[ $backend != fs ]]; then
+        args+=(--config "$WORK/$backend.toml")
     fi
     "$PIER" "${args[@]}" >"$WORK/pier-$backend.log" 2>&1 &
     PIDS+=($!)
@@ -124,9 +146,9 @@ done
 
 ratio() { echo "scale=2; $1 / $2" | bc; }
 {
-    echo "| work | fs + redb | S3 (moto) + PostgreSQL | S3 vs fs |"
-    echo "|---|---|---|---|"
-    echo "| one ${BIG_MB} MiB blob pushed in one request (MB/s) | ${R[put_fs]} | ${R[put_s3pg]} | $(ratio "${R[put_s3pg]}" "${R[put_fs]}")x |"
-    echo "| one ${BIG_MB} MiB blob GET, single stream, best of 3 (GB/s) | ${R[get_fs]} | ${R[get_s3pg]} | $(ratio "${R[get_s3pg]}" "${R[get_fs]}")x |"
-    echo "| push of $PUSH_IMAGES images of 3 x $PUSH_LAYER layers, 4 pushers, \`pier bench push\` (MB/s) | ${R[push_fs]} | ${R[push_s3pg]} | $(ratio "${R[push_s3pg]}" "${R[push_fs]}")x |"
+    echo "| work | fs + redb | S3 (moto) + PostgreSQL | S3 (s3s-fs) + PostgreSQL | s3s-fs vs fs |"
+    echo "|---|---|---|---|---|"
+    echo "| one ${BIG_MB} MiB blob pushed in one request (MB/s) | ${R[put_fs]} | ${R[put_s3pg]} | ${R[put_s3fs]} | $(ratio "${R[put_s3fs]}" "${R[put_fs]}")x |"
+    echo "| one ${BIG_MB} MiB blob GET, single stream, best of 3 (GB/s) | ${R[get_fs]} | ${R[get_s3pg]} | ${R[get_s3fs]} | $(ratio "${R[get_s3fs]}" "${R[get_fs]}")x |"
+    echo "| push of $PUSH_IMAGES images of 3 x $PUSH_LAYER layers, 4 pushers, \`pier bench push\` (MB/s) | ${R[push_fs]} | ${R[push_s3pg]} | ${R[push_s3fs]} | $(ratio "${R[push_s3fs]}" "${R[push_fs]}")x |"
 } | tee "$OUT/storage.md"

@@ -99,6 +99,39 @@ pub async fn big_layer(c: &Cluster, repo: &str, mib: u64, seed: u64) -> Descript
     image.layers[0].blob.clone()
 }
 
+/// Where the clients of [`cold_swarm`] run.
+#[derive(Clone, Copy)]
+pub enum Clients {
+    /// In the test process, outside the nodes' namespaces: each node's client download crosses
+    /// the node's own link, beside what the node sends its peers.
+    Outside,
+    /// Inside each node's namespace, as containerd beside its node: the download stays on the
+    /// host and the link carries only what nodes exchange.
+    OnTheNode,
+}
+
+/// `GET <base>/v2/<repo>/blobs/<digest>` with curl inside the namespace `ns`, the body hashed
+/// by sha256sum there: Ok when it has the blob's digest.
+async fn get_blob_in(ns: &str, base: &str, repo: &str, blob: &Descriptor) -> Result<(), String> {
+    let url = format!("{base}/v2/{repo}/blobs/{}", blob.digest);
+    let script = format!("set -o pipefail; curl -sfS --max-time 120 '{url}' | sha256sum");
+    let out = tokio::process::Command::new("ip")
+        .args(["netns", "exec", ns, "bash", "-c", &script])
+        .output()
+        .await
+        .map_err(|e| format!("GET {url} in {ns}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got = format!("sha256:{}", text.split_whitespace().next().unwrap_or(""));
+    if !out.status.success() || got != blob.digest {
+        return Err(format!(
+            "GET {url} in {ns}: {} {got}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 /// Every node of `roles` GETs `blobs` of `repo` (through its mirror, all blobs at once) at the
 /// same moment; a
 /// node in `kill` is SIGKILLed `kill_after` into the run. Returns per-node times (until the
@@ -110,6 +143,7 @@ pub async fn cold_swarm(
     repo: &str,
     blobs: &[Descriptor],
     kill: Option<(&str, Duration)>,
+    clients: Clients,
 ) -> SwarmOutcome {
     let from = c.upstream_accesses().len();
     let before: BTreeMap<String, crate::common::Metrics> = {
@@ -127,11 +161,16 @@ pub async fn cold_swarm(
     let started = Instant::now();
     let pulls = futures::future::join_all(roles.iter().map(|role| {
         let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
+        let ns = c.net.host(role).ns.clone();
         async move {
             // All layers at once, as containerd pulls an image.
-            let each =
-                futures::future::join_all(blobs.iter().map(|b| get_blob(&http, &base, &via, b)))
-                    .await;
+            let each = futures::future::join_all(blobs.iter().map(|b| async {
+                match clients {
+                    Clients::Outside => get_blob(&http, &base, &via, b).await,
+                    Clients::OnTheNode => get_blob_in(&ns, &base, &via, b).await,
+                }
+            }))
+            .await;
             each.into_iter().collect::<Result<Vec<()>, String>>()?;
             Ok::<_, String>(started.elapsed())
         }
@@ -230,6 +269,7 @@ async fn swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer() {
         "swarm/big",
         std::slice::from_ref(&blob),
         Some((&victim, Duration::from_millis(1500))),
+        Clients::Outside,
     )
     .await;
     println!("{}", outcome.table());
@@ -415,6 +455,12 @@ async fn swarm_bench() {
     let nodes = env_number("PIER_CLUSTER_BENCH_NODES", 8) as usize;
     let mbit = env_number("PIER_CLUSTER_BENCH_MBIT", 1000);
     let mib = env_number("PIER_CLUSTER_BENCH_SWARM_MIB", 1024);
+    // Clients beside their nodes (`node`, the default) or in the test process (`outside`,
+    // where each node's own download shares its link with what it sends its peers).
+    let clients = match std::env::var("PIER_CLUSTER_BENCH_CLIENTS").as_deref() {
+        Ok("outside") => Clients::Outside,
+        _ => Clients::OnTheNode,
+    };
     let names: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
     let roles: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut lines = Vec::new();
@@ -475,7 +521,7 @@ async fn swarm_bench() {
                 Some((r.to_string(), cpu, before))
             })
             .collect();
-        let mut o = cold_swarm(&c, &pullers, "bench/swarm", &blobs, None).await;
+        let mut o = cold_swarm(&c, &pullers, "bench/swarm", &blobs, None, clients).await;
         let cpu: Vec<(String, f64)> = cpu_before
             .iter()
             .map(|(r, cpu, before)| (r.clone(), cpu.seconds() - before))
