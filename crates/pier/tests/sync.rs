@@ -45,6 +45,21 @@ fn start_pier(tmp: &Path, tables: &str) -> Pier {
     )
 }
 
+/// pier started again on what [`start_pier`] left in `tmp`: the same config, data and log.
+fn restart_pier(tmp: &Path) -> Pier {
+    let dir = tmp.join("pier");
+    Pier::start_with(
+        &dir.join("data"),
+        &dir.join("pier.log"),
+        &[
+            "--config".to_string(),
+            tmp.join("pier.toml").display().to_string(),
+            "--hosted".to_string(),
+            "**".to_string(),
+        ],
+    )
+}
+
 /// A `[[replicate]]` rule sending `team/**` to `url`, then `more`, retrying quickly unless
 /// `more` says how.
 fn replicate_rule(name: &str, url: &str, more: &str) -> String {
@@ -712,14 +727,7 @@ async fn a_blob_replicated_before_a_restart_is_mounted_after_it_not_sent_again()
 
     // After the restart the process remembers nothing; the finished job says where the
     // blobs went.
-    let flags = [
-        "--config".to_string(),
-        tmp.path().join("pier.toml").display().to_string(),
-        "--hosted".to_string(),
-        "**".to_string(),
-    ];
-    let dir = tmp.path().join("pier");
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    let pier = restart_pier(tmp.path());
     push_image(
         &http,
         &pier.url(),
@@ -818,14 +826,7 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
     );
     pier.kill();
 
-    let flags = [
-        "--config".to_string(),
-        tmp.path().join("pier.toml").display().to_string(),
-        "--hosted".to_string(),
-        "**".to_string(),
-    ];
-    let dir = tmp.path().join("pier");
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    let pier = restart_pier(tmp.path());
     let rows = wait_jobs(
         &http,
         &pier,
