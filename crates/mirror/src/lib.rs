@@ -202,8 +202,13 @@ type Turn = Arc<tokio::sync::Mutex<()>>;
 
 /// How a fill chooses its sources.
 enum Plan {
-    /// A mirrored blob; `ask_peers` false for a fill a peer's request started.
-    Mirrored { r: MirrorRef, ask_peers: bool },
+    /// A mirrored blob; `ask_peers` false for a fill a peer's request started; `cap` the
+    /// starter's own limit on the upstream's bytes (beside the node's).
+    Mirrored {
+        r: MirrorRef,
+        ask_peers: bool,
+        cap: Option<Arc<RateLimit>>,
+    },
     /// A hosted blob, from the peers that hold it (`from` first).
     Hosted { repo: String, from: Option<NodeId> },
 }
@@ -849,7 +854,20 @@ impl Mirror {
     /// A blob: local if cached, otherwise the (possibly shared) fill bringing it in from peers
     /// or the upstream.
     pub async fn blob(self: &Arc<Self>, r: &MirrorRef, digest: &Digest) -> Result<BlobSource> {
-        self.mirrored_blob(r, digest, true).await
+        self.mirrored_blob(r, digest, true, None).await
+    }
+
+    /// [`Mirror::blob`] for a caller with its own cap (a pull rule's `bandwidth`): a fill this
+    /// call starts reads its upstream through `cap` as well as the node's
+    /// `max_upstream_rate`. A fill already in progress is joined as it runs, and bytes from
+    /// peers are not capped (they do not cross the upstream link).
+    pub async fn blob_capped(
+        self: &Arc<Self>,
+        r: &MirrorRef,
+        digest: &Digest,
+        cap: Option<Arc<RateLimit>>,
+    ) -> Result<BlobSource> {
+        self.mirrored_blob(r, digest, true, cap).await
     }
 
     /// A blob for a peer's request: from the store, a fill in progress, or the upstream; never
@@ -859,7 +877,7 @@ impl Mirror {
         r: &MirrorRef,
         digest: &Digest,
     ) -> Result<BlobSource> {
-        self.mirrored_blob(r, digest, false).await
+        self.mirrored_blob(r, digest, false, None).await
     }
 
     async fn mirrored_blob(
@@ -867,6 +885,7 @@ impl Mirror {
         r: &MirrorRef,
         digest: &Digest,
         ask_peers: bool,
+        cap: Option<Arc<RateLimit>>,
     ) -> Result<BlobSource> {
         let up = r.upstream_name();
         // A fill in progress is joined before the store is asked: its blob may be committed
@@ -885,6 +904,7 @@ impl Mirror {
         let plan = Plan::Mirrored {
             r: r.clone(),
             ask_peers,
+            cap,
         };
         let (fill, leader) = self.start_fill(digest, plan);
         match fill.started().await {
@@ -962,7 +982,7 @@ impl Mirror {
                 let cluster = this.cluster.get().cloned();
                 let cluster = cluster.as_deref();
                 let (sources, link_repo, mirrored) = match &plan {
-                    Plan::Mirrored { r, ask_peers } => {
+                    Plan::Mirrored { r, ask_peers, .. } => {
                         let c = cluster.filter(|_| *ask_peers);
                         (
                             sources::plan(c, sources::Want::Mirrored(r), &d2).await,
@@ -989,9 +1009,12 @@ impl Mirror {
                 // A large mirrored blob is taken from its swarm unless this node coordinates it
                 // (then it reads the upstream in one stream, hashing pieces for the swarm).
                 let swarm = match (&plan, cluster) {
-                    (Plan::Mirrored { r, ask_peers: true }, Some(c))
-                        if c.has_peers() && this.policy.swarm =>
-                    {
+                    (
+                        Plan::Mirrored {
+                            r, ask_peers: true, ..
+                        },
+                        Some(c),
+                    ) if c.has_peers() && this.policy.swarm => {
                         this.join_swarm(c, r, &d2).await.map(|j| (r, c, j))
                     }
                     _ => None,
@@ -1001,7 +1024,12 @@ impl Mirror {
                 } else if sources.is_empty() {
                     Err(FillError::NotFound)
                 } else {
-                    this.run_fill(&d2, &f2, &link_repo, &sources, cluster).await
+                    let cap = match &plan {
+                        Plan::Mirrored { cap, .. } => cap.clone(),
+                        Plan::Hosted { .. } => None,
+                    };
+                    this.run_fill(&d2, &f2, &link_repo, &sources, cluster, cap)
+                        .await
                 };
                 match (&outcome, mirrored) {
                     (Ok(()), Some(r)) => this.found(r, "blob", &d2.to_string()),
@@ -1056,12 +1084,13 @@ impl Mirror {
         link_repo: &str,
         sources: &[Source],
         cluster: Option<&Cluster>,
+        cap: Option<Arc<RateLimit>>,
     ) -> Result<(), FillError> {
         // The source connection's own buffers are charged for as long as the fill reads: a
         // fill that finds the budget spent waits here, before asking any source.
         let _connection = self.budget.reserve(SOURCE_BUFFERS).await;
         let (mut idx, size, body) = sources::open_first(sources, 0, cluster, digest, 0).await?;
-        let mut body = self.limit_upstream(&sources[idx], body);
+        let mut body = self.limit_upstream(&sources[idx], body, &cap);
         let max = self.policy.max_blob_bytes;
         if let Some(size) = size.filter(|&s| s > max) {
             return Err(FillError::TooLarge(format!(
@@ -1157,7 +1186,7 @@ impl Mirror {
                             offset = got, error = %e, "fill resumed from the next source"
                         );
                         idx = j;
-                        body = self.limit_upstream(&sources[idx], b2);
+                        body = self.limit_upstream(&sources[idx], b2, &cap);
                         upstream_bytes = counter(&sources[idx]);
                         fill.progress.send_modify(|p| {
                             p.origin = Some(sources[idx].origin());
@@ -1318,10 +1347,16 @@ impl Mirror {
         true
     }
 
-    /// `body`, held to the node's upstream download cap when it comes from an upstream.
-    fn limit_upstream(&self, source: &Source, body: sources::Body) -> sources::Body {
+    /// `body`, held to the node's upstream download cap, and to the fill's own `cap`, when it
+    /// comes from an upstream.
+    fn limit_upstream(
+        &self,
+        source: &Source,
+        body: sources::Body,
+        cap: &Option<Arc<RateLimit>>,
+    ) -> sources::Body {
         match source {
-            Source::Upstream(_) => limited(body, self.upstream_limit.clone()),
+            Source::Upstream(_) => limited(limited(body, self.upstream_limit.clone()), cap.clone()),
             Source::Peer { .. } => body,
         }
     }

@@ -1056,6 +1056,109 @@ async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
     assert_eq!(code, 1, "a run whose upstream cannot be listed exits 1");
 }
 
+/// A pull rule's `bandwidth` holds what its fills read from the upstream; a client's pull of
+/// another blob meanwhile is not held to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_rules_bandwidth_caps_its_fills_and_not_the_clients() {
+    let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {
+        return;
+    };
+    let http = http_client();
+    let upstream = Registry::start_in(tmp.path());
+    let skopeo = Skopeo::new(tmp.path());
+    // Two images of one 8 MiB layer each: one the rule copies, one a client pulls.
+    let image = |seed: u64| {
+        Entry::Image(ImageSpec::linux(
+            "amd64",
+            vec![LayerSpec::new("big.bin", 8 * MIB, seed)],
+        ))
+    };
+    let layout = write_layout(
+        &tmp.path().join("src"),
+        vec![("ruled", image(41)), ("pulled", image(42))],
+    );
+    for (tag, repo) in [("ruled", "team/app"), ("pulled", "team/other")] {
+        skopeo
+            .copy(
+                &oci_ref(&layout.dir, tag),
+                &format!("docker://{}/{repo}:1", upstream.host()),
+            )
+            .await;
+    }
+
+    // 2 MiB/s with a bucket that starts empty: the 8 MiB layer takes four seconds.
+    let rule = format!(
+        "{}\n[[sync]]\nname = \"app\"\nupstream = \"up.test\"\nrepository = \"team/app\"\n\
+         interval = \"1h\"\nbandwidth = \"2MiB\"\nretry_initial = \"500ms\"\n",
+        upstream_table("up.test", &[upstream.url()], "")
+    );
+    let pier = start_pier(tmp.path(), &rule);
+    let started = Instant::now();
+    let running = |rows: &[Value]| {
+        let pulls = of_kind(rows, "sync");
+        !pulls.is_empty() && !all_succeeded(&pulls)
+    };
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(20),
+        "the rule's job",
+        |rows| !of_kind(rows, "sync").is_empty(),
+    )
+    .await;
+
+    // While the rule's job is held to its cap, a client pulls the other layer whole.
+    let other = layout.image("pulled").layers[0].blob.clone();
+    let resp = http
+        .get(format!(
+            "{}/v2/up.test/team/other/blobs/{}",
+            pier.url(),
+            other.digest
+        ))
+        .send()
+        .await
+        .expect("GET the other layer");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let body = resp.bytes().await.expect("the other layer's body");
+    assert_eq!(common::digest_of(&body), other.digest);
+    let rows = jobs(&http, &pier).await;
+    assert!(
+        running(&rows),
+        "the client's 8 MiB arrived only after the rule's job ended: the rule's cap slowed \
+         the client (or did not hold the job); jobs:\n{rows:#?}"
+    );
+
+    wait_jobs(
+        &http,
+        &pier,
+        Duration::from_secs(60),
+        "the rule's job to succeed",
+        |rows| all_succeeded(&of_kind(rows, "sync")),
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(3500),
+        "8 MiB at 2 MiB/s was copied in {took:?}: the rule's bandwidth did not hold"
+    );
+    let ruled = layout.image("ruled").layers[0].blob.clone();
+    let resp = http
+        .get(format!(
+            "{}/v2/up.test/team/app/blobs/{}",
+            pier.url(),
+            ruled.digest
+        ))
+        .send()
+        .await
+        .expect("GET the rule's layer");
+    let body = resp.bytes().await.expect("the rule's layer");
+    assert_eq!(
+        common::digest_of(&body),
+        ruled.digest,
+        "the copied layer whole"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_rules_by_prefix_by_platform_and_into_a_hosted_repository() {
     let Some(tmp) = interop_tempdir(&["docker-registry", "skopeo"]) else {

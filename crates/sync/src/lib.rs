@@ -120,6 +120,8 @@ pub(crate) struct PullState {
     pub rule: PullRule,
     pub filter: filter::TagFilter,
     pub schedule: Option<Schedule>,
+    /// The rule's cap on what its fills read from the upstream, all its jobs together.
+    pub bandwidth: Option<Arc<RateLimit>>,
 }
 
 /// What the sync engine works with.
@@ -197,6 +199,7 @@ impl SyncEngine {
             pulls.push(Arc::new(PullState {
                 filter: rule.filter()?,
                 schedule: rule.schedule()?,
+                bandwidth: rule.bandwidth.map(|r| RateLimit::new(r.0)),
                 rule,
             }));
         }

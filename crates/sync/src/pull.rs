@@ -180,10 +180,10 @@ impl SyncEngine {
                 .map_err(|e| mirror_failure("a platform's manifest", e))?;
             let cm = Manifest::parse(&cbytes, Some(&crec.media_type))
                 .map_err(|e| JobFailure::fatal(format!("the upstream's manifest: {e}")))?;
-            self.fetch_blobs(mirror, &r, &cm, &rule.name).await?;
+            self.fetch_blobs(mirror, &r, &cm, &state).await?;
             kept.push((crec.digest.clone(), cbytes, crec.media_type.clone()));
         }
-        self.fetch_blobs(mirror, &r, &manifest, &rule.name).await?;
+        self.fetch_blobs(mirror, &r, &manifest, &state).await?;
         kept.push((record.digest.clone(), bytes, record.media_type.clone()));
 
         let pins = &self.parts.pins;
@@ -235,14 +235,15 @@ impl SyncEngine {
         mirror: &std::sync::Arc<Mirror>,
         r: &MirrorRef,
         manifest: &Manifest,
-        rule: &str,
+        state: &PullState,
     ) -> Result<(), JobFailure> {
+        let rule = &state.rule.name;
         for blob in &manifest.blobs {
             if blob.urls.as_ref().is_some_and(|u| !u.is_empty()) {
                 continue;
             }
             match mirror
-                .blob(r, &blob.digest)
+                .blob_capped(r, &blob.digest, state.bandwidth.clone())
                 .await
                 .map_err(|e| mirror_failure("a blob", e))?
             {

@@ -80,6 +80,10 @@ pub struct PullRule {
     /// Jobs of this rule running at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Bytes per second the fills this rule's jobs start may read from the upstream,
+    /// together (beside the node's `[mirror] max_upstream_rate`).
+    #[serde(default)]
+    pub bandwidth: Option<Rate>,
     /// Retries after the first attempt before a job is failed (`0`: none).
     #[serde(default = "default_retries")]
     pub retries: u32,
