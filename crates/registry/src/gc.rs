@@ -37,13 +37,47 @@ use std::time::Duration;
 use futures::StreamExt;
 use pier_oci::{Digest, Hasher};
 use pier_store::blob::BlobEntry;
-use pier_store::ManifestRecord;
+use pier_store::{ManifestRecord, MetaStore};
 use serde::{Deserialize, Serialize};
 
 use crate::{Registry, Result};
 
 /// Blobs and records read per page while walking the stores.
 const PAGE: usize = 1000;
+
+/// Every blob link (repository, digest, size) of every repository, a page at a time, in
+/// (repository, digest) order.
+struct LinkPages<'a> {
+    meta: &'a dyn MetaStore,
+    after: Option<(String, Digest)>,
+    done: bool,
+}
+
+impl<'a> LinkPages<'a> {
+    fn new(meta: &'a dyn MetaStore) -> LinkPages<'a> {
+        LinkPages {
+            meta,
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, `None` once every link was handed out.
+    async fn next(&mut self) -> Result<Option<Vec<(String, Digest, u64)>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let after = self.after.as_ref().map(|(r, d)| (r.as_str(), d));
+        let page = self.meta.link_page(after, PAGE).await?;
+        let Some((repo, last, _)) = page.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.after = Some((repo.clone(), last.clone()));
+        self.done = page.len() < PAGE;
+        Ok(Some(page))
+    }
+}
 
 pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -361,17 +395,8 @@ impl Registry {
 
         // Blob links: the bytes exist, at the linked size.
         let mut linked: HashSet<Digest> = HashSet::new();
-        let mut after: Option<(String, Digest)> = None;
-        loop {
-            let page = self
-                .meta
-                .link_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
-                .await?;
-            let Some((repo, last, _)) = page.last() else {
-                break;
-            };
-            after = Some((repo.clone(), last.clone()));
-            let full = page.len() == PAGE;
+        let mut links = LinkPages::new(&*self.meta);
+        while let Some(page) = links.next().await? {
             for (repo, digest, size) in page {
                 f.links += 1;
                 match self.blobs.stat(&digest).await? {
@@ -388,9 +413,6 @@ impl Registry {
                     }),
                 }
                 linked.insert(digest);
-            }
-            if !full {
-                break;
             }
         }
 
@@ -459,25 +481,13 @@ impl Registry {
         }
         // Which repositories linked what was quarantined (to tell mirrored from hosted).
         if !f.quarantined.is_empty() {
-            let mut after: Option<(String, Digest)> = None;
-            loop {
-                let page = self
-                    .meta
-                    .link_page(after.as_ref().map(|(r, d)| (r.as_str(), d)), PAGE)
-                    .await?;
-                let Some((repo, last, _)) = page.last() else {
-                    break;
-                };
-                after = Some((repo.clone(), last.clone()));
-                let full = page.len() == PAGE;
+            let mut links = LinkPages::new(&*self.meta);
+            while let Some(page) = links.next().await? {
                 for (repo, digest, _) in page {
                     let d = digest.to_string();
                     if let Some(q) = f.quarantined.iter_mut().find(|q| q.digest == d) {
                         q.repos.push(repo);
                     }
-                }
-                if !full {
-                    break;
                 }
             }
         }

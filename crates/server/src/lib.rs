@@ -114,23 +114,9 @@ impl AppState {
         metrics: Metrics,
     ) -> AppState {
         AppState {
-            registry,
             mirror: Some(mirror),
             metrics: Arc::new(metrics),
-            ready: Arc::new(AtomicBool::new(true)),
-            hosted: Arc::new(Vec::new()),
-            space: None,
-            replicator: None,
-            import: Arc::new(import::ImportSettings::default()),
-            sync: None,
-            recent_errors: Arc::default(),
-            gc: Arc::new(gc::GcSettings::default()),
-            cache: Arc::new(cache::CacheSettings::default()),
-            pins: None,
-            auth: None,
-            private: Arc::default(),
-            health: Arc::default(),
-            node: Arc::default(),
+            ..AppState::new(registry)
         }
     }
 }

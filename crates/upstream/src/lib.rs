@@ -919,84 +919,51 @@ impl Upstream {
         digest: &Digest,
         query: &str,
     ) -> Result<(Bytes, bool)> {
-        let path = if query.is_empty() {
-            format!("/v2/{repo}/referrers/{digest}")
-        } else {
-            format!("/v2/{repo}/referrers/{digest}?{query}")
-        };
-        let (resp, _) = self
-            .request(
-                Method::GET,
-                &path,
-                &Access::pull(repo),
-                HeaderMap::new(),
-                None,
-                None,
-            )
+        let path = with_query(format!("/v2/{repo}/referrers/{digest}"), query);
+        let (body, headers) = self
+            .get_whole(&path, &Access::pull(repo), "referrers body")
             .await?;
-        let filtered = resp.headers().contains_key("oci-filters-applied");
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| UpstreamError::transport("referrers body", &e))?;
-        Ok((body, filtered))
+        Ok((body, headers.contains_key("oci-filters-applied")))
     }
 
     /// GET a page of the registry's catalog (`/v2/_catalog?n=&last=`). Returns the body and
     /// any `Link`. Registries that keep their catalog private answer 401 or 404.
     pub async fn catalog(&self, query: &str) -> Result<(Bytes, Option<String>)> {
-        let path = if query.is_empty() {
-            "/v2/_catalog".to_string()
-        } else {
-            format!("/v2/_catalog?{query}")
-        };
+        let path = with_query("/v2/_catalog".to_string(), query);
         let access = Access {
             repo: String::new(),
             scope: Some("registry:catalog:*".to_string()),
             key: "catalog".to_string(),
         };
-        let (resp, _) = self
-            .request(Method::GET, &path, &access, HeaderMap::new(), None, None)
-            .await?;
-        let link = resp
-            .headers()
-            .get(header::LINK)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| UpstreamError::transport("catalog body", &e))?;
-        Ok((body, link))
+        let (body, headers) = self.get_whole(&path, &access, "catalog body").await?;
+        Ok((body, link(&headers)))
     }
 
     /// GET a tags list page, passing the query through. Returns the body and any `Link`.
     pub async fn tags(&self, repo: &str, query: &str) -> Result<(Bytes, Option<String>)> {
-        let path = if query.is_empty() {
-            format!("/v2/{repo}/tags/list")
-        } else {
-            format!("/v2/{repo}/tags/list?{query}")
-        };
-        let (resp, _) = self
-            .request(
-                Method::GET,
-                &path,
-                &Access::pull(repo),
-                HeaderMap::new(),
-                None,
-                None,
-            )
+        let path = with_query(format!("/v2/{repo}/tags/list"), query);
+        let (body, headers) = self
+            .get_whole(&path, &Access::pull(repo), "tags body")
             .await?;
-        let link = resp
-            .headers()
-            .get(header::LINK)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        Ok((body, link(&headers)))
+    }
+
+    /// GET a small document whole: its body (`what` names it in errors) and headers.
+    async fn get_whole(
+        &self,
+        path: &str,
+        access: &Access,
+        what: &str,
+    ) -> Result<(Bytes, HeaderMap)> {
+        let (resp, _) = self
+            .request(Method::GET, path, access, HeaderMap::new(), None, None)
+            .await?;
+        let headers = resp.headers().clone();
         let body = resp
             .bytes()
             .await
-            .map_err(|e| UpstreamError::transport("tags body", &e))?;
-        Ok((body, link))
+            .map_err(|e| UpstreamError::transport(what, &e))?;
+        Ok((body, headers))
     }
 }
 
@@ -1036,6 +1003,23 @@ fn retry_after(headers: &HeaderMap) -> Duration {
         .and_then(|v| v.to_str().ok())
         .and_then(|s| s.trim().parse::<u64>().ok())
         .map_or(Duration::from_secs(1), Duration::from_secs)
+}
+
+/// `path` with `query` after a `?`, when there is one.
+fn with_query(path: String, query: &str) -> String {
+    if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{query}")
+    }
+}
+
+/// The `Link` header (the next page of a listing), if any.
+fn link(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::LINK)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 fn content_type(headers: &HeaderMap) -> String {

@@ -46,16 +46,16 @@ impl Access {
 impl Upstream {
     /// Whether `repo` on this registry already serves blob `digest`.
     pub async fn has_blob(&self, repo: &str, digest: &Digest) -> Result<bool> {
-        let path = format!("/v2/{repo}/blobs/{digest}");
+        self.found(Method::HEAD, repo, &format!("/v2/{repo}/blobs/{digest}"))
+            .await
+    }
+
+    /// A bodiless request with push access to `repo`: `true` when it succeeds, `false` when
+    /// the registry answers 404 (it has no such thing).
+    async fn found(&self, method: Method, repo: &str, path: &str) -> Result<bool> {
+        let access = Access::push(repo, None);
         match self
-            .request(
-                Method::HEAD,
-                &path,
-                &Access::push(repo, None),
-                HeaderMap::new(),
-                None,
-                None,
-            )
+            .request(method, path, &access, HeaderMap::new(), None, None)
             .await
         {
             Ok(_) => Ok(true),
@@ -199,21 +199,7 @@ impl Upstream {
     /// `DELETE` a manifest by digest. Returns whether the registry had it.
     pub async fn delete_manifest(&self, repo: &str, digest: &Digest) -> Result<bool> {
         let path = format!("/v2/{repo}/manifests/{digest}");
-        match self
-            .request(
-                Method::DELETE,
-                &path,
-                &Access::push(repo, None),
-                HeaderMap::new(),
-                None,
-                None,
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(UpstreamError::NotFound) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.found(Method::DELETE, repo, &path).await
     }
 
     /// Remove tag `tag` from `repo`, leaving the manifest it pointed at (other tags or
@@ -225,19 +211,8 @@ impl Upstream {
     /// with it. Returns whether the registry had the tag.
     pub async fn delete_tag(&self, repo: &str, tag: &str) -> Result<bool> {
         let path = format!("/v2/{repo}/manifests/{tag}");
-        match self
-            .request(
-                Method::DELETE,
-                &path,
-                &Access::push(repo, None),
-                HeaderMap::new(),
-                None,
-                None,
-            )
-            .await
-        {
-            Ok(_) => return Ok(true),
-            Err(UpstreamError::NotFound) => return Ok(false),
+        match self.found(Method::DELETE, repo, &path).await {
+            Ok(had) => return Ok(had),
             Err(UpstreamError::Protocol(why)) => {
                 tracing::debug!(repo, tag, %why, "the target refused a delete by tag; moving the tag to a placeholder");
             }
