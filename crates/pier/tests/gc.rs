@@ -760,3 +760,146 @@ async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
     );
     assert!(text.contains("builtin_upstreams = false"), "{text}");
 }
+
+/// A proxy for `HTTPS_PROXY` that tunnels `CONNECT quay.io:443` to `to` while `open` holds
+/// (closing the tunnels it holds when it turns false) and refuses every other tunnel (502):
+/// the internet as an air-gapped node sees it, with one registry reachable until it is not.
+async fn connect_proxy(
+    to: std::net::SocketAddr,
+    open: tokio::sync::watch::Receiver<bool>,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the proxy");
+    let url = format!("http://{}", listener.local_addr().expect("proxy address"));
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let mut open = open.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 8192 {
+                    match client.read(&mut byte).await {
+                        Ok(1) => head.push(byte[0]),
+                        _ => return,
+                    }
+                }
+                let line = String::from_utf8_lossy(&head);
+                let wanted = line.starts_with("CONNECT quay.io:443 ");
+                if !(wanted && *open.borrow()) {
+                    let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
+                    return;
+                }
+                let Ok(mut server) = tokio::net::TcpStream::connect(to).await else {
+                    return;
+                };
+                let _ = client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await;
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    _ = open.wait_for(|o| !*o) => {}
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A built-in upstream nobody configured that served a pull within the hour is in use: once it
+/// stops answering, `pier check` fails it (exit 2), while the built-ins nobody used still only
+/// warn. quay.io is a TLS pier with a certificate for `quay.io` from a test CA, reached
+/// through an `HTTPS_PROXY` that tunnels only quay.io; the node trusts the CA through
+/// `SSL_CERT_FILE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_fails_a_builtin_upstream_that_served_a_pull_within_the_hour() {
+    let Some(tmp) = interop_tempdir(&["openssl", "curl"]) else {
+        return;
+    };
+    let dir = tmp.path();
+    common::certs::make_certs_for(dir, &["quay"], "DNS:quay.io,IP:127.0.0.1");
+    let ca = dir.join("ca.pem");
+    let origin = Pier::start_probed(
+        &dir.join("origin"),
+        &dir.join("origin.log"),
+        &[
+            "--hosted".into(),
+            "**".into(),
+            "--tls-cert".into(),
+            dir.join("quay.pem").display().to_string(),
+            "--tls-key".into(),
+            dir.join("quay.key").display().to_string(),
+        ],
+        "127.0.0.1",
+        &|port| {
+            let out = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(&ca)
+                .arg("--resolve")
+                .arg(format!("quay.io:{port}:127.0.0.1"))
+                .arg(format!("https://quay.io:{port}/healthz"))
+                .output();
+            out.is_ok_and(|o| o.stdout == b"200")
+        },
+    );
+    let port = origin.url().rsplit(':').next().unwrap().to_string();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let tls = reqwest::Client::builder()
+        .no_proxy()
+        .tls_built_in_native_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).expect("the test CA"),
+        )
+        .resolve("quay.io", addr)
+        .build()
+        .unwrap();
+    let quay = format!("https://quay.io:{port}");
+    push_image(&tls, &quay, "team/app", "v1", &[3u8; 5000]).await;
+
+    let (open, tunnels) = tokio::sync::watch::channel(true);
+    let proxy = connect_proxy(addr, tunnels).await;
+    let node_dir = dir.join("node");
+    std::fs::create_dir_all(&node_dir).expect("mkdir");
+    let ca_file = ca.display().to_string();
+    // Nothing configured: every upstream is a built-in one.
+    let node = Serving::start(
+        &node_dir,
+        &[],
+        &[
+            ("HTTPS_PROXY", &proxy),
+            ("https_proxy", &proxy),
+            ("SSL_CERT_FILE", &ca_file),
+        ],
+    );
+    let http = http_client();
+    let got = http
+        .get(format!("{}/v2/quay.io/team/app/manifests/v1", node.url))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .expect("pull through the node");
+    assert_eq!(got.status(), StatusCode::OK, "quay.io through the node");
+
+    // quay.io answers; the six built-ins nobody used do not, and only warn.
+    let out = pier(&["check", "--url", &node.url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "warnings only:\n{text}");
+    let warn = lines_of(&text, "warn", "upstreams").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        warn.contains("6 built-in upstreams") && !warn.contains("quay.io"),
+        "{text}"
+    );
+
+    // quay.io, which served a pull minutes ago, stops answering: that is a failure.
+    open.send_replace(false);
+    let out = pier(&["check", "--url", &node.url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    let fail = lines_of(&text, "fail", "upstreams").unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        fail.contains("1 of 1 configured or used upstreams unreachable: quay.io"),
+        "{text}"
+    );
+    drop(origin);
+}
