@@ -22,6 +22,10 @@ use tokio::sync::{watch, Notify};
 
 /// Bytes per read from a spool.
 const CHUNK: u64 = 256 * 1024;
+/// Bytes a fill gathers from its source before handing them to its window and writer thread.
+pub(crate) const FILL_BATCH: usize = 512 * 1024;
+/// Batch buffers kept for reuse once a batch's last copy is dropped (8 MiB for all fills).
+const POOLED_BATCHES: usize = 16;
 /// Most bytes of recent batches one fill keeps in memory for readers, budget permitting.
 const RECENT_BYTES: u64 = 48 * 1024 * 1024;
 
@@ -36,6 +40,11 @@ pub struct MemoryBudget {
     gauge: Gauge,
     /// Woken whenever a charge is given back, for those waiting for room.
     freed: Notify,
+    /// Buffers of batches no one holds any more, for the next batches. A buffer this big is
+    /// its own mapping (main.rs sets glibc's threshold), so a fresh one costs a page fault and
+    /// a zeroed page for every 4 KiB the fill writes into it, and an unmapping when dropped:
+    /// reused, it costs neither. They are not charged (at most [`POOLED_BATCHES`] of them).
+    pool: Mutex<Vec<Vec<u8>>>,
 }
 
 impl MemoryBudget {
@@ -45,7 +54,26 @@ impl MemoryBudget {
             used: AtomicU64::new(0),
             gauge,
             freed: Notify::new(),
+            pool: Mutex::new(Vec::new()),
         })
+    }
+
+    /// An empty buffer for a batch, reused when one was given back.
+    pub(crate) fn batch_buffer(&self) -> Vec<u8> {
+        let reused = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| Vec::with_capacity(FILL_BATCH))
+    }
+
+    /// Keep `buf`, a batch's buffer no one reads any more, for a later batch.
+    fn give_back(&self, mut buf: Vec<u8>) {
+        if buf.capacity() != FILL_BATCH {
+            return;
+        }
+        buf.clear();
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < POOLED_BATCHES {
+            pool.push(buf);
+        }
     }
 
     /// Take `len` bytes of the budget if they fit now.
@@ -96,6 +124,12 @@ pub(crate) struct Reservation {
 }
 
 impl Reservation {
+    /// A gathered batch as bytes that hold this reservation until their last copy is
+    /// dropped, and then give the buffer back to the budget's pool.
+    pub(crate) fn hold_batch(self, buf: Vec<u8>) -> Bytes {
+        Bytes::from_owner(Batch { buf, charge: self })
+    }
+
     /// `bytes`, holding this reservation until their last copy is dropped.
     pub(crate) fn hold(self, bytes: Bytes) -> Bytes {
         Bytes::from_owner(Charged {
@@ -113,7 +147,27 @@ impl Drop for Reservation {
     }
 }
 
-/// A batch's bytes and the charge they hold.
+/// A batch's buffer and its charge; dropped, the buffer goes back to the pool (before the
+/// charge is given back, so that a fill woken by the charge finds it there).
+struct Batch {
+    buf: Vec<u8>,
+    charge: Reservation,
+}
+
+impl AsRef<[u8]> for Batch {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.charge.budget.give_back(buf);
+    }
+}
+
+/// Bytes and the charge they hold.
 struct Charged {
     bytes: Bytes,
     _charge: Reservation,

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use pier_oci::{Digest, Hasher, Manifest, Reference, RepoName};
 use pier_store::{BlobStore, ManifestRecord, MetaStore};
@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use pier_cluster::NodeId;
 use pier_peer::Cluster;
 
+use crate::fill::FILL_BATCH;
 use crate::fill::{Fill, FillError, MemoryBudget, Reservation};
 use crate::metrics::MirrorMetrics;
 use crate::pieces::{PieceHasher, Pieces};
@@ -41,8 +42,6 @@ use crate::room::{Reservations, Room};
 use crate::sources::Source;
 use pier_peer::rate::{limited, RateLimit};
 
-/// Bytes a fill gathers from the upstream before handing them to its writer thread.
-const FILL_BATCH: usize = 512 * 1024;
 /// Memory a fill holds besides its batches, charged for as long as it reads its source: hyper
 /// reads the body into a buffer that grows to 408 KiB on a fast connection, a frame is in
 /// flight, and the fill's writer thread, its connections and tasks hold the rest (measured:
@@ -1321,7 +1320,7 @@ impl Mirror {
                 match room {
                     Some(charge) => {
                         *pending = Some(Batch {
-                            buf: BytesMut::with_capacity(FILL_BATCH),
+                            buf: self.budget.batch_buffer(),
                             charge,
                         })
                     }
@@ -1389,7 +1388,7 @@ impl Mirror {
 
 /// A batch being gathered and its charge (the buffer's full capacity).
 struct Batch {
-    buf: BytesMut,
+    buf: Vec<u8>,
     charge: Reservation,
 }
 
@@ -1400,7 +1399,7 @@ async fn hand_over(
     received: &mut u64,
     batch: Batch,
 ) -> bool {
-    let bytes = batch.charge.hold(batch.buf.freeze());
+    let bytes = batch.charge.hold_batch(batch.buf);
     send_batch(fill, tx, received, bytes, true).await
 }
 
