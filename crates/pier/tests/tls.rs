@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::certs::make_certs;
-use common::{digest_of, gen_bytes, send_signal, Pier, MIB};
+use common::{digest_of, gen_bytes, send_signal, Launch, Pier, MIB};
 use futures::StreamExt;
 
 /// `curl` with `args`; returns what `-w` wrote (an empty string if curl could not connect).
@@ -62,12 +62,9 @@ fn start_tls(dir: &Path, extra: &[&str]) -> Pier {
         dir.join("one.pem").display().to_string(),
         dir.join("one.key").display().to_string(),
     ];
-    Pier::start_probed(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &args,
-        "127.0.0.1",
-        &|port| {
+    Launch::in_dir(dir)
+        .args(&args)
+        .ready(move |port| {
             let url = format!("https://127.0.0.1:{port}/healthz");
             curl(&[
                 "-w",
@@ -80,8 +77,8 @@ fn start_tls(dir: &Path, extra: &[&str]) -> Pier {
                 &client[1],
                 &url,
             ]) == "200"
-        },
-    )
+        })
+        .start()
 }
 
 fn have_tools() -> bool {

@@ -1,22 +1,26 @@
-//! Helpers shared by pier's process-level tests (`crash.rs`, `interop.rs`, `mirror.rs`): the
-//! real `pier` binary as a child process, small helpers for any child process the tests start
-//! (logs, readiness, cleanup), deterministic content, an OCI image-layout writer, a plain
-//! reqwest pusher and checker, and the gate of the interop tier. [`clients`] drives the real
-//! clients the interop tiers run: skopeo and a private containerd.
+//! Helpers shared by pier's process-level tests: the real `pier` binary as a child process
+//! (one way to start a node, [`Launch`], with its config, flags and environment, kept by the
+//! [`Pier`] it returns so that a test can restart the node), one way to run the CLI
+//! ([`pier_cli`]), small helpers for any child process the tests start (logs, readiness,
+//! cleanup), deterministic content, an OCI image-layout writer, a plain reqwest pusher and
+//! checker, and the gate of the interop tier. [`clients`] drives the real clients the interop
+//! tiers run: skopeo, containerd, podman and docker.
 //!
-//! Each test binary uses a different subset of these helpers.
+//! Each test binary uses a different subset of these helpers; each tier keeps only what is
+//! particular to it.
 #![allow(dead_code)]
 
 pub mod certs;
 pub mod clients;
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -144,20 +148,108 @@ pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<
 // The pier process
 // ---------------------------------------------------------------------------------------------
 
-/// A running `pier serve` on 127.0.0.1. Dropping it SIGKILLs the process; on a panic the log's
-/// tail is printed.
-pub struct Pier {
-    child: Option<Child>,
-    ip: String,
-    port: u16,
+/// How a `pier serve` is started: its data directory, log, config file, flags, environment,
+/// address and readiness probe. [`Launch::start`] starts it; the [`Pier`] it returns keeps it,
+/// so that [`Pier::restart`] starts the same node again on what it left behind.
+#[derive(Clone)]
+pub struct Launch {
     data_dir: PathBuf,
     log_path: PathBuf,
+    /// The config file given with `--config`, once [`Launch::config`] wrote it.
+    config: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    ip: String,
+    ready: Arc<dyn Fn(u16) -> bool + Send + Sync>,
+}
+
+impl Launch {
+    /// pier with `data_dir` as its data directory, stdout and stderr appended (across
+    /// restarts) to `log_path`, listening on 127.0.0.1 and ready once `GET /v2/` answers 200
+    /// (401 with auth on: a node with auth challenges every caller without credentials).
+    pub fn new(data_dir: &Path, log_path: &Path) -> Launch {
+        Launch {
+            data_dir: data_dir.to_path_buf(),
+            log_path: log_path.to_path_buf(),
+            config: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            ip: "127.0.0.1".to_string(),
+            ready: Arc::new(|port| matches!(http_status(port, "/v2/"), Some(200 | 401))),
+        }
+    }
+
+    /// [`Launch::new`] for a node of its own directory: data in `<dir>/data`, the log at
+    /// `<dir>/pier.log` (and a config, if given, at `<dir>/pier.toml`).
+    pub fn in_dir(dir: &Path) -> Launch {
+        std::fs::create_dir_all(dir).expect("create the node's directory");
+        Launch::new(&dir.join("data"), &dir.join("pier.log"))
+    }
+
+    /// Write `toml` as the node's config file, beside its log with the ending `.toml`, and
+    /// pass it with `--config` (before the other flags).
+    pub fn config(mut self, toml: &str) -> Launch {
+        let path = self.log_path.with_extension("toml");
+        write_config(&path, toml);
+        self.config = Some(path);
+        self
+    }
+
+    /// Flags after `--listen`, `--data-dir` and `--config`.
+    pub fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Launch {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// An environment variable of the process.
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Listen on `ip` (an address of this host) instead of 127.0.0.1.
+    pub fn ip(mut self, ip: &str) -> Launch {
+        self.ip = ip.to_string();
+        self
+    }
+
+    /// Ready once `ready(port)` holds: a node serving TLS, or one that wants credentials for
+    /// `/v2/`, is asked differently.
+    pub fn ready(mut self, ready: impl Fn(u16) -> bool + Send + Sync + 'static) -> Launch {
+        self.ready = Arc::new(ready);
+        self
+    }
+
+    /// Start pier on a free port and wait until it is ready.
+    pub fn start(self) -> Pier {
+        let mut pier = Pier {
+            child: None,
+            port: 0,
+            launch: self,
+        };
+        pier.run();
+        pier
+    }
+}
+
+fn write_config(path: &Path, toml: &str) {
+    std::fs::write(path, toml)
+        .unwrap_or_else(|e| panic!("write the pier config {}: {e}", path.display()));
+}
+
+/// A running `pier serve`, on 127.0.0.1 unless its [`Launch`] said otherwise. Dropping it
+/// SIGKILLs the process; on a panic the log's tail is printed.
+pub struct Pier {
+    child: Option<Child>,
+    port: u16,
+    launch: Launch,
 }
 
 impl Pier {
     /// Start pier on a free port with `data_dir` as its data directory, every repository hosted
-    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200 (401 with auth on). stdout and stderr go, appended across restarts, to
-    /// `<data_dir's parent>/<data_dir's name>.pier.log`.
+    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200 (401 with auth on). stdout and
+    /// stderr go, appended across restarts, to `<data_dir's parent>/<data_dir's name>.pier.log`.
     pub fn start(data_dir: &Path) -> Pier {
         let parent = data_dir
             .parent()
@@ -173,35 +265,39 @@ impl Pier {
         Pier::start_with(
             data_dir,
             &parent.join(format!("{name}.pier.log")),
-            &["--hosted".to_string(), "**".to_string()],
+            &["--hosted", "**"],
         )
     }
 
     /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
     /// `--listen` and `--data-dir`.
-    pub fn start_with(data_dir: &Path, log_path: &Path, args: &[String]) -> Pier {
-        // 401: a node with auth on challenges every caller without credentials.
-        Pier::start_probed(data_dir, log_path, args, "127.0.0.1", &|port| {
-            matches!(http_status(port, "/v2/"), Some(200 | 401))
-        })
+    pub fn start_with<S: AsRef<str>>(data_dir: &Path, log_path: &Path, args: &[S]) -> Pier {
+        Launch::new(data_dir, log_path).args(args).start()
     }
 
-    /// [`Pier::start_with`] listening on `ip` (an address of this host) and ready once
-    /// `ready(port)` holds: a node serving TLS, or one that wants credentials for `/v2/`, is
-    /// asked differently.
-    pub fn start_probed(
-        data_dir: &Path,
-        log_path: &Path,
-        args: &[String],
-        ip: &str,
-        ready: &dyn Fn(u16) -> bool,
-    ) -> Pier {
+    /// A node of its own directory `dir` configured by `toml`: the config written to
+    /// `<dir>/pier.toml` and given with `--config`, then `args`; data in `<dir>/data`, the log
+    /// at `<dir>/pier.log`.
+    pub fn with_config<S: AsRef<str>>(dir: &Path, toml: &str, args: &[S]) -> Pier {
+        Launch::in_dir(dir).config(toml).args(args).start()
+    }
+
+    /// Start the process of [`Launch`] until it is ready, retrying on another port when the
+    /// one picked was taken meanwhile.
+    fn run(&mut self) {
+        let launch = &self.launch;
+        let ip = launch.ip.clone();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(config) = &launch.config {
+            args.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        args.extend(launch.args.iter().cloned());
         // Picking a port and handing it over leaves a window in which someone else may take it:
         // if pier then cannot listen, try another port.
         for attempt in 1..=5 {
             let port = free_port();
-            let log_start = std::fs::metadata(log_path).map_or(0, |m| m.len());
-            let mut log = append_log(log_path);
+            let log_start = std::fs::metadata(&self.launch.log_path).map_or(0, |m| m.len());
+            let mut log = append_log(&self.launch.log_path);
             writeln!(
                 log,
                 "=== test harness: pier serve --listen {ip}:{port}{} (attempt {attempt})",
@@ -213,49 +309,71 @@ impl Pier {
                 .arg("--listen")
                 .arg(format!("{ip}:{port}"))
                 .arg("--data-dir")
-                .arg(data_dir)
-                .args(args)
+                .arg(&self.launch.data_dir)
+                .args(&args)
                 .env("NO_COLOR", "1")
                 // The tests read pier's log, so a filter from the caller's environment must not
                 // hide what they look for.
-                .env_remove("PIER_LOG");
-            let mut pier = Pier {
-                child: Some(spawn_logged(&mut cmd, log)),
-                ip: ip.to_string(),
-                port,
-                data_dir: data_dir.to_path_buf(),
-                log_path: log_path.to_path_buf(),
-            };
-            let child = pier.child.as_mut().expect("just spawned");
+                .env_remove("PIER_LOG")
+                .envs(self.launch.env.iter().map(|(k, v)| (k, v)));
+            self.child = Some(spawn_logged(&mut cmd, log));
+            self.port = port;
+            let ready = Arc::clone(&self.launch.ready);
+            let child = self.child.as_mut().expect("just spawned");
             match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
                 ready(port)
             }) {
                 Startup::Ready => {
-                    let log = pier.log_since(log_start);
+                    let log = self.log_since(log_start);
                     assert!(
                         log.contains("pier is serving") && log.contains(&format!("{ip}:{port}")),
                         "pier answers but did not log \"pier is serving\" with its address:\n{log}"
                     );
-                    return pier;
+                    return;
                 }
                 Startup::Exited(status) => {
-                    pier.child = None;
-                    let log = pier.log_since(log_start);
+                    self.child = None;
+                    let log = self.log_since(log_start);
                     if log.contains("cannot listen") && attempt < 5 {
                         continue;
                     }
                     panic!("pier exited with {status} before it was ready:\n{log}");
                 }
                 Startup::TimedOut => {
-                    pier.kill();
+                    self.kill();
                     panic!(
                         "pier was not ready within {READY_TIMEOUT:?}:\n{}",
-                        pier.log_since(log_start)
+                        self.log_since(log_start)
                     );
                 }
             }
         }
         unreachable!("the last attempt returns or panics")
+    }
+
+    /// Start the same node again, as [`Launch`] said (data directory, config file, flags,
+    /// environment), appending to the same log; a node still running is stopped first (SIGTERM,
+    /// graceful exit). It listens on a new port: ask [`Pier::url`] again.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.run();
+    }
+
+    /// Write `toml` over the node's config file, for its next [`Pier::restart`].
+    pub fn set_config(&self, toml: &str) {
+        let path = self
+            .launch
+            .config
+            .as_ref()
+            .expect("the node was started with a config file");
+        write_config(path, toml);
+    }
+
+    /// The config file given with `--config`, when the node was started with one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.launch.config.as_deref()
     }
 
     /// `http://127.0.0.1:<port>`
@@ -265,7 +383,7 @@ impl Pier {
 
     /// `127.0.0.1:<port>`, as image references spell a registry.
     pub fn host(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        format!("{}:{}", self.launch.ip, self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -278,7 +396,7 @@ impl Pier {
     }
 
     pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        &self.launch.data_dir
     }
 
     pub fn pid(&self) -> u32 {
@@ -291,7 +409,7 @@ impl Pier {
     }
 
     fn log_since(&self, offset: u64) -> String {
-        read_log(&self.log_path, offset)
+        read_log(&self.launch.log_path, offset)
     }
 
     /// SIGKILL: no chance to clean up, as in a power cut of the process. Waits for the exit.
@@ -352,7 +470,7 @@ impl Pier {
 impl Drop for Pier {
     fn drop(&mut self) {
         self.kill();
-        print_log_tail_if_panicking("pier", &self.log_path, 60);
+        print_log_tail_if_panicking("pier", &self.launch.log_path, 60);
     }
 }
 
@@ -1331,13 +1449,53 @@ pub fn write_oci_archive(layout: &Layout, repo: &str, out: &Path) {
         .expect("sync the archive");
 }
 
+/// The variables through which the `pier` CLI takes credentials, or a default for a flag: a
+/// test's CLI run sees them only where the test sets them, never from the caller's shell.
+const CLI_ENV: &[&str] = &[
+    "PIER_USERNAME",
+    "PIER_PASSWORD",
+    "PIER_PASSWORD_FILE",
+    "PIER_BENCH_REGISTRY",
+];
+
 /// Run the `pier` binary with `args` (a client command) and return its output.
-pub fn pier_cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pier")
+pub fn pier_cli<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    pier_cli_env(args, &[])
+}
+
+/// [`pier_cli`] with the environment variables `env` set.
+pub fn pier_cli_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
+    cmd.args(args).stdin(Stdio::null()).env("NO_COLOR", "1");
+    for var in CLI_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output()
+        .unwrap_or_else(|e| panic!("run pier {}: {e}", shown(args)))
+}
+
+/// [`pier_cli`] that must succeed: its stdout. A failure panics with both outputs.
+pub fn pier_cli_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = pier_cli(args);
+    assert!(
+        out.status.success(),
+        "pier {} exited with {}:\n{}{}",
+        shown(args),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap_or_else(|e| panic!("pier {} printed no UTF-8: {e}", shown(args)))
+}
+
+/// Command-line words as a shell line would show them (for messages).
+fn shown<S: AsRef<OsStr>>(args: &[S]) -> String {
+    args.iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Copy `from` into `dir` as a writer that takes its time does: under `<name>.part`, in
