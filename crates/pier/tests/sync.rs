@@ -11,53 +11,25 @@ mod common;
 mod mirror_support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Skopeo};
 use common::{
-    assert_same_blobs, interop_tempdir, push_image, write_layout, Entry, ImageSpec, LayerSpec,
-    Layout, Pier, Upload, MIB,
+    assert_same_blobs, interop_tempdir, pier_cli, push_image, write_layout, Entry, ImageSpec,
+    LayerSpec, Layout, Pier, Upload, MIB,
 };
 use mirror_support::{http_client, upstream_table, FaultyProxy, Registry, SigningKey, TokenIssuer};
 use serde_json::Value;
 
-/// pier with a config file made of `tables`, every repository hosted, no upstreams unless the
-/// tables add them. Its data and log in `tmp/pier`.
-fn start_pier(tmp: &Path, tables: &str) -> Pier {
-    let config = tmp.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n{tables}"),
-    )
-    .expect("write the pier config");
-    let dir = tmp.join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    Pier::start_with(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &[
-            "--config".to_string(),
-            config.display().to_string(),
-            "--hosted".to_string(),
-            "**".to_string(),
-        ],
-    )
+/// A pier config made of `tables`: no upstreams unless the tables add them.
+fn config(tables: &str) -> String {
+    format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n{tables}")
 }
 
-/// pier started again on what [`start_pier`] left in `tmp`: the same config, data and log.
-fn restart_pier(tmp: &Path) -> Pier {
-    let dir = tmp.join("pier");
-    Pier::start_with(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &[
-            "--config".to_string(),
-            tmp.join("pier.toml").display().to_string(),
-            "--hosted".to_string(),
-            "**".to_string(),
-        ],
-    )
+/// pier configured by [`config`] of `tables`, every repository hosted; its config, data and log
+/// in `tmp/pier`.
+fn start_pier(tmp: &Path, tables: &str) -> Pier {
+    Pier::with_config(&tmp.join("pier"), &config(tables), &["--hosted", "**"])
 }
 
 /// A `[[replicate]]` rule sending `team/**` to `url`, then `more`, retrying quickly unless
@@ -137,12 +109,8 @@ async fn remote_digest(http: &reqwest::Client, base: &str, repo: &str, reference
 
 /// `pier sync ARGS --url URL`: exit code and stdout.
 fn pier_sync(pier: &Pier, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .arg("sync")
-        .args(args)
-        .args(["--url", &pier.url()])
-        .output()
-        .expect("run pier sync");
+    let url = pier.url();
+    let out = pier_cli(&[&["sync"], args, &["--url", &url]].concat());
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -727,7 +695,7 @@ async fn a_blob_replicated_before_a_restart_is_mounted_after_it_not_sent_again()
 
     // After the restart the process remembers nothing; the finished job says where the
     // blobs went.
-    let pier = restart_pier(tmp.path());
+    pier.restart();
     push_image(
         &http,
         &pier.url(),
@@ -826,7 +794,7 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
     );
     pier.kill();
 
-    let pier = restart_pier(tmp.path());
+    pier.restart();
     let rows = wait_jobs(
         &http,
         &pier,
@@ -1011,7 +979,8 @@ async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
 
     // Narrowed to the newest tag, the rule's next run lets go of 1.2 and keeps 2.0.
     pier.stop();
-    let pier = start_pier(tmp.path(), &rule.replace("newest = 2", "newest = 1"));
+    pier.set_config(&config(&rule.replace("newest = 2", "newest = 1")));
+    pier.restart();
     let started = Instant::now();
     loop {
         let held = pins(&http, &pier).await;
