@@ -278,7 +278,7 @@ impl Pier {
     /// A node of its own directory `dir` configured by `toml`: the config written to
     /// `<dir>/pier.toml` and given with `--config`, then `args`; data in `<dir>/data`, the log
     /// at `<dir>/pier.log`.
-    pub fn with_config<S: AsRef<str>>(dir: &Path, toml: &str, args: &[S]) -> Pier {
+    pub fn with_config(dir: &Path, toml: &str, args: &[&str]) -> Pier {
         Launch::in_dir(dir).config(toml).args(args).start()
     }
 

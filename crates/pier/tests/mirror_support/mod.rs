@@ -24,8 +24,8 @@ use tokio::sync::watch;
 
 use crate::common::{
     append_log, assert_blobs_served, command_in, free_port, header, http_status_at, kill_child,
-    print_log_tail_if_panicking, push_image, read_log, spawn_logged, wait_startup, Layout, Pier,
-    Startup, Upload, WrittenImage, READY_TIMEOUT,
+    print_log_tail_if_panicking, push_image, read_log, spawn_logged, wait_startup, Launch, Layout,
+    Pier, Startup, Upload, WrittenImage, READY_TIMEOUT,
 };
 
 /// An HTTP client that ignores proxy settings from the environment: everything here is on
@@ -139,7 +139,10 @@ pub fn start_mirror(
         .iter()
         .flat_map(|u| ["--upstream".to_string(), u.clone()])
         .collect();
-    let pier = Pier::with_config(&tmp.join("pier"), &config, &upstream_flags);
+    let pier = Launch::in_dir(&tmp.join("pier"))
+        .config(&config)
+        .args(&upstream_flags)
+        .start();
     let path = pier.config_path().expect("started with a config");
     let mut flags = vec!["--config".to_string(), path.display().to_string()];
     flags.extend(upstream_flags);
