@@ -202,6 +202,24 @@ impl Launch {
         self
     }
 
+    /// A member of a cluster on this host: named `name`, its peer listener on
+    /// 127.0.0.1:`peer_port`, the cluster secret in the file `secret`, joining through the
+    /// member whose peer listener is on 127.0.0.1:`join` when one is given.
+    pub fn member(self, name: &str, peer_port: u16, secret: &Path, join: Option<u16>) -> Launch {
+        let launch = self.args([
+            "--node-name",
+            name,
+            "--peer-listen",
+            &format!("127.0.0.1:{peer_port}"),
+            "--cluster-secret-file",
+            &secret.display().to_string(),
+        ]);
+        match join {
+            Some(port) => launch.args(["--join", &format!("127.0.0.1:{port}")]),
+            None => launch,
+        }
+    }
+
     /// An environment variable of the process.
     pub fn env(mut self, key: &str, value: &str) -> Launch {
         self.env.push((key.to_string(), value.to_string()));
@@ -231,6 +249,14 @@ impl Launch {
         pier.run();
         pier
     }
+}
+
+/// A cluster secret for the members a test starts with [`Launch::member`], written to
+/// `<dir>/secret`; its path.
+pub fn cluster_secret(dir: &Path) -> PathBuf {
+    let path = dir.join("secret");
+    std::fs::write(&path, "a cluster secret of some length\n").expect("write the cluster secret");
+    path
 }
 
 fn write_config(path: &Path, toml: &str) {
