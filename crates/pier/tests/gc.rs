@@ -431,32 +431,17 @@ async fn check_fails_on_a_read_only_data_dir_a_dead_peer_and_a_full_disk() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let disk = common::Tmpfs::mount(&tmp.path().join("disk"), 96);
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "a cluster secret of some length\n").expect("write secret");
+    let secret = common::cluster_secret(tmp.path());
     let config = "[storage]\nmin_free_space = \"24MiB\"\n\
                   [mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n";
     let peer_ports = [common::free_port(), common::free_port()];
     let node = |i: usize, data: &Path| -> Pier {
         let name = format!("n{}", i + 1);
-        let mut args: Vec<String> = [
-            "--hosted",
-            "**",
-            "--node-name",
-            &name,
-            "--peer-listen",
-            &format!("127.0.0.1:{}", peer_ports[i]),
-            "--cluster-secret-file",
-            &secret.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if i > 0 {
-            args.extend(["--join".into(), format!("127.0.0.1:{}", peer_ports[0])]);
-        }
+        let join = (i > 0).then_some(peer_ports[0]);
         Launch::new(data, &tmp.path().join(format!("{name}.log")))
             .config(config)
-            .args(&args)
+            .args(["--hosted", "**"])
+            .member(&name, peer_ports[i], &secret, join)
             .start()
     };
     let data = disk.dir.join("data");
