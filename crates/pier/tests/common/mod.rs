@@ -1516,6 +1516,17 @@ pub fn pier_cli_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
         .unwrap_or_else(|e| panic!("pier {} printed no UTF-8: {e}", shown(args)))
 }
 
+/// What a `pier … --json` run printed, as JSON; a panic showing both outputs when it is not.
+pub fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
 /// Command-line words as a shell line would show them (for messages).
 fn shown<S: AsRef<OsStr>>(args: &[S]) -> String {
     args.iter()
