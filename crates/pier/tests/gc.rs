@@ -9,22 +9,12 @@ mod common;
 mod mirror_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::{digest_of, error_code, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec};
-use common::{pier_cli, Launch, Pier, KIB, MIB};
+use common::{json_of, pier_cli, Launch, Pier, KIB, MIB};
 use mirror_support::{http_client, pull_http, start_mirror, upstream_table, Registry};
 use reqwest::StatusCode;
-
-fn json_of(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}):\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 /// The file of a blob under a node's data directory.
 fn blob_file(data_dir: &Path, digest: &str) -> PathBuf {
