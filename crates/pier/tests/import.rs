@@ -38,17 +38,13 @@ fn image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
 
 /// A node with every name hosted and the watched folder (if any) at `watch`.
 fn start(dir: &Path, watch: Option<&Path>, extra: &str) -> Pier {
-    std::fs::create_dir_all(dir).expect("create the pier dir");
     let mut config = "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n".to_string();
     config.push_str("[import]\nstable_seconds = 1\nrescan_seconds = 1\n");
     if let Some(w) = watch {
         config.push_str(&format!("watch = {:?}\n", w.display().to_string()));
     }
     config.push_str(extra);
-    let path = dir.join("pier.toml");
-    std::fs::write(&path, config).expect("write the config");
-    let flags = ["--config".to_string(), path.display().to_string()];
-    Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags)
+    Pier::with_config(dir, &config, &[])
 }
 
 /// The digest pier serves for `repo:tag`, and the layer digests of that manifest.
