@@ -81,20 +81,16 @@ async fn import_bench() {
         .status()
         .is_ok_and(|s| s.success());
     let dir = tmp.path().join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    let config = dir.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let pier = Pier::with_config(
+        &dir,
+        &format!(
             "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\
              [storage]\nmin_free_space = 0\n\
              [import]\nwatch = {:?}\nstable_seconds = 1\nrescan_seconds = 1\n",
             watch.display().to_string()
         ),
-    )
-    .expect("write the config");
-    let flags = ["--config".to_string(), config.display().to_string()];
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+        &[],
+    );
     // The node's CPU seconds (user + system) per GiB of tar imported: what each byte costs it.
     let cpu = pier_bench::cpu::ServerCpu::new(&[pier.pid()])
         .expect("read the node's /proc")
