@@ -234,15 +234,11 @@ async fn containerd_pulls_and_unpacks() {
 /// pier as a plain registry: no default upstream and no built-in upstreams, so every repository
 /// is hosted whatever the mirror's routing rules say about names like `library/x`.
 fn start_hosted(tmp: &Path) -> Pier {
-    std::fs::create_dir_all(tmp).expect("create the pier dir");
-    let config = tmp.join("pier.toml");
-    std::fs::write(
-        &config,
+    Pier::with_config(
+        tmp,
         "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n",
+        &[],
     )
-    .expect("write the pier config");
-    let flags = ["--config".to_string(), config.display().to_string()];
-    Pier::start_with(&tmp.join("data"), &tmp.join("pier.log"), &flags)
 }
 
 /// What pier serves for `repo:tag`: the manifest's digest (checked against its bytes), its
@@ -530,18 +526,10 @@ async fn skopeo_and_containerd_on_s3_and_postgres() {
         )],
     );
     let image = layout.image("app").clone();
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(&config, storage.deployment_config().await).expect("write the pier config");
-    let flags = [
-        "--config".to_string(),
-        config.display().to_string(),
-        "--hosted".to_string(),
-        "**".to_string(),
-    ];
-    let pier = Pier::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("pier.log"),
-        &flags,
+    let pier = Pier::with_config(
+        tmp.path(),
+        &storage.deployment_config().await,
+        &["--hosted", "**"],
     );
     let host = pier.host();
     let http = reqwest::Client::new();
