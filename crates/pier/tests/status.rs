@@ -22,7 +22,7 @@ use axum::{Json, Router};
 use futures::StreamExt as _;
 use serde_json::{json, Value};
 
-use common::{free_port, pier_cli, Pier};
+use common::{free_port, pier_cli, Launch, Pier};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -480,19 +480,16 @@ async fn status_of(http: &reqwest::Client, node: &Pier) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_outside_a_cluster_goes_by_its_node_name_and_zone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = Pier::start_with(
-        &dir.path().join("data"),
-        &dir.path().join("pier.log"),
-        &[
+    let node = Launch::in_dir(dir.path())
+        .args([
             "--hosted",
             "**",
             "--node-name",
             "uinode",
             "--zone",
             "rack-7",
-        ]
-        .map(String::from),
-    );
+        ])
+        .start();
     let http = reqwest::Client::new();
     let doc = status_of(&http, &node).await;
     assert_eq!(doc["node"]["name"], "uinode", "{doc}");
