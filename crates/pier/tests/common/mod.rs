@@ -288,17 +288,9 @@ impl Pier {
             .unwrap_or("pier");
         // A registry for pushes: every name hosted, so no push is refused for shadowing a name
         // of the default upstream (docker.io).
-        Pier::start_with(
-            data_dir,
-            &parent.join(format!("{name}.pier.log")),
-            &["--hosted", "**"],
-        )
-    }
-
-    /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
-    /// `--listen` and `--data-dir`.
-    pub fn start_with<S: AsRef<str>>(data_dir: &Path, log_path: &Path, args: &[S]) -> Pier {
-        Launch::new(data_dir, log_path).args(args).start()
+        Launch::new(data_dir, &parent.join(format!("{name}.pier.log")))
+            .args(["--hosted", "**"])
+            .start()
     }
 
     /// A node of its own directory `dir` configured by `toml`: the config written to
