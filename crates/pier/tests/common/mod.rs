@@ -939,21 +939,24 @@ pub fn blob_path(layout_dir: &Path, digest: &str) -> PathBuf {
 /// A small one-image layout tagged `v1` (a 4 KiB and a 2 MiB layer): what the client tests
 /// load, push and pull back.
 pub fn small_image(dir: &Path, seed: u64) -> (Layout, WrittenImage) {
-    let layout = write_layout(
+    let layout = one_image(
         dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4099, seed),
-                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("etc/app.conf", 4099, seed),
+            LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
+        ],
     );
     let image = layout.image("v1").clone();
     (layout, image)
+}
+
+/// A layout of one linux/amd64 image of `layers`, tagged `tag`: what most tests push and pull.
+pub fn one_image(dir: &Path, tag: &str, layers: Vec<LayerSpec>) -> Layout {
+    write_layout(
+        dir,
+        vec![(tag, Entry::Image(ImageSpec::linux("amd64", layers)))],
+    )
 }
 
 /// Write an OCI image layout: `oci-layout`, `index.json` naming each entry by its tag in an
