@@ -10,10 +10,7 @@ mod mirror_support;
 use std::process::Command;
 
 use common::clients::{oci_ref, Skopeo};
-use common::{
-    digest_of, interop_tempdir, pier_cli_env, write_layout, Entry, ImageSpec, LayerSpec, Pier,
-    Upload,
-};
+use common::{digest_of, interop_tempdir, one_image, pier_cli_env, LayerSpec, Pier, Upload};
 use mirror_support::{http_client, start_mirror, upstream_table, Registry};
 
 const RULES: &str = r#"
@@ -61,15 +58,10 @@ async fn skopeo_logs_in_through_the_token_service() {
     );
     let host = pier.host();
     let skopeo = Skopeo::new(tmp.path());
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "app",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("app.bin", 300_000, 7)],
-            )),
-        )],
+        "app",
+        vec![LayerSpec::new("app.bin", 300_000, 7)],
     );
     let image = layout.image("app").clone();
     let dest = format!("docker://{host}/team/app:v1");
@@ -147,15 +139,10 @@ async fn a_private_upstream_serves_its_cached_image_only_to_its_own_users() {
     let Some(tmp) = interop_tempdir(&["docker-registry", "htpasswd"]) else {
         return;
     };
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("secret.bin", 700_000, 31)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("secret.bin", 700_000, 31)],
     );
     let image = layout.image("v1").clone();
     let http = http_client();
