@@ -11,7 +11,7 @@ mod mirror_support;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{digest_of, error_code, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec};
+use common::{digest_of, error_code, interop_tempdir, one_image, LayerSpec};
 use common::{json_of, pier_cli, Launch, Pier, KIB, MIB};
 use mirror_support::{http_client, pull_http, start_mirror, upstream_table, Registry};
 use reqwest::StatusCode;
@@ -200,18 +200,13 @@ async fn check_deep_quarantines_a_corrupt_mirrored_blob_and_the_next_pull_fetche
     let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
         return;
     };
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("big.bin", 2 * MIB + 7, 501),
-                    LayerSpec::new("small.conf", 3 * KIB, 502),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("big.bin", 2 * MIB + 7, 501),
+            LayerSpec::new("small.conf", 3 * KIB, 502),
+        ],
     );
     let image = layout.image("v1").clone();
     let registry = Registry::start_in(tmp.path());
