@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    assert_blobs_served, digest_of, drop_slowly, pier_cli, wait_for_file, write_docker_save,
-    write_layout, write_oci_archive, Entry, ImageSpec, LayerSpec, Pier, WrittenImage, KIB, MIB,
+    assert_blobs_served, digest_of, drop_slowly, one_image, pier_cli, wait_for_file,
+    write_docker_save, write_oci_archive, LayerSpec, Pier, WrittenImage, KIB, MIB,
 };
 use reqwest::StatusCode;
 
@@ -19,18 +19,13 @@ fn text(b: &[u8]) -> String {
 }
 
 fn image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
-    let layout = write_layout(
+    let layout = one_image(
         dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4 * KIB + 1, seed),
-                    LayerSpec::new("app.bin", 5 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("etc/app.conf", 4 * KIB + 1, seed),
+            LayerSpec::new("app.bin", 5 * MIB + 3, seed + 1),
+        ],
     );
     let image = layout.image("v1").clone();
     (layout, image)
