@@ -18,10 +18,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{
-    pier_cli, wait_for_file, write_docker_save, write_layout, Entry, ImageSpec, LayerSpec, Pier,
-    MIB,
-};
+use common::{one_image, pier_cli, wait_for_file, write_docker_save, LayerSpec, Pier, MIB};
 
 /// The layers of an archive of about `total` bytes: one half, one quarter, the rest in two.
 fn layers(total: u64, seed: u64) -> Vec<LayerSpec> {
@@ -37,12 +34,10 @@ fn layers(total: u64, seed: u64) -> Vec<LayerSpec> {
 }
 
 fn archive(dir: &Path, total: u64, seed: u64, tag: &str) -> std::path::PathBuf {
-    let layout = write_layout(
+    let layout = one_image(
         &dir.join(format!("layout-{seed}")),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux("amd64", layers(total, seed))),
-        )],
+        "v1",
+        layers(total, seed),
     );
     let image = layout.image("v1").clone();
     let out = dir.join(format!("bench-{seed}.tar"));
