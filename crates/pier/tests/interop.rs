@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
 use common::{
-    assert_blobs_served, assert_same_blobs, digest_of, header, interop_tempdir, push_image,
-    write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Pier, Upload, WrittenImage, KIB, MIB,
-    OCI_INDEX, OCI_MANIFEST, REF_NAME,
+    assert_blobs_served, assert_same_blobs, digest_of, header, interop_tempdir, one_image,
+    push_image, write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Pier, Upload, WrittenImage,
+    KIB, MIB, OCI_INDEX, OCI_MANIFEST, REF_NAME,
 };
 use reqwest::StatusCode;
 
@@ -38,20 +38,15 @@ async fn skopeo_copies_preserve_digests() {
     };
     let t0 = Instant::now();
     let skopeo = Skopeo::new(tmp.path());
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "app",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("app.conf", 4099, 1),
-                    LayerSpec::new("big.bin", 200 * MIB, 2),
-                    LayerSpec::new("lib.bin", 3 * MIB + 5, 3),
-                    LayerSpec::new("tiny.bin", 1, 4),
-                ],
-            )),
-        )],
+        "app",
+        vec![
+            LayerSpec::new("app.conf", 4099, 1),
+            LayerSpec::new("big.bin", 200 * MIB, 2),
+            LayerSpec::new("lib.bin", 3 * MIB + 5, 3),
+            LayerSpec::new("tiny.bin", 1, 4),
+        ],
     );
     let image = layout.image("app").clone();
     assert!(image.layers[1].blob.size >= 200 * MIB);
@@ -183,18 +178,13 @@ async fn containerd_pulls_and_unpacks() {
         return;
     };
     let t0 = Instant::now();
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("hello.bin", 3 * MIB + 3, 21),
-                    LayerSpec::new("world.bin", MIB, 22),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("hello.bin", 3 * MIB + 3, 21),
+            LayerSpec::new("world.bin", MIB, 22),
+        ],
     );
     let image = layout.image("v1").clone();
 
@@ -512,18 +502,13 @@ async fn skopeo_and_containerd_on_s3_and_postgres() {
         return;
     };
     let t0 = Instant::now();
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "app",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("big.bin", 20 * MIB + 7, 31),
-                    LayerSpec::new("small.bin", 3 * KIB, 32),
-                ],
-            )),
-        )],
+        "app",
+        vec![
+            LayerSpec::new("big.bin", 20 * MIB + 7, 31),
+            LayerSpec::new("small.bin", 3 * KIB, 32),
+        ],
     );
     let image = layout.image("app").clone();
     let pier = Pier::with_config(
