@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
 use common::{
-    assert_same_blobs, digest_of, error_code, header, interop_tempdir, pier_cli_ok, require,
-    try_digest_of_response, within, write_layout, Entry, ImageSpec, Launch, LayerSpec, Layout,
-    Metrics, Pier, WrittenImage, KIB, MIB,
+    assert_same_blobs, digest_of, error_code, header, interop_tempdir, one_image, pier_cli_ok,
+    require, try_digest_of_response, within, write_layout, Entry, ImageSpec, Launch, LayerSpec,
+    Layout, Metrics, Pier, WrittenImage, KIB, MIB,
 };
 use mirror_support::{
     http_client, pull_http, start_mirror, upstream_table, CorruptingProxy, Registry, SigningKey,
@@ -62,14 +62,6 @@ fn containerd_hosts(certs: &Path, pier: &Pier, args: &[String]) -> PathBuf {
     certs.to_path_buf()
 }
 
-/// A one-image layout tagged `tag`.
-fn image_layout(dir: &Path, tag: &str, layers: Vec<LayerSpec>) -> Layout {
-    write_layout(
-        dir,
-        vec![(tag, Entry::Image(ImageSpec::linux("amd64", layers)))],
-    )
-}
-
 /// What most tests start from: a one-image layout in `tmp/src` tagged `tag`, its image, and an
 /// empty registry ([`Registry::start_in`]) to push it to.
 fn image_and_registry(
@@ -77,7 +69,7 @@ fn image_and_registry(
     tag: &str,
     layers: Vec<LayerSpec>,
 ) -> (Layout, WrittenImage, Registry) {
-    let layout = image_layout(&tmp.join("src"), tag, layers);
+    let layout = one_image(&tmp.join("src"), tag, layers);
     let image = layout.image(tag).clone();
     (layout, image, Registry::start_in(tmp))
 }
@@ -601,7 +593,7 @@ struct TokenSetup {
 impl TokenSetup {
     async fn start() -> TokenSetup {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let private = image_layout(
+        let private = one_image(
             &tmp.path().join("private"),
             "v1",
             vec![
@@ -609,7 +601,7 @@ impl TokenSetup {
                 LayerSpec::new("secret.conf", 700, 602),
             ],
         );
-        let public = image_layout(
+        let public = one_image(
             &tmp.path().join("public"),
             "v1",
             vec![LayerSpec::new("open.bin", 300 * KIB, 603)],
