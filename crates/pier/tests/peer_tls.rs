@@ -10,9 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::certs::make_certs;
-use common::{
-    free_port, push_image, write_layout, Entry, ImageSpec, Launch, LayerSpec, Pier, Upload, MIB,
-};
+use common::{free_port, one_image, push_image, Launch, LayerSpec, Pier, Upload, MIB};
 
 fn curl_status(args: &[&str]) -> String {
     let out = Command::new("curl")
@@ -87,15 +85,10 @@ async fn peers_with_certificates_from_one_ca_share_content_and_others_are_refuse
     }
 
     // Content pushed to n1 is read on n2 from n1's peer listener, over TLS.
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("srv/data.bin", 3 * MIB, 77)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("srv/data.bin", 3 * MIB, 77)],
     );
     let image = layout.image("v1");
     push_image(
