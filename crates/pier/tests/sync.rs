@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Skopeo};
 use common::{
-    assert_same_blobs, interop_tempdir, pier_cli, push_image, write_layout, Entry, ImageSpec,
-    LayerSpec, Layout, Pier, Upload, MIB,
+    assert_same_blobs, interop_tempdir, one_image, pier_cli, push_image, write_layout, Entry,
+    ImageSpec, LayerSpec, Pier, Upload, MIB,
 };
 use mirror_support::{http_client, upstream_table, FaultyProxy, Registry, SigningKey, TokenIssuer};
 use serde_json::Value;
@@ -114,13 +114,6 @@ fn pier_sync(pier: &Pier, args: &[&str]) -> (i32, String) {
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-fn one_image(tmp: &Path, name: &str, layers: Vec<LayerSpec>) -> Layout {
-    write_layout(
-        &tmp.join(name),
-        vec![("v1", Entry::Image(ImageSpec::linux("amd64", layers)))],
     )
 }
 
@@ -369,8 +362,8 @@ async fn referrers_go_along_and_deletes_follow_when_the_rule_says_so() {
         ),
     );
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![LayerSpec::new("a.bin", 300 * 1024, 5)],
     );
     let image = layout.image("v1").clone();
@@ -525,8 +518,8 @@ async fn a_target_with_bearer_tokens_gets_push_scoped_tokens_for_the_rules_crede
         ),
     );
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![LayerSpec::new("a.bin", 700 * 1024, 21)],
     );
     let image = layout.image("v1").clone();
@@ -599,7 +592,11 @@ async fn a_target_that_is_down_is_retried_with_backoff_until_it_returns() {
             "retry_initial = \"1s\"\nretry_max = \"4s\"\n",
         ),
     );
-    let layout = one_image(tmp.path(), "src", vec![LayerSpec::new("a.bin", MIB, 7)]);
+    let layout = one_image(
+        &tmp.path().join("src"),
+        "v1",
+        vec![LayerSpec::new("a.bin", MIB, 7)],
+    );
     let image = layout.image("v1").clone();
     push_image(
         &http,
@@ -668,8 +665,8 @@ async fn a_blob_replicated_before_a_restart_is_mounted_after_it_not_sent_again()
     let remote = Registry::start_in(tmp.path());
     let mut pier = start_pier(tmp.path(), &replicate_rule("dc2", &remote.url(), ""));
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![LayerSpec::new("a.bin", 2 * MIB, 11)],
     );
     let image = layout.image("v1").clone();
@@ -752,8 +749,8 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
         &replicate_rule("dc2", &remote.url(), "bandwidth = \"4MiB\"\n"),
     );
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![
             LayerSpec::new("small.bin", 64 * 1024, 1),
             LayerSpec::new("big.bin", 24 * MIB, 2),
@@ -1187,8 +1184,8 @@ async fn replication_through_a_faulty_link_ends_with_every_job_succeeded() {
     let mut pushed = Vec::new();
     for i in 0..images {
         let layout = one_image(
-            tmp.path(),
-            &format!("src{i}"),
+            &tmp.path().join(format!("src{i}")),
+            "v1",
             vec![
                 LayerSpec::new("base.bin", 512 * 1024, 1),
                 LayerSpec::new("own.bin", 256 * 1024 + i, 1000 + i),
@@ -1302,8 +1299,8 @@ async fn sync_bench() {
         ),
     );
     let layout = one_image(
-        tmp.path(),
-        "big",
+        &tmp.path().join("big"),
+        "v1",
         vec![LayerSpec::new("big.bin", mib * MIB, 9)],
     );
     let image = layout.image("v1").clone();
@@ -1408,8 +1405,8 @@ async fn sync_bench() {
     let started = Instant::now();
     for i in 0..images {
         let layout = one_image(
-            &ftmp,
-            &format!("src{i}"),
+            &ftmp.join(format!("src{i}")),
+            "v1",
             vec![
                 LayerSpec::new("base.bin", 4 * MIB, 1),
                 LayerSpec::new("own.bin", MIB + i, 1000 + i),
