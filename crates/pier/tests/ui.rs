@@ -20,8 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_port, interop_tempdir, push_image, wait_for_file, write_docker_save, write_layout, Entry,
-    ImageSpec, Launch, LayerSpec, Pier, Upload, MIB,
+    free_port, interop_tempdir, one_image, push_image, wait_for_file, write_docker_save, Launch,
+    LayerSpec, Pier, Upload, MIB,
 };
 use mirror_support::Registry;
 
@@ -59,15 +59,10 @@ async fn dashboard_shows_the_cluster_and_retries_a_failed_job_in_chromium() {
     let _n2 = node(2);
     let http = reqwest::Client::new();
 
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("app.bin", 3 * MIB, 91)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("app.bin", 3 * MIB, 91)],
     );
     let image = layout.image("v1").clone();
     push_image(
@@ -209,15 +204,10 @@ async fn dashboard_lists_each_watched_import_with_its_fate() {
     };
     let watch = tmp.path().join("incoming");
     std::fs::create_dir_all(&watch).unwrap();
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("app.bin", MIB + 5, 51)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("app.bin", MIB + 5, 51)],
     );
     let archive = tmp.path().join("app.tar");
     write_docker_save(&layout, layout.image("v1"), &["site/app:v1"], &archive);
