@@ -1272,6 +1272,25 @@ pub async fn put_manifest(
     digest
 }
 
+/// The JSON document `GET url` answers with; a status other than 2xx, or a body that is not
+/// JSON, panics naming the URL.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: the body broke off: {e}"));
+    let text = || String::from_utf8_lossy(&body).into_owned();
+    assert!(status.is_success(), "GET {url}: {status}: {}", text());
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {}", text()))
+}
+
 /// Every blob is served from `<base>/v2/<repo>/blobs/<digest><query>` with its exact bytes.
 pub async fn assert_blobs_served(
     http: &reqwest::Client,
@@ -1399,18 +1418,22 @@ pub fn find_on_path(tool: &str) -> Option<PathBuf> {
 // Image archives
 // ---------------------------------------------------------------------------------------------
 
+/// Add a regular file (mode 0644) of `data` at `path` to an archive.
+fn append_file(tar: &mut tar::Builder<File>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, path, data)
+        .unwrap_or_else(|e| panic!("append {path} to the archive: {e}"));
+}
+
 /// Write `image` of `layout` as `docker save` before Docker 25 writes it: each layer as
 /// `<id>/layer.tar` beside `<id>/json` and `<id>/VERSION`, the config as `<hex>.json`, and
 /// `manifest.json` (last, as Docker writes it) naming the image by `tags`.
 pub fn write_docker_save(layout: &Layout, image: &WrittenImage, tags: &[&str], out: &Path) {
     let mut tar = tar::Builder::new(File::create(out).expect("create the archive"));
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, path, data).expect("append");
-    };
+    let mut add = |path: &str, data: &[u8]| append_file(&mut tar, path, data);
     let mut layers = Vec::new();
     for (i, l) in image.layers.iter().enumerate() {
         let id = format!("{:064x}", i + 1);
@@ -1455,13 +1478,7 @@ pub fn write_oci_archive(layout: &Layout, repo: &str, out: &Path) {
         );
         tar.append_path_with_name(&path, name).expect("append blob");
     }
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, path, data).expect("append");
-    };
+    let mut add = |path: &str, data: &[u8]| append_file(&mut tar, path, data);
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     add("index.json", index.to_string().as_bytes());
     tar.into_inner()
