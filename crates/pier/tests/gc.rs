@@ -282,14 +282,8 @@ async fn pier_pin_and_unpin_hold_an_image_by_digest() {
         String::from_utf8_lossy(&pinned.stdout).trim(),
         format!("pinned team/app@{manifest}")
     );
-    let pins: serde_json::Value = http
-        .get(format!("{base}/api/v1/sync/pins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pins: serde_json::Value =
+        common::get_json(&http, &format!("{base}/api/v1/sync/pins")).await;
     assert_eq!(pins["pins"][0]["repo"], "team/app", "{pins}");
     assert_eq!(pins["pins"][0]["digest"], manifest.as_str(), "{pins}");
     assert_eq!(pins["pins"][0]["by"][0], "cli", "{pins}");
@@ -297,14 +291,8 @@ async fn pier_pin_and_unpin_hold_an_image_by_digest() {
     let unpinned = pier_cli(&["unpin", "team/app:v1", "--url", &base]);
     assert!(unpinned.status.success(), "{unpinned:?}");
     assert!(String::from_utf8_lossy(&unpinned.stdout).starts_with("unpinned "));
-    let pins: serde_json::Value = http
-        .get(format!("{base}/api/v1/sync/pins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pins: serde_json::Value =
+        common::get_json(&http, &format!("{base}/api/v1/sync/pins")).await;
     assert_eq!(pins["pins"].as_array().map(Vec::len), Some(0), "{pins}");
 
     let missing = pier_cli(&["pin", "team/app:nope", "--url", &base]);
