@@ -254,14 +254,8 @@ async fn two_nodes_on_one_bucket_and_one_database_serve_each_others_pushes() {
         pull_blob(&http, &ua, &digest_of(layer), layer).await;
     }
     pull_blob(&http, &ua, &digest, &big).await;
-    let tags: serde_json::Value = http
-        .get(format!("{ua}/v2/{REPO}/tags/list"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags: serde_json::Value =
+        common::get_json(&http, &format!("{ua}/v2/{REPO}/tags/list")).await;
     assert_eq!(tags["tags"], json!(["v0", "v1", "v2", "v3"]));
 
     // B comes back and serves the same; its start-up cleanup keeps A's open session.
