@@ -63,14 +63,8 @@ async fn peers_with_certificates_from_one_ca_share_content_and_others_are_refuse
     let http = reqwest::Client::new();
     let started = Instant::now();
     loop {
-        let status: serde_json::Value = http
-            .get(format!("{}/api/v1/status", n2.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: serde_json::Value =
+            common::get_json(&http, &format!("{}/api/v1/status", n2.url())).await;
         let alive = status["members"]
             .as_array()
             .map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count());
