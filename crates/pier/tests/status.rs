@@ -468,13 +468,7 @@ async fn warm_refuses_replicas_with_all_nodes_before_asking() {
 // ---------------------------------------------------------------------------------------------
 
 async fn status_of(http: &reqwest::Client, node: &Pier) -> Value {
-    http.get(format!("{}/api/v1/status", node.url()))
-        .send()
-        .await
-        .expect("GET /api/v1/status")
-        .json()
-        .await
-        .expect("status JSON")
+    common::get_json(http, &format!("{}/api/v1/status", node.url())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
