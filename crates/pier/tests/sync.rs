@@ -48,13 +48,7 @@ fn replicate_rule(name: &str, url: &str, more: &str) -> String {
 
 /// The rows of `GET /api/v1/sync/jobs`.
 async fn jobs(http: &reqwest::Client, pier: &Pier) -> Vec<Value> {
-    let resp = http
-        .get(format!("{}/api/v1/sync/jobs", pier.url()))
-        .send()
-        .await
-        .expect("GET /api/v1/sync/jobs");
-    assert!(resp.status().is_success(), "jobs: {}", resp.status());
-    let body: Value = resp.json().await.expect("jobs JSON");
+    let body = common::get_json(http, &format!("{}/api/v1/sync/jobs", pier.url())).await;
     body["jobs"].as_array().cloned().unwrap_or_default()
 }
 
@@ -845,14 +839,7 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
 
 /// `GET /api/v1/sync/pins` as (repository, digest, holder), one per holder.
 async fn pins(http: &reqwest::Client, pier: &Pier) -> Vec<(String, String, String)> {
-    let body: Value = http
-        .get(format!("{}/api/v1/sync/pins", pier.url()))
-        .send()
-        .await
-        .expect("GET /api/v1/sync/pins")
-        .json()
-        .await
-        .expect("pins JSON");
+    let body = common::get_json(http, &format!("{}/api/v1/sync/pins", pier.url())).await;
     let mut out = Vec::new();
     for p in body["pins"].as_array().cloned().unwrap_or_default() {
         for by in p["by"].as_array().cloned().unwrap_or_default() {
