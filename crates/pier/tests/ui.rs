@@ -90,14 +90,8 @@ async fn dashboard_shows_the_cluster_and_retries_a_failed_job_in_chromium() {
     // The replication job to the missing registry fails.
     let started = Instant::now();
     loop {
-        let jobs: serde_json::Value = http
-            .get(format!("{}/api/v1/sync/jobs", n0.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let jobs: serde_json::Value =
+            common::get_json(&http, &format!("{}/api/v1/sync/jobs", n0.url())).await;
         let failed = jobs["jobs"].as_array().unwrap().iter().any(|j| {
             j["state"] == "failed"
                 && j["target"]
