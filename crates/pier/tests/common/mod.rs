@@ -1547,6 +1547,29 @@ fn shown<S: AsRef<OsStr>>(args: &[S]) -> String {
         .join(" ")
 }
 
+/// A benchmark's result line: printed, and appended to the file the environment variable
+/// `out_var` names when it is set (scripts collect the lines there).
+pub fn bench_line(out_var: &str, text: &str) {
+    println!("{text}");
+    if let Ok(path) = std::env::var(out_var) {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path} ({out_var}): {e}"));
+        writeln!(f, "{text}").unwrap_or_else(|e| panic!("write {path} ({out_var}): {e}"));
+    }
+}
+
+/// The check named `name` in what `pier check --json` printed.
+pub fn check_of(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check named {name:?} in {report}"))
+        .clone()
+}
+
 /// Copy `from` into `dir` as a writer that takes its time does: under `<name>.part`, in
 /// pieces with pauses, then renamed to `name`.
 pub fn drop_slowly(from: &Path, dir: &Path, name: &str, pieces: usize, pause: Duration) {
