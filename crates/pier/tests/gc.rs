@@ -165,13 +165,7 @@ async fn check_deep_reports_a_corrupt_hosted_blob_lost_and_pulls_get_blob_unknow
     let found = pier_cli(&["check", "--deep", "--json", "--url", &base]);
     assert_eq!(found.status.code(), Some(2), "lost data exits 2: {found:?}");
     let report = json_of(&found);
-    let digests = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "blob digests")
-        .expect("a digest check")
-        .clone();
+    let digests = common::check_of(&report, "blob digests");
     assert_eq!(digests["status"], "fail", "{digests}");
     let details = digests["details"].to_string();
     assert!(
