@@ -365,13 +365,7 @@ async fn gc_on_one_node_frees_an_image_deleted_on_the_other_and_check_deep_finds
 
     let (code, report) = pier_json(&["check", "--deep", "--json", "--url", &ua]);
     assert_eq!(code, Some(2), "a lost hosted blob exits 2: {report}");
-    let digests = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "blob digests")
-        .expect("a digest check")
-        .clone();
+    let digests = common::check_of(&report, "blob digests");
     assert_eq!(digests["status"], "fail", "{digests}");
     let details = digests["details"].to_string();
     assert!(
