@@ -1246,16 +1246,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 /// Print a result line, and append it to `PIER_SYNC_BENCH_OUT` when set.
 fn bench_line(text: String) {
-    println!("{text}");
-    if let Ok(path) = std::env::var("PIER_SYNC_BENCH_OUT") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("open {path}: {e}"));
-        writeln!(f, "{text}").unwrap_or_else(|e| panic!("write {path}: {e}"));
-    }
+    common::bench_line("PIER_SYNC_BENCH_OUT", &text);
 }
 
 /// Replication throughput to one docker-registry (a fresh image, then the same layer into a
