@@ -6,7 +6,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common::clients::{oci_ref, Skopeo};
-use crate::common::{pier_cli, push_image, write_layout, Entry, ImageSpec, LayerSpec, Upload, MIB};
+use crate::common::{
+    bench_line, pier_cli, push_image, write_layout, Entry, ImageSpec, LayerSpec, Upload, MIB,
+};
 use crate::nodes::{Cluster, FOUR};
 use crate::serial;
 
@@ -280,14 +282,5 @@ async fn sync_bench_all_nodes() {
         took.as_secs_f64(),
         3.0 * bytes as f64 / 1e6 / took.as_secs_f64()
     );
-    println!("{line}");
-    if let Ok(path) = std::env::var("PIER_SYNC_BENCH_OUT") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("open {path}: {e}"));
-        writeln!(f, "{line}").unwrap_or_else(|e| panic!("write {path}: {e}"));
-    }
+    bench_line("PIER_SYNC_BENCH_OUT", &line);
 }
