@@ -10,7 +10,7 @@ mod mirror_support;
 use std::process::Command;
 
 use common::clients::{oci_ref, Skopeo};
-use common::{digest_of, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec, Pier, Upload};
+use common::{digest_of, interop_tempdir, one_image, pier_cli_env, LayerSpec, Pier, Upload};
 use mirror_support::{http_client, start_mirror, upstream_table, Registry};
 
 const RULES: &str = r#"
@@ -51,31 +51,17 @@ async fn skopeo_logs_in_through_the_token_service() {
     let users = tmp.path().join("htpasswd");
     htpasswd(&users, "writer", "writer-pw", true);
     htpasswd(&users, "reader", "reader-pw", false);
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(&config, format!("[auth]\n{RULES}")).expect("write config");
-    let pier = Pier::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("pier.log"),
-        &[
-            "--hosted".into(),
-            "**".into(),
-            "--config".into(),
-            config.display().to_string(),
-            "--htpasswd".into(),
-            users.display().to_string(),
-        ],
+    let pier = Pier::with_config(
+        tmp.path(),
+        &format!("[auth]\n{RULES}"),
+        &["--hosted", "**", "--htpasswd", &users.display().to_string()],
     );
     let host = pier.host();
     let skopeo = Skopeo::new(tmp.path());
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "app",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("app.bin", 300_000, 7)],
-            )),
-        )],
+        "app",
+        vec![LayerSpec::new("app.bin", 300_000, 7)],
     );
     let image = layout.image("app").clone();
     let dest = format!("docker://{host}/team/app:v1");
@@ -128,34 +114,23 @@ async fn skopeo_logs_in_through_the_token_service() {
     assert_eq!(resp.status(), 403);
 
     // The CLI: `pier status` needs an admin, given in the environment.
-    let status = |user: Option<(&str, &str)>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
-        cmd.args(["status", "--url", &pier.url()])
-            .env_remove("PIER_USERNAME")
-            .env_remove("PIER_PASSWORD");
-        if let Some((u, p)) = user {
-            cmd.env("PIER_USERNAME", u).env("PIER_PASSWORD", p);
-        }
-        cmd.output().expect("run pier status")
-    };
-    let out = status(None);
+    let url = pier.url();
+    let status = |env: &[(&str, &str)]| pier_cli_env(&["status", "--url", &url], env);
+    let out = status(&[]);
     assert!(!out.status.success(), "status without credentials: {out:?}");
-    let out = status(Some(("reader", "reader-pw")));
+    let out = status(&[("PIER_USERNAME", "reader"), ("PIER_PASSWORD", "reader-pw")]);
     assert!(!out.status.success(), "status as a non-admin: {out:?}");
-    let out = status(Some(("writer", "writer-pw")));
+    let out = status(&[("PIER_USERNAME", "writer"), ("PIER_PASSWORD", "writer-pw")]);
     assert!(out.status.success(), "status as admin: {out:?}");
 
     // The password from a file, so that it is in neither the process list nor the
     // environment of every child; a trailing newline (as `echo` writes) is not part of it.
     let password_file = tmp.path().join("admin-password");
     std::fs::write(&password_file, "writer-pw\n").expect("write the password file");
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(["status", "--url", &pier.url()])
-        .env("PIER_USERNAME", "writer")
-        .env_remove("PIER_PASSWORD")
-        .env("PIER_PASSWORD_FILE", &password_file)
-        .output()
-        .expect("run pier status");
+    let out = status(&[
+        ("PIER_USERNAME", "writer"),
+        ("PIER_PASSWORD_FILE", &password_file.display().to_string()),
+    ]);
     assert!(out.status.success(), "status with a password file: {out:?}");
 }
 
@@ -164,15 +139,10 @@ async fn a_private_upstream_serves_its_cached_image_only_to_its_own_users() {
     let Some(tmp) = interop_tempdir(&["docker-registry", "htpasswd"]) else {
         return;
     };
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("secret.bin", 700_000, 31)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("secret.bin", 700_000, 31)],
     );
     let image = layout.image("v1").clone();
     let http = http_client();

@@ -1,15 +1,9 @@
 //! The `pier` command line as a user meets it: exit statuses and messages of `pier bench` and
 //! `pier config`, run as the real binary.
 
-use std::process::{Command, Output};
+mod common;
 
-fn pier(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(args)
-        .env_remove("PIER_BENCH_REGISTRY")
-        .output()
-        .expect("run pier")
-}
+use common::{pier_cli, pier_cli_env};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -38,7 +32,7 @@ fn bench_where_every_operation_fails_exits_non_zero_after_the_report() {
         "-n",
         "3",
     ];
-    let out = pier(&args);
+    let out = pier_cli(&args);
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(
         out.status.code(),
@@ -57,7 +51,7 @@ fn bench_where_every_operation_fails_exits_non_zero_after_the_report() {
 
 #[test]
 fn config_pier_url_gets_http_only_without_a_scheme() {
-    let out = pier(&["config", "docker", "--pier", "pier.lan:5000"]);
+    let out = pier_cli(&["config", "docker", "--pier", "pier.lan:5000"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let snippet: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("daemon.json snippet is JSON");
@@ -66,7 +60,7 @@ fn config_pier_url_gets_http_only_without_a_scheme() {
         serde_json::json!(["http://pier.lan:5000"])
     );
 
-    let out = pier(&["config", "docker", "--pier", "https://pier.lan"]);
+    let out = pier_cli(&["config", "docker", "--pier", "https://pier.lan"]);
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
     let snippet: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("daemon.json snippet is JSON");
@@ -86,7 +80,7 @@ fn config_refuses_a_pier_url_with_another_scheme() {
         if client == "containerd" {
             args.extend(["--certs-dir", certs]);
         }
-        let out = pier(&args);
+        let out = pier_cli(&args);
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{client}: stdout: {stdout}");
         assert!(
@@ -118,13 +112,7 @@ fn a_password_in_the_url_is_refused_by_every_command_that_takes_one() {
         &["check", "--url", url],
     ];
     for args in commands {
-        let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-            .args(*args)
-            .env_remove("PIER_USERNAME")
-            .env_remove("PIER_PASSWORD")
-            .env_remove("PIER_PASSWORD_FILE")
-            .output()
-            .expect("run pier");
+        let out = pier_cli(args);
         let stderr = text(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(
@@ -143,13 +131,13 @@ fn a_password_in_the_url_is_refused_by_every_command_that_takes_one() {
 
 #[test]
 fn an_unreadable_password_file_is_named_before_anything_is_asked() {
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(["status", "--url", "http://127.0.0.1:9"])
-        .env("PIER_USERNAME", "admin")
-        .env_remove("PIER_PASSWORD")
-        .env("PIER_PASSWORD_FILE", "/nonexistent/pier-password")
-        .output()
-        .expect("run pier");
+    let out = pier_cli_env(
+        &["status", "--url", "http://127.0.0.1:9"],
+        &[
+            ("PIER_USERNAME", "admin"),
+            ("PIER_PASSWORD_FILE", "/nonexistent/pier-password"),
+        ],
+    );
     let stderr = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -161,7 +149,7 @@ fn an_unreadable_password_file_is_named_before_anything_is_asked() {
 #[test]
 fn the_help_of_a_command_with_url_says_where_credentials_come_from() {
     for command in ["status", "import", "export", "warm", "gc", "check"] {
-        let out = pier(&[command, "--help"]);
+        let out = pier_cli(&[command, "--help"]);
         let help = text(&out.stdout)
             .split_whitespace()
             .collect::<Vec<_>>()

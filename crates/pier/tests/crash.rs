@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     digest_of, digest_of_file, error_code, gen_bytes, gen_digest, header, put_manifest, range_of,
-    Pier, Trickle, KIB, MIB, OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST,
+    Launch, Pier, Trickle, KIB, MIB, OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST,
 };
 use reqwest::{header as h, StatusCode};
 use serde_json::json;
@@ -492,7 +492,7 @@ async fn sigkill_mid_upload_keeps_what_was_acknowledged() {
     drop(trickles);
 
     // ---- restart on the same data directory ----
-    let mut pier = Pier::start(&data);
+    pier.restart();
     let api = Api::new(&pier);
 
     let leftovers = entries(&data.join("tmp"));
@@ -726,7 +726,7 @@ async fn sigterm_lets_inflight_uploads_finish() {
     drop((post_trickle, patch_trickle));
 
     // What was acknowledged during the shutdown is there after a restart.
-    let mut pier = Pier::start(&data);
+    pier.restart();
     let api = Api::new(&pier);
     let blob = gen_bytes(30, blob_len);
     api.assert_blob("blob uploaded during shutdown", &blob)
@@ -836,20 +836,8 @@ async fn own_generation(http: &reqwest::Client, pier: &Pier, name: &str) -> u64 
 #[tokio::test]
 async fn a_restart_always_gets_a_larger_generation() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "a cluster secret of some length\n").expect("secret");
+    let secret = common::cluster_secret(tmp.path());
     let data = tmp.path().join("node");
-    let args: Vec<String> = [
-        "--node-name",
-        "gen-node",
-        "--peer-listen",
-        &format!("127.0.0.1:{}", common::free_port()),
-        "--cluster-secret-file",
-        &secret.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
     let log = tmp.path().join("node.log");
     let http = reqwest::Client::new();
     // The last life ran with a clock an hour ahead of the one this start sees.
@@ -860,7 +848,9 @@ async fn a_restart_always_gets_a_larger_generation() {
     let last = now_ms + 3_600_000;
     std::fs::create_dir_all(data.join("cluster")).expect("mkdir");
     std::fs::write(data.join("cluster/generation"), format!("{last}\n")).expect("write");
-    let mut pier = Pier::start_with(&data, &log, &args);
+    let mut pier = Launch::new(&data, &log)
+        .member("gen-node", common::free_port(), &secret, None)
+        .start();
     let first = own_generation(&http, &pier, "gen-node").await;
     assert!(
         first > last,
@@ -873,7 +863,7 @@ async fn a_restart_always_gets_a_larger_generation() {
         .parse()
         .expect("a number");
     assert_eq!(kept, first, "the generation announced is the one kept");
-    let pier = Pier::start_with(&data, &log, &args);
+    pier.restart();
     let second = own_generation(&http, &pier, "gen-node").await;
     assert!(second > first, "restart: {second} is not above {first}");
 }

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Skopeo};
-use common::{small_image, Pier, Upload};
+use common::{small_image, Launch, Pier, Upload};
 
 #[tokio::test]
 async fn no_arguments_serves_on_port_5000_with_data_in_the_working_directory() {
@@ -51,7 +51,7 @@ async fn no_arguments_serves_on_port_5000_with_data_in_the_working_directory() {
 
 /// A node started with nothing but `--listen` and `--data-dir`.
 fn default_node(dir: &std::path::Path) -> Pier {
-    Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &[])
+    Launch::in_dir(dir).start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

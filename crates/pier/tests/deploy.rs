@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, require, Pier};
+use common::{free_port, require, Launch};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -216,34 +216,20 @@ async fn node_down_and_5xx_alerts_fire_on_real_metrics() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
+    let secret = common::cluster_secret(tmp.path());
     let peer = [free_port(), free_port()];
     // An upstream nothing listens on: every mirrored pull fails with a 5xx.
     let dead_upstream = format!("http://127.0.0.1:{}", free_port());
     let node = |i: usize| {
         let name = format!("n{i}");
-        let mut args: Vec<String> = [
-            "--node-name",
-            &name,
-            "--peer-listen",
-            &format!("127.0.0.1:{}", peer[i]),
-            "--cluster-secret-file",
-            &secret.display().to_string(),
-            "--upstream",
-            &format!("down.example={dead_upstream}"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if i > 0 {
-            args.extend(["--join".into(), format!("127.0.0.1:{}", peer[0])]);
-        }
-        Pier::start_with(
+        let join = (i > 0).then_some(peer[0]);
+        Launch::new(
             &tmp.path().join(&name),
             &tmp.path().join(format!("{name}.log")),
-            &args,
         )
+        .args(["--upstream", &format!("down.example={dead_upstream}")])
+        .member(&name, peer[i], &secret, join)
+        .start()
     };
     let mut n0 = node(0);
     let n1 = node(1);

@@ -9,29 +9,12 @@ mod common;
 mod mirror_support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{digest_of, error_code, interop_tempdir, write_layout, Entry, ImageSpec, LayerSpec};
-use common::{Pier, KIB, MIB};
+use common::{digest_of, error_code, interop_tempdir, one_image, LayerSpec};
+use common::{json_of, pier_cli, Launch, Pier, KIB, MIB};
 use mirror_support::{http_client, pull_http, start_mirror, upstream_table, Registry};
 use reqwest::StatusCode;
-
-fn pier(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(args)
-        .output()
-        .expect("run pier")
-}
-
-fn json_of(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "not JSON ({e}):\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 /// The file of a blob under a node's data directory.
 fn blob_file(data_dir: &Path, digest: &str) -> PathBuf {
@@ -48,21 +31,10 @@ fn flip_a_byte(path: &Path) {
 
 /// A hosted node that collects without grace.
 fn hosted_pier(tmp: &Path) -> Pier {
-    let config = tmp.join("pier.toml");
-    std::fs::write(
-        &config,
+    Pier::with_config(
+        tmp,
         "[gc]\ngrace = \"0s\"\n[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
-    )
-    .expect("write config");
-    Pier::start_with(
-        &tmp.join("data"),
-        &tmp.join("pier.log"),
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--hosted".into(),
-            "**".into(),
-        ],
+        &["--hosted", "**"],
     )
 }
 
@@ -129,7 +101,7 @@ async fn gc_dry_run_then_gc_frees_a_deleted_images_blobs() {
             .unwrap()
             .len();
 
-    let plan = pier(&["gc", "--dry-run", "--json", "--url", &base]);
+    let plan = pier_cli(&["gc", "--dry-run", "--json", "--url", &base]);
     assert!(plan.status.success(), "{plan:?}");
     let plan = json_of(&plan);
     assert_eq!(plan["dry_run"], true);
@@ -140,7 +112,7 @@ async fn gc_dry_run_then_gc_frees_a_deleted_images_blobs() {
         "a dry run frees nothing"
     );
 
-    let done = pier(&["gc", "--url", &base]);
+    let done = pier_cli(&["gc", "--url", &base]);
     let text = String::from_utf8_lossy(&done.stdout).to_string();
     assert!(done.status.success(), "{done:?}");
     assert!(
@@ -164,7 +136,7 @@ async fn gc_dry_run_then_gc_frees_a_deleted_images_blobs() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(resp.bytes().await.unwrap().as_ref(), &[4u8; 1000]);
 
-    let again = json_of(&pier(&["gc", "--dry-run", "--json", "--url", &base]));
+    let again = json_of(&pier_cli(&["gc", "--dry-run", "--json", "--url", &base]));
     assert_eq!(
         (again["blobs"].as_u64(), again["bytes"].as_u64()),
         (Some(0), Some(0))
@@ -181,7 +153,7 @@ async fn check_deep_reports_a_corrupt_hosted_blob_lost_and_pulls_get_blob_unknow
     let base = node.url();
     let (manifest, _, layer) = push_image(&http, &base, "team/app", "v1", &[5u8; 64 * 1024]).await;
 
-    let clean = pier(&["check", "--deep", "--url", &base]);
+    let clean = pier_cli(&["check", "--deep", "--url", &base]);
     let text = String::from_utf8_lossy(&clean.stdout).to_string();
     assert_eq!(clean.status.code(), Some(0), "{text}");
     assert!(
@@ -190,16 +162,10 @@ async fn check_deep_reports_a_corrupt_hosted_blob_lost_and_pulls_get_blob_unknow
     );
 
     flip_a_byte(&blob_file(node.data_dir(), &layer));
-    let found = pier(&["check", "--deep", "--json", "--url", &base]);
+    let found = pier_cli(&["check", "--deep", "--json", "--url", &base]);
     assert_eq!(found.status.code(), Some(2), "lost data exits 2: {found:?}");
     let report = json_of(&found);
-    let digests = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "blob digests")
-        .expect("a digest check")
-        .clone();
+    let digests = common::check_of(&report, "blob digests");
     assert_eq!(digests["status"], "fail", "{digests}");
     let details = digests["details"].to_string();
     assert!(
@@ -228,18 +194,13 @@ async fn check_deep_quarantines_a_corrupt_mirrored_blob_and_the_next_pull_fetche
     let Some(tmp) = interop_tempdir(&["docker-registry"]) else {
         return;
     };
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("big.bin", 2 * MIB + 7, 501),
-                    LayerSpec::new("small.conf", 3 * KIB, 502),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("big.bin", 2 * MIB + 7, 501),
+            LayerSpec::new("small.conf", 3 * KIB, 502),
+        ],
     );
     let image = layout.image("v1").clone();
     let registry = Registry::start_in(tmp.path());
@@ -274,7 +235,7 @@ async fn check_deep_quarantines_a_corrupt_mirrored_blob_and_the_next_pull_fetche
         &[("upstream", &upstream)],
     );
     flip_a_byte(&file);
-    let found = pier(&["check", "--deep", "--url", &node.url()]);
+    let found = pier_cli(&["check", "--deep", "--url", &node.url()]);
     let text = String::from_utf8_lossy(&found.stdout).to_string();
     assert_eq!(
         found.status.code(),
@@ -297,7 +258,7 @@ async fn check_deep_quarantines_a_corrupt_mirrored_blob_and_the_next_pull_fetche
         fetched_again >= fetched + layer.size as f64,
         "the upstream was asked again: {fetched} then {fetched_again} bytes"
     );
-    let clean = pier(&["check", "--deep", "--url", &node.url()]);
+    let clean = pier_cli(&["check", "--deep", "--url", &node.url()]);
     assert_eq!(clean.status.code(), Some(0), "{clean:?}");
 }
 
@@ -309,38 +270,26 @@ async fn pier_pin_and_unpin_hold_an_image_by_digest() {
     let base = node.url();
     let (manifest, _, _) = push_image(&http, &base, "team/app", "v1", &[6u8; 4096]).await;
 
-    let pinned = pier(&["pin", "team/app:v1", "--url", &base]);
+    let pinned = pier_cli(&["pin", "team/app:v1", "--url", &base]);
     assert!(pinned.status.success(), "{pinned:?}");
     assert_eq!(
         String::from_utf8_lossy(&pinned.stdout).trim(),
         format!("pinned team/app@{manifest}")
     );
-    let pins: serde_json::Value = http
-        .get(format!("{base}/api/v1/sync/pins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pins: serde_json::Value =
+        common::get_json(&http, &format!("{base}/api/v1/sync/pins")).await;
     assert_eq!(pins["pins"][0]["repo"], "team/app", "{pins}");
     assert_eq!(pins["pins"][0]["digest"], manifest.as_str(), "{pins}");
     assert_eq!(pins["pins"][0]["by"][0], "cli", "{pins}");
 
-    let unpinned = pier(&["unpin", "team/app:v1", "--url", &base]);
+    let unpinned = pier_cli(&["unpin", "team/app:v1", "--url", &base]);
     assert!(unpinned.status.success(), "{unpinned:?}");
     assert!(String::from_utf8_lossy(&unpinned.stdout).starts_with("unpinned "));
-    let pins: serde_json::Value = http
-        .get(format!("{base}/api/v1/sync/pins"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pins: serde_json::Value =
+        common::get_json(&http, &format!("{base}/api/v1/sync/pins")).await;
     assert_eq!(pins["pins"].as_array().map(Vec::len), Some(0), "{pins}");
 
-    let missing = pier(&["pin", "team/app:nope", "--url", &base]);
+    let missing = pier_cli(&["pin", "team/app:nope", "--url", &base]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(
         String::from_utf8_lossy(&missing.stderr).contains("is not stored here"),
@@ -354,10 +303,8 @@ async fn pier_pin_and_unpin_hold_an_image_by_digest() {
 #[tokio::test]
 async fn check_names_an_unreachable_upstream_and_a_broken_watch_folder() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let healthy_dir = tmp.path().join("healthy");
-    std::fs::create_dir_all(&healthy_dir).expect("mkdir");
-    let healthy = hosted_pier(&healthy_dir);
-    let out = pier(&["check", "--url", &healthy.url()]);
+    let healthy = hosted_pier(&tmp.path().join("healthy"));
+    let out = pier_cli(&["check", "--url", &healthy.url()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(0), "{text}");
     for name in ["data directory:", "free disk:", "listeners:"] {
@@ -374,23 +321,15 @@ async fn check_names_an_unreachable_upstream_and_a_broken_watch_folder() {
     let closed = common::free_port();
     // The watched folder's parent is a file, so the folder can never be made.
     std::fs::write(broken.join("not-a-dir"), b"x").expect("write");
-    let config = broken.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let node = Launch::in_dir(&broken)
+        .config(&format!(
             "[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n\
              [import]\nwatch = \"{}\"\n\
              [[upstream]]\nname = \"dead.example\"\nendpoints = [\"http://127.0.0.1:{closed}\"]\n",
             broken.join("not-a-dir/inbox").display()
-        ),
-    )
-    .expect("write config");
-    let node = Pier::start_with(
-        &broken.join("data"),
-        &broken.join("pier.log"),
-        &["--config".into(), config.display().to_string()],
-    );
-    let out = pier(&["check", "--url", &node.url()]);
+        ))
+        .start();
+    let out = pier_cli(&["check", "--url", &node.url()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(2), "{text}");
     let fail_line = |name: &str| {
@@ -459,44 +398,25 @@ async fn check_fails_on_a_read_only_data_dir_a_dead_peer_and_a_full_disk() {
     }
     let tmp = tempfile::tempdir().expect("tempdir");
     let disk = common::Tmpfs::mount(&tmp.path().join("disk"), 96);
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "a cluster secret of some length\n").expect("write secret");
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(
-        &config,
-        "[storage]\nmin_free_space = \"24MiB\"\n\
-         [mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
-    )
-    .expect("write config");
+    let secret = common::cluster_secret(tmp.path());
+    let config = "[storage]\nmin_free_space = \"24MiB\"\n\
+                  [mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n";
     let peer_ports = [common::free_port(), common::free_port()];
     let node = |i: usize, data: &Path| -> Pier {
         let name = format!("n{}", i + 1);
-        let mut args: Vec<String> = [
-            "--config",
-            &config.display().to_string(),
-            "--hosted",
-            "**",
-            "--node-name",
-            &name,
-            "--peer-listen",
-            &format!("127.0.0.1:{}", peer_ports[i]),
-            "--cluster-secret-file",
-            &secret.display().to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if i > 0 {
-            args.extend(["--join".into(), format!("127.0.0.1:{}", peer_ports[0])]);
-        }
-        Pier::start_with(data, &tmp.path().join(format!("{name}.log")), &args)
+        let join = (i > 0).then_some(peer_ports[0]);
+        Launch::new(data, &tmp.path().join(format!("{name}.log")))
+            .config(config)
+            .args(["--hosted", "**"])
+            .member(&name, peer_ports[i], &secret, join)
+            .start()
     };
     let data = disk.dir.join("data");
     let mut n1 = node(0, &data);
     let mut n2 = node(1, &tmp.path().join("n2"));
     let url = n1.url();
     let check = || {
-        let out = pier(&["check", "--url", &url]);
+        let out = pier_cli(&["check", "--url", &url]);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -559,22 +479,11 @@ async fn check_fails_on_a_read_only_data_dir_a_dead_peer_and_a_full_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gc_removes_a_manifest_untagged_past_the_retention_and_its_layer() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(
-        &config,
+    let node = Pier::with_config(
+        tmp.path(),
         "[gc]\ngrace = \"0s\"\nuntagged_after = \"1s\"\n\
          [mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
-    )
-    .expect("write config");
-    let node = Pier::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("pier.log"),
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--hosted".into(),
-            "**".into(),
-        ],
+        &["--hosted", "**"],
     );
     let http = http_client();
     let base = node.url();
@@ -582,11 +491,11 @@ async fn gc_removes_a_manifest_untagged_past_the_retention_and_its_layer() {
     // The same tag, a new image: the old manifest is untagged now.
     let (new, _, new_l) = push_image(&http, &base, "team/app", "v1", &[7u8; 30_000]).await;
     assert_ne!(old, new);
-    let young = json_of(&pier(&["gc", "--dry-run", "--json", "--url", &base]));
+    let young = json_of(&pier_cli(&["gc", "--dry-run", "--json", "--url", &base]));
     assert_eq!(young["manifests"], 0, "younger than the retention: {young}");
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
 
-    let done = pier(&["gc", "--json", "--url", &base]);
+    let done = pier_cli(&["gc", "--json", "--url", &base]);
     assert!(done.status.success(), "{done:?}");
     let report = json_of(&done);
     assert_eq!(report["manifests"], 1, "{report}");
@@ -622,54 +531,6 @@ async fn gc_removes_a_manifest_untagged_past_the_retention_and_its_layer() {
     );
 }
 
-/// `pier serve` as a child with `env` set, on a free port; killed on drop.
-struct Serving {
-    child: std::process::Child,
-    url: String,
-    log: PathBuf,
-}
-
-impl Serving {
-    fn start(dir: &Path, args: &[String], env: &[(&str, &str)]) -> Serving {
-        let port = common::free_port();
-        let log = dir.join("serve.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(args)
-            .env_remove("PIER_LOG")
-            .envs(env.iter().copied());
-        let mut child = common::spawn_logged(&mut cmd, common::append_log(&log));
-        let ready = common::wait_startup(
-            &mut child,
-            common::READY_TIMEOUT,
-            std::time::Duration::from_millis(50),
-            || common::http_status(port, "/v2/") == Some(200),
-        );
-        assert!(
-            matches!(ready, common::Startup::Ready),
-            "pier did not start:\n{}",
-            common::read_log(&log, 0)
-        );
-        Serving {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        }
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        common::print_log_tail_if_panicking("pier", &self.log, 40);
-    }
-}
-
 /// An air-gapped node as an operator sets it up: only `--upstream docker.io=...` given, the six
 /// other built-in upstreams unreachable (every HTTPS request goes to a proxy that is not
 /// there). `pier check` warns about those and says how to turn them off, but does not fail;
@@ -679,9 +540,7 @@ impl Drop for Serving {
 async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let http = http_client();
-    let origin_dir = tmp.path().join("origin");
-    std::fs::create_dir_all(&origin_dir).expect("mkdir");
-    let mut origin = hosted_pier(&origin_dir);
+    let mut origin = hosted_pier(&tmp.path().join("origin"));
     // One image of a config and three layers, stored at the origin.
     let config = br#"{"architecture":"amd64"}"#.to_vec();
     let c = push_blob(&http, &origin.url(), "team/app", &config).await;
@@ -712,23 +571,21 @@ async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
     assert_eq!(put.status(), StatusCode::CREATED);
 
     let dead_proxy = format!("http://127.0.0.1:{}", common::free_port());
-    let dir = tmp.path().join("node");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let node = Serving::start(
-        &dir,
-        &["--upstream".into(), format!("docker.io={}", origin.url())],
-        &[("HTTPS_PROXY", &dead_proxy), ("https_proxy", &dead_proxy)],
-    );
+    let node = Launch::in_dir(&tmp.path().join("node"))
+        .args(["--upstream", &format!("docker.io={}", origin.url())])
+        .env("HTTPS_PROXY", &dead_proxy)
+        .env("https_proxy", &dead_proxy)
+        .start();
     // The manifest only, through the default upstream: its four blobs are not stored here.
     let got = http
-        .get(format!("{}/v2/team/app/manifests/v1", node.url))
+        .get(format!("{}/v2/team/app/manifests/v1", node.url()))
         .header("accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .await
         .expect("pull the manifest");
     assert_eq!(got.status(), StatusCode::OK);
 
-    let out = pier(&["check", "--url", &node.url]);
+    let out = pier_cli(&["check", "--url", &node.url()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "warnings only:\n{text}");
     assert!(!text.lines().any(|l| l.starts_with("fail")), "{text}");
@@ -750,7 +607,7 @@ async fn check_only_warns_about_builtin_upstreams_nobody_asked_for() {
 
     // The upstream the operator named is gone: that is a failure.
     origin.kill();
-    let out = pier(&["check", "--url", &node.url]);
+    let out = pier_cli(&["check", "--url", &node.url()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(2), "{text}");
     let fail = lines_of(&text, "fail", "upstreams").unwrap_or_else(|| panic!("{text}"));

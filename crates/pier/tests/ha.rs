@@ -13,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    digest_of, gen_bytes, header, put_manifest, Pier, SharedStorage, KIB, MIB, OCI_CONFIG,
+    digest_of, gen_bytes, header, put_manifest, Launch, Pier, SharedStorage, KIB, MIB, OCI_CONFIG,
     OCI_LAYER_TAR, OCI_MANIFEST,
 };
 use object_store::ObjectStoreExt as _;
@@ -22,18 +22,13 @@ use serde_json::json;
 
 const REPO: &str = "ha/app";
 
-fn start(dir: &Path, name: &str, config: &Path) -> Pier {
-    let data = dir.join(name);
-    Pier::start_with(
-        &data,
-        &dir.join(format!("{name}.pier.log")),
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--hosted".into(),
-            "**".into(),
-        ],
-    )
+/// Node `name` of a deployment configured by `config`: data in `<dir>/<name>`, config and log
+/// beside it, every repository hosted.
+fn start(dir: &Path, name: &str, config: &str) -> Pier {
+    Launch::new(&dir.join(name), &dir.join(format!("{name}.pier.log")))
+        .config(config)
+        .args(["--hosted", "**"])
+        .start()
 }
 
 /// `POST` a session at `base`; returns its `Location` path.
@@ -172,8 +167,7 @@ async fn two_nodes_on_one_bucket_and_one_database_serve_each_others_pushes() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("pier.toml");
-    std::fs::write(&config, storage.deployment_config().await).unwrap();
+    let config = storage.deployment_config().await;
     let mut a = start(dir.path(), "a", &config);
     let mut b = start(dir.path(), "b", &config);
     let (ua, ub) = (a.url(), b.url());
@@ -260,20 +254,14 @@ async fn two_nodes_on_one_bucket_and_one_database_serve_each_others_pushes() {
         pull_blob(&http, &ua, &digest_of(layer), layer).await;
     }
     pull_blob(&http, &ua, &digest, &big).await;
-    let tags: serde_json::Value = http
-        .get(format!("{ua}/v2/{REPO}/tags/list"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags: serde_json::Value =
+        common::get_json(&http, &format!("{ua}/v2/{REPO}/tags/list")).await;
     assert_eq!(tags["tags"], json!(["v0", "v1", "v2", "v3"]));
 
     // B comes back and serves the same; its start-up cleanup keeps A's open session.
     let open = open_upload(&http, &ua).await;
     patch(&http, &ua, &open, 0, b"still open").await;
-    let b = start(dir.path(), "b", &config);
+    b.restart();
     pull_blob(&http, &b.url(), &kd, &killed).await;
     close(&http, &b.url(), &open, &digest_of(b"still open"), &[]).await;
     pull_blob(&http, &ua, &digest_of(b"still open"), b"still open").await;
@@ -292,14 +280,7 @@ fn s3_prefix(config: &str) -> String {
 
 fn pier_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
     let out = common::pier_cli(args);
-    let value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "pier {args:?}: not JSON ({e}):\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
-    (out.status.code(), value)
+    (out.status.code(), common::json_of(&out))
 }
 
 /// Upkeep on shared stores, with the real binary: an image deleted through node A is
@@ -313,13 +294,11 @@ async fn gc_on_one_node_frees_an_image_deleted_on_the_other_and_check_deep_finds
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("pier.toml");
-    let mut text = storage.deployment_config().await;
-    let prefix = s3_prefix(&text);
-    text.push_str(
+    let mut config = storage.deployment_config().await;
+    let prefix = s3_prefix(&config);
+    config.push_str(
         "\n[gc]\ngrace = \"0s\"\n\n[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"\"\n",
     );
-    std::fs::write(&config, text).unwrap();
     let a = start(dir.path(), "a", &config);
     let b = start(dir.path(), "b", &config);
     let (ua, ub) = (a.url(), b.url());
@@ -386,13 +365,7 @@ async fn gc_on_one_node_frees_an_image_deleted_on_the_other_and_check_deep_finds
 
     let (code, report) = pier_json(&["check", "--deep", "--json", "--url", &ua]);
     assert_eq!(code, Some(2), "a lost hosted blob exits 2: {report}");
-    let digests = report["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == "blob digests")
-        .expect("a digest check")
-        .clone();
+    let digests = common::check_of(&report, "blob digests");
     assert_eq!(digests["status"], "fail", "{digests}");
     let details = digests["details"].to_string();
     assert!(

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{
-    assert_blobs_served, digest_of, drop_slowly, pier_cli, wait_for_file, write_docker_save,
-    write_layout, write_oci_archive, Entry, ImageSpec, LayerSpec, Pier, WrittenImage, KIB, MIB,
+    assert_blobs_served, digest_of, drop_slowly, one_image, pier_cli, wait_for_file,
+    write_docker_save, write_oci_archive, LayerSpec, Pier, WrittenImage, KIB, MIB,
 };
 use reqwest::StatusCode;
 
@@ -19,18 +19,13 @@ fn text(b: &[u8]) -> String {
 }
 
 fn image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
-    let layout = write_layout(
+    let layout = one_image(
         dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4 * KIB + 1, seed),
-                    LayerSpec::new("app.bin", 5 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("etc/app.conf", 4 * KIB + 1, seed),
+            LayerSpec::new("app.bin", 5 * MIB + 3, seed + 1),
+        ],
     );
     let image = layout.image("v1").clone();
     (layout, image)
@@ -38,17 +33,13 @@ fn image(dir: &Path, seed: u64) -> (common::Layout, WrittenImage) {
 
 /// A node with every name hosted and the watched folder (if any) at `watch`.
 fn start(dir: &Path, watch: Option<&Path>, extra: &str) -> Pier {
-    std::fs::create_dir_all(dir).expect("create the pier dir");
     let mut config = "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n".to_string();
     config.push_str("[import]\nstable_seconds = 1\nrescan_seconds = 1\n");
     if let Some(w) = watch {
         config.push_str(&format!("watch = {:?}\n", w.display().to_string()));
     }
     config.push_str(extra);
-    let path = dir.join("pier.toml");
-    std::fs::write(&path, config).expect("write the config");
-    let flags = ["--config".to_string(), path.display().to_string()];
-    Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags)
+    Pier::with_config(dir, &config, &[])
 }
 
 /// The digest pier serves for `repo:tag`, and the layer digests of that manifest.

@@ -18,10 +18,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{
-    pier_cli, wait_for_file, write_docker_save, write_layout, Entry, ImageSpec, LayerSpec, Pier,
-    MIB,
-};
+use common::{one_image, pier_cli, wait_for_file, write_docker_save, LayerSpec, Pier, MIB};
 
 /// The layers of an archive of about `total` bytes: one half, one quarter, the rest in two.
 fn layers(total: u64, seed: u64) -> Vec<LayerSpec> {
@@ -37,12 +34,10 @@ fn layers(total: u64, seed: u64) -> Vec<LayerSpec> {
 }
 
 fn archive(dir: &Path, total: u64, seed: u64, tag: &str) -> std::path::PathBuf {
-    let layout = write_layout(
+    let layout = one_image(
         &dir.join(format!("layout-{seed}")),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux("amd64", layers(total, seed))),
-        )],
+        "v1",
+        layers(total, seed),
     );
     let image = layout.image("v1").clone();
     let out = dir.join(format!("bench-{seed}.tar"));
@@ -81,20 +76,16 @@ async fn import_bench() {
         .status()
         .is_ok_and(|s| s.success());
     let dir = tmp.path().join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    let config = dir.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let pier = Pier::with_config(
+        &dir,
+        &format!(
             "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\
              [storage]\nmin_free_space = 0\n\
              [import]\nwatch = {:?}\nstable_seconds = 1\nrescan_seconds = 1\n",
             watch.display().to_string()
         ),
-    )
-    .expect("write the config");
-    let flags = ["--config".to_string(), config.display().to_string()];
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+        &[],
+    );
     // The node's CPU seconds (user + system) per GiB of tar imported: what each byte costs it.
     let cpu = pier_bench::cpu::ServerCpu::new(&[pier.pid()])
         .expect("read the node's /proc")

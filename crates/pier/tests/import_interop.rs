@@ -17,19 +17,15 @@ const WAIT: Duration = Duration::from_secs(60);
 
 /// A plain registry (no upstreams) watching `watch`.
 fn start(dir: &Path, watch: &Path) -> Pier {
-    std::fs::create_dir_all(dir).expect("create the pier dir");
-    let config = dir.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    Pier::with_config(
+        dir,
+        &format!(
             "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\
              [import]\nwatch = {:?}\nstable_seconds = 1\nrescan_seconds = 2\n",
             watch.display().to_string()
         ),
+        &[],
     )
-    .expect("write the config");
-    let flags = ["--config".to_string(), config.display().to_string()];
-    Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags)
 }
 
 async fn imported(pier: &Pier, done: &Path) {

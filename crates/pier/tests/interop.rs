@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
 use common::{
-    assert_blobs_served, assert_same_blobs, digest_of, header, interop_tempdir, push_image,
-    write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Pier, Upload, WrittenImage, KIB, MIB,
-    OCI_INDEX, OCI_MANIFEST, REF_NAME,
+    assert_blobs_served, assert_same_blobs, digest_of, header, interop_tempdir, one_image,
+    push_image, write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Pier, Upload, WrittenImage,
+    KIB, MIB, OCI_INDEX, OCI_MANIFEST, REF_NAME,
 };
 use reqwest::StatusCode;
 
@@ -38,20 +38,15 @@ async fn skopeo_copies_preserve_digests() {
     };
     let t0 = Instant::now();
     let skopeo = Skopeo::new(tmp.path());
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "app",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("app.conf", 4099, 1),
-                    LayerSpec::new("big.bin", 200 * MIB, 2),
-                    LayerSpec::new("lib.bin", 3 * MIB + 5, 3),
-                    LayerSpec::new("tiny.bin", 1, 4),
-                ],
-            )),
-        )],
+        "app",
+        vec![
+            LayerSpec::new("app.conf", 4099, 1),
+            LayerSpec::new("big.bin", 200 * MIB, 2),
+            LayerSpec::new("lib.bin", 3 * MIB + 5, 3),
+            LayerSpec::new("tiny.bin", 1, 4),
+        ],
     );
     let image = layout.image("app").clone();
     assert!(image.layers[1].blob.size >= 200 * MIB);
@@ -183,18 +178,13 @@ async fn containerd_pulls_and_unpacks() {
         return;
     };
     let t0 = Instant::now();
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("hello.bin", 3 * MIB + 3, 21),
-                    LayerSpec::new("world.bin", MIB, 22),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("hello.bin", 3 * MIB + 3, 21),
+            LayerSpec::new("world.bin", MIB, 22),
+        ],
     );
     let image = layout.image("v1").clone();
 
@@ -234,15 +224,11 @@ async fn containerd_pulls_and_unpacks() {
 /// pier as a plain registry: no default upstream and no built-in upstreams, so every repository
 /// is hosted whatever the mirror's routing rules say about names like `library/x`.
 fn start_hosted(tmp: &Path) -> Pier {
-    std::fs::create_dir_all(tmp).expect("create the pier dir");
-    let config = tmp.join("pier.toml");
-    std::fs::write(
-        &config,
+    Pier::with_config(
+        tmp,
         "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n",
+        &[],
     )
-    .expect("write the pier config");
-    let flags = ["--config".to_string(), config.display().to_string()];
-    Pier::start_with(&tmp.join("data"), &tmp.join("pier.log"), &flags)
 }
 
 /// What pier serves for `repo:tag`: the manifest's digest (checked against its bytes), its
@@ -516,32 +502,19 @@ async fn skopeo_and_containerd_on_s3_and_postgres() {
         return;
     };
     let t0 = Instant::now();
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "app",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("big.bin", 20 * MIB + 7, 31),
-                    LayerSpec::new("small.bin", 3 * KIB, 32),
-                ],
-            )),
-        )],
+        "app",
+        vec![
+            LayerSpec::new("big.bin", 20 * MIB + 7, 31),
+            LayerSpec::new("small.bin", 3 * KIB, 32),
+        ],
     );
     let image = layout.image("app").clone();
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(&config, storage.deployment_config().await).expect("write the pier config");
-    let flags = [
-        "--config".to_string(),
-        config.display().to_string(),
-        "--hosted".to_string(),
-        "**".to_string(),
-    ];
-    let pier = Pier::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("pier.log"),
-        &flags,
+    let pier = Pier::with_config(
+        tmp.path(),
+        &storage.deployment_config().await,
+        &["--hosted", "**"],
     );
     let host = pier.host();
     let http = reqwest::Client::new();

@@ -10,16 +10,15 @@ mod common;
 mod mirror_support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
 use common::{
-    assert_same_blobs, digest_of, error_code, header, interop_tempdir, require,
-    try_digest_of_response, within, write_layout, Entry, ImageSpec, LayerSpec, Layout, Metrics,
-    Pier, WrittenImage, KIB, MIB,
+    assert_same_blobs, digest_of, error_code, header, interop_tempdir, one_image, pier_cli_ok,
+    require, try_digest_of_response, within, write_layout, Entry, ImageSpec, Launch, LayerSpec,
+    Layout, Metrics, Pier, WrittenImage, KIB, MIB,
 };
 use mirror_support::{
     http_client, pull_http, start_mirror, upstream_table, CorruptingProxy, Registry, SigningKey,
@@ -47,31 +46,20 @@ fn upstream_bytes(m: &Metrics, upstream: &str) -> f64 {
 /// `pier config containerd` for `pier`, with `args` (`--config`, `--upstream`): writes
 /// `<certs>/<registry>/hosts.toml`. Returns the certs dir.
 fn containerd_hosts(certs: &Path, pier: &Pier, args: &[String]) -> PathBuf {
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .arg("config")
-        .arg("containerd")
-        .arg("--certs-dir")
-        .arg(certs)
-        .arg("--pier")
-        .arg(pier.url())
-        .args(args)
-        .output()
-        .expect("run pier config containerd");
-    assert!(
-        out.status.success(),
-        "pier config containerd failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let certs_dir = certs.display().to_string();
+    let mut words = [
+        "config",
+        "containerd",
+        "--certs-dir",
+        &certs_dir,
+        "--pier",
+        &pier.url(),
+    ]
+    .map(String::from)
+    .to_vec();
+    words.extend_from_slice(args);
+    pier_cli_ok(&words);
     certs.to_path_buf()
-}
-
-/// A one-image layout tagged `tag`.
-fn image_layout(dir: &Path, tag: &str, layers: Vec<LayerSpec>) -> Layout {
-    write_layout(
-        dir,
-        vec![(tag, Entry::Image(ImageSpec::linux("amd64", layers)))],
-    )
 }
 
 /// What most tests start from: a one-image layout in `tmp/src` tagged `tag`, its image, and an
@@ -81,7 +69,7 @@ fn image_and_registry(
     tag: &str,
     layers: Vec<LayerSpec>,
 ) -> (Layout, WrittenImage, Registry) {
-    let layout = image_layout(&tmp.join("src"), tag, layers);
+    let layout = one_image(&tmp.join("src"), tag, layers);
     let image = layout.image(tag).clone();
     (layout, image, Registry::start_in(tmp))
 }
@@ -605,7 +593,7 @@ struct TokenSetup {
 impl TokenSetup {
     async fn start() -> TokenSetup {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let private = image_layout(
+        let private = one_image(
             &tmp.path().join("private"),
             "v1",
             vec![
@@ -613,7 +601,7 @@ impl TokenSetup {
                 LayerSpec::new("secret.conf", 700, 602),
             ],
         );
-        let public = image_layout(
+        let public = one_image(
             &tmp.path().join("public"),
             "v1",
             vec![LayerSpec::new("open.bin", 300 * KIB, 603)],
@@ -883,21 +871,11 @@ async fn skopeo_inspects_and_copies_through_the_path_prefix() {
 
 /// `pier config <client> --pier <pier>` with `args` (`--upstream`): the printed text.
 fn client_config(client: &str, pier: &Pier, args: &[String]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .arg("config")
-        .arg(client)
-        .arg("--pier")
-        .arg(pier.url())
-        .args(args)
-        .output()
-        .expect("run pier config");
-    assert!(
-        out.status.success(),
-        "pier config {client} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("pier config prints UTF-8")
+    let mut words = ["config", client, "--pier", &pier.url()]
+        .map(String::from)
+        .to_vec();
+    words.extend_from_slice(args);
+    pier_cli_ok(&words)
 }
 
 /// The upstream served every blob of `image` in `repo` once, only to pier, and nothing since
@@ -959,9 +937,9 @@ async fn docker_pulls_through_registry_mirrors_and_the_default_upstream() {
 
     // pier's defaults, but docker.io is the local registry.
     let upstream = [format!("--upstream=docker.io={}", registry.url())];
-    let dir = tmp.path().join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &upstream);
+    let pier = Launch::in_dir(&tmp.path().join("pier"))
+        .args(&upstream)
+        .start();
 
     let daemon_json = client_config("docker", &pier, &[]);
     let parsed: serde_json::Value = serde_json::from_str(&daemon_json).expect("daemon.json");
@@ -1024,9 +1002,9 @@ async fn podman_pulls_through_the_registries_conf_mirror() {
     let pushed = registry.accesses().len();
 
     let upstream = vec![format!("--upstream=docker.io={}", registry.url())];
-    let dir = tmp.path().join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &upstream);
+    let pier = Launch::in_dir(&tmp.path().join("pier"))
+        .args(&upstream)
+        .start();
 
     let podman = Podman::new(&tmp.path().join("podman"));
     let mirrors = client_config("podman", &pier, &upstream);

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::certs::make_certs;
-use common::{free_port, push_image, write_layout, Entry, ImageSpec, LayerSpec, Pier, Upload, MIB};
+use common::{free_port, one_image, push_image, Launch, LayerSpec, Pier, Upload, MIB};
 
 fn curl_status(args: &[&str]) -> String {
     let out = Command::new("curl")
@@ -35,50 +35,36 @@ async fn peers_with_certificates_from_one_ca_share_content_and_others_are_refuse
     let certs = tmp.path().join("certs");
     std::fs::create_dir_all(&certs).unwrap();
     make_certs(&certs, &["n1", "n2"]);
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
+    let secret = common::cluster_secret(tmp.path());
     let c = |f: &str| certs.join(f).display().to_string();
     let peer_ports = [free_port(), free_port()];
     let node = |i: usize| -> Pier {
         let name = format!("n{}", i + 1);
-        let mut args: Vec<String> = [
+        let join = (i > 0).then_some(peer_ports[0]);
+        Launch::new(
+            &tmp.path().join(&name),
+            &tmp.path().join(format!("{name}.log")),
+        )
+        .args([
             "--hosted",
             "**",
-            "--node-name",
-            &name,
-            "--peer-listen",
-            &format!("127.0.0.1:{}", peer_ports[i]),
-            "--cluster-secret-file",
-            &secret.display().to_string(),
             "--peer-tls-cert",
             &c(&format!("{name}.pem")),
             "--peer-tls-key",
             &c(&format!("{name}.key")),
             "--peer-tls-ca",
             &c("ca.pem"),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if i > 0 {
-            args.extend(["--join".into(), format!("127.0.0.1:{}", peer_ports[0])]);
-        }
-        let dir = tmp.path().join(&name);
-        Pier::start_with(&dir, &tmp.path().join(format!("{name}.log")), &args)
+        ])
+        .member(&name, peer_ports[i], &secret, join)
+        .start()
     };
     let n1 = node(0);
     let n2 = node(1);
     let http = reqwest::Client::new();
     let started = Instant::now();
     loop {
-        let status: serde_json::Value = http
-            .get(format!("{}/api/v1/status", n2.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status: serde_json::Value =
+            common::get_json(&http, &format!("{}/api/v1/status", n2.url())).await;
         let alive = status["members"]
             .as_array()
             .map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count());
@@ -93,15 +79,10 @@ async fn peers_with_certificates_from_one_ca_share_content_and_others_are_refuse
     }
 
     // Content pushed to n1 is read on n2 from n1's peer listener, over TLS.
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("srv/data.bin", 3 * MIB, 77)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("srv/data.bin", 3 * MIB, 77)],
     );
     let image = layout.image("v1");
     push_image(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::certs::make_certs_for;
 use common::clients::{oci_ref, Containerd, Docker, Podman, Skopeo};
-use common::{interop_tempdir, Pier};
+use common::{interop_tempdir, Launch, Pier};
 
 /// The users of every test and their passwords.
 const USERS: &[(&str, &str)] = &[
@@ -94,34 +94,27 @@ impl Secure {
         for (user, password) in USERS {
             add_user(&htpasswd, user, password);
         }
-        let config = dir.join("pier.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n\
-                 [tls]\ncert = {:?}\nkey = {:?}\n\n[auth]\nhtpasswd = {:?}\n{RULES}",
-                dir.join("server.pem"),
-                dir.join("server.key"),
-                htpasswd,
-            ),
-        )
-        .unwrap();
+        let config = format!(
+            "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n\
+             [tls]\ncert = {:?}\nkey = {:?}\n\n[auth]\nhtpasswd = {:?}\n{RULES}",
+            dir.join("server.pem"),
+            dir.join("server.key"),
+            htpasswd,
+        );
         let ca = dir.join("ca.pem").display().to_string();
         let ip_owned = ip.to_string();
-        let pier = Pier::start_probed(
-            &dir.join("data"),
-            &dir.join("pier.log"),
-            &["--config".to_string(), config.display().to_string()],
-            ip,
-            &move |port| {
+        let pier = Launch::in_dir(dir)
+            .config(&config)
+            .ip(ip)
+            .ready(move |port| {
                 let out = Command::new("curl")
                     .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
                     .arg(&ca)
                     .arg(format!("https://{ip_owned}:{port}/healthz"))
                     .output();
                 out.is_ok_and(|o| o.stdout == b"200")
-            },
-        );
+            })
+            .start();
         Secure {
             pier,
             dir: dir.to_path_buf(),

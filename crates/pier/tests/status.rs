@@ -9,7 +9,6 @@
 mod common;
 
 use std::convert::Infallible;
-use std::path::Path;
 use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,26 +22,18 @@ use axum::{Json, Router};
 use futures::StreamExt as _;
 use serde_json::{json, Value};
 
-use common::{free_port, Pier};
+use common::{free_port, pier_cli, Launch, Pier};
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Run `pier ARGS` to the end; stderr is a pipe, so no progress bar is drawn.
-fn pier(args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(args)
-        .output()
-        .expect("run pier")
-}
-
-/// [`pier`] from async tests, off the runtime's threads so the stub keeps answering.
+/// [`pier_cli`] (its stderr a pipe, so no progress bar is drawn) from async tests, off the runtime's threads so the stub keeps answering.
 async fn pier_async(args: &[&str]) -> Output {
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        pier(&args)
+        pier_cli(&args)
     })
     .await
     .expect("the pier run finished")
@@ -71,7 +62,7 @@ fn status_of_a_ready_node_exits_0_and_names_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let node = Pier::start(&dir.path().join("data"));
 
-    let out = pier(&["status", "--url", &node.url(), "--json"]);
+    let out = pier_cli(&["status", "--url", &node.url(), "--json"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let doc: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
     assert_eq!(doc["ready"], json!(true), "{doc}");
@@ -82,7 +73,7 @@ fn status_of_a_ready_node_exits_0_and_names_it() {
     assert!(!name.is_empty());
 
     // Without a scheme the URL means plain HTTP.
-    let out = pier(&["status", "--url", &node.host()]);
+    let out = pier_cli(&["status", "--url", &node.host()]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let summary = text(&out.stdout);
     assert!(
@@ -103,30 +94,23 @@ fn status_of_a_ready_node_exits_0_and_names_it() {
 fn status_of_a_node_that_is_not_ready_exits_1_and_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     // A free-space floor no disk can meet: the node runs, but is not ready to take writes.
-    let config = dir.path().join("pier.toml");
-    std::fs::write(&config, "[storage]\nmin_free_space = \"1000000TiB\"\n").expect("config");
-    let data = dir.path().join("data");
-    let node = Pier::start_with(
-        &data,
-        &dir.path().join("pier.log"),
-        &["--config".to_string(), path_arg(&config)],
+    let node = Pier::with_config(
+        dir.path(),
+        "[storage]\nmin_free_space = \"1000000TiB\"\n",
+        &[],
     );
 
-    let out = pier(&["status", "--url", &node.url()]);
+    let out = pier_cli(&["status", "--url", &node.url()]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let summary = text(&out.stdout);
     assert!(summary.contains("\nready      no\n"), "{summary}");
     assert!(summary.contains("below min_free_space"), "{summary}");
     assert!(summary.contains("NOT writable"), "{summary}");
 
-    let out = pier(&["status", "--url", &node.url(), "--json"]);
+    let out = pier_cli(&["status", "--url", &node.url(), "--json"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let doc: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
     assert_eq!(doc["ready"], json!(false));
-}
-
-fn path_arg(path: &Path) -> String {
-    path.to_str().expect("utf-8 path").to_string()
 }
 
 #[test]
@@ -136,7 +120,7 @@ fn status_of_an_unreachable_node_exits_2_with_one_line() {
         vec!["status", "--url", &url],
         vec!["status", "--url", &url, "--json"],
     ] {
-        let out = pier(&args);
+        let out = pier_cli(&args);
         assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
         let stderr = text(&out.stderr);
         assert!(
@@ -484,31 +468,22 @@ async fn warm_refuses_replicas_with_all_nodes_before_asking() {
 // ---------------------------------------------------------------------------------------------
 
 async fn status_of(http: &reqwest::Client, node: &Pier) -> Value {
-    http.get(format!("{}/api/v1/status", node.url()))
-        .send()
-        .await
-        .expect("GET /api/v1/status")
-        .json()
-        .await
-        .expect("status JSON")
+    common::get_json(http, &format!("{}/api/v1/status", node.url())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_outside_a_cluster_goes_by_its_node_name_and_zone() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let node = Pier::start_with(
-        &dir.path().join("data"),
-        &dir.path().join("pier.log"),
-        &[
+    let node = Launch::in_dir(dir.path())
+        .args([
             "--hosted",
             "**",
             "--node-name",
             "uinode",
             "--zone",
             "rack-7",
-        ]
-        .map(String::from),
-    );
+        ])
+        .start();
     let http = reqwest::Client::new();
     let doc = status_of(&http, &node).await;
     assert_eq!(doc["node"]["name"], "uinode", "{doc}");
@@ -558,20 +533,14 @@ async fn upstream_health_is_unknown_until_a_request_sees_it() {
         .expect("push the blob");
     assert_eq!(pushed.status(), StatusCode::CREATED);
     let dead = dead_url();
-    let config = dir.path().join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let node = Pier::with_config(
+        dir.path(),
+        &format!(
             "[[upstream]]\nname = \"up.test\"\nendpoints = [\"{}\"]\n\n\
              [[upstream]]\nname = \"dead.test\"\nendpoints = [\"{dead}\"]\n",
             origin.url()
         ),
-    )
-    .expect("write config");
-    let node = Pier::start_with(
-        &dir.path().join("data"),
-        &dir.path().join("pier.log"),
-        &["--config".to_string(), path_arg(&config)],
+        &[],
     );
 
     // Nothing was asked yet: every endpoint, the built-in ones included, is unknown.

@@ -11,53 +11,25 @@ mod common;
 mod mirror_support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::clients::{oci_ref, Skopeo};
 use common::{
-    assert_same_blobs, interop_tempdir, push_image, write_layout, Entry, ImageSpec, LayerSpec,
-    Layout, Pier, Upload, MIB,
+    assert_same_blobs, interop_tempdir, one_image, pier_cli, push_image, write_layout, Entry,
+    ImageSpec, LayerSpec, Pier, Upload, MIB,
 };
 use mirror_support::{http_client, upstream_table, FaultyProxy, Registry, SigningKey, TokenIssuer};
 use serde_json::Value;
 
-/// pier with a config file made of `tables`, every repository hosted, no upstreams unless the
-/// tables add them. Its data and log in `tmp/pier`.
-fn start_pier(tmp: &Path, tables: &str) -> Pier {
-    let config = tmp.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n{tables}"),
-    )
-    .expect("write the pier config");
-    let dir = tmp.join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    Pier::start_with(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &[
-            "--config".to_string(),
-            config.display().to_string(),
-            "--hosted".to_string(),
-            "**".to_string(),
-        ],
-    )
+/// A pier config made of `tables`: no upstreams unless the tables add them.
+fn config(tables: &str) -> String {
+    format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n{tables}")
 }
 
-/// pier started again on what [`start_pier`] left in `tmp`: the same config, data and log.
-fn restart_pier(tmp: &Path) -> Pier {
-    let dir = tmp.join("pier");
-    Pier::start_with(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &[
-            "--config".to_string(),
-            tmp.join("pier.toml").display().to_string(),
-            "--hosted".to_string(),
-            "**".to_string(),
-        ],
-    )
+/// pier configured by [`config`] of `tables`, every repository hosted; its config, data and log
+/// in `tmp/pier`.
+fn start_pier(tmp: &Path, tables: &str) -> Pier {
+    Pier::with_config(&tmp.join("pier"), &config(tables), &["--hosted", "**"])
 }
 
 /// A `[[replicate]]` rule sending `team/**` to `url`, then `more`, retrying quickly unless
@@ -76,13 +48,7 @@ fn replicate_rule(name: &str, url: &str, more: &str) -> String {
 
 /// The rows of `GET /api/v1/sync/jobs`.
 async fn jobs(http: &reqwest::Client, pier: &Pier) -> Vec<Value> {
-    let resp = http
-        .get(format!("{}/api/v1/sync/jobs", pier.url()))
-        .send()
-        .await
-        .expect("GET /api/v1/sync/jobs");
-    assert!(resp.status().is_success(), "jobs: {}", resp.status());
-    let body: Value = resp.json().await.expect("jobs JSON");
+    let body = common::get_json(http, &format!("{}/api/v1/sync/jobs", pier.url())).await;
     body["jobs"].as_array().cloned().unwrap_or_default()
 }
 
@@ -137,22 +103,11 @@ async fn remote_digest(http: &reqwest::Client, base: &str, repo: &str, reference
 
 /// `pier sync ARGS --url URL`: exit code and stdout.
 fn pier_sync(pier: &Pier, args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .arg("sync")
-        .args(args)
-        .args(["--url", &pier.url()])
-        .output()
-        .expect("run pier sync");
+    let url = pier.url();
+    let out = pier_cli(&[&["sync"], args, &["--url", &url]].concat());
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
-}
-
-fn one_image(tmp: &Path, name: &str, layers: Vec<LayerSpec>) -> Layout {
-    write_layout(
-        &tmp.join(name),
-        vec![("v1", Entry::Image(ImageSpec::linux("amd64", layers)))],
     )
 }
 
@@ -401,8 +356,8 @@ async fn referrers_go_along_and_deletes_follow_when_the_rule_says_so() {
         ),
     );
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![LayerSpec::new("a.bin", 300 * 1024, 5)],
     );
     let image = layout.image("v1").clone();
@@ -557,8 +512,8 @@ async fn a_target_with_bearer_tokens_gets_push_scoped_tokens_for_the_rules_crede
         ),
     );
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![LayerSpec::new("a.bin", 700 * 1024, 21)],
     );
     let image = layout.image("v1").clone();
@@ -631,7 +586,11 @@ async fn a_target_that_is_down_is_retried_with_backoff_until_it_returns() {
             "retry_initial = \"1s\"\nretry_max = \"4s\"\n",
         ),
     );
-    let layout = one_image(tmp.path(), "src", vec![LayerSpec::new("a.bin", MIB, 7)]);
+    let layout = one_image(
+        &tmp.path().join("src"),
+        "v1",
+        vec![LayerSpec::new("a.bin", MIB, 7)],
+    );
     let image = layout.image("v1").clone();
     push_image(
         &http,
@@ -700,8 +659,8 @@ async fn a_blob_replicated_before_a_restart_is_mounted_after_it_not_sent_again()
     let remote = Registry::start_in(tmp.path());
     let mut pier = start_pier(tmp.path(), &replicate_rule("dc2", &remote.url(), ""));
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![LayerSpec::new("a.bin", 2 * MIB, 11)],
     );
     let image = layout.image("v1").clone();
@@ -727,7 +686,7 @@ async fn a_blob_replicated_before_a_restart_is_mounted_after_it_not_sent_again()
 
     // After the restart the process remembers nothing; the finished job says where the
     // blobs went.
-    let pier = restart_pier(tmp.path());
+    pier.restart();
     push_image(
         &http,
         &pier.url(),
@@ -784,8 +743,8 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
         &replicate_rule("dc2", &remote.url(), "bandwidth = \"4MiB\"\n"),
     );
     let layout = one_image(
-        tmp.path(),
-        "src",
+        &tmp.path().join("src"),
+        "v1",
         vec![
             LayerSpec::new("small.bin", 64 * 1024, 1),
             LayerSpec::new("big.bin", 24 * MIB, 2),
@@ -826,7 +785,7 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
     );
     pier.kill();
 
-    let pier = restart_pier(tmp.path());
+    pier.restart();
     let rows = wait_jobs(
         &http,
         &pier,
@@ -880,14 +839,7 @@ async fn a_job_killed_mid_upload_finishes_after_restart_without_sending_twice() 
 
 /// `GET /api/v1/sync/pins` as (repository, digest, holder), one per holder.
 async fn pins(http: &reqwest::Client, pier: &Pier) -> Vec<(String, String, String)> {
-    let body: Value = http
-        .get(format!("{}/api/v1/sync/pins", pier.url()))
-        .send()
-        .await
-        .expect("GET /api/v1/sync/pins")
-        .json()
-        .await
-        .expect("pins JSON");
+    let body = common::get_json(http, &format!("{}/api/v1/sync/pins", pier.url())).await;
     let mut out = Vec::new();
     for p in body["pins"].as_array().cloned().unwrap_or_default() {
         for by in p["by"].as_array().cloned().unwrap_or_default() {
@@ -1011,7 +963,8 @@ async fn a_pull_rule_copies_exactly_the_tags_its_filter_selects() {
 
     // Narrowed to the newest tag, the rule's next run lets go of 1.2 and keeps 2.0.
     pier.stop();
-    let pier = start_pier(tmp.path(), &rule.replace("newest = 2", "newest = 1"));
+    pier.set_config(&config(&rule.replace("newest = 2", "newest = 1")));
+    pier.restart();
     let started = Instant::now();
     loop {
         let held = pins(&http, &pier).await;
@@ -1321,8 +1274,8 @@ async fn replication_through_a_faulty_link_ends_with_every_job_succeeded() {
     let mut pushed = Vec::new();
     for i in 0..images {
         let layout = one_image(
-            tmp.path(),
-            &format!("src{i}"),
+            &tmp.path().join(format!("src{i}")),
+            "v1",
             vec![
                 LayerSpec::new("base.bin", 512 * 1024, 1),
                 LayerSpec::new("own.bin", 256 * 1024 + i, 1000 + i),
@@ -1396,16 +1349,7 @@ fn env_number(name: &str, default: u64) -> u64 {
 
 /// Print a result line, and append it to `PIER_SYNC_BENCH_OUT` when set.
 fn bench_line(text: String) {
-    println!("{text}");
-    if let Ok(path) = std::env::var("PIER_SYNC_BENCH_OUT") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("open {path}: {e}"));
-        writeln!(f, "{text}").unwrap_or_else(|e| panic!("write {path}: {e}"));
-    }
+    common::bench_line("PIER_SYNC_BENCH_OUT", &text);
 }
 
 /// Replication throughput to one docker-registry (a fresh image, then the same layer into a
@@ -1436,8 +1380,8 @@ async fn sync_bench() {
         ),
     );
     let layout = one_image(
-        tmp.path(),
-        "big",
+        &tmp.path().join("big"),
+        "v1",
         vec![LayerSpec::new("big.bin", mib * MIB, 9)],
     );
     let image = layout.image("v1").clone();
@@ -1542,8 +1486,8 @@ async fn sync_bench() {
     let started = Instant::now();
     for i in 0..images {
         let layout = one_image(
-            &ftmp,
-            &format!("src{i}"),
+            &ftmp.join(format!("src{i}")),
+            "v1",
             vec![
                 LayerSpec::new("base.bin", 4 * MIB, 1),
                 LayerSpec::new("own.bin", MIB + i, 1000 + i),

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::certs::make_certs;
-use common::{digest_of, gen_bytes, send_signal, Pier, MIB};
+use common::{digest_of, gen_bytes, pier_cli_env, send_signal, Launch, Pier, MIB};
 use futures::StreamExt;
 
 /// `curl` with `args`; returns what `-w` wrote (an empty string if curl could not connect).
@@ -62,12 +62,9 @@ fn start_tls(dir: &Path, extra: &[&str]) -> Pier {
         dir.join("one.pem").display().to_string(),
         dir.join("one.key").display().to_string(),
     ];
-    Pier::start_probed(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &args,
-        "127.0.0.1",
-        &|port| {
+    Launch::in_dir(dir)
+        .args(&args)
+        .ready(move |port| {
             let url = format!("https://127.0.0.1:{port}/healthz");
             curl(&[
                 "-w",
@@ -80,8 +77,8 @@ fn start_tls(dir: &Path, extra: &[&str]) -> Pier {
                 &client[1],
                 &url,
             ]) == "200"
-        },
-    )
+        })
+        .start()
 }
 
 fn have_tools() -> bool {
@@ -140,11 +137,7 @@ async fn tls_listener_speaks_http2_and_reloads_its_certificate_without_dropping_
     assert_eq!(served_subject(dir, port), "subject=CN = one");
 
     // The CLI over https, trusting the test CA through SSL_CERT_FILE.
-    let status = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(["status", "--url", &base])
-        .env("SSL_CERT_FILE", &ca)
-        .output()
-        .unwrap();
+    let status = pier_cli_env(&["status", "--url", &base], &[("SSL_CERT_FILE", &ca)]);
     assert!(
         status.status.success(),
         "pier status --url {base}: {}",

@@ -20,8 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{
-    free_port, interop_tempdir, push_image, wait_for_file, write_docker_save, write_layout, Entry,
-    ImageSpec, LayerSpec, Pier, Upload, MIB,
+    free_port, interop_tempdir, one_image, push_image, wait_for_file, write_docker_save, Launch,
+    LayerSpec, Pier, Upload, MIB,
 };
 use mirror_support::Registry;
 
@@ -30,61 +30,39 @@ async fn dashboard_shows_the_cluster_and_retries_a_failed_job_in_chromium() {
     let Some(tmp) = interop_tempdir(&["chromium", "python3", "docker-registry"]) else {
         return;
     };
-    let secret = tmp.path().join("secret");
-    std::fs::write(&secret, "a cluster secret of some length\n").unwrap();
+    let secret = common::cluster_secret(tmp.path());
     let peer = [free_port(), free_port(), free_port()];
     let target = SocketAddr::from(([127, 0, 0, 1], free_port()));
     // n0 replicates team/** to a registry that is not there yet, and gives up at once.
-    let config = tmp.path().join("n0.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\nhosted = [\"**\"]\n\n\
-             [[replicate]]\nname = \"site-b\"\nrepositories = [\"team/**\"]\n\
-             target = \"http://{target}\"\nretries = 0\n"
-        ),
-    )
-    .unwrap();
+    let config = format!(
+        "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\nhosted = [\"**\"]\n\n\
+         [[replicate]]\nname = \"site-b\"\nrepositories = [\"team/**\"]\n\
+         target = \"http://{target}\"\nretries = 0\n"
+    );
     let node = |i: usize| {
         let name = format!("n{i}");
-        let mut args: Vec<String> = [
-            "--node-name",
-            &name,
-            "--peer-listen",
-            &format!("127.0.0.1:{}", peer[i]),
-            "--cluster-secret-file",
-            &secret.display().to_string(),
-            "--hosted",
-            "**",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        if i == 0 {
-            args.extend(["--config".into(), config.display().to_string()]);
-        } else {
-            args.extend(["--join".into(), format!("127.0.0.1:{}", peer[0])]);
-        }
-        Pier::start_with(
+        let launch = Launch::new(
             &tmp.path().join(&name),
             &tmp.path().join(format!("{name}.log")),
-            &args,
         )
+        .args(["--hosted", "**"]);
+        let launch = if i == 0 {
+            launch.config(&config)
+        } else {
+            launch
+        };
+        let join = (i > 0).then_some(peer[0]);
+        launch.member(&name, peer[i], &secret, join).start()
     };
     let n0 = node(0);
     let _n1 = node(1);
     let _n2 = node(2);
     let http = reqwest::Client::new();
 
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("app.bin", 3 * MIB, 91)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("app.bin", 3 * MIB, 91)],
     );
     let image = layout.image("v1").clone();
     push_image(
@@ -112,14 +90,8 @@ async fn dashboard_shows_the_cluster_and_retries_a_failed_job_in_chromium() {
     // The replication job to the missing registry fails.
     let started = Instant::now();
     loop {
-        let jobs: serde_json::Value = http
-            .get(format!("{}/api/v1/sync/jobs", n0.url()))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let jobs: serde_json::Value =
+            common::get_json(&http, &format!("{}/api/v1/sync/jobs", n0.url())).await;
         let failed = jobs["jobs"].as_array().unwrap().iter().any(|j| {
             j["state"] == "failed"
                 && j["target"]
@@ -178,21 +150,10 @@ async fn dashboard_names_a_lone_node_and_shows_unasked_upstreams_as_unknown() {
         return;
     };
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(
-        &config,
-        format!("[[upstream]]\nname = \"dead.test\"\nendpoints = [\"{dead}\"]\n"),
-    )
-    .unwrap();
-    let node = Pier::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("pier.log"),
-        &[
-            "--node-name".to_string(),
-            "uinode".to_string(),
-            "--config".to_string(),
-            config.display().to_string(),
-        ],
+    let node = Pier::with_config(
+        tmp.path(),
+        &format!("[[upstream]]\nname = \"dead.test\"\nendpoints = [\"{dead}\"]\n"),
+        &["--node-name", "uinode"],
     );
     // A pull through the dead upstream: that endpoint is now known to be down.
     let missing = format!("sha256:{}", "ab".repeat(32));
@@ -237,32 +198,21 @@ async fn dashboard_lists_each_watched_import_with_its_fate() {
     };
     let watch = tmp.path().join("incoming");
     std::fs::create_dir_all(&watch).unwrap();
-    let layout = write_layout(
+    let layout = one_image(
         &tmp.path().join("src"),
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![LayerSpec::new("app.bin", MIB + 5, 51)],
-            )),
-        )],
+        "v1",
+        vec![LayerSpec::new("app.bin", MIB + 5, 51)],
     );
     let archive = tmp.path().join("app.tar");
     write_docker_save(&layout, layout.image("v1"), &["site/app:v1"], &archive);
-    let config = tmp.path().join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let node = Pier::with_config(
+        tmp.path(),
+        &format!(
             "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\
              [import]\nstable_seconds = 1\nrescan_seconds = 1\nwatch = {:?}\n",
             watch.display().to_string()
         ),
-    )
-    .unwrap();
-    let node = Pier::start_with(
-        &tmp.path().join("data"),
-        &tmp.path().join("pier.log"),
-        &["--config".to_string(), config.display().to_string()],
+        &[],
     );
     std::fs::copy(&archive, watch.join("good.tar")).unwrap();
     let bytes = std::fs::read(&archive).unwrap();

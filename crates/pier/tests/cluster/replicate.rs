@@ -3,20 +3,18 @@
 //! node, `pier sync status --json` shows a succeeded `replicate-node` job per node, and a node
 //! that was down during the import gets the image once it is back.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::clients::{oci_ref, Skopeo};
-use crate::common::{push_image, write_layout, Entry, ImageSpec, LayerSpec, Upload, MIB};
+use crate::common::{
+    bench_line, pier_cli, push_image, write_layout, Entry, ImageSpec, LayerSpec, Upload, MIB,
+};
 use crate::nodes::{Cluster, FOUR};
 use crate::serial;
 
 /// The rows `pier sync status --json` prints for the node at `url`, and its exit code.
 fn sync_status(url: &str) -> (i32, Vec<serde_json::Value>) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(["sync", "status", "--json", "--url", url])
-        .output()
-        .expect("run pier sync status");
+    let out = pier_cli(&["sync", "status", "--json", "--url", url]);
     let rows = serde_json::from_slice::<serde_json::Value>(&out.stdout)
         .ok()
         .and_then(|v| v["jobs"].as_array().cloned())
@@ -81,11 +79,7 @@ async fn an_imported_tarball_reaches_every_node_and_a_node_that_was_down_gets_it
         .await;
     let n1 = c.node("n1").url();
     let pushed = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(["import", "--url", &n1])
-        .arg(&archive)
-        .output()
-        .expect("run pier import");
+    let out = pier_cli(&["import", "--url", &n1, &archive.display().to_string()]);
     if !out.status.success() {
         c.fail(&format!(
             "pier import of a docker-archive on n1 failed: {}{}",
@@ -288,14 +282,5 @@ async fn sync_bench_all_nodes() {
         took.as_secs_f64(),
         3.0 * bytes as f64 / 1e6 / took.as_secs_f64()
     );
-    println!("{line}");
-    if let Ok(path) = std::env::var("PIER_SYNC_BENCH_OUT") {
-        use std::io::Write as _;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .unwrap_or_else(|e| panic!("open {path}: {e}"));
-        writeln!(f, "{line}").unwrap_or_else(|e| panic!("write {path}: {e}"));
-    }
+    bench_line("PIER_SYNC_BENCH_OUT", &line);
 }

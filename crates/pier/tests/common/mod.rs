@@ -1,22 +1,26 @@
-//! Helpers shared by pier's process-level tests (`crash.rs`, `interop.rs`, `mirror.rs`): the
-//! real `pier` binary as a child process, small helpers for any child process the tests start
-//! (logs, readiness, cleanup), deterministic content, an OCI image-layout writer, a plain
-//! reqwest pusher and checker, and the gate of the interop tier. [`clients`] drives the real
-//! clients the interop tiers run: skopeo and a private containerd.
+//! Helpers shared by pier's process-level tests: the real `pier` binary as a child process
+//! (one way to start a node, [`Launch`], with its config, flags and environment, kept by the
+//! [`Pier`] it returns so that a test can restart the node), one way to run the CLI
+//! ([`pier_cli`]), small helpers for any child process the tests start (logs, readiness,
+//! cleanup), deterministic content, an OCI image-layout writer, a plain reqwest pusher and
+//! checker, and the gate of the interop tier. [`clients`] drives the real clients the interop
+//! tiers run: skopeo, containerd, podman and docker.
 //!
-//! Each test binary uses a different subset of these helpers.
+//! Each test binary uses a different subset of these helpers; each tier keeps only what is
+//! particular to it.
 #![allow(dead_code)]
 
 pub mod certs;
 pub mod clients;
 
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -144,20 +148,134 @@ pub async fn within<T>(limit: Duration, what: &str, f: impl std::future::Future<
 // The pier process
 // ---------------------------------------------------------------------------------------------
 
-/// A running `pier serve` on 127.0.0.1. Dropping it SIGKILLs the process; on a panic the log's
-/// tail is printed.
-pub struct Pier {
-    child: Option<Child>,
-    ip: String,
-    port: u16,
+/// How a `pier serve` is started: its data directory, log, config file, flags, environment,
+/// address and readiness probe. [`Launch::start`] starts it; the [`Pier`] it returns keeps it,
+/// so that [`Pier::restart`] starts the same node again on what it left behind.
+#[derive(Clone)]
+pub struct Launch {
     data_dir: PathBuf,
     log_path: PathBuf,
+    /// The config file given with `--config`, once [`Launch::config`] wrote it.
+    config: Option<PathBuf>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    ip: String,
+    ready: Arc<dyn Fn(u16) -> bool + Send + Sync>,
+}
+
+impl Launch {
+    /// pier with `data_dir` as its data directory, stdout and stderr appended (across
+    /// restarts) to `log_path`, listening on 127.0.0.1 and ready once `GET /v2/` answers 200
+    /// (401 with auth on: a node with auth challenges every caller without credentials).
+    pub fn new(data_dir: &Path, log_path: &Path) -> Launch {
+        Launch {
+            data_dir: data_dir.to_path_buf(),
+            log_path: log_path.to_path_buf(),
+            config: None,
+            args: Vec::new(),
+            env: Vec::new(),
+            ip: "127.0.0.1".to_string(),
+            ready: Arc::new(|port| matches!(http_status(port, "/v2/"), Some(200 | 401))),
+        }
+    }
+
+    /// [`Launch::new`] for a node of its own directory: data in `<dir>/data`, the log at
+    /// `<dir>/pier.log` (and a config, if given, at `<dir>/pier.toml`).
+    pub fn in_dir(dir: &Path) -> Launch {
+        std::fs::create_dir_all(dir).expect("create the node's directory");
+        Launch::new(&dir.join("data"), &dir.join("pier.log"))
+    }
+
+    /// Write `toml` as the node's config file, beside its log with the ending `.toml`, and
+    /// pass it with `--config` (before the other flags).
+    pub fn config(mut self, toml: &str) -> Launch {
+        let path = self.log_path.with_extension("toml");
+        write_config(&path, toml);
+        self.config = Some(path);
+        self
+    }
+
+    /// Flags after `--listen`, `--data-dir` and `--config`.
+    pub fn args<S: AsRef<str>>(mut self, args: impl IntoIterator<Item = S>) -> Launch {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// A member of a cluster on this host: named `name`, its peer listener on
+    /// 127.0.0.1:`peer_port`, the cluster secret in the file `secret`, joining through the
+    /// member whose peer listener is on 127.0.0.1:`join` when one is given.
+    pub fn member(self, name: &str, peer_port: u16, secret: &Path, join: Option<u16>) -> Launch {
+        let launch = self.args([
+            "--node-name",
+            name,
+            "--peer-listen",
+            &format!("127.0.0.1:{peer_port}"),
+            "--cluster-secret-file",
+            &secret.display().to_string(),
+        ]);
+        match join {
+            Some(port) => launch.args(["--join", &format!("127.0.0.1:{port}")]),
+            None => launch,
+        }
+    }
+
+    /// An environment variable of the process.
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Listen on `ip` (an address of this host) instead of 127.0.0.1.
+    pub fn ip(mut self, ip: &str) -> Launch {
+        self.ip = ip.to_string();
+        self
+    }
+
+    /// Ready once `ready(port)` holds: a node serving TLS, or one that wants credentials for
+    /// `/v2/`, is asked differently.
+    pub fn ready(mut self, ready: impl Fn(u16) -> bool + Send + Sync + 'static) -> Launch {
+        self.ready = Arc::new(ready);
+        self
+    }
+
+    /// Start pier on a free port and wait until it is ready.
+    pub fn start(self) -> Pier {
+        let mut pier = Pier {
+            child: None,
+            port: 0,
+            launch: self,
+        };
+        pier.run();
+        pier
+    }
+}
+
+/// A cluster secret for the members a test starts with [`Launch::member`], written to
+/// `<dir>/secret`; its path.
+pub fn cluster_secret(dir: &Path) -> PathBuf {
+    let path = dir.join("secret");
+    std::fs::write(&path, "a cluster secret of some length\n").expect("write the cluster secret");
+    path
+}
+
+fn write_config(path: &Path, toml: &str) {
+    std::fs::write(path, toml)
+        .unwrap_or_else(|e| panic!("write the pier config {}: {e}", path.display()));
+}
+
+/// A running `pier serve`, on 127.0.0.1 unless its [`Launch`] said otherwise. Dropping it
+/// SIGKILLs the process; on a panic the log's tail is printed.
+pub struct Pier {
+    child: Option<Child>,
+    port: u16,
+    launch: Launch,
 }
 
 impl Pier {
     /// Start pier on a free port with `data_dir` as its data directory, every repository hosted
-    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200 (401 with auth on). stdout and stderr go, appended across restarts, to
-    /// `<data_dir's parent>/<data_dir's name>.pier.log`.
+    /// (`--hosted '**'`), and wait until `GET /v2/` answers 200 (401 with auth on). stdout and
+    /// stderr go, appended across restarts, to `<data_dir's parent>/<data_dir's name>.pier.log`.
     pub fn start(data_dir: &Path) -> Pier {
         let parent = data_dir
             .parent()
@@ -170,38 +288,34 @@ impl Pier {
             .unwrap_or("pier");
         // A registry for pushes: every name hosted, so no push is refused for shadowing a name
         // of the default upstream (docker.io).
-        Pier::start_with(
-            data_dir,
-            &parent.join(format!("{name}.pier.log")),
-            &["--hosted".to_string(), "**".to_string()],
-        )
+        Launch::new(data_dir, &parent.join(format!("{name}.pier.log")))
+            .args(["--hosted", "**"])
+            .start()
     }
 
-    /// [`Pier::start`] with the log at `log_path` and `args` (`--config`, `--upstream`) after
-    /// `--listen` and `--data-dir`.
-    pub fn start_with(data_dir: &Path, log_path: &Path, args: &[String]) -> Pier {
-        // 401: a node with auth on challenges every caller without credentials.
-        Pier::start_probed(data_dir, log_path, args, "127.0.0.1", &|port| {
-            matches!(http_status(port, "/v2/"), Some(200 | 401))
-        })
+    /// A node of its own directory `dir` configured by `toml`: the config written to
+    /// `<dir>/pier.toml` and given with `--config`, then `args`; data in `<dir>/data`, the log
+    /// at `<dir>/pier.log`.
+    pub fn with_config(dir: &Path, toml: &str, args: &[&str]) -> Pier {
+        Launch::in_dir(dir).config(toml).args(args).start()
     }
 
-    /// [`Pier::start_with`] listening on `ip` (an address of this host) and ready once
-    /// `ready(port)` holds: a node serving TLS, or one that wants credentials for `/v2/`, is
-    /// asked differently.
-    pub fn start_probed(
-        data_dir: &Path,
-        log_path: &Path,
-        args: &[String],
-        ip: &str,
-        ready: &dyn Fn(u16) -> bool,
-    ) -> Pier {
+    /// Start the process of [`Launch`] until it is ready, retrying on another port when the
+    /// one picked was taken meanwhile.
+    fn run(&mut self) {
+        let launch = &self.launch;
+        let ip = launch.ip.clone();
+        let mut args: Vec<String> = Vec::new();
+        if let Some(config) = &launch.config {
+            args.extend(["--config".to_string(), config.display().to_string()]);
+        }
+        args.extend(launch.args.iter().cloned());
         // Picking a port and handing it over leaves a window in which someone else may take it:
         // if pier then cannot listen, try another port.
         for attempt in 1..=5 {
             let port = free_port();
-            let log_start = std::fs::metadata(log_path).map_or(0, |m| m.len());
-            let mut log = append_log(log_path);
+            let log_start = std::fs::metadata(&self.launch.log_path).map_or(0, |m| m.len());
+            let mut log = append_log(&self.launch.log_path);
             writeln!(
                 log,
                 "=== test harness: pier serve --listen {ip}:{port}{} (attempt {attempt})",
@@ -213,49 +327,71 @@ impl Pier {
                 .arg("--listen")
                 .arg(format!("{ip}:{port}"))
                 .arg("--data-dir")
-                .arg(data_dir)
-                .args(args)
+                .arg(&self.launch.data_dir)
+                .args(&args)
                 .env("NO_COLOR", "1")
                 // The tests read pier's log, so a filter from the caller's environment must not
                 // hide what they look for.
-                .env_remove("PIER_LOG");
-            let mut pier = Pier {
-                child: Some(spawn_logged(&mut cmd, log)),
-                ip: ip.to_string(),
-                port,
-                data_dir: data_dir.to_path_buf(),
-                log_path: log_path.to_path_buf(),
-            };
-            let child = pier.child.as_mut().expect("just spawned");
+                .env_remove("PIER_LOG")
+                .envs(self.launch.env.iter().map(|(k, v)| (k, v)));
+            self.child = Some(spawn_logged(&mut cmd, log));
+            self.port = port;
+            let ready = Arc::clone(&self.launch.ready);
+            let child = self.child.as_mut().expect("just spawned");
             match wait_startup(child, READY_TIMEOUT, Duration::from_millis(50), || {
                 ready(port)
             }) {
                 Startup::Ready => {
-                    let log = pier.log_since(log_start);
+                    let log = self.log_since(log_start);
                     assert!(
                         log.contains("pier is serving") && log.contains(&format!("{ip}:{port}")),
                         "pier answers but did not log \"pier is serving\" with its address:\n{log}"
                     );
-                    return pier;
+                    return;
                 }
                 Startup::Exited(status) => {
-                    pier.child = None;
-                    let log = pier.log_since(log_start);
+                    self.child = None;
+                    let log = self.log_since(log_start);
                     if log.contains("cannot listen") && attempt < 5 {
                         continue;
                     }
                     panic!("pier exited with {status} before it was ready:\n{log}");
                 }
                 Startup::TimedOut => {
-                    pier.kill();
+                    self.kill();
                     panic!(
                         "pier was not ready within {READY_TIMEOUT:?}:\n{}",
-                        pier.log_since(log_start)
+                        self.log_since(log_start)
                     );
                 }
             }
         }
         unreachable!("the last attempt returns or panics")
+    }
+
+    /// Start the same node again, as [`Launch`] said (data directory, config file, flags,
+    /// environment), appending to the same log; a node still running is stopped first (SIGTERM,
+    /// graceful exit). It listens on a new port: ask [`Pier::url`] again.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        }
+        self.run();
+    }
+
+    /// Write `toml` over the node's config file, for its next [`Pier::restart`].
+    pub fn set_config(&self, toml: &str) {
+        let path = self
+            .launch
+            .config
+            .as_ref()
+            .expect("the node was started with a config file");
+        write_config(path, toml);
+    }
+
+    /// The config file given with `--config`, when the node was started with one.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.launch.config.as_deref()
     }
 
     /// `http://127.0.0.1:<port>`
@@ -265,7 +401,7 @@ impl Pier {
 
     /// `127.0.0.1:<port>`, as image references spell a registry.
     pub fn host(&self) -> String {
-        format!("{}:{}", self.ip, self.port)
+        format!("{}:{}", self.launch.ip, self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -278,7 +414,7 @@ impl Pier {
     }
 
     pub fn data_dir(&self) -> &Path {
-        &self.data_dir
+        &self.launch.data_dir
     }
 
     pub fn pid(&self) -> u32 {
@@ -291,7 +427,7 @@ impl Pier {
     }
 
     fn log_since(&self, offset: u64) -> String {
-        read_log(&self.log_path, offset)
+        read_log(&self.launch.log_path, offset)
     }
 
     /// SIGKILL: no chance to clean up, as in a power cut of the process. Waits for the exit.
@@ -352,7 +488,7 @@ impl Pier {
 impl Drop for Pier {
     fn drop(&mut self) {
         self.kill();
-        print_log_tail_if_panicking("pier", &self.log_path, 60);
+        print_log_tail_if_panicking("pier", &self.launch.log_path, 60);
     }
 }
 
@@ -803,21 +939,24 @@ pub fn blob_path(layout_dir: &Path, digest: &str) -> PathBuf {
 /// A small one-image layout tagged `v1` (a 4 KiB and a 2 MiB layer): what the client tests
 /// load, push and pull back.
 pub fn small_image(dir: &Path, seed: u64) -> (Layout, WrittenImage) {
-    let layout = write_layout(
+    let layout = one_image(
         dir,
-        vec![(
-            "v1",
-            Entry::Image(ImageSpec::linux(
-                "amd64",
-                vec![
-                    LayerSpec::new("etc/app.conf", 4099, seed),
-                    LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
-                ],
-            )),
-        )],
+        "v1",
+        vec![
+            LayerSpec::new("etc/app.conf", 4099, seed),
+            LayerSpec::new("app.bin", 2 * MIB + 3, seed + 1),
+        ],
     );
     let image = layout.image("v1").clone();
     (layout, image)
+}
+
+/// A layout of one linux/amd64 image of `layers`, tagged `tag`: what most tests push and pull.
+pub fn one_image(dir: &Path, tag: &str, layers: Vec<LayerSpec>) -> Layout {
+    write_layout(
+        dir,
+        vec![(tag, Entry::Image(ImageSpec::linux("amd64", layers)))],
+    )
 }
 
 /// Write an OCI image layout: `oci-layout`, `index.json` naming each entry by its tag in an
@@ -1133,6 +1272,25 @@ pub async fn put_manifest(
     digest
 }
 
+/// The JSON document `GET url` answers with; a status other than 2xx, or a body that is not
+/// JSON, panics naming the URL.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: the body broke off: {e}"));
+    let text = || String::from_utf8_lossy(&body).into_owned();
+    assert!(status.is_success(), "GET {url}: {status}: {}", text());
+    serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("GET {url}: not JSON ({e}): {}", text()))
+}
+
 /// Every blob is served from `<base>/v2/<repo>/blobs/<digest><query>` with its exact bytes.
 pub async fn assert_blobs_served(
     http: &reqwest::Client,
@@ -1260,18 +1418,22 @@ pub fn find_on_path(tool: &str) -> Option<PathBuf> {
 // Image archives
 // ---------------------------------------------------------------------------------------------
 
+/// Add a regular file (mode 0644) of `data` at `path` to an archive.
+fn append_file(tar: &mut tar::Builder<File>, path: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.set_cksum();
+    tar.append_data(&mut h, path, data)
+        .unwrap_or_else(|e| panic!("append {path} to the archive: {e}"));
+}
+
 /// Write `image` of `layout` as `docker save` before Docker 25 writes it: each layer as
 /// `<id>/layer.tar` beside `<id>/json` and `<id>/VERSION`, the config as `<hex>.json`, and
 /// `manifest.json` (last, as Docker writes it) naming the image by `tags`.
 pub fn write_docker_save(layout: &Layout, image: &WrittenImage, tags: &[&str], out: &Path) {
     let mut tar = tar::Builder::new(File::create(out).expect("create the archive"));
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, path, data).expect("append");
-    };
+    let mut add = |path: &str, data: &[u8]| append_file(&mut tar, path, data);
     let mut layers = Vec::new();
     for (i, l) in image.layers.iter().enumerate() {
         let id = format!("{:064x}", i + 1);
@@ -1316,13 +1478,7 @@ pub fn write_oci_archive(layout: &Layout, repo: &str, out: &Path) {
         );
         tar.append_path_with_name(&path, name).expect("append blob");
     }
-    let mut add = |path: &str, data: &[u8]| {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        tar.append_data(&mut h, path, data).expect("append");
-    };
+    let mut add = |path: &str, data: &[u8]| append_file(&mut tar, path, data);
     add("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#);
     add("index.json", index.to_string().as_bytes());
     tar.into_inner()
@@ -1331,13 +1487,87 @@ pub fn write_oci_archive(layout: &Layout, repo: &str, out: &Path) {
         .expect("sync the archive");
 }
 
+/// The variables through which the `pier` CLI takes credentials, or a default for a flag: a
+/// test's CLI run sees them only where the test sets them, never from the caller's shell.
+const CLI_ENV: &[&str] = &[
+    "PIER_USERNAME",
+    "PIER_PASSWORD",
+    "PIER_PASSWORD_FILE",
+    "PIER_BENCH_REGISTRY",
+];
+
 /// Run the `pier` binary with `args` (a client command) and return its output.
-pub fn pier_cli(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run pier")
+pub fn pier_cli<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    pier_cli_env(args, &[])
+}
+
+/// [`pier_cli`] with the environment variables `env` set.
+pub fn pier_cli_env<S: AsRef<OsStr>>(args: &[S], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
+    cmd.args(args).stdin(Stdio::null()).env("NO_COLOR", "1");
+    for var in CLI_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.envs(env.iter().copied());
+    cmd.output()
+        .unwrap_or_else(|e| panic!("run pier {}: {e}", shown(args)))
+}
+
+/// [`pier_cli`] that must succeed: its stdout. A failure panics with both outputs.
+pub fn pier_cli_ok<S: AsRef<OsStr>>(args: &[S]) -> String {
+    let out = pier_cli(args);
+    assert!(
+        out.status.success(),
+        "pier {} exited with {}:\n{}{}",
+        shown(args),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap_or_else(|e| panic!("pier {} printed no UTF-8: {e}", shown(args)))
+}
+
+/// What a `pier … --json` run printed, as JSON; a panic showing both outputs when it is not.
+pub fn json_of(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}):\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Command-line words as a shell line would show them (for messages).
+fn shown<S: AsRef<OsStr>>(args: &[S]) -> String {
+    args.iter()
+        .map(|a| a.as_ref().to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A benchmark's result line: printed, and appended to the file the environment variable
+/// `out_var` names when it is set (scripts collect the lines there).
+pub fn bench_line(out_var: &str, text: &str) {
+    println!("{text}");
+    if let Ok(path) = std::env::var(out_var) {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("open {path} ({out_var}): {e}"));
+        writeln!(f, "{text}").unwrap_or_else(|e| panic!("write {path} ({out_var}): {e}"));
+    }
+}
+
+/// The check named `name` in what `pier check --json` printed.
+pub fn check_of(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["checks"]
+        .as_array()
+        .and_then(|checks| checks.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("no check named {name:?} in {report}"))
+        .clone()
 }
 
 /// Copy `from` into `dir` as a writer that takes its time does: under `<name>.part`, in

@@ -17,19 +17,7 @@ static FD_LIMIT: Mutex<()> = Mutex::new(());
 
 /// pier with `toml` as its config, every repository hosted (the tests push under plain names).
 fn start(dir: &Path, toml: &str) -> Pier {
-    let config = dir.join("pier.toml");
-    std::fs::write(&config, toml).expect("write the config");
-    let data = dir.join("data");
-    Pier::start_with(
-        &data,
-        &dir.join("pier.log"),
-        &[
-            "--config".into(),
-            config.display().to_string(),
-            "--hosted".into(),
-            "**".into(),
-        ],
-    )
+    Pier::with_config(dir, toml, &["--hosted", "**"])
 }
 
 fn connect(pier: &Pier) -> TcpStream {

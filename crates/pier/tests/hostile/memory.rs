@@ -156,15 +156,7 @@ fn start_pier(tmp: &Path, mirror: &str, endpoints: &[String]) -> Pier {
          [[upstream]]\nname = \"up.test\"\nendpoints = [{}]\n",
         endpoints.join(", ")
     );
-    let path = tmp.join("pier.toml");
-    std::fs::write(&path, config).expect("write the pier config");
-    let dir = tmp.join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    Pier::start_with(
-        &dir.join("data"),
-        &dir.join("pier.log"),
-        &["--config".to_string(), path.display().to_string()],
-    )
+    Pier::with_config(&tmp.join("pier"), &config, &[])
 }
 
 fn blob_url(pier: &Pier, digest: &str) -> String {

@@ -18,20 +18,14 @@ use crate::mirror_support::{http_client, Registry};
 /// pier whose default upstream `docker.io` is `docker_io` (an URL), with `extra` config lines in
 /// the `[mirror]` table and `flags` after the config.
 fn pier_with_default(tmp: &Path, docker_io: &str, extra: &str, flags: &[&str]) -> Pier {
-    let config = tmp.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    Pier::with_config(
+        &tmp.join("pier"),
+        &format!(
             "[mirror]\nbuiltin_upstreams = false\ndefault_upstream = \"docker.io\"\n{extra}\n\n\
              [[upstream]]\nname = \"docker.io\"\nendpoints = [\"{docker_io}\"]\n"
         ),
+        flags,
     )
-    .expect("write the pier config");
-    let mut args = vec!["--config".to_string(), config.display().to_string()];
-    args.extend(flags.iter().map(|f| f.to_string()));
-    let dir = tmp.join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &args)
 }
 
 /// Two different one-layer images, tagged `a` and `b`.

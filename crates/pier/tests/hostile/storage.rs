@@ -10,24 +10,21 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::common::{
-    digest_of, gen_bytes, push_blob, require, try_digest_of_response, Pier, Tmpfs, Upload, MIB,
-    OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST,
+    digest_of, gen_bytes, push_blob, require, try_digest_of_response, Launch, Pier, Tmpfs, Upload,
+    MIB, OCI_CONFIG, OCI_LAYER_TAR, OCI_MANIFEST,
 };
 use crate::mirror_support::{http_client, Registry};
 
+/// pier with its data on `tmpfs`, its config (`extra` after a free-space floor of 8 MiB) and
+/// log in `log_dir`, and `args` after the config.
 fn start_pier(tmpfs: &Tmpfs, log_dir: &Path, extra: &str, args: &[String]) -> Pier {
-    let config = log_dir.join("pier.toml");
-    std::fs::write(
-        &config,
-        format!(
+    Launch::new(&tmpfs.dir.join("data"), &log_dir.join("pier.log"))
+        .config(&format!(
             "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n\n\
              [storage]\nmin_free_space = \"8MiB\"\n{extra}"
-        ),
-    )
-    .expect("write the config");
-    let mut flags = vec!["--config".to_string(), config.display().to_string()];
-    flags.extend(args.iter().cloned());
-    Pier::start_with(&tmpfs.dir.join("data"), &log_dir.join("pier.log"), &flags)
+        ))
+        .args(args)
+        .start()
 }
 
 /// An OCI error body's first message, asserting its shape.

@@ -24,8 +24,8 @@ use tokio::sync::watch;
 
 use crate::common::{
     append_log, assert_blobs_served, command_in, free_port, header, http_status_at, kill_child,
-    print_log_tail_if_panicking, push_image, read_log, spawn_logged, wait_startup, Layout, Pier,
-    Startup, Upload, WrittenImage, READY_TIMEOUT,
+    print_log_tail_if_panicking, push_image, read_log, spawn_logged, wait_startup, Launch, Layout,
+    Pier, Startup, Upload, WrittenImage, READY_TIMEOUT,
 };
 
 /// An HTTP client that ignores proxy settings from the environment: everything here is on
@@ -122,33 +122,31 @@ pub async fn pull_http(
 // pier with upstreams
 // ---------------------------------------------------------------------------------------------
 
-/// pier in `tmp/pier` (its data and log there), configured by `tmp/pier.toml` as
-/// [`pier_config`] writes it from `builtins` and `tables`, with `upstreams` (`<name>=<url>`) as
-/// `--upstream` flags. Returns pier and the flags it was started with.
+/// pier in `tmp/pier` (its config, data and log there), configured by `[mirror]` without a
+/// default upstream (and without the built-in upstreams unless `builtins`), then `tables`
+/// (`[[upstream]]` tables), with `upstreams` (`<name>=<url>`) as `--upstream` flags. Returns
+/// pier and the flags that name its upstreams (`--config` and `--upstream`), as `pier config`
+/// takes them.
 pub fn start_mirror(
     tmp: &Path,
     builtins: bool,
     tables: &str,
     upstreams: &[String],
 ) -> (Pier, Vec<String>) {
-    let config = pier_config(&tmp.join("pier.toml"), builtins, tables);
-    let mut flags = vec!["--config".to_string(), config.display().to_string()];
-    for u in upstreams {
-        flags.extend(["--upstream".to_string(), u.clone()]);
-    }
-    let dir = tmp.join("pier");
-    std::fs::create_dir_all(&dir).expect("create the pier dir");
-    let pier = Pier::start_with(&dir.join("data"), &dir.join("pier.log"), &flags);
+    let config =
+        format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = {builtins}\n\n{tables}");
+    let upstream_flags: Vec<String> = upstreams
+        .iter()
+        .flat_map(|u| ["--upstream".to_string(), u.clone()])
+        .collect();
+    let pier = Launch::in_dir(&tmp.join("pier"))
+        .config(&config)
+        .args(&upstream_flags)
+        .start();
+    let path = pier.config_path().expect("started with a config");
+    let mut flags = vec!["--config".to_string(), path.display().to_string()];
+    flags.extend(upstream_flags);
     (pier, flags)
-}
-
-/// Write a pier config file: `[mirror]` without a default upstream (and without the built-in
-/// upstreams unless `builtins`), then `extra` (`[[upstream]]` tables).
-fn pier_config(path: &Path, builtins: bool, extra: &str) -> PathBuf {
-    let text =
-        format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = {builtins}\n\n{extra}");
-    std::fs::write(path, text).expect("write the pier config");
-    path.to_path_buf()
 }
 
 /// `[[upstream]]` named `name` with `endpoints`, then `more` (further keys, one a line).
