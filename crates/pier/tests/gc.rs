@@ -677,29 +677,23 @@ async fn check_fails_a_builtin_upstream_that_served_a_pull_within_the_hour() {
     let dir = tmp.path();
     common::certs::make_certs_for(dir, &["quay"], "DNS:quay.io,IP:127.0.0.1");
     let ca = dir.join("ca.pem");
-    let origin = Pier::start_probed(
-        &dir.join("origin"),
-        &dir.join("origin.log"),
-        &[
-            "--hosted".into(),
-            "**".into(),
-            "--tls-cert".into(),
-            dir.join("quay.pem").display().to_string(),
-            "--tls-key".into(),
-            dir.join("quay.key").display().to_string(),
-        ],
-        "127.0.0.1",
-        &|port| {
+    let ca_probe = ca.clone();
+    let origin = Launch::new(&dir.join("origin"), &dir.join("origin.log"))
+        .args(["--hosted", "**", "--tls-cert"])
+        .args([dir.join("quay.pem").display().to_string()])
+        .args(["--tls-key"])
+        .args([dir.join("quay.key").display().to_string()])
+        .ready(move |port| {
             let out = Command::new("curl")
                 .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
-                .arg(&ca)
+                .arg(&ca_probe)
                 .arg("--resolve")
                 .arg(format!("quay.io:{port}:127.0.0.1"))
                 .arg(format!("https://quay.io:{port}/healthz"))
                 .output();
             out.is_ok_and(|o| o.stdout == b"200")
-        },
-    );
+        })
+        .start();
     let port = origin.url().rsplit(':').next().unwrap().to_string();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let tls = reqwest::Client::builder()
@@ -716,22 +710,16 @@ async fn check_fails_a_builtin_upstream_that_served_a_pull_within_the_hour() {
 
     let (open, tunnels) = tokio::sync::watch::channel(true);
     let proxy = connect_proxy(addr, tunnels).await;
-    let node_dir = dir.join("node");
-    std::fs::create_dir_all(&node_dir).expect("mkdir");
     let ca_file = ca.display().to_string();
     // Nothing configured: every upstream is a built-in one.
-    let node = Serving::start(
-        &node_dir,
-        &[],
-        &[
-            ("HTTPS_PROXY", &proxy),
-            ("https_proxy", &proxy),
-            ("SSL_CERT_FILE", &ca_file),
-        ],
-    );
+    let node = Launch::in_dir(&dir.join("node"))
+        .env("HTTPS_PROXY", &proxy)
+        .env("https_proxy", &proxy)
+        .env("SSL_CERT_FILE", &ca_file)
+        .start();
     let http = http_client();
     let got = http
-        .get(format!("{}/v2/quay.io/team/app/manifests/v1", node.url))
+        .get(format!("{}/v2/quay.io/team/app/manifests/v1", node.url()))
         .header("accept", "application/vnd.oci.image.manifest.v1+json")
         .send()
         .await
@@ -739,7 +727,7 @@ async fn check_fails_a_builtin_upstream_that_served_a_pull_within_the_hour() {
     assert_eq!(got.status(), StatusCode::OK, "quay.io through the node");
 
     // quay.io answers; the six built-ins nobody used do not, and only warn.
-    let out = pier(&["check", "--url", &node.url]);
+    let out = pier_cli(&["check", "--url", &node.url()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(1), "warnings only:\n{text}");
     let warn = lines_of(&text, "warn", "upstreams").unwrap_or_else(|| panic!("{text}"));
@@ -750,7 +738,7 @@ async fn check_fails_a_builtin_upstream_that_served_a_pull_within_the_hour() {
 
     // quay.io, which served a pull minutes ago, stops answering: that is a failure.
     open.send_replace(false);
-    let out = pier(&["check", "--url", &node.url]);
+    let out = pier_cli(&["check", "--url", &node.url()]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert_eq!(out.status.code(), Some(2), "{text}");
     let fail = lines_of(&text, "fail", "upstreams").unwrap_or_else(|| panic!("{text}"));
