@@ -293,6 +293,14 @@ impl Fill {
         Box::pin(stream)
     }
 
+    /// The spool's file, when every piece `start..end` lies in is on it: a peer of a swarm can
+    /// then be sent those bytes from the file by the kernel. `None` otherwise (the caller
+    /// falls back to [`Fill::read_pieces`]).
+    pub fn piece_file(&self, start: u64, end: u64) -> Option<std::fs::File> {
+        let covered = self.pieces.get()?.covers(start, end);
+        covered.then(|| self.spool.get()?.reader().ok()).flatten()
+    }
+
     /// Keep a (charged) batch starting at `offset` in the recent window, dropping the oldest
     /// beyond the per-fill window. A dropped batch the writer has not written yet stays in
     /// memory, charged, until it has.

@@ -29,7 +29,7 @@ use crate::respond::{
     blob_headers, blob_range, file_response, hv, manifest_response, served_counters,
     stream_response, Query,
 };
-use crate::zerocopy::ZeroCopy;
+use crate::zerocopy::{FileBody, ZeroCopy};
 use crate::AppState;
 
 type Result<T> = std::result::Result<T, ApiError>;
@@ -169,7 +169,7 @@ async fn blob(
     let app = &state.app;
     let registry = &app.registry;
     if req.headers().contains_key(PIECE_HEADER) {
-        return piece(&state, &digest, req.headers()).await;
+        return piece(&state, &digest, req.headers(), zero_copy(&req)).await;
     }
     // In the store: serve it (linked to the named repository, when one is named without an
     // upstream: hosted content is shared only within its repository).
@@ -292,7 +292,12 @@ async fn stored_response(
 
 /// Pieces of a blob for a swarm member: from the store, or from this node's fill once every
 /// piece the range touches has landed (in whatever order the fill takes them), else 404.
-async fn piece(state: &PeerState, digest: &Digest, headers: &HeaderMap) -> Result<Response> {
+async fn piece(
+    state: &PeerState,
+    digest: &Digest,
+    headers: &HeaderMap,
+    zero_copy: Option<ZeroCopy>,
+) -> Result<Response> {
     let app = &state.app;
     let stored = app.registry.blob_store().stat(digest).await?;
     let fill = match stored {
@@ -313,21 +318,49 @@ async fn piece(state: &PeerState, digest: &Digest, headers: &HeaderMap) -> Resul
         return Err(ApiError::range(size, "a piece request needs a Range"));
     };
     let (start, end) = (range.start, range.end);
-    let stream = match fill {
-        None => app.registry.read_blob(digest, start, end).await?,
-        Some(fill) => {
-            // Only pieces this node holds: the asker was told it holds them, and a piece not
-            // here yet is better fetched from someone else than waited for.
-            if !fill.pieces().is_some_and(|p| p.covers(start, end)) {
-                return Err(not_here(digest));
-            }
-            fill.read_pieces(start, end)
+    // Only pieces this node holds: the asker was told it holds them, and a piece not here
+    // yet is better fetched from someone else than waited for.
+    if let Some(fill) = &fill {
+        if !fill.pieces().is_some_and(|p| p.covers(start, end)) {
+            return Err(not_here(digest));
         }
-    };
+    }
     let (builder, _, _) = blob_headers(digest, size, Some(range));
     let builder = builder
         .header(HOLDING_HEADER, "piece")
         .header(SIZE_HEADER, size);
+    // Uncapped and unfaulted, on a plain connection, the kernel sends the piece from the
+    // blob's file or the fill's spool (written pieces only, so never bytes that are not
+    // there yet); otherwise it goes through memory.
+    let builder = match zero_copy.filter(|_| state.upload_limit.is_none() && !state.corrupt_pieces)
+    {
+        None => builder,
+        Some(zc) => {
+            let mut counters = served_counters(app, "local");
+            counters.push(app.metrics.peer_sent_bytes.clone());
+            match &fill {
+                None => {
+                    match file_response(app, Some(&zc), builder, digest, start, end, counters)
+                        .await?
+                    {
+                        Ok(resp) => return Ok(resp),
+                        Err(builder) => builder,
+                    }
+                }
+                Some(f) => match f.piece_file(start, end) {
+                    Some(file) => {
+                        let body = FileBody::new(file, start, end, zc, counters, Box::new(()));
+                        return Ok(builder.body(Body::new(body)).unwrap_or_default());
+                    }
+                    None => builder,
+                },
+            }
+        }
+    };
+    let stream = match fill {
+        None => app.registry.read_blob(digest, start, end).await?,
+        Some(fill) => fill.read_pieces(start, end),
+    };
     let stream = if state.corrupt_pieces {
         corrupt(stream)
     } else {

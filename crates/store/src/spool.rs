@@ -57,6 +57,12 @@ impl Spool {
         &self.path
     }
 
+    /// A handle of its own on the spool's file, for a server that sends written ranges
+    /// from the file (zero-copy) while the spool is still being written.
+    pub fn reader(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// Write `data` at `offset` (blocking; call from a blocking thread).
     pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
         self.note(
