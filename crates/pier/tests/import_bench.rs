@@ -149,6 +149,36 @@ async fn import_bench() {
         mbps(size, Duration::from_secs_f64(node_s.max(1e-6)))
     ));
 
+    // The image back out as an archive: `pier export` through the node's export API, the
+    // archive fsynced by the CLI. The node's CPU per GiB of archive written.
+    let exported = tmp.path().join("exported.tar");
+    let cpu_before = cpu.seconds();
+    let started = Instant::now();
+    let out = pier_cli(&[
+        "export",
+        "--url",
+        &pier.url(),
+        "-o",
+        &exported.display().to_string(),
+        "bench/app:v1",
+    ]);
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "pier export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let esize = std::fs::metadata(&exported).expect("stat the export").len();
+    let export_cpu = cpu_per_gib(cpu_before, esize);
+    say(format!(
+        "pier export of the same image ({:.0} MiB archive): {:.2} s end to end = {:.0} MB/s; \
+         node CPU {export_cpu:.2} s/GiB",
+        esize as f64 / MIB as f64,
+        took.as_secs_f64(),
+        mbps(esize, took)
+    ));
+    std::fs::remove_file(&exported).expect("remove the export");
+
     if zstd_ok {
         let zsize = std::fs::metadata(&zst).expect("stat").len();
         let staged = watch.join(".bench-web.tar.zst");

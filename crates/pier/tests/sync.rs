@@ -1405,6 +1405,12 @@ async fn sync_bench() {
             assert!(resp.status().is_success(), "run: {}", resp.status());
         }
     };
+    // CPU, user + system, of pier and of the receiving registry over the replication.
+    let cpu_of =
+        |pid: Option<u32>| pid.and_then(|p| pier_bench::cpu::ServerCpu::new(&[p]).ok().flatten());
+    let (pier_cpu, remote_cpu) = (cpu_of(Some(pier.pid())), cpu_of(remote.pid()));
+    let seconds = |c: &Option<pier_bench::cpu::ServerCpu>| c.as_ref().map_or(0.0, |c| c.seconds());
+    let (pier_before, remote_before) = (seconds(&pier_cpu), seconds(&remote_cpu));
     let started = Instant::now();
     run("dc2").await;
     let rows = wait_jobs(
@@ -1424,6 +1430,12 @@ async fn sync_bench() {
         bytes as f64 / MIB as f64,
         took.as_secs_f64(),
         bytes as f64 / 1e6 / took.as_secs_f64()
+    ));
+    let per_gib = |s: f64| pier_bench::cpu::per_gib(s, bytes).unwrap_or(f64::NAN);
+    bench_line(format!(
+        "sync: CPU s/GiB replicated (user + system): pier {:.2}, the receiving registry {:.2}",
+        per_gib(seconds(&pier_cpu) - pier_before),
+        per_gib(seconds(&remote_cpu) - remote_before)
     ));
 
     // For scale: skopeo copying the same image from pier to the same registry.

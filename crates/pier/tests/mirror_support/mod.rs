@@ -186,6 +186,11 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// The registry process's id (for its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Start a registry storing under `storage` (several may share one), with its config and
     /// log in `dir`. `auth` is a YAML `auth:` section or "".
     pub fn start(dir: &Path, storage: &Path, auth: &str) -> Registry {
