@@ -34,7 +34,7 @@ use pier_peer::{Cluster, PeerError, SwarmAnswer, SwarmHolder, SwarmReport};
 pub(crate) mod decide;
 
 pub(crate) use decide::Board;
-use decide::{From, Picker, Turn, STALL};
+use decide::{From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
 
 use crate::fill::{Fill, FillError};
 use crate::pieces::{
@@ -43,9 +43,6 @@ use crate::pieces::{
 use crate::sources::upstream_error;
 use crate::{BlobSource, Mirror, MirrorError, MirrorRef, Result};
 
-/// How often a fetcher reports (and sooner after it lands a piece it was handed).
-const REPORT_EVERY: Duration = Duration::from_millis(200);
-const REPORT_SOON: Duration = Duration::from_millis(20);
 /// Pieces kept in memory until the whole-blob hash reaches them; later ones are read back
 /// from the spool.
 const HASH_AHEAD: usize = 16;

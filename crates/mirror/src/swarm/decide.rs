@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use crate::pieces::Bits;
 
+/// How often a fetcher reports (and sooner after it lands a piece it was handed).
+pub(crate) const REPORT_EVERY: Duration = Duration::from_millis(200);
+pub(crate) const REPORT_SOON: Duration = Duration::from_millis(20);
 /// A member that has not reported for this long has left the swarm.
 pub(crate) const MEMBER_TTL: Duration = Duration::from_secs(3);
 /// A piece handed to a member that does not report holding it within this long is handed to
@@ -238,6 +241,11 @@ impl Picker {
 
     pub(crate) fn coordinating(&self) -> bool {
         self.coordinating
+    }
+
+    /// The pieces this fill holds.
+    pub(crate) fn have(&self) -> &Bits {
+        &self.have
     }
 
     pub(crate) fn done(&self) -> bool {
