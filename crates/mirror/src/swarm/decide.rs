@@ -30,6 +30,15 @@ pub(crate) const UPSTREAM_IN_FLIGHT: usize = 2;
 /// How far past the first missing piece a fetcher looks for pieces to take: far enough to
 /// choose rare ones, near enough that its readers, who read in order, are not kept waiting.
 pub(crate) const WINDOW: usize = 48;
+/// Fetchers that take a piece from each of its holders at once. Every fetcher sees the same
+/// holders, so without a limit all of them would ask a piece's first holder for it at once,
+/// and that holder's link would send it to all of them at a fraction of its rate each while
+/// every other link idled. A fetcher whose turn it is not takes another piece, or waits for
+/// the piece to spread: each fetcher's turn for a piece is fixed by its own hash.
+pub(crate) const TURN: usize = 4;
+/// An idle fetcher that landed nothing for this long takes a piece even when it is not its
+/// turn.
+pub(crate) const TURN_WAIT: Duration = Duration::from_millis(400);
 /// An idle fetcher that landed nothing for this long takes pieces from the coordinator
 /// without being handed them.
 pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
@@ -379,10 +388,13 @@ impl Picker {
         }
     }
 
-    /// The next piece to take and from whom, if any. The holders to ask are filtered once per
-    /// pick (not once per piece looked at), and the least-loaded holder is chosen only for a
-    /// piece rarer than the best so far: at a thousand members the same choice costs a
-    /// fraction of the work.
+    /// The next piece to take and from whom, if any: the rarest in the window, and among the
+    /// equally rare the one this node's own hash orders first. Fetchers see the same holders
+    /// (the coordinator tells them all the same thing), so taking the first of the equally
+    /// rare would send them all after the same few pieces from the same few holders, and
+    /// leave every other link idle. The holders to ask are filtered once per pick (not once
+    /// per piece looked at), and the least-loaded holder is chosen only for a piece that beats
+    /// the best so far: at a thousand members the same choice costs a fraction of the work.
     fn pick(
         &self,
         now: Instant,
@@ -395,7 +407,13 @@ impl Picker {
             .iter()
             .filter(|(n, _)| !self.shunned.avoid(n, now))
             .collect();
-        let mut best: Option<(usize, u32, From)> = None;
+        // (rarity, tie-break): from the upstream in order, from peers in this node's order.
+        let mut best: Option<((usize, u64), u32, From)> = None;
+        // The best piece it is not this node's turn for, taken only by an idle fetcher.
+        let mut other: Option<((usize, u64), u32, From)> = None;
+        let members = self.holders.len() + 1;
+        let idle =
+            self.in_flight.is_empty() && now.saturating_duration_since(self.last_piece) > TURN_WAIT;
         let mut looked = 0;
         let mut i = self.first_missing;
         while i < count && looked < WINDOW {
@@ -405,26 +423,35 @@ impl Picker {
             }
             looked += 1;
             let mut rarity = 0;
-            let mut only_coord = true;
+            let mut peers = 0;
             for (n, h) in &askable {
                 if h.get(i) {
                     rarity += 1;
-                    only_coord &= **n == self.coord;
+                    peers += usize::from(**n != self.coord);
                 }
             }
+            let only_coord = peers == 0;
             if !known(i) || rarity == 0 {
                 // Nobody can send it verifiably yet; a coordinator that took over fetches it
                 // from its upstream.
                 if self.coordinating
                     && self.upstream_in_flight < UPSTREAM_IN_FLIGHT
                     && rarity == 0
-                    && best.as_ref().is_none_or(|(r, _, _)| 0 < *r)
+                    && best.as_ref().is_none_or(|(r, _, _)| (0, 0) < *r)
                 {
-                    best = Some((0, i, From::Upstream));
+                    best = Some(((0, 0), i, From::Upstream));
                 }
-            } else if !(only_coord && !self.assigned.contains(&i) && !unasked)
-                && best.as_ref().is_none_or(|(r, _, _)| rarity < *r)
-            {
+            } else if !(only_coord && !self.assigned.contains(&i) && !unasked) {
+                let key = (rarity, spread(&self.me, i));
+                let lacking = members.saturating_sub(rarity).max(1) as u64;
+                let turn = self.assigned.contains(&i)
+                    || unasked
+                    || key.1 % lacking < (TURN * peers) as u64;
+                let slot = if turn { &mut best } else { &mut other };
+                if slot.as_ref().is_some_and(|(r, _, _)| *r <= key) {
+                    i += 1;
+                    continue;
+                }
                 let from = askable
                     .iter()
                     .filter(|(_, h)| h.get(i))
@@ -435,17 +462,18 @@ impl Picker {
                         (
                             **n == self.coord,
                             self.load.get(&from).copied().unwrap_or(0),
-                            spread(n, i),
+                            spread(&self.me, i) ^ spread(n, i),
                         )
                     })
                     .map(|(n, _)| From::Peer((*n).clone()));
                 if let Some(from) = from {
-                    best = Some((rarity, i, from));
+                    *slot = Some((key, i, from));
                 }
             }
             i += 1;
         }
-        best.map(|(_, i, from)| (i, from))
+        best.or(other.filter(|_| idle))
+            .map(|(_, i, from)| (i, from))
     }
 
     /// A fetch of piece `i` from `from` ended, landed or not.
@@ -676,7 +704,8 @@ mod tests {
             tries.push((i, f.clone()));
             false
         });
-        assert_eq!(tries, vec![(0, From::Peer("gone".into()))]);
+        assert_eq!(tries.len(), 1);
+        assert_eq!(tries[0].1, From::Peer("gone".into()));
         assert!(schedule(&mut p, t0, 4).is_empty());
         assert_eq!(p.bad(), vec!["bad".to_string()]);
         // Benched, not banned: asked again after BENCH.
@@ -689,6 +718,44 @@ mod tests {
         }
         p.peer_failed("gone", true, t0 + BENCH);
         assert!(schedule(&mut p, t0 + BENCH, 4).is_empty());
+    }
+
+    #[test]
+    fn only_a_few_fetchers_at_a_time_take_a_piece_from_its_one_holder() {
+        let t0 = Instant::now();
+        // A hundred fetchers, each holding one piece of its own (so all are members), and one
+        // peer holding piece 0 that no one else has.
+        let others: Vec<(String, Bits)> = (0..100)
+            .map(|k| (format!("f{k}"), bits(200, &[100 + k])))
+            .chain([("a".to_string(), bits(200, &[0]))])
+            .collect();
+        let mut takers = 0;
+        let mut idle_takers = 0;
+        for k in 0..100 {
+            let me = format!("f{k}");
+            let mut p = Picker::new(&me, "c", 200, t0);
+            p.absorb(others.iter().cloned(), []);
+            if schedule(&mut p, t0, 200)
+                .iter()
+                .any(|(i, f)| *i == 0 && *f == From::Peer("a".into()))
+            {
+                takers += 1;
+            }
+            // Idle for long, a fetcher takes it even when it is not its turn.
+            let mut q = Picker::new(&me, "c", 1, t0);
+            let quiet = (0..100).map(|k| (format!("f{k}"), Bits::new(1)));
+            q.absorb(quiet.chain([("a".to_string(), bits(1, &[0]))]), []);
+            let later = t0 + TURN_WAIT + Duration::from_millis(1);
+            let got = schedule(&mut q, later, 1);
+            if got == vec![(0, From::Peer("a".into()))] {
+                idle_takers += 1;
+            }
+        }
+        assert!(
+            (1..=3 * TURN).contains(&takers),
+            "{takers} fetchers asked one holder at once"
+        );
+        assert_eq!(idle_takers, 100);
     }
 
     #[test]
