@@ -19,6 +19,7 @@ pub mod replicate;
 pub mod room;
 mod sources;
 mod swarm;
+pub mod swarm_sim;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

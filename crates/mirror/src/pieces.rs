@@ -165,6 +165,19 @@ impl Bits {
         self.count() == self.len
     }
 
+    /// Every index `other` holds as well (word by word; `other` of another length adds what
+    /// fits).
+    pub fn union(&mut self, other: &Bits) {
+        for (w, o) in self.words.iter_mut().zip(&other.words) {
+            *w |= o;
+        }
+        if self.len & 63 != 0 {
+            if let Some(last) = self.words.last_mut() {
+                *last &= (1u64 << (self.len % 64)) - 1;
+            }
+        }
+    }
+
     /// Every index below `n` (capped at the length).
     pub fn fill_below(&mut self, n: u32) {
         for i in 0..n.min(self.len) {
@@ -376,6 +389,16 @@ mod tests {
         let mut bad = Bits::new(72);
         bad.set(71);
         assert!(Bits::from_hex(70, &bad.to_hex()).is_none());
+
+        // A union keeps both sides and nothing past its own length.
+        let mut u = Bits::new(70);
+        u.set(3);
+        u.union(&bad);
+        assert_eq!((u.get(3), u.get(71), u.count()), (true, false, 1));
+        let mut other = Bits::new(70);
+        other.set(69);
+        u.union(&other);
+        assert_eq!(u.count(), 2);
     }
 
     #[test]

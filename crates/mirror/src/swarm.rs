@@ -19,7 +19,7 @@
 //! takes over: fetchers report to it instead, and when it is this node, it takes the pieces no
 //! one holds from its upstream, piece by piece.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,11 @@ use pier_cluster::NodeId;
 use pier_oci::{Digest, Hasher};
 use pier_peer::{Cluster, PeerError, SwarmAnswer, SwarmHolder, SwarmReport};
 
+pub(crate) mod decide;
+
+pub(crate) use decide::Board;
+use decide::{From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
+
 use crate::fill::{Fill, FillError};
 use crate::pieces::{
     Bits, PieceDigest, PieceHasher, Pieces, PIECE_ALGORITHM, PIECE_SIZE, SWARM_MIN,
@@ -38,95 +43,13 @@ use crate::pieces::{
 use crate::sources::upstream_error;
 use crate::{BlobSource, Mirror, MirrorError, MirrorRef, Result};
 
-/// A member that has not reported for this long has left the swarm.
-const MEMBER_TTL: Duration = Duration::from_secs(3);
-/// A piece handed to a member that does not report holding it within this long is handed to
-/// someone else.
-const ASSIGN_TTL: Duration = Duration::from_secs(4);
-/// Pieces a member may have been handed and not yet reported holding.
-const ASSIGN_OUTSTANDING: usize = 3;
-const ASSIGN_ALONE: usize = 12;
-/// How often a fetcher reports (and sooner after it lands a piece it was handed).
-const REPORT_EVERY: Duration = Duration::from_millis(200);
-const REPORT_SOON: Duration = Duration::from_millis(20);
-/// Reports failed in a row before a coordinator the membership still lists is given up.
-const COORD_FAILURES: u32 = 10;
-/// Pieces a fetcher takes at once, from all holders together.
-const IN_FLIGHT: usize = 6;
-/// Pieces a coordinator that took over takes from its upstream at once.
-const UPSTREAM_IN_FLIGHT: usize = 2;
-/// How far past the first missing piece a fetcher looks for pieces to take: far enough to
-/// choose rare ones, near enough that its readers, who read in order, are not kept waiting.
-const WINDOW: usize = 48;
 /// Pieces kept in memory until the whole-blob hash reaches them; later ones are read back
 /// from the spool.
 const HASH_AHEAD: usize = 16;
-/// An idle fetcher that landed nothing for this long takes pieces from the coordinator
-/// without being handed them.
-const UNASKED_AFTER: Duration = Duration::from_secs(1);
-/// A fill that lands no piece for this long gives up.
-const STALL: Duration = Duration::from_secs(60);
 /// Coordinators' boards nobody has reported to for this long are dropped.
 const BOARD_TTL: Duration = Duration::from_secs(60);
 /// Stored blobs whose piece digests are kept for swarms.
 const STORED_PIECES: usize = 64;
-/// How long a holder that failed to send a piece (as opposed to sending a bad one) is not
-/// asked: long enough that a dead peer costs a failed request or two before gossip declares it
-/// dead, short enough that a peer that was only slow for a moment rejoins the swarm.
-const BENCH: Duration = Duration::from_secs(3);
-
-/// The holders a fill is not asking, and why. A bad piece is proof of a bad peer (a corrupt
-/// disk, a bug, an attacker) and excludes it for the rest of the fill; a failed request is
-/// not: a timeout under load or a restart looks the same, so it only benches the peer.
-#[derive(Debug, Default)]
-struct Shunned {
-    bad: HashSet<String>,
-    benched: HashMap<String, Instant>,
-}
-
-impl Shunned {
-    /// `name` sent a piece that failed its digest.
-    fn corrupt(&mut self, name: &str) {
-        self.benched.remove(name);
-        self.bad.insert(name.to_string());
-    }
-
-    /// `name` failed to send a piece at `now`.
-    fn failed(&mut self, name: &str, now: Instant) {
-        self.benched.insert(name.to_string(), now + BENCH);
-    }
-
-    /// Whether `name` is not to be asked at `now`.
-    fn avoid(&self, name: &str, now: Instant) -> bool {
-        self.bad.contains(name) || self.benched.get(name).is_some_and(|until| now < *until)
-    }
-
-    /// What the coordinator hears: only the proven bad, so a benched peer is still offered.
-    fn reported(&self) -> Vec<String> {
-        self.bad.iter().cloned().collect()
-    }
-}
-
-/// What a coordinator knows of one swarm.
-pub(crate) struct Board {
-    members: HashMap<String, (Bits, Instant)>,
-    /// Members some fetcher found bad: not offered as holders, their pieces handed out again.
-    bad: HashSet<String>,
-    /// Pieces handed to a member to take from the coordinator, and when.
-    assigned: HashMap<u32, (String, Instant)>,
-    touched: Instant,
-}
-
-impl Board {
-    fn new() -> Board {
-        Board {
-            members: HashMap::new(),
-            bad: HashSet::new(),
-            assigned: HashMap::new(),
-            touched: Instant::now(),
-        }
-    }
-}
 
 fn digest_strings(d: Vec<Option<PieceDigest>>) -> Vec<Option<String>> {
     d.into_iter().map(|d| d.map(|d| d.to_string())).collect()
@@ -239,69 +162,19 @@ impl Mirror {
         let own = pieces.have();
         let now = Instant::now();
         let mut boards = self.lock_boards();
-        boards.retain(|_, b| b.touched.elapsed() < BOARD_TTL);
-        let board = boards.entry(digest.clone()).or_insert_with(Board::new);
-        board.touched = now;
-        board.members.insert(from.to_string(), (have.clone(), now));
-        board
-            .members
-            .retain(|_, (_, seen)| seen.elapsed() < MEMBER_TTL);
-        board
-            .bad
-            .extend(report.bad.iter().filter(|n| **n != me).cloned());
-        let mut held = Bits::new(count);
-        let bad = &board.bad;
-        for (_, (h, _)) in board.members.iter().filter(|(n, _)| !bad.contains(*n)) {
-            for i in 0..count {
-                if h.get(i) {
-                    held.set(i);
-                }
-            }
-        }
-        // A handed-out piece stays handed out until a member holds it, or its taker goes
-        // quiet or takes too long.
-        let members = &board.members;
-        board.assigned.retain(|i, (n, at)| {
-            !held.get(*i) && at.elapsed() < ASSIGN_TTL && members.contains_key(n)
-        });
-        let mut assign: Vec<u32> = board
-            .assigned
-            .iter()
-            .filter(|(_, (n, _))| n == from)
-            .map(|(i, _)| *i)
-            .collect();
-        // A lone fetcher takes everything from the coordinator: hand it enough to keep its
-        // pipeline full.
-        let outstanding = if board.members.len() <= 1 {
-            ASSIGN_ALONE
-        } else {
-            ASSIGN_OUTSTANDING
-        };
-        let mut i = 0;
-        while assign.len() < outstanding && i < count {
-            if own.get(i) && !held.get(i) && !board.assigned.contains_key(&i) {
-                board.assigned.insert(i, (from.to_string(), now));
-                assign.push(i);
-            }
-            i += 1;
-        }
-        assign.sort_unstable();
+        boards.retain(|_, b| now.saturating_duration_since(b.touched) < BOARD_TTL);
+        let board = boards
+            .entry(digest.clone())
+            .or_insert_with(|| Board::new(now));
+        let assign = board.report(from, have, &report.bad, &me, &own, now);
         let mut holders = vec![SwarmHolder {
-            node: me,
+            node: me.clone(),
             have: own.to_hex(),
         }];
-        holders.extend(
-            board
-                .members
-                .iter()
-                .filter(|(n, (h, _))| {
-                    n.as_str() != from && h.count() > 0 && !board.bad.contains(*n)
-                })
-                .map(|(n, (h, _))| SwarmHolder {
-                    node: n.clone(),
-                    have: h.to_hex(),
-                }),
-        );
+        holders.extend(board.offered(from).map(|(n, h)| SwarmHolder {
+            node: n.to_string(),
+            have: h.to_hex(),
+        }));
         drop(boards);
         let known = report.known.min(count);
         Ok(SwarmAnswer {
@@ -318,17 +191,10 @@ impl Mirror {
     /// Members of the swarm this node coordinates for `digest` and what they hold.
     fn board_holders(&self, digest: &Digest, count: u32) -> HashMap<String, Bits> {
         let boards = self.lock_boards();
-        let Some(board) = boards.get(digest) else {
-            return HashMap::new();
-        };
-        board
-            .members
-            .iter()
-            .filter(|(n, (h, seen))| {
-                seen.elapsed() < MEMBER_TTL && h.len() == count && !board.bad.contains(*n)
-            })
-            .map(|(n, (h, _))| (n.clone(), h.clone()))
-            .collect()
+        match boards.get(digest) {
+            Some(board) => board.holders(count, Instant::now()),
+            None => HashMap::new(),
+        }
     }
 
     /// Ask the blob's coordinator whether this fill should swarm. `Some` with the coordinator
@@ -409,27 +275,21 @@ impl Mirror {
             fill,
             r,
             cluster,
-            me: cluster.local().name,
             key: digest.to_string(),
             pieces: pieces.clone(),
             spool: spool.clone(),
+            picker: Picker::new(
+                &cluster.local().name,
+                &coord.name,
+                pieces.count(),
+                Instant::now(),
+            ),
             coord,
-            coordinating: false,
-            failed_coords: HashSet::new(),
-            coord_failures: 0,
-            holders: HashMap::new(),
-            assigned: HashSet::new(),
-            shunned: Shunned::default(),
-            in_flight: HashMap::new(),
-            load: HashMap::new(),
-            upstream_in_flight: 0,
-            have: Bits::new(pieces.count()),
             prefix: 0,
             hashed: 0,
             hasher: Hasher::new(digest.algorithm()),
             waiting: BTreeMap::new(),
             tasks: FuturesUnordered::new(),
-            last_piece: Instant::now(),
         };
         run.absorb(first);
         let outcome = run.drive().await;
@@ -459,42 +319,20 @@ impl Mirror {
     }
 }
 
-/// Where a piece came from.
-#[derive(Clone, PartialEq, Eq, Hash)]
-enum From {
-    Peer(String),
-    Upstream,
-}
-
 type PieceResult = (u32, From, std::result::Result<Bytes, FillError>);
 
-/// One swarm fill's state on the fetching node.
+/// One swarm fill's state on the fetching node: its I/O; the choices are its [`Picker`]'s.
 struct SwarmRun<'a> {
     mirror: &'a Mirror,
     digest: &'a Digest,
     fill: &'a Arc<Fill>,
     r: &'a MirrorRef,
     cluster: &'a Cluster,
-    me: String,
     key: String,
     pieces: Arc<Pieces>,
     spool: pier_store::Spool,
     coord: NodeId,
-    /// This node has become the coordinator (the previous one stopped answering).
-    coordinating: bool,
-    failed_coords: HashSet<String>,
-    coord_failures: u32,
-    /// Who holds which pieces, as the coordinator last said.
-    holders: HashMap<String, Bits>,
-    /// Pieces the coordinator handed this node to take from it.
-    assigned: HashSet<u32>,
-    /// Holders this fill is not asking: for good after a bad piece, for a while after a failure.
-    shunned: Shunned,
-    in_flight: HashMap<u32, From>,
-    /// Pieces in flight per holder.
-    load: HashMap<From, usize>,
-    upstream_in_flight: usize,
-    have: Bits,
+    picker: Picker,
     /// Pieces joined up from the first, and the bytes of them hashed into the whole digest.
     prefix: u32,
     hashed: u64,
@@ -502,7 +340,6 @@ struct SwarmRun<'a> {
     /// Pieces landed past the prefix, with their bytes while few enough are waiting.
     waiting: BTreeMap<u32, Option<Bytes>>,
     tasks: FuturesUnordered<BoxFuture<'static, PieceResult>>,
-    last_piece: Instant,
 }
 
 impl SwarmRun<'_> {
@@ -520,24 +357,22 @@ impl SwarmRun<'_> {
                 }
             }
         }
-        self.holders = a
+        let holders = a
             .holders
             .into_iter()
-            .filter(|h| h.node != self.me)
-            .filter_map(|h| Some((h.node.clone(), Bits::from_hex(count, &h.have)?)))
-            .collect();
-        self.assigned = a.assign.into_iter().filter(|&i| i < count).collect();
-        self.coord_failures = 0;
+            .filter_map(|h| Some((h.node.clone(), Bits::from_hex(count, &h.have)?)));
+        self.picker.absorb(holders, a.assign);
     }
 
     async fn drive(&mut self) -> std::result::Result<(), FillError> {
         let mut next_report = Instant::now() + REPORT_EVERY;
-        while !self.have.all() {
-            if self.coordinating {
-                self.holders = self.mirror.board_holders(self.digest, self.pieces.count());
+        while !self.picker.done() {
+            if self.picker.coordinating() {
+                let holders = self.mirror.board_holders(self.digest, self.pieces.count());
+                self.picker.set_holders(holders);
             }
             self.schedule();
-            if self.last_piece.elapsed() > STALL {
+            if self.picker.stalled(Instant::now()) {
                 return Err(FillError::Peer(format!(
                     "the swarm for {} delivered no piece for {} s",
                     self.digest,
@@ -574,7 +409,7 @@ impl SwarmRun<'_> {
     /// Tell the coordinator what this node holds and take in its answer; after two failures
     /// in a row, turn to the next owner (or take over, when that is this node).
     async fn report(&mut self) {
-        if self.coordinating {
+        if self.picker.coordinating() {
             return;
         }
         let report = SwarmReport {
@@ -582,9 +417,9 @@ impl SwarmRun<'_> {
             known: self.pieces.digests_known(),
             upstream: Some(self.r.upstream_name().to_string()),
             repo: Some(self.r.cache_repo.clone()),
-            bad: self.shunned.reported(),
+            bad: self.picker.bad(),
         };
-        let first = self.coord_failures > 0;
+        let first = self.picker.failed_reports();
         match self
             .cluster
             .client()
@@ -594,167 +429,53 @@ impl SwarmRun<'_> {
             Ok(a) if a.swarm && a.size == self.pieces.size() => self.absorb(a),
             Ok(_) => {
                 tracing::warn!(digest = %self.digest, coordinator = %self.coord.name, "coordinator answered for a different blob size; ignoring it");
-                self.coord_failures += 1;
+                self.picker.report_failed();
             }
             Err(e) => {
                 tracing::debug!(digest = %self.digest, coordinator = %self.coord.name, error = %e, "swarm report failed");
-                self.coord_failures += 1;
+                self.picker.report_failed();
             }
         }
-        // A coordinator that is merely slow to answer (a busy node) keeps its role: a second
-        // coordinator would fetch from the upstream what the first already has. It is replaced
-        // once the membership declares it dead, or after many failures in a row.
         let gone = self.cluster.member(&self.coord.name).is_none();
-        if self.coord_failures >= COORD_FAILURES || gone {
-            self.failed_coords.insert(self.coord.name.clone());
+        if self.picker.give_up_coordinator(gone) {
             let next = self
                 .cluster
                 .owners(self.key.as_bytes())
                 .into_iter()
                 .chain(self.cluster.candidates(self.key.as_bytes()))
-                .find(|n| !self.failed_coords.contains(&n.name));
-            match next {
-                Some(n) if n.name == self.me => {
-                    tracing::info!(digest = %self.digest, previous = %self.coord.name, "coordinating the swarm now");
-                    self.coordinating = true;
-                    self.holders.retain(|n, _| !self.failed_coords.contains(n));
+                .find(|n| !self.picker.failed_coordinator(&n.name));
+            let previous = self.coord.name.clone();
+            match self.picker.turn(next.as_ref().map(|n| n.name.as_str())) {
+                Some(Turn::Coordinate) => {
+                    tracing::info!(digest = %self.digest, %previous, "coordinating the swarm now");
                 }
-                Some(n) => {
-                    tracing::info!(digest = %self.digest, previous = %self.coord.name, next = %n.name, "swarm coordinator changed");
-                    self.coord = n;
-                    self.holders.retain(|n, _| !self.failed_coords.contains(n));
+                Some(Turn::To(name)) => {
+                    tracing::info!(digest = %self.digest, %previous, next = %name, "swarm coordinator changed");
+                    if let Some(n) = next {
+                        self.coord = n;
+                    }
                 }
                 None => {}
             }
-            self.coord_failures = 1;
         }
     }
 
-    /// Start fetching pieces until the in-flight limit: among the first missing pieces, the
-    /// rarest first, each from its least-loaded holder. A piece only the coordinator holds is
-    /// taken from it only when handed to this node, or when no one else is fetching.
+    /// Start the fetches the picker chooses.
     fn schedule(&mut self) {
-        self.schedule_pass(false);
-        // Idle with pieces left that only the coordinator can send verifiably (their other
-        // holders failed this node, say): take them from it unasked rather than wait.
-        if self.in_flight.is_empty() && self.last_piece.elapsed() > UNASKED_AFTER {
-            self.schedule_pass(true);
-        }
-    }
-
-    fn schedule_pass(&mut self, unasked: bool) {
-        let count = self.pieces.count();
-        let now = Instant::now();
-        while self.in_flight.len() < IN_FLIGHT {
-            let mut best: Option<(usize, u32, From)> = None;
-            let mut looked = 0;
-            let mut i = self.prefix;
-            while i < count && looked < WINDOW {
-                if self.have.get(i) || self.in_flight.contains_key(&i) {
-                    i += 1;
-                    continue;
+        let (mirror, digest, r, cluster) = (self.mirror, self.digest, self.r, self.cluster);
+        let pieces = &self.pieces;
+        let tasks = &mut self.tasks;
+        let known = |i: u32| pieces.digest(i).is_some();
+        self.picker
+            .schedule(Instant::now(), &known, &mut |i, from| match fetch(
+                mirror, digest, r, cluster, pieces, i, from,
+            ) {
+                Some(f) => {
+                    tasks.push(f);
+                    true
                 }
-                looked += 1;
-                let holders: Vec<&String> = self
-                    .holders
-                    .iter()
-                    .filter(|(n, h)| h.get(i) && !self.shunned.avoid(n, now))
-                    .map(|(n, _)| n)
-                    .collect();
-                let choice = if self.pieces.digest(i).is_none() || holders.is_empty() {
-                    // Nobody can send it verifiably yet; a coordinator that took over fetches it
-                    // from its upstream.
-                    (self.coordinating
-                        && self.upstream_in_flight < UPSTREAM_IN_FLIGHT
-                        && holders.is_empty())
-                    .then_some(From::Upstream)
-                } else {
-                    let only_coord = holders.iter().all(|n| **n == self.coord.name);
-                    if only_coord && !self.assigned.contains(&i) && !unasked {
-                        None
-                    } else {
-                        holders
-                            .iter()
-                            .min_by_key(|n| {
-                                let from = From::Peer((**n).clone());
-                                // The coordinator's link is the scarce one: it sends a
-                                // piece only when no one else can.
-                                (
-                                    n.as_str() == self.coord.name,
-                                    self.load.get(&from).copied().unwrap_or(0),
-                                    spread(n, i),
-                                )
-                            })
-                            .map(|n| From::Peer((*n).clone()))
-                    }
-                };
-                if let Some(from) = choice {
-                    let rarity = match &from {
-                        From::Upstream => 0,
-                        From::Peer(_) => holders.len(),
-                    };
-                    if best.as_ref().is_none_or(|(r, _, _)| rarity < *r) {
-                        best = Some((rarity, i, from));
-                    }
-                }
-                i += 1;
-            }
-            let Some((_, i, from)) = best else {
-                return;
-            };
-            self.start(i, from);
-        }
-    }
-
-    fn start(&mut self, i: u32, from: From) {
-        let (start, end) = self.pieces.range(i);
-        let digest = self.digest.clone();
-        let fut: BoxFuture<'static, PieceResult> = match &from {
-            From::Peer(name) => {
-                let Some(node) = self.cluster.member(name) else {
-                    // Not a member just now (left, or not yet seen again): ask again later.
-                    self.shunned.failed(name, Instant::now());
-                    return;
-                };
-                let client = self.cluster.client().clone();
-                let f = from.clone();
-                async move {
-                    let r = client
-                        .get_piece(&node, &digest, start, end)
-                        .await
-                        .map_err(peer_fill_error);
-                    (i, f, r)
-                }
-                .boxed()
-            }
-            From::Upstream => {
-                self.upstream_in_flight += 1;
-                let upstream = self.r.upstream.clone();
-                let repo = self.r.repo.clone();
-                let limit = self.mirror.upstream_limit.clone();
-                let counter = self
-                    .mirror
-                    .metrics
-                    .upstream_bytes_counter(self.r.upstream_name());
-                async move {
-                    let r = async {
-                        let (_, body) = upstream
-                            .client
-                            .get_blob(&repo, &digest, start)
-                            .await
-                            .map_err(upstream_error)?;
-                        let body = pier_peer::rate::limited(body, limit);
-                        take_exactly(body, (end - start) as usize, &counter).await
-                    }
-                    .await;
-                    (i, From::Upstream, r)
-                }
-                .boxed()
-            }
-        };
-        *self.load.entry(from.clone()).or_default() += 1;
-        self.in_flight.insert(i, from);
-        self.tasks.push(fut);
+                None => false,
+            });
     }
 
     /// A piece fetch ended. `Ok(true)` when it landed a piece the coordinator handed this
@@ -765,13 +486,7 @@ impl SwarmRun<'_> {
         from: From,
         result: std::result::Result<Bytes, FillError>,
     ) -> std::result::Result<bool, FillError> {
-        self.in_flight.remove(&i);
-        if let Some(n) = self.load.get_mut(&from) {
-            *n = n.saturating_sub(1);
-        }
-        if from == From::Upstream {
-            self.upstream_in_flight = self.upstream_in_flight.saturating_sub(1);
-        }
+        self.picker.ended(i, &from);
         let bytes = match result {
             Ok(b) => b,
             Err(e) => {
@@ -779,13 +494,8 @@ impl SwarmRun<'_> {
                 match &from {
                     From::Peer(n) => {
                         tracing::info!(digest = %self.digest, piece = i, peer = %n, error = %e, "piece fetch failed; asking other holders");
-                        if matches!(e, FillError::NotFound) {
-                            if let Some(h) = self.holders.get_mut(n) {
-                                *h = Bits::new(h.len());
-                            }
-                        } else {
-                            self.shunned.failed(n, Instant::now());
-                        }
+                        let not_found = matches!(e, FillError::NotFound);
+                        self.picker.peer_failed(n, not_found, Instant::now());
                     }
                     From::Upstream => {
                         tracing::warn!(digest = %self.digest, piece = i, error = %e, "upstream piece fetch failed");
@@ -808,7 +518,7 @@ impl SwarmRun<'_> {
             (Some(want), From::Peer(n)) if want != got => {
                 self.mirror.metrics.piece("corrupt");
                 tracing::warn!(digest = %self.digest, piece = i, peer = %n, "piece failed its digest; that peer is not asked again by this fill");
-                self.shunned.corrupt(n);
+                self.picker.corrupt(n);
                 return Ok(false);
             }
             (Some(want), From::Upstream) if want != got => {
@@ -834,8 +544,7 @@ impl SwarmRun<'_> {
             .map_err(|e| FillError::Store(e.to_string()))?
             .map_err(FillError::store)?;
         self.pieces.mark_on_disk(i);
-        self.have.set(i);
-        self.last_piece = Instant::now();
+        let handed = self.picker.landed(i, Instant::now());
         let keep = self.waiting.len() < HASH_AHEAD || i == self.prefix;
         self.waiting.insert(i, keep.then_some(bytes));
         self.join_prefix().await?;
@@ -845,7 +554,7 @@ impl SwarmRun<'_> {
             p.received = joined;
             p.written = joined;
         });
-        Ok(self.assigned.remove(&i))
+        Ok(handed)
     }
 
     /// Hash the landed pieces that now join the prefix, in order.
@@ -869,13 +578,55 @@ impl SwarmRun<'_> {
     }
 }
 
-/// A number that orders holders differently for each piece, so fetchers that see the same
-/// holders spread their requests over them.
-fn spread(node: &str, piece: u32) -> u64 {
-    use std::hash::{Hash, Hasher as _};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (node, piece).hash(&mut h);
-    h.finish()
+/// The fetch of piece `i` from `from`; `None` when `from` is a peer that is not a member just
+/// now (left, or not yet seen again).
+fn fetch(
+    mirror: &Mirror,
+    digest: &Digest,
+    r: &MirrorRef,
+    cluster: &Cluster,
+    pieces: &Pieces,
+    i: u32,
+    from: &From,
+) -> Option<BoxFuture<'static, PieceResult>> {
+    let (start, end) = pieces.range(i);
+    let digest = digest.clone();
+    let fut: BoxFuture<'static, PieceResult> = match from {
+        From::Peer(name) => {
+            let node = cluster.member(name)?;
+            let client = cluster.client().clone();
+            let f = from.clone();
+            async move {
+                let r = client
+                    .get_piece(&node, &digest, start, end)
+                    .await
+                    .map_err(peer_fill_error);
+                (i, f, r)
+            }
+            .boxed()
+        }
+        From::Upstream => {
+            let upstream = r.upstream.clone();
+            let repo = r.repo.clone();
+            let limit = mirror.upstream_limit.clone();
+            let counter = mirror.metrics.upstream_bytes_counter(r.upstream_name());
+            async move {
+                let r = async {
+                    let (_, body) = upstream
+                        .client
+                        .get_blob(&repo, &digest, start)
+                        .await
+                        .map_err(upstream_error)?;
+                    let body = pier_peer::rate::limited(body, limit);
+                    take_exactly(body, (end - start) as usize, &counter).await
+                }
+                .await;
+                (i, From::Upstream, r)
+            }
+            .boxed()
+        }
+    };
+    Some(fut)
 }
 
 fn peer_fill_error(e: PeerError) -> FillError {
@@ -914,36 +665,4 @@ async fn take_exactly(
         }
     }
     Ok(out.freeze())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_holder_is_benched_then_asked_again_and_a_bad_one_never() {
-        let t0 = Instant::now();
-        let mut s = Shunned::default();
-        s.failed("slow", t0);
-        assert!(s.avoid("slow", t0));
-        assert!(s.avoid("slow", t0 + BENCH - Duration::from_millis(1)));
-        assert!(!s.avoid("slow", t0 + BENCH), "a timeout is not a verdict");
-        // A benched peer is not reported: the coordinator keeps offering it to others.
-        assert!(s.reported().is_empty());
-
-        s.corrupt("liar");
-        for later in [t0, t0 + BENCH, t0 + BENCH * 100] {
-            assert!(s.avoid("liar", later));
-        }
-        assert_eq!(s.reported(), vec!["liar".to_string()]);
-
-        // A peer benched first and then caught sending a bad piece stays out.
-        s.failed("both", t0);
-        s.corrupt("both");
-        assert!(s.avoid("both", t0 + BENCH * 10));
-        // And a bad one failing later is still bad.
-        s.failed("liar", t0);
-        assert!(s.avoid("liar", t0 + BENCH * 10));
-        assert!(!s.avoid("stranger", t0));
-    }
 }

@@ -1,0 +1,792 @@
+//! The swarm's decisions without its I/O: what the coordinator hands out and offers
+//! ([`Board`]), and which piece a fetcher takes from whom ([`Picker`]). Nothing here owns a
+//! socket, a spool or a clock: the caller passes the time, the reports and the bitmaps in and
+//! carries the choices out. `run_swarm` and `swarm_answer` drive these types over the network;
+//! [`crate::swarm_sim`] drives the same types over a simulated one.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use crate::pieces::Bits;
+
+/// How often a fetcher reports (and sooner after it lands a piece it was handed).
+pub(crate) const REPORT_EVERY: Duration = Duration::from_millis(200);
+pub(crate) const REPORT_SOON: Duration = Duration::from_millis(20);
+/// A member that has not reported for this long has left the swarm.
+pub(crate) const MEMBER_TTL: Duration = Duration::from_secs(3);
+/// A piece handed to a member that does not report holding it within this long is handed to
+/// someone else.
+pub(crate) const ASSIGN_TTL: Duration = Duration::from_secs(4);
+/// Pieces a member may have been handed and not yet reported holding.
+pub(crate) const ASSIGN_OUTSTANDING: usize = 3;
+/// The same for a member alone in its swarm: it takes everything from the coordinator.
+pub(crate) const ASSIGN_ALONE: usize = 12;
+/// Reports failed in a row before a coordinator the membership still lists is given up.
+pub(crate) const COORD_FAILURES: u32 = 10;
+/// Pieces a fetcher takes at once, from all holders together.
+pub(crate) const IN_FLIGHT: usize = 6;
+/// Pieces a coordinator that took over takes from its upstream at once.
+pub(crate) const UPSTREAM_IN_FLIGHT: usize = 2;
+/// How far past the first missing piece a fetcher looks for pieces to take: far enough to
+/// choose rare ones, near enough that its readers, who read in order, are not kept waiting.
+pub(crate) const WINDOW: usize = 48;
+/// Fetchers that take a piece from each of its holders at once. Every fetcher sees the same
+/// holders, so without a limit all of them would ask a piece's first holder for it at once,
+/// and that holder's link would send it to all of them at a fraction of its rate each while
+/// every other link idled. A fetcher whose turn it is not takes another piece, or waits for
+/// the piece to spread: each fetcher's turn for a piece is fixed by its own hash.
+pub(crate) const TURN: usize = 4;
+/// An idle fetcher that landed nothing for this long takes a piece even when it is not its
+/// turn.
+pub(crate) const TURN_WAIT: Duration = Duration::from_millis(400);
+/// An idle fetcher that landed nothing for this long takes pieces from the coordinator
+/// without being handed them.
+pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
+/// A fill that lands no piece for this long gives up.
+pub(crate) const STALL: Duration = Duration::from_secs(60);
+/// How long a holder that failed to send a piece (as opposed to sending a bad one) is not
+/// asked: long enough that a dead peer costs a failed request or two before gossip declares it
+/// dead, short enough that a peer that was only slow for a moment rejoins the swarm.
+pub(crate) const BENCH: Duration = Duration::from_secs(3);
+
+/// The holders a fill is not asking, and why. A bad piece is proof of a bad peer (a corrupt
+/// disk, a bug, an attacker) and excludes it for the rest of the fill; a failed request is
+/// not: a timeout under load or a restart looks the same, so it only benches the peer.
+#[derive(Debug, Default)]
+pub(crate) struct Shunned {
+    bad: HashSet<String>,
+    benched: HashMap<String, Instant>,
+}
+
+impl Shunned {
+    /// `name` sent a piece that failed its digest.
+    pub(crate) fn corrupt(&mut self, name: &str) {
+        self.benched.remove(name);
+        self.bad.insert(name.to_string());
+    }
+
+    /// `name` failed to send a piece at `now`.
+    pub(crate) fn failed(&mut self, name: &str, now: Instant) {
+        self.benched.insert(name.to_string(), now + BENCH);
+    }
+
+    /// Whether `name` is not to be asked at `now`.
+    pub(crate) fn avoid(&self, name: &str, now: Instant) -> bool {
+        self.bad.contains(name) || self.benched.get(name).is_some_and(|until| now < *until)
+    }
+
+    /// What the coordinator hears: only the proven bad, so a benched peer is still offered.
+    pub(crate) fn reported(&self) -> Vec<String> {
+        self.bad.iter().cloned().collect()
+    }
+}
+
+/// What a coordinator knows of one swarm.
+pub(crate) struct Board {
+    members: HashMap<String, (Bits, Instant)>,
+    /// Members some fetcher found bad: not offered as holders, their pieces handed out again.
+    bad: HashSet<String>,
+    /// Pieces handed to a member to take from the coordinator, and when.
+    assigned: HashMap<u32, (String, Instant)>,
+    pub(crate) touched: Instant,
+}
+
+impl Board {
+    pub(crate) fn new(now: Instant) -> Board {
+        Board {
+            members: HashMap::new(),
+            bad: HashSet::new(),
+            assigned: HashMap::new(),
+            touched: now,
+        }
+    }
+
+    /// Take in `from`'s report at `now` (it holds `have` and found `bad` bad) on the
+    /// coordinator `me`, which holds `own`, and hand `from` the pieces it is to take from the
+    /// coordinator, in order. The holders to offer it are then [`Board::offered`].
+    pub(crate) fn report(
+        &mut self,
+        from: &str,
+        have: Bits,
+        bad: &[String],
+        me: &str,
+        own: &Bits,
+        now: Instant,
+    ) -> Vec<u32> {
+        let count = own.len();
+        self.touched = now;
+        self.members.insert(from.to_string(), (have, now));
+        self.members
+            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < MEMBER_TTL);
+        self.bad
+            .extend(bad.iter().filter(|n| n.as_str() != me).cloned());
+        let mut held = Bits::new(count);
+        let bad = &self.bad;
+        for (_, (h, _)) in self.members.iter().filter(|(n, _)| !bad.contains(*n)) {
+            held.union(h);
+        }
+        // A handed-out piece stays handed out until a member holds it, or its taker goes
+        // quiet or takes too long.
+        let members = &self.members;
+        self.assigned.retain(|i, (n, at)| {
+            !held.get(*i)
+                && now.saturating_duration_since(*at) < ASSIGN_TTL
+                && members.contains_key(n)
+        });
+        let mut assign: Vec<u32> = self
+            .assigned
+            .iter()
+            .filter(|(_, (n, _))| n == from)
+            .map(|(i, _)| *i)
+            .collect();
+        // A lone fetcher takes everything from the coordinator: hand it enough to keep its
+        // pipeline full.
+        let outstanding = if self.members.len() <= 1 {
+            ASSIGN_ALONE
+        } else {
+            ASSIGN_OUTSTANDING
+        };
+        let mut i = 0;
+        while assign.len() < outstanding && i < count {
+            if own.get(i) && !held.get(i) && !self.assigned.contains_key(&i) {
+                self.assigned.insert(i, (from.to_string(), now));
+                assign.push(i);
+            }
+            i += 1;
+        }
+        assign.sort_unstable();
+        assign
+    }
+
+    /// The members offered to `from` as holders (besides the coordinator itself): those that
+    /// hold something and no fetcher found bad.
+    pub(crate) fn offered<'a>(
+        &'a self,
+        from: &'a str,
+    ) -> impl Iterator<Item = (&'a str, &'a Bits)> {
+        self.members
+            .iter()
+            .filter(move |(n, (h, _))| {
+                n.as_str() != from && h.count() > 0 && !self.bad.contains(*n)
+            })
+            .map(|(n, (h, _))| (n.as_str(), h))
+    }
+
+    /// Members still reporting at `now` and what they hold, for a coordinator that fetches
+    /// too (one that took over).
+    pub(crate) fn holders(&self, count: u32, now: Instant) -> HashMap<String, Bits> {
+        self.members
+            .iter()
+            .filter(|(n, (h, seen))| {
+                now.saturating_duration_since(*seen) < MEMBER_TTL
+                    && h.len() == count
+                    && !self.bad.contains(*n)
+            })
+            .map(|(n, (h, _))| (n.clone(), h.clone()))
+            .collect()
+    }
+}
+
+/// Where a piece comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum From {
+    Peer(String),
+    Upstream,
+}
+
+/// What a fetcher does when its coordinator stops answering.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Turn {
+    /// This node coordinates now (and takes what no one holds from its upstream).
+    Coordinate,
+    /// Report to this node instead.
+    To(String),
+}
+
+/// One fetcher's choices for one blob: who holds what, what is in flight from whom, who is
+/// shunned, and which piece to take next from whom.
+pub(crate) struct Picker {
+    me: String,
+    coord: String,
+    /// This node has become the coordinator (the previous one stopped answering).
+    coordinating: bool,
+    failed_coords: HashSet<String>,
+    coord_failures: u32,
+    /// Who holds which pieces, as the coordinator last said.
+    holders: HashMap<String, Bits>,
+    /// Pieces the coordinator handed this node to take from it.
+    assigned: HashSet<u32>,
+    /// Holders this fill is not asking: for good after a bad piece, for a while after a failure.
+    shunned: Shunned,
+    in_flight: HashMap<u32, From>,
+    /// Pieces in flight per holder.
+    load: HashMap<From, usize>,
+    upstream_in_flight: usize,
+    have: Bits,
+    /// The first piece this node lacks: where the window starts.
+    first_missing: u32,
+    last_piece: Instant,
+}
+
+impl Picker {
+    pub(crate) fn new(me: &str, coord: &str, count: u32, now: Instant) -> Picker {
+        Picker {
+            me: me.to_string(),
+            coord: coord.to_string(),
+            coordinating: false,
+            failed_coords: HashSet::new(),
+            coord_failures: 0,
+            holders: HashMap::new(),
+            assigned: HashSet::new(),
+            shunned: Shunned::default(),
+            in_flight: HashMap::new(),
+            load: HashMap::new(),
+            upstream_in_flight: 0,
+            have: Bits::new(count),
+            first_missing: 0,
+            last_piece: now,
+        }
+    }
+
+    pub(crate) fn coordinating(&self) -> bool {
+        self.coordinating
+    }
+
+    /// The pieces this fill holds.
+    pub(crate) fn have(&self) -> &Bits {
+        &self.have
+    }
+
+    pub(crate) fn done(&self) -> bool {
+        self.have.all()
+    }
+
+    /// The holders this fill found bad, for its report.
+    pub(crate) fn bad(&self) -> Vec<String> {
+        self.shunned.reported()
+    }
+
+    /// Whether the fill has landed nothing for too long and should give up.
+    pub(crate) fn stalled(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_piece) > STALL
+    }
+
+    /// Take in a coordinator's answer: the holders it offers and the pieces it hands this node.
+    pub(crate) fn absorb(
+        &mut self,
+        holders: impl IntoIterator<Item = (String, Bits)>,
+        assign: impl IntoIterator<Item = u32>,
+    ) {
+        let count = self.have.len();
+        let me = &self.me;
+        self.holders = holders.into_iter().filter(|(n, _)| n != me).collect();
+        self.assigned = assign.into_iter().filter(|&i| i < count).collect();
+        self.coord_failures = 0;
+    }
+
+    /// The holders as a coordinator that took over sees them on its own board.
+    pub(crate) fn set_holders(&mut self, holders: HashMap<String, Bits>) {
+        self.holders = holders;
+    }
+
+    /// Whether the last report went unanswered (the next asks the coordinator to join it
+    /// afresh).
+    pub(crate) fn failed_reports(&self) -> bool {
+        self.coord_failures > 0
+    }
+
+    /// A report went unanswered (or answered for another blob).
+    pub(crate) fn report_failed(&mut self) {
+        self.coord_failures += 1;
+    }
+
+    /// After a report: whether the coordinator is to be given up, because it failed too many
+    /// reports in a row or the membership no longer lists it (`gone`). A merely slow
+    /// coordinator keeps its role: a second one would fetch from the upstream what the first
+    /// already has.
+    pub(crate) fn give_up_coordinator(&mut self, gone: bool) -> bool {
+        if self.coord_failures >= COORD_FAILURES || gone {
+            self.failed_coords.insert(self.coord.clone());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether `name` is a coordinator this fill gave up.
+    pub(crate) fn failed_coordinator(&self, name: &str) -> bool {
+        self.failed_coords.contains(name)
+    }
+
+    /// Turn to `next`, the first owner (or candidate) not given up, after
+    /// [`Picker::give_up_coordinator`] said so.
+    pub(crate) fn turn(&mut self, next: Option<&str>) -> Option<Turn> {
+        let turn = match next {
+            Some(n) if n == self.me => {
+                self.coordinating = true;
+                Some(Turn::Coordinate)
+            }
+            Some(n) => {
+                self.coord = n.to_string();
+                Some(Turn::To(n.to_string()))
+            }
+            None => None,
+        };
+        if turn.is_some() {
+            let failed = &self.failed_coords;
+            self.holders.retain(|n, _| !failed.contains(n));
+        }
+        self.coord_failures = 1;
+        turn
+    }
+
+    /// Start fetching pieces until the in-flight limit: among the first missing pieces, the
+    /// rarest first, each from its least-loaded holder. A piece only the coordinator holds is
+    /// taken from it only when handed to this node, or when no one else is fetching. `known`
+    /// says whether a piece's digest is known; `start` starts a fetch and says whether it
+    /// could (a peer that is not a member just now is benched instead).
+    pub(crate) fn schedule(
+        &mut self,
+        now: Instant,
+        known: &dyn Fn(u32) -> bool,
+        start: &mut dyn FnMut(u32, &From) -> bool,
+    ) {
+        self.schedule_pass(now, false, known, start);
+        // Idle with pieces left that only the coordinator can send verifiably (their other
+        // holders failed this node, say): take them from it unasked rather than wait.
+        if self.in_flight.is_empty()
+            && now.saturating_duration_since(self.last_piece) > UNASKED_AFTER
+        {
+            self.schedule_pass(now, true, known, start);
+        }
+    }
+
+    fn schedule_pass(
+        &mut self,
+        now: Instant,
+        unasked: bool,
+        known: &dyn Fn(u32) -> bool,
+        start: &mut dyn FnMut(u32, &From) -> bool,
+    ) {
+        let count = self.have.len();
+        while self.in_flight.len() < IN_FLIGHT {
+            let Some((i, from)) = self.pick(now, unasked, count, known) else {
+                return;
+            };
+            if start(i, &from) {
+                *self.load.entry(from.clone()).or_default() += 1;
+                if from == From::Upstream {
+                    self.upstream_in_flight += 1;
+                }
+                self.in_flight.insert(i, from);
+            } else if let From::Peer(name) = &from {
+                // Not a member just now (left, or not yet seen again): ask again later.
+                self.shunned.failed(name, now);
+            } else {
+                return;
+            }
+        }
+    }
+
+    /// The next piece to take and from whom, if any: the rarest in the window, and among the
+    /// equally rare the one this node's own hash orders first. Fetchers see the same holders
+    /// (the coordinator tells them all the same thing), so taking the first of the equally
+    /// rare would send them all after the same few pieces from the same few holders, and
+    /// leave every other link idle. The holders to ask are filtered once per pick (not once
+    /// per piece looked at), and the least-loaded holder is chosen only for a piece that beats
+    /// the best so far: at a thousand members the same choice costs a fraction of the work.
+    fn pick(
+        &self,
+        now: Instant,
+        unasked: bool,
+        count: u32,
+        known: &dyn Fn(u32) -> bool,
+    ) -> Option<(u32, From)> {
+        let askable: Vec<(&String, &Bits)> = self
+            .holders
+            .iter()
+            .filter(|(n, _)| !self.shunned.avoid(n, now))
+            .collect();
+        // (rarity, tie-break): from the upstream in order, from peers in this node's order.
+        let mut best: Option<((usize, u64), u32, From)> = None;
+        // The best piece it is not this node's turn for, taken only by an idle fetcher.
+        let mut other: Option<((usize, u64), u32, From)> = None;
+        let members = self.holders.len() + 1;
+        let idle =
+            self.in_flight.is_empty() && now.saturating_duration_since(self.last_piece) > TURN_WAIT;
+        let mut looked = 0;
+        let mut i = self.first_missing;
+        while i < count && looked < WINDOW {
+            if self.have.get(i) || self.in_flight.contains_key(&i) {
+                i += 1;
+                continue;
+            }
+            looked += 1;
+            let mut rarity = 0;
+            let mut peers = 0;
+            for (n, h) in &askable {
+                if h.get(i) {
+                    rarity += 1;
+                    peers += usize::from(**n != self.coord);
+                }
+            }
+            let only_coord = peers == 0;
+            if !known(i) || rarity == 0 {
+                // Nobody can send it verifiably yet; a coordinator that took over fetches it
+                // from its upstream.
+                if self.coordinating
+                    && self.upstream_in_flight < UPSTREAM_IN_FLIGHT
+                    && rarity == 0
+                    && best.as_ref().is_none_or(|(r, _, _)| (0, 0) < *r)
+                {
+                    best = Some(((0, 0), i, From::Upstream));
+                }
+            } else if !(only_coord && !self.assigned.contains(&i) && !unasked) {
+                let key = (rarity, spread(&self.me, i));
+                let lacking = members.saturating_sub(rarity).max(1) as u64;
+                let turn = self.assigned.contains(&i)
+                    || unasked
+                    || key.1 % lacking < (TURN * peers) as u64;
+                let slot = if turn { &mut best } else { &mut other };
+                if slot.as_ref().is_some_and(|(r, _, _)| *r <= key) {
+                    i += 1;
+                    continue;
+                }
+                let from = askable
+                    .iter()
+                    .filter(|(_, h)| h.get(i))
+                    .min_by_key(|(n, _)| {
+                        let from = From::Peer((*n).clone());
+                        // The coordinator's link is the scarce one: it sends a piece only
+                        // when no one else can.
+                        (
+                            **n == self.coord,
+                            self.load.get(&from).copied().unwrap_or(0),
+                            spread(&self.me, i) ^ spread(n, i),
+                        )
+                    })
+                    .map(|(n, _)| From::Peer((*n).clone()));
+                if let Some(from) = from {
+                    *slot = Some((key, i, from));
+                }
+            }
+            i += 1;
+        }
+        best.or(other.filter(|_| idle))
+            .map(|(_, i, from)| (i, from))
+    }
+
+    /// A fetch of piece `i` from `from` ended, landed or not.
+    pub(crate) fn ended(&mut self, i: u32, from: &From) {
+        self.in_flight.remove(&i);
+        if let Some(n) = self.load.get_mut(from) {
+            *n = n.saturating_sub(1);
+        }
+        if *from == From::Upstream {
+            self.upstream_in_flight = self.upstream_in_flight.saturating_sub(1);
+        }
+    }
+
+    /// The peer `name` failed to send a piece at `now`: it said it does not hold the blob
+    /// (`not_found`: it holds nothing, until the coordinator says otherwise) or the request
+    /// failed (it is benched).
+    pub(crate) fn peer_failed(&mut self, name: &str, not_found: bool, now: Instant) {
+        if not_found {
+            if let Some(h) = self.holders.get_mut(name) {
+                *h = Bits::new(h.len());
+            }
+        } else {
+            self.shunned.failed(name, now);
+        }
+    }
+
+    /// The peer `name` sent a piece that failed its digest: it is not asked again.
+    pub(crate) fn corrupt(&mut self, name: &str) {
+        self.shunned.corrupt(name);
+    }
+
+    /// Piece `i` landed verified at `now`. Whether the coordinator had handed it to this node
+    /// (it should hear of it soon).
+    pub(crate) fn landed(&mut self, i: u32, now: Instant) -> bool {
+        self.have.set(i);
+        while self.have.get(self.first_missing) {
+            self.first_missing += 1;
+        }
+        self.last_piece = now;
+        self.assigned.remove(&i)
+    }
+}
+
+/// A number that orders holders differently for each piece, so fetchers that see the same
+/// holders spread their requests over them.
+fn spread(node: &str, piece: u32) -> u64 {
+    use std::hash::{Hash, Hasher as _};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (node, piece).hash(&mut h);
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bits(len: u32, set: &[u32]) -> Bits {
+        let mut b = Bits::new(len);
+        for &i in set {
+            b.set(i);
+        }
+        b
+    }
+
+    fn all(len: u32) -> Bits {
+        let mut b = Bits::new(len);
+        b.fill_below(len);
+        b
+    }
+
+    #[test]
+    fn a_failed_holder_is_benched_then_asked_again_and_a_bad_one_never() {
+        let t0 = Instant::now();
+        let mut s = Shunned::default();
+        s.failed("slow", t0);
+        assert!(s.avoid("slow", t0));
+        assert!(s.avoid("slow", t0 + BENCH - Duration::from_millis(1)));
+        assert!(!s.avoid("slow", t0 + BENCH), "a timeout is not a verdict");
+        // A benched peer is not reported: the coordinator keeps offering it to others.
+        assert!(s.reported().is_empty());
+
+        s.corrupt("liar");
+        for later in [t0, t0 + BENCH, t0 + BENCH * 100] {
+            assert!(s.avoid("liar", later));
+        }
+        assert_eq!(s.reported(), vec!["liar".to_string()]);
+
+        // A peer benched first and then caught sending a bad piece stays out.
+        s.failed("both", t0);
+        s.corrupt("both");
+        assert!(s.avoid("both", t0 + BENCH * 10));
+        // And a bad one failing later is still bad.
+        s.failed("liar", t0);
+        assert!(s.avoid("liar", t0 + BENCH * 10));
+        assert!(!s.avoid("stranger", t0));
+    }
+
+    #[test]
+    fn the_board_hands_each_piece_to_one_member_until_someone_holds_it() {
+        let t0 = Instant::now();
+        let mut board = Board::new(t0);
+        let own = all(10);
+        // Alone, a member is handed enough to fill its pipeline.
+        let a = board.report("a", Bits::new(10), &[], "c", &own, t0);
+        assert_eq!(a, (0..10).collect::<Vec<_>>());
+        // A second member gets only what is not handed out yet: nothing is left.
+        let b = board.report("b", Bits::new(10), &[], "c", &own, t0);
+        assert!(b.is_empty(), "{b:?}");
+        // Once `a` holds 0..3, what it was handed and holds is no longer handed out, and `a`
+        // keeps the rest it was handed.
+        let mid = t0 + Duration::from_secs(2);
+        let a = board.report("a", bits(10, &[0, 1, 2]), &[], "c", &own, mid);
+        assert_eq!(a, (3..10).collect::<Vec<_>>());
+        assert!(board
+            .report("b", Bits::new(10), &[], "c", &own, mid)
+            .is_empty());
+        // A taker that does not land its pieces in time loses them to the next member.
+        let later = t0 + ASSIGN_TTL;
+        let a = board.report("a", bits(10, &[0, 1, 2]), &[], "c", &own, later);
+        assert_eq!(a, vec![3, 4, 5]);
+        let b = board.report("b", Bits::new(10), &[], "c", &own, later);
+        assert_eq!(b.len(), ASSIGN_OUTSTANDING, "{b:?}");
+        assert!(b.iter().all(|&i| i >= 3), "{b:?}");
+        // The offered holders are the others that hold something.
+        let offered: Vec<&str> = board.offered("b").map(|(n, _)| n).collect();
+        assert_eq!(offered, vec!["a"]);
+    }
+
+    #[test]
+    fn the_board_stops_offering_a_member_reported_bad_and_forgets_quiet_ones() {
+        let t0 = Instant::now();
+        let mut board = Board::new(t0);
+        let own = all(4);
+        board.report("liar", all(4), &[], "c", &own, t0);
+        board.report(
+            "a",
+            Bits::new(4),
+            &["liar".into(), "c".into()],
+            "c",
+            &own,
+            t0,
+        );
+        // The liar is not offered, and `a` holds nothing to offer.
+        assert_eq!(board.offered("b").count(), 0);
+        // The liar's pieces are not held for the hand-out: a member is handed them.
+        let a = board.report("a", Bits::new(4), &[], "c", &own, t0);
+        assert!(!a.is_empty());
+        // The coordinator never takes itself for bad.
+        assert!(board.holders(4, t0).contains_key("a"));
+        assert!(!board.holders(4, t0).contains_key("liar"));
+        assert!(board.holders(4, t0 + MEMBER_TTL).is_empty());
+    }
+
+    fn schedule(p: &mut Picker, now: Instant, known: u32) -> Vec<(u32, From)> {
+        let mut started = Vec::new();
+        p.schedule(now, &|i| i < known, &mut |i, f| {
+            started.push((i, f.clone()));
+            true
+        });
+        started
+    }
+
+    #[test]
+    fn the_picker_takes_the_rarest_within_its_window_and_spares_the_coordinator() {
+        let t0 = Instant::now();
+        let mut p = Picker::new("me", "c", 100, t0);
+        let most: Vec<u32> = (0..100).filter(|i| *i != 7 && *i != 60).collect();
+        p.absorb(
+            [
+                ("c".to_string(), all(100)),
+                ("x".to_string(), all(100)),
+                ("y".to_string(), bits(100, &most)),
+                ("me".to_string(), all(100)),
+            ],
+            [],
+        );
+        let started = schedule(&mut p, t0, 100);
+        assert_eq!(started.len(), IN_FLIGHT);
+        // Piece 7 is held by two, the rest by three: it goes first (from the peer, not the
+        // coordinator), and 60 (as rare) lies past the window.
+        assert_eq!(started[0], (7, From::Peer("x".into())));
+        assert!(started.iter().all(|(i, _)| (*i as usize) < WINDOW));
+        assert!(started.iter().all(|(_, f)| *f != From::Peer("c".into())));
+        // Full: nothing more starts until one ends.
+        assert!(schedule(&mut p, t0, 100).is_empty());
+        let (i, f) = started[0].clone();
+        p.ended(i, &f);
+        assert!(!p.landed(i, t0));
+        assert_eq!(schedule(&mut p, t0, 100).len(), 1);
+    }
+
+    #[test]
+    fn the_picker_takes_from_the_coordinator_only_what_it_was_handed_or_when_idle() {
+        let t0 = Instant::now();
+        let mut p = Picker::new("me", "c", 8, t0);
+        p.absorb([("c".to_string(), all(8))], [2, 5]);
+        let started = schedule(&mut p, t0, 8);
+        assert_eq!(
+            started,
+            vec![(2, From::Peer("c".into())), (5, From::Peer("c".into()))]
+        );
+        // A piece whose digest is unknown is not asked for.
+        let mut q = Picker::new("me", "c", 8, t0);
+        q.absorb([("c".to_string(), all(8))], [2, 5]);
+        assert_eq!(schedule(&mut q, t0, 3), vec![(2, From::Peer("c".into()))]);
+        // Idle past UNASKED_AFTER, it takes the rest unasked.
+        for (i, f) in &started {
+            p.ended(*i, f);
+            assert!(p.landed(*i, t0));
+        }
+        assert!(schedule(&mut p, t0, 8).is_empty());
+        let later = t0 + UNASKED_AFTER + Duration::from_millis(1);
+        assert_eq!(schedule(&mut p, later, 8).len(), IN_FLIGHT);
+    }
+
+    #[test]
+    fn the_picker_shuns_bad_and_failed_holders_and_benches_non_members() {
+        let t0 = Instant::now();
+        let mut p = Picker::new("me", "c", 4, t0);
+        p.absorb(
+            [("bad".to_string(), all(4)), ("gone".to_string(), all(4))],
+            [],
+        );
+        p.corrupt("bad");
+        // "gone" cannot be started (not a member): it is benched and nothing is started.
+        let mut tries = Vec::new();
+        p.schedule(t0, &|_| true, &mut |i, f| {
+            tries.push((i, f.clone()));
+            false
+        });
+        assert_eq!(tries.len(), 1);
+        assert_eq!(tries[0].1, From::Peer("gone".into()));
+        assert!(schedule(&mut p, t0, 4).is_empty());
+        assert_eq!(p.bad(), vec!["bad".to_string()]);
+        // Benched, not banned: asked again after BENCH.
+        let started = schedule(&mut p, t0 + BENCH, 4);
+        assert!(started.iter().all(|(_, f)| *f == From::Peer("gone".into())));
+        assert_eq!(started.len(), 4);
+        // It says it lacks the blob: it holds nothing until the coordinator says otherwise.
+        for (i, f) in &started {
+            p.ended(*i, f);
+        }
+        p.peer_failed("gone", true, t0 + BENCH);
+        assert!(schedule(&mut p, t0 + BENCH, 4).is_empty());
+    }
+
+    #[test]
+    fn only_a_few_fetchers_at_a_time_take_a_piece_from_its_one_holder() {
+        let t0 = Instant::now();
+        // A hundred fetchers, each holding one piece of its own (so all are members), and one
+        // peer holding piece 0 that no one else has.
+        let others: Vec<(String, Bits)> = (0..100)
+            .map(|k| (format!("f{k}"), bits(200, &[100 + k])))
+            .chain([("a".to_string(), bits(200, &[0]))])
+            .collect();
+        let mut takers = 0;
+        let mut idle_takers = 0;
+        for k in 0..100 {
+            let me = format!("f{k}");
+            let mut p = Picker::new(&me, "c", 200, t0);
+            p.absorb(others.iter().cloned(), []);
+            if schedule(&mut p, t0, 200)
+                .iter()
+                .any(|(i, f)| *i == 0 && *f == From::Peer("a".into()))
+            {
+                takers += 1;
+            }
+            // Idle for long, a fetcher takes it even when it is not its turn.
+            let mut q = Picker::new(&me, "c", 1, t0);
+            let quiet = (0..100).map(|k| (format!("f{k}"), Bits::new(1)));
+            q.absorb(quiet.chain([("a".to_string(), bits(1, &[0]))]), []);
+            let later = t0 + TURN_WAIT + Duration::from_millis(1);
+            let got = schedule(&mut q, later, 1);
+            if got == vec![(0, From::Peer("a".into()))] {
+                idle_takers += 1;
+            }
+        }
+        assert!(
+            (1..=3 * TURN).contains(&takers),
+            "{takers} fetchers asked one holder at once"
+        );
+        assert_eq!(idle_takers, 100);
+    }
+
+    #[test]
+    fn a_fetcher_turns_to_the_next_owner_or_takes_over_and_fetches_upstream() {
+        let t0 = Instant::now();
+        let mut p = Picker::new("me", "c", 4, t0);
+        p.absorb([("c".to_string(), all(4))], []);
+        for _ in 0..COORD_FAILURES - 1 {
+            p.report_failed();
+            assert!(
+                !p.give_up_coordinator(false),
+                "a slow coordinator keeps its role"
+            );
+        }
+        assert!(
+            p.give_up_coordinator(true),
+            "one the membership dropped does not"
+        );
+        assert!(p.failed_coordinator("c"));
+        assert_eq!(p.turn(Some("d")), Some(Turn::To("d".into())));
+        assert!(p.failed_reports());
+        p.absorb([], []);
+        assert!(p.give_up_coordinator(true));
+        assert_eq!(p.turn(Some("me")), Some(Turn::Coordinate));
+        assert!(p.coordinating());
+        // Now nobody holds anything: it takes pieces from its upstream, a couple at a time.
+        let started = schedule(&mut p, t0, 0);
+        assert_eq!(
+            started,
+            vec![(0, From::Upstream), (1, From::Upstream)],
+            "UPSTREAM_IN_FLIGHT"
+        );
+    }
+}

@@ -1,0 +1,892 @@
+//! The swarm's protocol measured apart from the cores: a deterministic simulation that drives
+//! the production decisions (the coordinator's [`Board`], each fetcher's [`Picker`], with the
+//! production constants) over a simulated network, with a virtual clock and no sockets.
+//!
+//! The link model: every node has an uplink and a downlink of [`SwarmSimConfig::link`] bytes
+//! per second; the upstream is one more uplink, of [`SwarmSimConfig::upstream`], that the
+//! coordinators' fills share. A transfer runs at the smaller of its two shares: its sender's
+//! uplink divided evenly among the transfers on it, and its receiver's downlink likewise
+//! (rates are recomputed whenever a transfer starts or ends on either link; capacity one side
+//! leaves unused is not handed to the other transfers, so the model errs slow). A piece
+//! request reaches its sender one [`SwarmSimConfig::latency`] after it is made; a report's
+//! answer comes back one latency after the coordinator's board took it in. The coordinator of
+//! each layer fills it from the upstream in one in-order stream, as a real one does, and
+//! offers each piece once it is in. What the simulation leaves out: CPU (hashing, the spool),
+//! TCP's ramp-up, and the fetcher's loop being blocked while a report is out (here pieces keep
+//! landing meanwhile).
+//!
+//! Faults: one fetcher killed part-way (a request to it fails at once, a transfer from it
+//! fails when it dies, and the membership stops listing it [`SwarmSimConfig::detect`] later),
+//! and one peer that sends a wrong byte in every piece it serves (the fetcher's digest check
+//! catches it; the simulation hands the picker what the check would).
+//!
+//! The example `swarm_sim` prints the table for 8, 100 and 1,000 nodes; the unit tests run it
+//! small and assert what a user would notice.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::pieces::{Bits, PIECE_SIZE};
+use crate::swarm::decide::{Board, From, Picker, REPORT_EVERY, REPORT_SOON};
+
+/// What to simulate. [`SwarmSimConfig::new`] gives the defaults the table is made with.
+#[derive(Debug, Clone)]
+pub struct SwarmSimConfig {
+    pub nodes: usize,
+    /// Blobs fetched at once, each with its own swarm and coordinator.
+    pub layers: usize,
+    pub layer_size: u64,
+    /// Each node's upload and (separately) download rate, bytes per second.
+    pub link: f64,
+    /// The upstream's rate, bytes per second, shared by the coordinators' fills.
+    pub upstream: f64,
+    /// From a request to its first byte at the sender, and from a report to its answer.
+    pub latency: Duration,
+    /// Kill one fetcher once this fraction of size/link has passed.
+    pub kill_at: Option<f64>,
+    /// One fetcher serves corrupt pieces.
+    pub corrupt_peer: bool,
+    /// How long after a node dies the membership stops listing it.
+    pub detect: Duration,
+    /// The fetchers start evenly over this window.
+    pub join_over: Duration,
+    /// Simulated time after which the run stops and the unfinished are counted.
+    pub limit: Duration,
+    pub seed: u64,
+}
+
+impl SwarmSimConfig {
+    /// `nodes` nodes fetching `layers` blobs of 256 MiB at once over 1 Gbit/s links.
+    pub fn new(nodes: usize, layers: usize) -> SwarmSimConfig {
+        SwarmSimConfig {
+            nodes,
+            layers,
+            layer_size: 256 * 1024 * 1024,
+            link: 125_000_000.0,
+            upstream: 125_000_000.0,
+            latency: Duration::from_millis(1),
+            kill_at: None,
+            corrupt_peer: false,
+            detect: Duration::from_secs(2),
+            join_over: Duration::from_millis(20),
+            limit: Duration::from_secs(600),
+            seed: 1,
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct SwarmSimReport {
+    pub nodes: usize,
+    pub layers: usize,
+    pub fault: &'static str,
+    /// What every node downloads, over its link: the best any node can do.
+    pub ideal: Duration,
+    /// Per-node completion over `ideal` (the killed node left out), nearest rank.
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+    /// Live nodes that did not end with every layer (gave up, or ran past the limit).
+    pub incomplete: usize,
+    /// Bytes taken from the upstream, over the bytes of the layers.
+    pub upstream: f64,
+    /// Pieces each layer's coordinator sent to fetchers, over the pieces of the layers.
+    pub coordinator_pieces: f64,
+    /// Corrupt pieces fetchers received (and threw away).
+    pub corrupt_received: u64,
+    /// Piece requests that failed (a dead sender).
+    pub failed: u64,
+    /// Bytes of the coordinators' answers (holders and digests, as the wire has them), over
+    /// the bytes of the layers.
+    pub answers: f64,
+    /// Simulated time from the first join until the last node was done.
+    pub wall: Duration,
+    /// Real time the run took.
+    pub real: Duration,
+}
+
+impl SwarmSimReport {
+    /// The table's header, for rows printed with `{}`.
+    pub fn header() -> String {
+        format!(
+            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>8} {:>8} {:>7}",
+            "nodes",
+            "layers",
+            "fault",
+            "p50",
+            "p99",
+            "max",
+            "unfin",
+            "upstream",
+            "coord/piece",
+            "corrupt",
+            "failed",
+            "answers",
+            "wall s",
+            "real s"
+        )
+    }
+}
+
+impl fmt::Display for SwarmSimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2}x {:>8.2} {:>7.1}",
+            self.nodes,
+            self.layers,
+            self.fault,
+            self.p50,
+            self.p99,
+            self.max,
+            self.incomplete,
+            self.upstream,
+            self.coordinator_pieces,
+            self.corrupt_received,
+            self.failed,
+            self.answers,
+            self.wall.as_secs_f64(),
+            self.real.as_secs_f64()
+        )
+    }
+}
+
+/// Nanoseconds of simulated time.
+type Time = u64;
+
+const NEVER: Time = Time::MAX;
+
+fn ns(d: Duration) -> Time {
+    d.as_nanos() as Time
+}
+
+/// A small seeded generator (SplitMix64): the run depends on the seed alone.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A coordinator's fill from the upstream.
+    Fill,
+    /// A piece from a peer.
+    Peer,
+    /// A piece a coordinator that took over takes from the upstream.
+    Upstream,
+}
+
+struct Flow {
+    kind: Kind,
+    /// A node, or `nodes` for the upstream.
+    sender: usize,
+    receiver: usize,
+    layer: usize,
+    piece: u32,
+    remaining: f64,
+    rate: f64,
+    at: Time,
+    /// When its pending check is due.
+    due: Time,
+}
+
+enum Ev {
+    Report {
+        node: usize,
+        layer: usize,
+    },
+    Answer {
+        node: usize,
+        layer: usize,
+        holders: Vec<(String, Bits)>,
+        assign: Vec<u32>,
+        known: u32,
+    },
+    /// A request reached its sender: the transfer starts.
+    Start {
+        flow: usize,
+    },
+    /// A transfer may have ended.
+    Check {
+        flow: usize,
+    },
+    Kill {
+        node: usize,
+    },
+}
+
+/// One node's fill of one layer.
+struct Fetch {
+    picker: Picker,
+    /// Pieces whose digests the coordinator has sent (its fill's prefix).
+    known: u32,
+    /// When the report that counts is due; `NEVER` while one is out.
+    next_report: Time,
+    done_at: Option<Time>,
+    gave_up: bool,
+}
+
+struct Layer {
+    coord: usize,
+    board: Board,
+    own: Bits,
+    next_fill: u32,
+    done_at: Option<Time>,
+    coord_sent: u64,
+}
+
+struct Sim {
+    cfg: SwarmSimConfig,
+    t0: Instant,
+    now: Time,
+    seq: u64,
+    events: BTreeMap<(Time, u64), Ev>,
+    names: Vec<String>,
+    dead_at: Vec<Option<Time>>,
+    corrupt: Option<usize>,
+    fetches: Vec<Vec<Option<Fetch>>>,
+    layers: Vec<Layer>,
+    flows: Vec<Option<Flow>>,
+    /// Flows on each uplink (the upstream's last) and each downlink.
+    up: Vec<Vec<usize>>,
+    down: Vec<Vec<usize>>,
+    pieces: u32,
+    upstream_bytes: u64,
+    corrupt_received: u64,
+    failed: u64,
+    answer_bytes: u64,
+}
+
+/// Play one scenario from the first join until every live node holds every layer.
+pub fn run(cfg: &SwarmSimConfig) -> SwarmSimReport {
+    let real = Instant::now();
+    let mut sim = Sim::new(cfg.clone());
+    sim.play();
+    sim.measure(real.elapsed())
+}
+
+impl Sim {
+    fn new(cfg: SwarmSimConfig) -> Sim {
+        let t0 = Instant::now();
+        let n = cfg.nodes.max(2);
+        let pieces = cfg.layer_size.div_ceil(PIECE_SIZE) as u32;
+        let names: Vec<String> = (0..n).map(|i| format!("node-{i:04}")).collect();
+        let mut rng = Rng(cfg.seed);
+        let layers: Vec<Layer> = (0..cfg.layers.max(1))
+            .map(|l| Layer {
+                coord: l * n / cfg.layers.max(1),
+                board: Board::new(t0),
+                own: Bits::new(pieces),
+                next_fill: 0,
+                done_at: None,
+                coord_sent: 0,
+            })
+            .collect();
+        let coords: Vec<usize> = layers.iter().map(|l| l.coord).collect();
+        let fetchers: Vec<usize> = (0..n).filter(|i| !coords.contains(i)).collect();
+        let pick_fetcher = |rng: &mut Rng, not: Option<usize>| {
+            let choices: Vec<usize> = fetchers
+                .iter()
+                .copied()
+                .filter(|f| Some(*f) != not)
+                .collect();
+            (!choices.is_empty()).then(|| choices[rng.below(choices.len() as u64) as usize])
+        };
+        let killed = cfg.kill_at.and_then(|_| pick_fetcher(&mut rng, None));
+        let corrupt = cfg
+            .corrupt_peer
+            .then(|| pick_fetcher(&mut rng, killed))
+            .flatten();
+        let fetches = (0..n)
+            .map(|i| {
+                layers
+                    .iter()
+                    .map(|l| {
+                        (l.coord != i).then(|| Fetch {
+                            picker: Picker::new(&names[i], &names[l.coord], pieces, t0),
+                            known: 0,
+                            next_report: NEVER,
+                            done_at: None,
+                            gave_up: false,
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut sim = Sim {
+            t0,
+            now: 0,
+            seq: 0,
+            events: BTreeMap::new(),
+            dead_at: vec![None; n],
+            corrupt,
+            fetches,
+            layers,
+            flows: Vec::new(),
+            up: vec![Vec::new(); n + 1],
+            down: vec![Vec::new(); n],
+            pieces,
+            upstream_bytes: 0,
+            corrupt_received: 0,
+            failed: 0,
+            answer_bytes: 0,
+            names,
+            cfg,
+        };
+        for l in 0..sim.layers.len() {
+            sim.next_fill(l);
+        }
+        let window = ns(sim.cfg.join_over).max(1);
+        for node in 0..n {
+            for layer in 0..sim.layers.len() {
+                if sim.fetches[node][layer].is_some() {
+                    let at = rng.below(window);
+                    if let Some(f) = sim.fetches[node][layer].as_mut() {
+                        f.next_report = at;
+                    }
+                    sim.push(at, Ev::Report { node, layer });
+                }
+            }
+        }
+        if let (Some(node), Some(frac)) = (killed, sim.cfg.kill_at) {
+            let at = (sim.ideal().as_nanos() as f64 * frac) as Time;
+            sim.push(at, Ev::Kill { node });
+        }
+        sim
+    }
+
+    fn ideal(&self) -> Duration {
+        Duration::from_secs_f64(
+            (self.cfg.layer_size * self.layers.len() as u64) as f64 / self.cfg.link,
+        )
+    }
+
+    fn instant(&self) -> Instant {
+        self.t0 + Duration::from_nanos(self.now)
+    }
+
+    fn push(&mut self, at: Time, ev: Ev) {
+        self.seq += 1;
+        self.events.insert((at, self.seq), ev);
+    }
+
+    fn play(&mut self) {
+        let limit = ns(self.cfg.limit);
+        while let Some(((at, _), ev)) = self.events.pop_first() {
+            if at > limit || self.finished() {
+                break;
+            }
+            self.now = at;
+            match ev {
+                Ev::Report { node, layer } => self.report(node, layer),
+                Ev::Answer {
+                    node,
+                    layer,
+                    holders,
+                    assign,
+                    known,
+                } => self.answer(node, layer, holders, assign, known),
+                Ev::Start { flow } => self.start(flow),
+                Ev::Check { flow } => self.check(flow),
+                Ev::Kill { node } => self.kill(node),
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.layers.iter().all(|l| l.done_at.is_some())
+            && self.fetches.iter().enumerate().all(|(n, fs)| {
+                self.dead_at[n].is_some()
+                    || fs
+                        .iter()
+                        .flatten()
+                        .all(|f| f.done_at.is_some() || f.gave_up)
+            })
+    }
+
+    fn live_fetch(&mut self, node: usize, layer: usize) -> Option<&mut Fetch> {
+        if self.dead_at[node].is_some() {
+            return None;
+        }
+        self.fetches[node][layer]
+            .as_mut()
+            .filter(|f| f.done_at.is_none() && !f.gave_up)
+    }
+
+    fn report(&mut self, node: usize, layer: usize) {
+        let now = self.now;
+        let at = self.instant();
+        let Some(f) = self.live_fetch(node, layer) else {
+            return;
+        };
+        if f.next_report != now || f.picker.coordinating() {
+            return;
+        }
+        f.next_report = NEVER;
+        let have = f.picker.have().clone();
+        let bad = f.picker.bad();
+        let already = f.known;
+        let name = &self.names[node];
+        let l = &mut self.layers[layer];
+        let coord = &self.names[l.coord];
+        let assign = l.board.report(name, have, &bad, coord, &l.own, at);
+        let mut holders = vec![(coord.clone(), l.own.clone())];
+        holders.extend(
+            l.board
+                .offered(name)
+                .map(|(n, h)| (n.to_string(), h.clone())),
+        );
+        let known = l.own.count();
+        // The wire form: each holder's name and hex bitmap in JSON, each new digest in hex.
+        let bitmap = (self.pieces as u64).div_ceil(8) * 2;
+        self.answer_bytes += holders
+            .iter()
+            .map(|(n, _)| n.len() as u64 + bitmap + 24)
+            .sum::<u64>()
+            + u64::from(known.saturating_sub(already)) * 76
+            + 120;
+        self.push(
+            now + ns(self.cfg.latency),
+            Ev::Answer {
+                node,
+                layer,
+                holders,
+                assign,
+                known,
+            },
+        );
+    }
+
+    fn answer(
+        &mut self,
+        node: usize,
+        layer: usize,
+        holders: Vec<(String, Bits)>,
+        assign: Vec<u32>,
+        known: u32,
+    ) {
+        let next = self.now + ns(REPORT_EVERY);
+        let Some(f) = self.live_fetch(node, layer) else {
+            return;
+        };
+        f.picker.absorb(holders, assign);
+        f.known = f.known.max(known);
+        f.next_report = next;
+        self.push(next, Ev::Report { node, layer });
+        self.schedule(node, layer);
+    }
+
+    /// Let the picker start what it chooses; each request reaches its sender a latency later.
+    fn schedule(&mut self, node: usize, layer: usize) {
+        let at = self.instant();
+        let now = self.now;
+        let detect = ns(self.cfg.detect);
+        let dead_at = &self.dead_at;
+        let Some(f) = self.fetches[node][layer].as_mut() else {
+            return;
+        };
+        let known = f.known;
+        let mut started: Vec<(u32, From)> = Vec::new();
+        f.picker.schedule(at, &|i| i < known, &mut |i, from| {
+            if let From::Peer(name) = from {
+                let listed = index(name)
+                    .and_then(|s| dead_at.get(s))
+                    .is_some_and(|d| d.is_none_or(|d| now < d + detect));
+                if !listed {
+                    return false;
+                }
+            }
+            started.push((i, from.clone()));
+            true
+        });
+        if f.picker.stalled(at) {
+            f.gave_up = true;
+        }
+        let upstream = self.cfg.nodes.max(2);
+        for (piece, from) in started {
+            let (kind, sender) = match &from {
+                From::Peer(name) => (Kind::Peer, index(name).unwrap_or(0)),
+                From::Upstream => (Kind::Upstream, upstream),
+            };
+            let id = self.new_flow(kind, sender, node, layer, piece);
+            self.push(now + ns(self.cfg.latency), Ev::Start { flow: id });
+        }
+    }
+
+    fn new_flow(
+        &mut self,
+        kind: Kind,
+        sender: usize,
+        receiver: usize,
+        layer: usize,
+        piece: u32,
+    ) -> usize {
+        let (start, end) = (
+            u64::from(piece) * PIECE_SIZE,
+            (u64::from(piece + 1) * PIECE_SIZE).min(self.cfg.layer_size),
+        );
+        self.flows.push(Some(Flow {
+            kind,
+            sender,
+            receiver,
+            layer,
+            piece,
+            remaining: (end - start) as f64,
+            rate: 0.0,
+            at: self.now,
+            due: NEVER,
+        }));
+        self.flows.len() - 1
+    }
+
+    /// The coordinator of `layer` goes on with its fill: the next piece from the upstream.
+    fn next_fill(&mut self, layer: usize) {
+        let l = &mut self.layers[layer];
+        if l.next_fill >= self.pieces {
+            return;
+        }
+        let (piece, coord) = (l.next_fill, l.coord);
+        l.next_fill += 1;
+        let upstream = self.cfg.nodes.max(2);
+        let id = self.new_flow(Kind::Fill, upstream, coord, layer, piece);
+        self.start(id);
+    }
+
+    fn start(&mut self, id: usize) {
+        let Some(flow) = self.flows[id].as_ref() else {
+            return;
+        };
+        let (sender, receiver) = (flow.sender, flow.receiver);
+        if self.dead_at[receiver].is_some() {
+            self.flows[id] = None;
+            return;
+        }
+        if self.dead_at.get(sender).is_some_and(|d| d.is_some()) {
+            // Refused: the fetcher hears at once.
+            self.fail(id);
+            return;
+        }
+        self.up[sender].push(id);
+        self.down[receiver].push(id);
+        self.relink(sender, receiver);
+    }
+
+    /// Recompute the rates of every transfer on `sender`'s uplink and `receiver`'s downlink.
+    fn relink(&mut self, sender: usize, receiver: usize) {
+        let ids: Vec<usize> = self.up[sender]
+            .iter()
+            .chain(&self.down[receiver])
+            .copied()
+            .collect();
+        for id in ids {
+            self.rerate(id);
+        }
+    }
+
+    fn rerate(&mut self, id: usize) {
+        let now = self.now;
+        let upstream = self.cfg.nodes.max(2);
+        let (ups, downs) = match self.flows[id].as_ref() {
+            Some(f) => (self.up[f.sender].len(), self.down[f.receiver].len()),
+            None => return,
+        };
+        let up_rate = |s: usize| {
+            if s == upstream {
+                self.cfg.upstream
+            } else {
+                self.cfg.link
+            }
+        };
+        let Some(f) = self.flows[id].as_mut() else {
+            return;
+        };
+        f.remaining -= f.rate * (now - f.at) as f64 / 1e9;
+        f.at = now;
+        f.rate = (up_rate(f.sender) / ups.max(1) as f64).min(self.cfg.link / downs.max(1) as f64);
+        let end = now + ((f.remaining.max(0.0) / f.rate) * 1e9).ceil() as Time;
+        if end < f.due {
+            f.due = end;
+            self.push(end, Ev::Check { flow: id });
+        }
+    }
+
+    fn check(&mut self, id: usize) {
+        let now = self.now;
+        let Some(f) = self.flows[id].as_mut() else {
+            return;
+        };
+        if f.due != now {
+            return;
+        }
+        f.remaining -= f.rate * (now - f.at) as f64 / 1e9;
+        f.at = now;
+        if f.remaining > 1.0 {
+            let end = now + ((f.remaining / f.rate) * 1e9).ceil().max(1.0) as Time;
+            f.due = end;
+            self.push(end, Ev::Check { flow: id });
+            return;
+        }
+        self.unlink(id);
+        let Some(f) = self.flows[id].take() else {
+            return;
+        };
+        let bytes = (u64::from(f.piece + 1) * PIECE_SIZE).min(self.cfg.layer_size)
+            - u64::from(f.piece) * PIECE_SIZE;
+        match f.kind {
+            Kind::Fill => {
+                self.upstream_bytes += bytes;
+                let l = &mut self.layers[f.layer];
+                l.own.set(f.piece);
+                if l.own.all() {
+                    l.done_at = Some(now);
+                }
+                self.next_fill(f.layer);
+            }
+            Kind::Upstream => {
+                self.upstream_bytes += bytes;
+                self.landed(&f, From::Upstream);
+            }
+            Kind::Peer => {
+                let from = From::Peer(self.names[f.sender].clone());
+                if self.corrupt == Some(f.sender) {
+                    self.corrupt_received += 1;
+                    if let Some(x) = self.live_fetch(f.receiver, f.layer) {
+                        x.picker.ended(f.piece, &from);
+                        // What the digest check does with a piece that fails it.
+                        if let From::Peer(name) = &from {
+                            x.picker.corrupt(name);
+                        }
+                    }
+                    self.schedule(f.receiver, f.layer);
+                    return;
+                }
+                if self.layers[f.layer].coord == f.sender {
+                    self.layers[f.layer].coord_sent += 1;
+                }
+                self.landed(&f, from);
+            }
+        }
+    }
+
+    fn landed(&mut self, f: &Flow, from: From) {
+        let now = self.now;
+        let at = self.instant();
+        let soon = now + ns(REPORT_SOON);
+        let Some(x) = self.live_fetch(f.receiver, f.layer) else {
+            return;
+        };
+        x.picker.ended(f.piece, &from);
+        let handed = x.picker.landed(f.piece, at);
+        if x.picker.done() {
+            x.done_at = Some(now);
+            return;
+        }
+        if handed && x.next_report != NEVER && soon < x.next_report {
+            x.next_report = soon;
+            self.push(
+                soon,
+                Ev::Report {
+                    node: f.receiver,
+                    layer: f.layer,
+                },
+            );
+        }
+        self.schedule(f.receiver, f.layer);
+    }
+
+    fn unlink(&mut self, id: usize) {
+        let Some(f) = self.flows[id].as_ref() else {
+            return;
+        };
+        let (sender, receiver) = (f.sender, f.receiver);
+        self.up[sender].retain(|x| *x != id);
+        self.down[receiver].retain(|x| *x != id);
+        self.relink(sender, receiver);
+    }
+
+    /// The transfer `id` failed (its sender is dead): the fetcher benches the sender.
+    fn fail(&mut self, id: usize) {
+        let at = self.instant();
+        let Some(f) = self.flows[id].take() else {
+            return;
+        };
+        self.failed += 1;
+        let from = match f.kind {
+            Kind::Peer => From::Peer(self.names[f.sender].clone()),
+            _ => From::Upstream,
+        };
+        if let Some(x) = self.live_fetch(f.receiver, f.layer) {
+            x.picker.ended(f.piece, &from);
+            if let From::Peer(name) = &from {
+                x.picker.peer_failed(name, false, at);
+            }
+        }
+        self.schedule(f.receiver, f.layer);
+    }
+
+    fn kill(&mut self, node: usize) {
+        self.dead_at[node] = Some(self.now);
+        let sending: Vec<usize> = self.up[node].clone();
+        for id in sending {
+            self.unlink(id);
+            self.fail(id);
+        }
+        let receiving: Vec<usize> = self.down[node].clone();
+        for id in receiving {
+            self.unlink(id);
+            self.flows[id] = None;
+        }
+    }
+
+    fn measure(&self, real: Duration) -> SwarmSimReport {
+        let ideal = self.ideal();
+        let limit = ns(self.cfg.limit);
+        let mut times = Vec::new();
+        let mut incomplete = 0;
+        for n in 0..self.names.len() {
+            if self.dead_at[n].is_some() {
+                continue;
+            }
+            let mut last = 0;
+            let mut done = true;
+            for (l, layer) in self.layers.iter().enumerate() {
+                let at = match &self.fetches[n][l] {
+                    Some(f) => f.done_at,
+                    None => layer.done_at,
+                };
+                match at {
+                    Some(t) => last = last.max(t),
+                    None => done = false,
+                }
+            }
+            if done {
+                times.push(last);
+            } else {
+                incomplete += 1;
+                times.push(limit);
+            }
+        }
+        times.sort_unstable();
+        let ratio = |t: Time| t as f64 / ideal.as_nanos() as f64;
+        let rank = |p: f64| {
+            let k = ((p * times.len() as f64).ceil() as usize).clamp(1, times.len().max(1));
+            times.get(k - 1).copied().map_or(f64::NAN, ratio)
+        };
+        let total = (self.cfg.layer_size * self.layers.len() as u64) as f64;
+        let pieces = f64::from(self.pieces) * self.layers.len() as f64;
+        SwarmSimReport {
+            nodes: self.names.len(),
+            layers: self.layers.len(),
+            fault: match (self.cfg.kill_at.is_some(), self.corrupt.is_some()) {
+                (true, true) => "both",
+                (true, false) => "killed",
+                (false, true) => "corrupt",
+                (false, false) => "none",
+            },
+            ideal,
+            p50: rank(0.5),
+            p99: rank(0.99),
+            max: times.last().copied().map_or(f64::NAN, ratio),
+            incomplete,
+            upstream: self.upstream_bytes as f64 / total,
+            coordinator_pieces: self.layers.iter().map(|l| l.coord_sent).sum::<u64>() as f64
+                / pieces,
+            corrupt_received: self.corrupt_received,
+            failed: self.failed,
+            answers: self.answer_bytes as f64 / total,
+            wall: Duration::from_nanos(times.last().copied().unwrap_or(0)),
+            real,
+        }
+    }
+}
+
+/// The node a simulated name stands for.
+fn index(name: &str) -> Option<usize> {
+    name.strip_prefix("node-")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::swarm::decide::IN_FLIGHT;
+
+    /// A small swarm (64 MiB layers, so a debug build runs it in a moment).
+    fn small(nodes: usize, layers: usize) -> SwarmSimConfig {
+        let mut cfg = SwarmSimConfig::new(nodes, layers);
+        cfg.layer_size = 64 * 1024 * 1024;
+        cfg
+    }
+
+    #[test]
+    fn every_node_completes_and_each_byte_leaves_the_upstream_once() {
+        for (nodes, layers) in [(8, 1), (30, 1), (30, 4)] {
+            let r = run(&small(nodes, layers));
+            println!("{}\n{r}", SwarmSimReport::header());
+            assert_eq!(r.incomplete, 0, "{nodes} nodes, {layers} layers: {r}");
+            assert!((r.upstream - 1.0).abs() < 1e-9, "one upstream pass: {r}");
+            assert_eq!(r.failed, 0, "no fault, no failed request: {r}");
+            assert!(r.p50 >= 1.0 && r.max.is_finite(), "{r}");
+        }
+    }
+
+    #[test]
+    fn a_killed_fetcher_does_not_stall_the_rest() {
+        let mut cfg = small(30, 1);
+        cfg.kill_at = Some(0.3);
+        let r = run(&cfg);
+        println!("{}\n{r}", SwarmSimReport::header());
+        assert_eq!(r.incomplete, 0, "{r}");
+        assert_eq!(r.fault, "killed");
+        assert!((r.upstream - 1.0).abs() < 1e-9, "{r}");
+        // The rest finish within a few bench periods of the healthy run, not a stall's 60 s.
+        let healthy = run(&small(30, 1));
+        assert!(
+            r.wall < healthy.wall + Duration::from_secs(10),
+            "{r} against {healthy}"
+        );
+    }
+
+    #[test]
+    fn a_corrupt_peer_is_caught_by_each_fetcher_once_and_every_node_completes() {
+        let mut cfg = small(30, 4);
+        cfg.corrupt_peer = true;
+        let r = run(&cfg);
+        println!("{}\n{r}", SwarmSimReport::header());
+        assert_eq!(r.incomplete, 0, "{r}");
+        assert!(r.corrupt_received > 0, "the corrupt peer was asked: {r}");
+        // A fetcher stops asking it after its first bad piece: at most what it had in flight
+        // from it then, per layer.
+        let bound = (cfg.nodes * cfg.layers * IN_FLIGHT) as u64;
+        assert!(r.corrupt_received <= bound, "{r}");
+        assert!((r.upstream - 1.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn the_run_depends_on_the_seed_alone() {
+        let mut cfg = small(20, 1);
+        cfg.kill_at = Some(0.3);
+        cfg.corrupt_peer = true;
+        let (a, b) = (run(&cfg), run(&cfg));
+        assert_eq!(
+            (a.wall, a.corrupt_received, a.failed, a.p99.to_bits()),
+            (b.wall, b.corrupt_received, b.failed, b.p99.to_bits())
+        );
+    }
+}
