@@ -7,8 +7,8 @@
 //! reports to the coordinator a few times a second which pieces it holds; the coordinator
 //! answers with the piece digests, who holds what, and a few pieces that only it holds for this
 //! node to take from it. A fetcher takes pieces (ranged GETs of a few MiB) from several holders
-//! at once, rarest first, peers whose own fills are still growing included, and serves what it
-//! holds to the others. So each piece leaves the coordinator about once and every node's link
+//! at once, rarest first, peers whose own fills are still growing included, a few fetchers per
+//! holder of a piece at a time ([`decide::TURN`]), and serves what it holds to the others. So each piece leaves the coordinator about once and every node's link
 //! carries a share of the load.
 //!
 //! Every piece is checked against its digest before a byte of it is written; a holder that

@@ -37,8 +37,9 @@ pub(crate) const WINDOW: usize = 48;
 /// the piece to spread: each fetcher's turn for a piece is fixed by its own hash.
 pub(crate) const TURN: usize = 4;
 /// An idle fetcher that landed nothing for this long takes a piece even when it is not its
-/// turn.
-pub(crate) const TURN_WAIT: Duration = Duration::from_millis(400);
+/// turn. At the start every fetcher is idle, so a short wait sends them all to the first
+/// holder anyway (400 ms did, in the simulation: 4.1x at 100 nodes against 2.6x with 1 s).
+pub(crate) const TURN_WAIT: Duration = Duration::from_millis(1000);
 /// An idle fetcher that landed nothing for this long takes pieces from the coordinator
 /// without being handed them.
 pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
@@ -158,17 +159,16 @@ impl Board {
         assign
     }
 
-    /// The members offered to `from` as holders (besides the coordinator itself): those that
-    /// hold something and no fetcher found bad.
+    /// The members offered to `from` as holders (besides the coordinator itself): those no
+    /// fetcher found bad, the ones that hold nothing yet included, so that a fetcher knows how
+    /// many share the swarm with it (the `TURN` it takes depends on it).
     pub(crate) fn offered<'a>(
         &'a self,
         from: &'a str,
     ) -> impl Iterator<Item = (&'a str, &'a Bits)> {
         self.members
             .iter()
-            .filter(move |(n, (h, _))| {
-                n.as_str() != from && h.count() > 0 && !self.bad.contains(*n)
-            })
+            .filter(move |(n, _)| n.as_str() != from && !self.bad.contains(*n))
             .map(|(n, (h, _))| (n.as_str(), h))
     }
 
@@ -616,8 +616,9 @@ mod tests {
             &own,
             t0,
         );
-        // The liar is not offered, and `a` holds nothing to offer.
-        assert_eq!(board.offered("b").count(), 0);
+        // The liar is not offered; `a`, which holds nothing yet, is.
+        let offered: Vec<&str> = board.offered("b").map(|(n, _)| n).collect();
+        assert_eq!(offered, vec!["a"]);
         // The liar's pieces are not held for the hand-out: a member is handed them.
         let a = board.report("a", Bits::new(4), &[], "c", &own, t0);
         assert!(!a.is_empty());
