@@ -623,3 +623,77 @@ pub async fn import(State(state): State<AppState>, req: Request<Body>) -> Respon
     let body = serde_json::to_string(&report).unwrap_or_default();
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1 << 20;
+
+    fn guard(max_size: u64, file_read: u64) -> (SizeGuard, Arc<AtomicU64>) {
+        let read = Arc::new(AtomicU64::new(file_read));
+        let guard = SizeGuard {
+            max_size,
+            file_read: read.clone(),
+            written: 0,
+            refused: Arc::new(Mutex::new(None)),
+        };
+        (guard, read)
+    }
+
+    /// Write `total` bytes through the guard a MiB at a time; the bytes written when it refused.
+    fn feed(guard: &mut SizeGuard, total: u64) -> Option<(u64, String)> {
+        let mut written = 0;
+        while written < total {
+            written += MIB as u64;
+            if let Err(why) = guard.add(MIB) {
+                return Some((written, why));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_bomb_is_refused_once_past_the_floor_and_the_first_reason_is_kept() {
+        // 2.1 MB of gzip inflating to 2 GiB: ~1,000x.
+        let (mut g, _) = guard(DEFAULT_MAX_SIZE, 2_100_000);
+        let (at, why) = feed(&mut g, 2 << 30).expect("refused");
+        assert_eq!(
+            at,
+            RATIO_FLOOR + MIB as u64,
+            "refused as soon as past the floor"
+        );
+        assert!(why.contains("more than 100 times"), "{why}");
+        assert!(why.contains("decompression bomb"), "{why}");
+        // The reason the import reports is the first one, whatever the reader makes of the
+        // I/O error afterwards.
+        let _ = g.add(MIB);
+        let kept = g.refused.lock().unwrap().clone();
+        assert_eq!(kept.as_deref(), Some(why.as_str()));
+    }
+
+    #[test]
+    fn a_highly_compressible_layer_below_the_floor_is_not_a_bomb() {
+        // A 512 MiB layer of zeros from half a MiB of gzip: a thousandfold, and legitimate.
+        let (mut g, _) = guard(DEFAULT_MAX_SIZE, 512 << 10);
+        assert_eq!(feed(&mut g, 512 << 20), None);
+    }
+
+    #[test]
+    fn real_compression_ratios_pass_past_the_floor() {
+        // 3 GiB inflated while the file is read along at a 10x ratio: a large real image.
+        let (mut g, read) = guard(DEFAULT_MAX_SIZE, 0);
+        for _ in 0..3 * 1024 {
+            read.fetch_add(MIB as u64 / 10, Ordering::Relaxed);
+            assert_eq!(g.add(MIB), Ok(()));
+        }
+    }
+
+    #[test]
+    fn max_size_is_refused_first_and_names_the_setting() {
+        let (mut g, _) = guard(8 << 20, 8 << 20);
+        let (at, why) = feed(&mut g, 64 << 20).expect("refused");
+        assert_eq!(at, (8 << 20) + MIB as u64);
+        assert!(why.contains("[import] max_size (8388608 bytes)"), "{why}");
+    }
+}
