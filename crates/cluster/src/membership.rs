@@ -240,6 +240,20 @@ impl Drop for Membership {
     }
 }
 
+/// Wait for the next change of [`Membership::changes`] and then for `quiet` without another
+/// (a rolling restart is one change, not one per node). `false` once the membership is gone.
+pub async fn settled(changes: &mut watch::Receiver<u64>, quiet: Duration) -> bool {
+    if changes.changed().await.is_err() {
+        return false;
+    }
+    loop {
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return false },
+            () = tokio::time::sleep(quiet) => return true,
+        }
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // The view is replaced whole under the lock, so a panicking holder cannot leave it torn.
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())

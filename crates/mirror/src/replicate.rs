@@ -234,14 +234,8 @@ impl Replicator {
     /// few seconds (a rolling restart is one resync, not one per node).
     pub async fn follow(self: Arc<Self>, mut changes: tokio::sync::watch::Receiver<u64>) {
         loop {
-            if changes.changed().await.is_err() {
+            if !pier_cluster::membership::settled(&mut changes, Duration::from_secs(3)).await {
                 return;
-            }
-            loop {
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
-                    () = tokio::time::sleep(Duration::from_secs(3)) => break,
-                }
             }
             match self.resync().await {
                 Ok(0) => {}

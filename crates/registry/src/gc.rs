@@ -36,7 +36,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use pier_oci::{Digest, Hasher};
-use pier_store::blob::BlobEntry;
+use pier_store::blob::{BlobEntry, BlobStore};
 use pier_store::{ManifestRecord, MetaStore};
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +74,38 @@ impl<'a> LinkPages<'a> {
             return Ok(None);
         };
         self.after = Some((repo.clone(), last.clone()));
+        self.done = page.len() < PAGE;
+        Ok(Some(page))
+    }
+}
+
+/// Every stored blob, a page at a time, in digest order.
+struct BlobPages<'a> {
+    blobs: &'a dyn BlobStore,
+    after: Option<Digest>,
+    done: bool,
+}
+
+impl<'a> BlobPages<'a> {
+    fn new(blobs: &'a dyn BlobStore) -> BlobPages<'a> {
+        BlobPages {
+            blobs,
+            after: None,
+            done: false,
+        }
+    }
+
+    /// The next page, `None` once every blob was handed out.
+    async fn next(&mut self) -> Result<Option<Vec<BlobEntry>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.blobs.list(self.after.as_ref(), PAGE).await?;
+        let Some(last) = page.last() else {
+            self.done = true;
+            return Ok(None);
+        };
+        self.after = Some(last.digest.clone());
         self.done = page.len() < PAGE;
         Ok(Some(page))
     }
@@ -151,20 +183,13 @@ impl Registry {
         // 1. Candidates: every blob older than the grace period. In a dry run also those the
         //    references below rule out; they are filtered the same way.
         let mut candidates: Vec<BlobEntry> = Vec::new();
-        let mut after: Option<Digest> = None;
-        loop {
-            let page = self.blobs.list(after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.digest.clone());
-            let full = page.len() == PAGE;
+        let mut pages = BlobPages::new(&*self.blobs);
+        while let Some(page) = pages.next().await? {
             for b in page {
                 report.scanned += 1;
                 if b.modified_ms <= cutoff {
                     candidates.push(b);
                 }
-            }
-            if !full {
-                break;
             }
         }
 
@@ -367,19 +392,12 @@ impl Registry {
         referenced: &HashSet<Digest>,
     ) -> Result<u64> {
         let mut young = 0;
-        let mut after: Option<Digest> = None;
-        loop {
-            let page = self.blobs.list(after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.digest.clone());
-            let full = page.len() == PAGE;
+        let mut pages = BlobPages::new(&*self.blobs);
+        while let Some(page) = pages.next().await? {
             young += page
                 .iter()
                 .filter(|b| b.modified_ms > cutoff && !referenced.contains(&b.digest))
                 .count() as u64;
-            if !full {
-                break;
-            }
         }
         Ok(young)
     }
@@ -444,12 +462,8 @@ impl Registry {
         }
 
         // Stored blobs: linked by some repository, and (deep) their bytes match their digest.
-        let mut after: Option<Digest> = None;
-        loop {
-            let page = self.blobs.list(after.as_ref(), PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.digest.clone());
-            let full = page.len() == PAGE;
+        let mut pages = BlobPages::new(&*self.blobs);
+        while let Some(page) = pages.next().await? {
             for b in page {
                 f.blobs += 1;
                 f.bytes += b.size;
@@ -474,9 +488,6 @@ impl Registry {
                         });
                     }
                 }
-            }
-            if !full {
-                break;
             }
         }
         // Which repositories linked what was quarantined (to tell mirrored from hosted).

@@ -38,7 +38,7 @@ use pier_oci::Digest;
 use pier_peer::Cluster;
 use pier_registry::Registry;
 use pier_store::jobs::{unix_ms, Job, JobFailure, JobHandler, JobRunner, JobState};
-use pier_store::{PinStore, RetryPolicy, StoreError};
+use pier_store::{ManifestRecord, MetaStore, PinStore, RetryPolicy, StoreError};
 use pier_upstream::{Upstream, UpstreamConfig, UpstreamError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
@@ -606,15 +606,9 @@ impl SyncEngine {
         };
         let mut known = alive(&cluster);
         loop {
-            if changes.changed().await.is_err() {
-                return;
-            }
             // A burst of changes (a node restarting) settles first.
-            loop {
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
-                    () = tokio::time::sleep(Duration::from_secs(1)) => break,
-                }
+            if !pier_cluster::membership::settled(&mut changes, Duration::from_secs(1)).await {
+                return;
             }
             let now = alive(&cluster);
             let me = cluster.local().name;
@@ -821,4 +815,45 @@ fn retryable(what: &str, e: UpstreamError) -> JobFailure {
 
 fn store_failure(e: StoreError) -> JobFailure {
     JobFailure::retry(format!("local store: {e}"))
+}
+
+/// A stored manifest's record, or the job's end when it is gone.
+async fn stored_manifest(
+    meta: &dyn MetaStore,
+    repo: &str,
+    digest: &Digest,
+) -> Result<ManifestRecord, JobFailure> {
+    meta.manifest(repo, digest)
+        .await
+        .map_err(store_failure)?
+        .ok_or_else(|| JobFailure::fatal(format!("{repo}@{digest} is no longer here")))
+}
+
+/// What a manifest references in `repo`, as a job sends it: the manifests (an index's
+/// children) and the blobs linked there, with their sizes, in the manifest's order. A
+/// reference that is neither is a foreign layer, which lives elsewhere by design.
+enum Child {
+    Manifest(Digest),
+    Blob(Digest, u64),
+}
+
+async fn children(
+    meta: &dyn MetaStore,
+    repo: &str,
+    record: &ManifestRecord,
+) -> Result<Vec<Child>, JobFailure> {
+    let mut out = Vec::new();
+    for child in &record.references {
+        if meta
+            .manifest(repo, child)
+            .await
+            .map_err(store_failure)?
+            .is_some()
+        {
+            out.push(Child::Manifest(child.clone()));
+        } else if let Some(size) = meta.blob_link(repo, child).await.map_err(store_failure)? {
+            out.push(Child::Blob(child.clone(), size));
+        }
+    }
+    Ok(out)
 }

@@ -13,7 +13,7 @@ use pier_oci::Digest;
 use pier_peer::{Cluster, PullRequest};
 use pier_store::jobs::JobFailure;
 
-use crate::{store_failure, Payload, SyncEngine};
+use crate::{children, store_failure, stored_manifest, Child, Payload, SyncEngine};
 
 impl SyncEngine {
     pub(crate) async fn run_node(&self, p: &Payload) -> Result<(), JobFailure> {
@@ -79,30 +79,17 @@ impl ToNode<'_> {
         tag: Option<String>,
     ) -> BoxFuture<'_, Result<(), JobFailure>> {
         Box::pin(async move {
-            let meta = self.engine.parts.registry.meta_store();
-            let record = meta
-                .manifest(self.repo, &digest)
-                .await
-                .map_err(store_failure)?
-                .ok_or_else(|| {
-                    JobFailure::fatal(format!("{}@{digest} is no longer here", self.repo))
-                })?;
-            for child in &record.references {
-                if meta
-                    .manifest(self.repo, child)
-                    .await
-                    .map_err(store_failure)?
-                    .is_some()
-                {
-                    self.manifest(child.clone(), None).await?;
-                } else if let Some(size) = meta
-                    .blob_link(self.repo, child)
-                    .await
-                    .map_err(store_failure)?
-                {
-                    self.pull("blob", child, None).await?;
-                    // What the node was asked to hold; one that had it already moved nothing.
-                    self.engine.parts.metrics.sent(self.rule, size);
+            let meta = self.engine.parts.registry.meta_store().as_ref();
+            let record = stored_manifest(meta, self.repo, &digest).await?;
+            for child in children(meta, self.repo, &record).await? {
+                match child {
+                    Child::Manifest(m) => self.manifest(m, None).await?,
+                    Child::Blob(b, size) => {
+                        self.pull("blob", &b, None).await?;
+                        // What the node was asked to hold; one that had it already moved
+                        // nothing.
+                        self.engine.parts.metrics.sent(self.rule, size);
+                    }
                 }
             }
             self.pull("manifest", &digest, tag).await

@@ -18,7 +18,9 @@ use pier_upstream::{MountOutcome, Upstream, UpstreamError};
 
 use crate::limit::throttled;
 use crate::rules::Target;
-use crate::{retryable, store_failure, Payload, PushState, SyncEngine};
+use crate::{
+    children, retryable, store_failure, stored_manifest, Child, Payload, PushState, SyncEngine,
+};
 
 /// Uploads of one blob tried within an attempt before the job waits for its next one.
 const UPLOAD_TRIES: u32 = 3;
@@ -157,13 +159,7 @@ impl Send<'_> {
             if there.as_ref() == Some(&digest) {
                 return Ok(());
             }
-            let record = meta
-                .manifest(self.repo, &digest)
-                .await
-                .map_err(store_failure)?
-                .ok_or_else(|| {
-                    JobFailure::fatal(format!("{}@{digest} is no longer here", self.repo))
-                })?;
+            let record = stored_manifest(meta.as_ref(), self.repo, &digest).await?;
             let bytes = meta
                 .manifest_bytes(&digest)
                 .await
@@ -178,23 +174,11 @@ impl Send<'_> {
                     .map_err(|e| retryable("asking the target for the manifest", e))?
                     .is_some();
             if !tree_there {
-                for child in &record.references {
-                    if meta
-                        .manifest(self.repo, child)
-                        .await
-                        .map_err(store_failure)?
-                        .is_some()
-                    {
-                        self.manifest(child.clone(), None).await?;
-                    } else if meta
-                        .blob_link(self.repo, child)
-                        .await
-                        .map_err(store_failure)?
-                        .is_some()
-                    {
-                        self.blob(child).await?;
+                for child in children(meta.as_ref(), self.repo, &record).await? {
+                    match child {
+                        Child::Manifest(m) => self.manifest(m, None).await?,
+                        Child::Blob(b, _) => self.blob(&b).await?,
                     }
-                    // Neither: a foreign layer, which lives elsewhere by design.
                 }
             }
             let stored = self
