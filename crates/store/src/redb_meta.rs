@@ -271,6 +271,37 @@ fn page2<V: redb::Value + 'static>(
     Ok(page)
 }
 
+/// Up to `n` entries of a two-part-key table from `start` on, each turned into a `T` by
+/// `each`, which ends the page early by answering `None` (past a prefix, say).
+fn pairs_from<V: redb::Value + 'static, T>(
+    table: &impl ReadableTable<(&'static str, &'static str), V>,
+    start: Bound<(&str, &str)>,
+    n: usize,
+    mut each: impl FnMut(&str, &str, V::SelfType<'_>) -> Result<Option<T>>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
+        if out.len() == n {
+            break;
+        }
+        let (k, v) = item?;
+        let (a, b) = k.value();
+        match each(a, b, v.value())? {
+            Some(t) => out.push(t),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// Where a page after `(a, b)` starts: just past it, or at the table's first entry.
+fn past(after: &Option<(String, String)>) -> Bound<(&str, &str)> {
+    match after {
+        Some((a, b)) => Bound::Excluded((a.as_str(), b.as_str())),
+        None => Bound::Unbounded,
+    }
+}
+
 #[async_trait]
 impl MetaStore for RedbMetaStore {
     async fn repos(&self, last: Option<&str>, n: usize) -> Result<Page> {
@@ -518,20 +549,9 @@ impl MetaStore for RedbMetaStore {
     ) -> Result<Vec<(String, ManifestRecord)>> {
         let after = after.map(|(r, d)| (r.to_string(), d.to_string()));
         self.read(|tx| {
-            let table = tx.open_table(MANIFESTS)?;
-            let start = match &after {
-                Some((r, d)) => Bound::Excluded((r.as_str(), d.as_str())),
-                None => Bound::Unbounded,
-            };
-            let mut out = Vec::new();
-            for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
-                if out.len() == n {
-                    break;
-                }
-                let (k, v) = item?;
-                out.push((k.value().0.to_string(), unjson(v.value())?));
-            }
-            Ok(out)
+            pairs_from(&tx.open_table(MANIFESTS)?, past(&after), n, |repo, _, v| {
+                Ok(Some((repo.to_string(), unjson(v)?)))
+            })
         })
         .await
     }
@@ -543,24 +563,16 @@ impl MetaStore for RedbMetaStore {
         n: usize,
     ) -> Result<Vec<(String, Digest)>> {
         self.read(|tx| {
-            let table = tx.open_table(TAGS)?;
             let start = match after {
                 Some(t) => Bound::Excluded((repo, t)),
                 None => Bound::Included((repo, "")),
             };
-            let mut out = Vec::new();
-            for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
-                if out.len() == n {
-                    break;
-                }
-                let (k, v) = item?;
-                let (r, tag) = k.value();
+            pairs_from(&tx.open_table(TAGS)?, start, n, |r, tag, v| {
                 if r != repo {
-                    break;
+                    return Ok(None);
                 }
-                out.push((tag.to_string(), v.value().parse().map_err(corrupt)?));
-            }
-            Ok(out)
+                Ok(Some((tag.to_string(), v.parse().map_err(corrupt)?)))
+            })
         })
         .await
     }
@@ -572,25 +584,18 @@ impl MetaStore for RedbMetaStore {
     ) -> Result<Vec<(String, Digest, u64)>> {
         let after = after.map(|(r, d)| (r.to_string(), d.to_string()));
         self.read(|tx| {
-            let table = tx.open_table(BLOB_LINKS)?;
-            let start = match &after {
-                Some((r, d)) => Bound::Excluded((r.as_str(), d.as_str())),
-                None => Bound::Unbounded,
-            };
-            let mut out = Vec::new();
-            for item in table.range::<(&str, &str)>((start, Bound::Unbounded))? {
-                if out.len() == n {
-                    break;
-                }
-                let (k, v) = item?;
-                let (repo, digest) = k.value();
-                out.push((
-                    repo.to_string(),
-                    digest.parse().map_err(corrupt)?,
-                    v.value(),
-                ));
-            }
-            Ok(out)
+            pairs_from(
+                &tx.open_table(BLOB_LINKS)?,
+                past(&after),
+                n,
+                |repo, digest, size| {
+                    Ok(Some((
+                        repo.to_string(),
+                        digest.parse().map_err(corrupt)?,
+                        size,
+                    )))
+                },
+            )
         })
         .await
     }
