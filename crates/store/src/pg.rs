@@ -168,6 +168,19 @@ fn unjson<T: serde::de::DeserializeOwned>(s: &str) -> Result<T> {
     serde_json::from_str(s).map_err(corrupt)
 }
 
+/// The record of `(repo, digest)` in `table` (`manifests`, `pins`), its row locked until `tx`
+/// ends: a concurrent writer of the same row waits for this transaction.
+async fn record_for_update<T: serde::de::DeserializeOwned>(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &'static str,
+    repo: &str,
+    digest: &str,
+) -> Result<Option<T>> {
+    let sql = format!("SELECT record FROM {table} WHERE repo = $1 AND digest = $2 FOR UPDATE");
+    let row = tx.query_opt(&sql, &[&repo, &digest]).await.map_err(db)?;
+    row.map(|r| unjson(r.get::<_, &str>(0))).transpose()
+}
+
 fn size_i64(n: u64) -> Result<i64> {
     i64::try_from(n).map_err(|_| corrupt(format!("size {n} out of range")))
 }
@@ -590,17 +603,10 @@ impl MetaStore for PgMetaStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
         // The row held: a push storing this manifest again waits, and then stores it anew.
-        let Some(row) = tx
-            .query_opt(
-                "SELECT record FROM manifests WHERE repo = $1 AND digest = $2 FOR UPDATE",
-                &[&repo, &d],
-            )
-            .await
-            .map_err(db)?
+        let Some(rec) = record_for_update::<ManifestRecord>(&tx, "manifests", repo, &d).await?
         else {
             return Ok(false);
         };
-        let rec: ManifestRecord = unjson(row.get::<_, &str>(0))?;
         if rec.stored_ms == 0 || rec.stored_ms > stored_before_ms {
             return Ok(false);
         }
@@ -991,14 +997,13 @@ impl PinStore for PgMetaStore {
         )
         .await
         .map_err(db)?;
-        let row = tx
-            .query_one(
-                "SELECT record FROM pins WHERE repo = $1 AND digest = $2 FOR UPDATE",
-                &[&repo, &d],
-            )
-            .await
-            .map_err(db)?;
-        let mut pin: Pin = unjson(row.get::<_, &str>(0))?;
+        let mut pin: Pin = record_for_update(&tx, "pins", repo, &d)
+            .await?
+            .ok_or_else(|| {
+                db(format!(
+                    "the pin of {repo}@{d} vanished inside its transaction"
+                ))
+            })?;
         if !pin.by.iter().any(|b| b == by) {
             pin.by.push(by.into());
             pin.by.sort();
@@ -1016,17 +1021,9 @@ impl PinStore for PgMetaStore {
         let d = digest.to_string();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db)?;
-        let Some(row) = tx
-            .query_opt(
-                "SELECT record FROM pins WHERE repo = $1 AND digest = $2 FOR UPDATE",
-                &[&repo, &d],
-            )
-            .await
-            .map_err(db)?
-        else {
+        let Some(mut pin) = record_for_update::<Pin>(&tx, "pins", repo, &d).await? else {
             return Ok(false);
         };
-        let mut pin: Pin = unjson(row.get::<_, &str>(0))?;
         let before = pin.by.len();
         pin.by.retain(|b| b != by);
         if pin.by.is_empty() {
