@@ -6,10 +6,8 @@
 //! (quarantined blobs the mirror fetches again), 2 on a failure: data lost, a broken
 //! condition, or a node that could not be asked (then one `fail` line names the listener).
 
-use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Deserialize;
 
 use crate::remote;
@@ -255,17 +253,12 @@ async fn check(args: &CheckArgs, url: &str) -> ExitCode {
         eprintln!("pier: check: {message}");
         return ExitCode::from(remote::EXIT_UNREACHABLE);
     }
-    let bar = if args.deep && !args.json && std::io::stderr().is_terminal() {
-        let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-        if let Ok(style) = ProgressStyle::with_template(
-            "verifying [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-        ) {
-            bar.set_style(style.progress_chars("=> "));
-        }
-        bar
-    } else {
-        ProgressBar::hidden()
-    };
+    let bar = crate::progress::bar(
+        args.deep && crate::progress::bars_wanted(args.json),
+        Some(0),
+        "verifying [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
+        String::new(),
+    );
     let mut pending: Vec<u8> = Vec::new();
     let mut checks: Option<Vec<CheckResult>> = None;
     let mut failure: Option<String> = None;
