@@ -51,8 +51,6 @@ const SOURCE_BUFFERS: u64 = 1024 * 1024;
 /// Batches the disk may lag behind the network before the fill stops reading the upstream.
 /// Queued batches are charged to the fill memory budget like the recent window's.
 const WRITE_BACKLOG: usize = 32;
-/// Batches queued for the hashing thread, which runs ahead of the writer.
-const HASH_BACKLOG: usize = 4;
 /// Most upstream "not found" answers remembered at once; a flood of random names evicts the
 /// oldest instead of growing memory.
 const NEGATIVE_ENTRIES: usize = 10_000;
@@ -1126,7 +1124,7 @@ impl Mirror {
         // The disk is often slower than the network: the writer thread writes while this task
         // keeps receiving, hashing and handing batches to readers straight from memory (the
         // fill's recent window). The channel bounds how far the disk may lag.
-        let (to_writer, mut rx) = mpsc::channel::<Bytes>(WRITE_BACKLOG);
+        let (tx, mut rx) = mpsc::channel::<Bytes>(WRITE_BACKLOG);
         let writer_spool = spool.clone();
         let progress = fill.clone();
         let writer_pieces = pieces.clone();
@@ -1151,25 +1149,9 @@ impl Mirror {
             writer_spool.sync().map_err(FillError::store)?;
             Ok(pos)
         });
-        // The digest (and the swarm's piece digests) on a thread of its own, ahead of the
-        // writer: SHA-256 is the costliest step per byte, and off this task it runs beside the
-        // receiving instead of after it. Every batch passes it in order on the way to the disk.
-        let (tx, mut to_hash) = mpsc::channel::<Bytes>(HASH_BACKLOG);
-        let mut hasher = Hasher::new(digest.algorithm());
-        let hashing = tokio::task::spawn_blocking(move || {
-            while let Some(chunk) = to_hash.blocking_recv() {
-                hasher.update(&chunk);
-                if let Some(h) = &mut piece_hasher {
-                    h.update(&chunk);
-                }
-                if to_writer.blocking_send(chunk).is_err() {
-                    break;
-                }
-            }
-            hasher.finish()
-        });
         // Frames are small (often 16 KiB); batching them keeps syscalls, wake-ups of readers
         // and channel hops per byte low. Readers see progress a batch at a time.
+        let mut hasher = Hasher::new(digest.algorithm());
         let mut received = 0u64;
         // Looked up once per source: frames are small and many.
         let counter = |s: &Source| match s {
@@ -1240,6 +1222,10 @@ impl Mirror {
                     if let Some(c2) = &upstream_bytes {
                         c2.inc_by(c.len() as u64);
                     }
+                    hasher.update(c);
+                    if let Some(h) = &mut piece_hasher {
+                        h.update(c);
+                    }
                     self.gather(fill, &tx, &mut pending, &mut received, c.clone())
                         .await
                 }
@@ -1260,11 +1246,8 @@ impl Mirror {
                 break;
             }
         }
-        // The hashing thread ends once it has every byte.
-        drop(tx);
-        let actual = hashing.await;
         let checked = streamed.and_then(|()| {
-            let actual = actual.map_err(|e| FillError::Store(e.to_string()))?;
+            let actual = hasher.finish();
             if actual != *digest {
                 return Err(FillError::Corrupt(format!(
                     "expected {digest}, got {actual}"
@@ -1281,6 +1264,7 @@ impl Mirror {
             fill.progress.send_modify(|p| p.verified = true);
             Ok(())
         });
+        drop(tx);
         // The writer's failure first: a writer that died (of a full disk, say) stops taking
         // batches, which ends the stream early and would otherwise look like a short, corrupt
         // body from the source.
