@@ -8,8 +8,12 @@
 //! uplink divided evenly among the transfers on it, and its receiver's downlink likewise
 //! (rates are recomputed whenever a transfer starts or ends on either link; capacity one side
 //! leaves unused is not handed to the other transfers, so the model errs slow). A piece
-//! request reaches its sender one [`SwarmSimConfig::latency`] after it is made; a report's
-//! answer comes back one latency after the coordinator's board took it in. The coordinator of
+//! request reaches its sender one [`SwarmSimConfig::latency`] after it is made. Reports and
+//! answers are transfers too: a report (its JSON body as the peer client sends it, plus
+//! [`HTTP_OVERHEAD`]) starts one latency after it is sent and crosses the fetcher's uplink and
+//! the coordinator's downlink; the coordinator's board takes it in when it has arrived, and the
+//! answer (the JSON the coordinator would send, digests included) crosses the coordinator's
+//! uplink and the fetcher's downlink, sharing them with the pieces. The coordinator of
 //! each layer fills it from the upstream in one in-order stream, as a real one does, and
 //! offers each piece once it is in. What the simulation leaves out: CPU (hashing, the spool),
 //! TCP's ramp-up, and the fetcher's loop being blocked while a report is out (here pieces keep
@@ -26,6 +30,8 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
+
+use pier_peer::{SwarmAnswer, SwarmHolder, SwarmReport};
 
 use crate::pieces::{Bits, PIECE_SIZE};
 use crate::swarm::decide::{Board, From, Picker, REPORT_EVERY, REPORT_SOON};
@@ -153,6 +159,10 @@ impl fmt::Display for SwarmSimReport {
     }
 }
 
+/// Bytes of a report's request line, headers and signature, or of an answer's status line and
+/// headers, besides the JSON body.
+const HTTP_OVERHEAD: u64 = 300;
+
 /// Nanoseconds of simulated time.
 type Time = u64;
 
@@ -191,6 +201,26 @@ enum Kind {
     Peer,
     /// A piece a coordinator that took over takes from the upstream.
     Upstream,
+    /// A fetcher's report on its way to the coordinator.
+    Report,
+    /// The coordinator's answer on its way back.
+    Answer,
+}
+
+/// What a report or an answer carries until it has crossed its links.
+enum Message {
+    Report {
+        have: Bits,
+        bad: Vec<String>,
+        known: u32,
+    },
+    Answer {
+        holders: Vec<(String, Bits)>,
+        assign: Vec<u32>,
+        /// The digests the answer carries: `digests_from..known`.
+        digests_from: u32,
+        known: u32,
+    },
 }
 
 struct Flow {
@@ -205,19 +235,15 @@ struct Flow {
     at: Time,
     /// When its pending check is due.
     due: Time,
+    /// The report or answer it carries.
+    message: Option<Message>,
 }
 
 enum Ev {
+    /// A fetcher's report is due: it is sent.
     Report {
         node: usize,
         layer: usize,
-    },
-    Answer {
-        node: usize,
-        layer: usize,
-        holders: Vec<(String, Bits)>,
-        assign: Vec<u32>,
-        known: u32,
     },
     /// A request reached its sender: the transfer starts.
     Start {
@@ -272,6 +298,7 @@ struct Sim {
     corrupt_received: u64,
     failed: u64,
     answer_bytes: u64,
+    report_bytes: u64,
 }
 
 /// Play one scenario from the first join until every live node holds every layer.
@@ -347,6 +374,7 @@ impl Sim {
             corrupt_received: 0,
             failed: 0,
             answer_bytes: 0,
+            report_bytes: 0,
             names,
             cfg,
         };
@@ -395,14 +423,7 @@ impl Sim {
             }
             self.now = at;
             match ev {
-                Ev::Report { node, layer } => self.report(node, layer),
-                Ev::Answer {
-                    node,
-                    layer,
-                    holders,
-                    assign,
-                    known,
-                } => self.answer(node, layer, holders, assign, known),
+                Ev::Report { node, layer } => self.send_report(node, layer),
                 Ev::Start { flow } => self.start(flow),
                 Ev::Check { flow } => self.check(flow),
                 Ev::Kill { node } => self.kill(node),
@@ -430,9 +451,10 @@ impl Sim {
             .filter(|f| f.done_at.is_none() && !f.gave_up)
     }
 
-    fn report(&mut self, node: usize, layer: usize) {
+    /// A fetcher sends its report: it crosses the fetcher's uplink and the coordinator's
+    /// downlink like any transfer, and the coordinator takes it in once it has arrived.
+    fn send_report(&mut self, node: usize, layer: usize) {
         let now = self.now;
-        let at = self.instant();
         let Some(f) = self.live_fetch(node, layer) else {
             return;
         };
@@ -440,38 +462,84 @@ impl Sim {
             return;
         }
         f.next_report = NEVER;
-        let have = f.picker.have().clone();
-        let bad = f.picker.bad();
-        let already = f.known;
+        let message = Message::Report {
+            have: f.picker.have().clone(),
+            bad: f.picker.bad(),
+            known: f.known,
+        };
+        let coord = self.layers[layer].coord;
+        let bytes = self.wire_bytes(&message);
+        self.report_bytes += bytes;
+        let id = self.new_message(node, coord, layer, bytes, message);
+        self.push(now + ns(self.cfg.latency), Ev::Start { flow: id });
+    }
+
+    /// The coordinator of `layer` takes in `node`'s report and sends its answer back.
+    fn report(&mut self, node: usize, layer: usize, have: Bits, bad: &[String], already: u32) {
+        let at = self.instant();
+        if self.live_fetch(node, layer).is_none() {
+            return;
+        }
         let name = &self.names[node];
         let l = &mut self.layers[layer];
         let coord = &self.names[l.coord];
-        let assign = l.board.report(name, have, &bad, coord, &l.own, at);
+        let assign = l.board.report(name, have, bad, coord, &l.own, at);
         let mut holders = vec![(coord.clone(), l.own.clone())];
         holders.extend(
             l.board
                 .offered(name)
                 .map(|(n, h)| (n.to_string(), h.clone())),
         );
-        let known = l.own.count();
-        // The wire form: each holder's name and hex bitmap in JSON, each new digest in hex.
-        let bitmap = (self.pieces as u64).div_ceil(8) * 2;
-        self.answer_bytes += holders
-            .iter()
-            .map(|(n, _)| n.len() as u64 + bitmap + 24)
-            .sum::<u64>()
-            + u64::from(known.saturating_sub(already)) * 76
-            + 120;
-        self.push(
-            now + ns(self.cfg.latency),
-            Ev::Answer {
-                node,
-                layer,
+        let message = Message::Answer {
+            holders,
+            assign,
+            digests_from: already,
+            known: l.own.count().max(already),
+        };
+        let bytes = self.wire_bytes(&message);
+        self.answer_bytes += bytes;
+        let coord = self.layers[layer].coord;
+        let id = self.new_message(coord, node, layer, bytes, message);
+        self.start(id);
+    }
+
+    /// Bytes a report or an answer takes on the wire: its JSON body as the peer client sends
+    /// it (the answer's new piece digests included) and [`HTTP_OVERHEAD`] for the request or
+    /// response line, headers and signature.
+    fn wire_bytes(&self, message: &Message) -> u64 {
+        let body = match message {
+            Message::Report { have, bad, known } => serde_json::to_vec(&SwarmReport {
+                have: have.to_hex(),
+                known: *known,
+                upstream: Some("docker.io".into()),
+                repo: Some("library/layer".into()),
+                bad: bad.clone(),
+            }),
+            Message::Answer {
                 holders,
                 assign,
+                digests_from,
                 known,
-            },
-        );
+            } => {
+                let fresh = known.saturating_sub(*digests_from) as usize;
+                serde_json::to_vec(&SwarmAnswer {
+                    size: self.cfg.layer_size,
+                    swarm: true,
+                    piece_size: PIECE_SIZE,
+                    digests_from: *digests_from,
+                    digests: vec![Some(format!("blake3:{:064x}", 0)); fresh],
+                    holders: holders
+                        .iter()
+                        .map(|(n, h)| SwarmHolder {
+                            node: n.clone(),
+                            have: h.to_hex(),
+                        })
+                        .collect(),
+                    assign: assign.clone(),
+                })
+            }
+        };
+        body.map_or(0, |b| b.len() as u64) + HTTP_OVERHEAD
     }
 
     fn answer(
@@ -552,6 +620,36 @@ impl Sim {
             rate: 0.0,
             at: self.now,
             due: NEVER,
+            message: None,
+        }));
+        self.flows.len() - 1
+    }
+
+    /// A report (`node` to its coordinator) or an answer (the coordinator to `node`) of
+    /// `bytes` on the wire.
+    fn new_message(
+        &mut self,
+        sender: usize,
+        receiver: usize,
+        layer: usize,
+        bytes: u64,
+        message: Message,
+    ) -> usize {
+        let kind = match message {
+            Message::Report { .. } => Kind::Report,
+            Message::Answer { .. } => Kind::Answer,
+        };
+        self.flows.push(Some(Flow {
+            kind,
+            sender,
+            receiver,
+            layer,
+            piece: 0,
+            remaining: bytes as f64,
+            rate: 0.0,
+            at: self.now,
+            due: NEVER,
+            message: Some(message),
         }));
         self.flows.len() - 1
     }
@@ -650,6 +748,22 @@ impl Sim {
         let bytes = (u64::from(f.piece + 1) * PIECE_SIZE).min(self.cfg.layer_size)
             - u64::from(f.piece) * PIECE_SIZE;
         match f.kind {
+            Kind::Report => {
+                if let Some(Message::Report { have, bad, known }) = f.message {
+                    self.report(f.sender, f.layer, have, &bad, known);
+                }
+            }
+            Kind::Answer => {
+                if let Some(Message::Answer {
+                    holders,
+                    assign,
+                    known,
+                    ..
+                }) = f.message
+                {
+                    self.answer(f.receiver, f.layer, holders, assign, known);
+                }
+            }
             Kind::Fill => {
                 self.upstream_bytes += bytes;
                 let l = &mut self.layers[f.layer];
@@ -727,6 +841,10 @@ impl Sim {
         let Some(f) = self.flows[id].take() else {
             return;
         };
+        if matches!(f.kind, Kind::Report | Kind::Answer) {
+            // Only fetchers die, and a dead one's reports and answers no longer matter.
+            return;
+        }
         self.failed += 1;
         let from = match f.kind {
             Kind::Peer => From::Peer(self.names[f.sender].clone()),
