@@ -34,7 +34,7 @@ use pier_peer::{Cluster, PeerError, SwarmAnswer, SwarmHolder, SwarmReport};
 pub(crate) mod decide;
 
 pub(crate) use decide::Board;
-use decide::{From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
+use decide::{Counts, From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
 
 use crate::fill::{Fill, FillError};
 use crate::pieces::{
@@ -149,6 +149,9 @@ impl Mirror {
                     digests: Vec::new(),
                     holders: Vec::new(),
                     assign: Vec::new(),
+                    members: 0,
+                    held_from: 0,
+                    held: Vec::new(),
                 })
             }
         };
@@ -167,15 +170,16 @@ impl Mirror {
             .entry(digest.clone())
             .or_insert_with(|| Board::new(now));
         let assign = board.report(from, have, &report.bad, &me, &own, now);
-        let mut holders = vec![SwarmHolder {
-            node: me.clone(),
-            have: own.to_hex(),
-        }];
-        holders.extend(board.offered(from).map(|(n, h)| SwarmHolder {
-            node: n.to_string(),
-            have: h.to_hex(),
-        }));
+        let offer = board.offer(from, &me, &own);
         drop(boards);
+        let holders = offer
+            .holders
+            .iter()
+            .map(|(n, h)| SwarmHolder {
+                node: n.clone(),
+                have: h.to_hex(),
+            })
+            .collect();
         let known = report.known.min(count);
         Ok(SwarmAnswer {
             size: pieces.size(),
@@ -185,6 +189,9 @@ impl Mirror {
             digests: digest_strings(pieces.digests_from(known)),
             holders,
             assign,
+            members: offer.counts.members,
+            held_from: offer.counts.from,
+            held: offer.counts.held,
         })
     }
 
@@ -361,7 +368,13 @@ impl SwarmRun<'_> {
             .holders
             .into_iter()
             .filter_map(|h| Some((h.node.clone(), Bits::from_hex(count, &h.have)?)));
-        self.picker.absorb(holders, a.assign);
+        // An older coordinator names every member and sends no counts.
+        let counts = (a.members > 0).then_some(Counts {
+            members: a.members,
+            from: a.held_from,
+            held: a.held,
+        });
+        self.picker.absorb(holders, a.assign, counts);
     }
 
     async fn drive(&mut self) -> std::result::Result<(), FillError> {

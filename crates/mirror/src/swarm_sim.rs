@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use pier_peer::{SwarmAnswer, SwarmHolder, SwarmReport};
 
 use crate::pieces::{Bits, PIECE_SIZE};
-use crate::swarm::decide::{Board, From, Picker, REPORT_EVERY, REPORT_SOON};
+use crate::swarm::decide::{Board, Counts, From, Picker, REPORT_EVERY, REPORT_SOON};
 
 /// What to simulate. [`SwarmSimConfig::new`] gives the defaults the table is made with.
 #[derive(Debug, Clone)]
@@ -216,6 +216,7 @@ enum Message {
     },
     Answer {
         holders: Vec<(String, Bits)>,
+        counts: Counts,
         assign: Vec<u32>,
         /// The digests the answer carries: `digests_from..known`.
         digests_from: u32,
@@ -484,14 +485,10 @@ impl Sim {
         let l = &mut self.layers[layer];
         let coord = &self.names[l.coord];
         let assign = l.board.report(name, have, bad, coord, &l.own, at);
-        let mut holders = vec![(coord.clone(), l.own.clone())];
-        holders.extend(
-            l.board
-                .offered(name)
-                .map(|(n, h)| (n.to_string(), h.clone())),
-        );
+        let offer = l.board.offer(name, coord, &l.own);
         let message = Message::Answer {
-            holders,
+            holders: offer.holders,
+            counts: offer.counts,
             assign,
             digests_from: already,
             known: l.own.count().max(already),
@@ -517,6 +514,7 @@ impl Sim {
             }),
             Message::Answer {
                 holders,
+                counts,
                 assign,
                 digests_from,
                 known,
@@ -536,6 +534,9 @@ impl Sim {
                         })
                         .collect(),
                     assign: assign.clone(),
+                    members: counts.members,
+                    held_from: counts.from,
+                    held: counts.held.clone(),
                 })
             }
         };
@@ -547,6 +548,7 @@ impl Sim {
         node: usize,
         layer: usize,
         holders: Vec<(String, Bits)>,
+        counts: Counts,
         assign: Vec<u32>,
         known: u32,
     ) {
@@ -554,7 +556,7 @@ impl Sim {
         let Some(f) = self.live_fetch(node, layer) else {
             return;
         };
-        f.picker.absorb(holders, assign);
+        f.picker.absorb(holders, assign, Some(counts));
         f.known = f.known.max(known);
         f.next_report = next;
         self.push(next, Ev::Report { node, layer });
@@ -756,12 +758,13 @@ impl Sim {
             Kind::Answer => {
                 if let Some(Message::Answer {
                     holders,
+                    counts,
                     assign,
                     known,
                     ..
                 }) = f.message
                 {
-                    self.answer(f.receiver, f.layer, holders, assign, known);
+                    self.answer(f.receiver, f.layer, holders, counts, assign, known);
                 }
             }
             Kind::Fill => {

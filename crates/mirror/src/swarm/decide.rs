@@ -4,7 +4,7 @@
 //! carries the choices out. `run_swarm` and `swarm_answer` drive these types over the network;
 //! [`crate::swarm_sim`] drives the same types over a simulated one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::pieces::Bits;
@@ -36,6 +36,11 @@ pub(crate) const WINDOW: usize = 48;
 /// every other link idled. A fetcher whose turn it is not takes another piece, or waits for
 /// the piece to spread: each fetcher's turn for a piece is fixed by its own hash.
 pub(crate) const TURN: usize = 4;
+/// Holders of each piece of a fetcher's window that the coordinator's answer names, and the
+/// most members it names in all (the coordinator besides): enough to choose from and to go
+/// elsewhere when one fails, few enough that an answer is a kilobyte or two at any swarm size.
+pub(crate) const OFFER_PER_PIECE: u32 = 4;
+pub(crate) const OFFER_HOLDERS: usize = 24;
 /// An idle fetcher that landed nothing for this long takes a piece even when it is not its
 /// turn. At the start every fetcher is idle, so a short wait sends them all to the first
 /// holder anyway (400 ms did, in the simulation: 4.1x at 100 nodes against 2.6x with 1 s).
@@ -84,27 +89,75 @@ impl Shunned {
 
 /// What a coordinator knows of one swarm.
 pub(crate) struct Board {
-    members: HashMap<String, (Bits, Instant)>,
+    /// Ordered by name, so that a walk over them is the same on every run.
+    members: BTreeMap<String, (Bits, Instant)>,
     /// Members some fetcher found bad: not offered as holders, their pieces handed out again.
     bad: HashSet<String>,
+    /// Per piece, the members (not found bad) that hold it.
+    held: Vec<u32>,
     /// Pieces handed to a member to take from the coordinator, and when.
     assigned: HashMap<u32, (String, Instant)>,
+    /// Reports taken in: each answer's sample of holders starts somewhere else.
+    rounds: u64,
     pub(crate) touched: Instant,
+}
+
+/// What a coordinator offers one fetcher: a sample of the holders of the pieces in its window,
+/// not every member, so an answer's size does not grow with the swarm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Offer {
+    /// The coordinator first, then at most [`OFFER_HOLDERS`] members.
+    pub(crate) holders: Vec<(String, Bits)>,
+    /// What the fetcher's turns are computed from.
+    pub(crate) counts: Counts,
+}
+
+/// How many hold each piece of a fetcher's window, and how many members the swarm has: what
+/// [`TURN`] needs, which a sample of holders cannot tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Members, the coordinator included.
+    pub(crate) members: u32,
+    /// `held[k]` holders (the coordinator included) of piece `from + k`.
+    pub(crate) from: u32,
+    pub(crate) held: Vec<u32>,
+}
+
+impl Counts {
+    /// Holders of piece `i`, when the counts cover it.
+    fn of(&self, i: u32) -> Option<u32> {
+        let k = i.checked_sub(self.from)?;
+        self.held.get(k as usize).copied()
+    }
 }
 
 impl Board {
     pub(crate) fn new(now: Instant) -> Board {
         Board {
-            members: HashMap::new(),
+            members: BTreeMap::new(),
             bad: HashSet::new(),
+            held: Vec::new(),
             assigned: HashMap::new(),
+            rounds: 0,
             touched: now,
+        }
+    }
+
+    /// Add (`add`) or take away a member's pieces from the per-piece counts.
+    fn count(held: &mut [u32], have: &Bits, add: bool) {
+        if have.len() as usize != held.len() {
+            return;
+        }
+        for (i, n) in held.iter_mut().enumerate() {
+            if have.get(i as u32) {
+                *n = if add { *n + 1 } else { n.saturating_sub(1) };
+            }
         }
     }
 
     /// Take in `from`'s report at `now` (it holds `have` and found `bad` bad) on the
     /// coordinator `me`, which holds `own`, and hand `from` the pieces it is to take from the
-    /// coordinator, in order. The holders to offer it are then [`Board::offered`].
+    /// coordinator, in order. The holders to offer it are then [`Board::offer`].
     pub(crate) fn report(
         &mut self,
         from: &str,
@@ -116,23 +169,47 @@ impl Board {
     ) -> Vec<u32> {
         let count = own.len();
         self.touched = now;
-        self.members.insert(from.to_string(), (have, now));
-        self.members
-            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < MEMBER_TTL);
-        self.bad
-            .extend(bad.iter().filter(|n| n.as_str() != me).cloned());
-        let mut held = Bits::new(count);
-        let bad = &self.bad;
-        for (_, (h, _)) in self.members.iter().filter(|(n, _)| !bad.contains(*n)) {
-            held.union(h);
+        self.rounds += 1;
+        if self.held.len() != count as usize {
+            // First report, or the blob's piece count changed under the board: count afresh.
+            self.held = vec![0; count as usize];
+            for (n, (h, _)) in &self.members {
+                if !self.bad.contains(n) {
+                    Board::count(&mut self.held, h, true);
+                }
+            }
         }
+        for n in bad.iter().filter(|n| n.as_str() != me) {
+            if self.bad.insert(n.clone()) {
+                if let Some((h, _)) = self.members.get(n) {
+                    Board::count(&mut self.held, h, false);
+                }
+            }
+        }
+        let counted = !self.bad.contains(from);
+        if counted {
+            Board::count(&mut self.held, &have, true);
+        }
+        if let Some((old, _)) = self.members.insert(from.to_string(), (have, now)) {
+            if counted {
+                Board::count(&mut self.held, &old, false);
+            }
+        }
+        let (held, bad) = (&mut self.held, &self.bad);
+        self.members.retain(|n, (h, seen)| {
+            let keep = now.saturating_duration_since(*seen) < MEMBER_TTL;
+            if !keep && !bad.contains(n) {
+                Board::count(held, h, false);
+            }
+            keep
+        });
+        let held = &self.held;
+        let held = |i: u32| held.get(i as usize).is_some_and(|n| *n > 0);
         // A handed-out piece stays handed out until a member holds it, or its taker goes
         // quiet or takes too long.
         let members = &self.members;
         self.assigned.retain(|i, (n, at)| {
-            !held.get(*i)
-                && now.saturating_duration_since(*at) < ASSIGN_TTL
-                && members.contains_key(n)
+            !held(*i) && now.saturating_duration_since(*at) < ASSIGN_TTL && members.contains_key(n)
         });
         let mut assign: Vec<u32> = self
             .assigned
@@ -149,7 +226,7 @@ impl Board {
         };
         let mut i = 0;
         while assign.len() < outstanding && i < count {
-            if own.get(i) && !held.get(i) && !self.assigned.contains_key(&i) {
+            if own.get(i) && !held(i) && !self.assigned.contains_key(&i) {
                 self.assigned.insert(i, (from.to_string(), now));
                 assign.push(i);
             }
@@ -159,19 +236,79 @@ impl Board {
         assign
     }
 
-    /// The members offered to `from` as holders (besides the coordinator itself): those no
-    /// fetcher found bad, the ones that hold nothing yet included, so that a fetcher knows how
-    /// many share the swarm with it (the `TURN` it takes depends on it).
-    pub(crate) fn offered<'a>(
-        &'a self,
-        from: &'a str,
-    ) -> impl Iterator<Item = (&'a str, &'a Bits)> {
-        self.members
+    /// What to offer `from` after its report, on the coordinator `me`, which holds `own`: the
+    /// coordinator, and for each piece of `from`'s window (the [`WINDOW`] pieces it lacks from
+    /// the first) up to [`OFFER_PER_PIECE`] of its holders, at most [`OFFER_HOLDERS`] in all,
+    /// taken from a different place of the member list at every report (members no fetcher
+    /// found bad, `from` left out); and the counts of holders over the window and of members.
+    /// Every fetcher gets its own sample, so their requests spread over the holders as the
+    /// whole list spread them, and the answer stays the same size at any number of members.
+    pub(crate) fn offer(&self, from: &str, me: &str, own: &Bits) -> Offer {
+        let count = own.len();
+        let empty = Bits::new(count);
+        let have = match self.members.get(from) {
+            Some((h, _)) if h.len() == count => h,
+            _ => &empty,
+        };
+        // The window, and how many holders each of its pieces still wants in the sample.
+        let first = (0..count).find(|i| !have.get(*i)).unwrap_or(count);
+        let mut window = Vec::new();
+        let mut end = first;
+        while end < count && window.len() < WINDOW {
+            if !have.get(end) {
+                window.push(end);
+            }
+            end += 1;
+        }
+        let held = |i: u32| self.held.get(i as usize).copied().unwrap_or(0);
+        let mut want: Vec<(u32, u32)> = window
             .iter()
-            .filter(move |(n, _)| n.as_str() != from && !self.bad.contains(*n))
-            .map(|(n, (h, _))| (n.as_str(), h))
+            .map(|&i| (i, held(i).min(OFFER_PER_PIECE)))
+            .filter(|(_, w)| *w > 0)
+            .collect();
+        let mut holders = vec![(me.to_string(), own.clone())];
+        let askable = self
+            .members
+            .iter()
+            .filter(|(n, (h, _))| n.as_str() != from && h.len() == count && !self.bad.contains(*n));
+        let total = self.members.len();
+        let skip = if total == 0 {
+            0
+        } else {
+            (spread(from, self.rounds as u32) % total as u64) as usize
+        };
+        for (n, (h, _)) in askable.clone().skip(skip).chain(askable.take(skip)) {
+            if want.is_empty() || holders.len() > OFFER_HOLDERS {
+                break;
+            }
+            let mut useful = false;
+            for (i, w) in &mut want {
+                if h.get(*i) {
+                    *w -= 1;
+                    useful = true;
+                }
+            }
+            if useful {
+                want.retain(|(_, w)| *w > 0);
+                holders.push((n.clone(), h.clone()));
+            }
+        }
+        let members = self
+            .members
+            .keys()
+            .filter(|n| !self.bad.contains(*n))
+            .count() as u32;
+        Offer {
+            holders,
+            counts: Counts {
+                members: members + 1,
+                from: first,
+                held: (first..end)
+                    .map(|i| held(i) + u32::from(own.get(i)))
+                    .collect(),
+            },
+        }
     }
-
     /// Members still reporting at `now` and what they hold, for a coordinator that fetches
     /// too (one that took over).
     pub(crate) fn holders(&self, count: u32, now: Instant) -> HashMap<String, Bits> {
@@ -212,8 +349,12 @@ pub(crate) struct Picker {
     coordinating: bool,
     failed_coords: HashSet<String>,
     coord_failures: u32,
-    /// Who holds which pieces, as the coordinator last said.
+    /// Who holds which pieces, as the coordinator last said (a sample, from a coordinator
+    /// that sends [`Counts`]).
     holders: HashMap<String, Bits>,
+    /// The swarm's counts for this node's window, as the coordinator last said; `None` from
+    /// a coordinator that names every member instead (the counts are then taken from them).
+    counts: Option<Counts>,
     /// Pieces the coordinator handed this node to take from it.
     assigned: HashSet<u32>,
     /// Holders this fill is not asking: for good after a bad piece, for a while after a failure.
@@ -237,6 +378,7 @@ impl Picker {
             failed_coords: HashSet::new(),
             coord_failures: 0,
             holders: HashMap::new(),
+            counts: None,
             assigned: HashSet::new(),
             shunned: Shunned::default(),
             in_flight: HashMap::new(),
@@ -271,15 +413,18 @@ impl Picker {
         now.saturating_duration_since(self.last_piece) > STALL
     }
 
-    /// Take in a coordinator's answer: the holders it offers and the pieces it hands this node.
+    /// Take in a coordinator's answer: the holders it offers, the pieces it hands this node,
+    /// and the swarm's counts when it sent them.
     pub(crate) fn absorb(
         &mut self,
         holders: impl IntoIterator<Item = (String, Bits)>,
         assign: impl IntoIterator<Item = u32>,
+        counts: Option<Counts>,
     ) {
         let count = self.have.len();
         let me = &self.me;
         self.holders = holders.into_iter().filter(|(n, _)| n != me).collect();
+        self.counts = counts;
         self.assigned = assign.into_iter().filter(|&i| i < count).collect();
         self.coord_failures = 0;
     }
@@ -287,6 +432,7 @@ impl Picker {
     /// The holders as a coordinator that took over sees them on its own board.
     pub(crate) fn set_holders(&mut self, holders: HashMap<String, Bits>) {
         self.holders = holders;
+        self.counts = None;
     }
 
     /// Whether the last report went unanswered (the next asks the coordinator to join it
@@ -411,7 +557,11 @@ impl Picker {
         let mut best: Option<((usize, u64), u32, From)> = None;
         // The best piece it is not this node's turn for, taken only by an idle fetcher.
         let mut other: Option<((usize, u64), u32, From)> = None;
-        let members = self.holders.len() + 1;
+        let members = self
+            .counts
+            .as_ref()
+            .map_or(self.holders.len() + 1, |c| c.members as usize);
+        let coord_holds = |i: u32| self.holders.get(&self.coord).is_some_and(|h| h.get(i));
         let idle =
             self.in_flight.is_empty() && now.saturating_duration_since(self.last_piece) > TURN_WAIT;
         let mut looked = 0;
@@ -431,6 +581,15 @@ impl Picker {
                 }
             }
             let only_coord = peers == 0;
+            // The swarm's own counts, when the coordinator sent them: the holders named here
+            // are a sample, and the turn is taken among all of them.
+            let (rarity, peers) = match self.counts.as_ref().and_then(|c| c.of(i)) {
+                Some(n) if rarity > 0 => {
+                    let n = (n as usize).max(rarity);
+                    (n, n - usize::from(coord_holds(i)))
+                }
+                _ => (rarity, peers),
+            };
             if !known(i) || rarity == 0 {
                 // Nobody can send it verifiably yet; a coordinator that took over fetches it
                 // from its upstream.
@@ -597,9 +756,14 @@ mod tests {
         let b = board.report("b", Bits::new(10), &[], "c", &own, later);
         assert_eq!(b.len(), ASSIGN_OUTSTANDING, "{b:?}");
         assert!(b.iter().all(|&i| i >= 3), "{b:?}");
-        // The offered holders are the others that hold something.
-        let offered: Vec<&str> = board.offered("b").map(|(n, _)| n).collect();
-        assert_eq!(offered, vec!["a"]);
+        // The offered holders are the coordinator and the others that hold something `b`
+        // lacks; the counts name both members and the coordinator.
+        let offer = board.offer("b", "c", &own);
+        let offered: Vec<&str> = offer.holders.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(offered, vec!["c", "a"]);
+        assert_eq!(offer.counts.members, 3);
+        assert_eq!(offer.counts.from, 0);
+        assert_eq!(offer.counts.held[..4], [2, 2, 2, 1]);
     }
 
     #[test]
@@ -616,9 +780,12 @@ mod tests {
             &own,
             t0,
         );
-        // The liar is not offered; `a`, which holds nothing yet, is.
-        let offered: Vec<&str> = board.offered("b").map(|(n, _)| n).collect();
-        assert_eq!(offered, vec!["a"]);
+        // The liar is not offered, nor counted; `a`, which holds nothing yet, is counted.
+        let offer = board.offer("b", "c", &own);
+        let offered: Vec<&str> = offer.holders.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(offered, vec!["c"]);
+        assert_eq!(offer.counts.members, 2);
+        assert_eq!(offer.counts.held, vec![1; 4]);
         // The liar's pieces are not held for the hand-out: a member is handed them.
         let a = board.report("a", Bits::new(4), &[], "c", &own, t0);
         assert!(!a.is_empty());
@@ -626,6 +793,76 @@ mod tests {
         assert!(board.holders(4, t0).contains_key("a"));
         assert!(!board.holders(4, t0).contains_key("liar"));
         assert!(board.holders(4, t0 + MEMBER_TTL).is_empty());
+    }
+
+    #[test]
+    fn an_answer_names_a_bounded_sample_of_holders_at_any_swarm_size() {
+        let t0 = Instant::now();
+        let own = all(64);
+        let mut sizes = Vec::new();
+        for members in [10u32, 100, 1000, 3000] {
+            let mut board = Board::new(t0);
+            // Member k holds pieces k % 64 .. and a few beyond: every piece has holders, the
+            // asker `me` holds the first 8.
+            for k in 0..members {
+                let held: Vec<u32> = (0..6).map(|d| (k + d * 11) % 64).collect();
+                board.report(&format!("m{k}"), bits(64, &held), &[], "c", &own, t0);
+            }
+            board.report(
+                "me",
+                bits(64, &(0..8).collect::<Vec<_>>()),
+                &[],
+                "c",
+                &own,
+                t0,
+            );
+            let offer = board.offer("me", "c", &own);
+            assert_eq!(offer.holders[0].0, "c");
+            assert!(
+                offer.holders.len() <= OFFER_HOLDERS + 1,
+                "{members}: {}",
+                offer.holders.len()
+            );
+            assert!(offer.holders.iter().all(|(n, _)| n != "me"));
+            assert_eq!(offer.counts.members, members + 2);
+            assert_eq!(
+                offer.counts.from, 8,
+                "the window starts at the first piece lacking"
+            );
+            // The counts are the swarm's, not the sample's: every member is counted.
+            let total: u32 = offer.counts.held.iter().sum();
+            let expect: u32 = (8..8 + offer.counts.held.len() as u32)
+                .map(|i| {
+                    1 + (0..members)
+                        .filter(|k| (0..6).any(|d| (k + d * 11) % 64 == i))
+                        .count() as u32
+                })
+                .sum();
+            assert_eq!(total, expect);
+            // Each piece of the window that members hold has a few of them named (all of
+            // them when fewer), unless the sample is full.
+            for i in 8..8 + WINDOW as u32 {
+                let holding = (0..members)
+                    .filter(|k| (0..6).any(|d| (k + d * 11) % 64 == i))
+                    .count();
+                let named = offer.holders[1..].iter().filter(|(_, h)| h.get(i)).count();
+                let full = offer.holders.len() > OFFER_HOLDERS;
+                assert!(
+                    named >= holding.min(OFFER_PER_PIECE as usize) || full && named >= 1,
+                    "{members} members: piece {i} has {named} of {holding} holders named"
+                );
+            }
+            let wire = offer
+                .holders
+                .iter()
+                .map(|(n, h)| n.len() + h.to_hex().len())
+                .sum::<usize>()
+                + offer.counts.held.len() * 4;
+            sizes.push(wire);
+        }
+        // The answer does not grow with the swarm.
+        let (small, large) = (sizes[1], sizes[3]);
+        assert!(large <= small * 2, "{sizes:?}");
     }
 
     fn schedule(p: &mut Picker, now: Instant, known: u32) -> Vec<(u32, From)> {
@@ -650,6 +887,7 @@ mod tests {
                 ("me".to_string(), all(100)),
             ],
             [],
+            None,
         );
         let started = schedule(&mut p, t0, 100);
         assert_eq!(started.len(), IN_FLIGHT);
@@ -670,7 +908,7 @@ mod tests {
     fn the_picker_takes_from_the_coordinator_only_what_it_was_handed_or_when_idle() {
         let t0 = Instant::now();
         let mut p = Picker::new("me", "c", 8, t0);
-        p.absorb([("c".to_string(), all(8))], [2, 5]);
+        p.absorb([("c".to_string(), all(8))], [2, 5], None);
         let started = schedule(&mut p, t0, 8);
         assert_eq!(
             started,
@@ -678,7 +916,7 @@ mod tests {
         );
         // A piece whose digest is unknown is not asked for.
         let mut q = Picker::new("me", "c", 8, t0);
-        q.absorb([("c".to_string(), all(8))], [2, 5]);
+        q.absorb([("c".to_string(), all(8))], [2, 5], None);
         assert_eq!(schedule(&mut q, t0, 3), vec![(2, From::Peer("c".into()))]);
         // Idle past UNASKED_AFTER, it takes the rest unasked.
         for (i, f) in &started {
@@ -697,6 +935,7 @@ mod tests {
         p.absorb(
             [("bad".to_string(), all(4)), ("gone".to_string(), all(4))],
             [],
+            None,
         );
         p.corrupt("bad");
         // "gone" cannot be started (not a member): it is benched and nothing is started.
@@ -735,7 +974,7 @@ mod tests {
         for k in 0..100 {
             let me = format!("f{k}");
             let mut p = Picker::new(&me, "c", 200, t0);
-            p.absorb(others.iter().cloned(), []);
+            p.absorb(others.iter().cloned(), [], None);
             if schedule(&mut p, t0, 200)
                 .iter()
                 .any(|(i, f)| *i == 0 && *f == From::Peer("a".into()))
@@ -745,7 +984,7 @@ mod tests {
             // Idle for long, a fetcher takes it even when it is not its turn.
             let mut q = Picker::new(&me, "c", 1, t0);
             let quiet = (0..100).map(|k| (format!("f{k}"), Bits::new(1)));
-            q.absorb(quiet.chain([("a".to_string(), bits(1, &[0]))]), []);
+            q.absorb(quiet.chain([("a".to_string(), bits(1, &[0]))]), [], None);
             let later = t0 + TURN_WAIT + Duration::from_millis(1);
             let got = schedule(&mut q, later, 1);
             if got == vec![(0, From::Peer("a".into()))] {
@@ -763,7 +1002,7 @@ mod tests {
     fn a_fetcher_turns_to_the_next_owner_or_takes_over_and_fetches_upstream() {
         let t0 = Instant::now();
         let mut p = Picker::new("me", "c", 4, t0);
-        p.absorb([("c".to_string(), all(4))], []);
+        p.absorb([("c".to_string(), all(4))], [], None);
         for _ in 0..COORD_FAILURES - 1 {
             p.report_failed();
             assert!(
@@ -778,7 +1017,7 @@ mod tests {
         assert!(p.failed_coordinator("c"));
         assert_eq!(p.turn(Some("d")), Some(Turn::To("d".into())));
         assert!(p.failed_reports());
-        p.absorb([], []);
+        p.absorb([], [], None);
         assert!(p.give_up_coordinator(true));
         assert_eq!(p.turn(Some("me")), Some(Turn::Coordinate));
         assert!(p.coordinating());
