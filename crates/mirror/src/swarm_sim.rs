@@ -10,7 +10,7 @@
 //! leaves unused is not handed to the other transfers, so the model errs slow). A piece
 //! request reaches its sender one [`SwarmSimConfig::latency`] after it is made. Reports and
 //! answers are transfers too: a report (its JSON body as the peer client sends it, plus
-//! [`HTTP_OVERHEAD`]) starts one latency after it is sent and crosses the fetcher's uplink and
+//! [`REPORT_OVERHEAD`]) starts one latency after it is sent and crosses the fetcher's uplink and
 //! the coordinator's downlink; the coordinator's board takes it in when it has arrived, and the
 //! answer (the JSON the coordinator would send, digests included) crosses the coordinator's
 //! uplink and the fetcher's downlink, sharing them with the pieces. The coordinator of
@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use pier_peer::{SwarmAnswer, SwarmHolder, SwarmReport};
 
 use crate::pieces::{Bits, PIECE_SIZE};
-use crate::swarm::decide::{Board, Counts, From, Picker, REPORT_EVERY, REPORT_SOON};
+use crate::swarm::decide::{Board, Counts, From, Picker, REPORT_EVERY, REPORT_SOON, UPLOADS};
 
 /// What to simulate. [`SwarmSimConfig::new`] gives the defaults the table is made with.
 #[derive(Debug, Clone)]
@@ -104,9 +104,14 @@ pub struct SwarmSimReport {
     pub corrupt_received: u64,
     /// Piece requests that failed (a dead sender).
     pub failed: u64,
+    /// Piece requests a holder turned away, having [`UPLOADS`] transfers already, per piece
+    /// landed.
+    pub refused: f64,
     /// Bytes of the coordinators' answers (holders and digests, as the wire has them), over
     /// the bytes of the layers.
     pub answers: f64,
+    /// Bytes of one answer, on average.
+    pub answer_bytes: f64,
     /// Simulated time from the first join until the last node was done.
     pub wall: Duration,
     /// Real time the run took.
@@ -117,7 +122,7 @@ impl SwarmSimReport {
     /// The table's header, for rows printed with `{}`.
     pub fn header() -> String {
         format!(
-            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>8} {:>8} {:>7}",
+            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>7} {:>8} {:>8} {:>7}",
             "nodes",
             "layers",
             "fault",
@@ -129,6 +134,7 @@ impl SwarmSimReport {
             "coord/piece",
             "corrupt",
             "failed",
+            "refused",
             "answers",
             "wall s",
             "real s"
@@ -140,7 +146,7 @@ impl fmt::Display for SwarmSimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2}x {:>8.2} {:>7.1}",
+            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2} {:>7.2}x {:>8.2} {:>7.1}",
             self.nodes,
             self.layers,
             self.fault,
@@ -152,6 +158,7 @@ impl fmt::Display for SwarmSimReport {
             self.coordinator_pieces,
             self.corrupt_received,
             self.failed,
+            self.refused,
             self.answers,
             self.wall.as_secs_f64(),
             self.real.as_secs_f64()
@@ -159,9 +166,10 @@ impl fmt::Display for SwarmSimReport {
     }
 }
 
-/// Bytes of a report's request line, headers and signature, or of an answer's status line and
-/// headers, besides the JSON body.
-const HTTP_OVERHEAD: u64 = 300;
+/// Bytes of a report's request line, host, signature and other headers besides its JSON body
+/// (a signed POST of the peer client), and of an answer's status line and headers.
+const REPORT_OVERHEAD: u64 = 300;
+const ANSWER_OVERHEAD: u64 = 150;
 
 /// Nanoseconds of simulated time.
 type Time = u64;
@@ -257,6 +265,10 @@ enum Ev {
     Kill {
         node: usize,
     },
+    /// A holder's "not here" to a request it had no room for reached the fetcher.
+    Refused {
+        flow: usize,
+    },
 }
 
 /// One node's fill of one layer.
@@ -299,7 +311,11 @@ struct Sim {
     corrupt_received: u64,
     failed: u64,
     answer_bytes: u64,
+    answer_count: u64,
     report_bytes: u64,
+    refused: u64,
+    /// Pieces fetchers landed from peers and the upstream.
+    landed: u64,
 }
 
 /// Play one scenario from the first join until every live node holds every layer.
@@ -375,7 +391,10 @@ impl Sim {
             corrupt_received: 0,
             failed: 0,
             answer_bytes: 0,
+            answer_count: 0,
             report_bytes: 0,
+            refused: 0,
+            landed: 0,
             names,
             cfg,
         };
@@ -428,6 +447,7 @@ impl Sim {
                 Ev::Start { flow } => self.start(flow),
                 Ev::Check { flow } => self.check(flow),
                 Ev::Kill { node } => self.kill(node),
+                Ev::Refused { flow } => self.refuse(flow),
             }
         }
     }
@@ -456,10 +476,18 @@ impl Sim {
     /// downlink like any transfer, and the coordinator takes it in once it has arrived.
     fn send_report(&mut self, node: usize, layer: usize) {
         let now = self.now;
-        let Some(f) = self.live_fetch(node, layer) else {
+        if self.dead_at[node].is_some() {
+            return;
+        }
+        let Some(f) = self.fetches[node][layer].as_mut() else {
             return;
         };
-        if f.next_report != now || f.picker.coordinating() {
+        // The report that counts, or the last one, which tells the coordinator this node
+        // holds the whole blob now.
+        let last = f.done_at == Some(now);
+        if !last && (f.next_report != now || f.done_at.is_some() || f.gave_up)
+            || f.picker.coordinating()
+        {
             return;
         }
         f.next_report = NEVER;
@@ -478,7 +506,7 @@ impl Sim {
     /// The coordinator of `layer` takes in `node`'s report and sends its answer back.
     fn report(&mut self, node: usize, layer: usize, have: Bits, bad: &[String], already: u32) {
         let at = self.instant();
-        if self.live_fetch(node, layer).is_none() {
+        if self.dead_at[node].is_some() {
             return;
         }
         let name = &self.names[node];
@@ -495,14 +523,15 @@ impl Sim {
         };
         let bytes = self.wire_bytes(&message);
         self.answer_bytes += bytes;
+        self.answer_count += 1;
         let coord = self.layers[layer].coord;
         let id = self.new_message(coord, node, layer, bytes, message);
         self.start(id);
     }
 
     /// Bytes a report or an answer takes on the wire: its JSON body as the peer client sends
-    /// it (the answer's new piece digests included) and [`HTTP_OVERHEAD`] for the request or
-    /// response line, headers and signature.
+    /// it (the answer's new piece digests included) and [`REPORT_OVERHEAD`] or
+    /// [`ANSWER_OVERHEAD`] for the request or response line and headers.
     fn wire_bytes(&self, message: &Message) -> u64 {
         let body = match message {
             Message::Report { have, bad, known } => serde_json::to_vec(&SwarmReport {
@@ -540,7 +569,11 @@ impl Sim {
                 })
             }
         };
-        body.map_or(0, |b| b.len() as u64) + HTTP_OVERHEAD
+        let overhead = match message {
+            Message::Report { .. } => REPORT_OVERHEAD,
+            Message::Answer { .. } => ANSWER_OVERHEAD,
+        };
+        body.map_or(0, |b| b.len() as u64) + overhead
     }
 
     fn answer(
@@ -683,6 +716,12 @@ impl Sim {
             self.fail(id);
             return;
         }
+        if flow.kind == Kind::Peer && self.sending(sender) >= UPLOADS {
+            // The holder is sending all it will at once: its "not here" reaches the fetcher a
+            // latency later, and the fetcher asks another holder.
+            self.push(self.now + ns(self.cfg.latency), Ev::Refused { flow: id });
+            return;
+        }
         self.up[sender].push(id);
         self.down[receiver].push(id);
         self.relink(sender, receiver);
@@ -806,16 +845,22 @@ impl Sim {
         let now = self.now;
         let at = self.instant();
         let soon = now + ns(REPORT_SOON);
+        if self.live_fetch(f.receiver, f.layer).is_none() {
+            return;
+        }
+        self.landed += 1;
         let Some(x) = self.live_fetch(f.receiver, f.layer) else {
             return;
         };
         x.picker.ended(f.piece, &from);
-        let handed = x.picker.landed(f.piece, at);
+        x.picker.landed(f.piece, at);
         if x.picker.done() {
             x.done_at = Some(now);
+            self.send_report(f.receiver, f.layer);
             return;
         }
-        if handed && x.next_report != NEVER && soon < x.next_report {
+        // The coordinator hears of every new piece soon, so the others can take it from here.
+        if x.next_report != NEVER && soon < x.next_report {
             x.next_report = soon;
             self.push(
                 soon,
@@ -836,6 +881,34 @@ impl Sim {
         self.up[sender].retain(|x| *x != id);
         self.down[receiver].retain(|x| *x != id);
         self.relink(sender, receiver);
+    }
+
+    /// Pieces `node` is sending.
+    fn sending(&self, node: usize) -> usize {
+        self.up[node]
+            .iter()
+            .filter(|id| {
+                self.flows[**id]
+                    .as_ref()
+                    .is_some_and(|f| f.kind == Kind::Peer)
+            })
+            .count()
+    }
+
+    /// The holder turned the request `id` away, as the peer server does past [`UPLOADS`].
+    fn refuse(&mut self, id: usize) {
+        let at = self.instant();
+        let Some(f) = self.flows[id].take() else {
+            return;
+        };
+        self.refused += 1;
+        let name = self.names[f.sender].clone();
+        let from = From::Peer(name.clone());
+        if let Some(x) = self.live_fetch(f.receiver, f.layer) {
+            x.picker.ended(f.piece, &from);
+            x.picker.peer_failed(&name, true, at);
+        }
+        self.schedule(f.receiver, f.layer);
     }
 
     /// The transfer `id` failed (its sender is dead): the fetcher benches the sender.
@@ -931,7 +1004,9 @@ impl Sim {
                 / pieces,
             corrupt_received: self.corrupt_received,
             failed: self.failed,
+            refused: self.refused as f64 / self.landed.max(1) as f64,
             answers: self.answer_bytes as f64 / total,
+            answer_bytes: self.answer_bytes as f64 / self.answer_count.max(1) as f64,
             wall: Duration::from_nanos(times.last().copied().unwrap_or(0)),
             real,
         }
@@ -997,6 +1072,23 @@ mod tests {
         let bound = (cfg.nodes * cfg.layers * IN_FLIGHT) as u64;
         assert!(r.corrupt_received <= bound, "{r}");
         assert!((r.upstream - 1.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn an_answer_hardly_grows_from_30_nodes_to_150() {
+        let few = run(&small(30, 1));
+        let many = run(&small(150, 1));
+        println!("{}\n{few}\n{many}", SwarmSimReport::header());
+        assert_eq!(many.incomplete, 0, "{many}");
+        // Naming every member made an answer five times larger at 150 nodes than at 30.
+        assert!(
+            many.answer_bytes <= few.answer_bytes * 1.5,
+            "{} bytes per answer at 150 nodes, {} at 30",
+            many.answer_bytes,
+            few.answer_bytes
+        );
+        // Every node finishes within a small multiple of size/link, not N times it.
+        assert!(many.max < 3.0, "{many}");
     }
 
     #[test]
