@@ -114,7 +114,7 @@ pub(crate) struct Board {
 pub(crate) struct Offer {
     /// The coordinator first, then at most [`OFFER_HOLDERS`] members.
     pub(crate) holders: Vec<(String, Bits)>,
-    /// What the fetcher's turns are computed from.
+    /// The swarm's counts over the fetcher's window, for its rarest-first order.
     pub(crate) counts: Counts,
 }
 
@@ -319,6 +319,7 @@ impl Board {
             },
         }
     }
+
     /// Members still reporting at `now` and what they hold, for a coordinator that fetches
     /// too (one that took over).
     pub(crate) fn holders(&self, count: u32, now: Instant) -> HashMap<String, Bits> {
