@@ -20,6 +20,8 @@ pub mod room;
 mod sources;
 mod swarm;
 pub mod swarm_sim;
+/// Swarm pieces a node sends at once (the peer server turns further requests away).
+pub use swarm::decide::UPLOADS as SWARM_UPLOADS;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};

@@ -6,10 +6,13 @@
 //! hashing each piece as it goes by ([`crate::pieces`]). Every other node that wants the blob
 //! reports to the coordinator a few times a second which pieces it holds; the coordinator
 //! answers with the piece digests, who holds what, and a few pieces that only it holds for this
-//! node to take from it. A fetcher takes pieces (ranged GETs of a few MiB) from several holders
-//! at once, rarest first, peers whose own fills are still growing included, a few fetchers per
-//! holder of a piece at a time ([`decide::TURN`]), and serves what it holds to the others. So each piece leaves the coordinator about once and every node's link
-//! carries a share of the load.
+//! node to take from it. The holders named are a sample of those of the pieces the asker lacks,
+//! with the swarm's count of holders per piece ([`decide::Board::offer`]), so an answer stays
+//! small at any swarm size. A fetcher takes pieces (ranged GETs of a few MiB) from several
+//! holders at once, rarest first, peers whose own fills are still growing included, and serves
+//! what it holds to the others, at most [`decide::UPLOADS`] at once (the peer server turns
+//! the rest away and they ask elsewhere). So each piece leaves the coordinator about once and
+//! every node's link carries a share of the load.
 //!
 //! Every piece is checked against its digest before a byte of it is written; a holder that
 //! sends a bad piece is not asked again by this fill (and is reported to the coordinator, which
@@ -34,7 +37,7 @@ use pier_peer::{Cluster, PeerError, SwarmAnswer, SwarmHolder, SwarmReport};
 pub(crate) mod decide;
 
 pub(crate) use decide::Board;
-use decide::{From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
+use decide::{Counts, From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
 
 use crate::fill::{Fill, FillError};
 use crate::pieces::{
@@ -149,6 +152,9 @@ impl Mirror {
                     digests: Vec::new(),
                     holders: Vec::new(),
                     assign: Vec::new(),
+                    members: 0,
+                    held_from: 0,
+                    held: Vec::new(),
                 })
             }
         };
@@ -167,15 +173,16 @@ impl Mirror {
             .entry(digest.clone())
             .or_insert_with(|| Board::new(now));
         let assign = board.report(from, have, &report.bad, &me, &own, now);
-        let mut holders = vec![SwarmHolder {
-            node: me.clone(),
-            have: own.to_hex(),
-        }];
-        holders.extend(board.offered(from).map(|(n, h)| SwarmHolder {
-            node: n.to_string(),
-            have: h.to_hex(),
-        }));
+        let offer = board.offer(from, &me, &own);
         drop(boards);
+        let holders = offer
+            .holders
+            .iter()
+            .map(|(n, h)| SwarmHolder {
+                node: n.clone(),
+                have: h.to_hex(),
+            })
+            .collect();
         let known = report.known.min(count);
         Ok(SwarmAnswer {
             size: pieces.size(),
@@ -185,6 +192,9 @@ impl Mirror {
             digests: digest_strings(pieces.digests_from(known)),
             holders,
             assign,
+            members: offer.counts.members,
+            held_from: offer.counts.from,
+            held: offer.counts.held,
         })
     }
 
@@ -293,6 +303,7 @@ impl Mirror {
         };
         run.absorb(first);
         let outcome = run.drive().await;
+        let last = run.last_report();
         drop(run);
         match outcome {
             Ok(()) => {
@@ -309,6 +320,18 @@ impl Mirror {
                     .link_blob(link_repo, digest, size)
                     .await
                     .map_err(FillError::store)?;
+                // Told that this node holds the whole blob, the coordinator keeps offering it
+                // (the pieces come from its store now) after it stops reporting. In the
+                // background: a slow coordinator must not hold up the pull that is done.
+                if let Some((coord, report)) = last {
+                    let client = cluster.client().clone();
+                    let digest = digest.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = client.swarm(&coord, &digest, &report, false).await {
+                            tracing::debug!(%digest, coordinator = %coord.name, error = %e, "last swarm report failed");
+                        }
+                    });
+                }
                 Ok(())
             }
             Err(e) => {
@@ -361,7 +384,13 @@ impl SwarmRun<'_> {
             .holders
             .into_iter()
             .filter_map(|h| Some((h.node.clone(), Bits::from_hex(count, &h.have)?)));
-        self.picker.absorb(holders, a.assign);
+        // An older coordinator names every member and sends no counts.
+        let counts = (a.members > 0).then_some(Counts {
+            members: a.members,
+            from: a.held_from,
+            held: a.held,
+        });
+        self.picker.absorb(holders, a.assign, counts);
     }
 
     async fn drive(&mut self) -> std::result::Result<(), FillError> {
@@ -404,6 +433,22 @@ impl SwarmRun<'_> {
         }
         self.fill.progress.send_modify(|p| p.verified = true);
         Ok(())
+    }
+
+    /// The report that tells the coordinator this node holds the whole blob, and to whom.
+    fn last_report(&self) -> Option<(NodeId, SwarmReport)> {
+        (!self.picker.coordinating()).then(|| {
+            (
+                self.coord.clone(),
+                SwarmReport {
+                    have: self.pieces.have().to_hex(),
+                    known: self.pieces.digests_known(),
+                    upstream: Some(self.r.upstream_name().to_string()),
+                    repo: Some(self.r.cache_repo.clone()),
+                    bad: self.picker.bad(),
+                },
+            )
+        })
     }
 
     /// Tell the coordinator what this node holds and take in its answer; after two failures
@@ -478,8 +523,8 @@ impl SwarmRun<'_> {
             });
     }
 
-    /// A piece fetch ended. `Ok(true)` when it landed a piece the coordinator handed this
-    /// node (the coordinator should hear of it soon).
+    /// A piece fetch ended. `Ok(true)` when it landed a piece: the coordinator should hear of
+    /// it soon, so that the others can take it from this node.
     async fn landed(
         &mut self,
         i: u32,
@@ -493,8 +538,14 @@ impl SwarmRun<'_> {
                 self.mirror.metrics.piece("failed");
                 match &from {
                     From::Peer(n) => {
-                        tracing::info!(digest = %self.digest, piece = i, peer = %n, error = %e, "piece fetch failed; asking other holders");
+                        // "Not here" is the common answer of a holder already sending all it
+                        // will at once (pier_server's piece bound), not a fault.
                         let not_found = matches!(e, FillError::NotFound);
+                        if not_found {
+                            tracing::debug!(digest = %self.digest, piece = i, peer = %n, "holder turned the piece request away; asking other holders");
+                        } else {
+                            tracing::info!(digest = %self.digest, piece = i, peer = %n, error = %e, "piece fetch failed; asking other holders");
+                        }
                         self.picker.peer_failed(n, not_found, Instant::now());
                     }
                     From::Upstream => {
@@ -544,7 +595,7 @@ impl SwarmRun<'_> {
             .map_err(|e| FillError::Store(e.to_string()))?
             .map_err(FillError::store)?;
         self.pieces.mark_on_disk(i);
-        let handed = self.picker.landed(i, Instant::now());
+        self.picker.landed(i, Instant::now());
         let keep = self.waiting.len() < HASH_AHEAD || i == self.prefix;
         self.waiting.insert(i, keep.then_some(bytes));
         self.join_prefix().await?;
@@ -554,7 +605,7 @@ impl SwarmRun<'_> {
             p.received = joined;
             p.written = joined;
         });
-        Ok(handed)
+        Ok(true)
     }
 
     /// Hash the landed pieces that now join the prefix, in order.

@@ -8,8 +8,12 @@
 //! uplink divided evenly among the transfers on it, and its receiver's downlink likewise
 //! (rates are recomputed whenever a transfer starts or ends on either link; capacity one side
 //! leaves unused is not handed to the other transfers, so the model errs slow). A piece
-//! request reaches its sender one [`SwarmSimConfig::latency`] after it is made; a report's
-//! answer comes back one latency after the coordinator's board took it in. The coordinator of
+//! request reaches its sender one [`SwarmSimConfig::latency`] after it is made. Reports and
+//! answers are transfers too: a report (its JSON body as the peer client sends it, plus
+//! [`REPORT_OVERHEAD`]) starts one latency after it is sent and crosses the fetcher's uplink and
+//! the coordinator's downlink; the coordinator's board takes it in when it has arrived, and the
+//! answer (the JSON the coordinator would send, digests included) crosses the coordinator's
+//! uplink and the fetcher's downlink, sharing them with the pieces. The coordinator of
 //! each layer fills it from the upstream in one in-order stream, as a real one does, and
 //! offers each piece once it is in. What the simulation leaves out: CPU (hashing, the spool),
 //! TCP's ramp-up, and the fetcher's loop being blocked while a report is out (here pieces keep
@@ -27,8 +31,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use pier_peer::{SwarmAnswer, SwarmHolder, SwarmReport};
+
 use crate::pieces::{Bits, PIECE_SIZE};
-use crate::swarm::decide::{Board, From, Picker, REPORT_EVERY, REPORT_SOON};
+use crate::swarm::decide::{Board, Counts, From, Picker, REPORT_EVERY, REPORT_SOON, UPLOADS};
 
 /// What to simulate. [`SwarmSimConfig::new`] gives the defaults the table is made with.
 #[derive(Debug, Clone)]
@@ -98,9 +104,14 @@ pub struct SwarmSimReport {
     pub corrupt_received: u64,
     /// Piece requests that failed (a dead sender).
     pub failed: u64,
+    /// Piece requests a holder turned away, having [`UPLOADS`] transfers already, per piece
+    /// landed.
+    pub refused: f64,
     /// Bytes of the coordinators' answers (holders and digests, as the wire has them), over
     /// the bytes of the layers.
     pub answers: f64,
+    /// Bytes of one answer, on average.
+    pub answer_bytes: f64,
     /// Simulated time from the first join until the last node was done.
     pub wall: Duration,
     /// Real time the run took.
@@ -111,7 +122,7 @@ impl SwarmSimReport {
     /// The table's header, for rows printed with `{}`.
     pub fn header() -> String {
         format!(
-            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>8} {:>8} {:>7}",
+            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>7} {:>8} {:>8} {:>7}",
             "nodes",
             "layers",
             "fault",
@@ -123,6 +134,7 @@ impl SwarmSimReport {
             "coord/piece",
             "corrupt",
             "failed",
+            "refused",
             "answers",
             "wall s",
             "real s"
@@ -134,7 +146,7 @@ impl fmt::Display for SwarmSimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2}x {:>8.2} {:>7.1}",
+            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2} {:>7.2}x {:>8.2} {:>7.1}",
             self.nodes,
             self.layers,
             self.fault,
@@ -146,12 +158,18 @@ impl fmt::Display for SwarmSimReport {
             self.coordinator_pieces,
             self.corrupt_received,
             self.failed,
+            self.refused,
             self.answers,
             self.wall.as_secs_f64(),
             self.real.as_secs_f64()
         )
     }
 }
+
+/// Bytes of a report's request line, host, signature and other headers besides its JSON body
+/// (a signed POST of the peer client), and of an answer's status line and headers.
+const REPORT_OVERHEAD: u64 = 300;
+const ANSWER_OVERHEAD: u64 = 150;
 
 /// Nanoseconds of simulated time.
 type Time = u64;
@@ -191,6 +209,27 @@ enum Kind {
     Peer,
     /// A piece a coordinator that took over takes from the upstream.
     Upstream,
+    /// A fetcher's report on its way to the coordinator.
+    Report,
+    /// The coordinator's answer on its way back.
+    Answer,
+}
+
+/// What a report or an answer carries until it has crossed its links.
+enum Message {
+    Report {
+        have: Bits,
+        bad: Vec<String>,
+        known: u32,
+    },
+    Answer {
+        holders: Vec<(String, Bits)>,
+        counts: Counts,
+        assign: Vec<u32>,
+        /// The digests the answer carries: `digests_from..known`.
+        digests_from: u32,
+        known: u32,
+    },
 }
 
 struct Flow {
@@ -205,19 +244,15 @@ struct Flow {
     at: Time,
     /// When its pending check is due.
     due: Time,
+    /// The report or answer it carries.
+    message: Option<Message>,
 }
 
 enum Ev {
+    /// A fetcher's report is due: it is sent.
     Report {
         node: usize,
         layer: usize,
-    },
-    Answer {
-        node: usize,
-        layer: usize,
-        holders: Vec<(String, Bits)>,
-        assign: Vec<u32>,
-        known: u32,
     },
     /// A request reached its sender: the transfer starts.
     Start {
@@ -229,6 +264,10 @@ enum Ev {
     },
     Kill {
         node: usize,
+    },
+    /// A holder's "not here" to a request it had no room for reached the fetcher.
+    Refused {
+        flow: usize,
     },
 }
 
@@ -272,6 +311,11 @@ struct Sim {
     corrupt_received: u64,
     failed: u64,
     answer_bytes: u64,
+    answer_count: u64,
+    report_bytes: u64,
+    refused: u64,
+    /// Pieces fetchers landed from peers and the upstream.
+    landed: u64,
 }
 
 /// Play one scenario from the first join until every live node holds every layer.
@@ -347,6 +391,10 @@ impl Sim {
             corrupt_received: 0,
             failed: 0,
             answer_bytes: 0,
+            answer_count: 0,
+            report_bytes: 0,
+            refused: 0,
+            landed: 0,
             names,
             cfg,
         };
@@ -395,17 +443,11 @@ impl Sim {
             }
             self.now = at;
             match ev {
-                Ev::Report { node, layer } => self.report(node, layer),
-                Ev::Answer {
-                    node,
-                    layer,
-                    holders,
-                    assign,
-                    known,
-                } => self.answer(node, layer, holders, assign, known),
+                Ev::Report { node, layer } => self.send_report(node, layer),
                 Ev::Start { flow } => self.start(flow),
                 Ev::Check { flow } => self.check(flow),
                 Ev::Kill { node } => self.kill(node),
+                Ev::Refused { flow } => self.refuse(flow),
             }
         }
     }
@@ -430,48 +472,108 @@ impl Sim {
             .filter(|f| f.done_at.is_none() && !f.gave_up)
     }
 
-    fn report(&mut self, node: usize, layer: usize) {
+    /// A fetcher sends its report: it crosses the fetcher's uplink and the coordinator's
+    /// downlink like any transfer, and the coordinator takes it in once it has arrived.
+    fn send_report(&mut self, node: usize, layer: usize) {
         let now = self.now;
-        let at = self.instant();
-        let Some(f) = self.live_fetch(node, layer) else {
+        if self.dead_at[node].is_some() {
+            return;
+        }
+        let Some(f) = self.fetches[node][layer].as_mut() else {
             return;
         };
-        if f.next_report != now || f.picker.coordinating() {
+        // The report that counts, or the last one, which tells the coordinator this node
+        // holds the whole blob now.
+        let last = f.done_at == Some(now);
+        if !last && (f.next_report != now || f.done_at.is_some() || f.gave_up)
+            || f.picker.coordinating()
+        {
             return;
         }
         f.next_report = NEVER;
-        let have = f.picker.have().clone();
-        let bad = f.picker.bad();
-        let already = f.known;
+        let message = Message::Report {
+            have: f.picker.have().clone(),
+            bad: f.picker.bad(),
+            known: f.known,
+        };
+        let coord = self.layers[layer].coord;
+        let bytes = self.wire_bytes(&message);
+        self.report_bytes += bytes;
+        let id = self.new_message(node, coord, layer, bytes, message);
+        self.push(now + ns(self.cfg.latency), Ev::Start { flow: id });
+    }
+
+    /// The coordinator of `layer` takes in `node`'s report and sends its answer back.
+    fn report(&mut self, node: usize, layer: usize, have: Bits, bad: &[String], already: u32) {
+        let at = self.instant();
+        if self.dead_at[node].is_some() {
+            return;
+        }
         let name = &self.names[node];
         let l = &mut self.layers[layer];
         let coord = &self.names[l.coord];
-        let assign = l.board.report(name, have, &bad, coord, &l.own, at);
-        let mut holders = vec![(coord.clone(), l.own.clone())];
-        holders.extend(
-            l.board
-                .offered(name)
-                .map(|(n, h)| (n.to_string(), h.clone())),
-        );
-        let known = l.own.count();
-        // The wire form: each holder's name and hex bitmap in JSON, each new digest in hex.
-        let bitmap = (self.pieces as u64).div_ceil(8) * 2;
-        self.answer_bytes += holders
-            .iter()
-            .map(|(n, _)| n.len() as u64 + bitmap + 24)
-            .sum::<u64>()
-            + u64::from(known.saturating_sub(already)) * 76
-            + 120;
-        self.push(
-            now + ns(self.cfg.latency),
-            Ev::Answer {
-                node,
-                layer,
+        let assign = l.board.report(name, have, bad, coord, &l.own, at);
+        let offer = l.board.offer(name, coord, &l.own);
+        let message = Message::Answer {
+            holders: offer.holders,
+            counts: offer.counts,
+            assign,
+            digests_from: already,
+            known: l.own.count().max(already),
+        };
+        let bytes = self.wire_bytes(&message);
+        self.answer_bytes += bytes;
+        self.answer_count += 1;
+        let coord = self.layers[layer].coord;
+        let id = self.new_message(coord, node, layer, bytes, message);
+        self.start(id);
+    }
+
+    /// Bytes a report or an answer takes on the wire: its JSON body as the peer client sends
+    /// it (the answer's new piece digests included) and [`REPORT_OVERHEAD`] or
+    /// [`ANSWER_OVERHEAD`] for the request or response line and headers.
+    fn wire_bytes(&self, message: &Message) -> u64 {
+        let body = match message {
+            Message::Report { have, bad, known } => serde_json::to_vec(&SwarmReport {
+                have: have.to_hex(),
+                known: *known,
+                upstream: Some("docker.io".into()),
+                repo: Some("library/layer".into()),
+                bad: bad.clone(),
+            }),
+            Message::Answer {
                 holders,
+                counts,
                 assign,
+                digests_from,
                 known,
-            },
-        );
+            } => {
+                let fresh = known.saturating_sub(*digests_from) as usize;
+                serde_json::to_vec(&SwarmAnswer {
+                    size: self.cfg.layer_size,
+                    swarm: true,
+                    piece_size: PIECE_SIZE,
+                    digests_from: *digests_from,
+                    digests: vec![Some(format!("blake3:{:064x}", 0)); fresh],
+                    holders: holders
+                        .iter()
+                        .map(|(n, h)| SwarmHolder {
+                            node: n.clone(),
+                            have: h.to_hex(),
+                        })
+                        .collect(),
+                    assign: assign.clone(),
+                    members: counts.members,
+                    held_from: counts.from,
+                    held: counts.held.clone(),
+                })
+            }
+        };
+        let overhead = match message {
+            Message::Report { .. } => REPORT_OVERHEAD,
+            Message::Answer { .. } => ANSWER_OVERHEAD,
+        };
+        body.map_or(0, |b| b.len() as u64) + overhead
     }
 
     fn answer(
@@ -479,6 +581,7 @@ impl Sim {
         node: usize,
         layer: usize,
         holders: Vec<(String, Bits)>,
+        counts: Counts,
         assign: Vec<u32>,
         known: u32,
     ) {
@@ -486,7 +589,7 @@ impl Sim {
         let Some(f) = self.live_fetch(node, layer) else {
             return;
         };
-        f.picker.absorb(holders, assign);
+        f.picker.absorb(holders, assign, Some(counts));
         f.known = f.known.max(known);
         f.next_report = next;
         self.push(next, Ev::Report { node, layer });
@@ -552,6 +655,36 @@ impl Sim {
             rate: 0.0,
             at: self.now,
             due: NEVER,
+            message: None,
+        }));
+        self.flows.len() - 1
+    }
+
+    /// A report (`node` to its coordinator) or an answer (the coordinator to `node`) of
+    /// `bytes` on the wire.
+    fn new_message(
+        &mut self,
+        sender: usize,
+        receiver: usize,
+        layer: usize,
+        bytes: u64,
+        message: Message,
+    ) -> usize {
+        let kind = match message {
+            Message::Report { .. } => Kind::Report,
+            Message::Answer { .. } => Kind::Answer,
+        };
+        self.flows.push(Some(Flow {
+            kind,
+            sender,
+            receiver,
+            layer,
+            piece: 0,
+            remaining: bytes as f64,
+            rate: 0.0,
+            at: self.now,
+            due: NEVER,
+            message: Some(message),
         }));
         self.flows.len() - 1
     }
@@ -581,6 +714,12 @@ impl Sim {
         if self.dead_at.get(sender).is_some_and(|d| d.is_some()) {
             // Refused: the fetcher hears at once.
             self.fail(id);
+            return;
+        }
+        if flow.kind == Kind::Peer && self.sending(sender) >= UPLOADS {
+            // The holder is sending all it will at once: its "not here" reaches the fetcher a
+            // latency later, and the fetcher asks another holder.
+            self.push(self.now + ns(self.cfg.latency), Ev::Refused { flow: id });
             return;
         }
         self.up[sender].push(id);
@@ -650,6 +789,23 @@ impl Sim {
         let bytes = (u64::from(f.piece + 1) * PIECE_SIZE).min(self.cfg.layer_size)
             - u64::from(f.piece) * PIECE_SIZE;
         match f.kind {
+            Kind::Report => {
+                if let Some(Message::Report { have, bad, known }) = f.message {
+                    self.report(f.sender, f.layer, have, &bad, known);
+                }
+            }
+            Kind::Answer => {
+                if let Some(Message::Answer {
+                    holders,
+                    counts,
+                    assign,
+                    known,
+                    ..
+                }) = f.message
+                {
+                    self.answer(f.receiver, f.layer, holders, counts, assign, known);
+                }
+            }
             Kind::Fill => {
                 self.upstream_bytes += bytes;
                 let l = &mut self.layers[f.layer];
@@ -689,16 +845,22 @@ impl Sim {
         let now = self.now;
         let at = self.instant();
         let soon = now + ns(REPORT_SOON);
+        if self.live_fetch(f.receiver, f.layer).is_none() {
+            return;
+        }
+        self.landed += 1;
         let Some(x) = self.live_fetch(f.receiver, f.layer) else {
             return;
         };
         x.picker.ended(f.piece, &from);
-        let handed = x.picker.landed(f.piece, at);
+        x.picker.landed(f.piece, at);
         if x.picker.done() {
             x.done_at = Some(now);
+            self.send_report(f.receiver, f.layer);
             return;
         }
-        if handed && x.next_report != NEVER && soon < x.next_report {
+        // The coordinator hears of every new piece soon, so the others can take it from here.
+        if x.next_report != NEVER && soon < x.next_report {
             x.next_report = soon;
             self.push(
                 soon,
@@ -721,12 +883,44 @@ impl Sim {
         self.relink(sender, receiver);
     }
 
+    /// Pieces `node` is sending.
+    fn sending(&self, node: usize) -> usize {
+        self.up[node]
+            .iter()
+            .filter(|id| {
+                self.flows[**id]
+                    .as_ref()
+                    .is_some_and(|f| f.kind == Kind::Peer)
+            })
+            .count()
+    }
+
+    /// The holder turned the request `id` away, as the peer server does past [`UPLOADS`].
+    fn refuse(&mut self, id: usize) {
+        let at = self.instant();
+        let Some(f) = self.flows[id].take() else {
+            return;
+        };
+        self.refused += 1;
+        let name = self.names[f.sender].clone();
+        let from = From::Peer(name.clone());
+        if let Some(x) = self.live_fetch(f.receiver, f.layer) {
+            x.picker.ended(f.piece, &from);
+            x.picker.peer_failed(&name, true, at);
+        }
+        self.schedule(f.receiver, f.layer);
+    }
+
     /// The transfer `id` failed (its sender is dead): the fetcher benches the sender.
     fn fail(&mut self, id: usize) {
         let at = self.instant();
         let Some(f) = self.flows[id].take() else {
             return;
         };
+        if matches!(f.kind, Kind::Report | Kind::Answer) {
+            // Only fetchers die, and a dead one's reports and answers no longer matter.
+            return;
+        }
         self.failed += 1;
         let from = match f.kind {
             Kind::Peer => From::Peer(self.names[f.sender].clone()),
@@ -810,7 +1004,9 @@ impl Sim {
                 / pieces,
             corrupt_received: self.corrupt_received,
             failed: self.failed,
+            refused: self.refused as f64 / self.landed.max(1) as f64,
             answers: self.answer_bytes as f64 / total,
+            answer_bytes: self.answer_bytes as f64 / self.answer_count.max(1) as f64,
             wall: Duration::from_nanos(times.last().copied().unwrap_or(0)),
             real,
         }
@@ -876,6 +1072,23 @@ mod tests {
         let bound = (cfg.nodes * cfg.layers * IN_FLIGHT) as u64;
         assert!(r.corrupt_received <= bound, "{r}");
         assert!((r.upstream - 1.0).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn an_answer_hardly_grows_from_30_nodes_to_150() {
+        let few = run(&small(30, 1));
+        let many = run(&small(150, 1));
+        println!("{}\n{few}\n{many}", SwarmSimReport::header());
+        assert_eq!(many.incomplete, 0, "{many}");
+        // Naming every member made an answer five times larger at 150 nodes than at 30.
+        assert!(
+            many.answer_bytes <= few.answer_bytes * 1.5,
+            "{} bytes per answer at 150 nodes, {} at 30",
+            many.answer_bytes,
+            few.answer_bytes
+        );
+        // Every node finishes within a small multiple of size/link, not N times it.
+        assert!(many.max < 3.0, "{many}");
     }
 
     #[test]

@@ -178,12 +178,27 @@ pub struct SwarmAnswer {
     /// hashed the piece yet.
     pub digests_from: u32,
     pub digests: Vec<Option<String>>,
-    /// Who holds which pieces: the coordinator and the members that reported recently, the
-    /// asker excluded.
+    /// Who holds which pieces: the coordinator, and members that reported recently (the
+    /// asker excluded). A coordinator that sends `members` names only a sample of them, the
+    /// holders of the pieces the asker lacks; an older one names every member.
     pub holders: Vec<SwarmHolder>,
     /// Pieces only the coordinator holds that the asker should take from it (and then share):
     /// so each piece leaves the coordinator about once.
     pub assign: Vec<u32>,
+    /// Members of the swarm, the coordinator included; 0 from a coordinator that names every
+    /// member in `holders` instead.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub members: u32,
+    /// How many members (the coordinator included) hold each of the pieces
+    /// `held_from..held_from + held.len()`: the asker's window.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_from: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<u32>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Recent first-byte latencies of peer requests, for the hedge delay.
@@ -684,4 +699,35 @@ fn c_source<'a>(
     e: Option<&'a (dyn std::error::Error + 'static)>,
 ) -> Option<&'a (dyn std::error::Error + 'static)> {
     e.and_then(|e| e.source())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_swarm_answer_without_counts_still_parses_and_one_with_them_round_trips() {
+        // What a coordinator from before the counts sends: every member named, no counts.
+        let old = r#"{"size":8388608,"swarm":true,"piece_size":4194304,"digests_from":0,
+            "digests":[null,null],"holders":[{"node":"a","have":"03"}],"assign":[1]}"#;
+        let a: SwarmAnswer = serde_json::from_str(old).unwrap();
+        assert_eq!((a.members, a.held_from, a.held.len()), (0, 0, 0));
+        assert_eq!(a.holders[0].node, "a");
+        let new = SwarmAnswer {
+            members: 1000,
+            held_from: 1,
+            held: vec![3],
+            ..a
+        };
+        let wire = serde_json::to_string(&new).unwrap();
+        assert_eq!(serde_json::from_str::<SwarmAnswer>(&wire).unwrap(), new);
+        // An answer without counts is sent as before, so an older fetcher reads it as ever.
+        let plain = SwarmAnswer {
+            members: 0,
+            held_from: 0,
+            held: Vec::new(),
+            ..new
+        };
+        assert!(!serde_json::to_string(&plain).unwrap().contains("members"));
+    }
 }

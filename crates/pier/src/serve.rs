@@ -444,6 +444,7 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
                 .map(|r| pier_peer::rate::RateLimit::new(r.0)),
             // A fault hook for the test tier: this node serves corrupt swarm pieces.
             corrupt_pieces: std::env::var("PIER_FAULT_CORRUPT_PIECES").is_ok_and(|v| v == "1"),
+            piece_uploads: pier_server::peer::piece_uploads(),
         };
         let mut stopped = stop_rx.clone();
         let peer_app = pier_server::peer::router(peer_state);

@@ -44,6 +44,41 @@ pub struct PeerState {
     /// Fault injection for tests: flip a byte of every piece this node serves to a swarm, as a
     /// broken or malicious peer would (`PIER_FAULT_CORRUPT_PIECES=1`).
     pub corrupt_pieces: bool,
+    /// Swarm pieces this node sends at once ([`piece_uploads`]); a piece request past them is
+    /// answered "not here" and the fetcher asks another holder.
+    pub piece_uploads: Arc<tokio::sync::Semaphore>,
+}
+
+/// The bound on swarm pieces a node sends at once (`pier_mirror::SWARM_UPLOADS`).
+pub fn piece_uploads() -> Arc<tokio::sync::Semaphore> {
+    Arc::new(tokio::sync::Semaphore::new(pier_mirror::SWARM_UPLOADS))
+}
+
+/// A response body that holds a piece upload's permit until it is sent (or dropped).
+struct Holding {
+    body: Body,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Holding {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<std::result::Result<http_body::Frame<Self::Data>, Self::Error>>>
+    {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The node that signed a peer request.
@@ -325,6 +360,35 @@ async fn piece(
             return Err(not_here(digest));
         }
     }
+    // A holder sending to everyone at once sends to each at a sliver of its link: past the
+    // bound, the asker is better off taking the piece from another holder.
+    let Ok(permit) = state.piece_uploads.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::BlobUnknown,
+            format!("this node is sending as many pieces as it will at once; ask another holder of {digest}"),
+        ));
+    };
+    let resp = piece_response(state, digest, fill, size, range, zero_copy).await?;
+    Ok(resp.map(|body| {
+        Body::new(Holding {
+            body,
+            _permit: permit,
+        })
+    }))
+}
+
+/// The response for bytes `range` of `digest`, a piece range this node holds.
+async fn piece_response(
+    state: &PeerState,
+    digest: &Digest,
+    fill: Option<Arc<pier_mirror::fill::Fill>>,
+    size: u64,
+    range: crate::ranges::ByteRange,
+    zero_copy: Option<ZeroCopy>,
+) -> Result<Response> {
+    let app = &state.app;
+    let (start, end) = (range.start, range.end);
     let (builder, _, _) = blob_headers(digest, size, Some(range));
     let builder = builder
         .header(HOLDING_HEADER, "piece")

@@ -4,16 +4,24 @@
 //! carries the choices out. `run_swarm` and `swarm_answer` drive these types over the network;
 //! [`crate::swarm_sim`] drives the same types over a simulated one.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use crate::pieces::Bits;
 
-/// How often a fetcher reports (and sooner after it lands a piece it was handed).
-pub(crate) const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// How often a fetcher reports, and how soon after it lands a piece: the others hear of a new
+/// holder only through the coordinator, so every report round is a step of a piece's spread
+/// (200 ms and a report only after a handed piece: 3.1x at 100 nodes in the simulation; 50 ms
+/// and one after every piece: 1.5x). Answers are bounded ([`OFFER_HOLDERS`]), so reporting
+/// often costs the coordinator a kilobyte or two per report.
+pub(crate) const REPORT_EVERY: Duration = Duration::from_millis(50);
 pub(crate) const REPORT_SOON: Duration = Duration::from_millis(20);
 /// A member that has not reported for this long has left the swarm.
 pub(crate) const MEMBER_TTL: Duration = Duration::from_secs(3);
+/// The same for a member that reported holding every piece: it stops reporting once its fill
+/// is done and serves the blob from its store. A dead one fails a request or two and is
+/// benched by each fetcher (gossip drops it within seconds), so it may stay offered long.
+pub(crate) const SEED_TTL: Duration = Duration::from_secs(60);
 /// A piece handed to a member that does not report holding it within this long is handed to
 /// someone else.
 pub(crate) const ASSIGN_TTL: Duration = Duration::from_secs(4);
@@ -23,23 +31,26 @@ pub(crate) const ASSIGN_OUTSTANDING: usize = 3;
 pub(crate) const ASSIGN_ALONE: usize = 12;
 /// Reports failed in a row before a coordinator the membership still lists is given up.
 pub(crate) const COORD_FAILURES: u32 = 10;
-/// Pieces a fetcher takes at once, from all holders together.
-pub(crate) const IN_FLIGHT: usize = 6;
+/// Pieces a fetcher takes at once, from all holders together. Few, so each piece comes at a
+/// good share of the links and is soon there to pass on (6: 1.8x at 100 nodes, 3: 1.5x).
+pub(crate) const IN_FLIGHT: usize = 3;
 /// Pieces a coordinator that took over takes from its upstream at once.
 pub(crate) const UPSTREAM_IN_FLIGHT: usize = 2;
 /// How far past the first missing piece a fetcher looks for pieces to take: far enough to
 /// choose rare ones, near enough that its readers, who read in order, are not kept waiting.
 pub(crate) const WINDOW: usize = 48;
-/// Fetchers that take a piece from each of its holders at once. Every fetcher sees the same
-/// holders, so without a limit all of them would ask a piece's first holder for it at once,
-/// and that holder's link would send it to all of them at a fraction of its rate each while
-/// every other link idled. A fetcher whose turn it is not takes another piece, or waits for
-/// the piece to spread: each fetcher's turn for a piece is fixed by its own hash.
-pub(crate) const TURN: usize = 4;
-/// An idle fetcher that landed nothing for this long takes a piece even when it is not its
-/// turn. At the start every fetcher is idle, so a short wait sends them all to the first
-/// holder anyway (400 ms did, in the simulation: 4.1x at 100 nodes against 2.6x with 1 s).
-pub(crate) const TURN_WAIT: Duration = Duration::from_millis(1000);
+/// Holders of each piece of a fetcher's window that the coordinator's answer names, and the
+/// most members it names in all (the coordinator besides): enough to choose from and to go
+/// elsewhere when one fails, few enough that an answer is a kilobyte or two at any swarm size.
+pub(crate) const OFFER_PER_PIECE: u32 = 4;
+pub(crate) const OFFER_HOLDERS: usize = 24;
+/// Pieces a node sends to swarm members at once; it answers a piece request past them "not
+/// here" (404), and the fetcher takes the piece from another holder (or waits for the next
+/// answer). Fetchers cannot see a holder's load: without a bound, one holder of the newest
+/// piece had 770 transfers at 1/770 of its link each at 1,000 nodes while most links idled.
+/// The bound replaces the fetchers' turns (a few per holder by their hashes) that came before
+/// it: those kept links idle waiting for a turn, and an idle fetcher took a piece anyway.
+pub const UPLOADS: usize = 3;
 /// An idle fetcher that landed nothing for this long takes pieces from the coordinator
 /// without being handed them.
 pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
@@ -84,27 +95,75 @@ impl Shunned {
 
 /// What a coordinator knows of one swarm.
 pub(crate) struct Board {
-    members: HashMap<String, (Bits, Instant)>,
+    /// Ordered by name, so that a walk over them is the same on every run.
+    members: BTreeMap<String, (Bits, Instant)>,
     /// Members some fetcher found bad: not offered as holders, their pieces handed out again.
     bad: HashSet<String>,
+    /// Per piece, the members (not found bad) that hold it.
+    held: Vec<u32>,
     /// Pieces handed to a member to take from the coordinator, and when.
     assigned: HashMap<u32, (String, Instant)>,
+    /// Reports taken in: each answer's sample of holders starts somewhere else.
+    rounds: u64,
     pub(crate) touched: Instant,
+}
+
+/// What a coordinator offers one fetcher: a sample of the holders of the pieces in its window,
+/// not every member, so an answer's size does not grow with the swarm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Offer {
+    /// The coordinator first, then at most [`OFFER_HOLDERS`] members.
+    pub(crate) holders: Vec<(String, Bits)>,
+    /// The swarm's counts over the fetcher's window, for its rarest-first order.
+    pub(crate) counts: Counts,
+}
+
+/// How many hold each piece of a fetcher's window, and how many members the swarm has: which
+/// pieces are rarest, which a sample of holders cannot tell.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    /// Members, the coordinator included.
+    pub(crate) members: u32,
+    /// `held[k]` holders (the coordinator included) of piece `from + k`.
+    pub(crate) from: u32,
+    pub(crate) held: Vec<u32>,
+}
+
+impl Counts {
+    /// Holders of piece `i`, when the counts cover it.
+    fn of(&self, i: u32) -> Option<u32> {
+        let k = i.checked_sub(self.from)?;
+        self.held.get(k as usize).copied()
+    }
 }
 
 impl Board {
     pub(crate) fn new(now: Instant) -> Board {
         Board {
-            members: HashMap::new(),
+            members: BTreeMap::new(),
             bad: HashSet::new(),
+            held: Vec::new(),
             assigned: HashMap::new(),
+            rounds: 0,
             touched: now,
+        }
+    }
+
+    /// Add (`add`) or take away a member's pieces from the per-piece counts.
+    fn count(held: &mut [u32], have: &Bits, add: bool) {
+        if have.len() as usize != held.len() {
+            return;
+        }
+        for (i, n) in held.iter_mut().enumerate() {
+            if have.get(i as u32) {
+                *n = if add { *n + 1 } else { n.saturating_sub(1) };
+            }
         }
     }
 
     /// Take in `from`'s report at `now` (it holds `have` and found `bad` bad) on the
     /// coordinator `me`, which holds `own`, and hand `from` the pieces it is to take from the
-    /// coordinator, in order. The holders to offer it are then [`Board::offered`].
+    /// coordinator, in order. The holders to offer it are then [`Board::offer`].
     pub(crate) fn report(
         &mut self,
         from: &str,
@@ -116,23 +175,51 @@ impl Board {
     ) -> Vec<u32> {
         let count = own.len();
         self.touched = now;
-        self.members.insert(from.to_string(), (have, now));
-        self.members
-            .retain(|_, (_, seen)| now.saturating_duration_since(*seen) < MEMBER_TTL);
-        self.bad
-            .extend(bad.iter().filter(|n| n.as_str() != me).cloned());
-        let mut held = Bits::new(count);
-        let bad = &self.bad;
-        for (_, (h, _)) in self.members.iter().filter(|(n, _)| !bad.contains(*n)) {
-            held.union(h);
+        self.rounds += 1;
+        if self.held.len() != count as usize {
+            // First report, or the blob's piece count changed under the board: count afresh.
+            self.held = vec![0; count as usize];
+            for (n, (h, _)) in &self.members {
+                if !self.bad.contains(n) {
+                    Board::count(&mut self.held, h, true);
+                }
+            }
         }
+        for n in bad.iter().filter(|n| n.as_str() != me) {
+            if self.bad.insert(n.clone()) {
+                if let Some((h, _)) = self.members.get(n) {
+                    Board::count(&mut self.held, h, false);
+                }
+            }
+        }
+        let counted = !self.bad.contains(from);
+        if counted {
+            Board::count(&mut self.held, &have, true);
+        }
+        if let Some((old, _)) = self.members.insert(from.to_string(), (have, now)) {
+            if counted {
+                Board::count(&mut self.held, &old, false);
+            }
+        }
+        let (held, bad) = (&mut self.held, &self.bad);
+        self.members.retain(|n, (h, seen)| {
+            // A member that holds the whole blob has stopped reporting (its fill is done) and
+            // serves it from its store: it stays offered, or the last pieces would have no
+            // holder but the coordinator.
+            let ttl = if h.all() { SEED_TTL } else { MEMBER_TTL };
+            let keep = now.saturating_duration_since(*seen) < ttl;
+            if !keep && !bad.contains(n) {
+                Board::count(held, h, false);
+            }
+            keep
+        });
+        let held = &self.held;
+        let held = |i: u32| held.get(i as usize).is_some_and(|n| *n > 0);
         // A handed-out piece stays handed out until a member holds it, or its taker goes
         // quiet or takes too long.
         let members = &self.members;
         self.assigned.retain(|i, (n, at)| {
-            !held.get(*i)
-                && now.saturating_duration_since(*at) < ASSIGN_TTL
-                && members.contains_key(n)
+            !held(*i) && now.saturating_duration_since(*at) < ASSIGN_TTL && members.contains_key(n)
         });
         let mut assign: Vec<u32> = self
             .assigned
@@ -149,7 +236,7 @@ impl Board {
         };
         let mut i = 0;
         while assign.len() < outstanding && i < count {
-            if own.get(i) && !held.get(i) && !self.assigned.contains_key(&i) {
+            if own.get(i) && !held(i) && !self.assigned.contains_key(&i) {
                 self.assigned.insert(i, (from.to_string(), now));
                 assign.push(i);
             }
@@ -159,17 +246,78 @@ impl Board {
         assign
     }
 
-    /// The members offered to `from` as holders (besides the coordinator itself): those no
-    /// fetcher found bad, the ones that hold nothing yet included, so that a fetcher knows how
-    /// many share the swarm with it (the `TURN` it takes depends on it).
-    pub(crate) fn offered<'a>(
-        &'a self,
-        from: &'a str,
-    ) -> impl Iterator<Item = (&'a str, &'a Bits)> {
-        self.members
+    /// What to offer `from` after its report, on the coordinator `me`, which holds `own`: the
+    /// coordinator, and for each piece of `from`'s window (the [`WINDOW`] pieces it lacks from
+    /// the first) up to [`OFFER_PER_PIECE`] of its holders, at most [`OFFER_HOLDERS`] in all,
+    /// taken from a different place of the member list at every report (members no fetcher
+    /// found bad, `from` left out); and the counts of holders over the window and of members.
+    /// Every fetcher gets its own sample, so their requests spread over the holders as the
+    /// whole list spread them, and the answer stays the same size at any number of members.
+    pub(crate) fn offer(&self, from: &str, me: &str, own: &Bits) -> Offer {
+        let count = own.len();
+        let empty = Bits::new(count);
+        let have = match self.members.get(from) {
+            Some((h, _)) if h.len() == count => h,
+            _ => &empty,
+        };
+        // The window, and how many holders each of its pieces still wants in the sample.
+        let first = (0..count).find(|i| !have.get(*i)).unwrap_or(count);
+        let mut window = Vec::new();
+        let mut end = first;
+        while end < count && window.len() < WINDOW {
+            if !have.get(end) {
+                window.push(end);
+            }
+            end += 1;
+        }
+        let held = |i: u32| self.held.get(i as usize).copied().unwrap_or(0);
+        let mut want: Vec<(u32, u32)> = window
             .iter()
-            .filter(move |(n, _)| n.as_str() != from && !self.bad.contains(*n))
-            .map(|(n, (h, _))| (n.as_str(), h))
+            .map(|&i| (i, held(i).min(OFFER_PER_PIECE)))
+            .filter(|(_, w)| *w > 0)
+            .collect();
+        let mut holders = vec![(me.to_string(), own.clone())];
+        let askable = self
+            .members
+            .iter()
+            .filter(|(n, (h, _))| n.as_str() != from && h.len() == count && !self.bad.contains(*n));
+        let total = self.members.len();
+        let skip = if total == 0 {
+            0
+        } else {
+            (spread(from, self.rounds as u32) % total as u64) as usize
+        };
+        for (n, (h, _)) in askable.clone().skip(skip).chain(askable.take(skip)) {
+            if want.is_empty() || holders.len() > OFFER_HOLDERS {
+                break;
+            }
+            let mut useful = false;
+            for (i, w) in &mut want {
+                if h.get(*i) {
+                    *w -= 1;
+                    useful = true;
+                }
+            }
+            if useful {
+                want.retain(|(_, w)| *w > 0);
+                holders.push((n.clone(), h.clone()));
+            }
+        }
+        let members = self
+            .members
+            .keys()
+            .filter(|n| !self.bad.contains(*n))
+            .count() as u32;
+        Offer {
+            holders,
+            counts: Counts {
+                members: members + 1,
+                from: first,
+                held: (first..end)
+                    .map(|i| held(i) + u32::from(own.get(i)))
+                    .collect(),
+            },
+        }
     }
 
     /// Members still reporting at `now` and what they hold, for a coordinator that fetches
@@ -178,7 +326,8 @@ impl Board {
         self.members
             .iter()
             .filter(|(n, (h, seen))| {
-                now.saturating_duration_since(*seen) < MEMBER_TTL
+                let ttl = if h.all() { SEED_TTL } else { MEMBER_TTL };
+                now.saturating_duration_since(*seen) < ttl
                     && h.len() == count
                     && !self.bad.contains(*n)
             })
@@ -212,8 +361,12 @@ pub(crate) struct Picker {
     coordinating: bool,
     failed_coords: HashSet<String>,
     coord_failures: u32,
-    /// Who holds which pieces, as the coordinator last said.
+    /// Who holds which pieces, as the coordinator last said (a sample, from a coordinator
+    /// that sends [`Counts`]).
     holders: HashMap<String, Bits>,
+    /// The swarm's counts for this node's window, as the coordinator last said; `None` from
+    /// a coordinator that names every member instead (the counts are then taken from them).
+    counts: Option<Counts>,
     /// Pieces the coordinator handed this node to take from it.
     assigned: HashSet<u32>,
     /// Holders this fill is not asking: for good after a bad piece, for a while after a failure.
@@ -237,6 +390,7 @@ impl Picker {
             failed_coords: HashSet::new(),
             coord_failures: 0,
             holders: HashMap::new(),
+            counts: None,
             assigned: HashSet::new(),
             shunned: Shunned::default(),
             in_flight: HashMap::new(),
@@ -271,15 +425,18 @@ impl Picker {
         now.saturating_duration_since(self.last_piece) > STALL
     }
 
-    /// Take in a coordinator's answer: the holders it offers and the pieces it hands this node.
+    /// Take in a coordinator's answer: the holders it offers, the pieces it hands this node,
+    /// and the swarm's counts when it sent them.
     pub(crate) fn absorb(
         &mut self,
         holders: impl IntoIterator<Item = (String, Bits)>,
         assign: impl IntoIterator<Item = u32>,
+        counts: Option<Counts>,
     ) {
         let count = self.have.len();
         let me = &self.me;
         self.holders = holders.into_iter().filter(|(n, _)| n != me).collect();
+        self.counts = counts;
         self.assigned = assign.into_iter().filter(|&i| i < count).collect();
         self.coord_failures = 0;
     }
@@ -287,6 +444,7 @@ impl Picker {
     /// The holders as a coordinator that took over sees them on its own board.
     pub(crate) fn set_holders(&mut self, holders: HashMap<String, Bits>) {
         self.holders = holders;
+        self.counts = None;
     }
 
     /// Whether the last report went unanswered (the next asks the coordinator to join it
@@ -388,13 +546,14 @@ impl Picker {
         }
     }
 
-    /// The next piece to take and from whom, if any: the rarest in the window, and among the
-    /// equally rare the one this node's own hash orders first. Fetchers see the same holders
-    /// (the coordinator tells them all the same thing), so taking the first of the equally
-    /// rare would send them all after the same few pieces from the same few holders, and
-    /// leave every other link idle. The holders to ask are filtered once per pick (not once
-    /// per piece looked at), and the least-loaded holder is chosen only for a piece that beats
-    /// the best so far: at a thousand members the same choice costs a fraction of the work.
+    /// The next piece to take and from whom, if any: the rarest in the window (by the swarm's
+    /// counts when the coordinator sent them), and among the equally rare the one this node's
+    /// own hash orders first. Fetchers see the same holders, so taking the first of the
+    /// equally rare would send them all after the same few pieces from the same few holders,
+    /// and leave every other link idle; a holder with [`UPLOADS`] transfers already turns the
+    /// rest away. The holders to ask are filtered once per pick (not once per piece looked
+    /// at), and the least-loaded holder is chosen only for a piece that beats the best so far:
+    /// at a thousand members the same choice costs a fraction of the work.
     fn pick(
         &self,
         now: Instant,
@@ -409,11 +568,6 @@ impl Picker {
             .collect();
         // (rarity, tie-break): from the upstream in order, from peers in this node's order.
         let mut best: Option<((usize, u64), u32, From)> = None;
-        // The best piece it is not this node's turn for, taken only by an idle fetcher.
-        let mut other: Option<((usize, u64), u32, From)> = None;
-        let members = self.holders.len() + 1;
-        let idle =
-            self.in_flight.is_empty() && now.saturating_duration_since(self.last_piece) > TURN_WAIT;
         let mut looked = 0;
         let mut i = self.first_missing;
         while i < count && looked < WINDOW {
@@ -442,13 +596,14 @@ impl Picker {
                     best = Some(((0, 0), i, From::Upstream));
                 }
             } else if !(only_coord && !self.assigned.contains(&i) && !unasked) {
+                // The swarm's own count, when the coordinator sent it: the holders named here
+                // are a sample.
+                let rarity = match self.counts.as_ref().and_then(|c| c.of(i)) {
+                    Some(n) => (n as usize).max(rarity),
+                    None => rarity,
+                };
                 let key = (rarity, spread(&self.me, i));
-                let lacking = members.saturating_sub(rarity).max(1) as u64;
-                let turn = self.assigned.contains(&i)
-                    || unasked
-                    || key.1 % lacking < (TURN * peers) as u64;
-                let slot = if turn { &mut best } else { &mut other };
-                if slot.as_ref().is_some_and(|(r, _, _)| *r <= key) {
+                if best.as_ref().is_some_and(|(r, _, _)| *r <= key) {
                     i += 1;
                     continue;
                 }
@@ -467,13 +622,12 @@ impl Picker {
                     })
                     .map(|(n, _)| From::Peer((*n).clone()));
                 if let Some(from) = from {
-                    *slot = Some((key, i, from));
+                    best = Some((key, i, from));
                 }
             }
             i += 1;
         }
-        best.or(other.filter(|_| idle))
-            .map(|(_, i, from)| (i, from))
+        best.map(|(_, i, from)| (i, from))
     }
 
     /// A fetch of piece `i` from `from` ended, landed or not.
@@ -597,9 +751,14 @@ mod tests {
         let b = board.report("b", Bits::new(10), &[], "c", &own, later);
         assert_eq!(b.len(), ASSIGN_OUTSTANDING, "{b:?}");
         assert!(b.iter().all(|&i| i >= 3), "{b:?}");
-        // The offered holders are the others that hold something.
-        let offered: Vec<&str> = board.offered("b").map(|(n, _)| n).collect();
-        assert_eq!(offered, vec!["a"]);
+        // The offered holders are the coordinator and the others that hold something `b`
+        // lacks; the counts name both members and the coordinator.
+        let offer = board.offer("b", "c", &own);
+        let offered: Vec<&str> = offer.holders.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(offered, vec!["c", "a"]);
+        assert_eq!(offer.counts.members, 3);
+        assert_eq!(offer.counts.from, 0);
+        assert_eq!(offer.counts.held[..4], [2, 2, 2, 1]);
     }
 
     #[test]
@@ -616,9 +775,12 @@ mod tests {
             &own,
             t0,
         );
-        // The liar is not offered; `a`, which holds nothing yet, is.
-        let offered: Vec<&str> = board.offered("b").map(|(n, _)| n).collect();
-        assert_eq!(offered, vec!["a"]);
+        // The liar is not offered, nor counted; `a`, which holds nothing yet, is counted.
+        let offer = board.offer("b", "c", &own);
+        let offered: Vec<&str> = offer.holders.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(offered, vec!["c"]);
+        assert_eq!(offer.counts.members, 2);
+        assert_eq!(offer.counts.held, vec![1; 4]);
         // The liar's pieces are not held for the hand-out: a member is handed them.
         let a = board.report("a", Bits::new(4), &[], "c", &own, t0);
         assert!(!a.is_empty());
@@ -626,6 +788,76 @@ mod tests {
         assert!(board.holders(4, t0).contains_key("a"));
         assert!(!board.holders(4, t0).contains_key("liar"));
         assert!(board.holders(4, t0 + MEMBER_TTL).is_empty());
+    }
+
+    #[test]
+    fn an_answer_names_a_bounded_sample_of_holders_at_any_swarm_size() {
+        let t0 = Instant::now();
+        let own = all(64);
+        let mut sizes = Vec::new();
+        for members in [10u32, 100, 1000, 3000] {
+            let mut board = Board::new(t0);
+            // Member k holds pieces k % 64 .. and a few beyond: every piece has holders, the
+            // asker `me` holds the first 8.
+            for k in 0..members {
+                let held: Vec<u32> = (0..6).map(|d| (k + d * 11) % 64).collect();
+                board.report(&format!("m{k}"), bits(64, &held), &[], "c", &own, t0);
+            }
+            board.report(
+                "me",
+                bits(64, &(0..8).collect::<Vec<_>>()),
+                &[],
+                "c",
+                &own,
+                t0,
+            );
+            let offer = board.offer("me", "c", &own);
+            assert_eq!(offer.holders[0].0, "c");
+            assert!(
+                offer.holders.len() <= OFFER_HOLDERS + 1,
+                "{members}: {}",
+                offer.holders.len()
+            );
+            assert!(offer.holders.iter().all(|(n, _)| n != "me"));
+            assert_eq!(offer.counts.members, members + 2);
+            assert_eq!(
+                offer.counts.from, 8,
+                "the window starts at the first piece lacking"
+            );
+            // The counts are the swarm's, not the sample's: every member is counted.
+            let total: u32 = offer.counts.held.iter().sum();
+            let expect: u32 = (8..8 + offer.counts.held.len() as u32)
+                .map(|i| {
+                    1 + (0..members)
+                        .filter(|k| (0..6).any(|d| (k + d * 11) % 64 == i))
+                        .count() as u32
+                })
+                .sum();
+            assert_eq!(total, expect);
+            // Each piece of the window that members hold has a few of them named (all of
+            // them when fewer), unless the sample is full.
+            for i in 8..8 + WINDOW as u32 {
+                let holding = (0..members)
+                    .filter(|k| (0..6).any(|d| (k + d * 11) % 64 == i))
+                    .count();
+                let named = offer.holders[1..].iter().filter(|(_, h)| h.get(i)).count();
+                let full = offer.holders.len() > OFFER_HOLDERS;
+                assert!(
+                    named >= holding.min(OFFER_PER_PIECE as usize) || full && named >= 1,
+                    "{members} members: piece {i} has {named} of {holding} holders named"
+                );
+            }
+            let wire = offer
+                .holders
+                .iter()
+                .map(|(n, h)| n.len() + h.to_hex().len())
+                .sum::<usize>()
+                + offer.counts.held.len() * 4;
+            sizes.push(wire);
+        }
+        // The answer does not grow with the swarm.
+        let (small, large) = (sizes[1], sizes[3]);
+        assert!(large <= small * 2, "{sizes:?}");
     }
 
     fn schedule(p: &mut Picker, now: Instant, known: u32) -> Vec<(u32, From)> {
@@ -650,6 +882,7 @@ mod tests {
                 ("me".to_string(), all(100)),
             ],
             [],
+            None,
         );
         let started = schedule(&mut p, t0, 100);
         assert_eq!(started.len(), IN_FLIGHT);
@@ -670,7 +903,7 @@ mod tests {
     fn the_picker_takes_from_the_coordinator_only_what_it_was_handed_or_when_idle() {
         let t0 = Instant::now();
         let mut p = Picker::new("me", "c", 8, t0);
-        p.absorb([("c".to_string(), all(8))], [2, 5]);
+        p.absorb([("c".to_string(), all(8))], [2, 5], None);
         let started = schedule(&mut p, t0, 8);
         assert_eq!(
             started,
@@ -678,7 +911,7 @@ mod tests {
         );
         // A piece whose digest is unknown is not asked for.
         let mut q = Picker::new("me", "c", 8, t0);
-        q.absorb([("c".to_string(), all(8))], [2, 5]);
+        q.absorb([("c".to_string(), all(8))], [2, 5], None);
         assert_eq!(schedule(&mut q, t0, 3), vec![(2, From::Peer("c".into()))]);
         // Idle past UNASKED_AFTER, it takes the rest unasked.
         for (i, f) in &started {
@@ -697,6 +930,7 @@ mod tests {
         p.absorb(
             [("bad".to_string(), all(4)), ("gone".to_string(), all(4))],
             [],
+            None,
         );
         p.corrupt("bad");
         // "gone" cannot be started (not a member): it is benched and nothing is started.
@@ -712,7 +946,7 @@ mod tests {
         // Benched, not banned: asked again after BENCH.
         let started = schedule(&mut p, t0 + BENCH, 4);
         assert!(started.iter().all(|(_, f)| *f == From::Peer("gone".into())));
-        assert_eq!(started.len(), 4);
+        assert_eq!(started.len(), IN_FLIGHT);
         // It says it lacks the blob: it holds nothing until the coordinator says otherwise.
         for (i, f) in &started {
             p.ended(*i, f);
@@ -722,48 +956,64 @@ mod tests {
     }
 
     #[test]
-    fn only_a_few_fetchers_at_a_time_take_a_piece_from_its_one_holder() {
+    fn fetchers_that_see_the_same_holders_spread_their_requests_over_them() {
         let t0 = Instant::now();
-        // A hundred fetchers, each holding one piece of its own (so all are members), and one
-        // peer holding piece 0 that no one else has.
-        let others: Vec<(String, Bits)> = (0..100)
-            .map(|k| (format!("f{k}"), bits(200, &[100 + k])))
-            .chain([("a".to_string(), bits(200, &[0]))])
+        // Twenty holders, each of two pieces of its own (equally rare), and a hundred
+        // fetchers told the same.
+        let holders: Vec<(String, Bits)> = (0..20)
+            .map(|k| (format!("h{k}"), bits(40, &[2 * k, 2 * k + 1])))
             .collect();
-        let mut takers = 0;
-        let mut idle_takers = 0;
+        let counts = Counts {
+            members: 121,
+            from: 0,
+            held: vec![1; 40],
+        };
+        let mut asked: HashMap<From, usize> = HashMap::new();
         for k in 0..100 {
-            let me = format!("f{k}");
-            let mut p = Picker::new(&me, "c", 200, t0);
-            p.absorb(others.iter().cloned(), []);
-            if schedule(&mut p, t0, 200)
-                .iter()
-                .any(|(i, f)| *i == 0 && *f == From::Peer("a".into()))
-            {
-                takers += 1;
-            }
-            // Idle for long, a fetcher takes it even when it is not its turn.
-            let mut q = Picker::new(&me, "c", 1, t0);
-            let quiet = (0..100).map(|k| (format!("f{k}"), Bits::new(1)));
-            q.absorb(quiet.chain([("a".to_string(), bits(1, &[0]))]), []);
-            let later = t0 + TURN_WAIT + Duration::from_millis(1);
-            let got = schedule(&mut q, later, 1);
-            if got == vec![(0, From::Peer("a".into()))] {
-                idle_takers += 1;
+            let mut p = Picker::new(&format!("f{k}"), "c", 40, t0);
+            p.absorb(holders.iter().cloned(), [], Some(counts.clone()));
+            let started = schedule(&mut p, t0, 40);
+            assert_eq!(started.len(), IN_FLIGHT);
+            for (_, from) in started {
+                *asked.entry(from).or_default() += 1;
             }
         }
+        // 300 requests over 20 holders: each is asked, none by a crowd.
+        assert_eq!(asked.len(), 20, "{asked:?}");
+        let most = asked.values().max().copied().unwrap_or(0);
         assert!(
-            (1..=3 * TURN).contains(&takers),
-            "{takers} fetchers asked one holder at once"
+            most <= 3 * 300 / 20,
+            "one holder was asked {most} times: {asked:?}"
         );
-        assert_eq!(idle_takers, 100);
+    }
+
+    #[test]
+    fn the_swarms_counts_decide_which_piece_is_rarest() {
+        let t0 = Instant::now();
+        // The sample names one holder of each piece; the counts say piece 3 is the rarest.
+        let mut p = Picker::new("me", "c", 8, t0);
+        let counts = Counts {
+            members: 50,
+            from: 0,
+            held: vec![30, 30, 30, 2, 30, 30, 30, 30],
+        };
+        p.absorb([("x".to_string(), all(8))], [], Some(counts));
+        assert_eq!(schedule(&mut p, t0, 8)[0], (3, From::Peer("x".into())));
+        // Without counts (an older coordinator), the named holders are all it knows.
+        let mut q = Picker::new("me", "c", 8, t0);
+        q.absorb(
+            [("x".to_string(), all(8)), ("y".to_string(), bits(8, &[5]))],
+            [],
+            None,
+        );
+        assert!(schedule(&mut q, t0, 8).iter().all(|(i, _)| *i != 5));
     }
 
     #[test]
     fn a_fetcher_turns_to_the_next_owner_or_takes_over_and_fetches_upstream() {
         let t0 = Instant::now();
         let mut p = Picker::new("me", "c", 4, t0);
-        p.absorb([("c".to_string(), all(4))], []);
+        p.absorb([("c".to_string(), all(4))], [], None);
         for _ in 0..COORD_FAILURES - 1 {
             p.report_failed();
             assert!(
@@ -778,7 +1028,7 @@ mod tests {
         assert!(p.failed_coordinator("c"));
         assert_eq!(p.turn(Some("d")), Some(Turn::To("d".into())));
         assert!(p.failed_reports());
-        p.absorb([], []);
+        p.absorb([], [], None);
         assert!(p.give_up_coordinator(true));
         assert_eq!(p.turn(Some("me")), Some(Turn::Coordinate));
         assert!(p.coordinating());
