@@ -538,15 +538,21 @@ impl SwarmRun<'_> {
                 self.mirror.metrics.piece("failed");
                 match &from {
                     From::Peer(n) => {
-                        // "Not here" is the common answer of a holder already sending all it
-                        // will at once (pier_server's piece bound), not a fault.
+                        // A holder already sending all it will at once (pier_server's piece
+                        // bound) says so; it still holds what it held. An older node answers
+                        // "not here" alone.
                         let not_found = matches!(e, FillError::NotFound);
-                        if not_found {
-                            tracing::debug!(digest = %self.digest, piece = i, peer = %n, "holder turned the piece request away; asking other holders");
+                        if matches!(e, FillError::TooManyRequests) {
+                            tracing::debug!(digest = %self.digest, piece = i, peer = %n, "holder is busy; asking other holders");
+                            self.picker.peer_busy(n, Instant::now());
                         } else {
-                            tracing::info!(digest = %self.digest, piece = i, peer = %n, error = %e, "piece fetch failed; asking other holders");
+                            if not_found {
+                                tracing::debug!(digest = %self.digest, piece = i, peer = %n, "holder turned the piece request away; asking other holders");
+                            } else {
+                                tracing::info!(digest = %self.digest, piece = i, peer = %n, error = %e, "piece fetch failed; asking other holders");
+                            }
+                            self.picker.peer_failed(n, not_found, Instant::now());
                         }
-                        self.picker.peer_failed(n, not_found, Instant::now());
                     }
                     From::Upstream => {
                         tracing::warn!(digest = %self.digest, piece = i, error = %e, "upstream piece fetch failed");
@@ -683,6 +689,8 @@ fn fetch(
 fn peer_fill_error(e: PeerError) -> FillError {
     match e {
         PeerError::NotFound(_) => FillError::NotFound,
+        // A holder at its bound of pieces sent at once ([`decide::UPLOADS`]).
+        PeerError::Busy(_) => FillError::TooManyRequests,
         other => FillError::Peer(other.to_string()),
     }
 }

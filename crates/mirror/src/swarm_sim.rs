@@ -906,7 +906,7 @@ impl Sim {
         let from = From::Peer(name.clone());
         if let Some(x) = self.live_fetch(f.receiver, f.layer) {
             x.picker.ended(f.piece, &from);
-            x.picker.peer_failed(&name, true, at);
+            x.picker.peer_busy(&name, at);
         }
         self.schedule(f.receiver, f.layer);
     }

@@ -76,6 +76,8 @@ pub enum PeerError {
     Timeout(String, String),
     #[error("peer {0} does not have it")]
     NotFound(String),
+    #[error("peer {0} is sending as many pieces as it will at once")]
+    Busy(String),
     #[error("peer {0} answered {1}: {2}")]
     Status(String, u16, String),
     #[error("peer {0}: {1}")]
@@ -137,6 +139,9 @@ pub struct PullRequest {
 /// Header that makes a ranged blob GET a piece request: answered from whatever pieces the peer
 /// holds, in or out of order, instead of waiting for its fill to reach them.
 pub const PIECE_HEADER: &str = "x-pier-piece";
+/// On a piece request's 404: the holder has the piece but is sending as many pieces as it
+/// will at once (older nodes send the 404 alone, which reads as "not here").
+pub const BUSY_HEADER: &str = "x-pier-busy";
 
 /// What a swarm member tells the coordinator.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -384,6 +389,9 @@ impl PeerClient {
             return Ok(resp);
         }
         if status == reqwest::StatusCode::NOT_FOUND {
+            if resp.headers().contains_key(BUSY_HEADER) {
+                return Err(PeerError::Busy(peer.name.clone()));
+            }
             return Err(PeerError::NotFound(peer.name.clone()));
         }
         let body = resp.text().await.unwrap_or_default();

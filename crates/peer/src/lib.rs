@@ -21,7 +21,7 @@ use pier_cluster::{placement, ClusterSecret, Member, MemberState, NodeId};
 
 pub use client::{
     BlobAnswer, Holding, ManifestAnswer, PeerClient, PeerClock, PeerError, PeerTimeouts,
-    PullRequest, SwarmAnswer, SwarmHolder, SwarmReport, PIECE_HEADER,
+    PullRequest, SwarmAnswer, SwarmHolder, SwarmReport, BUSY_HEADER, PIECE_HEADER,
 };
 
 /// The membership as the rest of pier needs it. Implemented by the gossip membership and by a

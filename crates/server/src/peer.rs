@@ -367,7 +367,8 @@ async fn piece(
             StatusCode::NOT_FOUND,
             ErrorCode::BlobUnknown,
             format!("this node is sending as many pieces as it will at once; ask another holder of {digest}"),
-        ));
+        )
+        .with_header(pier_peer::BUSY_HEADER, "1".to_string()));
     };
     let resp = piece_response(state, digest, fill, size, range, zero_copy).await?;
     Ok(resp.map(|body| {

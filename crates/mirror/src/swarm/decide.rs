@@ -33,7 +33,7 @@ pub(crate) const ASSIGN_ALONE: usize = 12;
 pub(crate) const COORD_FAILURES: u32 = 10;
 /// Pieces a fetcher takes at once, from all holders together. Few, so each piece comes at a
 /// good share of the links and is soon there to pass on (6: 1.8x at 100 nodes, 3: 1.5x).
-pub(crate) const IN_FLIGHT: usize = 3;
+pub(crate) const IN_FLIGHT: usize = 6;
 /// Pieces a coordinator that took over takes from its upstream at once.
 pub(crate) const UPSTREAM_IN_FLIGHT: usize = 2;
 /// How far past the first missing piece a fetcher looks for pieces to take: far enough to
@@ -50,7 +50,7 @@ pub(crate) const OFFER_HOLDERS: usize = 24;
 /// piece had 770 transfers at 1/770 of its link each at 1,000 nodes while most links idled.
 /// The bound replaces the fetchers' turns (a few per holder by their hashes) that came before
 /// it: those kept links idle waiting for a turn, and an idle fetcher took a piece anyway.
-pub const UPLOADS: usize = 3;
+pub const UPLOADS: usize = 6;
 /// An idle fetcher that landed nothing for this long takes pieces from the coordinator
 /// without being handed them.
 pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
@@ -60,6 +60,9 @@ pub(crate) const STALL: Duration = Duration::from_secs(60);
 /// asked: long enough that a dead peer costs a failed request or two before gossip declares it
 /// dead, short enough that a peer that was only slow for a moment rejoins the swarm.
 pub(crate) const BENCH: Duration = Duration::from_secs(3);
+/// How long a holder that said it is busy (at its [`UPLOADS`]) is not asked again: about the
+/// time one of its transfers takes to free a slot. It keeps what it holds meanwhile.
+pub(crate) const BUSY: Duration = Duration::from_millis(25);
 
 /// The holders a fill is not asking, and why. A bad piece is proof of a bad peer (a corrupt
 /// disk, a bug, an attacker) and excludes it for the rest of the fill; a failed request is
@@ -80,6 +83,12 @@ impl Shunned {
     /// `name` failed to send a piece at `now`.
     pub(crate) fn failed(&mut self, name: &str, now: Instant) {
         self.benched.insert(name.to_string(), now + BENCH);
+    }
+
+    /// `name` said at `now` it is sending as many pieces as it will (a longer bench stays).
+    pub(crate) fn busy(&mut self, name: &str, now: Instant) {
+        let until = self.benched.entry(name.to_string()).or_insert(now);
+        *until = (*until).max(now + BUSY);
     }
 
     /// Whether `name` is not to be asked at `now`.
@@ -566,6 +575,9 @@ impl Picker {
             .iter()
             .filter(|(n, _)| !self.shunned.avoid(n, now))
             .collect();
+        // A coordinator holding the whole blob (stored, or its fill done) reads nothing more
+        // from its upstream: its link is one holder's like any other.
+        let spare_coord = !self.holders.get(&self.coord).is_some_and(|h| h.all());
         // (rarity, tie-break): from the upstream in order, from peers in this node's order.
         let mut best: Option<((usize, u64), u32, From)> = None;
         let mut looked = 0;
@@ -581,7 +593,7 @@ impl Picker {
             for (n, h) in &askable {
                 if h.get(i) {
                     rarity += 1;
-                    peers += usize::from(**n != self.coord);
+                    peers += usize::from(**n != self.coord || !spare_coord);
                 }
             }
             let only_coord = peers == 0;
@@ -615,7 +627,7 @@ impl Picker {
                         // The coordinator's link is the scarce one: it sends a piece only
                         // when no one else can.
                         (
-                            **n == self.coord,
+                            **n == self.coord && spare_coord,
                             self.load.get(&from).copied().unwrap_or(0),
                             spread(&self.me, i) ^ spread(n, i),
                         )
@@ -652,6 +664,12 @@ impl Picker {
         } else {
             self.shunned.failed(name, now);
         }
+    }
+
+    /// The holder `name` turned a piece request away at `now` because it is sending as many
+    /// pieces as it will: it is asked again shortly, for what it still holds.
+    pub(crate) fn peer_busy(&mut self, name: &str, now: Instant) {
+        self.shunned.busy(name, now);
     }
 
     /// The peer `name` sent a piece that failed its digest: it is not asked again.
@@ -874,9 +892,11 @@ mod tests {
         let t0 = Instant::now();
         let mut p = Picker::new("me", "c", 100, t0);
         let most: Vec<u32> = (0..100).filter(|i| *i != 7 && *i != 60).collect();
+        // The coordinator's fill is still running (it lacks the last piece): its link is spared.
+        let growing: Vec<u32> = (0..99).collect();
         p.absorb(
             [
-                ("c".to_string(), all(100)),
+                ("c".to_string(), bits(100, &growing)),
                 ("x".to_string(), all(100)),
                 ("y".to_string(), bits(100, &most)),
                 ("me".to_string(), all(100)),
@@ -902,25 +922,44 @@ mod tests {
     #[test]
     fn the_picker_takes_from_the_coordinator_only_what_it_was_handed_or_when_idle() {
         let t0 = Instant::now();
-        let mut p = Picker::new("me", "c", 8, t0);
-        p.absorb([("c".to_string(), all(8))], [2, 5], None);
-        let started = schedule(&mut p, t0, 8);
+        // The coordinator's own fill still runs: it lacks the last piece.
+        let growing = bits(16, &(0..15).collect::<Vec<u32>>());
+        let mut p = Picker::new("me", "c", 16, t0);
+        p.absorb([("c".to_string(), growing.clone())], [2, 5], None);
+        let started = schedule(&mut p, t0, 16);
         assert_eq!(
             started,
             vec![(2, From::Peer("c".into())), (5, From::Peer("c".into()))]
         );
         // A piece whose digest is unknown is not asked for.
-        let mut q = Picker::new("me", "c", 8, t0);
-        q.absorb([("c".to_string(), all(8))], [2, 5], None);
+        let mut q = Picker::new("me", "c", 16, t0);
+        q.absorb([("c".to_string(), growing)], [2, 5], None);
         assert_eq!(schedule(&mut q, t0, 3), vec![(2, From::Peer("c".into()))]);
         // Idle past UNASKED_AFTER, it takes the rest unasked.
         for (i, f) in &started {
             p.ended(*i, f);
             assert!(p.landed(*i, t0));
         }
-        assert!(schedule(&mut p, t0, 8).is_empty());
+        assert!(schedule(&mut p, t0, 16).is_empty());
         let later = t0 + UNASKED_AFTER + Duration::from_millis(1);
-        assert_eq!(schedule(&mut p, later, 8).len(), IN_FLIGHT);
+        assert_eq!(schedule(&mut p, later, 16).len(), IN_FLIGHT);
+    }
+
+    #[test]
+    fn a_coordinator_holding_the_whole_blob_is_asked_as_any_holder() {
+        // Stored, or its fill done: it reads nothing more from its upstream, and sparing its
+        // link would leave one of the few full holders idle.
+        let t0 = Instant::now();
+        let mut p = Picker::new("me", "c", 16, t0);
+        p.absorb(
+            [("c".to_string(), all(16)), ("x".to_string(), all(16))],
+            [],
+            None,
+        );
+        let started = schedule(&mut p, t0, 16);
+        assert_eq!(started.len(), IN_FLIGHT);
+        assert!(started.iter().any(|(_, f)| *f == From::Peer("c".into())));
+        assert!(started.iter().any(|(_, f)| *f == From::Peer("x".into())));
     }
 
     #[test]
@@ -946,13 +985,31 @@ mod tests {
         // Benched, not banned: asked again after BENCH.
         let started = schedule(&mut p, t0 + BENCH, 4);
         assert!(started.iter().all(|(_, f)| *f == From::Peer("gone".into())));
-        assert_eq!(started.len(), IN_FLIGHT);
+        assert_eq!(started.len(), IN_FLIGHT.min(4));
         // It says it lacks the blob: it holds nothing until the coordinator says otherwise.
         for (i, f) in &started {
             p.ended(*i, f);
         }
         p.peer_failed("gone", true, t0 + BENCH);
         assert!(schedule(&mut p, t0 + BENCH, 4).is_empty());
+    }
+
+    #[test]
+    fn a_busy_holder_is_asked_again_shortly_for_what_it_still_holds() {
+        let t0 = Instant::now();
+        let mut p = Picker::new("me", "c", 4, t0);
+        p.absorb([("h".to_string(), all(4))], [], None);
+        let started = schedule(&mut p, t0, 4);
+        assert!(!started.is_empty());
+        for (i, f) in &started {
+            p.ended(*i, f);
+        }
+        p.peer_busy("h", t0);
+        assert!(schedule(&mut p, t0, 4).is_empty(), "asked again at once");
+        // Not "not here": once the bench is over it is asked for the same pieces.
+        let again = schedule(&mut p, t0 + BUSY, 4);
+        assert_eq!(again.len(), started.len());
+        assert!(again.iter().all(|(_, f)| *f == From::Peer("h".into())));
     }
 
     #[test]
