@@ -260,6 +260,10 @@ pub struct Fill {
     pub(crate) pieces: OnceLock<Arc<Pieces>>,
     /// What readers' spool reads are charged to, like the fill's batches.
     budget: Arc<MemoryBudget>,
+    /// The repository a hosted fill is for (set when it starts; unset for mirrored content):
+    /// a swarm coordinator shares a hosted fill's pieces only with members fetching the blob
+    /// for the same repository.
+    pub(crate) hosted: OnceLock<String>,
 }
 
 impl Fill {
@@ -270,6 +274,7 @@ impl Fill {
             recent: Mutex::new(VecDeque::new()),
             pieces: OnceLock::new(),
             budget,
+            hosted: OnceLock::new(),
         })
     }
 

@@ -13,7 +13,10 @@
 //! - `POST /swarm/<digest>` (JSON [`SwarmReport`]): tell a blob's swarm coordinator which
 //!   pieces this node holds; it answers (JSON [`SwarmAnswer`]) with the piece digests and who
 //!   holds which pieces. With `upstream` and `repo` in the report, a coordinator lacking the blob
-//!   starts filling it from that upstream first.
+//!   starts filling it from that upstream first (taking the pieces the members hold from them
+//!   when the report carries the blob's piece digests: a takeover). With `repo` alone the blob
+//!   is hosted content of that repository: 404 unless the coordinator has it linked there (or
+//!   fetches it for that repository itself).
 //! - `GET /blobs/<digest>` with `x-pier-piece: 1` and `Range: bytes=A-B`: pieces, served only
 //!   when the peer holds every piece the range touches (from its store, or its growing fill
 //!   whatever order the fill receives them in), else 404.
@@ -148,7 +151,9 @@ pub struct SwarmReport {
     #[serde(default)]
     pub known: u32,
     /// For mirrored content: the upstream and cache repository the coordinator fills from when
-    /// it lacks the blob.
+    /// it lacks the blob. `repo` without `upstream`: hosted content of that repository, which
+    /// the coordinator shares only when the blob is linked to that repository on it (or it is
+    /// fetching it for that repository itself); else it answers 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +162,21 @@ pub struct SwarmReport {
     /// offering them to anyone and hands their pieces out again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bad: Vec<String>,
+    /// Sent to a node that takes over from a coordinator that stopped answering, until it
+    /// answers: the blob's size, piece size and the piece digests this member knows (from
+    /// the first piece on), so that a new coordinator that is not fetching the blob takes the
+    /// pieces the members hold from them instead of filling from byte 0. Unverified: the new
+    /// coordinator checks the whole blob's digest before it is visible. 0 and empty otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub piece_size: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digests: Vec<Option<String>>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One holder of pieces, as the coordinator knows it.

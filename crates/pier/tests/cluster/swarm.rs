@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::common::{write_layout, Descriptor, Entry, ImageSpec, LayerSpec, MIB};
+use crate::common::{
+    push_image, write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Upload, MIB,
+};
 use crate::nodes::{get_blob, Cluster, UpstreamCounts, PEER_PORT, UPSTREAM};
 use crate::serial;
 
@@ -342,6 +344,333 @@ async fn swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer() {
          by the others; took {:?}",
         owner_sent as f64 / MIB as f64,
         fetched as f64 / MIB as f64,
+        t0.elapsed()
+    );
+}
+
+/// Snapshots of `/metrics` of every node of `roles`.
+async fn metrics_of(c: &Cluster, roles: &[&str]) -> BTreeMap<String, crate::common::Metrics> {
+    let mut m = BTreeMap::new();
+    for role in roles {
+        let node = c.node(role);
+        m.insert(
+            role.to_string(),
+            c.check(role, node.metrics(&c.http).await).await,
+        );
+    }
+    m
+}
+
+/// How much `name` (with `labels`) grew on `role` between two snapshots.
+fn grew(
+    before: &BTreeMap<String, crate::common::Metrics>,
+    after: &BTreeMap<String, crate::common::Metrics>,
+    role: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> u64 {
+    (after[role].sum(name, labels) - before[role].sum(name, labels)).max(0.0) as u64
+}
+
+/// POST a swarm report to `node`'s peer listener, signed as `signer` with the cluster's
+/// secret, as a member would: the status and the answer's body.
+async fn signed_report(
+    c: &Cluster,
+    node: &str,
+    signer: &str,
+    digest: &str,
+    report: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let secret = pier_cluster::secret::ClusterSecret::from_file(&c.secret).expect("the secret");
+    let path = format!("/peer/v1/swarm/{digest}");
+    let resp = c
+        .http
+        .post(format!("{}{path}", c.node(node).peer_url()))
+        .header(
+            pier_cluster::secret::AUTH_HEADER,
+            secret.sign("POST", &path, signer),
+        )
+        .json(&report)
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path} to {node}: {e}"));
+    let code = resp.status();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (code, body)
+}
+
+/// A large hosted blob, pushed to its first owner only a moment before every other node pulls
+/// it at once, is swarmed as a mirrored one is: every copy verifies, the nodes take pieces
+/// from each other (the owner uploads less than half of what the others receive), and a
+/// member's report for a repository the blob is not in gets no pieces (404), while one for
+/// its own repository gets the piece digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_blob_swarms_within_its_repository() {
+    let Some(_one) = serial("a_hosted_blob_swarms_within_its_repository").await else {
+        return;
+    };
+    let t0 = Instant::now();
+    const ROLES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(5);
+    let layout = write_layout(
+        &c.tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("big.bin", 96 * MIB, 7500)],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    let blob = image.layers[0].blob.clone();
+    let owner = ranked(&c, &blob.digest, &ROLES)[0].clone();
+    c.start_members(&ROLES).await;
+    for role in ROLES {
+        c.net.limit_link(role, MBIT);
+    }
+    println!(
+        "hosted blob {} ({} MiB) pushed to its first owner {owner}; links {MBIT} Mbit/s",
+        blob.digest,
+        blob.size / MIB
+    );
+    push_image(
+        &c.http,
+        &c.node(&owner).url(),
+        "hosted/big",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let pullers: Vec<&str> = ROLES.iter().copied().filter(|r| *r != owner).collect();
+    let before = metrics_of(&c, &ROLES).await;
+    let results = futures::future::join_all(pullers.iter().map(|role| {
+        let (http, base) = (c.http.clone(), c.node(role).url());
+        let blob = blob.clone();
+        async move { get_blob(&http, &base, "hosted/big", &blob).await }
+    }))
+    .await;
+    let after = metrics_of(&c, &ROLES).await;
+    let mut wrong = Vec::new();
+    for (role, r) in pullers.iter().zip(&results) {
+        if let Err(e) = r {
+            wrong.push(format!("{role}: the pull failed: {e}"));
+        }
+        if !c.node(role).holds_blob(&blob.digest) {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+        }
+    }
+    let mut table = String::from(
+        "  node   swarm fills  pieces ok  sent MiB  received MiB
+",
+    );
+    let mut swarmed = 0;
+    for role in ROLES {
+        let fills = grew(&before, &after, role, "pier_swarm_fills_total", &[]);
+        let ok = grew(
+            &before,
+            &after,
+            role,
+            "pier_swarm_pieces_total",
+            &[("result", "ok")],
+        );
+        swarmed += usize::from(fills > 0);
+        table.push_str(&format!(
+            "  {role:<6} {fills:>11}  {ok:>9}  {:>8.1}  {:>12.1}
+",
+            grew(&before, &after, role, "pier_peer_sent_bytes_total", &[]) as f64 / MIB as f64,
+            grew(&before, &after, role, "pier_peer_received_bytes_total", &[]) as f64 / MIB as f64,
+        ));
+    }
+    println!("{table}");
+    if swarmed < 2 {
+        wrong.push(format!(
+            "{swarmed} nodes took the hosted blob from a swarm (want every puller but at most one)"
+        ));
+    }
+    let received: u64 = pullers
+        .iter()
+        .map(|r| grew(&before, &after, r, "pier_peer_received_bytes_total", &[]))
+        .sum();
+    let owner_sent = grew(&before, &after, &owner, "pier_peer_sent_bytes_total", &[]);
+    if owner_sent * 2 >= received {
+        wrong.push(format!(
+ "the owner {owner} uploaded {owner_sent} bytes of the {received} the others received: not less than half, so no swarm carried the rest"
+        ));
+    }
+    // The link is the permission: a report for another repository gets nothing; one for the
+    // blob's own repository gets its piece digests.
+    let member = pullers[0];
+    let (code, body) = signed_report(
+        &c,
+        &owner,
+        member,
+        &blob.digest,
+        serde_json::json!({ "repo": "other/app" }),
+    )
+    .await;
+    if code != reqwest::StatusCode::NOT_FOUND {
+        wrong.push(format!(
+            "a report for other/app (the blob is only in hosted/big) was answered {code}: {body}"
+        ));
+    }
+    let (code, body) = signed_report(
+        &c,
+        &owner,
+        member,
+        &blob.digest,
+        serde_json::json!({ "repo": "hosted/big" }),
+    )
+    .await;
+    let digests = body["digests"].as_array().map_or(0, Vec::len);
+    if code != reqwest::StatusCode::OK || body["swarm"] != true || digests == 0 {
+        wrong.push(format!(
+            "a report for hosted/big was answered {code} with {digests} piece digests: {body}"
+        ));
+    }
+    // And a client asking a node for the blob in a repository it is not in gets a 404, with
+    // no swarm fill started for it.
+    let before = metrics_of(&c, &[member]).await;
+    let other = get_blob(&c.http, &c.node(member).url(), "other/app", &blob).await;
+    let after = metrics_of(&c, &[member]).await;
+    match other {
+        Err(e) if e.contains("404") => {}
+        other => wrong.push(format!(
+            "GET other/app/blobs/{} on {member}: {other:?}, want a 404",
+            blob.digest
+        )),
+    }
+    if grew(&before, &after, member, "pier_swarm_fills_total", &[]) > 0 {
+        wrong.push(format!("{member} swarmed the blob for other/app"));
+    }
+    if !wrong.is_empty() {
+        c.fail(&format!(
+            "the hosted swarm went wrong:\n  {}",
+            wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!(
+        "hosted swarm: {swarmed} nodes swarmed; owner sent {:.0} MiB of {:.0} MiB received; took {:?}",
+        owner_sent as f64 / MIB as f64,
+        received as f64 / MIB as f64,
+        t0.elapsed()
+    );
+}
+
+/// The first owner coordinating a swarm is killed mid-swarm, and the next owner is not
+/// fetching the blob (no client asks it): the members turn to it, and it takes the pieces
+/// they hold from them and only the rest from the upstream. So the upstream serves the nodes
+/// after the kill less than a whole blob (a next owner that refilled from byte 0 would take a
+/// whole second copy), all of them less than two copies, and every pull verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces() {
+    let Some(_one) =
+        serial("a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    const ROLES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(5);
+    let blob = big_layer(&c, "swarm/takeover", 160, 7600).await;
+    let order = ranked(&c, &blob.digest, &ROLES);
+    let (owner, next) = (order[0].clone(), order[1].clone());
+    c.start_members(&ROLES).await;
+    for role in ROLES.iter().chain(&["up"]) {
+        c.net.limit_link(role, MBIT);
+    }
+    let pullers: Vec<&str> = ROLES
+        .iter()
+        .copied()
+        .filter(|r| *r != owner && *r != next)
+        .collect();
+    println!(
+        "blob {} ({} MiB); coordinator {owner} (killed mid-swarm), next owner {next} (no client pull), pullers {pullers:?}; links {MBIT} Mbit/s",
+        blob.digest,
+        blob.size / MIB
+    );
+    let from = c.upstream_accesses().len();
+    let via = format!("{UPSTREAM}/swarm/takeover");
+    let pulls = futures::future::join_all(pullers.iter().map(|role| {
+        let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
+        let blob = blob.clone();
+        async move { get_blob(&http, &base, &via, &blob).await }
+    }));
+    let killer = async {
+        // By then the owner has streamed well over half the blob at the link's rate, and the
+        // members hold part of it.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        c.node(&owner).sigkill();
+    };
+    let (results, ()) = tokio::join!(pulls, killer);
+    // docker-registry logs a request a moment after its last byte.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let path = format!("/v2/swarm/takeover/blobs/{}", blob.digest);
+    let owner_ip = c.net.host(&owner).ip.to_string();
+    let mut served_owner = 0;
+    let mut served_after = 0;
+    let mut gets = Vec::new();
+    for a in &c.upstream_accesses()[from..] {
+        if a.method != "GET" || a.path != path {
+            continue;
+        }
+        let ip = a.remote_addr.rsplit_once(':').map_or("", |(ip, _)| ip);
+        gets.push(format!("{} bytes to {ip}", a.written));
+        if ip == owner_ip {
+            served_owner += a.written;
+        } else {
+            served_after += a.written;
+        }
+    }
+    let mut wrong = Vec::new();
+    for (role, r) in pullers.iter().zip(&results) {
+        if let Err(e) = r {
+            wrong.push(format!("{role}: the pull failed: {e}"));
+        }
+        if !c.node(role).holds_blob(&blob.digest) {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+        }
+    }
+    let mib = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "upstream served {:.1} MiB to the killed owner and {:.1} MiB to the others ({} GETs: {gets:?})",
+        mib(served_owner),
+        mib(served_after),
+        gets.len()
+    );
+    if served_owner == 0 || served_owner >= blob.size {
+        wrong.push(format!(
+            "the owner read {served_owner} bytes from the upstream before it was killed: the kill did not land mid-swarm"
+        ));
+    }
+    if served_after >= blob.size {
+        wrong.push(format!(
+            "after the owner was killed the upstream served {served_after} bytes, not less than the blob's {}: the next owner did not take the members' pieces",
+            blob.size
+        ));
+    }
+    if served_owner + served_after >= 2 * blob.size {
+        wrong.push(format!(
+            "the upstream served {} bytes in all, two copies of the blob or more",
+            served_owner + served_after
+        ));
+    }
+    if !wrong.is_empty() {
+        c.fail(&format!(
+            "the swarm takeover went wrong:\n  {}",
+            wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!(
+        "takeover: upstream bytes {:.2}x the blob; took {:?}",
+        (served_owner + served_after) as f64 / blob.size as f64,
         t0.elapsed()
     );
 }
