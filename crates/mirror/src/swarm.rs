@@ -730,9 +730,9 @@ fn fetch(
                 let counter = mirror.metrics.upstream_bytes_counter(r.upstream_name());
                 async move {
                     let r = async {
-                        let (_, body) = upstream
+                        let body = upstream
                             .client
-                            .get_blob(&repo, &digest, start)
+                            .get_blob_range(&repo, &digest, start, end)
                             .await
                             .map_err(upstream_error)?;
                         let body = pier_peer::rate::limited(body, limit)
