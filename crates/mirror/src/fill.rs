@@ -264,6 +264,10 @@ pub struct Fill {
     /// a swarm coordinator shares a hosted fill's pieces only with members fetching the blob
     /// for the same repository.
     pub(crate) hosted: OnceLock<String>,
+    /// Set for a swarm this node coordinates from the piece digests its members sent it (a
+    /// takeover): those digests are unverified, so its answers pass on only the digests of
+    /// pieces it holds (checked against them), never the members' word alone.
+    pub(crate) seeded: OnceLock<()>,
 }
 
 impl Fill {
@@ -275,6 +279,7 @@ impl Fill {
             pieces: OnceLock::new(),
             budget,
             hosted: OnceLock::new(),
+            seeded: OnceLock::new(),
         })
     }
 

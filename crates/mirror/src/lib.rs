@@ -72,6 +72,9 @@ pub struct FillPolicy {
     /// Whether large blobs wanted by several nodes are swarmed (off: each node streams the
     /// blob from its owner).
     pub swarm: bool,
+    /// A fault hook for tests: the piece digests this node sends a swarm's new coordinator
+    /// are wrong, as a broken or malicious member's would be (`PIER_FAULT_LYING_SEED=1`).
+    pub fault_lying_seed: bool,
 }
 
 impl Default for FillPolicy {
@@ -82,6 +85,7 @@ impl Default for FillPolicy {
             negative_ttl: Duration::from_secs(30),
             max_upstream_rate: None,
             swarm: true,
+            fault_lying_seed: false,
         }
     }
 }

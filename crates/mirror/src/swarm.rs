@@ -272,12 +272,25 @@ impl Mirror {
         }));
         drop(boards);
         let known = report.known.min(count);
+        let mut digests = pieces.digests_from(known);
+        let seeded = self.fill_in_progress(digest).is_some_and(|f| {
+            f.seeded.get().is_some() && f.pieces().is_some_and(|p| Arc::ptr_eq(p, &pieces))
+        });
+        if seeded {
+            // A member's unverified word is not passed on: a lie would then spread to
+            // members that could never verify the pieces it names.
+            for (k, d) in digests.iter_mut().enumerate() {
+                if !own.get(known + k as u32) {
+                    *d = None;
+                }
+            }
+        }
         Ok(SwarmAnswer {
             size: pieces.size(),
             swarm: true,
             piece_size: pieces.piece_size(),
             digests_from: known,
-            digests: digest_strings(pieces.digests_from(known)),
+            digests: digest_strings(digests),
             holders,
             assign,
         })
@@ -392,6 +405,7 @@ impl Mirror {
         };
         run.absorb(first);
         if coordinate {
+            let _ = fill.seeded.set(());
             tracing::info!(%digest, "coordinating the swarm from the members' pieces");
             run.picker.turn(Some(&cluster.local().name));
         }
@@ -529,7 +543,13 @@ impl SwarmRun<'_> {
         if self.seed_next {
             report.size = self.pieces.size();
             report.piece_size = self.pieces.piece_size();
-            report.digests = digest_strings(self.pieces.digests_from(0));
+            let mut digests = self.pieces.digests_from(0);
+            if self.mirror.policy.fault_lying_seed {
+                for d in digests.iter_mut().flatten() {
+                    *d = PieceDigest::compute(d.algorithm(), d.to_string().as_bytes());
+                }
+            }
+            report.digests = digest_strings(digests);
         }
         let first = self.picker.failed_reports();
         match self

@@ -575,38 +575,58 @@ async fn a_hosted_blob_swarms_within_its_repository() {
     );
 }
 
-/// The first owner coordinating a swarm is killed mid-swarm, and the next owner is not
-/// fetching the blob (no client asks it): the members turn to it, and it takes the pieces
-/// they hold from them and only the rest from the upstream. So the upstream serves the nodes
-/// after the kill less than a whole blob (a next owner that refilled from byte 0 would take a
-/// whole second copy), all of them less than two copies, and every pull verifies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces() {
-    let Some(_one) =
-        serial("a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces").await
-    else {
-        return;
-    };
-    let t0 = Instant::now();
+/// What [`coordinator_killed`] saw.
+struct Takeover {
+    c: Cluster,
+    blob: Descriptor,
+    next: String,
+    /// Bytes the upstream sent the killed owner, and the other nodes.
+    served_owner: u64,
+    served_after: u64,
+    /// Whole-blob GETs (no `Range`) the upstream answered the next owner.
+    next_whole_gets: usize,
+    wrong: Vec<String>,
+}
+
+/// Five nodes, 400 Mbit/s links, a 160 MiB layer pulled by three of them; the first owner,
+/// coordinating the swarm, is killed 2 s in, and the next owner has no client pull, so it is
+/// not fetching the blob when the members turn to it. With `lying`, every puller is started
+/// with `PIER_FAULT_LYING_SEED=1`. Every pull must verify and every puller hold the blob.
+async fn coordinator_killed(lying: bool) -> Takeover {
     const ROLES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
     const MBIT: u32 = 400;
     let mut c = Cluster::new(5);
     let blob = big_layer(&c, "swarm/takeover", 160, 7600).await;
     let order = ranked(&c, &blob.digest, &ROLES);
     let (owner, next) = (order[0].clone(), order[1].clone());
-    c.start_members(&ROLES).await;
-    for role in ROLES.iter().chain(&["up"]) {
-        c.net.limit_link(role, MBIT);
-    }
     let pullers: Vec<&str> = ROLES
         .iter()
         .copied()
         .filter(|r| *r != owner && *r != next)
         .collect();
+    let secret = c.secret.clone();
+    for role in ROLES {
+        if lying && pullers.contains(&role) {
+            c.start_member_with_env(role, &[("PIER_FAULT_LYING_SEED", "1")]);
+        } else {
+            c.start_node(role, crate::nodes::Membership::Secret(&secret));
+        }
+    }
+    c.wait_all_alive(&ROLES, Duration::from_secs(20), "after start")
+        .await;
+    for role in ROLES.iter().chain(&["up"]) {
+        c.net.limit_link(role, MBIT);
+    }
     println!(
-        "blob {} ({} MiB); coordinator {owner} (killed mid-swarm), next owner {next} (no client pull), pullers {pullers:?}; links {MBIT} Mbit/s",
+        "blob {} ({} MiB); coordinator {owner} (killed mid-swarm), next owner {next} (no client \
+         pull), pullers {pullers:?}{}; links {MBIT} Mbit/s",
         blob.digest,
-        blob.size / MIB
+        blob.size / MIB,
+        if lying {
+            " (lying about piece digests)"
+        } else {
+            ""
+        }
     );
     let from = c.upstream_accesses().len();
     let via = format!("{UPSTREAM}/swarm/takeover");
@@ -616,7 +636,7 @@ async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces()
         async move { get_blob(&http, &base, &via, &blob).await }
     }));
     let killer = async {
-        // By then the owner has streamed well over half the blob at the link's rate, and the
+        // By then the owner has streamed over half the blob at the link's rate, and the
         // members hold part of it.
         tokio::time::sleep(Duration::from_millis(2000)).await;
         c.node(&owner).sigkill();
@@ -625,9 +645,9 @@ async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces()
     // docker-registry logs a request a moment after its last byte.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let path = format!("/v2/swarm/takeover/blobs/{}", blob.digest);
-    let owner_ip = c.net.host(&owner).ip.to_string();
-    let mut served_owner = 0;
-    let mut served_after = 0;
+    let ip_of = |role: &str| c.net.host(role).ip.to_string();
+    let (owner_ip, next_ip) = (ip_of(&owner), ip_of(&next));
+    let (mut served_owner, mut served_after, mut next_whole_gets) = (0, 0, 0);
     let mut gets = Vec::new();
     for a in &c.upstream_accesses()[from..] {
         if a.method != "GET" || a.path != path {
@@ -639,6 +659,9 @@ async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces()
             served_owner += a.written;
         } else {
             served_after += a.written;
+        }
+        if ip == next_ip && a.written == blob.size {
+            next_whole_gets += 1;
         }
     }
     let mut wrong = Vec::new();
@@ -659,31 +682,110 @@ async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces()
     );
     if served_owner == 0 || served_owner >= blob.size {
         wrong.push(format!(
-            "the owner read {served_owner} bytes from the upstream before it was killed: the kill did not land mid-swarm"
+            "the owner read {served_owner} bytes from the upstream before it was killed: the kill \
+             did not land mid-swarm"
         ));
     }
-    if served_after >= blob.size {
-        wrong.push(format!(
-            "after the owner was killed the upstream served {served_after} bytes, not less than the blob's {}: the next owner did not take the members' pieces",
-            blob.size
+    Takeover {
+        c,
+        blob,
+        next,
+        served_owner,
+        served_after,
+        next_whole_gets,
+        wrong,
+    }
+}
+
+/// The first owner coordinating a swarm is killed mid-swarm, and the next owner is not
+/// fetching the blob (no client asks it): the members turn to it, and it takes the pieces
+/// they hold from them and only the rest from the upstream. So the upstream serves the nodes
+/// after the kill less than a whole blob (a next owner that refilled from byte 0 would take a
+/// whole second copy), all of them less than two copies, and every pull verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces() {
+    let Some(_one) =
+        serial("a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut t = coordinator_killed(false).await;
+    let size = t.blob.size;
+    if t.served_after >= size {
+        t.wrong.push(format!(
+            "after the owner was killed the upstream served {} bytes, not less than the blob's \
+             {size}: the next owner did not take the members' pieces",
+            t.served_after
         ));
     }
-    if served_owner + served_after >= 2 * blob.size {
-        wrong.push(format!(
+    if t.served_owner + t.served_after >= 2 * size {
+        t.wrong.push(format!(
             "the upstream served {} bytes in all, two copies of the blob or more",
-            served_owner + served_after
+            t.served_owner + t.served_after
         ));
     }
-    if !wrong.is_empty() {
-        c.fail(&format!(
+    if !t.wrong.is_empty() {
+        t.c.fail(&format!(
             "the swarm takeover went wrong:\n  {}",
-            wrong.join("\n  ")
+            t.wrong.join("\n  ")
         ))
         .await;
     }
     println!(
         "takeover: upstream bytes {:.2}x the blob; took {:?}",
-        (served_owner + served_after) as f64 / blob.size as f64,
+        (t.served_owner + t.served_after) as f64 / size as f64,
+        t0.elapsed()
+    );
+}
+
+/// The same, with every member lying to the next owner about the piece digests (the fault
+/// hook `PIER_FAULT_LYING_SEED=1`): the takeover fails on them, the next owner fills the blob
+/// again from its upstream alone, every pull still verifies, and the next owner's stored copy
+/// is the right blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_told_wrong_piece_digests_falls_back_to_a_clean_fill() {
+    let Some(_one) = serial("a_takeover_told_wrong_piece_digests_falls_back_to_a_clean_fill").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut t = coordinator_killed(true).await;
+    if t.next_whole_gets == 0 {
+        t.wrong.push(format!(
+            "{} never filled the blob from its upstream in one stream: the lie was not caught \
+             or the fill did not fall back",
+            t.next
+        ));
+    }
+    let node = t.c.node(&t.next);
+    if !holds_soon(&t.c, &t.next, &t.blob.digest).await {
+        t.wrong.push(format!(
+            "{} does not hold the blob after the fallback",
+            t.next
+        ));
+    } else if let Err(e) = get_blob(
+        &t.c.http,
+        &node.url(),
+        "upstream.test/swarm/takeover",
+        &t.blob,
+    )
+    .await
+    {
+        t.wrong.push(format!("{}'s stored copy: {e}", t.next));
+    }
+    if !t.wrong.is_empty() {
+        t.c.fail(&format!(
+            "the lied-to takeover went wrong:\n  {}",
+            t.wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!(
+        "lied-to takeover: fell back ({} whole GETs by {}); upstream bytes {:.2}x the blob; took {:?}",
+        t.next_whole_gets,
+        t.next,
+        (t.served_owner + t.served_after) as f64 / t.blob.size as f64,
         t0.elapsed()
     );
 }
