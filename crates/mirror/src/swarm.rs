@@ -635,7 +635,11 @@ impl SwarmRun<'_> {
                     }
                     From::Upstream => {
                         tracing::warn!(digest = %self.digest, piece = i, error = %e, "upstream piece fetch failed");
-                        if matches!(e, FillError::NotFound | FillError::Denied(_)) {
+                        // A takeover gives up at once (its fill then starts again from the
+                        // upstream alone): a seed with a wrong size would otherwise ask the
+                        // upstream for ranges it does not have until the fill stalls.
+                        let seeded = self.fill.seeded.get().is_some();
+                        if seeded || matches!(e, FillError::NotFound | FillError::Denied(_)) {
                             return Err(e);
                         }
                     }
