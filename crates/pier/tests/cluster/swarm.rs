@@ -423,6 +423,25 @@ async fn a_hosted_blob_swarms_within_its_repository() {
     let Some(_one) = serial("a_hosted_blob_swarms_within_its_repository").await else {
         return;
     };
+    hosted_swarm(0).await;
+}
+
+/// The same with the blob pushed to a node that does not own it (third in placement order):
+/// every other node pulls it at once, while replication is only starting to bring it to its
+/// owners, and the swarm (coordinated by the first owner, which fetches it from the pushed
+/// node for the repository) still carries most of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_blob_pushed_to_a_node_that_does_not_own_it_swarms() {
+    let Some(_one) = serial("a_hosted_blob_pushed_to_a_node_that_does_not_own_it_swarms").await
+    else {
+        return;
+    };
+    hosted_swarm(2).await;
+}
+
+/// [`a_hosted_blob_swarms_within_its_repository`], the blob pushed to the node `rank`th in
+/// its placement order (0: its first owner, the swarm's coordinator).
+async fn hosted_swarm(rank: usize) {
     let t0 = Instant::now();
     const ROLES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
     const MBIT: u32 = 400;
@@ -439,13 +458,16 @@ async fn a_hosted_blob_swarms_within_its_repository() {
     );
     let image = layout.image("v1").clone();
     let blob = image.layers[0].blob.clone();
-    let owner = ranked(&c, &blob.digest, &ROLES)[0].clone();
+    let order = ranked(&c, &blob.digest, &ROLES);
+    // `owner`: the node the blob is pushed to, its only holder at first.
+    let (coordinator, owner) = (order[0].clone(), order[rank].clone());
     c.start_members(&ROLES).await;
     for role in ROLES {
         c.net.limit_link(role, MBIT);
     }
     println!(
-        "hosted blob {} ({} MiB) pushed to its first owner {owner}; links {MBIT} Mbit/s",
+        "hosted blob {} ({} MiB) pushed to {owner} (rank {rank}), coordinated by its first owner \
+         {coordinator}; links {MBIT} Mbit/s",
         blob.digest,
         blob.size / MIB
     );
@@ -512,7 +534,7 @@ async fn a_hosted_blob_swarms_within_its_repository() {
     let owner_sent = grew(&before, &after, &owner, "pier_peer_sent_bytes_total", &[]);
     if owner_sent * 2 >= received {
         wrong.push(format!(
- "the owner {owner} uploaded {owner_sent} bytes of the {received} the others received: not less than half, so no swarm carried the rest"
+ "{owner}, which the blob was pushed to, uploaded {owner_sent} bytes of the {received} the others received: not less than half, so no swarm carried the rest"
         ));
     }
     // The link is the permission: a report for another repository gets nothing; one for the
@@ -520,7 +542,7 @@ async fn a_hosted_blob_swarms_within_its_repository() {
     let member = pullers[0];
     let (code, body) = signed_report(
         &c,
-        &owner,
+        &coordinator,
         member,
         &blob.digest,
         serde_json::json!({ "repo": "other/app" }),
@@ -533,7 +555,7 @@ async fn a_hosted_blob_swarms_within_its_repository() {
     }
     let (code, body) = signed_report(
         &c,
-        &owner,
+        &coordinator,
         member,
         &blob.digest,
         serde_json::json!({ "repo": "hosted/big" }),
