@@ -839,3 +839,46 @@ async fn take_exactly(
     }
     Ok(out.freeze())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(size: u64, piece_size: u64, digests: Vec<Option<String>>) -> SwarmReport {
+        SwarmReport {
+            size,
+            piece_size,
+            digests,
+            ..SwarmReport::default()
+        }
+    }
+
+    #[test]
+    fn only_a_usable_seed_starts_a_takeover() {
+        let d = || Some(format!("blake3:{}", "0".repeat(64)));
+        let usable = report(SWARM_MIN, PIECE_SIZE, vec![d(), None]);
+        let seed = Seed::of(&usable).expect("a usable seed");
+        let first = seed.answer();
+        assert!(first.swarm);
+        assert_eq!((first.size, first.piece_size), (SWARM_MIN, PIECE_SIZE));
+        assert_eq!((first.digests_from, first.digests.len()), (0, 2));
+        for (why, r) in [
+            ("no seed at all", SwarmReport::default()),
+            (
+                "too small to swarm",
+                report(SWARM_MIN - 1, PIECE_SIZE, vec![d()]),
+            ),
+            ("no piece size", report(SWARM_MIN, 0, vec![d()])),
+            (
+                "no digest known",
+                report(SWARM_MIN, PIECE_SIZE, vec![None, None]),
+            ),
+            (
+                "more pieces than a bitmap counts",
+                report(u64::MAX, 1, vec![d()]),
+            ),
+        ] {
+            assert!(Seed::of(&r).is_none(), "{why}");
+        }
+    }
+}

@@ -705,3 +705,42 @@ fn c_source<'a>(
 ) -> Option<&'a (dyn std::error::Error + 'static)> {
     e.and_then(|e| e.source())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swarm_reports_stay_readable_both_ways() {
+        // A report from a node that predates hosted swarms and takeover seeds parses, with
+        // the new fields empty.
+        let old: SwarmReport = serde_json::from_str(
+            r#"{"have":"ff","known":8,"upstream":"docker.io","repo":"docker.io/library/x"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.known, 8);
+        assert_eq!((old.size, old.piece_size), (0, 0));
+        assert!(old.digests.is_empty());
+        // A report without a seed carries none of its fields, so older coordinators see
+        // exactly what they used to; a hosted one names only its repository.
+        let hosted = SwarmReport {
+            repo: Some("team/app".into()),
+            ..SwarmReport::default()
+        };
+        let json = serde_json::to_value(&hosted).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({ "have": "", "known": 0, "repo": "team/app" })
+        );
+        // A seed goes across whole.
+        let seeded = SwarmReport {
+            size: 64 << 20,
+            piece_size: 4 << 20,
+            digests: vec![Some("blake3:00".into()), None],
+            ..hosted
+        };
+        let back: SwarmReport =
+            serde_json::from_str(&serde_json::to_string(&seeded).unwrap()).unwrap();
+        assert_eq!(back, seeded);
+    }
+}
