@@ -218,8 +218,13 @@ enum Plan {
         /// over from a coordinator that stopped answering without fetching the blob itself.
         takeover: Option<swarm::Seed>,
     },
-    /// A hosted blob, from the peers that hold it (`from` first).
-    Hosted { repo: String, from: Option<NodeId> },
+    /// A hosted blob, from the peers that hold it (`from` first); `swarm` false for the fill
+    /// a swarm coordinator starts for a member's report (it coordinates, it joins no swarm).
+    Hosted {
+        repo: String,
+        from: Option<NodeId>,
+        swarm: bool,
+    },
 }
 
 /// Docker Hub's names without a namespace live under `library/`.
@@ -947,6 +952,17 @@ impl Mirror {
         digest: &Digest,
         from: Option<NodeId>,
     ) -> Result<BlobSource> {
+        self.hosted_fill(repo, digest, from, true).await
+    }
+
+    /// [`Mirror::hosted_blob`]; `swarm` false: never from a swarm (this node coordinates it).
+    pub(crate) async fn hosted_fill(
+        self: &Arc<Self>,
+        repo: &str,
+        digest: &Digest,
+        from: Option<NodeId>,
+        swarm: bool,
+    ) -> Result<BlobSource> {
         if let Some(size) = self.blobs.stat(digest).await? {
             if self.meta.blob_link(repo, digest).await?.is_some() {
                 return Ok(BlobSource::Local { size });
@@ -955,6 +971,7 @@ impl Mirror {
         let plan = Plan::Hosted {
             repo: repo.to_string(),
             from,
+            swarm,
         };
         let (fill, _) = self.start_fill(digest, plan);
         match fill.started().await {
@@ -1024,7 +1041,7 @@ impl Mirror {
                     };
                     (sources, r.cache_repo.clone(), Some(r))
                 }
-                Plan::Hosted { repo, from } => {
+                Plan::Hosted { repo, from, .. } => {
                     let mut s = sources::plan(cluster, sources::Want::Hosted(repo), &d2).await;
                     if let Some(from) = from {
                         s.retain(
@@ -1070,7 +1087,12 @@ impl Mirror {
                         .await
                         .map(|j| (want, c, j, false))
                 }
-                (Plan::Hosted { repo, .. }, Some(c)) if c.has_peers() && this.policy.swarm => {
+                (
+                    Plan::Hosted {
+                        repo, swarm: true, ..
+                    },
+                    Some(c),
+                ) if c.has_peers() && this.policy.swarm => {
                     let want = SwarmFor::Hosted {
                         repo: repo.clone(),
                         holders: sources

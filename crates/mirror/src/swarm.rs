@@ -23,9 +23,9 @@
 //! unverified, so when the whole blob does not verify it fills again from its upstream alone.
 //!
 //! Hosted blobs swarm alike ([`SwarmFor::Hosted`]): the report names the repository, the
-//! coordinator answers only if the blob is linked to that repository on it (or it is fetching
-//! it for that repository itself), and the pieces no member holds come from the peers that
-//! store the blob linked there instead of an upstream.
+//! coordinator answers only if the blob is linked to that repository on it or it fetches it
+//! for that repository (lacking it, it starts that fetch from the peers that store it there),
+//! and the pieces no member holds come from those peers instead of an upstream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -126,10 +126,11 @@ impl Seed {
 
 impl Mirror {
     /// The pieces of `digest` this node can offer a swarm as its coordinator: a fill in
-    /// progress, the stored blob, or (for mirrored content) a fill started now from the
-    /// upstream, which takes the members' pieces from them when the report carries a `seed`.
-    /// Hosted content only when it is linked to the report's repository here, or this node
-    /// fetches it for that repository. `Err(size)` when the blob is too small to swarm.
+    /// progress, the stored blob, or a fill started now: for mirrored content from the
+    /// upstream (taking the members' pieces from them when the report carries a `seed`), for
+    /// hosted content from the nodes that store it linked to the report's repository. Hosted
+    /// content only when it is linked to that repository here, or this node fetches it for
+    /// that repository. `Err(size)` when the blob is too small to swarm.
     async fn coordinator_pieces(
         self: &Arc<Self>,
         digest: &Digest,
@@ -163,15 +164,18 @@ impl Mirror {
             }
             return self.stored_pieces(digest, size).await;
         }
-        let Some(SwarmFor::Mirrored(r)) = want else {
-            return not_here();
-        };
-        let source = match seed {
-            Some(seed) => {
+        let source = match (want, seed) {
+            // Hosted content this node lacks: fetched for the repository from the nodes that
+            // store it linked there, if any does (so the link still is the permission).
+            (Some(SwarmFor::Hosted { repo, .. }), _) => {
+                self.hosted_fill(repo, digest, None, false).await?
+            }
+            (Some(SwarmFor::Mirrored(r)), Some(seed)) => {
                 self.mirrored_blob(r, digest, false, None, Some(seed))
                     .await?
             }
-            None => self.blob_for_peer(r, digest).await?,
+            (Some(SwarmFor::Mirrored(r)), None) => self.blob_for_peer(r, digest).await?,
+            (None, _) => return not_here(),
         };
         match source {
             BlobSource::Local { size } => self.stored_pieces(digest, size).await,
@@ -224,7 +228,8 @@ impl Mirror {
 
     /// Answer a swarm member's report, as the coordinator of `digest`'s swarm. For mirrored
     /// content, a node that lacks the blob starts filling it from that upstream first; for
-    /// hosted content it answers not found unless the blob is the report's repository's here.
+    /// hosted content it answers not found unless the blob is the report's repository's here
+    /// or a peer stores it there.
     pub async fn swarm_answer(
         self: &Arc<Self>,
         digest: &Digest,

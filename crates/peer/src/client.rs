@@ -15,8 +15,9 @@
 //!   holds which pieces. With `upstream` and `repo` in the report, a coordinator lacking the blob
 //!   starts filling it from that upstream first (taking the pieces the members hold from them
 //!   when the report carries the blob's piece digests: a takeover). With `repo` alone the blob
-//!   is hosted content of that repository: 404 unless the coordinator has it linked there (or
-//!   fetches it for that repository itself).
+//!   is hosted content of that repository: 404 unless the coordinator has it linked there or
+//!   fetches it for that repository (lacking it, it starts that fetch from the peers that
+//!   store it there).
 //! - `GET /blobs/<digest>` with `x-pier-piece: 1` and `Range: bytes=A-B`: pieces, served only
 //!   when the peer holds every piece the range touches (from its store, or its growing fill
 //!   whatever order the fill receives them in), else 404.
@@ -152,8 +153,8 @@ pub struct SwarmReport {
     pub known: u32,
     /// For mirrored content: the upstream and cache repository the coordinator fills from when
     /// it lacks the blob. `repo` without `upstream`: hosted content of that repository, which
-    /// the coordinator shares only when the blob is linked to that repository on it (or it is
-    /// fetching it for that repository itself); else it answers 404.
+    /// the coordinator shares only when the blob is linked to that repository on it or it
+    /// fetches it for that repository (starting that fetch when it lacks the blob); else 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

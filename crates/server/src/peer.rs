@@ -5,7 +5,10 @@
 //! Architecture invariant: an answer here never causes a request to another peer. Blobs come
 //! from the store, from a fill in progress that reads an upstream, or from a new fill that
 //! reads this node's upstream; manifests from the store or this node's mirror without its
-//! owners. Pull requests are the exception by design: they name the node to fetch from.
+//! owners. Pull requests are the exception by design: they name the node to fetch from. So
+//! are swarm reports that make this node a coordinator that lacks the blob: a takeover fill
+//! takes pieces from the members, a hosted fill reads a peer that stores the blob; either asks
+//! only for stored bytes or pieces, which cause no request in turn.
 
 use std::sync::Arc;
 

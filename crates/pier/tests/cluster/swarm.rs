@@ -439,6 +439,132 @@ async fn a_hosted_blob_pushed_to_a_node_that_does_not_own_it_swarms() {
     hosted_swarm(2).await;
 }
 
+/// A hosted blob that neither of its owners holds (both joined after it was pushed and
+/// replicated to the owners of the time, with the `cluster` rule off so that it is on those
+/// two nodes only, and re-replication has not reached the new owners yet) is still
+/// swarmed: the members' reports make the first owner fetch it for the repository from a node
+/// that stores it there, and it coordinates. Without that the owners answer 404 and every
+/// puller streams the whole blob from a holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_blob_its_owners_lack_is_swarmed_by_the_first_owner() {
+    let Some(_one) = serial("a_hosted_blob_its_owners_lack_is_swarmed_by_the_first_owner").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    const ROLES: [&str; 6] = ["n1", "n2", "n3", "n4", "n5", "n6"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(6);
+    // Hosted content goes to its owners only, not to every node (the `cluster` rule).
+    c.toml = "[cluster]\nreplicate_all = false\n".into();
+    // A layer whose two owners among all six are not n1, the node every other joins through:
+    // those two start last.
+    let (layout, order) = (7700u64..)
+        .find_map(|seed| {
+            let layout = write_layout(
+                &c.tmp.path().join(format!("src-{seed}")),
+                vec![(
+                    "v1",
+                    Entry::Image(ImageSpec::linux(
+                        "amd64",
+                        vec![LayerSpec::new("big.bin", 64 * MIB, seed)],
+                    )),
+                )],
+            );
+            let digest = layout.image("v1").layers[0].blob.digest.clone();
+            let order = ranked(&c, &digest, &ROLES);
+            (!order[..2].iter().any(|r| r == "n1")).then_some((layout, order))
+        })
+        .expect("some seed");
+    let image = layout.image("v1").clone();
+    let blob = image.layers[0].blob.clone();
+    let (late, early) = (&order[..2], &order[2..]);
+    let early: Vec<&str> = early.iter().map(String::as_str).collect();
+    let secret = c.secret.clone();
+    for role in &early {
+        c.start_node(role, crate::nodes::Membership::Secret(&secret));
+    }
+    c.wait_all_alive(&early, Duration::from_secs(20), "the first four")
+        .await;
+    for role in ROLES {
+        c.net.limit_link(role, MBIT);
+    }
+    // Pushed to the first owner among the four; replication brings it to the second.
+    push_image(
+        &c.http,
+        &c.node(&order[2]).url(),
+        "hosted/big",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let started = Instant::now();
+    while !c.node(&order[3]).holds_blob(&blob.digest) {
+        if started.elapsed() > Duration::from_secs(30) {
+            c.fail(&format!("{} never got the pushed blob", order[3]))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for role in late {
+        c.start_node(role, crate::nodes::Membership::Secret(&secret));
+    }
+    c.wait_all_alive(&ROLES, Duration::from_secs(20), "all six")
+        .await;
+    let pullers = [order[4].as_str(), order[5].as_str()];
+    println!(
+        "hosted blob {} ({} MiB) on {} and {}; owners {} and {} joined since; pullers {pullers:?}",
+        blob.digest,
+        blob.size / MIB,
+        order[2],
+        order[3],
+        late[0],
+        late[1]
+    );
+    let before = metrics_of(&c, &ROLES).await;
+    let results = futures::future::join_all(pullers.iter().map(|role| {
+        let (http, base) = (c.http.clone(), c.node(role).url());
+        let blob = blob.clone();
+        async move { get_blob(&http, &base, "hosted/big", &blob).await }
+    }))
+    .await;
+    let after = metrics_of(&c, &ROLES).await;
+    let mut wrong = Vec::new();
+    for (role, r) in pullers.iter().zip(&results) {
+        if let Err(e) = r {
+            wrong.push(format!("{role}: the pull failed: {e}"));
+        }
+        if !holds_soon(&c, role, &blob.digest).await {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+        }
+        if grew(&before, &after, role, "pier_swarm_fills_total", &[]) == 0 {
+            wrong.push(format!("{role} did not take the blob from a swarm"));
+        }
+    }
+    let fetched = grew(
+        &before,
+        &after,
+        &order[0],
+        "pier_peer_received_bytes_total",
+        &[],
+    );
+    println!(
+        "the first owner {} received {:.1} MiB while coordinating",
+        order[0],
+        fetched as f64 / MIB as f64
+    );
+    if !wrong.is_empty() {
+        c.fail(&format!(
+            "the swarm of a hosted blob its owners lacked went wrong:\n  {}",
+            wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!("took {:?}", t0.elapsed());
+}
+
 /// [`a_hosted_blob_swarms_within_its_repository`], the blob pushed to the node `rank`th in
 /// its placement order (0: its first owner, the swarm's coordinator).
 async fn hosted_swarm(rank: usize) {
