@@ -260,6 +260,14 @@ pub struct Fill {
     pub(crate) pieces: OnceLock<Arc<Pieces>>,
     /// What readers' spool reads are charged to, like the fill's batches.
     budget: Arc<MemoryBudget>,
+    /// The repository a hosted fill is for (set when it starts; unset for mirrored content):
+    /// a swarm coordinator shares a hosted fill's pieces only with members fetching the blob
+    /// for the same repository.
+    pub(crate) hosted: OnceLock<String>,
+    /// Set for a swarm this node coordinates from the piece digests its members sent it (a
+    /// takeover): those digests are unverified, so its answers pass on only the digests of
+    /// pieces it holds (checked against them), never the members' word alone.
+    pub(crate) seeded: OnceLock<()>,
 }
 
 impl Fill {
@@ -270,6 +278,8 @@ impl Fill {
             recent: Mutex::new(VecDeque::new()),
             pieces: OnceLock::new(),
             budget,
+            hosted: OnceLock::new(),
+            seeded: OnceLock::new(),
         })
     }
 

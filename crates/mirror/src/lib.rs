@@ -23,6 +23,8 @@ pub mod swarm_sim;
 /// Swarm pieces a node sends at once (the peer server turns further requests away).
 pub use swarm::decide::UPLOADS as SWARM_UPLOADS;
 
+pub use swarm::SwarmFor;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -72,6 +74,9 @@ pub struct FillPolicy {
     /// Whether large blobs wanted by several nodes are swarmed (off: each node streams the
     /// blob from its owner).
     pub swarm: bool,
+    /// A fault hook for tests: the piece digests this node sends a swarm's new coordinator
+    /// are wrong, as a broken or malicious member's would be (`PIER_FAULT_LYING_SEED=1`).
+    pub fault_lying_seed: bool,
 }
 
 impl Default for FillPolicy {
@@ -82,6 +87,7 @@ impl Default for FillPolicy {
             negative_ttl: Duration::from_secs(30),
             max_upstream_rate: None,
             swarm: true,
+            fault_lying_seed: false,
         }
     }
 }
@@ -210,9 +216,17 @@ enum Plan {
         r: MirrorRef,
         ask_peers: bool,
         cap: Option<Arc<RateLimit>>,
+        /// A swarm this node coordinates from the start, from the members' pieces: it took
+        /// over from a coordinator that stopped answering without fetching the blob itself.
+        takeover: Option<swarm::Seed>,
     },
-    /// A hosted blob, from the peers that hold it (`from` first).
-    Hosted { repo: String, from: Option<NodeId> },
+    /// A hosted blob, from the peers that hold it (`from` first); `swarm` false for the fill
+    /// a swarm coordinator starts for a member's report (it coordinates, it joins no swarm).
+    Hosted {
+        repo: String,
+        from: Option<NodeId>,
+        swarm: bool,
+    },
 }
 
 /// Docker Hub's names without a namespace live under `library/`.
@@ -856,7 +870,7 @@ impl Mirror {
     /// A blob: local if cached, otherwise the (possibly shared) fill bringing it in from peers
     /// or the upstream.
     pub async fn blob(self: &Arc<Self>, r: &MirrorRef, digest: &Digest) -> Result<BlobSource> {
-        self.mirrored_blob(r, digest, true, None).await
+        self.mirrored_blob(r, digest, true, None, None).await
     }
 
     /// [`Mirror::blob`] for a caller with its own cap (a pull rule's `bandwidth`): a fill this
@@ -869,7 +883,7 @@ impl Mirror {
         digest: &Digest,
         cap: Option<Arc<RateLimit>>,
     ) -> Result<BlobSource> {
-        self.mirrored_blob(r, digest, true, cap).await
+        self.mirrored_blob(r, digest, true, cap, None).await
     }
 
     /// A blob for a peer's request: from the store, a fill in progress, or the upstream; never
@@ -879,15 +893,16 @@ impl Mirror {
         r: &MirrorRef,
         digest: &Digest,
     ) -> Result<BlobSource> {
-        self.mirrored_blob(r, digest, false, None).await
+        self.mirrored_blob(r, digest, false, None, None).await
     }
 
-    async fn mirrored_blob(
+    pub(crate) async fn mirrored_blob(
         self: &Arc<Self>,
         r: &MirrorRef,
         digest: &Digest,
         ask_peers: bool,
         cap: Option<Arc<RateLimit>>,
+        takeover: Option<swarm::Seed>,
     ) -> Result<BlobSource> {
         let up = r.upstream_name();
         // A fill in progress is joined before the store is asked: its blob may be committed
@@ -907,6 +922,7 @@ impl Mirror {
             r: r.clone(),
             ask_peers,
             cap,
+            takeover,
         };
         let (fill, leader) = self.start_fill(digest, plan);
         match fill.started().await {
@@ -938,6 +954,17 @@ impl Mirror {
         digest: &Digest,
         from: Option<NodeId>,
     ) -> Result<BlobSource> {
+        self.hosted_fill(repo, digest, from, true).await
+    }
+
+    /// [`Mirror::hosted_blob`]; `swarm` false: never from a swarm (this node coordinates it).
+    pub(crate) async fn hosted_fill(
+        self: &Arc<Self>,
+        repo: &str,
+        digest: &Digest,
+        from: Option<NodeId>,
+        swarm: bool,
+    ) -> Result<BlobSource> {
         if let Some(size) = self.blobs.stat(digest).await? {
             if self.meta.blob_link(repo, digest).await?.is_some() {
                 return Ok(BlobSource::Local { size });
@@ -946,6 +973,7 @@ impl Mirror {
         let plan = Plan::Hosted {
             repo: repo.to_string(),
             from,
+            swarm,
         };
         let (fill, _) = self.start_fill(digest, plan);
         match fill.started().await {
@@ -971,6 +999,9 @@ impl Mirror {
                 Some(f) => (f.clone(), false),
                 None => {
                     let f = Fill::new(self.budget.clone());
+                    if let Plan::Hosted { repo, .. } = &plan {
+                        let _ = f.hosted.set(repo.clone());
+                    }
                     fills.insert(digest.clone(), f.clone());
                     (f, true)
                 }
@@ -978,85 +1009,182 @@ impl Mirror {
         };
         if leader {
             self.metrics.fills_in_flight.inc();
-            let this = self.clone();
-            let (d2, f2) = (digest.clone(), fill.clone());
-            tokio::spawn(async move {
-                let cluster = this.cluster.get().cloned();
-                let cluster = cluster.as_deref();
-                let (sources, link_repo, mirrored) = match &plan {
-                    Plan::Mirrored { r, ask_peers, .. } => {
-                        let c = cluster.filter(|_| *ask_peers);
-                        (
-                            sources::plan(c, sources::Want::Mirrored(r), &d2).await,
-                            r.cache_repo.clone(),
-                            Some(r),
-                        )
-                    }
-                    Plan::Hosted { repo, from } => {
-                        let mut s = sources::plan(cluster, sources::Want::Hosted(repo), &d2).await;
-                        if let Some(from) = from {
-                            s.retain(|x| !matches!(x, Source::Peer { node, .. } if node.name == from.name));
-                            s.insert(
-                                0,
-                                Source::Peer {
-                                    node: from.clone(),
-                                    repo: Some(repo.clone()),
-                                    fill: None,
-                                },
-                            );
-                        }
-                        (s, repo.clone(), None)
-                    }
-                };
-                // A large mirrored blob is taken from its swarm unless this node coordinates it
-                // (then it reads the upstream in one stream, hashing pieces for the swarm).
-                let swarm = match (&plan, cluster) {
-                    (
-                        Plan::Mirrored {
-                            r, ask_peers: true, ..
-                        },
-                        Some(c),
-                    ) if c.has_peers() && this.policy.swarm => {
-                        this.join_swarm(c, r, &d2).await.map(|j| (r, c, j))
-                    }
-                    _ => None,
-                };
-                let outcome = if let Some((r, c, joined)) = swarm {
-                    this.run_swarm(&d2, &f2, &link_repo, r, c, joined).await
-                } else if sources.is_empty() {
-                    Err(FillError::NotFound)
-                } else {
-                    let cap = match &plan {
-                        Plan::Mirrored { cap, .. } => cap.clone(),
-                        Plan::Hosted { .. } => None,
-                    };
-                    this.run_fill(&d2, &f2, &link_repo, &sources, cluster, cap)
-                        .await
-                };
-                match (&outcome, mirrored) {
-                    (Ok(()), Some(r)) => this.found(r, "blob", &d2.to_string()),
-                    (Err(FillError::NotFound), Some(r))
-                        if sources.iter().any(|s| matches!(s, Source::Upstream(_))) =>
-                    {
-                        this.remember_missing(r, "blob", &d2.to_string())
-                    }
-                    (Err(FillError::NotFound), _) | (Ok(()), _) => {}
-                    (Err(e), _) => {
-                        tracing::warn!(repo = %link_repo, digest = %d2, error = %e, "fill failed");
-                    }
-                }
-                // Readers of a finished fill read the committed spool; its memory goes back to
-                // the budget for fills still running.
-                f2.forget_written(true);
-                f2.progress.send_modify(|p| p.outcome = Some(outcome));
-                this.fills
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&d2);
-                this.metrics.fills_in_flight.dec();
-            });
+            tokio::spawn(self.clone().lead_fill(digest.clone(), fill.clone(), plan));
         }
         (fill, leader)
+    }
+
+    /// Run the fill this node leads for `d2`, publish its outcome and take it off the fills in
+    /// progress. A takeover swarm that fails (its unverified piece digests did not make the
+    /// blob, say) is replaced by a clean fill from the upstream before its failure is
+    /// published, so the members' next reports find that one.
+    fn lead_fill(
+        self: Arc<Self>,
+        d2: Digest,
+        f2: Arc<Fill>,
+        plan: Plan,
+    ) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let this = self;
+            let cluster = this.cluster.get().cloned();
+            let cluster = cluster.as_deref();
+            let (sources, link_repo, mirrored) = match &plan {
+                Plan::Mirrored {
+                    r,
+                    ask_peers,
+                    takeover,
+                    ..
+                } => {
+                    let c = cluster.filter(|_| *ask_peers);
+                    let sources = if takeover.is_some() {
+                        vec![Source::Upstream(r.clone())]
+                    } else {
+                        sources::plan(c, sources::Want::Mirrored(r), &d2).await
+                    };
+                    (sources, r.cache_repo.clone(), Some(r))
+                }
+                Plan::Hosted { repo, from, .. } => {
+                    let mut s = sources::plan(cluster, sources::Want::Hosted(repo), &d2).await;
+                    if let Some(from) = from {
+                        s.retain(
+                            |x| !matches!(x, Source::Peer { node, .. } if node.name == from.name),
+                        );
+                        s.insert(
+                            0,
+                            Source::Peer {
+                                node: from.clone(),
+                                repo: Some(repo.clone()),
+                                fill: None,
+                            },
+                        );
+                    }
+                    (s, repo.clone(), None)
+                }
+            };
+            // A large blob is taken from its swarm unless this node coordinates it (then it
+            // reads the upstream, or for hosted content a peer that stores it, in one stream,
+            // hashing pieces for the swarm), or coordinates a swarm it took over.
+            let swarm = match (&plan, cluster) {
+                (
+                    Plan::Mirrored {
+                        r,
+                        takeover: Some(seed),
+                        ..
+                    },
+                    Some(c),
+                ) => Some((
+                    SwarmFor::Mirrored(r.clone()),
+                    c,
+                    (c.local(), seed.answer()),
+                    true,
+                )),
+                (
+                    Plan::Mirrored {
+                        r, ask_peers: true, ..
+                    },
+                    Some(c),
+                ) if c.has_peers() && this.policy.swarm => {
+                    let want = SwarmFor::Mirrored(r.clone());
+                    this.join_swarm(c, &want, &d2)
+                        .await
+                        .map(|j| (want, c, j, false))
+                }
+                (
+                    Plan::Hosted {
+                        repo, swarm: true, ..
+                    },
+                    Some(c),
+                ) if c.has_peers() && this.policy.swarm => {
+                    let want = SwarmFor::Hosted {
+                        repo: repo.clone(),
+                        holders: sources
+                            .iter()
+                            .filter_map(|s| match s {
+                                Source::Peer {
+                                    node, fill: None, ..
+                                } => Some(node.clone()),
+                                _ => None,
+                            })
+                            .collect(),
+                    };
+                    this.join_swarm(c, &want, &d2)
+                        .await
+                        .map(|j| (want, c, j, false))
+                }
+                _ => None,
+            };
+            let took_over = swarm.as_ref().is_some_and(|s| s.3);
+            let outcome = if let Some((want, c, joined, coordinate)) = swarm {
+                this.run_swarm(&d2, &f2, &link_repo, &want, c, joined, coordinate)
+                    .await
+            } else if sources.is_empty() {
+                Err(FillError::NotFound)
+            } else {
+                let cap = match &plan {
+                    Plan::Mirrored { cap, .. } => cap.clone(),
+                    Plan::Hosted { .. } => None,
+                };
+                this.run_fill(&d2, &f2, &link_repo, &sources, cluster, cap)
+                    .await
+            };
+            match (&outcome, mirrored) {
+                (Ok(()), Some(r)) => this.found(r, "blob", &d2.to_string()),
+                (Err(FillError::NotFound), Some(r))
+                    if sources.iter().any(|s| matches!(s, Source::Upstream(_))) =>
+                {
+                    this.remember_missing(r, "blob", &d2.to_string())
+                }
+                (Err(FillError::NotFound), _) | (Ok(()), _) => {}
+                (Err(e), _) => {
+                    tracing::warn!(repo = %link_repo, digest = %d2, error = %e, "fill failed");
+                }
+            }
+            // The upstream's own verdicts stand; anything else a takeover ran into (a piece
+            // or the whole blob that did not match the members' digests, a stall) is tried
+            // again the plain way.
+            let again = match (&outcome, mirrored) {
+                (
+                    Err(
+                        e @ (FillError::Corrupt(_)
+                        | FillError::Peer(_)
+                        | FillError::Upstream(_)
+                        | FillError::Timeout(_)),
+                    ),
+                    Some(r),
+                ) if took_over => {
+                    tracing::warn!(digest = %d2, error = %e, "the swarm this node took over failed; filling from the upstream alone");
+                    Some(r.clone())
+                }
+                _ => None,
+            };
+            // Readers of a finished fill read the committed spool; its memory goes back to
+            // the budget for fills still running.
+            f2.forget_written(true);
+            let retry = again.map(|r| {
+                let f3 = Fill::new(this.budget.clone());
+                let mut fills = this.fills.lock().unwrap_or_else(|e| e.into_inner());
+                fills.insert(d2.clone(), f3.clone());
+                (f3, r)
+            });
+            f2.progress.send_modify(|p| p.outcome = Some(outcome));
+            if retry.is_none() {
+                let mut fills = this.fills.lock().unwrap_or_else(|e| e.into_inner());
+                if fills.get(&d2).is_some_and(|f| Arc::ptr_eq(f, &f2)) {
+                    fills.remove(&d2);
+                }
+            }
+            this.metrics.fills_in_flight.dec();
+            if let Some((f3, r)) = retry {
+                this.metrics.fills_in_flight.inc();
+                let plan = Plan::Mirrored {
+                    r,
+                    ask_peers: false,
+                    cap: None,
+                    takeover: None,
+                };
+                tokio::spawn(this.clone().lead_fill(d2, f3, plan));
+            }
+        })
     }
 
     /// A cached blob's size, linking a blob the store already holds (from another repository)

@@ -20,7 +20,15 @@
 //! is only benched for [`BENCH`] and then asked again; either way the piece is taken elsewhere. The whole blob is hashed in order as the pieces join up, and it becomes
 //! visible only when that digest matches. If the coordinator stops answering, the next owner
 //! takes over: fetchers report to it instead, and when it is this node, it takes the pieces no
-//! one holds from its upstream, piece by piece.
+//! one holds from its upstream, piece by piece. A next owner that was not fetching the blob
+//! does the same: the members' first reports to it carry the piece digests they know, and it
+//! starts a fill of its own that coordinates from the start ([`Seed`]); those digests are
+//! unverified, so when the whole blob does not verify it fills again from its upstream alone.
+//!
+//! Hosted blobs swarm alike ([`SwarmFor::Hosted`]): the report names the repository, the
+//! coordinator answers only if the blob is linked to that repository on it or it fetches it
+//! for that repository (lacking it, it starts that fetch from the peers that store it there),
+//! and the pieces no member holds come from those peers instead of an upstream.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -58,14 +66,82 @@ fn digest_strings(d: Vec<Option<PieceDigest>>) -> Vec<Option<String>> {
     d.into_iter().map(|d| d.map(|d| d.to_string())).collect()
 }
 
+/// What a swarm fetches a blob for, and so where the pieces no member holds come from.
+#[derive(Clone)]
+pub enum SwarmFor {
+    /// Mirrored content: from the upstream.
+    Mirrored(MirrorRef),
+    /// Hosted content of `repo`: from `holders`, the peers that store it linked there.
+    Hosted { repo: String, holders: Vec<NodeId> },
+}
+
+impl SwarmFor {
+    /// The report's `upstream` and `repo`: both for mirrored content, the repository alone
+    /// for hosted content.
+    fn names(&self) -> (Option<String>, Option<String>) {
+        match self {
+            SwarmFor::Mirrored(r) => (
+                Some(r.upstream_name().to_string()),
+                Some(r.cache_repo.clone()),
+            ),
+            SwarmFor::Hosted { repo, .. } => (None, Some(repo.clone())),
+        }
+    }
+}
+
+/// What a member that turned to a new coordinator knows of the blob, from its report: enough
+/// for a coordinator that was not fetching the blob to coordinate from the start, taking the
+/// members' pieces from them. Its digests are unverified.
+#[derive(Clone)]
+pub(crate) struct Seed {
+    size: u64,
+    piece_size: u64,
+    digests: Vec<Option<String>>,
+}
+
+impl Seed {
+    /// The seed a report carries, if it carries a usable one.
+    pub(crate) fn of(report: &SwarmReport) -> Option<Seed> {
+        let usable = report.size >= SWARM_MIN
+            && report.piece_size > 0
+            && report.size.div_ceil(report.piece_size) <= u32::MAX as u64
+            && report.digests.iter().any(Option::is_some);
+        usable.then(|| Seed {
+            size: report.size,
+            piece_size: report.piece_size,
+            digests: report.digests.clone(),
+        })
+    }
+
+    /// The seed as the first answer of a swarm this node coordinates.
+    pub(crate) fn answer(&self) -> SwarmAnswer {
+        SwarmAnswer {
+            size: self.size,
+            swarm: true,
+            piece_size: self.piece_size,
+            digests_from: 0,
+            digests: self.digests.clone(),
+            holders: Vec::new(),
+            assign: Vec::new(),
+            members: 0,
+            held_from: 0,
+            held: Vec::new(),
+        }
+    }
+}
+
 impl Mirror {
     /// The pieces of `digest` this node can offer a swarm as its coordinator: a fill in
-    /// progress, the stored blob, or (given `r`) a fill started now from the upstream.
-    /// `None` when the blob is too small to swarm; then the size, when known.
+    /// progress, the stored blob, or a fill started now: for mirrored content from the
+    /// upstream (taking the members' pieces from them when the report carries a `seed`), for
+    /// hosted content from the nodes that store it linked to the report's repository. Hosted
+    /// content only when it is linked to that repository here, or this node fetches it for
+    /// that repository. `Err(size)` when the blob is too small to swarm.
     async fn coordinator_pieces(
         self: &Arc<Self>,
         digest: &Digest,
-        r: Option<&MirrorRef>,
+        want: Option<&SwarmFor>,
+        seed: Option<Seed>,
     ) -> Result<std::result::Result<Arc<Pieces>, u64>> {
         let from_fill = |fill: Arc<Fill>| async move {
             let size = fill.started().await.map_err(MirrorError::Fill)?;
@@ -74,16 +150,40 @@ impl Mirror {
                 None => Err(size.unwrap_or(0)),
             })
         };
+        // Hosted content is shared only within its repository: the link is the permission.
+        let hosted = match want {
+            Some(SwarmFor::Hosted { repo, .. }) => Some(repo.as_str()),
+            _ => None,
+        };
+        let not_here = || Err(MirrorError::Fill(FillError::NotFound));
         if let Some(fill) = self.fill_in_progress(digest) {
+            if hosted.is_some_and(|repo| fill.hosted.get().map(String::as_str) != Some(repo)) {
+                return not_here();
+            }
             return from_fill(fill).await;
         }
         if let Some(size) = self.blobs.stat(digest).await? {
+            if let Some(repo) = hosted {
+                if self.meta.blob_link(repo, digest).await?.is_none() {
+                    return not_here();
+                }
+            }
             return self.stored_pieces(digest, size).await;
         }
-        let Some(r) = r else {
-            return Err(MirrorError::Fill(FillError::NotFound));
+        let source = match (want, seed) {
+            // Hosted content this node lacks: fetched for the repository from the nodes that
+            // store it linked there, if any does (so the link still is the permission).
+            (Some(SwarmFor::Hosted { repo, .. }), _) => {
+                self.hosted_fill(repo, digest, None, false).await?
+            }
+            (Some(SwarmFor::Mirrored(r)), Some(seed)) => {
+                self.mirrored_blob(r, digest, false, None, Some(seed))
+                    .await?
+            }
+            (Some(SwarmFor::Mirrored(r)), None) => self.blob_for_peer(r, digest).await?,
+            (None, _) => return not_here(),
         };
-        match self.blob_for_peer(r, digest).await? {
+        match source {
             BlobSource::Local { size } => self.stored_pieces(digest, size).await,
             BlobSource::Filling { fill, .. } => from_fill(fill).await,
         }
@@ -132,16 +232,19 @@ impl Mirror {
         self.boards.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Answer a swarm member's report, as the coordinator of `digest`'s swarm. With `r`, a node
-    /// that lacks the blob starts filling it from that upstream first.
+    /// Answer a swarm member's report, as the coordinator of `digest`'s swarm. For mirrored
+    /// content, a node that lacks the blob starts filling it from that upstream first; for
+    /// hosted content it answers not found unless the blob is the report's repository's here
+    /// or a peer stores it there.
     pub async fn swarm_answer(
         self: &Arc<Self>,
         digest: &Digest,
         from: &str,
         report: &SwarmReport,
-        r: Option<&MirrorRef>,
+        want: Option<&SwarmFor>,
     ) -> Result<SwarmAnswer> {
-        let pieces = match self.coordinator_pieces(digest, r).await? {
+        let seed = Seed::of(report);
+        let pieces = match self.coordinator_pieces(digest, want, seed).await? {
             Ok(p) => p,
             Err(size) => {
                 return Ok(SwarmAnswer {
@@ -184,12 +287,25 @@ impl Mirror {
             })
             .collect();
         let known = report.known.min(count);
+        let mut digests = pieces.digests_from(known);
+        let seeded = self.fill_in_progress(digest).is_some_and(|f| {
+            f.seeded.get().is_some() && f.pieces().is_some_and(|p| Arc::ptr_eq(p, &pieces))
+        });
+        if seeded {
+            // A member's unverified word is not passed on: a lie would then spread to
+            // members that could never verify the pieces it names.
+            for (k, d) in digests.iter_mut().enumerate() {
+                if !own.get(known + k as u32) {
+                    *d = None;
+                }
+            }
+        }
         Ok(SwarmAnswer {
             size: pieces.size(),
             swarm: true,
             piece_size: pieces.piece_size(),
             digests_from: known,
-            digests: digest_strings(pieces.digests_from(known)),
+            digests: digest_strings(digests),
             holders,
             assign,
             members: offer.counts.members,
@@ -213,16 +329,15 @@ impl Mirror {
     pub(crate) async fn join_swarm(
         &self,
         cluster: &Cluster,
-        r: &MirrorRef,
+        want: &SwarmFor,
         digest: &Digest,
     ) -> Option<(NodeId, SwarmAnswer)> {
         let me = cluster.local().name;
+        let (upstream, repo) = want.names();
         let report = SwarmReport {
-            have: String::new(),
-            known: 0,
-            upstream: Some(r.upstream_name().to_string()),
-            repo: Some(r.cache_repo.clone()),
-            bad: Vec::new(),
+            upstream,
+            repo,
+            ..SwarmReport::default()
         };
         for owner in cluster.owners(digest.to_string().as_bytes()) {
             if owner.name == me {
@@ -241,14 +356,18 @@ impl Mirror {
 
     /// Fetch `digest` piece by piece from its swarm, coordinated by `coord` (whose first
     /// answer is `first`), and commit it linked to `link_repo` once the whole blob verifies.
+    /// With `coordinate`, this node coordinates the swarm from the start (a takeover: `coord`
+    /// is this node and `first` the members' [`Seed`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn run_swarm(
         &self,
         digest: &Digest,
         fill: &Arc<Fill>,
         link_repo: &str,
-        r: &MirrorRef,
+        want: &SwarmFor,
         cluster: &Cluster,
         (coord, first): (NodeId, SwarmAnswer),
+        coordinate: bool,
     ) -> std::result::Result<(), FillError> {
         let size = first.size;
         let max = self.policy.max_blob_bytes;
@@ -283,7 +402,7 @@ impl Mirror {
             mirror: self,
             digest,
             fill,
-            r,
+            want,
             cluster,
             key: digest.to_string(),
             pieces: pieces.clone(),
@@ -300,8 +419,14 @@ impl Mirror {
             hasher: Hasher::new(digest.algorithm()),
             waiting: BTreeMap::new(),
             tasks: FuturesUnordered::new(),
+            seed_next: false,
         };
         run.absorb(first);
+        if coordinate {
+            let _ = fill.seeded.set(());
+            tracing::info!(%digest, "coordinating the swarm from the members' pieces");
+            run.picker.turn(Some(&cluster.local().name));
+        }
         let outcome = run.drive().await;
         let last = run.last_report();
         drop(run);
@@ -349,7 +474,7 @@ struct SwarmRun<'a> {
     mirror: &'a Mirror,
     digest: &'a Digest,
     fill: &'a Arc<Fill>,
-    r: &'a MirrorRef,
+    want: &'a SwarmFor,
     cluster: &'a Cluster,
     key: String,
     pieces: Arc<Pieces>,
@@ -363,6 +488,8 @@ struct SwarmRun<'a> {
     /// Pieces landed past the prefix, with their bytes while few enough are waiting.
     waiting: BTreeMap<u32, Option<Bytes>>,
     tasks: FuturesUnordered<BoxFuture<'static, PieceResult>>,
+    /// The coordinator changed and has not answered yet: reports carry the [`Seed`].
+    seed_next: bool,
 }
 
 impl SwarmRun<'_> {
@@ -438,14 +565,16 @@ impl SwarmRun<'_> {
     /// The report that tells the coordinator this node holds the whole blob, and to whom.
     fn last_report(&self) -> Option<(NodeId, SwarmReport)> {
         (!self.picker.coordinating()).then(|| {
+            let (upstream, repo) = self.want.names();
             (
                 self.coord.clone(),
                 SwarmReport {
                     have: self.pieces.have().to_hex(),
                     known: self.pieces.digests_known(),
-                    upstream: Some(self.r.upstream_name().to_string()),
-                    repo: Some(self.r.cache_repo.clone()),
+                    upstream,
+                    repo,
                     bad: self.picker.bad(),
+                    ..SwarmReport::default()
                 },
             )
         })
@@ -457,13 +586,26 @@ impl SwarmRun<'_> {
         if self.picker.coordinating() {
             return;
         }
-        let report = SwarmReport {
+        let (upstream, repo) = self.want.names();
+        let mut report = SwarmReport {
             have: self.pieces.have().to_hex(),
             known: self.pieces.digests_known(),
-            upstream: Some(self.r.upstream_name().to_string()),
-            repo: Some(self.r.cache_repo.clone()),
+            upstream,
+            repo,
             bad: self.picker.bad(),
+            ..SwarmReport::default()
         };
+        if self.seed_next {
+            report.size = self.pieces.size();
+            report.piece_size = self.pieces.piece_size();
+            let mut digests = self.pieces.digests_from(0);
+            if self.mirror.policy.fault_lying_seed {
+                for d in digests.iter_mut().flatten() {
+                    *d = PieceDigest::compute(d.algorithm(), d.to_string().as_bytes());
+                }
+            }
+            report.digests = digest_strings(digests);
+        }
         let first = self.picker.failed_reports();
         match self
             .cluster
@@ -471,7 +613,10 @@ impl SwarmRun<'_> {
             .swarm(&self.coord, self.digest, &report, first)
             .await
         {
-            Ok(a) if a.swarm && a.size == self.pieces.size() => self.absorb(a),
+            Ok(a) if a.swarm && a.size == self.pieces.size() => {
+                self.seed_next = false;
+                self.absorb(a)
+            }
             Ok(_) => {
                 tracing::warn!(digest = %self.digest, coordinator = %self.coord.name, "coordinator answered for a different blob size; ignoring it");
                 self.picker.report_failed();
@@ -499,6 +644,7 @@ impl SwarmRun<'_> {
                     if let Some(n) = next {
                         self.coord = n;
                     }
+                    self.seed_next = true;
                 }
                 None => {}
             }
@@ -507,13 +653,13 @@ impl SwarmRun<'_> {
 
     /// Start the fetches the picker chooses.
     fn schedule(&mut self) {
-        let (mirror, digest, r, cluster) = (self.mirror, self.digest, self.r, self.cluster);
+        let (mirror, digest, want, cluster) = (self.mirror, self.digest, self.want, self.cluster);
         let pieces = &self.pieces;
         let tasks = &mut self.tasks;
         let known = |i: u32| pieces.digest(i).is_some();
         self.picker
             .schedule(Instant::now(), &known, &mut |i, from| match fetch(
-                mirror, digest, r, cluster, pieces, i, from,
+                mirror, digest, want, cluster, pieces, i, from,
             ) {
                 Some(f) => {
                     tasks.push(f);
@@ -556,7 +702,11 @@ impl SwarmRun<'_> {
                     }
                     From::Upstream => {
                         tracing::warn!(digest = %self.digest, piece = i, error = %e, "upstream piece fetch failed");
-                        if matches!(e, FillError::NotFound | FillError::Denied(_)) {
+                        // A takeover gives up at once (its fill then starts again from the
+                        // upstream alone): a seed with a wrong size would otherwise ask the
+                        // upstream for ranges it does not have until the fill stalls.
+                        let seeded = self.fill.seeded.get().is_some();
+                        if seeded || matches!(e, FillError::NotFound | FillError::Denied(_)) {
                             return Err(e);
                         }
                     }
@@ -636,11 +786,12 @@ impl SwarmRun<'_> {
 }
 
 /// The fetch of piece `i` from `from`; `None` when `from` is a peer that is not a member just
-/// now (left, or not yet seen again).
+/// now (left, or not yet seen again). From the "upstream" of hosted content means from the
+/// first of the peers storing it linked to its repository that sends the range.
 fn fetch(
     mirror: &Mirror,
     digest: &Digest,
-    r: &MirrorRef,
+    want: &SwarmFor,
     cluster: &Cluster,
     pieces: &Pieces,
     i: u32,
@@ -662,26 +813,60 @@ fn fetch(
             }
             .boxed()
         }
-        From::Upstream => {
-            let upstream = r.upstream.clone();
-            let repo = r.repo.clone();
-            let limit = mirror.upstream_limit.clone();
-            let counter = mirror.metrics.upstream_bytes_counter(r.upstream_name());
-            async move {
-                let r = async {
-                    let (_, body) = upstream
-                        .client
-                        .get_blob(&repo, &digest, start)
-                        .await
-                        .map_err(upstream_error)?;
-                    let body = pier_peer::rate::limited(body, limit);
-                    take_exactly(body, (end - start) as usize, &counter).await
+        From::Upstream => match want {
+            SwarmFor::Mirrored(r) => {
+                let upstream = r.upstream.clone();
+                let repo = r.repo.clone();
+                let limit = mirror.upstream_limit.clone();
+                let counter = mirror.metrics.upstream_bytes_counter(r.upstream_name());
+                async move {
+                    let r = async {
+                        let body = upstream
+                            .client
+                            .get_blob_range(&repo, &digest, start, end)
+                            .await
+                            .map_err(upstream_error)?;
+                        let body = pier_peer::rate::limited(body, limit)
+                            .map(|c| c.map_err(upstream_error));
+                        take_exactly(body, (end - start) as usize, Some(&counter)).await
+                    }
+                    .await;
+                    (i, From::Upstream, r)
                 }
-                .await;
-                (i, From::Upstream, r)
+                .boxed()
             }
-            .boxed()
-        }
+            SwarmFor::Hosted { repo, holders } => {
+                let (repo, holders) = (repo.clone(), holders.clone());
+                let client = cluster.client().clone();
+                async move {
+                    let mut result = Err(FillError::NotFound);
+                    for node in &holders {
+                        let got = async {
+                            let answer = client
+                                .get_blob(node, &digest, start, Some(&repo), None)
+                                .await
+                                .map_err(peer_fill_error)?;
+                            let body = answer.body.map(|c| c.map_err(peer_fill_error));
+                            take_exactly(body, (end - start) as usize, None).await
+                        }
+                        .await;
+                        match got {
+                            Ok(b) => {
+                                result = Ok(b);
+                                break;
+                            }
+                            // A holder's failure is worth reporting over another's "not here".
+                            Err(e) if result.is_err() && e != FillError::NotFound => {
+                                result = Err(e)
+                            }
+                            Err(_) => {}
+                        }
+                    }
+                    (i, From::Upstream, result)
+                }
+                .boxed()
+            }
+        },
     };
     Some(fut)
 }
@@ -695,26 +880,24 @@ fn peer_fill_error(e: PeerError) -> FillError {
     }
 }
 
-/// The first `len` bytes of `body`, or an error if it ends sooner.
+/// The first `len` bytes of `body` (counted on `counter`), or an error if it ends sooner.
 async fn take_exactly(
-    mut body: std::pin::Pin<
-        Box<
-            dyn futures::Stream<Item = std::result::Result<Bytes, pier_upstream::UpstreamError>>
-                + Send,
-        >,
-    >,
+    body: impl futures::Stream<Item = std::result::Result<Bytes, FillError>>,
     len: usize,
-    counter: &prometheus_client::metrics::counter::Counter,
+    counter: Option<&prometheus_client::metrics::counter::Counter>,
 ) -> std::result::Result<Bytes, FillError> {
+    let mut body = std::pin::pin!(body);
     let mut out = BytesMut::with_capacity(len);
     while out.len() < len {
         match body.next().await {
             Some(Ok(c)) => {
                 let take = c.len().min(len - out.len());
-                counter.inc_by(take as u64);
+                if let Some(counter) = counter {
+                    counter.inc_by(take as u64);
+                }
                 out.extend_from_slice(&c[..take]);
             }
-            Some(Err(e)) => return Err(upstream_error(e)),
+            Some(Err(e)) => return Err(e),
             None => {
                 return Err(FillError::Upstream(format!(
                     "body ended after {} of {len} bytes",
@@ -724,4 +907,47 @@ async fn take_exactly(
         }
     }
     Ok(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(size: u64, piece_size: u64, digests: Vec<Option<String>>) -> SwarmReport {
+        SwarmReport {
+            size,
+            piece_size,
+            digests,
+            ..SwarmReport::default()
+        }
+    }
+
+    #[test]
+    fn only_a_usable_seed_starts_a_takeover() {
+        let d = || Some(format!("blake3:{}", "0".repeat(64)));
+        let usable = report(SWARM_MIN, PIECE_SIZE, vec![d(), None]);
+        let seed = Seed::of(&usable).expect("a usable seed");
+        let first = seed.answer();
+        assert!(first.swarm);
+        assert_eq!((first.size, first.piece_size), (SWARM_MIN, PIECE_SIZE));
+        assert_eq!((first.digests_from, first.digests.len()), (0, 2));
+        for (why, r) in [
+            ("no seed at all", SwarmReport::default()),
+            (
+                "too small to swarm",
+                report(SWARM_MIN - 1, PIECE_SIZE, vec![d()]),
+            ),
+            ("no piece size", report(SWARM_MIN, 0, vec![d()])),
+            (
+                "no digest known",
+                report(SWARM_MIN, PIECE_SIZE, vec![None, None]),
+            ),
+            (
+                "more pieces than a bitmap counts",
+                report(u64::MAX, 1, vec![d()]),
+            ),
+        ] {
+            assert!(Seed::of(&r).is_none(), "{why}");
+        }
+    }
 }

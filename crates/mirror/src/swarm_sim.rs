@@ -540,6 +540,7 @@ impl Sim {
                 upstream: Some("docker.io".into()),
                 repo: Some("library/layer".into()),
                 bad: bad.clone(),
+                ..SwarmReport::default()
             }),
             Message::Answer {
                 holders,

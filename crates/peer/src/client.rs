@@ -13,7 +13,11 @@
 //! - `POST /swarm/<digest>` (JSON [`SwarmReport`]): tell a blob's swarm coordinator which
 //!   pieces this node holds; it answers (JSON [`SwarmAnswer`]) with the piece digests and who
 //!   holds which pieces. With `upstream` and `repo` in the report, a coordinator lacking the blob
-//!   starts filling it from that upstream first.
+//!   starts filling it from that upstream first (taking the pieces the members hold from them
+//!   when the report carries the blob's piece digests: a takeover). With `repo` alone the blob
+//!   is hosted content of that repository: 404 unless the coordinator has it linked there or
+//!   fetches it for that repository (lacking it, it starts that fetch from the peers that
+//!   store it there).
 //! - `GET /blobs/<digest>` with `x-pier-piece: 1` and `Range: bytes=A-B`: pieces, served only
 //!   when the peer holds every piece the range touches (from its store, or its growing fill
 //!   whatever order the fill receives them in), else 404.
@@ -153,7 +157,9 @@ pub struct SwarmReport {
     #[serde(default)]
     pub known: u32,
     /// For mirrored content: the upstream and cache repository the coordinator fills from when
-    /// it lacks the blob.
+    /// it lacks the blob. `repo` without `upstream`: hosted content of that repository, which
+    /// the coordinator shares only when the blob is linked to that repository on it or it
+    /// fetches it for that repository (starting that fetch when it lacks the blob); else 404.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -162,6 +168,21 @@ pub struct SwarmReport {
     /// offering them to anyone and hands their pieces out again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bad: Vec<String>,
+    /// Sent to a node that takes over from a coordinator that stopped answering, until it
+    /// answers: the blob's size, piece size and the piece digests this member knows (from
+    /// the first piece on), so that a new coordinator that is not fetching the blob takes the
+    /// pieces the members hold from them instead of filling from byte 0. Unverified: the new
+    /// coordinator checks the whole blob's digest before it is visible. 0 and empty otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub size: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub piece_size: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub digests: Vec<Option<String>>,
+}
+
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
 }
 
 /// One holder of pieces, as the coordinator knows it.
@@ -200,10 +221,6 @@ pub struct SwarmAnswer {
     pub held_from: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub held: Vec<u32>,
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
 }
 
 /// Recent first-byte latencies of peer requests, for the hedge delay.
@@ -737,5 +754,39 @@ mod tests {
             ..new
         };
         assert!(!serde_json::to_string(&plain).unwrap().contains("members"));
+    }
+
+    #[test]
+    fn swarm_reports_stay_readable_both_ways() {
+        // A report from a node that predates hosted swarms and takeover seeds parses, with
+        // the new fields empty.
+        let old: SwarmReport = serde_json::from_str(
+            r#"{"have":"ff","known":8,"upstream":"docker.io","repo":"docker.io/library/x"}"#,
+        )
+        .unwrap();
+        assert_eq!(old.known, 8);
+        assert_eq!((old.size, old.piece_size), (0, 0));
+        assert!(old.digests.is_empty());
+        // A report without a seed carries none of its fields, so older coordinators see
+        // exactly what they used to; a hosted one names only its repository.
+        let hosted = SwarmReport {
+            repo: Some("team/app".into()),
+            ..SwarmReport::default()
+        };
+        let json = serde_json::to_value(&hosted).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({ "have": "", "known": 0, "repo": "team/app" })
+        );
+        // A seed goes across whole.
+        let seeded = SwarmReport {
+            size: 64 << 20,
+            piece_size: 4 << 20,
+            digests: vec![Some("blake3:00".into()), None],
+            ..hosted
+        };
+        let back: SwarmReport =
+            serde_json::from_str(&serde_json::to_string(&seeded).unwrap()).unwrap();
+        assert_eq!(back, seeded);
     }
 }

@@ -282,6 +282,9 @@ async fn serve(config: Config, upstreams: Vec<UpstreamConfig>) -> anyhow::Result
             negative_ttl: Duration::from_secs(config.mirror.negative_ttl),
             max_upstream_rate: config.cluster.max_upstream_rate.map(|r| r.0),
             swarm: config.cluster.swarm,
+            // A fault hook for the test tier: this node lies to a swarm's new coordinator
+            // about the piece digests.
+            fault_lying_seed: std::env::var("PIER_FAULT_LYING_SEED").is_ok_and(|v| v == "1"),
         },
     );
     let recovery = registry

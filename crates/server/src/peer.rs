@@ -5,7 +5,10 @@
 //! Architecture invariant: an answer here never causes a request to another peer. Blobs come
 //! from the store, from a fill in progress that reads an upstream, or from a new fill that
 //! reads this node's upstream; manifests from the store or this node's mirror without its
-//! owners. Pull requests are the exception by design: they name the node to fetch from.
+//! owners. Pull requests are the exception by design: they name the node to fetch from. So
+//! are swarm reports that make this node a coordinator that lacks the blob: a takeover fill
+//! takes pieces from the members, a hosted fill reads a peer that stores the blob; either asks
+//! only for stored bytes or pieces, which cause no request in turn.
 
 use std::sync::Arc;
 
@@ -17,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use pier_cluster::ClusterSecret;
-use pier_mirror::{BlobSource, MirrorError, MirrorRef};
+use pier_mirror::{BlobSource, MirrorError, MirrorRef, SwarmFor};
 use pier_oci::{Digest, ErrorCode, Reference, RepoName};
 use pier_peer::client::{HOLDING_HEADER, SIZE_HEADER};
 use pier_peer::rate::{limited, RateLimit};
@@ -465,12 +468,21 @@ async fn swarm(
 ) -> Result<Response> {
     let digest = digest_of(&digest)?;
     let mirror = mirror_of(&state)?.clone();
-    let r = match (report.upstream.as_deref(), report.repo.as_deref()) {
-        (Some(up), Some(repo)) => Some(mirror_ref(&state, up, repo)?),
+    // Mirrored content names its upstream; hosted content only its repository, whose link to
+    // the blob here is the permission to its pieces.
+    let want = match (report.upstream.as_deref(), report.repo.as_deref()) {
+        (Some(up), Some(repo)) => Some(SwarmFor::Mirrored(mirror_ref(&state, up, repo)?)),
+        (None, Some(repo)) => {
+            parse_repo(repo)?;
+            Some(SwarmFor::Hosted {
+                repo: repo.to_string(),
+                holders: Vec::new(),
+            })
+        }
         _ => None,
     };
     let answer = mirror
-        .swarm_answer(&digest, &signer.0, &report, r.as_ref())
+        .swarm_answer(&digest, &signer.0, &report, want.as_ref())
         .await
         .map_err(|e| ApiError::from_mirror(e).not_found_as(ErrorCode::BlobUnknown))?;
     Ok(Json(answer).into_response())

@@ -53,26 +53,23 @@ pub struct Node {
 
 impl Node {
     /// Start pier in `host`'s namespace with its data, config and log in `dir`, mirroring the
-    /// upstream at `upstream_url` as [`UPSTREAM`], then `extra` flags (the cluster's). Waits
-    /// until `GET /v2/` answers 200 from the root namespace.
-    pub fn start(host: &Host, dir: &Path, upstream_url: &str, extra: &[String]) -> Node {
-        Node::start_with_env(host, dir, upstream_url, extra, &[])
-    }
-
-    /// [`Node::start`] with environment variables for the process.
+    /// upstream at `upstream_url` as [`UPSTREAM`], then `extra` flags (the cluster's), with
+    /// environment variables `env` and `toml` appended to its configuration file. Waits until
+    /// `GET /v2/` answers 200 from the root namespace.
     pub fn start_with_env(
         host: &Host,
         dir: &Path,
         upstream_url: &str,
         extra: &[String],
         env: &[(&str, &str)],
+        toml: &str,
     ) -> Node {
         std::fs::create_dir_all(dir).expect("create the node dir");
         // No default upstream and no built-in ones: nothing may leave the test network.
         let config = dir.join("pier.toml");
         std::fs::write(
             &config,
-            "[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n",
+            format!("[mirror]\ndefault_upstream = \"\"\nbuiltin_upstreams = false\n{toml}"),
         )
         .expect("write the node config");
         let mut args: Vec<String> = [
@@ -378,6 +375,8 @@ pub struct Cluster {
     pub tmp: tempfile::TempDir,
     /// Flags every member is started with after its cluster flags.
     pub extra: Vec<String>,
+    /// TOML appended to every node's configuration file.
+    pub toml: String,
 }
 
 /// The zone of a node: n1, n2 (and n5) in `a`, the others in `b`.
@@ -428,6 +427,7 @@ impl Cluster {
             net,
             tmp,
             extra: Vec::new(),
+            toml: String::new(),
         }
     }
 
@@ -471,11 +471,13 @@ impl Cluster {
                 f
             }
         };
-        let node = Node::start(
+        let node = Node::start_with_env(
             self.net.host(role),
             &self.tmp.path().join(role),
             &self.upstream_url(),
             &flags,
+            &[],
+            &self.toml,
         );
         self.nodes.push(node);
         self.nodes.last().expect("just pushed")
@@ -492,6 +494,7 @@ impl Cluster {
             &self.upstream_url(),
             &flags,
             env,
+            &self.toml,
         );
         self.nodes.push(node);
         self.nodes.last().expect("just pushed")

@@ -12,7 +12,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::common::{write_layout, Descriptor, Entry, ImageSpec, LayerSpec, MIB};
+use crate::common::{
+    push_image, write_layout, Descriptor, Entry, ImageSpec, LayerSpec, Upload, MIB,
+};
 use crate::nodes::{get_blob, Cluster, UpstreamCounts, PEER_PORT, UPSTREAM};
 use crate::serial;
 
@@ -342,6 +344,596 @@ async fn swarm_cold_pull_with_a_killed_fetcher_and_a_corrupt_peer() {
          by the others; took {:?}",
         owner_sent as f64 / MIB as f64,
         fetched as f64 / MIB as f64,
+        t0.elapsed()
+    );
+}
+
+/// Whether `role` holds `digest` within a few seconds: a client may have the last byte of a
+/// verified blob a moment before the node has committed it.
+async fn holds_soon(c: &Cluster, role: &str, digest: &str) -> bool {
+    let started = Instant::now();
+    while !c.node(role).holds_blob(digest) {
+        if started.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
+/// Snapshots of `/metrics` of every node of `roles`.
+async fn metrics_of(c: &Cluster, roles: &[&str]) -> BTreeMap<String, crate::common::Metrics> {
+    let mut m = BTreeMap::new();
+    for role in roles {
+        let node = c.node(role);
+        m.insert(
+            role.to_string(),
+            c.check(role, node.metrics(&c.http).await).await,
+        );
+    }
+    m
+}
+
+/// How much `name` (with `labels`) grew on `role` between two snapshots.
+fn grew(
+    before: &BTreeMap<String, crate::common::Metrics>,
+    after: &BTreeMap<String, crate::common::Metrics>,
+    role: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> u64 {
+    (after[role].sum(name, labels) - before[role].sum(name, labels)).max(0.0) as u64
+}
+
+/// POST a swarm report to `node`'s peer listener, signed as `signer` with the cluster's
+/// secret, as a member would: the status and the answer's body.
+async fn signed_report(
+    c: &Cluster,
+    node: &str,
+    signer: &str,
+    digest: &str,
+    report: serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let secret = pier_cluster::secret::ClusterSecret::from_file(&c.secret).expect("the secret");
+    let path = format!("/peer/v1/swarm/{digest}");
+    let resp = c
+        .http
+        .post(format!("{}{path}", c.node(node).peer_url()))
+        .header(
+            pier_cluster::secret::AUTH_HEADER,
+            secret.sign("POST", &path, signer),
+        )
+        .json(&report)
+        .timeout(Duration::from_secs(40))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path} to {node}: {e}"));
+    let code = resp.status();
+    let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (code, body)
+}
+
+/// A large hosted blob, pushed to its first owner only a moment before every other node pulls
+/// it at once, is swarmed as a mirrored one is: every copy verifies, the nodes take pieces
+/// from each other (the owner uploads less than half of what the others receive), and a
+/// member's report for a repository the blob is not in gets no pieces (404), while one for
+/// its own repository gets the piece digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_blob_swarms_within_its_repository() {
+    let Some(_one) = serial("a_hosted_blob_swarms_within_its_repository").await else {
+        return;
+    };
+    hosted_swarm(0).await;
+}
+
+/// The same with the blob pushed to a node that does not own it (third in placement order):
+/// every other node pulls it at once, while replication is only starting to bring it to its
+/// owners, and the swarm (coordinated by the first owner, which fetches it from the pushed
+/// node for the repository) still carries most of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_blob_pushed_to_a_node_that_does_not_own_it_swarms() {
+    let Some(_one) = serial("a_hosted_blob_pushed_to_a_node_that_does_not_own_it_swarms").await
+    else {
+        return;
+    };
+    hosted_swarm(2).await;
+}
+
+/// A hosted blob that neither of its owners holds (both joined after it was pushed and
+/// replicated to the owners of the time, with the `cluster` rule off so that it is on those
+/// two nodes only, and re-replication has not reached the new owners yet) is still
+/// swarmed: the members' reports make the first owner fetch it for the repository from a node
+/// that stores it there, and it coordinates. Without that the owners answer 404 and every
+/// puller streams the whole blob from a holder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosted_blob_its_owners_lack_is_swarmed_by_the_first_owner() {
+    let Some(_one) = serial("a_hosted_blob_its_owners_lack_is_swarmed_by_the_first_owner").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    const ROLES: [&str; 6] = ["n1", "n2", "n3", "n4", "n5", "n6"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(6);
+    // Hosted content goes to its owners only, not to every node (the `cluster` rule).
+    c.toml = "[cluster]\nreplicate_all = false\n".into();
+    // A layer whose two owners among all six are not n1, the node every other joins through:
+    // those two start last.
+    let (layout, order) = (7700u64..)
+        .find_map(|seed| {
+            let layout = write_layout(
+                &c.tmp.path().join(format!("src-{seed}")),
+                vec![(
+                    "v1",
+                    Entry::Image(ImageSpec::linux(
+                        "amd64",
+                        vec![LayerSpec::new("big.bin", 64 * MIB, seed)],
+                    )),
+                )],
+            );
+            let digest = layout.image("v1").layers[0].blob.digest.clone();
+            let order = ranked(&c, &digest, &ROLES);
+            (!order[..2].iter().any(|r| r == "n1")).then_some((layout, order))
+        })
+        .expect("some seed");
+    let image = layout.image("v1").clone();
+    let blob = image.layers[0].blob.clone();
+    let (late, early) = (&order[..2], &order[2..]);
+    let early: Vec<&str> = early.iter().map(String::as_str).collect();
+    let secret = c.secret.clone();
+    for role in &early {
+        c.start_node(role, crate::nodes::Membership::Secret(&secret));
+    }
+    c.wait_all_alive(&early, Duration::from_secs(20), "the first four")
+        .await;
+    for role in ROLES {
+        c.net.limit_link(role, MBIT);
+    }
+    // Pushed to the first owner among the four; replication brings it to the second.
+    push_image(
+        &c.http,
+        &c.node(&order[2]).url(),
+        "hosted/big",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let started = Instant::now();
+    while !c.node(&order[3]).holds_blob(&blob.digest) {
+        if started.elapsed() > Duration::from_secs(30) {
+            c.fail(&format!("{} never got the pushed blob", order[3]))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for role in late {
+        c.start_node(role, crate::nodes::Membership::Secret(&secret));
+    }
+    c.wait_all_alive(&ROLES, Duration::from_secs(20), "all six")
+        .await;
+    let pullers = [order[4].as_str(), order[5].as_str()];
+    println!(
+        "hosted blob {} ({} MiB) on {} and {}; owners {} and {} joined since; pullers {pullers:?}",
+        blob.digest,
+        blob.size / MIB,
+        order[2],
+        order[3],
+        late[0],
+        late[1]
+    );
+    let before = metrics_of(&c, &ROLES).await;
+    let results = futures::future::join_all(pullers.iter().map(|role| {
+        let (http, base) = (c.http.clone(), c.node(role).url());
+        let blob = blob.clone();
+        async move { get_blob(&http, &base, "hosted/big", &blob).await }
+    }))
+    .await;
+    let after = metrics_of(&c, &ROLES).await;
+    let mut wrong = Vec::new();
+    for (role, r) in pullers.iter().zip(&results) {
+        if let Err(e) = r {
+            wrong.push(format!("{role}: the pull failed: {e}"));
+        }
+        if !holds_soon(&c, role, &blob.digest).await {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+        }
+        if grew(&before, &after, role, "pier_swarm_fills_total", &[]) == 0 {
+            wrong.push(format!("{role} did not take the blob from a swarm"));
+        }
+    }
+    let fetched = grew(
+        &before,
+        &after,
+        &order[0],
+        "pier_peer_received_bytes_total",
+        &[],
+    );
+    println!(
+        "the first owner {} received {:.1} MiB while coordinating",
+        order[0],
+        fetched as f64 / MIB as f64
+    );
+    if !wrong.is_empty() {
+        c.fail(&format!(
+            "the swarm of a hosted blob its owners lacked went wrong:\n  {}",
+            wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!("took {:?}", t0.elapsed());
+}
+
+/// [`a_hosted_blob_swarms_within_its_repository`], the blob pushed to the node `rank`th in
+/// its placement order (0: its first owner, the swarm's coordinator).
+async fn hosted_swarm(rank: usize) {
+    let t0 = Instant::now();
+    const ROLES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(5);
+    let layout = write_layout(
+        &c.tmp.path().join("src"),
+        vec![(
+            "v1",
+            Entry::Image(ImageSpec::linux(
+                "amd64",
+                vec![LayerSpec::new("big.bin", 96 * MIB, 7500)],
+            )),
+        )],
+    );
+    let image = layout.image("v1").clone();
+    let blob = image.layers[0].blob.clone();
+    let order = ranked(&c, &blob.digest, &ROLES);
+    // `owner`: the node the blob is pushed to, its only holder at first.
+    let (coordinator, owner) = (order[0].clone(), order[rank].clone());
+    c.start_members(&ROLES).await;
+    for role in ROLES {
+        c.net.limit_link(role, MBIT);
+    }
+    println!(
+        "hosted blob {} ({} MiB) pushed to {owner} (rank {rank}), coordinated by its first owner \
+         {coordinator}; links {MBIT} Mbit/s",
+        blob.digest,
+        blob.size / MIB
+    );
+    push_image(
+        &c.http,
+        &c.node(&owner).url(),
+        "hosted/big",
+        "v1",
+        &layout,
+        &image,
+        Upload::Monolithic,
+    )
+    .await;
+    let pullers: Vec<&str> = ROLES.iter().copied().filter(|r| *r != owner).collect();
+    let before = metrics_of(&c, &ROLES).await;
+    let results = futures::future::join_all(pullers.iter().map(|role| {
+        let (http, base) = (c.http.clone(), c.node(role).url());
+        let blob = blob.clone();
+        async move { get_blob(&http, &base, "hosted/big", &blob).await }
+    }))
+    .await;
+    let after = metrics_of(&c, &ROLES).await;
+    let mut wrong = Vec::new();
+    for (role, r) in pullers.iter().zip(&results) {
+        if let Err(e) = r {
+            wrong.push(format!("{role}: the pull failed: {e}"));
+        }
+        if !holds_soon(&c, role, &blob.digest).await {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+        }
+    }
+    let mut table = String::from(
+        "  node   swarm fills  pieces ok  sent MiB  received MiB
+",
+    );
+    let mut swarmed = 0;
+    for role in ROLES {
+        let fills = grew(&before, &after, role, "pier_swarm_fills_total", &[]);
+        let ok = grew(
+            &before,
+            &after,
+            role,
+            "pier_swarm_pieces_total",
+            &[("result", "ok")],
+        );
+        swarmed += usize::from(fills > 0);
+        table.push_str(&format!(
+            "  {role:<6} {fills:>11}  {ok:>9}  {:>8.1}  {:>12.1}
+",
+            grew(&before, &after, role, "pier_peer_sent_bytes_total", &[]) as f64 / MIB as f64,
+            grew(&before, &after, role, "pier_peer_received_bytes_total", &[]) as f64 / MIB as f64,
+        ));
+    }
+    println!("{table}");
+    if swarmed < 2 {
+        wrong.push(format!(
+            "{swarmed} nodes took the hosted blob from a swarm (want every puller but at most one)"
+        ));
+    }
+    let received: u64 = pullers
+        .iter()
+        .map(|r| grew(&before, &after, r, "pier_peer_received_bytes_total", &[]))
+        .sum();
+    let owner_sent = grew(&before, &after, &owner, "pier_peer_sent_bytes_total", &[]);
+    if owner_sent * 2 >= received {
+        wrong.push(format!(
+ "{owner}, which the blob was pushed to, uploaded {owner_sent} bytes of the {received} the others received: not less than half, so no swarm carried the rest"
+        ));
+    }
+    // The link is the permission: a report for another repository gets nothing; one for the
+    // blob's own repository gets its piece digests.
+    let member = pullers[0];
+    let (code, body) = signed_report(
+        &c,
+        &coordinator,
+        member,
+        &blob.digest,
+        serde_json::json!({ "repo": "other/app" }),
+    )
+    .await;
+    if code != reqwest::StatusCode::NOT_FOUND {
+        wrong.push(format!(
+            "a report for other/app (the blob is only in hosted/big) was answered {code}: {body}"
+        ));
+    }
+    let (code, body) = signed_report(
+        &c,
+        &coordinator,
+        member,
+        &blob.digest,
+        serde_json::json!({ "repo": "hosted/big" }),
+    )
+    .await;
+    let digests = body["digests"].as_array().map_or(0, Vec::len);
+    if code != reqwest::StatusCode::OK || body["swarm"] != true || digests == 0 {
+        wrong.push(format!(
+            "a report for hosted/big was answered {code} with {digests} piece digests: {body}"
+        ));
+    }
+    // And a client asking a node for the blob in a repository it is not in gets a 404, with
+    // no swarm fill started for it.
+    let before = metrics_of(&c, &[member]).await;
+    let other = get_blob(&c.http, &c.node(member).url(), "other/app", &blob).await;
+    let after = metrics_of(&c, &[member]).await;
+    match other {
+        Err(e) if e.contains("404") => {}
+        other => wrong.push(format!(
+            "GET other/app/blobs/{} on {member}: {other:?}, want a 404",
+            blob.digest
+        )),
+    }
+    if grew(&before, &after, member, "pier_swarm_fills_total", &[]) > 0 {
+        wrong.push(format!("{member} swarmed the blob for other/app"));
+    }
+    if !wrong.is_empty() {
+        c.fail(&format!(
+            "the hosted swarm went wrong:\n  {}",
+            wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!(
+        "hosted swarm: {swarmed} nodes swarmed; owner sent {:.0} MiB of {:.0} MiB received; took {:?}",
+        owner_sent as f64 / MIB as f64,
+        received as f64 / MIB as f64,
+        t0.elapsed()
+    );
+}
+
+/// What [`coordinator_killed`] saw.
+struct Takeover {
+    c: Cluster,
+    blob: Descriptor,
+    next: String,
+    /// Bytes the upstream sent the killed owner, and the other nodes.
+    served_owner: u64,
+    served_after: u64,
+    /// Whole-blob GETs (no `Range`) the upstream answered the next owner.
+    next_whole_gets: usize,
+    wrong: Vec<String>,
+}
+
+/// Five nodes, 400 Mbit/s links, a 160 MiB layer pulled by three of them; the first owner,
+/// coordinating the swarm, is killed 2 s in, and the next owner has no client pull, so it is
+/// not fetching the blob when the members turn to it. With `lying`, every puller is started
+/// with `PIER_FAULT_LYING_SEED=1`. Every pull must verify and every puller hold the blob.
+async fn coordinator_killed(lying: bool) -> Takeover {
+    const ROLES: [&str; 5] = ["n1", "n2", "n3", "n4", "n5"];
+    const MBIT: u32 = 400;
+    let mut c = Cluster::new(5);
+    let blob = big_layer(&c, "swarm/takeover", 160, 7600).await;
+    let order = ranked(&c, &blob.digest, &ROLES);
+    let (owner, next) = (order[0].clone(), order[1].clone());
+    let pullers: Vec<&str> = ROLES
+        .iter()
+        .copied()
+        .filter(|r| *r != owner && *r != next)
+        .collect();
+    let secret = c.secret.clone();
+    for role in ROLES {
+        if lying && pullers.contains(&role) {
+            c.start_member_with_env(role, &[("PIER_FAULT_LYING_SEED", "1")]);
+        } else {
+            c.start_node(role, crate::nodes::Membership::Secret(&secret));
+        }
+    }
+    c.wait_all_alive(&ROLES, Duration::from_secs(20), "after start")
+        .await;
+    for role in ROLES.iter().chain(&["up"]) {
+        c.net.limit_link(role, MBIT);
+    }
+    println!(
+        "blob {} ({} MiB); coordinator {owner} (killed mid-swarm), next owner {next} (no client \
+         pull), pullers {pullers:?}{}; links {MBIT} Mbit/s",
+        blob.digest,
+        blob.size / MIB,
+        if lying {
+            " (lying about piece digests)"
+        } else {
+            ""
+        }
+    );
+    let from = c.upstream_accesses().len();
+    let via = format!("{UPSTREAM}/swarm/takeover");
+    let pulls = futures::future::join_all(pullers.iter().map(|role| {
+        let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
+        let blob = blob.clone();
+        async move { get_blob(&http, &base, &via, &blob).await }
+    }));
+    let killer = async {
+        // By then the owner has streamed over half the blob at the link's rate, and the
+        // members hold part of it.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        c.node(&owner).sigkill();
+    };
+    let (results, ()) = tokio::join!(pulls, killer);
+    // docker-registry logs a request a moment after its last byte.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let path = format!("/v2/swarm/takeover/blobs/{}", blob.digest);
+    let ip_of = |role: &str| c.net.host(role).ip.to_string();
+    let (owner_ip, next_ip) = (ip_of(&owner), ip_of(&next));
+    let (mut served_owner, mut served_after, mut next_whole_gets) = (0, 0, 0);
+    let mut gets = Vec::new();
+    for a in &c.upstream_accesses()[from..] {
+        if a.method != "GET" || a.path != path {
+            continue;
+        }
+        let ip = a.remote_addr.rsplit_once(':').map_or("", |(ip, _)| ip);
+        gets.push(format!("{} bytes to {ip}", a.written));
+        if ip == owner_ip {
+            served_owner += a.written;
+        } else {
+            served_after += a.written;
+        }
+        if ip == next_ip && a.written == blob.size {
+            next_whole_gets += 1;
+        }
+    }
+    let mut wrong = Vec::new();
+    for (role, r) in pullers.iter().zip(&results) {
+        if let Err(e) = r {
+            wrong.push(format!("{role}: the pull failed: {e}"));
+        }
+        if !holds_soon(&c, role, &blob.digest).await {
+            wrong.push(format!("{role} does not hold the blob after its pull"));
+        }
+    }
+    let mib = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "upstream served {:.1} MiB to the killed owner and {:.1} MiB to the others ({} GETs: {gets:?})",
+        mib(served_owner),
+        mib(served_after),
+        gets.len()
+    );
+    if served_owner == 0 || served_owner >= blob.size {
+        wrong.push(format!(
+            "the owner read {served_owner} bytes from the upstream before it was killed: the kill \
+             did not land mid-swarm"
+        ));
+    }
+    Takeover {
+        c,
+        blob,
+        next,
+        served_owner,
+        served_after,
+        next_whole_gets,
+        wrong,
+    }
+}
+
+/// The first owner coordinating a swarm is killed mid-swarm, and the next owner is not
+/// fetching the blob (no client asks it): the members turn to it, and it takes the pieces
+/// they hold from them and only the rest from the upstream. So the upstream serves the nodes
+/// after the kill less than a whole blob (a next owner that refilled from byte 0 would take a
+/// whole second copy), all of them less than two copies, and every pull verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces() {
+    let Some(_one) =
+        serial("a_next_owner_that_was_not_fetching_takes_over_from_the_members_pieces").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut t = coordinator_killed(false).await;
+    let size = t.blob.size;
+    if t.served_after >= size {
+        t.wrong.push(format!(
+            "after the owner was killed the upstream served {} bytes, not less than the blob's \
+             {size}: the next owner did not take the members' pieces",
+            t.served_after
+        ));
+    }
+    if t.served_owner + t.served_after >= 2 * size {
+        t.wrong.push(format!(
+            "the upstream served {} bytes in all, two copies of the blob or more",
+            t.served_owner + t.served_after
+        ));
+    }
+    if !t.wrong.is_empty() {
+        t.c.fail(&format!(
+            "the swarm takeover went wrong:\n  {}",
+            t.wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!(
+        "takeover: upstream bytes {:.2}x the blob; took {:?}",
+        (t.served_owner + t.served_after) as f64 / size as f64,
+        t0.elapsed()
+    );
+}
+
+/// The same, with every member lying to the next owner about the piece digests (the fault
+/// hook `PIER_FAULT_LYING_SEED=1`): the takeover fails on them, the next owner fills the blob
+/// again from its upstream alone, every pull still verifies, and the next owner's stored copy
+/// is the right blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_told_wrong_piece_digests_falls_back_to_a_clean_fill() {
+    let Some(_one) = serial("a_takeover_told_wrong_piece_digests_falls_back_to_a_clean_fill").await
+    else {
+        return;
+    };
+    let t0 = Instant::now();
+    let mut t = coordinator_killed(true).await;
+    if t.next_whole_gets == 0 {
+        t.wrong.push(format!(
+            "{} never filled the blob from its upstream in one stream: the lie was not caught \
+             or the fill did not fall back",
+            t.next
+        ));
+    }
+    let node = t.c.node(&t.next);
+    if !holds_soon(&t.c, &t.next, &t.blob.digest).await {
+        t.wrong.push(format!(
+            "{} does not hold the blob after the fallback",
+            t.next
+        ));
+    } else if let Err(e) = get_blob(
+        &t.c.http,
+        &node.url(),
+        "upstream.test/swarm/takeover",
+        &t.blob,
+    )
+    .await
+    {
+        t.wrong.push(format!("{}'s stored copy: {e}", t.next));
+    }
+    if !t.wrong.is_empty() {
+        t.c.fail(&format!(
+            "the lied-to takeover went wrong:\n  {}",
+            t.wrong.join("\n  ")
+        ))
+        .await;
+    }
+    println!(
+        "lied-to takeover: fell back ({} whole GETs by {}); upstream bytes {:.2}x the blob; took {:?}",
+        t.next_whole_gets,
+        t.next,
+        (t.served_owner + t.served_after) as f64 / t.blob.size as f64,
         t0.elapsed()
     );
 }
