@@ -50,7 +50,7 @@ pub(crate) const OFFER_HOLDERS: usize = 24;
 /// piece had 770 transfers at 1/770 of its link each at 1,000 nodes while most links idled.
 /// The bound replaces the fetchers' turns (a few per holder by their hashes) that came before
 /// it: those kept links idle waiting for a turn, and an idle fetcher took a piece anyway.
-pub const UPLOADS: usize = 6;
+pub const UPLOADS: usize = 3;
 /// An idle fetcher that landed nothing for this long takes pieces from the coordinator
 /// without being handed them.
 pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
@@ -575,9 +575,6 @@ impl Picker {
             .iter()
             .filter(|(n, _)| !self.shunned.avoid(n, now))
             .collect();
-        // A coordinator holding the whole blob (stored, or its fill done) reads nothing more
-        // from its upstream: its link is one holder's like any other.
-        let spare_coord = !self.holders.get(&self.coord).is_some_and(|h| h.all());
         // (rarity, tie-break): from the upstream in order, from peers in this node's order.
         let mut best: Option<((usize, u64), u32, From)> = None;
         let mut looked = 0;
@@ -593,7 +590,7 @@ impl Picker {
             for (n, h) in &askable {
                 if h.get(i) {
                     rarity += 1;
-                    peers += usize::from(**n != self.coord || !spare_coord);
+                    peers += usize::from(**n != self.coord);
                 }
             }
             let only_coord = peers == 0;
@@ -627,7 +624,7 @@ impl Picker {
                         // The coordinator's link is the scarce one: it sends a piece only
                         // when no one else can.
                         (
-                            **n == self.coord && spare_coord,
+                            **n == self.coord,
                             self.load.get(&from).copied().unwrap_or(0),
                             spread(&self.me, i) ^ spread(n, i),
                         )
@@ -943,23 +940,6 @@ mod tests {
         assert!(schedule(&mut p, t0, 16).is_empty());
         let later = t0 + UNASKED_AFTER + Duration::from_millis(1);
         assert_eq!(schedule(&mut p, later, 16).len(), IN_FLIGHT);
-    }
-
-    #[test]
-    fn a_coordinator_holding_the_whole_blob_is_asked_as_any_holder() {
-        // Stored, or its fill done: it reads nothing more from its upstream, and sparing its
-        // link would leave one of the few full holders idle.
-        let t0 = Instant::now();
-        let mut p = Picker::new("me", "c", 16, t0);
-        p.absorb(
-            [("c".to_string(), all(16)), ("x".to_string(), all(16))],
-            [],
-            None,
-        );
-        let started = schedule(&mut p, t0, 16);
-        assert_eq!(started.len(), IN_FLIGHT);
-        assert!(started.iter().any(|(_, f)| *f == From::Peer("c".into())));
-        assert!(started.iter().any(|(_, f)| *f == From::Peer("x".into())));
     }
 
     #[test]
