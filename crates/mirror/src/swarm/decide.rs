@@ -33,7 +33,7 @@ pub(crate) const ASSIGN_ALONE: usize = 12;
 pub(crate) const COORD_FAILURES: u32 = 10;
 /// Pieces a fetcher takes at once, from all holders together. Few, so each piece comes at a
 /// good share of the links and is soon there to pass on (6: 1.8x at 100 nodes, 3: 1.5x).
-pub(crate) const IN_FLIGHT: usize = 6;
+pub(crate) const IN_FLIGHT: usize = 3;
 /// Pieces a coordinator that took over takes from its upstream at once.
 pub(crate) const UPSTREAM_IN_FLIGHT: usize = 2;
 /// How far past the first missing piece a fetcher looks for pieces to take: far enough to
