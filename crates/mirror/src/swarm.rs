@@ -562,22 +562,22 @@ impl SwarmRun<'_> {
         Ok(())
     }
 
+    /// What this node holds, as it tells the coordinator (no seed).
+    fn holding(&self) -> SwarmReport {
+        let (upstream, repo) = self.want.names();
+        SwarmReport {
+            have: self.pieces.have().to_hex(),
+            known: self.pieces.digests_known(),
+            upstream,
+            repo,
+            bad: self.picker.bad(),
+            ..SwarmReport::default()
+        }
+    }
+
     /// The report that tells the coordinator this node holds the whole blob, and to whom.
     fn last_report(&self) -> Option<(NodeId, SwarmReport)> {
-        (!self.picker.coordinating()).then(|| {
-            let (upstream, repo) = self.want.names();
-            (
-                self.coord.clone(),
-                SwarmReport {
-                    have: self.pieces.have().to_hex(),
-                    known: self.pieces.digests_known(),
-                    upstream,
-                    repo,
-                    bad: self.picker.bad(),
-                    ..SwarmReport::default()
-                },
-            )
-        })
+        (!self.picker.coordinating()).then(|| (self.coord.clone(), self.holding()))
     }
 
     /// Tell the coordinator what this node holds and take in its answer; after two failures
@@ -586,15 +586,7 @@ impl SwarmRun<'_> {
         if self.picker.coordinating() {
             return;
         }
-        let (upstream, repo) = self.want.names();
-        let mut report = SwarmReport {
-            have: self.pieces.have().to_hex(),
-            known: self.pieces.digests_known(),
-            upstream,
-            repo,
-            bad: self.picker.bad(),
-            ..SwarmReport::default()
-        };
+        let mut report = self.holding();
         if self.seed_next {
             report.size = self.pieces.size();
             report.piece_size = self.pieces.piece_size();
