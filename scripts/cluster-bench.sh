@@ -25,6 +25,10 @@
 #   ONLY=swarm scripts/cluster-bench.sh             # the swarm runs only
 #   ONLY=cluster TRIALS=3 BLOB_MIB=128 scripts/cluster-bench.sh  # detection etc., quickly
 #   NODES=6 MBIT=400 SWARM_MIB=256 ONLY=swarm scripts/cluster-bench.sh
+#   RUNS=on,warm QUEUE_MS=5 ...                     # some swarm runs; shallow link buffers
+#
+# NODE_BIN=path runs that pier binary as the nodes (an A/B of two builds under one harness).
+# QUEUE_MS is how long each link's token bucket may queue (100 ms unless set: a deep FIFO).
 #
 # Needs root (network namespaces, iptables, a tmpfs). The nodes' data directories and the
 # upstream's storage go on a tmpfs (this machine's disk is slower than eight links), which
@@ -41,7 +45,7 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 declare -A packages=([ip]=iproute2 [tc]=iproute2 [iptables]=iptables [setpriv]=util-linux
-    [docker-registry]=docker-registry [skopeo]=skopeo [containerd]=containerd [ctr]=containerd)
+    [openssl]=openssl [curl]=curl [docker-registry]=docker-registry [skopeo]=skopeo [containerd]=containerd [ctr]=containerd)
 missing=()
 for cmd in "${!packages[@]}"; do
     command -v "$cmd" >/dev/null 2>&1 || missing+=("${packages[$cmd]}")
@@ -67,11 +71,16 @@ trap 'umount "$TMPFS"; rmdir "$TMPFS"' EXIT
     echo
     echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
         "trials=${TRIALS:-10} blob=${BLOB_MIB:-1024}MiB nodes=${NODES:-8} mbit=${MBIT:-1000}" \
-        "swarm=${SWARM_MIB:-1024}MiB clients=${CLIENTS:-node} only=${ONLY:-all}"
+        "swarm=${SWARM_MIB:-1024}MiB clients=${CLIENTS:-node} only=${ONLY:-all}" \
+        "runs=${RUNS:-all} queue=${QUEUE_MS:-100}ms nodes_bin=${NODE_BIN:-built}"
 } >>"$RESULTS"
+if [[ -n ${NODE_BIN:-} ]]; then
+    export PIER_CLUSTER_NODE_BIN=$(realpath "$NODE_BIN")
+fi
 TMPDIR=$TMPFS PIER_CLUSTER=1 PIER_CLUSTER_BENCH=1 PIER_CLUSTER_BENCH_OUT=$RESULTS \
     PIER_CLUSTER_BENCH_TRIALS=${TRIALS:-10} PIER_CLUSTER_BENCH_BLOB_MIB=${BLOB_MIB:-1024} \
     PIER_CLUSTER_BENCH_NODES=${NODES:-8} PIER_CLUSTER_BENCH_MBIT=${MBIT:-1000} \
     PIER_CLUSTER_BENCH_SWARM_MIB=${SWARM_MIB:-1024} PIER_CLUSTER_BENCH_CLIENTS=${CLIENTS:-node} \
+    PIER_CLUSTER_BENCH_RUNS=${RUNS:-} PIER_NET_QUEUE_MS=${QUEUE_MS:-100} \
     cargo test --release -q -p pier --test cluster -- --nocapture --test-threads 1 "${filters[@]}"
 echo "results appended to $RESULTS"

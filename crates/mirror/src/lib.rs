@@ -202,6 +202,9 @@ pub struct Mirror {
     boards: Mutex<HashMap<Digest, swarm::Board>>,
     /// Piece digests of stored blobs this node has coordinated a swarm for.
     stored_pieces: Mutex<HashMap<Digest, Arc<Pieces>>>,
+    /// Held while a stored blob's piece digests are computed: the reports that arrive
+    /// meanwhile wait for them instead of each reading and hashing the blob again.
+    hashing_stored: tokio::sync::Mutex<()>,
     upstream_limit: Option<Arc<RateLimit>>,
 }
 
@@ -291,6 +294,7 @@ impl Mirror {
             resolving: Mutex::new(HashMap::new()),
             boards: Mutex::new(HashMap::new()),
             stored_pieces: Mutex::new(HashMap::new()),
+            hashing_stored: tokio::sync::Mutex::new(()),
             upstream_limit: policy.max_upstream_rate.map(RateLimit::new),
         })
     }
@@ -1166,6 +1170,13 @@ impl Mirror {
                 fills.insert(d2.clone(), f3.clone());
                 (f3, r)
             });
+            if outcome.is_ok() {
+                // The swarm this node coordinates goes on from the stored blob: its piece
+                // digests are the fill's, not read and hashed again.
+                if let Some(p) = f2.pieces() {
+                    this.remember_pieces(&d2, p.clone());
+                }
+            }
             f2.progress.send_modify(|p| p.outcome = Some(outcome));
             if retry.is_none() {
                 let mut fills = this.fills.lock().unwrap_or_else(|e| e.into_inner());

@@ -139,7 +139,7 @@ impl MirrorMetrics {
         );
         registry.register(
             "swarm_pieces",
-            "Pieces a swarm fill fetched, by result (ok; upstream, fetched by the coordinator from its upstream; corrupt, failed its piece digest; failed, the peer did not deliver)",
+            "Pieces a swarm fill fetched, by result (ok; upstream, fetched by the coordinator from its upstream; corrupt, failed its piece digest; busy, the holder was sending all it will at once; failed, the peer did not deliver)",
             m.swarm_pieces.clone(),
         );
         registry.register(

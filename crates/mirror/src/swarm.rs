@@ -49,7 +49,7 @@ use decide::{Counts, From, Picker, Turn, REPORT_EVERY, REPORT_SOON, STALL};
 
 use crate::fill::{Fill, FillError};
 use crate::pieces::{
-    Bits, PieceDigest, PieceHasher, Pieces, PIECE_ALGORITHM, PIECE_SIZE, SWARM_MIN,
+    Bits, PieceAlgorithm, PieceDigest, PieceHasher, Pieces, PIECE_ALGORITHM, PIECE_SIZE, SWARM_MIN,
 };
 use crate::sources::upstream_error;
 use crate::{BlobSource, Mirror, MirrorError, MirrorRef, Result};
@@ -201,6 +201,10 @@ impl Mirror {
         if let Some(p) = self.lock_stored().get(digest) {
             return Ok(Ok(p.clone()));
         }
+        let _hashing = self.hashing_stored.lock().await;
+        if let Some(p) = self.lock_stored().get(digest) {
+            return Ok(Ok(p.clone()));
+        }
         let pieces = Arc::new(Pieces::new(size, PIECE_SIZE));
         let mut hasher = PieceHasher::new(pieces.clone());
         let mut body = self.blobs.read(digest, 0, size).await?;
@@ -214,14 +218,26 @@ impl Mirror {
                 "{digest} is shorter than its recorded {size} bytes"
             ))));
         }
+        self.remember_pieces(digest, pieces.clone());
+        Ok(Ok(pieces))
+    }
+
+    /// Keep a stored blob's piece digests (a few blobs' worth) for the swarms this node
+    /// coordinates. Only complete ones: every piece written, every digest known.
+    pub(crate) fn remember_pieces(&self, digest: &Digest, pieces: Arc<Pieces>) {
+        if pieces.size() < SWARM_MIN
+            || pieces.digests_known() != pieces.count()
+            || !pieces.have().all()
+        {
+            return;
+        }
         let mut stored = self.lock_stored();
-        if stored.len() >= STORED_PIECES {
+        if stored.len() >= STORED_PIECES && !stored.contains_key(digest) {
             if let Some(k) = stored.keys().next().cloned() {
                 stored.remove(&k);
             }
         }
-        stored.insert(digest.clone(), pieces.clone());
-        Ok(Ok(pieces))
+        stored.insert(digest.clone(), pieces);
     }
 
     fn lock_stored(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Pieces>>> {
@@ -467,7 +483,16 @@ impl Mirror {
     }
 }
 
-type PieceResult = (u32, From, std::result::Result<Bytes, FillError>);
+/// A piece fetch's end: the piece, where from, and its bytes with their digest (computed in
+/// the fetch's own task, in the algorithm the coordinator's digest named when it started).
+type PieceResult = (
+    u32,
+    From,
+    std::result::Result<(Bytes, PieceDigest), FillError>,
+);
+
+/// A report's round trip to the coordinator, run beside the piece fetches.
+type ReportResult = std::result::Result<SwarmAnswer, PeerError>;
 
 /// One swarm fill's state on the fetching node: its I/O; the choices are its [`Picker`]'s.
 struct SwarmRun<'a> {
@@ -522,6 +547,11 @@ impl SwarmRun<'_> {
 
     async fn drive(&mut self) -> std::result::Result<(), FillError> {
         let mut next_report = Instant::now() + REPORT_EVERY;
+        // The report in flight: its round trip (the coordinator's queue and links) runs beside
+        // the loop, which goes on landing and starting pieces meanwhile.
+        let mut reporting: Option<BoxFuture<'static, ReportResult>> = None;
+        // A piece landed since the report in flight was sent: report again soon.
+        let mut soon = false;
         while !self.picker.done() {
             if self.picker.coordinating() {
                 let holders = self.mirror.board_holders(self.digest, self.pieces.count());
@@ -536,15 +566,25 @@ impl SwarmRun<'_> {
                 )));
             }
             let wait = next_report.saturating_duration_since(Instant::now());
+            let in_flight = reporting.is_some();
             tokio::select! {
                 Some((i, from, result)) = self.tasks.next(), if !self.tasks.is_empty() => {
                     if self.landed(i, from, result).await? {
                         next_report = next_report.min(Instant::now() + REPORT_SOON);
+                        soon |= in_flight;
                     }
                 }
-                () = tokio::time::sleep(wait) => {
-                    self.report().await;
-                    next_report = Instant::now() + REPORT_EVERY;
+                answer = async { reporting.as_mut().expect("a report in flight").await }, if in_flight => {
+                    reporting = None;
+                    self.answered(answer);
+                    next_report = Instant::now() + if soon { REPORT_SOON } else { REPORT_EVERY };
+                    soon = false;
+                }
+                () = tokio::time::sleep(wait), if !in_flight => {
+                    reporting = self.report();
+                    if reporting.is_none() {
+                        next_report = Instant::now() + REPORT_EVERY;
+                    }
                 }
             }
         }
@@ -580,11 +620,11 @@ impl SwarmRun<'_> {
         (!self.picker.coordinating()).then(|| (self.coord.clone(), self.holding()))
     }
 
-    /// Tell the coordinator what this node holds and take in its answer; after two failures
-    /// in a row, turn to the next owner (or take over, when that is this node).
-    async fn report(&mut self) {
+    /// Tell the coordinator what this node holds: the round trip, for [`SwarmRun::answered`]
+    /// (none when this node coordinates).
+    fn report(&mut self) -> Option<BoxFuture<'static, ReportResult>> {
         if self.picker.coordinating() {
-            return;
+            return None;
         }
         let mut report = self.holding();
         if self.seed_next {
@@ -599,12 +639,18 @@ impl SwarmRun<'_> {
             report.digests = digest_strings(digests);
         }
         let first = self.picker.failed_reports();
-        match self
-            .cluster
-            .client()
-            .swarm(&self.coord, self.digest, &report, first)
-            .await
-        {
+        let (client, coord, digest) = (
+            self.cluster.client().clone(),
+            self.coord.clone(),
+            self.digest.clone(),
+        );
+        Some(async move { client.swarm(&coord, &digest, &report, first).await }.boxed())
+    }
+
+    /// Take in a report's answer; after too many failures in a row, turn to the next owner
+    /// (or take over, when that is this node).
+    fn answered(&mut self, answer: ReportResult) {
+        match answer {
             Ok(a) if a.swarm && a.size == self.pieces.size() => {
                 self.seed_next = false;
                 self.absorb(a)
@@ -667,13 +713,19 @@ impl SwarmRun<'_> {
         &mut self,
         i: u32,
         from: From,
-        result: std::result::Result<Bytes, FillError>,
+        result: std::result::Result<(Bytes, PieceDigest), FillError>,
     ) -> std::result::Result<bool, FillError> {
         self.picker.ended(i, &from);
-        let bytes = match result {
+        let (bytes, got) = match result {
             Ok(b) => b,
             Err(e) => {
-                self.mirror.metrics.piece("failed");
+                self.mirror
+                    .metrics
+                    .piece(if matches!(e, FillError::TooManyRequests) {
+                        "busy"
+                    } else {
+                        "failed"
+                    });
                 match &from {
                     From::Peer(n) => {
                         // A holder already sending all it will at once (pier_server's piece
@@ -712,7 +764,12 @@ impl SwarmRun<'_> {
         let algorithm = want
             .as_ref()
             .map_or(PIECE_ALGORITHM, PieceDigest::algorithm);
-        let got = PieceDigest::compute(algorithm, &bytes);
+        // The digest became known, in another algorithm, while the piece was coming.
+        let got = if got.algorithm() == algorithm {
+            got
+        } else {
+            PieceDigest::compute(algorithm, &bytes)
+        };
         match (want, &from) {
             (Some(want), From::Peer(n)) if want != got => {
                 self.mirror.metrics.piece("corrupt");
@@ -791,7 +848,8 @@ fn fetch(
 ) -> Option<BoxFuture<'static, PieceResult>> {
     let (start, end) = pieces.range(i);
     let digest = digest.clone();
-    let fut: BoxFuture<'static, PieceResult> = match from {
+    let algorithm = pieces.digest(i).map_or(PIECE_ALGORITHM, |d| d.algorithm());
+    let fut: BoxFuture<'static, (u32, From, std::result::Result<Bytes, FillError>)> = match from {
         From::Peer(name) => {
             let node = cluster.member(name)?;
             let client = cluster.client().clone();
@@ -860,7 +918,46 @@ fn fetch(
             }
         },
     };
-    Some(fut)
+    Some(spawned(i, from.clone(), fut, algorithm))
+}
+
+/// Run a piece fetch in its own task (aborted when the fill drops it), its digest computed
+/// there: its bytes keep coming while the fill's loop writes, hashes or waits on a report, and
+/// the digests of pieces that land together are computed on every core.
+fn spawned(
+    i: u32,
+    from: From,
+    fut: BoxFuture<'static, (u32, From, std::result::Result<Bytes, FillError>)>,
+    algorithm: PieceAlgorithm,
+) -> BoxFuture<'static, PieceResult> {
+    let task = tokio::spawn(fut.map(move |(i, f, r)| {
+        let r = r.map(|b| {
+            let d = PieceDigest::compute(algorithm, &b);
+            (b, d)
+        });
+        (i, f, r)
+    }));
+    let abort = AbortOnDrop(task.abort_handle());
+    async move {
+        let _abort = abort;
+        task.await.unwrap_or_else(|e| {
+            (
+                i,
+                from,
+                Err(FillError::Peer(format!("piece {i} fetch task ended: {e}"))),
+            )
+        })
+    }
+    .boxed()
+}
+
+/// Aborts a task when dropped: a fill that ends (or gives up) stops its piece fetches.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn peer_fill_error(e: PeerError) -> FillError {

@@ -110,6 +110,8 @@ pub(crate) struct Board {
     bad: HashSet<String>,
     /// Per piece, the members (not found bad) that hold it.
     held: Vec<u32>,
+    /// Of those, the members that hold every piece (done fetching, or stored it before).
+    full: u32,
     /// Pieces handed to a member to take from the coordinator, and when.
     assigned: HashMap<u32, (String, Instant)>,
     /// Reports taken in: each answer's sample of holders starts somewhere else.
@@ -152,16 +154,25 @@ impl Board {
             members: BTreeMap::new(),
             bad: HashSet::new(),
             held: Vec::new(),
+            full: 0,
             assigned: HashMap::new(),
             rounds: 0,
             touched: now,
         }
     }
 
-    /// Add (`add`) or take away a member's pieces from the per-piece counts.
-    fn count(held: &mut [u32], have: &Bits, add: bool) {
+    /// Add (`add`) or take away a member's pieces from the per-piece counts (`full` counts
+    /// the members that hold them all).
+    fn count(held: &mut [u32], full: &mut u32, have: &Bits, add: bool) {
         if have.len() as usize != held.len() {
             return;
+        }
+        if have.all() {
+            *full = if add {
+                *full + 1
+            } else {
+                full.saturating_sub(1)
+            };
         }
         for (i, n) in held.iter_mut().enumerate() {
             if have.get(i as u32) {
@@ -188,29 +199,30 @@ impl Board {
         if self.held.len() != count as usize {
             // First report, or the blob's piece count changed under the board: count afresh.
             self.held = vec![0; count as usize];
+            self.full = 0;
             for (n, (h, _)) in &self.members {
                 if !self.bad.contains(n) {
-                    Board::count(&mut self.held, h, true);
+                    Board::count(&mut self.held, &mut self.full, h, true);
                 }
             }
         }
         for n in bad.iter().filter(|n| n.as_str() != me) {
             if self.bad.insert(n.clone()) {
                 if let Some((h, _)) = self.members.get(n) {
-                    Board::count(&mut self.held, h, false);
+                    Board::count(&mut self.held, &mut self.full, h, false);
                 }
             }
         }
         let counted = !self.bad.contains(from);
         if counted {
-            Board::count(&mut self.held, &have, true);
+            Board::count(&mut self.held, &mut self.full, &have, true);
         }
         if let Some((old, _)) = self.members.insert(from.to_string(), (have, now)) {
             if counted {
-                Board::count(&mut self.held, &old, false);
+                Board::count(&mut self.held, &mut self.full, &old, false);
             }
         }
-        let (held, bad) = (&mut self.held, &self.bad);
+        let (held, full, bad) = (&mut self.held, &mut self.full, &self.bad);
         self.members.retain(|n, (h, seen)| {
             // A member that holds the whole blob has stopped reporting (its fill is done) and
             // serves it from its store: it stays offered, or the last pieces would have no
@@ -218,15 +230,21 @@ impl Board {
             let ttl = if h.all() { SEED_TTL } else { MEMBER_TTL };
             let keep = now.saturating_duration_since(*seen) < ttl;
             if !keep && !bad.contains(n) {
-                Board::count(held, h, false);
+                Board::count(held, full, h, false);
             }
             keep
         });
-        let held = &self.held;
-        let held = |i: u32| held.get(i as usize).is_some_and(|n| *n > 0);
+        // Held by a member still fetching. A member that holds every piece (a node that
+        // stored the blob before, or finished) serves what it is asked, but does not pass
+        // pieces on as a fetcher does: the coordinator still hands out each piece to one
+        // fetcher, or with two owners storing a blob the second would carry the swarm alone
+        // while the first's link idled.
+        let (held, full) = (&self.held, self.full);
+        let held = |i: u32| held.get(i as usize).is_some_and(|n| *n > full);
+        let members = &self.members;
+        let taken = |i: u32| members.get(from).is_some_and(|(h, _)| h.get(i));
         // A handed-out piece stays handed out until a member holds it, or its taker goes
         // quiet or takes too long.
-        let members = &self.members;
         self.assigned.retain(|i, (n, at)| {
             !held(*i) && now.saturating_duration_since(*at) < ASSIGN_TTL && members.contains_key(n)
         });
@@ -245,7 +263,7 @@ impl Board {
         };
         let mut i = 0;
         while assign.len() < outstanding && i < count {
-            if own.get(i) && !held(i) && !self.assigned.contains_key(&i) {
+            if own.get(i) && !held(i) && !taken(i) && !self.assigned.contains_key(&i) {
                 self.assigned.insert(i, (from.to_string(), now));
                 assign.push(i);
             }
@@ -622,9 +640,9 @@ impl Picker {
                     .min_by_key(|(n, _)| {
                         let from = From::Peer((*n).clone());
                         // The coordinator's link is the scarce one: it sends a piece only
-                        // when no one else can.
+                        // when it handed it to this node, or when no one else can.
                         (
-                            **n == self.coord,
+                            (**n == self.coord) != self.assigned.contains(&i),
                             self.load.get(&from).copied().unwrap_or(0),
                             spread(&self.me, i) ^ spread(n, i),
                         )

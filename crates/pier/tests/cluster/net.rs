@@ -271,8 +271,19 @@ impl Net {
         self.exec(
             role,
             &[
-                "tc", "qdisc", "replace", "dev", LINK, "root", "tbf", "rate", &rate, "burst",
-                "256kb", "latency", "100ms",
+                "tc",
+                "qdisc",
+                "replace",
+                "dev",
+                LINK,
+                "root",
+                "tbf",
+                "rate",
+                &rate,
+                "burst",
+                "256kb",
+                "latency",
+                &queue(),
             ],
         );
     }
@@ -284,10 +295,32 @@ impl Net {
         let host = self.host(role);
         let rate = format!("{mbit}mbit");
         run(&[
-            "tc", "qdisc", "replace", "dev", &host.veth, "root", "tbf", "rate", &rate, "burst",
-            "256kb", "latency", "100ms",
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &host.veth,
+            "root",
+            "tbf",
+            "rate",
+            &rate,
+            "burst",
+            "256kb",
+            "latency",
+            &queue(),
         ]);
     }
+}
+
+/// How long a shaped link's FIFO may queue: `PIER_NET_QUEUE_MS` milliseconds, 100 unless set
+/// (a deep buffer, where a report or a refusal waits behind every piece queued on the link;
+/// a switch port's shallow buffer is a few).
+fn queue() -> String {
+    let ms = std::env::var("PIER_NET_QUEUE_MS")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(100);
+    format!("{ms}ms")
 }
 
 impl Net {

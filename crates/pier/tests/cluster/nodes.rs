@@ -121,7 +121,11 @@ impl Node {
             self.args.join(" ")
         )
         .expect("write the node log");
-        let mut cmd = command_in(Some(&self.ns), env!("CARGO_BIN_EXE_pier"));
+        // `PIER_CLUSTER_NODE_BIN` runs another build of pier as the nodes (an A/B of two
+        // commits with the same harness: scripts/cluster-bench.sh's `NODE_BIN`).
+        let bin = std::env::var("PIER_CLUSTER_NODE_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_pier").to_string());
+        let mut cmd = command_in(Some(&self.ns), &bin);
         cmd.args(&self.args)
             .env("NO_COLOR", "1")
             .env_remove("PIER_LOG")

@@ -45,6 +45,10 @@ pub struct NodeResult {
     pub received: u64,
     pub upstream: u64,
     pub corrupt_pieces: u64,
+    /// Piece requests this node's fill had turned away by a busy holder, and that failed
+    /// otherwise (a "not here" included).
+    pub busy_pieces: u64,
+    pub failed_pieces: u64,
 }
 
 /// The whole run.
@@ -63,11 +67,12 @@ impl SwarmOutcome {
     }
 
     pub fn table(&self) -> String {
-        let mut out =
-            String::from("  node   time      sent MiB  received MiB  upstream MiB  corrupt\n");
+        let mut out = String::from(
+            "  node   time      sent MiB  received MiB  upstream MiB  corrupt  busy  failed\n",
+        );
         for n in &self.nodes {
             out.push_str(&format!(
-                "  {:<6} {:<9} {:>8.1}  {:>12.1}  {:>12.1}  {:>7}{}\n",
+                "  {:<6} {:<9} {:>8.1}  {:>12.1}  {:>12.1}  {:>7}  {:>4}  {:>6}{}\n",
                 n.role,
                 n.took
                     .map_or("-".to_string(), |t| format!("{:.2} s", t.as_secs_f64())),
@@ -75,6 +80,8 @@ impl SwarmOutcome {
                 n.received as f64 / MIB as f64,
                 n.upstream as f64 / MIB as f64,
                 n.corrupt_pieces,
+                n.busy_pieces,
+                n.failed_pieces,
                 n.error
                     .as_ref()
                     .map_or(String::new(), |e| format!("  error: {e}")),
@@ -113,10 +120,14 @@ pub enum Clients {
 }
 
 /// `GET <base>/v2/<repo>/blobs/<digest>` with curl inside the namespace `ns`, the body hashed
-/// by sha256sum there: Ok when it has the blob's digest.
+/// by OpenSSL there: Ok when it has the blob's digest.
 async fn get_blob_in(ns: &str, base: &str, repo: &str, blob: &Descriptor) -> Result<(), String> {
     let url = format!("{base}/v2/{repo}/blobs/{}", blob.digest);
-    let script = format!("set -o pipefail; curl -sfS --max-time 120 '{url}' | sha256sum");
+    // OpenSSL's SHA-256 (with the CPU's SHA extensions, as containerd's Go hashing has):
+    // coreutils' sha256sum hashes at a fifth of that here, and six of them hashing at once
+    // at the end of a pull took seconds of the two cores the nodes share.
+    let script =
+        format!("set -o pipefail; curl -sfS --max-time 120 '{url}' | openssl dgst -sha256 -r");
     let out = tokio::process::Command::new("ip")
         .args(["netns", "exec", ns, "bash", "-c", &script])
         .output()
@@ -189,8 +200,8 @@ pub async fn cold_swarm(
     let mut nodes = Vec::new();
     for (role, r) in roles.iter().zip(results) {
         let killed = kill.is_some_and(|(v, _)| v == *role);
-        let (sent, received, upstream, corrupt) = if killed {
-            (0, 0, 0, 0)
+        let (sent, received, upstream, corrupt, busy, failed) = if killed {
+            (0, 0, 0, 0, 0, 0)
         } else {
             let now = c.check(role, c.node(role).metrics(&c.http).await).await;
             let was = &before[*role];
@@ -202,6 +213,8 @@ pub async fn cold_swarm(
                 d("pier_peer_received_bytes_total", &[]),
                 d("pier_mirror_upstream_bytes_total", &[]),
                 d("pier_swarm_pieces_total", &[("result", "corrupt")]),
+                d("pier_swarm_pieces_total", &[("result", "busy")]),
+                d("pier_swarm_pieces_total", &[("result", "failed")]),
             )
         };
         let (took, error) = match r {
@@ -216,6 +229,8 @@ pub async fn cold_swarm(
             received,
             upstream,
             corrupt_pieces: corrupt,
+            busy_pieces: busy,
+            failed_pieces: failed,
         });
     }
     let ips: Vec<_> = c.nodes.iter().map(|n| n.ip).collect();
@@ -1056,12 +1071,25 @@ async fn swarm_bench() {
     let names: Vec<String> = (1..=nodes).map(|n| format!("n{n}")).collect();
     let roles: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut lines = Vec::new();
+    // `PIER_CLUSTER_BENCH_RUNS=on,warm` runs only those (on, off, warm, mixed).
+    let only = std::env::var("PIER_CLUSTER_BENCH_RUNS").unwrap_or_default();
+    let wanted = |run: &str| {
+        only.is_empty()
+            || only.split(',').any(|w| match w.trim() {
+                "on" => run == "cold, swarm on",
+                "off" => run == "cold, swarm off",
+                w => !w.is_empty() && run.starts_with(w),
+            })
+    };
     for run in [
         "cold, swarm on",
         "cold, swarm off",
         "warm (on 2 owners)",
         "mixed image",
-    ] {
+    ]
+    .into_iter()
+    .filter(|r| wanted(r))
+    {
         let mut c = Cluster::new(nodes);
         if run.contains("off") {
             c.extra.push("--no-swarm".into());
@@ -1131,6 +1159,8 @@ async fn swarm_bench() {
                 received: 0,
                 upstream: 0,
                 corrupt_pieces: 0,
+                busy_pieces: 0,
+                failed_pieces: 0,
             });
         }
         println!("{run}:\n{}", o.table());
