@@ -893,6 +893,47 @@ mod tests {
         assert!(large <= small * 2, "{sizes:?}");
     }
 
+    #[test]
+    fn a_member_holding_every_piece_does_not_keep_the_coordinator_from_handing_out() {
+        let t0 = Instant::now();
+        let mut board = Board::new(t0);
+        let own = all(10);
+        // A second owner that stored the blob reported it whole; two members still fetch.
+        assert!(board.report("seed", all(10), &[], "c", &own, t0).is_empty());
+        let a = board.report("a", Bits::new(10), &[], "c", &own, t0);
+        assert_eq!(a, vec![0, 1, 2], "handed out though the seed holds them");
+        // What a fetching member holds is not handed out again; the seed is never handed any.
+        let b = board.report("b", bits(10, &[3]), &[], "c", &own, t0);
+        assert_eq!(b, vec![4, 5, 6]);
+        let later = t0 + Duration::from_millis(100);
+        assert!(board
+            .report("seed", all(10), &[], "c", &own, later)
+            .is_empty());
+        // The fetcher takes what it was handed from the coordinator, not from the seed that
+        // holds it too; the rest from the seed.
+        let mut p = Picker::new("a", "c", 10, t0);
+        p.absorb(
+            [("c".to_string(), all(10)), ("seed".to_string(), all(10))],
+            a,
+            None,
+        );
+        let started = schedule(&mut p, t0, 10);
+        assert_eq!(started.len(), IN_FLIGHT);
+        for (i, f) in &started {
+            let from = if *i < 3 { "c" } else { "seed" };
+            assert_eq!(*f, From::Peer(from.into()), "piece {i}");
+        }
+        let mut q = Picker::new("b", "c", 10, t0);
+        q.absorb(
+            [("c".to_string(), all(10)), ("seed".to_string(), all(10))],
+            [],
+            None,
+        );
+        for (i, f) in schedule(&mut q, t0, 10) {
+            assert_eq!(f, From::Peer("seed".into()), "piece {i} was not handed out");
+        }
+    }
+
     fn schedule(p: &mut Picker, now: Instant, known: u32) -> Vec<(u32, From)> {
         let mut started = Vec::new();
         p.schedule(now, &|i| i < known, &mut |i, f| {
