@@ -267,49 +267,28 @@ impl Net {
 
     /// Limit what `role` sends to `mbit` megabits per second (a token bucket on its link).
     pub fn limit_rate(&self, role: &str, mbit: u32) {
-        let rate = format!("{mbit}mbit");
-        self.exec(
-            role,
-            &[
-                "tc",
-                "qdisc",
-                "replace",
-                "dev",
-                LINK,
-                "root",
-                "tbf",
-                "rate",
-                &rate,
-                "burst",
-                "256kb",
-                "latency",
-                &queue(),
-            ],
-        );
+        let tbf = token_bucket(LINK, mbit);
+        self.exec(role, &tbf.iter().map(String::as_str).collect::<Vec<_>>());
     }
 
     /// Limit `role`'s link to `mbit` megabits per second both ways: what it sends (its end of
     /// the veth) and what it receives (the bridge's end), as a real NIC of that speed would.
     pub fn limit_link(&self, role: &str, mbit: u32) {
         self.limit_rate(role, mbit);
-        let host = self.host(role);
-        let rate = format!("{mbit}mbit");
-        run(&[
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            &host.veth,
-            "root",
-            "tbf",
-            "rate",
-            &rate,
-            "burst",
-            "256kb",
-            "latency",
-            &queue(),
-        ]);
+        let tbf = token_bucket(&self.host(role).veth, mbit);
+        run(&tbf.iter().map(String::as_str).collect::<Vec<_>>());
     }
+}
+
+/// The `tc` command that shapes what `dev` sends to `mbit` megabits per second.
+fn token_bucket(dev: &str, mbit: u32) -> Vec<String> {
+    let (rate, latency) = (format!("{mbit}mbit"), queue());
+    [
+        "tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", &rate, "burst", "256kb",
+        "latency", &latency,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// How long a shaped link's FIFO may queue: `PIER_NET_QUEUE_MS` milliseconds, 100 unless set
