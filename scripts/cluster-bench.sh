@@ -29,6 +29,10 @@
 #
 # NODE_BIN=path runs that pier binary as the nodes (an A/B of two builds under one harness).
 # QUEUE_MS is how long each link's token bucket may queue (100 ms unless set: a deep FIFO).
+# SYSCTL=key=value,... sets TCP sysctls in every host's namespace (SYSCTL=net.ipv4.
+# tcp_slow_start_after_idle=0, say). Each swarm run also prints what every node's link carried
+# into it per half second and the share of its link it used until done, and how busy the
+# machine's cores were.
 #
 # Needs root (network namespaces, iptables, a tmpfs). The nodes' data directories and the
 # upstream's storage go on a tmpfs (this machine's disk is slower than eight links), which
@@ -72,7 +76,7 @@ trap 'umount "$TMPFS"; rmdir "$TMPFS"' EXIT
     echo "== $(date -u +%Y-%m-%dT%H:%M:%SZ) $(git rev-parse --short HEAD 2>/dev/null || echo '?')" \
         "trials=${TRIALS:-10} blob=${BLOB_MIB:-1024}MiB nodes=${NODES:-8} mbit=${MBIT:-1000}" \
         "swarm=${SWARM_MIB:-1024}MiB clients=${CLIENTS:-node} only=${ONLY:-all}" \
-        "runs=${RUNS:-all} queue=${QUEUE_MS:-100}ms nodes_bin=${NODE_BIN:-built}"
+        "runs=${RUNS:-all} queue=${QUEUE_MS:-100}ms sysctl=${SYSCTL:-} nodes_bin=${NODE_BIN:-built}"
 } >>"$RESULTS"
 if [[ -n ${NODE_BIN:-} ]]; then
     export PIER_CLUSTER_NODE_BIN=$(realpath "$NODE_BIN")
@@ -81,6 +85,6 @@ TMPDIR=$TMPFS PIER_CLUSTER=1 PIER_CLUSTER_BENCH=1 PIER_CLUSTER_BENCH_OUT=$RESULT
     PIER_CLUSTER_BENCH_TRIALS=${TRIALS:-10} PIER_CLUSTER_BENCH_BLOB_MIB=${BLOB_MIB:-1024} \
     PIER_CLUSTER_BENCH_NODES=${NODES:-8} PIER_CLUSTER_BENCH_MBIT=${MBIT:-1000} \
     PIER_CLUSTER_BENCH_SWARM_MIB=${SWARM_MIB:-1024} PIER_CLUSTER_BENCH_CLIENTS=${CLIENTS:-node} \
-    PIER_CLUSTER_BENCH_RUNS=${RUNS:-} PIER_NET_QUEUE_MS=${QUEUE_MS:-100} \
+    PIER_CLUSTER_BENCH_RUNS=${RUNS:-} PIER_NET_QUEUE_MS=${QUEUE_MS:-100} PIER_NET_SYSCTL=${SYSCTL:-} \
     cargo test --release -q -p pier --test cluster -- --nocapture --test-threads 1 "${filters[@]}"
 echo "results appended to $RESULTS"

@@ -112,6 +112,10 @@ pub struct SwarmSimReport {
     pub answers: f64,
     /// Bytes of one answer, on average.
     pub answer_bytes: f64,
+    /// The share of a layer an in-order reader (a client's GET) gets only in the last tenth
+    /// of `ideal` before its fill ends, on average over the fills: what arrives out of order
+    /// waits for the pieces before it, and a client then reads and hashes it all at once.
+    pub late: f64,
     /// Simulated time from the first join until the last node was done.
     pub wall: Duration,
     /// Real time the run took.
@@ -122,7 +126,7 @@ impl SwarmSimReport {
     /// The table's header, for rows printed with `{}`.
     pub fn header() -> String {
         format!(
-            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>7} {:>8} {:>8} {:>7}",
+            "{:>6} {:>6} {:<8} {:>6} {:>6} {:>6} {:>5} {:>9} {:>11} {:>8} {:>7} {:>7} {:>8} {:>5} {:>8} {:>7}",
             "nodes",
             "layers",
             "fault",
@@ -136,6 +140,7 @@ impl SwarmSimReport {
             "failed",
             "refused",
             "answers",
+            "late",
             "wall s",
             "real s"
         )
@@ -146,7 +151,7 @@ impl fmt::Display for SwarmSimReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2} {:>7.2}x {:>8.2} {:>7.1}",
+            "{:>6} {:>6} {:<8} {:>5.2}x {:>5.2}x {:>5.2}x {:>5} {:>8.2}x {:>10.2}x {:>8} {:>7} {:>7.2} {:>7.2}x {:>4.0}% {:>8.2} {:>7.1}",
             self.nodes,
             self.layers,
             self.fault,
@@ -160,6 +165,7 @@ impl fmt::Display for SwarmSimReport {
             self.failed,
             self.refused,
             self.answers,
+            100.0 * self.late,
             self.wall.as_secs_f64(),
             self.real.as_secs_f64()
         )
@@ -280,6 +286,8 @@ struct Fetch {
     next_report: Time,
     done_at: Option<Time>,
     gave_up: bool,
+    /// When each piece joined the prefix an in-order reader can read (in piece order).
+    readable_at: Vec<Time>,
 }
 
 struct Layer {
@@ -369,6 +377,7 @@ impl Sim {
                             next_report: NEVER,
                             done_at: None,
                             gave_up: false,
+                            readable_at: Vec::new(),
                         })
                     })
                     .collect()
@@ -855,6 +864,9 @@ impl Sim {
         };
         x.picker.ended(f.piece, &from);
         x.picker.landed(f.piece, at);
+        while (x.readable_at.len() as u32) < x.picker.first_missing() {
+            x.readable_at.push(now);
+        }
         if x.picker.done() {
             x.done_at = Some(now);
             self.send_report(f.receiver, f.layer);
@@ -950,6 +962,25 @@ impl Sim {
         }
     }
 
+    /// See [`SwarmSimReport::late`].
+    fn late(&self, ideal: Duration) -> f64 {
+        let tenth = ns(ideal) / 10;
+        let (mut sum, mut fills) = (0.0, 0);
+        for f in self.fetches.iter().flatten().flatten() {
+            let (Some(done), false) = (f.done_at, f.readable_at.is_empty()) else {
+                continue;
+            };
+            let late = f.readable_at.iter().filter(|&&t| t + tenth > done).count();
+            sum += late as f64 / f.readable_at.len() as f64;
+            fills += 1;
+        }
+        if fills == 0 {
+            0.0
+        } else {
+            sum / fills as f64
+        }
+    }
+
     fn measure(&self, real: Duration) -> SwarmSimReport {
         let ideal = self.ideal();
         let limit = ns(self.cfg.limit);
@@ -1008,6 +1039,7 @@ impl Sim {
             refused: self.refused as f64 / self.landed.max(1) as f64,
             answers: self.answer_bytes as f64 / total,
             answer_bytes: self.answer_bytes as f64 / self.answer_count.max(1) as f64,
+            late: self.late(ideal),
             wall: Duration::from_nanos(times.last().copied().unwrap_or(0)),
             real,
         }

@@ -209,8 +209,39 @@ impl Net {
             let addr = format!("{}/24", host.ip);
             run(&["ip", "-n", ns, "addr", "add", &addr, "dev", LINK]);
             run(&["ip", "-n", ns, "link", "set", LINK, "up"]);
+            // `PIER_NET_SYSCTL=key=value,…`: TCP settings of every host (a benchmark's knob).
+            for setting in std::env::var("PIER_NET_SYSCTL")
+                .unwrap_or_default()
+                .split(',')
+            {
+                if !setting.trim().is_empty() {
+                    run(&[
+                        "ip",
+                        "netns",
+                        "exec",
+                        ns,
+                        "sysctl",
+                        "-q",
+                        "-w",
+                        setting.trim(),
+                    ]);
+                }
+            }
         }
         net
+    }
+
+    /// Bytes that have crossed `role`'s link into its namespace so far (what the veth end in
+    /// the root namespace sent), read from sysfs without entering the namespace.
+    pub fn received_bytes(&self, role: &str) -> u64 {
+        let path = format!(
+            "/sys/class/net/{}/statistics/tx_bytes",
+            self.host(role).veth
+        );
+        std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn host(&self, role: &str) -> &Host {

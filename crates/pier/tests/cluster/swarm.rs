@@ -56,6 +56,29 @@ pub struct SwarmOutcome {
     pub nodes: Vec<NodeResult>,
     pub upstream_gets: u64,
     pub from_elsewhere: Vec<String>,
+    /// Every 100 ms of the run: the time, and the bytes each node's link had carried into it
+    /// so far (in the order of `nodes`).
+    pub timeline: Vec<(Duration, Vec<u64>)>,
+    /// The share of this machine's cores busy (not idle or waiting on I/O) during the run,
+    /// from `/proc/stat`: every node, client and the links' packet work share them.
+    pub cores_busy: f64,
+}
+
+/// This machine's CPU time so far from `/proc/stat`: (busy, all) in clock ticks.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let all: u64 = ticks.iter().take(8).sum();
+    // user nice system idle iowait irq softirq steal
+    let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+    (all - idle, all)
 }
 
 impl SwarmOutcome {
@@ -87,6 +110,51 @@ impl SwarmOutcome {
                     .map_or(String::new(), |e| format!("  error: {e}")),
             ));
         }
+        out
+    }
+
+    /// What each node's link carried into it, per half second of the run, in Mbit/s; and the
+    /// share of a `mbit` link it used until its pull ended.
+    pub fn downlinks(&self, mbit: u64) -> String {
+        let mut out = String::from("  downlink Mbit/s per 0.5 s:\n     t");
+        let Some((_, first)) = self.timeline.first() else {
+            return out;
+        };
+        // The nodes that pulled (a warm run's owner, added after, has no samples).
+        let pulled = &self.nodes[..first.len().min(self.nodes.len())];
+        for n in pulled {
+            out.push_str(&format!(" {:>6}", n.role));
+        }
+        out.push('\n');
+        let step = Duration::from_millis(500);
+        let at = |t: Duration| -> Option<&Vec<u64>> {
+            self.timeline.iter().find(|(s, _)| *s >= t).map(|(_, v)| v)
+        };
+        let mut t = Duration::ZERO;
+        let mut was = first;
+        while let Some(now) = at(t + step) {
+            out.push_str(&format!("  {:>4.1}", t.as_secs_f64()));
+            for (a, b) in was.iter().zip(now) {
+                let mbits = b.saturating_sub(*a) as f64 * 8.0 / 1e6 / step.as_secs_f64();
+                out.push_str(&format!(" {mbits:>6.0}"));
+            }
+            out.push('\n');
+            was = now;
+            t += step;
+        }
+        out.push_str("  used until done:");
+        for (k, n) in pulled.iter().enumerate() {
+            let used = n.took.and_then(|took| {
+                let end = at(took).or(self.timeline.last().map(|(_, v)| v))?;
+                let bytes = end[k].saturating_sub(first[k]) as f64;
+                Some(100.0 * bytes * 8.0 / (mbit as f64 * 1e6 * took.as_secs_f64()))
+            });
+            out.push_str(&match used {
+                Some(u) => format!(" {} {u:.0} %", n.role),
+                None => format!(" {} -", n.role),
+            });
+        }
+        out.push('\n');
         out
     }
 }
@@ -172,6 +240,17 @@ pub async fn cold_swarm(
     };
     let via = format!("{UPSTREAM}/{repo}");
     let started = Instant::now();
+    let ticks = machine_ticks();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let sampler = async {
+        let mut timeline = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let bytes = roles.iter().map(|r| c.net.received_bytes(r)).collect();
+            timeline.push((started.elapsed(), bytes));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        timeline
+    };
     let pulls = futures::future::join_all(roles.iter().map(|role| {
         let (http, base, via) = (c.http.clone(), c.node(role).url(), via.clone());
         let ns = c.net.host(role).ns.clone();
@@ -194,7 +273,16 @@ pub async fn cold_swarm(
             c.node(victim).sigkill();
         }
     };
-    let (results, ()) = tokio::join!(pulls, killer);
+    let pulls = async {
+        let results = pulls.await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        results
+    };
+    let (results, (), timeline) = tokio::join!(pulls, killer, sampler);
+    let cores_busy = {
+        let now = machine_ticks();
+        (now.0 - ticks.0) as f64 / (now.1 - ticks.1).max(1) as f64
+    };
     // docker-registry logs a request a moment after its last byte.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut nodes = Vec::new();
@@ -243,6 +331,8 @@ pub async fn cold_swarm(
         nodes,
         upstream_gets,
         from_elsewhere: counts.from_elsewhere,
+        timeline,
+        cores_busy,
     }
 }
 
@@ -1018,7 +1108,7 @@ fn summary(name: &str, o: &SwarmOutcome, total: u64, mbit: u64, owner: &str) -> 
 
 /// A run's CPU line: seconds (user + system) per node, their sum, and the most any node that
 /// pulled spent per GiB it received; the first owner apart (it also filled from upstream).
-fn cpu_line(name: &str, cpu: &[(String, f64)], total: u64, owner: &str) -> String {
+fn cpu_line(name: &str, cpu: &[(String, f64)], busy: f64, total: u64, owner: &str) -> String {
     let pullers: Vec<f64> = cpu
         .iter()
         .filter(|(r, _)| r != owner)
@@ -1034,10 +1124,12 @@ fn cpu_line(name: &str, cpu: &[(String, f64)], total: u64, owner: &str) -> Strin
     let per_gib = |s: f64| pier_bench::cpu::per_gib(s, total).unwrap_or(f64::NAN);
     format!(
         "{name}: CPU per node (user+sys) max {max:.2} s min {:.2} s = {:.2} s/GiB received at most; \
-         first owner {owner} {owner_s:.2} s ({:.2} s/GiB); all nodes {sum:.2} s",
+         first owner {owner} {owner_s:.2} s ({:.2} s/GiB); all nodes {sum:.2} s; \
+         the machine's cores {:.0} % busy",
         if min.is_finite() { min } else { 0.0 },
         per_gib(max),
         per_gib(owner_s),
+        100.0 * busy,
     )
 }
 
@@ -1163,10 +1255,10 @@ async fn swarm_bench() {
                 failed_pieces: 0,
             });
         }
-        println!("{run}:\n{}", o.table());
+        println!("{run}:\n{}{}", o.table(), o.downlinks(mbit));
         let total: u64 = blobs.iter().map(|b| b.size).sum();
         lines.extend(summary(run, &o, total, mbit, &owner));
-        lines.push(cpu_line(run, &cpu, total, &owner));
+        lines.push(cpu_line(run, &cpu, o.cores_busy, total, &owner));
         for l in &lines[lines.len() - 3..] {
             println!("{l}");
         }
