@@ -32,8 +32,11 @@ pub(crate) const ASSIGN_ALONE: usize = 12;
 /// Reports failed in a row before a coordinator the membership still lists is given up.
 pub(crate) const COORD_FAILURES: u32 = 10;
 /// Pieces a fetcher takes at once, from all holders together. Few, so each piece comes at a
-/// good share of the links and is soon there to pass on (6: 1.8x at 100 nodes, 3: 1.5x).
-pub(crate) const IN_FLIGHT: usize = 3;
+/// good share of the links and is soon there to pass on (6: 1.8x at 100 nodes in the
+/// simulation, 3: 1.5x), enough that real TCP flows, each short of its fair share of a
+/// link, fill it together (six real nodes: 3 in flight and 3 uploads used 62 % of the
+/// fetchers' links, 4 and 4 70-74 %, 1.60-1.65x to 1.41-1.50x).
+pub(crate) const IN_FLIGHT: usize = 4;
 /// Pieces a coordinator that took over takes from its upstream at once.
 pub(crate) const UPSTREAM_IN_FLIGHT: usize = 2;
 /// How far past the first missing piece a fetcher looks for pieces to take: far enough to
@@ -61,7 +64,7 @@ pub(crate) const OFFER_HOLDERS: usize = 24;
 /// piece had 770 transfers at 1/770 of its link each at 1,000 nodes while most links idled.
 /// The bound replaces the fetchers' turns (a few per holder by their hashes) that came before
 /// it: those kept links idle waiting for a turn, and an idle fetcher took a piece anyway.
-pub const UPLOADS: usize = 3;
+pub const UPLOADS: usize = 4;
 /// An idle fetcher that landed nothing for this long takes pieces from the coordinator
 /// without being handed them.
 pub(crate) const UNASKED_AFTER: Duration = Duration::from_secs(1);
@@ -1141,13 +1144,9 @@ mod tests {
             [],
             None,
         );
-        let mut started: Vec<u32> = schedule(&mut p, t0, 64).iter().map(|(i, _)| *i).collect();
-        started.sort_unstable();
-        assert_eq!(
-            started,
-            vec![0, 1, 2],
-            "in order, for the client reading the blob"
-        );
+        let started: Vec<u32> = schedule(&mut p, t0, 64).iter().map(|(i, _)| *i).collect();
+        // The first three in order, for the client reading the blob; then the rarest.
+        assert_eq!(started, vec![0, 1, 2, 30]);
         // The same pieces held by three of a hundred: the rarest first again.
         let mut q = Picker::new("me", "c", 64, t0);
         let mut held = vec![3; 64];
