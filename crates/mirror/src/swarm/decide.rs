@@ -618,6 +618,10 @@ impl Picker {
         let mut best: Option<((usize, usize, u64), u32, From)> = None;
         let mut looked = 0;
         let mut lacking = 0;
+        let members = self
+            .counts
+            .as_ref()
+            .map_or(self.holders.len() + 1, |c| c.members as usize);
         let mut i = self.first_missing;
         while i < count && looked < WINDOW {
             if self.have.get(i) {
@@ -657,11 +661,7 @@ impl Picker {
                     None => rarity,
                 };
                 // The reader's next pieces first, in order, once a peer besides the
-                // coordinator holds them; the rest rarest first.
-                let members = self
-                    .counts
-                    .as_ref()
-                    .map_or(self.holders.len() + 1, |c| c.members as usize);
+                // coordinator and one member in URGENT_SHARE hold them; the rest rarest first.
                 let key = if lacking <= URGENT && !only_coord && rarity * URGENT_SHARE >= members {
                     (0, i as usize, 0)
                 } else {
