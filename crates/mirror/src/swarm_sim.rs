@@ -288,6 +288,8 @@ struct Fetch {
     gave_up: bool,
     /// When each piece joined the prefix an in-order reader can read (in piece order).
     readable_at: Vec<Time>,
+    /// A piece landed while the report was out: the next is due soon after its answer.
+    landed_since_report: bool,
 }
 
 struct Layer {
@@ -378,6 +380,7 @@ impl Sim {
                             done_at: None,
                             gave_up: false,
                             readable_at: Vec::new(),
+                            landed_since_report: false,
                         })
                     })
                     .collect()
@@ -595,12 +598,20 @@ impl Sim {
         assign: Vec<u32>,
         known: u32,
     ) {
-        let next = self.now + ns(REPORT_EVERY);
+        let now = self.now;
         let Some(f) = self.live_fetch(node, layer) else {
             return;
         };
         f.picker.absorb(holders, assign, Some(counts));
         f.known = f.known.max(known);
+        // As the fetcher's loop does: soon again when a piece landed while the report was out.
+        let next = now
+            + ns(if f.landed_since_report {
+                REPORT_SOON
+            } else {
+                REPORT_EVERY
+            });
+        f.landed_since_report = false;
         f.next_report = next;
         self.push(next, Ev::Report { node, layer });
         self.schedule(node, layer);
@@ -873,7 +884,9 @@ impl Sim {
             return;
         }
         // The coordinator hears of every new piece soon, so the others can take it from here.
-        if x.next_report != NEVER && soon < x.next_report {
+        if x.next_report == NEVER {
+            x.landed_since_report = true;
+        } else if soon < x.next_report {
             x.next_report = soon;
             self.push(
                 soon,
